@@ -1,0 +1,472 @@
+//! Batches: the unit of the change log, of gossip and of catch-up.
+//!
+//! Wire form (the *envelope*) is a CBOR array of three byte strings:
+//!
+//! ```text
+//! [ header: bstr, signature: bstr(64), payload: bstr ]
+//! ```
+//!
+//! - `header` is the CBOR map [`BatchHeader`] (namespace, author, seq, previous batch id, HLC
+//!   range, op count, payload length and blake3 hash).
+//! - the batch id is `blake3(header bytes)`; it doubles as the gossip message id.
+//! - `signature` is the author's ed25519 signature over `SIGNING_CONTEXT || header bytes`.
+//! - `payload` is the CBOR array of [`Op`]s.
+//!
+//! The bytes are kept as received: ids and signatures are over exact bytes, never over a
+//! re-encoding. Any CBOR decoder can read the envelope (it is plain CBOR).
+
+use serde::{Deserialize, Serialize};
+
+use blazedb_identity::{Keypair, PublicKey};
+
+use crate::hlc::Hlc;
+use crate::limits;
+use crate::op::{validate_namespace, Op, OpError};
+
+/// Domain separation for batch signatures.
+pub const SIGNING_CONTEXT: &[u8] = b"blazedb/batch/v1\0";
+/// Current header version.
+pub const HEADER_VERSION: u8 = 1;
+
+/// Identity of a batch: blake3 of its header bytes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BatchId(#[serde(with = "serde_bytes")] pub [u8; 32]);
+
+impl std::fmt::Debug for BatchId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BatchId({})", self)
+    }
+}
+
+impl std::fmt::Display for BatchId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl BatchId {
+    /// Full lowercase hex form.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// The signed, hashed part of a batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchHeader {
+    /// Header format version ([`HEADER_VERSION`]).
+    pub v: u8,
+    /// Namespace the batch belongs to.
+    pub ns: String,
+    /// Author's ed25519 public key.
+    #[serde(with = "serde_bytes")]
+    pub author: [u8; 32],
+    /// Position in the author's chain for this namespace, from 1.
+    pub seq: u64,
+    /// Id of the author's previous batch in this namespace (`None` iff `seq == 1`).
+    pub prev: Option<BatchId>,
+    /// Timestamp of the first op.
+    pub hlc_min: Hlc,
+    /// Timestamp of the last op.
+    pub hlc_max: Hlc,
+    /// Number of ops in the payload.
+    pub ops: u32,
+    /// Length of the payload in bytes.
+    pub payload_len: u32,
+    /// blake3 of the payload bytes.
+    #[serde(with = "serde_bytes")]
+    pub payload_hash: [u8; 32],
+}
+
+/// Why a batch is not acceptable. Every variant is a reason to drop it and count it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BatchError {
+    /// Larger than [`limits::MAX_BATCH_BYTES`].
+    #[error("batch of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    /// Not a well-formed envelope or header.
+    #[error("malformed batch: {0}")]
+    Malformed(String),
+    /// Header version we do not speak.
+    #[error("unsupported batch header version {0}")]
+    UnsupportedVersion(u8),
+    /// Payload does not match the hash or length in the header.
+    #[error("payload does not match header hash/length")]
+    PayloadMismatch,
+    /// Signature does not verify under the author key.
+    #[error("bad signature")]
+    BadSignature,
+    /// Header fields inconsistent with each other or with the ops.
+    #[error("inconsistent batch: {0}")]
+    Inconsistent(String),
+    /// An op breaks a limit or naming rule.
+    #[error("invalid op: {0}")]
+    InvalidOp(#[from] OpError),
+}
+
+/// A batch whose envelope, hash, signature and ops have all been checked.
+/// (Chain position is checked by the engine, which knows the author's previous batch.)
+#[derive(Clone, Debug, PartialEq)]
+pub struct VerifiedBatch {
+    /// Batch id.
+    pub id: BatchId,
+    /// Decoded header.
+    pub header: BatchHeader,
+    /// Author key (parsed from the header).
+    pub author: PublicKey,
+    /// The ops, in order.
+    pub ops: Vec<Op>,
+    /// The exact envelope bytes, as stored and sent.
+    pub bytes: Vec<u8>,
+}
+
+/// Borrowed view of an envelope's three parts.
+#[derive(Clone, Copy, Debug)]
+pub struct Envelope<'a> {
+    /// Header bytes.
+    pub header: &'a [u8],
+    /// Signature bytes.
+    pub signature: &'a [u8],
+    /// Payload bytes.
+    pub payload: &'a [u8],
+}
+
+impl<'a> Envelope<'a> {
+    /// Splits envelope bytes without copying. Cheap: used to compute gossip message ids.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, BatchError> {
+        if bytes.len() > limits::MAX_BATCH_BYTES {
+            return Err(BatchError::TooLarge(bytes.len()));
+        }
+        let malformed = |m: &str| BatchError::Malformed(m.to_string());
+        let (&first, mut rest) = bytes.split_first().ok_or_else(|| malformed("empty"))?;
+        if first != 0x83 {
+            return Err(malformed("envelope is not a 3-element CBOR array"));
+        }
+        let mut parts = [&[][..]; 3];
+        for part in &mut parts {
+            let (bstr, tail) = read_bstr(rest).ok_or_else(|| malformed("expected byte string"))?;
+            *part = bstr;
+            rest = tail;
+        }
+        if !rest.is_empty() {
+            return Err(malformed("trailing bytes after envelope"));
+        }
+        Ok(Envelope {
+            header: parts[0],
+            signature: parts[1],
+            payload: parts[2],
+        })
+    }
+
+    /// The batch id (blake3 of the header bytes).
+    pub fn id(&self) -> BatchId {
+        BatchId(*blake3::hash(self.header).as_bytes())
+    }
+}
+
+/// Reads one definite-length CBOR byte string; returns it and the rest.
+fn read_bstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (&ib, rest) = b.split_first()?;
+    if ib >> 5 != 2 {
+        return None;
+    }
+    let (len, rest) = match ib & 0x1f {
+        n @ 0..=23 => (u64::from(n), rest),
+        24 => (u64::from(*rest.first()?), &rest[1..]),
+        25 => (
+            u64::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?)),
+            &rest[2..],
+        ),
+        26 => (
+            u64::from(u32::from_be_bytes(rest.get(..4)?.try_into().ok()?)),
+            &rest[4..],
+        ),
+        27 => (
+            u64::from_be_bytes(rest.get(..8)?.try_into().ok()?),
+            &rest[8..],
+        ),
+        _ => return None, // indefinite length or reserved
+    };
+    let len = usize::try_from(len).ok()?;
+    if len > rest.len() {
+        return None;
+    }
+    Some(rest.split_at(len))
+}
+
+fn write_bstr(out: &mut Vec<u8>, b: &[u8]) {
+    let len = b.len() as u64;
+    match len {
+        0..=23 => out.push(0x40 | len as u8),
+        24..=0xff => out.extend_from_slice(&[0x58, len as u8]),
+        0x100..=0xffff => {
+            out.push(0x59);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        0x1_0000..=0xffff_ffff => {
+            out.push(0x5a);
+            out.extend_from_slice(&(len as u32).to_be_bytes());
+        }
+        _ => {
+            out.push(0x5b);
+            out.extend_from_slice(&len.to_be_bytes());
+        }
+    }
+    out.extend_from_slice(b);
+}
+
+fn to_cbor<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).expect("serializing to a Vec cannot fail");
+    out
+}
+
+/// Where a new batch sits in its author's chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChainPosition {
+    /// Sequence number of the new batch (1 for the first).
+    pub seq: u64,
+    /// Id of the previous batch (`None` for the first).
+    pub prev: Option<BatchId>,
+}
+
+/// Seals ops into a signed batch. The ops must already carry strictly increasing timestamps.
+pub fn seal(
+    keypair: &Keypair,
+    ns: &str,
+    pos: ChainPosition,
+    ops: Vec<Op>,
+) -> Result<VerifiedBatch, BatchError> {
+    validate_namespace(ns)?;
+    check_ops(&ops)?;
+    let payload = to_cbor(&ops);
+    let header = BatchHeader {
+        v: HEADER_VERSION,
+        ns: ns.to_string(),
+        author: *keypair.public().as_bytes(),
+        seq: pos.seq,
+        prev: pos.prev,
+        hlc_min: ops[0].hlc(),
+        hlc_max: ops[ops.len() - 1].hlc(),
+        ops: ops.len() as u32,
+        payload_len: u32::try_from(payload.len())
+            .map_err(|_| BatchError::TooLarge(payload.len()))?,
+        payload_hash: *blake3::hash(&payload).as_bytes(),
+    };
+    check_header(&header)?;
+    let header_bytes = to_cbor(&header);
+    let mut signed = Vec::with_capacity(SIGNING_CONTEXT.len() + header_bytes.len());
+    signed.extend_from_slice(SIGNING_CONTEXT);
+    signed.extend_from_slice(&header_bytes);
+    let signature = keypair.sign(&signed);
+
+    let mut bytes = Vec::with_capacity(header_bytes.len() + payload.len() + 80);
+    bytes.push(0x83);
+    write_bstr(&mut bytes, &header_bytes);
+    write_bstr(&mut bytes, &signature);
+    write_bstr(&mut bytes, &payload);
+    if bytes.len() > limits::MAX_BATCH_BYTES {
+        return Err(BatchError::TooLarge(bytes.len()));
+    }
+    Ok(VerifiedBatch {
+        id: BatchId(*blake3::hash(&header_bytes).as_bytes()),
+        header,
+        author: keypair.public(),
+        ops,
+        bytes,
+    })
+}
+
+/// Op-count and timestamp rules shared by sealing and verification.
+fn check_ops(ops: &[Op]) -> Result<(), BatchError> {
+    if ops.is_empty() {
+        return Err(BatchError::Inconsistent(
+            "a batch holds at least one op".into(),
+        ));
+    }
+    if ops.len() > limits::MAX_OPS_PER_BATCH {
+        return Err(BatchError::Inconsistent(format!(
+            "{} ops exceed the limit of {}",
+            ops.len(),
+            limits::MAX_OPS_PER_BATCH
+        )));
+    }
+    for w in ops.windows(2) {
+        if w[0].hlc() >= w[1].hlc() {
+            return Err(BatchError::Inconsistent(
+                "op timestamps must strictly increase".into(),
+            ));
+        }
+    }
+    for op in ops {
+        op.validate()?;
+    }
+    Ok(())
+}
+
+fn check_header(h: &BatchHeader) -> Result<(), BatchError> {
+    if h.v != HEADER_VERSION {
+        return Err(BatchError::UnsupportedVersion(h.v));
+    }
+    validate_namespace(&h.ns)?;
+    if h.seq == 0 {
+        return Err(BatchError::Inconsistent("seq starts at 1".into()));
+    }
+    if (h.seq == 1) != h.prev.is_none() {
+        return Err(BatchError::Inconsistent(
+            "prev must be absent exactly for seq 1".into(),
+        ));
+    }
+    if h.ops == 0 || h.ops as usize > limits::MAX_OPS_PER_BATCH {
+        return Err(BatchError::Inconsistent(format!(
+            "op count {} out of range",
+            h.ops
+        )));
+    }
+    if h.hlc_min > h.hlc_max {
+        return Err(BatchError::Inconsistent("hlc_min > hlc_max".into()));
+    }
+    Ok(())
+}
+
+/// Fully verifies envelope bytes: size, structure, header, payload hash, strict signature,
+/// op limits and timestamp consistency. Does not check the chain (see the engine).
+pub fn verify(bytes: Vec<u8>) -> Result<VerifiedBatch, BatchError> {
+    let env = Envelope::parse(&bytes)?;
+    if env.header.len() > limits::MAX_HEADER_BYTES {
+        return Err(BatchError::Malformed("header too large".into()));
+    }
+    let header: BatchHeader = ciborium::from_reader(env.header)
+        .map_err(|e| BatchError::Malformed(format!("header: {e}")))?;
+    if to_cbor(&header) != env.header {
+        // One header, one encoding: the id must not be malleable.
+        return Err(BatchError::Malformed(
+            "header is not canonically encoded".into(),
+        ));
+    }
+    check_header(&header)?;
+    let author = PublicKey::from_bytes(&header.author)
+        .map_err(|_| BatchError::Malformed("author is not an ed25519 key".into()))?;
+    if env.payload.len() != header.payload_len as usize
+        || blake3::hash(env.payload).as_bytes() != &header.payload_hash
+    {
+        return Err(BatchError::PayloadMismatch);
+    }
+    let mut signed = Vec::with_capacity(SIGNING_CONTEXT.len() + env.header.len());
+    signed.extend_from_slice(SIGNING_CONTEXT);
+    signed.extend_from_slice(env.header);
+    if !author.verify(&signed, env.signature) {
+        return Err(BatchError::BadSignature);
+    }
+    let ops: Vec<Op> = ciborium::from_reader(env.payload)
+        .map_err(|e| BatchError::Malformed(format!("payload: {e}")))?;
+    if ops.len() != header.ops as usize {
+        return Err(BatchError::Inconsistent(
+            "op count differs from header".into(),
+        ));
+    }
+    check_ops(&ops)?;
+    if ops[0].hlc() != header.hlc_min || ops[ops.len() - 1].hlc() != header.hlc_max {
+        return Err(BatchError::Inconsistent(
+            "HLC range differs from the ops".into(),
+        ));
+    }
+    let id = env.id();
+    Ok(VerifiedBatch {
+        id,
+        header,
+        author,
+        ops,
+        bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn ops(n: u64) -> Vec<Op> {
+        (0..n)
+            .map(|i| Op::Upsert {
+                collection: "users".into(),
+                key: format!("k{i}"),
+                hlc: Hlc::new(1_000 + i, 0),
+                fields: BTreeMap::from([("name".to_string(), serde_json::json!(format!("n{i}")))]),
+            })
+            .collect()
+    }
+
+    fn first() -> ChainPosition {
+        ChainPosition { seq: 1, prev: None }
+    }
+
+    #[test]
+    fn seal_then_verify_roundtrips() {
+        let kp = Keypair::generate();
+        let b = seal(&kp, "default", first(), ops(10)).unwrap();
+        let v = verify(b.bytes.clone()).unwrap();
+        assert_eq!(v, b);
+        assert_eq!(Envelope::parse(&b.bytes).unwrap().id(), b.id);
+    }
+
+    #[test]
+    fn envelope_is_plain_cbor() {
+        let kp = Keypair::generate();
+        let b = seal(&kp, "default", first(), ops(3)).unwrap();
+        let parts: Vec<serde_bytes::ByteBuf> = ciborium::from_reader(&b.bytes[..]).unwrap();
+        assert_eq!(parts.len(), 3);
+        let header: BatchHeader = ciborium::from_reader(&parts[0][..]).unwrap();
+        assert_eq!(header, b.header);
+        let decoded: Vec<Op> = ciborium::from_reader(&parts[2][..]).unwrap();
+        assert_eq!(decoded, b.ops);
+    }
+
+    #[test]
+    fn tampering_is_detected() {
+        let kp = Keypair::generate();
+        let b = seal(&kp, "default", first(), ops(5)).unwrap();
+        // Flip every byte position in turn: no single-byte change may verify.
+        for i in 0..b.bytes.len() {
+            let mut t = b.bytes.clone();
+            t[i] ^= 0x01;
+            assert!(verify(t).is_err(), "flip at {i} accepted");
+        }
+        assert!(verify(b.bytes[..b.bytes.len() - 1].to_vec()).is_err());
+        let mut longer = b.bytes.clone();
+        longer.push(0);
+        assert!(verify(longer).is_err());
+    }
+
+    #[test]
+    fn forged_author_is_rejected() {
+        let kp = Keypair::generate();
+        let other = Keypair::generate();
+        let b = seal(&kp, "default", first(), ops(2)).unwrap();
+        let forged = seal(&other, "default", first(), ops(2)).unwrap();
+        // Splice a valid signature of another key onto the header.
+        let env = Envelope::parse(&b.bytes).unwrap();
+        let fenv = Envelope::parse(&forged.bytes).unwrap();
+        let mut spliced = vec![0x83];
+        write_bstr(&mut spliced, env.header);
+        write_bstr(&mut spliced, fenv.signature);
+        write_bstr(&mut spliced, env.payload);
+        assert_eq!(verify(spliced), Err(BatchError::BadSignature));
+    }
+
+    #[test]
+    fn limits_are_enforced_on_seal() {
+        let kp = Keypair::generate();
+        assert!(seal(&kp, "default", first(), vec![]).is_err());
+        assert!(seal(&kp, "Bad NS", first(), ops(1)).is_err());
+        let mut unordered = ops(2);
+        unordered.swap(0, 1);
+        assert!(seal(&kp, "default", first(), unordered).is_err());
+        assert!(seal(&kp, "default", ChainPosition { seq: 2, prev: None }, ops(1)).is_err());
+        assert!(verify(vec![0u8; limits::MAX_BATCH_BYTES + 1]).is_err());
+    }
+}

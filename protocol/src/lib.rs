@@ -1,0 +1,44 @@
+//! BlazeDB protocol: wire types, the batch codec, merge rules and the sans-IO sync engine.
+//!
+//! This crate decides *what* is exchanged and *whether* it is valid; it never does I/O, never
+//! reads the clock, never spawns tasks. Time comes in as `now_ms` arguments. That is what lets
+//! `node/` drive it with real sockets and redb, and `simulations/` with virtual time, replaying
+//! a seed exactly.
+//!
+//! - [`hlc`]: hybrid logical clock timestamps.
+//! - [`op`]: operations (upsert, delete, counter add) and their naming/size rules.
+//! - [`batch`]: the signed, hashed batch envelope: sealing and verification.
+//! - [`merge`]: record states and the merge rules (a join-semilattice).
+//! - [`engine`]: the sync engine (gossip ingest, version-vector catch-up).
+//! - [`limits`]: every maximum the protocol enforces.
+
+pub mod batch;
+pub mod engine;
+pub mod hlc;
+pub mod limits;
+pub mod merge;
+pub mod op;
+
+pub use batch::{BatchError, BatchHeader, BatchId, VerifiedBatch};
+pub use engine::{Action, Engine, EngineConfig, GossipVerdict, SyncMessage};
+pub use hlc::Hlc;
+pub use merge::RecordState;
+pub use op::{Op, OpError, Value};
+
+/// Encodes a sync message as CBOR.
+pub fn encode_message(msg: &SyncMessage) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(msg, &mut out).expect("serializing to a Vec cannot fail");
+    out
+}
+
+/// Decodes a sync message, refusing oversized input.
+pub fn decode_message(bytes: &[u8]) -> Result<SyncMessage, String> {
+    if bytes.len() > limits::MAX_SYNC_MESSAGE_BYTES {
+        return Err(format!(
+            "sync message of {} bytes exceeds the limit",
+            bytes.len()
+        ));
+    }
+    ciborium::from_reader(bytes).map_err(|e| format!("malformed sync message: {e}"))
+}

@@ -1,0 +1,29 @@
+//! Every size BlazeDB accepts has a maximum. Exceeding one is a clear error, never a crash or
+//! a silent truncation. These are protocol constants: peers must agree on them.
+
+/// Largest encoded batch (envelope: header + signature + payload), in bytes.
+pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Largest encoded batch header, in bytes.
+pub const MAX_HEADER_BYTES: usize = 512;
+/// Most ops in one batch.
+pub const MAX_OPS_PER_BATCH: usize = 10_000;
+/// Longest namespace name, in bytes.
+pub const MAX_NAMESPACE_LEN: usize = 64;
+/// Longest collection name, in bytes.
+pub const MAX_COLLECTION_LEN: usize = 64;
+/// Longest record key, in bytes.
+pub const MAX_KEY_LEN: usize = 256;
+/// Longest field name, in bytes.
+pub const MAX_FIELD_NAME_LEN: usize = 128;
+/// Most fields in one upsert.
+pub const MAX_FIELDS_PER_UPSERT: usize = 256;
+/// Largest single field value (approximate encoded size), in bytes.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+/// Deepest nesting of arrays/objects inside a value.
+pub const MAX_VALUE_DEPTH: usize = 32;
+/// Most batches served in answer to one fetch.
+pub const MAX_FETCH_BATCHES: u32 = 256;
+/// Largest sync message, in bytes (a `Batches` answer carries many batches).
+pub const MAX_SYNC_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Most authors listed in one `Have` message.
+pub const MAX_HAVE_AUTHORS: usize = 100_000;

@@ -1,0 +1,320 @@
+//! Operations: what a batch carries.
+//!
+//! Field names on the wire are one letter (`c` collection, `k` key, `h` HLC, `f` fields/field,
+//! `d` delta): an op is encoded millions of times, names are paid for every time.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hlc::Hlc;
+use crate::limits;
+
+/// A JSON-like value held in a field.
+pub type Value = serde_json::Value;
+
+/// One change to one record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    /// Sets the given fields (last writer wins per field, by HLC then author).
+    #[serde(rename = "u")]
+    Upsert {
+        /// Collection name.
+        #[serde(rename = "c")]
+        collection: String,
+        /// Record key.
+        #[serde(rename = "k")]
+        key: String,
+        /// Timestamp of this op (assigned by the writing node).
+        #[serde(rename = "h")]
+        hlc: Hlc,
+        /// Fields to set.
+        #[serde(rename = "f")]
+        fields: BTreeMap<String, Value>,
+    },
+    /// Deletes the record: hides every field written before it (a tombstone).
+    #[serde(rename = "d")]
+    Delete {
+        /// Collection name.
+        #[serde(rename = "c")]
+        collection: String,
+        /// Record key.
+        #[serde(rename = "k")]
+        key: String,
+        /// Timestamp of this op.
+        #[serde(rename = "h")]
+        hlc: Hlc,
+    },
+    /// Adds `delta` to a numeric field; concurrent adds all count.
+    #[serde(rename = "a")]
+    CounterAdd {
+        /// Collection name.
+        #[serde(rename = "c")]
+        collection: String,
+        /// Record key.
+        #[serde(rename = "k")]
+        key: String,
+        /// Timestamp of this op.
+        #[serde(rename = "h")]
+        hlc: Hlc,
+        /// Field holding the counter.
+        #[serde(rename = "f")]
+        field: String,
+        /// Amount to add (may be negative).
+        #[serde(rename = "d")]
+        delta: i64,
+    },
+}
+
+/// Why an op (or a name) is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpError {
+    /// A name is empty, too long or has characters outside its alphabet.
+    #[error("invalid {what} {value:?}: {reason}")]
+    InvalidName {
+        /// Which kind of name.
+        what: &'static str,
+        /// The offending name (truncated).
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A field value is too large or too deeply nested.
+    #[error("field {field:?}: {reason}")]
+    InvalidValue {
+        /// Field name.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An upsert with too many fields.
+    #[error("too many fields: {count} > {max}", max = limits::MAX_FIELDS_PER_UPSERT)]
+    TooManyFields {
+        /// How many fields were given.
+        count: usize,
+    },
+}
+
+impl Op {
+    /// Collection of the record this op touches.
+    pub fn collection(&self) -> &str {
+        match self {
+            Op::Upsert { collection, .. }
+            | Op::Delete { collection, .. }
+            | Op::CounterAdd { collection, .. } => collection,
+        }
+    }
+
+    /// Key of the record this op touches.
+    pub fn key(&self) -> &str {
+        match self {
+            Op::Upsert { key, .. } | Op::Delete { key, .. } | Op::CounterAdd { key, .. } => key,
+        }
+    }
+
+    /// Timestamp of this op.
+    pub fn hlc(&self) -> Hlc {
+        match self {
+            Op::Upsert { hlc, .. } | Op::Delete { hlc, .. } | Op::CounterAdd { hlc, .. } => *hlc,
+        }
+    }
+
+    /// Sets the timestamp (the writing node stamps ops just before sealing a batch).
+    pub fn set_hlc(&mut self, new: Hlc) {
+        match self {
+            Op::Upsert { hlc, .. } | Op::Delete { hlc, .. } | Op::CounterAdd { hlc, .. } => {
+                *hlc = new
+            }
+        }
+    }
+
+    /// Checks every limit and naming rule. Ops from any source pass through here before they
+    /// are sealed into a batch or accepted from a peer.
+    pub fn validate(&self) -> Result<(), OpError> {
+        validate_collection(self.collection())?;
+        validate_key(self.key())?;
+        match self {
+            Op::Upsert { fields, .. } => {
+                if fields.len() > limits::MAX_FIELDS_PER_UPSERT {
+                    return Err(OpError::TooManyFields {
+                        count: fields.len(),
+                    });
+                }
+                for (name, value) in fields {
+                    validate_field_name(name)?;
+                    validate_value(name, value)?;
+                }
+            }
+            Op::Delete { .. } => {}
+            Op::CounterAdd { field, .. } => validate_field_name(field)?,
+        }
+        Ok(())
+    }
+}
+
+fn name_error(what: &'static str, value: &str, reason: impl Into<String>) -> OpError {
+    OpError::InvalidName {
+        what,
+        value: value.chars().take(80).collect(),
+        reason: reason.into(),
+    }
+}
+
+/// Namespace names: 1–64 bytes of `a-z 0-9 . _ -`.
+pub fn validate_namespace(ns: &str) -> Result<(), OpError> {
+    validate_ident("namespace", ns, limits::MAX_NAMESPACE_LEN, |c| {
+        c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')
+    })
+}
+
+/// Collection names: 1–64 bytes of `A-Z a-z 0-9 . _ -`.
+pub fn validate_collection(c: &str) -> Result<(), OpError> {
+    validate_ident("collection", c, limits::MAX_COLLECTION_LEN, |c| {
+        c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+    })
+}
+
+fn validate_ident(
+    what: &'static str,
+    s: &str,
+    max: usize,
+    allowed: impl Fn(char) -> bool,
+) -> Result<(), OpError> {
+    if s.is_empty() {
+        return Err(name_error(what, s, "must not be empty"));
+    }
+    if s.len() > max {
+        return Err(name_error(what, s, format!("longer than {max} bytes")));
+    }
+    if let Some(bad) = s.chars().find(|c| !allowed(*c)) {
+        return Err(name_error(
+            what,
+            s,
+            format!("character {bad:?} not allowed"),
+        ));
+    }
+    Ok(())
+}
+
+/// Record keys: 1–256 bytes of UTF-8 without control characters.
+pub fn validate_key(k: &str) -> Result<(), OpError> {
+    validate_text("key", k, limits::MAX_KEY_LEN)
+}
+
+/// Field names: 1–128 bytes of UTF-8 without control characters.
+pub fn validate_field_name(f: &str) -> Result<(), OpError> {
+    validate_text("field name", f, limits::MAX_FIELD_NAME_LEN)
+}
+
+fn validate_text(what: &'static str, s: &str, max: usize) -> Result<(), OpError> {
+    if s.is_empty() {
+        return Err(name_error(what, s, "must not be empty"));
+    }
+    if s.len() > max {
+        return Err(name_error(what, s, format!("longer than {max} bytes")));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(name_error(what, s, "control characters not allowed"));
+    }
+    Ok(())
+}
+
+fn validate_value(field: &str, v: &Value) -> Result<(), OpError> {
+    let bytes = value_size(v, 0).map_err(|reason| OpError::InvalidValue {
+        field: field.chars().take(80).collect(),
+        reason,
+    })?;
+    if bytes > limits::MAX_VALUE_BYTES {
+        return Err(OpError::InvalidValue {
+            field: field.chars().take(80).collect(),
+            reason: format!(
+                "value of ~{bytes} bytes exceeds {} bytes",
+                limits::MAX_VALUE_BYTES
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Approximate encoded size of a value, failing on excessive nesting.
+fn value_size(v: &Value, depth: usize) -> Result<usize, String> {
+    if depth > limits::MAX_VALUE_DEPTH {
+        return Err(format!(
+            "nested deeper than {} levels",
+            limits::MAX_VALUE_DEPTH
+        ));
+    }
+    Ok(match v {
+        Value::Null | Value::Bool(_) => 1,
+        Value::Number(_) => 9,
+        Value::String(s) => s.len() + 5,
+        Value::Array(items) => {
+            let mut n = 5;
+            for i in items {
+                n += value_size(i, depth + 1)?;
+                if n > limits::MAX_VALUE_BYTES {
+                    break;
+                }
+            }
+            n
+        }
+        Value::Object(map) => {
+            let mut n = 5;
+            for (k, i) in map {
+                n += k.len() + 5 + value_size(i, depth + 1)?;
+                if n > limits::MAX_VALUE_BYTES {
+                    break;
+                }
+            }
+            n
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn upsert(fields: Value) -> Op {
+        Op::Upsert {
+            collection: "c".into(),
+            key: "k".into(),
+            hlc: Hlc(1),
+            fields: serde_json::from_value(fields).unwrap(),
+        }
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_namespace("default").is_ok());
+        assert!(validate_namespace("Default").is_err());
+        assert!(validate_namespace("").is_err());
+        assert!(validate_namespace(&"a".repeat(65)).is_err());
+        assert!(validate_collection("users_2").is_ok());
+        assert!(validate_collection("a/b").is_err());
+        assert!(validate_key("any key: ünïcode").is_ok());
+        assert!(validate_key("bad\nkey").is_err());
+        assert!(validate_key(&"k".repeat(257)).is_err());
+    }
+
+    #[test]
+    fn values_are_bounded() {
+        assert!(upsert(json!({"a": 1, "b": "x", "c": [1, {"d": null}]}))
+            .validate()
+            .is_ok());
+        assert!(upsert(json!({"a": "x".repeat(70_000)})).validate().is_err());
+        let mut deep = json!(1);
+        for _ in 0..40 {
+            deep = json!([deep]);
+        }
+        assert!(upsert(json!({ "a": deep })).validate().is_err());
+        let many: serde_json::Map<String, Value> =
+            (0..300).map(|i| (format!("f{i}"), json!(i))).collect();
+        assert!(matches!(
+            upsert(Value::Object(many)).validate(),
+            Err(OpError::TooManyFields { .. })
+        ));
+    }
+}
