@@ -1,1 +1,26 @@
-//! placeholder
+//! BlazeDB node: the redb store, the libp2p swarm, the embedding API, the HTTP API and the
+//! `blazedb` CLI.
+//!
+//! This crate is the shell around `blazedb-protocol`'s sans-IO sync engine: it owns sockets,
+//! files and the clock, feeds the engine events and carries out its actions. It makes no
+//! protocol decisions of its own (what to fetch, what is valid, what wins a merge).
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let node = blazedb_node::Node::builder().data_dir("./data").spawn().await?;
+//! let fields = serde_json::json!({"name": "Ada"}).as_object().unwrap().clone();
+//! node.put("default", "users", "ada", fields).await?;
+//! assert!(node.get("default", "users", "ada")?.is_some());
+//! # Ok(()) }
+//! ```
+
+pub mod api;
+pub mod bench;
+pub mod net;
+pub mod node;
+pub mod store;
+
+pub use node::{
+    Node, NodeBuilder, NodeConfig, NodeError, NodeHandle, Status, WriteReceipt, DEFAULT_NAMESPACE,
+};
+pub use store::Change;

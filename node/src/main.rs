@@ -1,1 +1,361 @@
-fn main() {}
+//! `blazedb`: run a node, talk to a running node, benchmark, check and repair stores.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use libp2p::Multiaddr;
+use serde_json::Value;
+
+use blazedb_node::{api, bench, node, store::Store, Node, NodeConfig, DEFAULT_NAMESPACE};
+
+#[derive(Parser)]
+#[command(
+    name = "blazedb",
+    version,
+    about = "BlazeDB: a peer-to-peer mesh sync node"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct ApiArgs {
+    /// Address of the node's HTTP API.
+    #[arg(
+        long,
+        global = true,
+        env = "BLAZEDB_API",
+        default_value = "127.0.0.1:7700"
+    )]
+    api: String,
+    /// Namespace.
+    #[arg(long, global = true, default_value = DEFAULT_NAMESPACE)]
+    ns: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node (works with no flags).
+    Node {
+        /// Data directory (key file and store).
+        #[arg(long, default_value = "blazedb-data")]
+        data: PathBuf,
+        /// p2p listen address (repeatable).
+        #[arg(long, default_value = "/ip4/0.0.0.0/tcp/7701")]
+        listen: Vec<Multiaddr>,
+        /// HTTP API address.
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        api: SocketAddr,
+        /// Peer to dial at start (repeatable).
+        #[arg(long)]
+        bootstrap: Vec<Multiaddr>,
+        /// Do not discover peers on the local network.
+        #[arg(long)]
+        no_mdns: bool,
+        /// Do not join the public `default` namespace.
+        #[arg(long)]
+        no_default_namespace: bool,
+    },
+    /// Show a running node's identity, peers and namespaces.
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Upsert fields of a record: `blazedb put users ada '{"name":"Ada"}'`.
+    Put {
+        collection: String,
+        key: String,
+        /// JSON object of fields.
+        fields: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Print a record.
+    Get {
+        collection: String,
+        key: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Delete a record.
+    Del {
+        collection: String,
+        key: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// List records of a collection.
+    Ls {
+        collection: String,
+        #[arg(long, default_value = "")]
+        prefix: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Stream changes of a namespace as they happen.
+    Watch {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Run the standard benchmarks and print a table.
+    Bench(bench::BenchArgs),
+    /// Verify a store: every batch re-verified, every chain contiguous.
+    Check {
+        #[arg(long, default_value = "blazedb-data")]
+        data: PathBuf,
+    },
+    /// Rebuild the records (derived state) from the change log.
+    Repair {
+        #[arg(long, default_value = "blazedb-data")]
+        data: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Node {
+            data,
+            listen,
+            api,
+            bootstrap,
+            no_mdns,
+            no_default_namespace,
+        } => {
+            run_node(
+                NodeConfig {
+                    data_dir: data,
+                    listen,
+                    bootstrap,
+                    mdns: !no_mdns,
+                    default_namespace: !no_default_namespace,
+                    ..NodeConfig::default()
+                },
+                api,
+            )
+            .await
+        }
+        Cmd::Status { api } => print(client_get(&api, "/v1/status").await?),
+        Cmd::Put {
+            collection,
+            key,
+            fields,
+            api,
+        } => {
+            let v: Value = serde_json::from_str(&fields).context("fields must be a JSON object")?;
+            if !v.is_object() {
+                bail!("fields must be a JSON object, like '{{\"name\": \"Ada\"}}'");
+            }
+            let path = record_path(&api, &collection, &key);
+            print(client_send(reqwest::Method::PUT, &api, &path, Some(v)).await?)
+        }
+        Cmd::Get {
+            collection,
+            key,
+            api,
+        } => print(client_get(&api, &record_path(&api, &collection, &key)).await?),
+        Cmd::Del {
+            collection,
+            key,
+            api,
+        } => {
+            let path = record_path(&api, &collection, &key);
+            print(client_send(reqwest::Method::DELETE, &api, &path, None).await?)
+        }
+        Cmd::Ls {
+            collection,
+            prefix,
+            limit,
+            api,
+        } => {
+            let path = format!(
+                "/v1/ns/{}/{}?prefix={}&limit={limit}",
+                enc(&api.ns),
+                enc(&collection),
+                enc(&prefix)
+            );
+            print(client_get(&api, &path).await?)
+        }
+        Cmd::Watch { api } => watch(&api).await,
+        Cmd::Bench(args) => bench::run(args).await,
+        Cmd::Check { data } => {
+            let store = open_existing(&data)?;
+            let n = store.check()?;
+            println!("ok: {n} batches verified, chains contiguous");
+            Ok(())
+        }
+        Cmd::Repair { data } => {
+            let store = open_existing(&data)?;
+            let n = store
+                .check()
+                .context("the log itself is damaged; repair cannot fix that")?;
+            let records = store.rebuild_records()?;
+            println!("rebuilt {records} records from {n} batches");
+            Ok(())
+        }
+    }
+}
+
+fn open_existing(data: &std::path::Path) -> Result<Store> {
+    let path = node::store_path(data);
+    if !path.exists() {
+        bail!("no store at {} (is --data right?)", path.display());
+    }
+    Store::open(&path).with_context(|| format!("opening {}", path.display()))
+}
+
+async fn run_node(cfg: NodeConfig, api_addr: SocketAddr) -> Result<()> {
+    // Bind the API first: a port clash is reported before anything else starts.
+    let listener = api::bind(api_addr)
+        .await
+        .with_context(|| format!("binding the HTTP API on {api_addr} (use --api HOST:PORT)"))?;
+    let handle = Node::builder().config(cfg).spawn().await?;
+    for a in handle.listen_addrs() {
+        tracing::info!("p2p listening on {a}/p2p/{}", handle.peer_id());
+    }
+    tracing::info!("HTTP API on http://{}", listener.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(api::serve(handle.clone(), listener, async {
+        let _ = stop_rx.await;
+    }));
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    handle.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn record_path(api: &ApiArgs, collection: &str, key: &str) -> String {
+    format!("/v1/ns/{}/{}/{}", enc(&api.ns), enc(collection), enc(key))
+}
+
+fn base_url(api: &ApiArgs) -> String {
+    if api.api.starts_with("http://") || api.api.starts_with("https://") {
+        api.api.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{}", api.api)
+    }
+}
+
+async fn client_get(api: &ApiArgs, path: &str) -> Result<Value> {
+    client_send(reqwest::Method::GET, api, path, None).await
+}
+
+async fn client_send(
+    method: reqwest::Method,
+    api: &ApiArgs,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value> {
+    let url = format!("{}{path}", base_url(api));
+    let client = reqwest::Client::new();
+    let mut req = client
+        .request(method, &url)
+        .timeout(Duration::from_secs(30));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.with_context(|| {
+        format!(
+            "cannot reach a node at {} (is `blazedb node` running?)",
+            api.api
+        )
+    })?;
+    let status = resp.status();
+    let v: Value = resp
+        .json()
+        .await
+        .context("node answered with something other than JSON")?;
+    if !status.is_success() {
+        let msg = v["error"]["message"].as_str().unwrap_or("unknown error");
+        bail!("{status}: {msg}");
+    }
+    Ok(v)
+}
+
+fn print(v: Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+async fn watch(api: &ApiArgs) -> Result<()> {
+    use futures::StreamExt;
+    let url = format!("{}/v1/ns/{}/events", base_url(api), enc(&api.ns));
+    let resp = reqwest::Client::new()
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach a node at {}", api.api))?;
+    if !resp.status().is_success() {
+        let v: Value = resp.json().await.unwrap_or_default();
+        bail!(
+            "{}",
+            v["error"]["message"].as_str().unwrap_or("request failed")
+        );
+    }
+    let mut stream = resp.bytes_stream();
+    let mut buf = String::new();
+    while let Some(chunk) = stream.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk?));
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            for line in event.lines() {
+                if let Some(data) = line.strip_prefix("data:") {
+                    println!("{}", data.trim());
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,394 @@
+//! The local HTTP API (JSON, under `/v1`), and `/metrics`.
+//!
+//! Every error is a 4xx/5xx with a JSON body `{"error": {"code": "...", "message": "..."}}`.
+//! Writes answer only after the batch is durable. Bad input never reaches the store.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::StreamExt;
+
+use blazedb_protocol::{limits, Op};
+
+use crate::node::{NodeError, NodeHandle};
+
+/// Largest request body accepted, in bytes.
+pub const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// Largest `limit` of a list call.
+pub const MAX_LIST_LIMIT: usize = 10_000;
+/// Default `limit` of a list call.
+pub const DEFAULT_LIST_LIMIT: usize = 100;
+
+/// An API error: status, stable code, human message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<NodeError> for ApiError {
+    fn from(e: NodeError) -> Self {
+        match e {
+            NodeError::UnknownNamespace(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "unknown_namespace", e.to_string())
+            }
+            NodeError::Invalid(m) => ApiError::bad_request(m),
+            NodeError::Stopped => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopped", e.to_string())
+            }
+            other => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                other.to_string(),
+            ),
+        }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(r: BytesRejection) -> Self {
+        let status = r.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                status,
+                "body_too_large",
+                format!("request body exceeds {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            ApiError::new(status, "bad_body", r.body_text())
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The router, for embedding in another server or for tests.
+pub fn router(node: NodeHandle) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/ns/{ns}/ops", post(post_ops))
+        .route("/v1/ns/{ns}/events", get(events))
+        .route("/v1/ns/{ns}/{collection}", get(list))
+        .route(
+            "/v1/ns/{ns}/{collection}/{key}",
+            get(get_record).put(put_record).delete(delete_record),
+        )
+        .route("/metrics", get(metrics))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint (see README: API)",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(node)
+}
+
+/// Serves the API on `addr` until `shutdown` resolves. Returns the bound address through
+/// `bound` as soon as the socket is listening.
+pub async fn serve(
+    node: NodeHandle,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(node))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Binds the API socket.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+async fn status(State(node): State<NodeHandle>) -> ApiResult<Json<Value>> {
+    let s = node.status().await?;
+    Ok(Json(serde_json::to_value(s).expect("status serializes")))
+}
+
+fn parse_object(body: Result<Bytes, BytesRejection>) -> ApiResult<Map<String, Value>> {
+    let body = body?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("body is not valid JSON: {e}")))?;
+    match value {
+        Value::Object(m) => Ok(m),
+        other => Err(ApiError::bad_request(format!(
+            "body must be a JSON object of fields, got {}",
+            json_kind(&other)
+        ))),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+async fn put_record(
+    State(node): State<NodeHandle>,
+    Path((ns, collection, key)): Path<(String, String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let fields = parse_object(body)?;
+    let receipt = node.put(&ns, &collection, &key, fields).await?;
+    Ok(Json(
+        json!({ "ok": true, "batch": receipt.batch, "seq": receipt.seq }),
+    ))
+}
+
+async fn get_record(
+    State(node): State<NodeHandle>,
+    Path((ns, collection, key)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    match node.get(&ns, &collection, &key)? {
+        Some(fields) => Ok(Json(
+            json!({ "collection": collection, "key": key, "fields": fields }),
+        )),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such record",
+        )),
+    }
+}
+
+async fn delete_record(
+    State(node): State<NodeHandle>,
+    Path((ns, collection, key)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    let receipt = node.delete(&ns, &collection, &key).await?;
+    Ok(Json(
+        json!({ "ok": true, "batch": receipt.batch, "seq": receipt.seq }),
+    ))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    #[serde(default)]
+    prefix: String,
+    limit: Option<usize>,
+}
+
+async fn list(
+    State(node): State<NodeHandle>,
+    Path((ns, collection)): Path<(String, String)>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = q.limit.unwrap_or(DEFAULT_LIST_LIMIT);
+    if limit == 0 || limit > MAX_LIST_LIMIT {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1..={MAX_LIST_LIMIT}"
+        )));
+    }
+    let records = node.list(&ns, &collection, &q.prefix, limit)?;
+    let records: Vec<Value> = records
+        .into_iter()
+        .map(|(key, fields)| json!({ "key": key, "fields": fields }))
+        .collect();
+    Ok(Json(json!({ "records": records })))
+}
+
+/// One op of `POST /v1/ns/{ns}/ops`.
+#[derive(Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+enum ApiOp {
+    Upsert {
+        collection: String,
+        key: String,
+        fields: Map<String, Value>,
+    },
+    Delete {
+        collection: String,
+        key: String,
+    },
+    Add {
+        collection: String,
+        key: String,
+        field: String,
+        delta: i64,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpsBody {
+    ops: Vec<ApiOp>,
+}
+
+async fn post_ops(
+    State(node): State<NodeHandle>,
+    Path(ns): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let body = body?;
+    let parsed: OpsBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "body must be {{\"ops\": [{{\"op\": \"upsert\"|\"delete\"|\"add\", ...}}]}}: {e}"
+        ))
+    })?;
+    if parsed.ops.len() > limits::MAX_OPS_PER_BATCH {
+        return Err(ApiError::bad_request(format!(
+            "{} ops exceed the limit of {} per call",
+            parsed.ops.len(),
+            limits::MAX_OPS_PER_BATCH
+        )));
+    }
+    let ops: Vec<Op> = parsed
+        .ops
+        .into_iter()
+        .map(|o| match o {
+            ApiOp::Upsert {
+                collection,
+                key,
+                fields,
+            } => Op::Upsert {
+                collection,
+                key,
+                hlc: Default::default(),
+                fields: fields.into_iter().collect(),
+            },
+            ApiOp::Delete { collection, key } => Op::Delete {
+                collection,
+                key,
+                hlc: Default::default(),
+            },
+            ApiOp::Add {
+                collection,
+                key,
+                field,
+                delta,
+            } => Op::CounterAdd {
+                collection,
+                key,
+                field,
+                delta,
+                hlc: Default::default(),
+            },
+        })
+        .collect();
+    let receipt = node.write(&ns, ops).await?;
+    Ok(Json(
+        json!({ "ok": true, "batch": receipt.batch, "seq": receipt.seq, "ops": receipt.ops }),
+    ))
+}
+
+async fn events(
+    State(node): State<NodeHandle>,
+    Path(ns): Path<String>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    if !node.has_namespace(&ns) {
+        return Err(NodeError::UnknownNamespace(ns).into());
+    }
+    let stream = BroadcastStream::new(node.subscribe()).filter_map(move |item| match item {
+        Ok(change) if change.ns == ns => Some(Ok(Event::default()
+            .event("change")
+            .data(serde_json::to_string(&change).expect("change serializes")))),
+        Ok(_) => None,
+        Err(BroadcastStreamRecvError::Lagged(n)) => Some(Ok(Event::default()
+            .event("lagged")
+            .data(json!({ "missed": n }).to_string()))),
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+async fn metrics(State(node): State<NodeHandle>) -> Response {
+    let m = node.metrics();
+    let (batches, records) = node.counts().unwrap_or((0, 0));
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, v: u64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+        ));
+    };
+    counter(
+        "blazedb_local_batches_total",
+        "Batches written by this node.",
+        m.local_batches.load(Ordering::Relaxed),
+    );
+    counter(
+        "blazedb_local_ops_total",
+        "Ops written by this node.",
+        m.local_ops.load(Ordering::Relaxed),
+    );
+    counter(
+        "blazedb_remote_batches_total",
+        "Batches stored from peers.",
+        m.remote_batches.load(Ordering::Relaxed),
+    );
+    counter(
+        "blazedb_rejected_total",
+        "Invalid batches or messages from peers.",
+        m.rejected.load(Ordering::Relaxed),
+    );
+    counter(
+        "blazedb_peers_dropped_total",
+        "Peers disconnected for misbehaviour.",
+        m.peers_dropped.load(Ordering::Relaxed),
+    );
+    counter(
+        "blazedb_commits_total",
+        "Durable store transactions.",
+        m.commits.load(Ordering::Relaxed),
+    );
+    counter(
+        "blazedb_duplicate_batches_total",
+        "Gossiped batches already held.",
+        m.duplicates.load(Ordering::Relaxed),
+    );
+    out.push_str(&format!(
+        "# HELP blazedb_stored_batches Batches in the store.\n# TYPE blazedb_stored_batches gauge\nblazedb_stored_batches {batches}\n\
+         # HELP blazedb_stored_records Records in the store.\n# TYPE blazedb_stored_records gauge\nblazedb_stored_records {records}\n"
+    ));
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
+}

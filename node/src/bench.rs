@@ -1,0 +1,387 @@
+//! `blazedb bench`: the standard benchmarks (see BRIEF: B1–B8) that exist so far.
+//!
+//! - **B1** batch codec on workload W (5,000-op batches): seal (encode + blake3 + sign),
+//!   batch id alone, verify (decode + hash + signature + op checks); baseline: plain
+//!   serde+ciborium encode/decode of the same ops, in the same run.
+//! - **B3** two nodes in this process over loopback TCP (TLS 1.3 + yamux): write at A in
+//!   5,000-op calls until every batch is durable at B; baseline: raw loopback TCP goodput for
+//!   the same bytes, in the same run.
+//!
+//! Figures are medians of `--runs` runs.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use blazedb_identity::Keypair;
+use blazedb_protocol::batch::{self, ChainPosition, Envelope};
+use blazedb_protocol::{Hlc, Op};
+
+use crate::node::{Node, NodeHandle, DEFAULT_NAMESPACE};
+
+/// Arguments of `blazedb bench`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Ops written in B3.
+    #[arg(long, default_value_t = 200_000)]
+    pub ops: usize,
+    /// Runs per figure (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Which benchmarks (b1, b3).
+    #[arg(long, value_delimiter = ',', default_value = "b1,b3")]
+    pub only: Vec<String>,
+}
+
+/// One row of the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// Benchmark id.
+    pub id: &'static str,
+    /// What was measured.
+    pub what: String,
+    /// Value.
+    pub value: f64,
+    /// Unit.
+    pub unit: &'static str,
+    /// Ratio to the in-run baseline, if any.
+    pub ratio: Option<f64>,
+    /// What the ratio compares with.
+    pub baseline: Option<String>,
+}
+
+/// Ops per client call in workload W.
+pub const W_BATCH_OPS: usize = 5_000;
+/// Records in workload W's key space.
+pub const W_KEYS: u64 = 1_000_000;
+
+/// Workload W: uniformly random keys over 1M records, 3 fields per upsert, values of 8–64
+/// bytes, 10% deletes.
+pub fn workload_w(rng: &mut impl Rng, n: usize, hlc_start: u64) -> Vec<Op> {
+    (0..n)
+        .map(|i| {
+            let key = format!("k{:07}", rng.gen_range(0..W_KEYS));
+            let hlc = Hlc(hlc_start + i as u64);
+            if rng.gen_range(0..10) == 0 {
+                Op::Delete {
+                    collection: "bench".into(),
+                    key,
+                    hlc,
+                }
+            } else {
+                let fields = ["a", "b", "c"]
+                    .iter()
+                    .map(|f| {
+                        let len = rng.gen_range(8..=64);
+                        let v: String = (0..len)
+                            .map(|_| rng.gen_range(b'a'..=b'z') as char)
+                            .collect();
+                        (f.to_string(), serde_json::Value::String(v))
+                    })
+                    .collect();
+                Op::Upsert {
+                    collection: "bench".into(),
+                    key,
+                    hlc,
+                    fields,
+                }
+            }
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+/// Runs the selected benchmarks and prints the report.
+pub async fn run(args: BenchArgs) -> Result<()> {
+    let mut rows = Vec::new();
+    let runs = args.runs.max(1);
+    if args.only.iter().any(|b| b == "b1") {
+        rows.extend(b1(runs)?);
+    }
+    if args.only.iter().any(|b| b == "b3") {
+        rows.extend(b3(args.ops, runs).await?);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{:<4} {:<52} {:>14} {:<8} {:>8}  baseline",
+            "id", "what", "value", "unit", "ratio"
+        );
+        for r in &rows {
+            println!(
+                "{:<4} {:<52} {:>14.0} {:<8} {:>8}  {}",
+                r.id,
+                r.what,
+                r.value,
+                r.unit,
+                r.ratio.map(|x| format!("{x:.2}x")).unwrap_or_default(),
+                r.baseline.clone().unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// B1: batch codec.
+pub fn b1(runs: usize) -> Result<Vec<Row>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let kp = Keypair::from_seed([7; 32]);
+    let ops = workload_w(&mut rng, W_BATCH_OPS, 1);
+    let reps = 20;
+    let n = (W_BATCH_OPS * reps) as f64;
+    let (mut seal_r, mut id_r, mut verify_r, mut base_enc_r, mut base_dec_r) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let mut bytes_per_op = 0.0;
+    for _ in 0..runs {
+        let t = Instant::now();
+        let mut sealed = None;
+        for _ in 0..reps {
+            sealed = Some(
+                batch::seal(
+                    &kp,
+                    DEFAULT_NAMESPACE,
+                    ChainPosition { seq: 1, prev: None },
+                    ops.clone(),
+                )
+                .context("sealing")?,
+            );
+        }
+        seal_r.push(n / t.elapsed().as_secs_f64());
+        let sealed = sealed.expect("reps > 0");
+        bytes_per_op = sealed.bytes.len() as f64 / W_BATCH_OPS as f64;
+
+        let t = Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(Envelope::parse(&sealed.bytes)?.id());
+        }
+        id_r.push(n / t.elapsed().as_secs_f64());
+
+        let t = Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(batch::verify(sealed.bytes.clone())?);
+        }
+        verify_r.push(n / t.elapsed().as_secs_f64());
+
+        // Baseline: plain serde + ciborium on the same ops (clone included, as in seal).
+        let t = Instant::now();
+        let mut plain = Vec::new();
+        for _ in 0..reps {
+            plain.clear();
+            ciborium::into_writer(&ops.clone(), &mut plain)?;
+        }
+        base_enc_r.push(n / t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for _ in 0..reps {
+            let v: Vec<Op> = ciborium::from_reader(&plain[..])?;
+            std::hint::black_box(v);
+        }
+        base_dec_r.push(n / t.elapsed().as_secs_f64());
+    }
+    let (seal, id, verify, be, bd) = (
+        median(seal_r),
+        median(id_r),
+        median(verify_r),
+        median(base_enc_r),
+        median(base_dec_r),
+    );
+    Ok(vec![
+        Row {
+            id: "B1",
+            what: "seal (encode + blake3 + ed25519 sign), 5k-op batch".into(),
+            value: seal,
+            unit: "ops/s",
+            ratio: Some(seal / be),
+            baseline: Some(format!("serde+ciborium encode {be:.0} ops/s")),
+        },
+        Row {
+            id: "B1",
+            what: "batch id (envelope parse + blake3 of header)".into(),
+            value: id,
+            unit: "ops/s",
+            ratio: None,
+            baseline: None,
+        },
+        Row {
+            id: "B1",
+            what: "verify (decode + hash + strict sig + op checks)".into(),
+            value: verify,
+            unit: "ops/s",
+            ratio: Some(verify / bd),
+            baseline: Some(format!("serde+ciborium decode {bd:.0} ops/s")),
+        },
+        Row {
+            id: "B1",
+            what: "encoded size".into(),
+            value: bytes_per_op,
+            unit: "B/op",
+            ratio: None,
+            baseline: None,
+        },
+    ])
+}
+
+async fn wait_for<F: Fn() -> bool>(what: &str, timeout: Duration, f: F) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        if Instant::now() > deadline {
+            anyhow::bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
+async fn two_nodes(dir: &std::path::Path) -> Result<(NodeHandle, NodeHandle)> {
+    let lo: libp2p::Multiaddr = "/ip4/127.0.0.1/tcp/0".parse()?;
+    let a = Node::builder()
+        .data_dir(dir.join("a"))
+        .listen(vec![lo.clone()])
+        .mdns(false)
+        .spawn()
+        .await?;
+    let b = Node::builder()
+        .data_dir(dir.join("b"))
+        .listen(vec![lo])
+        .mdns(false)
+        .bootstrap(a.listen_addrs()[0].clone())
+        .spawn()
+        .await?;
+    Ok((a, b))
+}
+
+/// B3: two-node replication over loopback.
+pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
+    let calls = total_ops.div_ceil(W_BATCH_OPS).max(1);
+    let mut rates = Vec::new();
+    for run in 0..runs {
+        let dir = tempfile_dir()?;
+        let (a, b) = two_nodes(dir.path()).await?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while a.status().await?.peers.is_empty() {
+            anyhow::ensure!(Instant::now() < deadline, "nodes did not connect");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(run as u64);
+        let batches: Vec<Vec<Op>> = (0..calls)
+            .map(|_| workload_w(&mut rng, W_BATCH_OPS, 0))
+            .collect();
+        let t = Instant::now();
+        // Several calls in flight, as several client connections would.
+        use futures::StreamExt;
+        let write = |ops: Vec<Op>| {
+            let a = a.clone();
+            async move { a.write(DEFAULT_NAMESPACE, ops).await }
+        };
+        let mut inflight = futures::stream::FuturesUnordered::new();
+        let mut it = batches.into_iter();
+        for ops in it.by_ref().take(4) {
+            inflight.push(write(ops));
+        }
+        while let Some(res) = inflight.next().await {
+            res?;
+            if let Some(ops) = it.next() {
+                inflight.push(write(ops));
+            }
+        }
+        let want = calls as u64;
+        wait_for("B to hold every batch", Duration::from_secs(600), || {
+            b.metrics()
+                .remote_batches
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= want
+        })
+        .await?;
+        let secs = t.elapsed().as_secs_f64();
+        rates.push((calls * W_BATCH_OPS) as f64 / secs);
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+    let rate = median(rates);
+    let tcp = raw_tcp_goodput_ops().await?;
+    Ok(vec![Row {
+        id: "B3",
+        what: format!("two nodes, loopback TLS, write at A until durable at B ({total_ops} ops)"),
+        value: rate,
+        unit: "ops/s",
+        ratio: Some(rate / tcp),
+        baseline: Some(format!(
+            "raw loopback TCP moving the same batch bytes: {tcp:.0} ops/s"
+        )),
+    }])
+}
+
+/// Raw loopback TCP: how many workload-W ops per second a plain socket moves when the ops are
+/// sent as sealed batch bytes (no TLS, no storage).
+async fn raw_tcp_goodput_ops() -> Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let kp = Keypair::from_seed([9; 32]);
+    let sealed = batch::seal(
+        &kp,
+        DEFAULT_NAMESPACE,
+        ChainPosition { seq: 1, prev: None },
+        workload_w(&mut rng, W_BATCH_OPS, 1),
+    )?;
+    let reps = 200usize;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let total = sealed.bytes.len() * reps;
+    let reader = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0usize;
+        while got < total {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        Ok::<usize, std::io::Error>(got)
+    });
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let t = Instant::now();
+    for _ in 0..reps {
+        s.write_all(&sealed.bytes).await?;
+    }
+    s.flush().await?;
+    let got = reader.await??;
+    let secs = t.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        got == total,
+        "raw TCP baseline moved {got} of {total} bytes"
+    );
+    Ok((reps * W_BATCH_OPS) as f64 / secs)
+}
+
+fn tempfile_dir() -> Result<TempDir> {
+    let base = std::env::temp_dir().join(format!(
+        "blazedb-bench-{}-{}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::create_dir_all(&base)?;
+    Ok(TempDir(base))
+}
+
+struct TempDir(std::path::PathBuf);
+impl TempDir {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,120 @@
+//! The libp2p side: transports, security, behaviours.
+//!
+//! - Transport: TCP, secured by libp2p's TLS 1.3 (rustls + aws-lc-rs, which prefers the
+//!   X25519MLKEM768 hybrid group), multiplexed by yamux. No second security protocol is
+//!   offered next to TLS: protocol negotiation is unauthenticated, so offering Noise too would
+//!   let an attacker push both sides down to it. QUIC is not enabled: its TLS configuration is
+//!   private to libp2p-quic, so its key exchange cannot be checked (see ARCHITECTURE.md).
+//! - gossipsub: one topic per namespace, message id = batch id, anonymous messages (batches
+//!   carry their own author signature), every message validated by the sync engine before it
+//!   is relayed.
+//! - request-response (`/blazedb/sync/1`, CBOR): the engine's Have / Fetch / Batches
+//!   messages, each sent as a request answered by an empty acknowledgement.
+//! - identify, mDNS (optional).
+
+use std::time::Duration;
+
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{gossipsub, identify, mdns, request_response, StreamProtocol, Swarm};
+use serde::{Deserialize, Serialize};
+
+use blazedb_protocol::batch::Envelope;
+use blazedb_protocol::{limits, SyncMessage};
+
+/// Request-response protocol name of the sync engine.
+pub const SYNC_PROTOCOL: &str = "/blazedb/sync/1";
+/// identify protocol version string.
+pub const IDENTIFY_PROTOCOL: &str = "/blazedb/1.0.0";
+
+/// The acknowledgement that answers every sync request.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct Ack {}
+
+/// All behaviours of a node.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    /// Batch gossip.
+    pub gossipsub: gossipsub::Behaviour,
+    /// Sync messages.
+    pub sync: request_response::cbor::Behaviour<SyncMessage, Ack>,
+    /// Peer information exchange.
+    pub identify: identify::Behaviour,
+    /// Local-network discovery.
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// Gossip topic of a namespace.
+pub fn topic(ns: &str) -> gossipsub::IdentTopic {
+    gossipsub::IdentTopic::new(format!("blazedb/ns/{ns}/v1"))
+}
+
+/// Gossip message id: the batch id, so duplicates die at the first hop that has seen them.
+fn message_id(m: &gossipsub::Message) -> gossipsub::MessageId {
+    match Envelope::parse(&m.data) {
+        Ok(env) => gossipsub::MessageId::new(&env.id().0),
+        // Not a batch: still needs an id; validation will reject it.
+        Err(_) => gossipsub::MessageId::new(blake3::hash(&m.data).as_bytes()),
+    }
+}
+
+/// Builds the swarm for `keypair`.
+pub fn build_swarm(
+    keypair: libp2p::identity::Keypair,
+    enable_mdns: bool,
+) -> anyhow::Result<Swarm<Behaviour>> {
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(
+            libp2p::tcp::Config::default().nodelay(true),
+            libp2p::tls::Config::new,
+            libp2p::yamux::Config::default,
+        )?
+        .with_behaviour(|key| {
+            let gossip_cfg = gossipsub::ConfigBuilder::default()
+                .max_transmit_size(limits::MAX_BATCH_BYTES + 64 * 1024)
+                .message_id_fn(message_id)
+                .validation_mode(gossipsub::ValidationMode::Anonymous)
+                .validate_messages()
+                .heartbeat_interval(Duration::from_millis(700))
+                .build()
+                .map_err(|e| anyhow::anyhow!("gossipsub config: {e}"))?;
+            let gossipsub =
+                gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_cfg)
+                    .map_err(|e| anyhow::anyhow!("gossipsub: {e}"))?;
+            let codec = request_response::cbor::codec::Codec::<SyncMessage, Ack>::default()
+                .set_request_size_maximum(limits::MAX_SYNC_MESSAGE_BYTES as u64)
+                .set_response_size_maximum(1024);
+            let sync = request_response::Behaviour::with_codec(
+                codec,
+                [(
+                    StreamProtocol::new(SYNC_PROTOCOL),
+                    request_response::ProtocolSupport::Full,
+                )],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(30))
+                    .with_max_concurrent_streams(64),
+            );
+            let identify = identify::Behaviour::new(identify::Config::new(
+                IDENTIFY_PROTOCOL.to_string(),
+                key.public(),
+            ));
+            let mdns = if enable_mdns {
+                Some(mdns::tokio::Behaviour::new(
+                    mdns::Config::default(),
+                    key.public().to_peer_id(),
+                )?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                gossipsub,
+                sync,
+                identify,
+                mdns: Toggle::from(mdns),
+            })
+        })?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    Ok(swarm)
+}

@@ -1,0 +1,953 @@
+//! The node: an actor that owns the swarm, the store and the sync engine, and the cloneable
+//! [`NodeHandle`] applications hold.
+//!
+//! Shape (after iroh-gossip): one task owns all mutable state; handles talk to it over a
+//! bounded channel (`COMMAND_CAP`); the loop is `select! { biased; … }` with local commands
+//! first. Reads do not go through the actor: redb serves concurrent readers, and a write is
+//! answered only after its transaction committed, so reads see every acknowledged write.
+//!
+//! Writes arriving together are group-committed: the actor drains up to `GROUP_COMMIT_MAX`
+//! queued write commands, seals each into its own batch, stores them all in one durable redb
+//! transaction, then answers each writer and gossips the batches.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{gossipsub, identify, mdns, request_response, Multiaddr, PeerId, Swarm};
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use blazedb_identity::{Keypair, PublicKey};
+use blazedb_protocol::{
+    limits, Action, Engine, EngineConfig, GossipVerdict, Op, SyncMessage, VerifiedBatch,
+};
+
+use crate::net::{self, Ack, Behaviour, BehaviourEvent};
+use crate::store::{Change, Store, StoreError};
+
+/// Capacity of the command channel into the actor.
+const COMMAND_CAP: usize = 256;
+/// Most write commands sealed into one group commit.
+const GROUP_COMMIT_MAX: usize = 64;
+/// Capacity of the change broadcast (slow subscribers see a `Lagged` gap).
+const CHANGES_CAP: usize = 4096;
+/// Most bytes served in answer to one fetch.
+const SERVE_MAX_BYTES: usize = 8 * 1024 * 1024;
+/// The public namespace every node joins unless told not to.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Errors seen by users of the node.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The namespace is not joined by this node.
+    #[error("unknown namespace {0:?}")]
+    UnknownNamespace(String),
+    /// The request is invalid (names, sizes, values).
+    #[error("{0}")]
+    Invalid(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The node has stopped.
+    #[error("node is shut down")]
+    Stopped,
+}
+
+/// What a node is built from.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Directory holding the key file and the store.
+    pub data_dir: PathBuf,
+    /// p2p listen addresses.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start (and to re-dial while disconnected).
+    pub bootstrap: Vec<Multiaddr>,
+    /// Local-network discovery.
+    pub mdns: bool,
+    /// Join the public `default` namespace.
+    pub default_namespace: bool,
+    /// Sync engine tunables.
+    pub engine: EngineConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("blazedb-data"),
+            listen: vec!["/ip4/0.0.0.0/tcp/7701".parse().expect("valid multiaddr")],
+            bootstrap: Vec::new(),
+            mdns: true,
+            default_namespace: true,
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+/// Builder of a node: `Node::builder().data_dir(..).spawn().await`.
+#[derive(Clone, Debug, Default)]
+pub struct NodeBuilder {
+    cfg: NodeConfig,
+}
+
+/// Entry point of the embedding API.
+pub struct Node;
+
+impl Node {
+    /// A builder with the defaults of `blazedb node`.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+}
+
+impl NodeBuilder {
+    /// Data directory (created if missing).
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.cfg.data_dir = dir.into();
+        self
+    }
+    /// Replaces the listen addresses.
+    pub fn listen(mut self, addrs: Vec<Multiaddr>) -> Self {
+        self.cfg.listen = addrs;
+        self
+    }
+    /// Adds a bootstrap peer address.
+    pub fn bootstrap(mut self, addr: Multiaddr) -> Self {
+        self.cfg.bootstrap.push(addr);
+        self
+    }
+    /// Turns mDNS discovery on or off.
+    pub fn mdns(mut self, on: bool) -> Self {
+        self.cfg.mdns = on;
+        self
+    }
+    /// Joins (or not) the public `default` namespace.
+    pub fn default_namespace(mut self, on: bool) -> Self {
+        self.cfg.default_namespace = on;
+        self
+    }
+    /// Sync engine tunables.
+    pub fn engine(mut self, cfg: EngineConfig) -> Self {
+        self.cfg.engine = cfg;
+        self
+    }
+    /// The whole configuration.
+    pub fn config(mut self, cfg: NodeConfig) -> Self {
+        self.cfg = cfg;
+        self
+    }
+
+    /// Opens the data directory, starts the swarm and the actor, and waits until every
+    /// listen address is bound.
+    pub async fn spawn(self) -> anyhow::Result<NodeHandle> {
+        spawn(self.cfg).await
+    }
+}
+
+/// A peer in [`Status`].
+#[derive(Clone, Debug, Serialize)]
+pub struct PeerStatus {
+    /// libp2p PeerId.
+    pub peer_id: String,
+    /// did:key of the peer (same key).
+    pub did: Option<String>,
+    /// Remote address of the first connection.
+    pub address: String,
+    /// Transport of that connection.
+    pub transport: String,
+    /// Security protocol of the link.
+    pub security: String,
+}
+
+/// A namespace in [`Status`].
+#[derive(Clone, Debug, Serialize)]
+pub struct NamespaceStatus {
+    /// Name.
+    pub name: String,
+    /// Chain heads: author did:key → highest seq held.
+    pub heads: BTreeMap<String, u64>,
+}
+
+/// Snapshot of a node's state (`GET /v1/status`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// did:key of the node.
+    pub did: String,
+    /// libp2p PeerId (same key).
+    pub peer_id: String,
+    /// Bound p2p addresses.
+    pub listen_addrs: Vec<String>,
+    /// Connected peers.
+    pub peers: Vec<PeerStatus>,
+    /// Joined namespaces.
+    pub namespaces: Vec<NamespaceStatus>,
+}
+
+/// Receipt of a durable write.
+#[derive(Clone, Debug, Serialize)]
+pub struct WriteReceipt {
+    /// Batch id (hex).
+    pub batch: String,
+    /// Seq of the batch in this node's chain.
+    pub seq: u64,
+    /// Ops in the batch.
+    pub ops: usize,
+}
+
+/// Counters exported at `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Batches written locally.
+    pub local_batches: AtomicU64,
+    /// Ops written locally.
+    pub local_ops: AtomicU64,
+    /// Batches stored from peers.
+    pub remote_batches: AtomicU64,
+    /// Batches or messages rejected from peers.
+    pub rejected: AtomicU64,
+    /// Peers dropped for misbehaviour.
+    pub peers_dropped: AtomicU64,
+    /// Group commits performed.
+    pub commits: AtomicU64,
+    /// Duplicate batches received.
+    pub duplicates: AtomicU64,
+}
+
+enum Command {
+    Write {
+        ns: String,
+        ops: Vec<Op>,
+        reply: oneshot::Sender<Result<WriteReceipt, NodeError>>,
+    },
+    Status {
+        reply: oneshot::Sender<Status>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+struct Shared {
+    store: Store,
+    keypair: Keypair,
+    namespaces: BTreeSet<String>,
+    changes: broadcast::Sender<Change>,
+    metrics: Metrics,
+    listen_addrs: watch::Receiver<Vec<Multiaddr>>,
+}
+
+/// A cloneable handle on a running node. The node stops when [`NodeHandle::shutdown`] is
+/// called or the last handle is dropped.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl NodeHandle {
+    /// The node's did:key.
+    pub fn did(&self) -> String {
+        self.shared.keypair.public().to_did()
+    }
+
+    /// The node's libp2p PeerId.
+    pub fn peer_id(&self) -> PeerId {
+        self.shared.keypair.public().to_peer_id()
+    }
+
+    /// Bound p2p addresses.
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.shared.listen_addrs.borrow().clone()
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Whether `ns` is joined.
+    pub fn has_namespace(&self, ns: &str) -> bool {
+        self.shared.namespaces.contains(ns)
+    }
+
+    fn check_ns(&self, ns: &str) -> Result<(), NodeError> {
+        if self.has_namespace(ns) {
+            Ok(())
+        } else {
+            Err(NodeError::UnknownNamespace(ns.chars().take(80).collect()))
+        }
+    }
+
+    /// Writes ops to `ns` as one batch; returns once the batch is durable.
+    pub async fn write(&self, ns: &str, ops: Vec<Op>) -> Result<WriteReceipt, NodeError> {
+        self.check_ns(ns)?;
+        if ops.is_empty() {
+            return Err(NodeError::Invalid("no ops given".into()));
+        }
+        if ops.len() > limits::MAX_OPS_PER_BATCH {
+            return Err(NodeError::Invalid(format!(
+                "{} ops exceed the limit of {} per call",
+                ops.len(),
+                limits::MAX_OPS_PER_BATCH
+            )));
+        }
+        for op in &ops {
+            op.validate()
+                .map_err(|e| NodeError::Invalid(e.to_string()))?;
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Write {
+                ns: ns.to_string(),
+                ops,
+                reply,
+            })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Upserts fields of one record.
+    pub async fn put(
+        &self,
+        ns: &str,
+        collection: &str,
+        key: &str,
+        fields: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<WriteReceipt, NodeError> {
+        let op = Op::Upsert {
+            collection: collection.to_string(),
+            key: key.to_string(),
+            hlc: Default::default(),
+            fields: fields.into_iter().collect(),
+        };
+        self.write(ns, vec![op]).await
+    }
+
+    /// Deletes one record (tombstone).
+    pub async fn delete(
+        &self,
+        ns: &str,
+        collection: &str,
+        key: &str,
+    ) -> Result<WriteReceipt, NodeError> {
+        let op = Op::Delete {
+            collection: collection.to_string(),
+            key: key.to_string(),
+            hlc: Default::default(),
+        };
+        self.write(ns, vec![op]).await
+    }
+
+    /// Reads one record's visible fields.
+    pub fn get(
+        &self,
+        ns: &str,
+        collection: &str,
+        key: &str,
+    ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, NodeError> {
+        self.check_ns(ns)?;
+        blazedb_protocol::op::validate_collection(collection)
+            .and_then(|_| blazedb_protocol::op::validate_key(key))
+            .map_err(|e| NodeError::Invalid(e.to_string()))?;
+        Ok(self.shared.store.get(ns, collection, key)?)
+    }
+
+    /// Lists records of a collection by key prefix.
+    pub fn list(
+        &self,
+        ns: &str,
+        collection: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, serde_json::Map<String, serde_json::Value>)>, NodeError> {
+        self.check_ns(ns)?;
+        blazedb_protocol::op::validate_collection(collection)
+            .map_err(|e| NodeError::Invalid(e.to_string()))?;
+        if prefix.len() > limits::MAX_KEY_LEN {
+            return Err(NodeError::Invalid(
+                "prefix longer than the longest key".into(),
+            ));
+        }
+        Ok(self.shared.store.list(ns, collection, prefix, limit)?)
+    }
+
+    /// A live stream of record changes (all namespaces).
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.shared.changes.subscribe()
+    }
+
+    /// Current status.
+    pub async fn status(&self) -> Result<Status, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Status { reply })
+            .await
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// (batches, records) held in the store.
+    pub fn counts(&self) -> Result<(u64, u64), NodeError> {
+        Ok(self.shared.store.counts()?)
+    }
+
+    /// Stops the node and waits until it has stopped.
+    pub async fn shutdown(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Shutdown { reply }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Waits until the actor has exited (after shutdown).
+    pub async fn closed(&self) {
+        self.tx.closed().await
+    }
+}
+
+/// Where the node keeps its files.
+pub fn key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("node.key")
+}
+
+/// Path of the store file.
+pub fn store_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("store.redb")
+}
+
+async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
+    use anyhow::Context;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    let keypair = Keypair::load_or_create(&key_path(&cfg.data_dir))?;
+    let store = Store::open(&store_path(&cfg.data_dir))
+        .with_context(|| format!("opening store in {}", cfg.data_dir.display()))?;
+
+    let mut engine: Engine<PeerId> = Engine::new(cfg.engine.clone());
+    let mut namespaces = BTreeSet::new();
+    if cfg.default_namespace {
+        engine.join(DEFAULT_NAMESPACE);
+        namespaces.insert(DEFAULT_NAMESPACE.to_string());
+    }
+    for h in store.heads()? {
+        if namespaces.contains(&h.ns) {
+            engine.load_head(&h.ns, h.author, h.seq, h.id, h.hlc_max);
+        }
+    }
+
+    let mut swarm = net::build_swarm(keypair.to_libp2p(), cfg.mdns)?;
+    let mut topics = HashMap::new();
+    for ns in &namespaces {
+        let t = net::topic(ns);
+        swarm.behaviour_mut().gossipsub.subscribe(&t)?;
+        topics.insert(t.hash(), ns.clone());
+    }
+    for addr in &cfg.listen {
+        swarm
+            .listen_on(addr.clone())
+            .with_context(|| format!("listening on {addr}"))?;
+    }
+    // Wait for the listeners to bind, so callers can read real ports.
+    let mut bound = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while bound.len() < cfg.listen.len() {
+        let ev = tokio::time::timeout_at(deadline, swarm.select_next_some())
+            .await
+            .context("timed out binding listen addresses")?;
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => bound.push(address),
+            SwarmEvent::ListenerError { error, .. } => anyhow::bail!("listener error: {error}"),
+            SwarmEvent::ListenerClosed { reason: Err(e), .. } => {
+                anyhow::bail!("listener closed: {e}")
+            }
+            _ => {}
+        }
+    }
+    for addr in &cfg.bootstrap {
+        if let Err(e) = swarm.dial(addr.clone()) {
+            warn!(%addr, "dialing bootstrap peer: {e}");
+        }
+    }
+
+    let (listen_tx, listen_rx) = watch::channel(bound);
+    let (changes, _) = broadcast::channel(CHANGES_CAP);
+    let shared = Arc::new(Shared {
+        store,
+        keypair: keypair.clone(),
+        namespaces,
+        changes,
+        metrics: Metrics::default(),
+        listen_addrs: listen_rx,
+    });
+    let (tx, rx) = mpsc::channel(COMMAND_CAP);
+    let actor = Actor {
+        swarm,
+        engine,
+        shared: shared.clone(),
+        rx,
+        topics,
+        listen_tx,
+        bootstrap: cfg.bootstrap.clone(),
+        connected: HashMap::new(),
+    };
+    let span = tracing::info_span!("node", peer = %keypair.public().to_peer_id());
+    tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
+    info!(did = %keypair.public().to_did(), "node started");
+    Ok(NodeHandle { tx, shared })
+}
+
+struct Actor {
+    swarm: Swarm<Behaviour>,
+    engine: Engine<PeerId>,
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Command>,
+    topics: HashMap<gossipsub::TopicHash, String>,
+    listen_tx: watch::Sender<Vec<Multiaddr>>,
+    bootstrap: Vec<Multiaddr>,
+    connected: HashMap<PeerId, Multiaddr>,
+}
+
+enum Flow {
+    Continue,
+    Stop(Option<oneshot::Sender<()>>),
+}
+
+impl Actor {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut redial = tokio::time::interval(Duration::from_secs(3));
+        redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stop_reply = loop {
+            tokio::select! {
+                biased;
+                cmd = self.rx.recv() => {
+                    let Some(cmd) = cmd else { break None };
+                    if let Flow::Stop(reply) = self.on_command(cmd) {
+                        break reply;
+                    }
+                }
+                ev = self.swarm.select_next_some() => {
+                    if let Flow::Stop(reply) = self.on_swarm_event(ev) {
+                        break reply;
+                    }
+                }
+                _ = tick.tick() => {
+                    let actions = self.engine.tick(now_ms());
+                    if let Flow::Stop(reply) = self.execute(actions) {
+                        break reply;
+                    }
+                }
+                _ = redial.tick() => self.redial_bootstrap(),
+            }
+        };
+        info!("node stopping");
+        // Drop the swarm (closing connections) and the receiver before answering, so the
+        // caller of shutdown() sees a node that is really gone.
+        let Actor { swarm, rx, .. } = self;
+        drop(swarm);
+        drop(rx);
+        if let Some(reply) = stop_reply {
+            let _ = reply.send(());
+        }
+    }
+
+    fn redial_bootstrap(&mut self) {
+        for addr in &self.bootstrap {
+            if !self.connected.values().any(|a| a == addr) {
+                let _ = self.swarm.dial(addr.clone());
+            }
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) -> Flow {
+        match cmd {
+            Command::Write { ns, ops, reply } => {
+                let mut writes = vec![(ns, ops, reply)];
+                // Group commit: take whatever else is already queued.
+                while writes.len() < GROUP_COMMIT_MAX {
+                    match self.rx.try_recv() {
+                        Ok(Command::Write { ns, ops, reply }) => writes.push((ns, ops, reply)),
+                        Ok(other) => {
+                            let flow = self.commit_writes(std::mem::take(&mut writes));
+                            if let Flow::Stop(r) = flow {
+                                return Flow::Stop(r);
+                            }
+                            return self.on_command(other);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                self.commit_writes(writes)
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+                Flow::Continue
+            }
+            Command::Shutdown { reply } => Flow::Stop(Some(reply)),
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn commit_writes(
+        &mut self,
+        writes: Vec<(
+            String,
+            Vec<Op>,
+            oneshot::Sender<Result<WriteReceipt, NodeError>>,
+        )>,
+    ) -> Flow {
+        let now = now_ms();
+        let mut actions = Vec::new();
+        let mut replies = Vec::new();
+        for (ns, ops, reply) in writes {
+            if !self.engine.has_namespace(&ns) {
+                let _ = reply.send(Err(NodeError::UnknownNamespace(ns)));
+                continue;
+            }
+            let n_ops = ops.len();
+            match self.engine.write(&ns, &self.shared.keypair, ops, now) {
+                Ok((vb, acts)) => {
+                    actions.extend(acts);
+                    replies.push((
+                        reply,
+                        WriteReceipt {
+                            batch: vb.id.to_hex(),
+                            seq: vb.header.seq,
+                            ops: n_ops,
+                        },
+                    ));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(NodeError::Invalid(e.to_string())));
+                }
+            }
+        }
+        let m = &self.shared.metrics;
+        m.local_batches
+            .fetch_add(replies.len() as u64, Ordering::Relaxed);
+        m.local_ops.fetch_add(
+            replies.iter().map(|(_, r)| r.ops as u64).sum(),
+            Ordering::Relaxed,
+        );
+        let flow = self.execute(actions);
+        for (reply, receipt) in replies {
+            let res = match flow {
+                Flow::Continue => Ok(receipt),
+                Flow::Stop(_) => Err(NodeError::Stopped),
+            };
+            let _ = reply.send(res);
+        }
+        flow
+    }
+
+    /// Carries out engine actions: stores first (one durable transaction), then the rest.
+    fn execute(&mut self, actions: Vec<Action<PeerId>>) -> Flow {
+        let mut to_store: Vec<VerifiedBatch> = Vec::new();
+        let mut rest = Vec::new();
+        for a in actions {
+            match a {
+                Action::Store(vb) => to_store.push(vb),
+                other => rest.push(other),
+            }
+        }
+        if !to_store.is_empty() {
+            let me = *self.shared.keypair.public().as_bytes();
+            let remote = to_store.iter().filter(|b| b.header.author != me).count() as u64;
+            match self.shared.store.write_batches(&to_store) {
+                Ok(changes) => {
+                    let m = &self.shared.metrics;
+                    m.commits.fetch_add(1, Ordering::Relaxed);
+                    m.remote_batches.fetch_add(remote, Ordering::Relaxed);
+                    for c in changes {
+                        let _ = self.shared.changes.send(c);
+                    }
+                }
+                Err(e) => {
+                    // The engine already counts these batches as held; continuing would let
+                    // memory and disk disagree. Stop: a restart reloads the truth from disk.
+                    tracing::error!("storing batches failed, stopping the node: {e}");
+                    return Flow::Stop(None);
+                }
+            }
+        }
+        for a in rest {
+            match a {
+                Action::Store(_) => unreachable!("partitioned above"),
+                Action::Send { peer, msg } => {
+                    self.swarm.behaviour_mut().sync.send_request(&peer, msg);
+                }
+                Action::Publish { ns, bytes, .. } => {
+                    let topic = net::topic(&ns);
+                    match self.swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
+                        Ok(_) => {}
+                        // Nobody to tell yet: peers catch up through anti-entropy.
+                        Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+                        Err(e) => debug!("publish: {e}"),
+                    }
+                }
+                Action::Serve {
+                    peer,
+                    ns,
+                    author,
+                    from_seq,
+                    limit,
+                } => {
+                    match self.shared.store.chain_range(
+                        &ns,
+                        &author,
+                        from_seq,
+                        limit,
+                        SERVE_MAX_BYTES,
+                    ) {
+                        Ok(batches) => {
+                            let msg = SyncMessage::Batches {
+                                ns,
+                                author,
+                                batches: batches
+                                    .into_iter()
+                                    .map(serde_bytes::ByteBuf::from)
+                                    .collect(),
+                            };
+                            self.swarm.behaviour_mut().sync.send_request(&peer, msg);
+                        }
+                        Err(e) => warn!("serving fetch: {e}"),
+                    }
+                }
+                Action::Reject { peer, reason } => self.drop_peer(peer, &reason),
+            }
+        }
+        Flow::Continue
+    }
+
+    fn drop_peer(&mut self, peer: PeerId, reason: &str) {
+        warn!(%peer, "dropping peer: {reason}");
+        let m = &self.shared.metrics;
+        m.rejected.fetch_add(1, Ordering::Relaxed);
+        m.peers_dropped.fetch_add(1, Ordering::Relaxed);
+        let _ = self.swarm.disconnect_peer_id(peer);
+    }
+
+    fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) -> Flow {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                self.listen_tx.send_modify(|v| {
+                    if !v.contains(&address) {
+                        v.push(address.clone())
+                    }
+                });
+                Flow::Continue
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let addr = endpoint.get_remote_address().clone();
+                let dialed = match &endpoint {
+                    libp2p::core::ConnectedPoint::Dialer { address, .. } => Some(address.clone()),
+                    _ => None,
+                };
+                self.connected
+                    .entry(peer_id)
+                    .or_insert_with(|| dialed.unwrap_or(addr));
+                if num_established.get() == 1 {
+                    debug!(%peer_id, "peer up");
+                    let actions = self.engine.peer_up(peer_id, now_ms());
+                    return self.execute(actions);
+                }
+                Flow::Continue
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established,
+                ..
+            } => {
+                if num_established == 0 {
+                    debug!(%peer_id, "peer down");
+                    self.connected.remove(&peer_id);
+                    let actions = self.engine.peer_down(&peer_id, now_ms());
+                    return self.execute(actions);
+                }
+                Flow::Continue
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(ev)) => self.on_gossip(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.on_sync(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+                Flow::Continue
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                if info.protocol_version != net::IDENTIFY_PROTOCOL {
+                    debug!(%peer_id, version = %info.protocol_version, "peer speaks another protocol");
+                }
+                Flow::Continue
+            }
+            _ => Flow::Continue,
+        }
+    }
+
+    fn on_gossip(&mut self, ev: gossipsub::Event) -> Flow {
+        let gossipsub::Event::Message {
+            propagation_source,
+            message_id,
+            message,
+        } = ev
+        else {
+            return Flow::Continue;
+        };
+        let Some(ns) = self.topics.get(&message.topic).cloned() else {
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .gossipsub
+                .report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    gossipsub::MessageAcceptance::Ignore,
+                );
+            return Flow::Continue;
+        };
+        let (verdict, actions) =
+            self.engine
+                .handle_gossip(propagation_source, &ns, message.data, now_ms());
+        let acceptance = match &verdict {
+            GossipVerdict::Accept => gossipsub::MessageAcceptance::Accept,
+            GossipVerdict::Ignore => {
+                self.shared
+                    .metrics
+                    .duplicates
+                    .fetch_add(1, Ordering::Relaxed);
+                gossipsub::MessageAcceptance::Ignore
+            }
+            GossipVerdict::Reject(_) => gossipsub::MessageAcceptance::Reject,
+        };
+        // Store before relaying: a batch is passed on only once it is durable here.
+        let flow = self.execute(actions);
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(&message_id, &propagation_source, acceptance);
+        if let GossipVerdict::Reject(reason) = verdict {
+            self.drop_peer(
+                propagation_source,
+                &format!("invalid gossiped batch: {reason}"),
+            );
+        }
+        flow
+    }
+
+    fn on_sync(&mut self, ev: request_response::Event<SyncMessage, Ack>) -> Flow {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .sync
+                        .send_response(channel, Ack {});
+                    let actions = self.engine.handle_message(peer, request, now_ms());
+                    self.execute(actions)
+                }
+                request_response::Message::Response { .. } => Flow::Continue,
+            },
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                // A request we could not decode (malformed or oversized) is the peer's fault.
+                if matches!(error, request_response::InboundFailure::Io(_)) {
+                    self.drop_peer(peer, &format!("malformed sync request: {error}"));
+                }
+                Flow::Continue
+            }
+            request_response::Event::OutboundFailure { peer, error, .. } => {
+                debug!(%peer, "sync request failed: {error}");
+                Flow::Continue
+            }
+            request_response::Event::ResponseSent { .. } => Flow::Continue,
+        }
+    }
+
+    fn status(&self) -> Status {
+        let me = self.shared.keypair.public();
+        let mut peers: Vec<PeerStatus> = self
+            .connected
+            .iter()
+            .map(|(p, addr)| PeerStatus {
+                peer_id: p.to_string(),
+                did: PublicKey::from_peer_id(p).ok().map(|k| k.to_did()),
+                address: addr.to_string(),
+                transport: transport_of(addr),
+                security: "tls1.3".into(),
+            })
+            .collect();
+        peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        let namespaces = self
+            .engine
+            .namespaces()
+            .map(|ns| NamespaceStatus {
+                name: ns.to_string(),
+                heads: self
+                    .engine
+                    .vector(ns)
+                    .into_iter()
+                    .map(|(a, seq)| {
+                        let did = PublicKey::from_bytes(&a)
+                            .map(|k| k.to_did())
+                            .unwrap_or_default();
+                        (did, seq)
+                    })
+                    .collect(),
+            })
+            .collect();
+        Status {
+            did: me.to_did(),
+            peer_id: me.to_peer_id().to_string(),
+            listen_addrs: self
+                .listen_tx
+                .borrow()
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
+            peers,
+            namespaces,
+        }
+    }
+}
+
+fn transport_of(addr: &Multiaddr) -> String {
+    use libp2p::multiaddr::Protocol;
+    for p in addr.iter() {
+        match p {
+            Protocol::Tcp(_) => return "tcp".into(),
+            Protocol::QuicV1 => return "quic".into(),
+            Protocol::Memory(_) => return "memory".into(),
+            _ => {}
+        }
+    }
+    "unknown".into()
+}

@@ -1,0 +1,523 @@
+//! The redb store: the change log (the truth) and the records derived from it.
+//!
+//! Tables (names carry a version; see `docs/design.md` for the byte layout):
+//! - [`BATCHES`]: batch id (32 bytes) → envelope bytes, exactly as signed and received.
+//! - [`CHAINS`]: `ns_len:u8 ns author:32 seq:u64be` → batch id. Each author's chain per
+//!   namespace, contiguous from seq 1 (the engine stores only the next link).
+//! - [`RECORDS`]: `ns_len:u8 ns coll_len:u8 coll key` → CBOR [`RecordState`]. Derived: the join
+//!   of every op in the log; [`Store::rebuild_records`] recomputes it from the log.
+//! - [`META`]: string → bytes (`schema` = format version).
+//!
+//! Every write is one redb transaction with immediate durability: a batch and the records it
+//! changes become durable together, or not at all.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use blazedb_protocol::batch::{BatchHeader, Envelope};
+use blazedb_protocol::{BatchId, Hlc, RecordState, VerifiedBatch};
+
+/// Batch id (32 bytes) → envelope bytes.
+pub const BATCHES: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("batches-v1");
+/// `ns_len:u8 ns author:32 seq:u64be` → batch id (32 bytes).
+pub const CHAINS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("chains-v1");
+/// `ns_len:u8 ns coll_len:u8 coll key` → CBOR `RecordState`.
+pub const RECORDS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("records-v1");
+/// Metadata: `schema` → format version.
+pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta-v1");
+
+/// Store format version written in [`META`].
+pub const SCHEMA_VERSION: &[u8] = b"1";
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// redb failed (I/O, corruption, ...).
+    #[error("storage: {0}")]
+    Redb(#[from] redb::Error),
+    /// The file holds data we cannot read.
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
+}
+
+macro_rules! redb_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Redb(e.into())
+            }
+        }
+    )*};
+}
+redb_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// One record changed by a stored batch (for subscribers).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Change {
+    /// Namespace.
+    pub ns: String,
+    /// Collection.
+    pub collection: String,
+    /// Record key.
+    pub key: String,
+    /// The record's visible fields after the change; `None` if it is now deleted.
+    pub fields: Option<serde_json::Map<String, serde_json::Value>>,
+    /// did:key of the batch author.
+    pub author: String,
+    /// Batch id (hex).
+    pub batch: String,
+}
+
+/// A chain head found in the store at start-up.
+#[derive(Clone, Debug)]
+pub struct StoredHead {
+    /// Namespace.
+    pub ns: String,
+    /// Author key.
+    pub author: [u8; 32],
+    /// Highest seq.
+    pub seq: u64,
+    /// Id of that batch.
+    pub id: BatchId,
+    /// Its last timestamp.
+    pub hlc_max: Hlc,
+}
+
+/// The node's durable state.
+pub struct Store {
+    db: Database,
+}
+
+fn chain_prefix(ns: &str, author: &[u8; 32]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + ns.len() + 32 + 8);
+    k.push(ns.len() as u8);
+    k.extend_from_slice(ns.as_bytes());
+    k.extend_from_slice(author);
+    k
+}
+
+fn chain_key(ns: &str, author: &[u8; 32], seq: u64) -> Vec<u8> {
+    let mut k = chain_prefix(ns, author);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn parse_chain_key(k: &[u8]) -> Option<(String, [u8; 32], u64)> {
+    let (&n, rest) = k.split_first()?;
+    let n = n as usize;
+    if rest.len() != n + 32 + 8 {
+        return None;
+    }
+    let ns = std::str::from_utf8(&rest[..n]).ok()?.to_string();
+    let author: [u8; 32] = rest[n..n + 32].try_into().ok()?;
+    let seq = u64::from_be_bytes(rest[n + 32..].try_into().ok()?);
+    Some((ns, author, seq))
+}
+
+fn collection_prefix(ns: &str, collection: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + ns.len() + collection.len() + 32);
+    k.push(ns.len() as u8);
+    k.extend_from_slice(ns.as_bytes());
+    k.push(collection.len() as u8);
+    k.extend_from_slice(collection.as_bytes());
+    k
+}
+
+fn record_key(ns: &str, collection: &str, key: &str) -> Vec<u8> {
+    let mut k = collection_prefix(ns, collection);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+/// The smallest byte string greater than every string starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+fn decode_state(bytes: &[u8]) -> Result<RecordState, StoreError> {
+    ciborium::from_reader(bytes).map_err(|e| StoreError::Corrupt(format!("record state: {e}")))
+}
+
+fn encode_state(state: &RecordState) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(state, &mut out).expect("serializing to a Vec cannot fail");
+    out
+}
+
+/// Decodes the header of stored envelope bytes (already verified when stored).
+pub fn stored_header(bytes: &[u8]) -> Result<BatchHeader, StoreError> {
+    let env = Envelope::parse(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    ciborium::from_reader(env.header).map_err(|e| StoreError::Corrupt(format!("header: {e}")))
+}
+
+impl Store {
+    /// Opens (or creates) the store file.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let existing = meta.get("schema")?.map(|v| v.value().to_vec());
+            match existing {
+                None => {
+                    meta.insert("schema", SCHEMA_VERSION)?;
+                }
+                Some(v) if v == SCHEMA_VERSION => {}
+                Some(v) => {
+                    return Err(StoreError::Corrupt(format!(
+                        "store schema {:?} is not the supported {:?}",
+                        String::from_utf8_lossy(&v),
+                        String::from_utf8_lossy(SCHEMA_VERSION)
+                    )))
+                }
+            }
+            txn.open_table(BATCHES)?;
+            txn.open_table(CHAINS)?;
+            txn.open_table(RECORDS)?;
+        }
+        txn.commit()?;
+        Ok(Self { db })
+    }
+
+    /// The head of every author chain in every namespace.
+    pub fn heads(&self) -> Result<Vec<StoredHead>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let chains = txn.open_table(CHAINS)?;
+        let batches = txn.open_table(BATCHES)?;
+        let mut heads: Vec<StoredHead> = Vec::new();
+        for entry in chains.iter()? {
+            let (k, v) = entry?;
+            let (ns, author, seq) = parse_chain_key(k.value())
+                .ok_or_else(|| StoreError::Corrupt("chain key".into()))?;
+            let id = BatchId(
+                v.value()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("chain value".into()))?,
+            );
+            // Keys sort by (ns, author, seq): the last entry of each run is its head.
+            match heads.last_mut() {
+                Some(h) if h.ns == ns && h.author == author => {
+                    h.seq = seq;
+                    h.id = id;
+                }
+                _ => heads.push(StoredHead {
+                    ns,
+                    author,
+                    seq,
+                    id,
+                    hlc_max: Hlc::ZERO,
+                }),
+            }
+        }
+        for h in &mut heads {
+            let bytes = batches
+                .get(&h.id.0[..])?
+                .ok_or_else(|| StoreError::Corrupt(format!("missing batch {}", h.id)))?;
+            h.hlc_max = stored_header(bytes.value())?.hlc_max;
+        }
+        Ok(heads)
+    }
+
+    /// Durably stores verified, chain-checked batches and applies their ops to the records,
+    /// in one transaction. Returns the record changes.
+    pub fn write_batches(&self, batches: &[VerifiedBatch]) -> Result<Vec<Change>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut changes = Vec::new();
+        {
+            let mut batch_t = txn.open_table(BATCHES)?;
+            let mut chain_t = txn.open_table(CHAINS)?;
+            let mut records = txn.open_table(RECORDS)?;
+            for vb in batches {
+                let ns = &vb.header.ns;
+                batch_t.insert(&vb.id.0[..], vb.bytes.as_slice())?;
+                chain_t.insert(
+                    chain_key(ns, &vb.header.author, vb.header.seq).as_slice(),
+                    &vb.id.0[..],
+                )?;
+                let author_did = vb.author.to_did();
+                let batch_hex = vb.id.to_hex();
+                for op in &vb.ops {
+                    let rk = record_key(ns, op.collection(), op.key());
+                    let mut state = match records.get(rk.as_slice())? {
+                        Some(v) => decode_state(v.value())?,
+                        None => RecordState::default(),
+                    };
+                    state.apply(op, vb.header.author);
+                    records.insert(rk.as_slice(), encode_state(&state).as_slice())?;
+                    changes.push(Change {
+                        ns: ns.clone(),
+                        collection: op.collection().to_string(),
+                        key: op.key().to_string(),
+                        fields: state.visible(),
+                        author: author_did.clone(),
+                        batch: batch_hex.clone(),
+                    });
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(changes)
+    }
+
+    /// A record's visible fields, or `None` if it does not exist.
+    pub fn get(
+        &self,
+        ns: &str,
+        collection: &str,
+        key: &str,
+    ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let records = txn.open_table(RECORDS)?;
+        let Some(v) = records.get(record_key(ns, collection, key).as_slice())? else {
+            return Ok(None);
+        };
+        Ok(decode_state(v.value())?.visible())
+    }
+
+    /// Existing records of a collection whose key starts with `prefix`, in key order, at most
+    /// `limit`.
+    pub fn list(
+        &self,
+        ns: &str,
+        collection: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, serde_json::Map<String, serde_json::Value>)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let records = txn.open_table(RECORDS)?;
+        let coll = collection_prefix(ns, collection);
+        let mut start = coll.clone();
+        start.extend_from_slice(prefix.as_bytes());
+        let end = prefix_end(&start);
+        let range = match &end {
+            Some(end) => records.range(start.as_slice()..end.as_slice())?,
+            None => records.range(start.as_slice()..)?,
+        };
+        let mut out = Vec::new();
+        for entry in range {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = entry?;
+            let key = std::str::from_utf8(&k.value()[coll.len()..])
+                .map_err(|_| StoreError::Corrupt("record key".into()))?
+                .to_string();
+            if let Some(fields) = decode_state(v.value())?.visible() {
+                out.push((key, fields));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Envelope bytes of `author`'s batches from `from_seq`, at most `limit` and about
+    /// `max_bytes` (always at least one if there is one).
+    pub fn chain_range(
+        &self,
+        ns: &str,
+        author: &[u8; 32],
+        from_seq: u64,
+        limit: u32,
+        max_bytes: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let chains = txn.open_table(CHAINS)?;
+        let batches = txn.open_table(BATCHES)?;
+        let start = chain_key(ns, author, from_seq);
+        let end = chain_key(ns, author, u64::MAX);
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for entry in chains.range(start.as_slice()..=end.as_slice())? {
+            if out.len() as u32 >= limit {
+                break;
+            }
+            let (_, id) = entry?;
+            let b = batches
+                .get(id.value())?
+                .ok_or_else(|| StoreError::Corrupt("chain names a missing batch".into()))?;
+            let b = b.value().to_vec();
+            if !out.is_empty() && bytes + b.len() > max_bytes {
+                break;
+            }
+            bytes += b.len();
+            out.push(b);
+        }
+        Ok(out)
+    }
+
+    /// Counts: (batches, records).
+    pub fn counts(&self) -> Result<(u64, u64), StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok((
+            txn.open_table(BATCHES)?.len()?,
+            txn.open_table(RECORDS)?.len()?,
+        ))
+    }
+
+    /// Verifies the whole log: every batch re-verified (hash, signature, ops), every chain
+    /// contiguous from 1 with matching `prev` links. Returns the number of batches checked.
+    pub fn check(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let chains = txn.open_table(CHAINS)?;
+        let batches = txn.open_table(BATCHES)?;
+        let mut prev: Option<(String, [u8; 32], u64, BatchId)> = None;
+        let mut n = 0u64;
+        for entry in chains.iter()? {
+            let (k, v) = entry?;
+            let (ns, author, seq) = parse_chain_key(k.value())
+                .ok_or_else(|| StoreError::Corrupt("chain key".into()))?;
+            let bytes = batches
+                .get(v.value())?
+                .ok_or_else(|| StoreError::Corrupt(format!("{ns}: missing batch at seq {seq}")))?
+                .value()
+                .to_vec();
+            let vb = blazedb_protocol::batch::verify(bytes)
+                .map_err(|e| StoreError::Corrupt(format!("{ns} seq {seq}: {e}")))?;
+            if vb.id.0 != v.value() || vb.header.ns != ns || vb.header.author != author {
+                return Err(StoreError::Corrupt(format!(
+                    "{ns} seq {seq}: batch/chain mismatch"
+                )));
+            }
+            let expected_prev = match &prev {
+                Some((pns, pa, pseq, pid)) if *pns == ns && *pa == author => {
+                    if *pseq + 1 != seq {
+                        return Err(StoreError::Corrupt(format!("{ns}: gap before seq {seq}")));
+                    }
+                    Some(*pid)
+                }
+                _ => {
+                    if seq != 1 {
+                        return Err(StoreError::Corrupt(format!("{ns}: chain starts at {seq}")));
+                    }
+                    None
+                }
+            };
+            if vb.header.prev != expected_prev || vb.header.seq != seq {
+                return Err(StoreError::Corrupt(format!(
+                    "{ns} seq {seq}: broken prev link"
+                )));
+            }
+            prev = Some((ns, author, seq, vb.id));
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Recomputes every record from the log (the log is the truth). Returns records written.
+    pub fn rebuild_records(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let n;
+        {
+            let mut records = txn.open_table(RECORDS)?;
+            records.retain(|_, _| false)?;
+            let chains = txn.open_table(CHAINS)?;
+            let batches = txn.open_table(BATCHES)?;
+            let mut states: std::collections::BTreeMap<Vec<u8>, RecordState> = Default::default();
+            for entry in chains.iter()? {
+                let (_, id) = entry?;
+                let bytes = batches
+                    .get(id.value())?
+                    .ok_or_else(|| StoreError::Corrupt("chain names a missing batch".into()))?
+                    .value()
+                    .to_vec();
+                let vb = blazedb_protocol::batch::verify(bytes)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                for op in &vb.ops {
+                    states
+                        .entry(record_key(&vb.header.ns, op.collection(), op.key()))
+                        .or_default()
+                        .apply(op, vb.header.author);
+                }
+            }
+            n = states.len() as u64;
+            for (k, s) in states {
+                records.insert(k.as_slice(), encode_state(&s).as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blazedb_identity::Keypair;
+    use blazedb_protocol::{Engine, EngineConfig, Op};
+
+    fn upsert(key: &str, v: i64) -> Op {
+        Op::Upsert {
+            collection: "c".into(),
+            key: key.into(),
+            hlc: Hlc::ZERO,
+            fields: [("v".to_string(), serde_json::json!(v))]
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn batches_persist_and_records_rebuild_identically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let kp = Keypair::generate();
+        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
+        engine.join("default");
+        let mut stored = Vec::new();
+        for i in 0..5 {
+            let (vb, _) = engine
+                .write(
+                    "default",
+                    &kp,
+                    vec![upsert("a", i), upsert(&format!("k{i}"), i)],
+                    1_000,
+                )
+                .unwrap();
+            stored.push(vb);
+        }
+        {
+            let store = Store::open(&path).unwrap();
+            let changes = store.write_batches(&stored).unwrap();
+            assert_eq!(changes.len(), 10);
+        }
+        let store = Store::open(&path).unwrap();
+        let heads = store.heads().unwrap();
+        assert_eq!(heads.len(), 1);
+        assert_eq!(heads[0].seq, 5);
+        assert_eq!(heads[0].id, stored[4].id);
+        assert_eq!(store.get("default", "c", "a").unwrap().unwrap()["v"], 4);
+        let before = store.list("default", "c", "", 100).unwrap();
+        assert_eq!(before.len(), 6);
+        assert_eq!(store.list("default", "c", "k", 100).unwrap().len(), 5);
+        assert_eq!(store.list("default", "c", "k", 2).unwrap().len(), 2);
+        assert_eq!(store.check().unwrap(), 5);
+        store.rebuild_records().unwrap();
+        assert_eq!(store.list("default", "c", "", 100).unwrap(), before);
+        let range = store
+            .chain_range("default", kp.public().as_bytes(), 2, 10, 1 << 20)
+            .unwrap();
+        assert_eq!(range.len(), 4);
+        assert_eq!(range[0], stored[1].bytes);
+    }
+
+    #[test]
+    fn prefix_end_is_exclusive_upper_bound() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff]), None);
+    }
+}
