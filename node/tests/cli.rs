@@ -1,0 +1,216 @@
+//! The built `blazedb` binary: two `blazedb node` processes with their own data directories
+//! and ports; a `PUT` on one appears on the other through its API; both stop cleanly on
+//! SIGTERM. Also the client subcommands against a running node.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_blazedb");
+
+struct Proc {
+    child: Child,
+    api: String,
+    p2p: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `blazedb node` on ephemeral ports and reads the bound addresses from its log.
+fn start(data: &std::path::Path, bootstrap: Option<&str>) -> Proc {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "node",
+        "--no-mdns",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--api",
+        "127.0.0.1:0",
+    ])
+    .arg("--data")
+    .arg(data)
+    .env("RUST_LOG", "info")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    if let Some(b) = bootstrap {
+        cmd.args(["--bootstrap", b]);
+    }
+    let mut child = cmd.spawn().expect("spawn blazedb node");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut api, mut p2p) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while api.is_none() || p2p.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("node did not report its addresses");
+        if let Some(rest) = line.split("HTTP API on http://").nth(1) {
+            api = Some(rest.trim().to_string());
+        }
+        if let Some(rest) = line.split("p2p listening on ").nth(1) {
+            p2p = Some(rest.trim().to_string());
+        }
+    }
+    // Keep draining the log so the child never blocks on a full pipe.
+    std::thread::spawn(move || while rx.recv().is_ok() {});
+    Proc {
+        child,
+        api: api.unwrap(),
+        p2p: p2p.unwrap(),
+    }
+}
+
+fn cli(api: &str, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .args(["--api", api])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn sigterm_and_wait(mut p: Proc) {
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(p.child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            assert!(st.success(), "node exited with {st} on SIGTERM");
+            return;
+        }
+        assert!(Instant::now() < deadline, "node did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn two_processes_replicate_through_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(&dir.path().join("a"), None);
+    let b = start(&dir.path().join("b"), Some(&a.p2p));
+
+    let out = cli(
+        &a.api,
+        &["put", "users", "ada", r#"{"name":"Ada","langs":["en"]}"#],
+    );
+    assert!(
+        out.status.success(),
+        "put failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let record = loop {
+        let out = cli(&b.api, &["get", "users", "ada"]);
+        if out.status.success() {
+            break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+        }
+        assert!(Instant::now() < deadline, "record never reached node B");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(record["fields"]["name"], "Ada");
+    assert_eq!(record["fields"]["langs"][0], "en");
+
+    // The other client subcommands, against B.
+    let out = cli(&b.api, &["ls", "users"]);
+    assert!(out.status.success());
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["records"][0]["key"], "ada");
+    let out = cli(&b.api, &["status"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(status["did"].as_str().unwrap().starts_with("did:key:z6Mk"));
+    assert_eq!(status["peers"].as_array().unwrap().len(), 1);
+    assert_eq!(status["peers"][0]["transport"], "tcp");
+    let out = cli(&b.api, &["del", "users", "ada"]);
+    assert!(out.status.success());
+    let out = cli(&b.api, &["get", "users", "ada"]);
+    assert!(!out.status.success(), "deleted record still readable");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such record"));
+
+    // Bad CLI input: a clear error, non-zero exit.
+    let out = cli(&a.api, &["put", "users", "x", "[1]"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("JSON object"));
+
+    sigterm_and_wait(b);
+    sigterm_and_wait(a);
+
+    // The stores are consistent after the shutdown.
+    for n in ["a", "b"] {
+        let out = Command::new(BIN)
+            .args(["check", "--data"])
+            .arg(dir.path().join(n))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "check {n}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn client_without_a_node_fails_clearly() {
+    // A port nobody listens on.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    drop(l);
+    let out = cli(&addr, &["status"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach a node"));
+}
+
+#[test]
+fn node_refuses_a_bad_key_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("node.key"), b"garbage").unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.path().join("node.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+    }
+    let out = Command::new(BIN)
+        .args([
+            "node",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--api",
+            "127.0.0.1:0",
+        ])
+        .arg("--data")
+        .arg(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("32-byte"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

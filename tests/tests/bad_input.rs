@@ -1,0 +1,380 @@
+//! Bad input, from HTTP clients and from peers: a clear error (HTTP 4xx with a JSON message,
+//! or the peer dropped), the node keeps serving, nothing stored changes.
+
+use std::time::Duration;
+
+use blazedb_identity::Keypair;
+use blazedb_node::{api, net, NodeHandle};
+use blazedb_protocol::batch::{self, ChainPosition};
+use blazedb_protocol::{Hlc, Op, SyncMessage};
+use blazedb_tests::{eventually, obj, snapshot, start_node, wait_peers};
+use futures::StreamExt;
+use libp2p::swarm::SwarmEvent;
+use serde_json::{json, Value};
+
+async fn serve_api(node: &NodeHandle) -> String {
+    let listener = api::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(api::serve(node.clone(), listener, std::future::pending()));
+    format!("http://{addr}")
+}
+
+async fn expect_error(resp: reqwest::Response, status: u16, code: &str) -> String {
+    assert_eq!(resp.status().as_u16(), status);
+    let v: Value = resp.json().await.expect("error body is JSON");
+    assert_eq!(v["error"]["code"], code, "{v}");
+    let msg = v["error"]["message"].as_str().expect("message").to_string();
+    assert!(!msg.is_empty());
+    msg
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_bad_input_gets_json_errors_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), &[]).await.unwrap();
+    let base = serve_api(&node).await;
+    let http = reqwest::Client::new();
+    let rec = format!("{base}/v1/ns/default/users/ada");
+    let ok = http
+        .put(&rec)
+        .body(r#"{"name":"Ada"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    let before = node.counts().unwrap();
+
+    let msg = expect_error(
+        http.put(&rec).body("{not json").send().await.unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    assert!(msg.contains("JSON"), "{msg}");
+    let msg = expect_error(
+        http.put(&rec).body("[1,2]").send().await.unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    assert!(msg.contains("object"), "{msg}");
+    expect_error(
+        http.put(&rec).body("\"str\"").send().await.unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    let huge = format!(r#"{{"f":"{}"}}"#, "x".repeat(api::MAX_BODY_BYTES + 10));
+    expect_error(
+        http.put(&rec).body(huge).send().await.unwrap(),
+        413,
+        "body_too_large",
+    )
+    .await;
+    let big_value = format!(r#"{{"f":"{}"}}"#, "x".repeat(100_000));
+    let msg = expect_error(
+        http.put(&rec).body(big_value).send().await.unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    assert!(msg.contains("exceeds"), "{msg}");
+    expect_error(
+        http.put(format!("{base}/v1/ns/nowhere/users/ada"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "unknown_namespace",
+    )
+    .await;
+    expect_error(
+        http.get(format!("{base}/v1/ns/nowhere/users/ada"))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "unknown_namespace",
+    )
+    .await;
+    let long_key = "k".repeat(300);
+    let msg = expect_error(
+        http.put(format!("{base}/v1/ns/default/users/{long_key}"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    assert!(msg.contains("key"), "{msg}");
+    expect_error(
+        http.put(format!("{base}/v1/ns/default/bad%20coll/k"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        http.put(format!("{base}/v1/ns/default/users/bad%0Akey"))
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    // Bulk endpoint: wrong shape, unknown op, too many ops; one bad op fails the whole call.
+    let ops = format!("{base}/v1/ns/default/ops");
+    expect_error(
+        http.post(&ops).body(r#"{"ops": 5}"#).send().await.unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        http.post(&ops)
+            .body(r#"{"ops":[{"op":"explode","collection":"c","key":"k"}]}"#)
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    let mixed = json!({"ops": [
+        {"op": "upsert", "collection": "users", "key": "fine", "fields": {"a": 1}},
+        {"op": "upsert", "collection": "users", "key": "", "fields": {"a": 1}},
+    ]});
+    expect_error(
+        http.post(&ops).json(&mixed).send().await.unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    let too_many: Vec<Value> = (0..10_001)
+        .map(|i| json!({"op": "delete", "collection": "c", "key": format!("k{i}")}))
+        .collect();
+    expect_error(
+        http.post(&ops)
+            .json(&json!({ "ops": too_many }))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        http.get(format!("{base}/v1/ns/default/users?limit=0"))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        http.get(format!("{base}/v1/ns/default/users?limit=abc"))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    expect_error(
+        http.get(format!("{base}/v2/nothing")).send().await.unwrap(),
+        404,
+        "not_found",
+    )
+    .await;
+
+    // Nothing stored changed, and the node still serves.
+    assert_eq!(node.counts().unwrap(), before);
+    assert!(node.get("default", "users", "fine").unwrap().is_none());
+    let got: Value = http.get(&rec).send().await.unwrap().json().await.unwrap();
+    assert_eq!(got["fields"]["name"], "Ada");
+    let good = json!({"ops": [
+        {"op": "upsert", "collection": "users", "key": "bob", "fields": {"n": 1}},
+        {"op": "add", "collection": "users", "key": "bob", "field": "n", "delta": 4},
+        {"op": "delete", "collection": "users", "key": "ada"},
+    ]});
+    let r = http.post(&ops).json(&good).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        node.get("default", "users", "bob").unwrap().unwrap()["n"],
+        5
+    );
+    assert!(node.get("default", "users", "ada").unwrap().is_none());
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("blazedb_local_batches_total 2"),
+        "{metrics}"
+    );
+    node.shutdown().await;
+}
+
+fn tampered_batch() -> Vec<u8> {
+    let kp = Keypair::generate();
+    let ops = vec![Op::Upsert {
+        collection: "evil".into(),
+        key: "k".into(),
+        hlc: Hlc::new(1_000, 0),
+        fields: [("x".to_string(), json!(1))].into_iter().collect(),
+    }];
+    let mut bytes = batch::seal(&kp, "default", ChainPosition { seq: 1, prev: None }, ops)
+        .unwrap()
+        .bytes;
+    let last = bytes.len() - 2;
+    bytes[last] ^= 0x55; // inside the payload: hash no longer matches
+    bytes
+}
+
+/// A peer that gossips a corrupted batch is dropped; nothing is stored; an honest peer keeps
+/// syncing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_gossip_drops_the_peer_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(&dir.path().join("n"), &[]).await.unwrap();
+    let honest = start_node(&dir.path().join("h"), &node.listen_addrs())
+        .await
+        .unwrap();
+    wait_peers(&node, 1).await;
+    honest
+        .put("default", "c", "before", obj(json!({"v": 1})))
+        .await
+        .unwrap();
+    eventually(
+        "honest write to arrive",
+        Duration::from_secs(20),
+        || async { node.get("default", "c", "before").ok()?.map(|_| ()) },
+    )
+    .await;
+    let before = node.counts().unwrap();
+
+    // The attacker: a real libp2p swarm with our behaviours, driven by hand.
+    let mut evil = net::build_swarm(Keypair::generate().to_libp2p(), false).unwrap();
+    let topic = net::topic("default");
+    evil.behaviour_mut().gossipsub.subscribe(&topic).unwrap();
+    evil.dial(node.listen_addrs()[0].clone()).unwrap();
+    let node_peer = node.peer_id();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut published = false;
+    let closed = loop {
+        let ev = tokio::time::timeout_at(deadline, evil.select_next_some())
+            .await
+            .expect("attacker was never disconnected");
+        match ev {
+            SwarmEvent::Behaviour(net::BehaviourEvent::Gossipsub(
+                libp2p::gossipsub::Event::Subscribed { peer_id, .. },
+            )) if peer_id == node_peer && !published => {
+                evil.behaviour_mut()
+                    .gossipsub
+                    .publish(topic.clone(), tampered_batch())
+                    .unwrap();
+                published = true;
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } if peer_id == node_peer && published => {
+                break true;
+            }
+            _ => {}
+        }
+    };
+    assert!(closed);
+    assert!(
+        node.metrics()
+            .rejected
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    assert_eq!(
+        node.counts().unwrap(),
+        before,
+        "a corrupted batch changed the store"
+    );
+    assert!(node.get("default", "evil", "k").unwrap().is_none());
+
+    // The honest peer is unaffected.
+    honest
+        .put("default", "c", "after", obj(json!({"v": 2})))
+        .await
+        .unwrap();
+    eventually(
+        "honest write after the attack",
+        Duration::from_secs(20),
+        || async { node.get("default", "c", "after").ok()?.map(|_| ()) },
+    )
+    .await;
+    assert_eq!(snapshot(&node, "c"), snapshot(&honest, "c"));
+    node.shutdown().await;
+    honest.shutdown().await;
+}
+
+/// A peer that answers over the sync protocol with a corrupted batch is dropped too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_sync_batch_drops_the_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), &[]).await.unwrap();
+    let before = node.counts().unwrap();
+    let mut evil = net::build_swarm(Keypair::generate().to_libp2p(), false).unwrap();
+    evil.dial(node.listen_addrs()[0].clone()).unwrap();
+    let node_peer = node.peer_id();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut sent = false;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, evil.select_next_some())
+            .await
+            .expect("attacker was never disconnected");
+        match ev {
+            SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == node_peer && !sent => {
+                let author = [0u8; 32];
+                let msg = SyncMessage::Batches {
+                    ns: "default".into(),
+                    author,
+                    batches: vec![serde_bytes::ByteBuf::from(tampered_batch())],
+                };
+                evil.behaviour_mut().sync.send_request(&node_peer, msg);
+                sent = true;
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } if peer_id == node_peer && sent => {
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        node.metrics()
+            .peers_dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    assert_eq!(node.counts().unwrap(), before);
+    // Still serving.
+    node.put("default", "c", "k", obj(json!({"ok": true})))
+        .await
+        .unwrap();
+    assert!(node.get("default", "c", "k").unwrap().is_some());
+    node.shutdown().await;
+}
