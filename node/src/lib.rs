@@ -23,4 +23,4 @@ pub mod store;
 pub use node::{
     Node, NodeBuilder, NodeConfig, NodeError, NodeHandle, Status, WriteReceipt, DEFAULT_NAMESPACE,
 };
-pub use store::Change;
+pub use store::{Change, Fields};

@@ -29,7 +29,7 @@ use blazedb_protocol::{
 };
 
 use crate::net::{self, Ack, Behaviour, BehaviourEvent};
-use crate::store::{Change, Store, StoreError};
+use crate::store::{Change, Fields, Store, StoreError};
 
 /// Capacity of the command channel into the actor.
 const COMMAND_CAP: usize = 256;
@@ -326,7 +326,7 @@ impl NodeHandle {
         ns: &str,
         collection: &str,
         key: &str,
-        fields: serde_json::Map<String, serde_json::Value>,
+        fields: Fields,
     ) -> Result<WriteReceipt, NodeError> {
         let op = Op::Upsert {
             collection: collection.to_string(),
@@ -353,12 +353,7 @@ impl NodeHandle {
     }
 
     /// Reads one record's visible fields.
-    pub fn get(
-        &self,
-        ns: &str,
-        collection: &str,
-        key: &str,
-    ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, NodeError> {
+    pub fn get(&self, ns: &str, collection: &str, key: &str) -> Result<Option<Fields>, NodeError> {
         self.check_ns(ns)?;
         blazedb_protocol::op::validate_collection(collection)
             .and_then(|_| blazedb_protocol::op::validate_key(key))
@@ -373,7 +368,7 @@ impl NodeHandle {
         collection: &str,
         prefix: &str,
         limit: usize,
-    ) -> Result<Vec<(String, serde_json::Map<String, serde_json::Value>)>, NodeError> {
+    ) -> Result<Vec<(String, Fields)>, NodeError> {
         self.check_ns(ns)?;
         blazedb_protocol::op::validate_collection(collection)
             .map_err(|e| NodeError::Invalid(e.to_string()))?;

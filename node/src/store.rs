@@ -59,6 +59,9 @@ redb_from!(
     redb::CommitError
 );
 
+/// A record's visible fields.
+pub type Fields = serde_json::Map<String, serde_json::Value>;
+
 /// One record changed by a stored batch (for subscribers).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Change {
@@ -69,7 +72,7 @@ pub struct Change {
     /// Record key.
     pub key: String,
     /// The record's visible fields after the change; `None` if it is now deleted.
-    pub fields: Option<serde_json::Map<String, serde_json::Value>>,
+    pub fields: Option<Fields>,
     /// did:key of the batch author.
     pub author: String,
     /// Batch id (hex).
@@ -275,12 +278,7 @@ impl Store {
     }
 
     /// A record's visible fields, or `None` if it does not exist.
-    pub fn get(
-        &self,
-        ns: &str,
-        collection: &str,
-        key: &str,
-    ) -> Result<Option<serde_json::Map<String, serde_json::Value>>, StoreError> {
+    pub fn get(&self, ns: &str, collection: &str, key: &str) -> Result<Option<Fields>, StoreError> {
         let txn = self.db.begin_read()?;
         let records = txn.open_table(RECORDS)?;
         let Some(v) = records.get(record_key(ns, collection, key).as_slice())? else {
@@ -297,7 +295,7 @@ impl Store {
         collection: &str,
         prefix: &str,
         limit: usize,
-    ) -> Result<Vec<(String, serde_json::Map<String, serde_json::Value>)>, StoreError> {
+    ) -> Result<Vec<(String, Fields)>, StoreError> {
         let txn = self.db.begin_read()?;
         let records = txn.open_table(RECORDS)?;
         let coll = collection_prefix(ns, collection);
