@@ -124,7 +124,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 r.what,
                 r.value,
                 r.unit,
-                r.ratio.map(|x| format!("{x:.2}x")).unwrap_or_default(),
+                r.ratio.map(|x| format!("{x:.3}x")).unwrap_or_default(),
                 r.baseline.clone().unwrap_or_default()
             );
         }
@@ -164,7 +164,7 @@ pub fn b1(runs: usize) -> Result<Vec<Row>> {
         for _ in 0..reps {
             std::hint::black_box(Envelope::parse(&sealed.bytes)?.id());
         }
-        id_r.push(n / t.elapsed().as_secs_f64());
+        id_r.push(reps as f64 / t.elapsed().as_secs_f64());
 
         let t = Instant::now();
         for _ in 0..reps {
@@ -207,7 +207,7 @@ pub fn b1(runs: usize) -> Result<Vec<Row>> {
             id: "B1",
             what: "batch id (envelope parse + blake3 of header)".into(),
             value: id,
-            unit: "ops/s",
+            unit: "ids/s",
             ratio: None,
             baseline: None,
         },
@@ -310,7 +310,7 @@ pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
     let tcp = raw_tcp_goodput_ops().await?;
     Ok(vec![Row {
         id: "B3",
-        what: format!("two nodes, loopback TLS, write at A until durable at B ({total_ops} ops)"),
+        what: format!("2 nodes loopback TLS, A write -> durable at B, {total_ops} ops"),
         value: rate,
         unit: "ops/s",
         ratio: Some(rate / tcp),
