@@ -1,1 +1,493 @@
-//! placeholder
+//! Link security for BlazeDB: libp2p's TLS 1.3 security upgrade, with the hybrid post-quantum
+//! key exchange **required**, not merely preferred.
+//!
+//! libp2p-tls (rustls + aws-lc-rs) offers X25519MLKEM768 first, but a peer that offers only
+//! classical X25519 still completes a handshake with it. [`PqTlsConfig`] is a drop-in
+//! replacement for `libp2p::tls::Config` that, after every handshake, reads the key-exchange
+//! group rustls negotiated and, under the default [`KxPolicy::Strict`], refuses the connection
+//! unless it is `X25519MLKEM768` — on both the dialing and the listening side. The negotiated
+//! group of every accepted link is recorded in a [`LinkRegistry`] so the node can show it.
+//!
+//! It also never writes TLS secrets to a key-log file (libp2p-tls would, when
+//! `SSLKEYLOGFILE` is set).
+//!
+//! No other security protocol should be offered next to this one: protocol negotiation
+//! (multistream-select) is unauthenticated, so offering Noise as well would let an active
+//! attacker push both sides to it.
+//!
+//! This crate never touches storage.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use futures::{AsyncRead, AsyncWrite, FutureExt};
+use futures_rustls::TlsStream;
+use libp2p::core::upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade};
+use libp2p::core::UpgradeInfo;
+use libp2p::identity::{Keypair, PeerId};
+use rustls::pki_types::ServerName;
+use rustls::{CommonState, NamedGroup};
+
+/// The name BlazeDB requires and reports for the hybrid group.
+pub const HYBRID_GROUP: &str = "X25519MLKEM768";
+
+/// Which key exchanges a link may use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KxPolicy {
+    /// Only the hybrid X25519MLKEM768 group; anything else is refused on both ends.
+    #[default]
+    Strict,
+    /// Prefer the hybrid group but accept classical X25519 (logged as a warning per link).
+    /// For interoperating with peers that cannot do post-quantum yet; off by default.
+    Compat,
+}
+
+impl std::str::FromStr for KxPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "strict" => Ok(KxPolicy::Strict),
+            "compat" => Ok(KxPolicy::Compat),
+            other => Err(format!(
+                "unknown policy {other:?} (expected strict or compat)"
+            )),
+        }
+    }
+}
+
+/// What was negotiated on an accepted link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// Key-exchange group, e.g. `X25519MLKEM768`.
+    pub key_exchange: String,
+    /// TLS version, e.g. `TLSv1_3`.
+    pub protocol: String,
+    /// Cipher suite.
+    pub cipher_suite: String,
+}
+
+/// Negotiated parameters of the latest link with each peer. Shared between the security
+/// upgrade (which writes) and the node (which reads, and forgets peers that disconnect).
+#[derive(Clone, Debug, Default)]
+pub struct LinkRegistry {
+    inner: Arc<Mutex<HashMap<PeerId, LinkInfo>>>,
+}
+
+impl LinkRegistry {
+    /// Link parameters of `peer`, if connected through a [`PqTlsConfig`].
+    pub fn get(&self, peer: &PeerId) -> Option<LinkInfo> {
+        self.inner.lock().ok()?.get(peer).cloned()
+    }
+
+    /// Forgets `peer` (call when its last connection closes).
+    pub fn remove(&self, peer: &PeerId) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.remove(peer);
+        }
+    }
+
+    fn record(&self, peer: PeerId, info: LinkInfo) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.insert(peer, info);
+        }
+    }
+}
+
+/// Errors of the security upgrade.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// Our certificate could not be generated.
+    #[error("generating the TLS certificate: {0}")]
+    Certificate(#[from] libp2p::tls::certificate::GenError),
+    /// The TLS handshake failed.
+    #[error("TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
+    /// The peer's certificate is not a valid libp2p certificate.
+    #[error("bad peer certificate: {0}")]
+    BadCertificate(String),
+    /// The handshake completed with a key exchange the policy does not allow.
+    #[error("refusing link: key exchange {got} is not {HYBRID_GROUP} (policy: strict)")]
+    ClassicalKeyExchange {
+        /// The group that was negotiated.
+        got: String,
+    },
+}
+
+/// libp2p TLS 1.3 security upgrade that enforces a [`KxPolicy`].
+#[derive(Clone)]
+pub struct PqTlsConfig {
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+    policy: KxPolicy,
+    registry: LinkRegistry,
+}
+
+impl PqTlsConfig {
+    /// A config for `keypair` under `policy`, recording links in `registry`.
+    pub fn new(
+        keypair: &Keypair,
+        policy: KxPolicy,
+        registry: LinkRegistry,
+    ) -> Result<Self, LinkError> {
+        let mut server = libp2p::tls::make_server_config(keypair)?;
+        let mut client = libp2p::tls::make_client_config(keypair, None)?;
+        server.key_log = Arc::new(rustls::NoKeyLog);
+        client.key_log = Arc::new(rustls::NoKeyLog);
+        debug_assert_eq!(
+            client.crypto_provider().kx_groups.first().map(|g| g.name()),
+            Some(NamedGroup::X25519MLKEM768),
+            "libp2p-tls should offer the hybrid group first"
+        );
+        Ok(Self {
+            server: Arc::new(server),
+            client: Arc::new(client),
+            policy,
+            registry,
+        })
+    }
+
+    /// A peer that offers **only** classical X25519, as an old or downgrading peer would,
+    /// as dialer and as listener. For tests and interoperability checks; never used by a node.
+    pub fn classical_only(keypair: &Keypair) -> Result<Self, LinkError> {
+        let registry = LinkRegistry::default();
+        let (cert, key) = libp2p::tls::certificate::generate(keypair)?;
+        let provider = || {
+            let mut p = rustls::crypto::aws_lc_rs::default_provider();
+            p.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+            Arc::new(p)
+        };
+        let err = |e: rustls::Error| LinkError::BadCertificate(e.to_string());
+        let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key).map_err(err)?;
+        let fixed = Arc::new(FixedCert(Arc::new(rustls::sign::CertifiedKey::new(
+            vec![cert],
+            signer,
+        ))));
+        let mut client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(err)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny))
+            .with_client_cert_resolver(fixed.clone());
+        client.alpn_protocols = vec![b"libp2p".to_vec()];
+        let mut server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(err)?
+            .with_client_cert_verifier(Arc::new(AcceptAny))
+            .with_cert_resolver(fixed);
+        server.alpn_protocols = vec![b"libp2p".to_vec()];
+        Ok(Self {
+            server: Arc::new(server),
+            client: Arc::new(client),
+            policy: KxPolicy::Compat,
+            registry,
+        })
+    }
+
+    /// The registry this config records links in.
+    pub fn registry(&self) -> &LinkRegistry {
+        &self.registry
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> KxPolicy {
+        self.policy
+    }
+
+    fn check(&self, state: &CommonState) -> Result<(PeerId, LinkInfo), LinkError> {
+        let Some([cert]) = state.peer_certificates() else {
+            return Err(LinkError::BadCertificate(
+                "expected exactly one certificate".into(),
+            ));
+        };
+        let peer = libp2p::tls::certificate::parse(cert)
+            .map_err(|e| LinkError::BadCertificate(e.to_string()))?
+            .peer_id();
+        let group = state.negotiated_key_exchange_group().map(|g| g.name());
+        let key_exchange = match group {
+            Some(NamedGroup::X25519MLKEM768) => HYBRID_GROUP.to_string(),
+            Some(other) => format!("{other:?}"),
+            None => "none".to_string(),
+        };
+        if group != Some(NamedGroup::X25519MLKEM768) {
+            match self.policy {
+                KxPolicy::Strict => {
+                    return Err(LinkError::ClassicalKeyExchange { got: key_exchange })
+                }
+                KxPolicy::Compat => tracing::warn!(
+                    %peer,
+                    key_exchange = %key_exchange,
+                    "CLASSICAL key exchange accepted (pq-policy=compat): this link is not post-quantum secure"
+                ),
+            }
+        }
+        let info = LinkInfo {
+            key_exchange,
+            protocol: state
+                .protocol_version()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default(),
+            cipher_suite: state
+                .negotiated_cipher_suite()
+                .map(|c| format!("{:?}", c.suite()))
+                .unwrap_or_default(),
+        };
+        Ok((peer, info))
+    }
+}
+
+impl UpgradeInfo for PqTlsConfig {
+    type Info = &'static str;
+    type InfoIter = std::iter::Once<Self::Info>;
+
+    fn protocol_info(&self) -> Self::InfoIter {
+        std::iter::once("/tls/1.0.0")
+    }
+}
+
+impl<C> InboundConnectionUpgrade<C> for PqTlsConfig
+where
+    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    type Output = (PeerId, TlsStream<C>);
+    type Error = LinkError;
+    type Future = BoxFuture<'static, Result<Self::Output, Self::Error>>;
+
+    fn upgrade_inbound(self, socket: C, _: Self::Info) -> Self::Future {
+        async move {
+            let stream = futures_rustls::TlsAcceptor::from(self.server.clone())
+                .accept(socket)
+                .await
+                .map_err(LinkError::Handshake)?;
+            let (peer, info) = self.check(stream.get_ref().1)?;
+            self.registry.record(peer, info);
+            Ok((peer, stream.into()))
+        }
+        .boxed()
+    }
+}
+
+impl<C> OutboundConnectionUpgrade<C> for PqTlsConfig
+where
+    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    type Output = (PeerId, TlsStream<C>);
+    type Error = LinkError;
+    type Future = BoxFuture<'static, Result<Self::Output, Self::Error>>;
+
+    fn upgrade_outbound(self, socket: C, _: Self::Info) -> Self::Future {
+        async move {
+            // libp2p TLS spec: no SNI (an unspecified address disables it).
+            let name = ServerName::IpAddress(rustls::pki_types::IpAddr::from(IpAddr::V4(
+                Ipv4Addr::UNSPECIFIED,
+            )));
+            let stream = futures_rustls::TlsConnector::from(self.client.clone())
+                .connect(name, socket)
+                .await
+                .map_err(LinkError::Handshake)?;
+            let (peer, info) = self.check(stream.get_ref().1)?;
+            self.registry.record(peer, info);
+            Ok((peer, stream.into()))
+        }
+        .boxed()
+    }
+}
+
+/// The classical test peer's one certificate (libp2p's self-signed certificate with its
+/// critical extension, which rustls' own certificate loading would refuse).
+#[derive(Debug)]
+struct FixedCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for FixedCert {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl rustls::server::ResolvesServerCert for FixedCert {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// Certificate verifier of the classical test peer: accepts any certificate (that peer exists
+/// to be refused, not to authenticate anyone).
+#[derive(Debug)]
+struct AcceptAny;
+
+fn schemes() -> Vec<rustls::SignatureScheme> {
+    vec![
+        rustls::SignatureScheme::ED25519,
+        rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+        rustls::SignatureScheme::ECDSA_NISTP384_SHA384,
+        rustls::SignatureScheme::RSA_PSS_SHA256,
+    ]
+}
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        schemes()
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for AcceptAny {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libp2p::tcp::tokio::TcpStream;
+
+    type Peer = Result<PeerId, LinkError>;
+
+    /// Runs one handshake over real loopback TCP: `client` dials `server`.
+    async fn handshake(server: PqTlsConfig, client: PqTlsConfig) -> (Peer, Peer) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let srv = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            server
+                .upgrade_inbound(TcpStream(s), "/tls/1.0.0")
+                .await
+                .map(|(p, _)| p)
+        });
+        let c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let client_res = client
+            .upgrade_outbound(TcpStream(c), "/tls/1.0.0")
+            .await
+            .map(|(p, _)| p);
+        (srv.await.unwrap(), client_res)
+    }
+
+    fn strict(kp: &Keypair) -> PqTlsConfig {
+        PqTlsConfig::new(kp, KxPolicy::Strict, LinkRegistry::default()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn strict_peers_negotiate_the_hybrid_group() {
+        let (ks, kc) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let (server, client) = (strict(&ks), strict(&kc));
+        let (sreg, creg) = (server.registry().clone(), client.registry().clone());
+        let (s, c) = handshake(server, client).await;
+        assert_eq!(s.unwrap(), kc.public().to_peer_id());
+        assert_eq!(c.unwrap(), ks.public().to_peer_id());
+        let info = sreg.get(&kc.public().to_peer_id()).unwrap();
+        assert_eq!(info.key_exchange, HYBRID_GROUP);
+        assert_eq!(info.protocol, "TLSv1_3");
+        assert_eq!(
+            creg.get(&ks.public().to_peer_id()).unwrap().key_exchange,
+            HYBRID_GROUP
+        );
+    }
+
+    #[tokio::test]
+    async fn strict_listener_refuses_a_classical_dialer() {
+        let (ks, kc) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let server = strict(&ks);
+        let reg = server.registry().clone();
+        let (s, _) = handshake(server, PqTlsConfig::classical_only(&kc).unwrap()).await;
+        match s {
+            Err(LinkError::ClassicalKeyExchange { got }) => assert_eq!(got, "X25519"),
+            other => panic!("classical dialer accepted: {other:?}"),
+        }
+        assert!(reg.get(&kc.public().to_peer_id()).is_none());
+    }
+
+    #[tokio::test]
+    async fn strict_dialer_refuses_a_classical_listener() {
+        let (ks, kc) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let (_, c) = handshake(PqTlsConfig::classical_only(&ks).unwrap(), strict(&kc)).await;
+        assert!(
+            matches!(c, Err(LinkError::ClassicalKeyExchange { .. })),
+            "{c:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn compat_policy_accepts_classical_and_reports_it() {
+        let (ks, kc) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let server = PqTlsConfig::new(&ks, KxPolicy::Compat, LinkRegistry::default()).unwrap();
+        let reg = server.registry().clone();
+        let (s, _) = handshake(server, PqTlsConfig::classical_only(&kc).unwrap()).await;
+        assert_eq!(s.unwrap(), kc.public().to_peer_id());
+        assert_eq!(
+            reg.get(&kc.public().to_peer_id()).unwrap().key_exchange,
+            "X25519"
+        );
+    }
+
+    #[test]
+    fn policy_parses() {
+        assert_eq!("strict".parse::<KxPolicy>().unwrap(), KxPolicy::Strict);
+        assert_eq!("compat".parse::<KxPolicy>().unwrap(), KxPolicy::Compat);
+        assert!("none".parse::<KxPolicy>().is_err());
+    }
+}

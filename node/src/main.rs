@@ -59,6 +59,10 @@ enum Cmd {
         /// Do not join the public `default` namespace.
         #[arg(long)]
         no_default_namespace: bool,
+        /// Link key exchange: `strict` (hybrid X25519MLKEM768 only) or `compat` (also accept
+        /// classical X25519; not post-quantum secure).
+        #[arg(long, default_value = "strict")]
+        pq_policy: blazedb_crypto::KxPolicy,
     },
     /// Show a running node's identity, peers and namespaces.
     Status {
@@ -142,19 +146,18 @@ async fn run(cli: Cli) -> Result<()> {
             bootstrap,
             no_mdns,
             no_default_namespace,
+            pq_policy,
         } => {
-            run_node(
-                NodeConfig {
-                    data_dir: data,
-                    listen,
-                    bootstrap,
-                    mdns: !no_mdns,
-                    default_namespace: !no_default_namespace,
-                    ..NodeConfig::default()
-                },
-                api,
-            )
-            .await
+            let cfg = NodeConfig {
+                data_dir: data,
+                listen,
+                bootstrap,
+                mdns: !no_mdns,
+                default_namespace: !no_default_namespace,
+                pq_policy,
+                ..NodeConfig::default()
+            };
+            run_node(cfg, api).await
         }
         Cmd::Status { api } => print(client_get(&api, "/v1/status").await?),
         Cmd::Put {

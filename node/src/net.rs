@@ -1,7 +1,8 @@
 //! The libp2p side: transports, security, behaviours.
 //!
-//! - Transport: TCP, secured by libp2p's TLS 1.3 (rustls + aws-lc-rs, which prefers the
-//!   X25519MLKEM768 hybrid group), multiplexed by yamux. No second security protocol is
+//! - Transport: TCP, secured by libp2p's TLS 1.3 (rustls + aws-lc-rs) through
+//!   `blazedb_crypto::PqTlsConfig`, which *requires* the X25519MLKEM768 hybrid group under the
+//!   default strict policy, multiplexed by yamux. No second security protocol is
 //!   offered next to TLS: protocol negotiation is unauthenticated, so offering Noise too would
 //!   let an attacker push both sides down to it. QUIC is not enabled: its TLS configuration is
 //!   private to libp2p-quic, so its key exchange cannot be checked (see ARCHITECTURE.md).
@@ -19,6 +20,7 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::{gossipsub, identify, mdns, request_response, StreamProtocol, Swarm};
 use serde::{Deserialize, Serialize};
 
+use blazedb_crypto::{KxPolicy, LinkError, LinkRegistry, PqTlsConfig};
 use blazedb_protocol::batch::Envelope;
 use blazedb_protocol::{limits, SyncMessage};
 
@@ -58,16 +60,30 @@ fn message_id(m: &gossipsub::Message) -> gossipsub::MessageId {
     }
 }
 
-/// Builds the swarm for `keypair`.
+/// Builds the swarm for `keypair`, with links secured under `policy` and their negotiated
+/// parameters recorded in `links`.
 pub fn build_swarm(
     keypair: libp2p::identity::Keypair,
     enable_mdns: bool,
+    policy: KxPolicy,
+    links: LinkRegistry,
+) -> anyhow::Result<Swarm<Behaviour>> {
+    build_swarm_with(keypair, enable_mdns, move |key| {
+        PqTlsConfig::new(key, policy, links)
+    })
+}
+
+/// Builds the swarm with a given security upgrade (tests use it to play a classical peer).
+pub fn build_swarm_with(
+    keypair: libp2p::identity::Keypair,
+    enable_mdns: bool,
+    security: impl FnOnce(&libp2p::identity::Keypair) -> Result<PqTlsConfig, LinkError>,
 ) -> anyhow::Result<Swarm<Behaviour>> {
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(
             libp2p::tcp::Config::default().nodelay(true),
-            libp2p::tls::Config::new,
+            security,
             libp2p::yamux::Config::default,
         )?
         .with_behaviour(|key| {

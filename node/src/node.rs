@@ -23,6 +23,7 @@ use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use blazedb_crypto::{KxPolicy, LinkRegistry};
 use blazedb_identity::{Keypair, PublicKey};
 use blazedb_protocol::{
     limits, Action, Engine, EngineConfig, GossipVerdict, Op, SyncMessage, VerifiedBatch,
@@ -75,6 +76,8 @@ pub struct NodeConfig {
     pub default_namespace: bool,
     /// Sync engine tunables.
     pub engine: EngineConfig,
+    /// Which key exchanges links may use (default: hybrid post-quantum only).
+    pub pq_policy: KxPolicy,
 }
 
 impl Default for NodeConfig {
@@ -86,6 +89,7 @@ impl Default for NodeConfig {
             mdns: true,
             default_namespace: true,
             engine: EngineConfig::default(),
+            pq_policy: KxPolicy::Strict,
         }
     }
 }
@@ -137,6 +141,11 @@ impl NodeBuilder {
         self.cfg.engine = cfg;
         self
     }
+    /// Link key-exchange policy.
+    pub fn pq_policy(mut self, policy: KxPolicy) -> Self {
+        self.cfg.pq_policy = policy;
+        self
+    }
     /// The whole configuration.
     pub fn config(mut self, cfg: NodeConfig) -> Self {
         self.cfg = cfg;
@@ -163,6 +172,8 @@ pub struct PeerStatus {
     pub transport: String,
     /// Security protocol of the link.
     pub security: String,
+    /// Key exchange negotiated on the link (`X25519MLKEM768` under the strict policy).
+    pub key_exchange: Option<String>,
 }
 
 /// A namespace in [`Status`].
@@ -444,7 +455,14 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         }
     }
 
-    let mut swarm = net::build_swarm(keypair.to_libp2p(), cfg.mdns)?;
+    if cfg.pq_policy == KxPolicy::Compat {
+        warn!(
+            "pq-policy=compat: links with classical-only (X25519) peers are ACCEPTED and are not \
+             post-quantum secure"
+        );
+    }
+    let links = LinkRegistry::default();
+    let mut swarm = net::build_swarm(keypair.to_libp2p(), cfg.mdns, cfg.pq_policy, links.clone())?;
     let mut topics = HashMap::new();
     for ns in &namespaces {
         let t = net::topic(ns);
@@ -498,6 +516,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         listen_tx,
         bootstrap: cfg.bootstrap.clone(),
         connected: HashMap::new(),
+        links,
     };
     let span = tracing::info_span!("node", peer = %keypair.public().to_peer_id());
     tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
@@ -514,6 +533,7 @@ struct Actor {
     listen_tx: watch::Sender<Vec<Multiaddr>>,
     bootstrap: Vec<Multiaddr>,
     connected: HashMap<PeerId, Multiaddr>,
+    links: LinkRegistry,
 }
 
 enum Flow {
@@ -776,6 +796,7 @@ impl Actor {
                 if num_established == 0 {
                     debug!(%peer_id, "peer down");
                     self.connected.remove(&peer_id);
+                    self.links.remove(&peer_id);
                     let actions = self.engine.peer_down(&peer_id, now_ms());
                     return self.execute(actions);
                 }
@@ -892,12 +913,16 @@ impl Actor {
         let mut peers: Vec<PeerStatus> = self
             .connected
             .iter()
-            .map(|(p, addr)| PeerStatus {
-                peer_id: p.to_string(),
-                did: PublicKey::from_peer_id(p).ok().map(|k| k.to_did()),
-                address: addr.to_string(),
-                transport: transport_of(addr),
-                security: "tls1.3".into(),
+            .map(|(p, addr)| {
+                let link = self.links.get(p);
+                PeerStatus {
+                    peer_id: p.to_string(),
+                    did: PublicKey::from_peer_id(p).ok().map(|k| k.to_did()),
+                    address: addr.to_string(),
+                    transport: transport_of(addr),
+                    security: link.as_ref().map_or("tls".into(), |l| l.protocol.clone()),
+                    key_exchange: link.map(|l| l.key_exchange),
+                }
             })
             .collect();
         peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));

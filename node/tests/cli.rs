@@ -140,6 +140,7 @@ fn two_processes_replicate_through_the_api() {
     assert!(status["did"].as_str().unwrap().starts_with("did:key:z6Mk"));
     assert_eq!(status["peers"].as_array().unwrap().len(), 1);
     assert_eq!(status["peers"][0]["transport"], "tcp");
+    assert_eq!(status["peers"][0]["key_exchange"], "X25519MLKEM768");
     let out = cli(&b.api, &["del", "users", "ada"]);
     assert!(out.status.success());
     let out = cli(&b.api, &["get", "users", "ada"]);

@@ -267,7 +267,13 @@ async fn corrupted_gossip_drops_the_peer_and_stores_nothing() {
     let before = node.counts().unwrap();
 
     // The attacker: a real libp2p swarm with our behaviours, driven by hand.
-    let mut evil = net::build_swarm(Keypair::generate().to_libp2p(), false).unwrap();
+    let mut evil = net::build_swarm(
+        Keypair::generate().to_libp2p(),
+        false,
+        Default::default(),
+        Default::default(),
+    )
+    .unwrap();
     let topic = net::topic("default");
     evil.behaviour_mut().gossipsub.subscribe(&topic).unwrap();
     evil.dial(node.listen_addrs()[0].clone()).unwrap();
@@ -334,7 +340,13 @@ async fn corrupted_sync_batch_drops_the_peer() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path(), &[]).await.unwrap();
     let before = node.counts().unwrap();
-    let mut evil = net::build_swarm(Keypair::generate().to_libp2p(), false).unwrap();
+    let mut evil = net::build_swarm(
+        Keypair::generate().to_libp2p(),
+        false,
+        Default::default(),
+        Default::default(),
+    )
+    .unwrap();
     evil.dial(node.listen_addrs()[0].clone()).unwrap();
     let node_peer = node.peer_id();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
