@@ -23,6 +23,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
 
+use blazedb_protocol::capability::{Rights, TokenId};
 use blazedb_protocol::{limits, Op};
 
 use crate::node::{NodeError, NodeHandle};
@@ -69,6 +70,9 @@ impl From<NodeError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_namespace", e.to_string())
             }
             NodeError::Invalid(m) => ApiError::bad_request(m),
+            NodeError::Forbidden(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
+            }
             NodeError::Stopped => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopped", e.to_string())
             }
@@ -102,6 +106,10 @@ type ApiResult<T> = Result<T, ApiError>;
 pub fn router(node: NodeHandle) -> Router {
     Router::new()
         .route("/v1/status", get(status))
+        .route("/v1/ns", post(create_namespace))
+        .route("/v1/ns/join", post(join_namespace))
+        .route("/v1/ns/{ns}/invites", post(invite))
+        .route("/v1/ns/{ns}/revocations", post(revoke))
         .route("/v1/ns/{ns}/ops", post(post_ops))
         .route("/v1/ns/{ns}/events", get(events))
         .route("/v1/ns/{ns}/{collection}", get(list))
@@ -136,6 +144,94 @@ pub async fn serve(
 /// Binds the API socket.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    shape: &str,
+) -> ApiResult<T> {
+    let body = body?;
+    let body: &[u8] = if body.is_empty() { b"{}" } else { &body };
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("body must be {shape}: {e}")))
+}
+
+async fn create_namespace(State(node): State<NodeHandle>) -> ApiResult<Json<Value>> {
+    let ns = node.create_namespace().await?;
+    Ok(Json(json!({ "ns": ns })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InviteBody {
+    to: String,
+    rights: String,
+    #[serde(default)]
+    prefix: Option<String>,
+    /// Unix time in milliseconds after which the capability is void.
+    #[serde(default)]
+    expires_at_ms: Option<u64>,
+}
+
+async fn invite(
+    State(node): State<NodeHandle>,
+    Path(ns): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let b: InviteBody = parse_json(
+        body,
+        r#"{"to": "did:key:…", "rights": "read"|"write"|"admin", "prefix"?: "coll/key-prefix", "expires_at_ms"?: n}"#,
+    )?;
+    let to = blazedb_identity::PublicKey::from_did(&b.to)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let rights: Rights = b
+        .rights
+        .parse()
+        .map_err(|e: String| ApiError::bad_request(e))?;
+    if let Some(p) = &b.prefix {
+        if p.is_empty() || p.len() > limits::MAX_COLLECTION_LEN + 1 + limits::MAX_KEY_LEN {
+            return Err(ApiError::bad_request(
+                "prefix must be 1..=321 bytes, like \"collection/key-prefix\"",
+            ));
+        }
+    }
+    let inv = node
+        .invite(&ns, to, rights, b.prefix, b.expires_at_ms)
+        .await?;
+    Ok(Json(serde_json::to_value(inv).expect("invite serializes")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinBody {
+    token: String,
+}
+
+async fn join_namespace(
+    State(node): State<NodeHandle>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let b: JoinBody = parse_json(body, r#"{"token": "blzcap1…"}"#)?;
+    let ns = node.join(&b.token).await?;
+    Ok(Json(json!({ "ns": ns })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    token_id: String,
+}
+
+async fn revoke(
+    State(node): State<NodeHandle>,
+    Path(ns): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let b: RevokeBody = parse_json(body, r#"{"token_id": "<64 hex digits>"}"#)?;
+    let id = TokenId::from_hex(&b.token_id)
+        .ok_or_else(|| ApiError::bad_request("token_id must be 64 lowercase hex digits"))?;
+    let r = node.revoke(&ns, id).await?;
+    Ok(Json(json!({ "ok": true, "batch": r.batch, "seq": r.seq })))
 }
 
 async fn status(State(node): State<NodeHandle>) -> ApiResult<Json<Value>> {

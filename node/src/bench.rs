@@ -152,6 +152,7 @@ pub fn b1(runs: usize) -> Result<Vec<Row>> {
                     DEFAULT_NAMESPACE,
                     ChainPosition { seq: 1, prev: None },
                     ops.clone(),
+                    None,
                 )
                 .context("sealing")?,
             );
@@ -331,6 +332,7 @@ async fn raw_tcp_goodput_ops() -> Result<f64> {
         DEFAULT_NAMESPACE,
         ChainPosition { seq: 1, prev: None },
         workload_w(&mut rng, W_BATCH_OPS, 1),
+        None,
     )?;
     let reps = 200usize;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -107,6 +107,11 @@ enum Cmd {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Owned namespaces and capabilities.
+    Ns {
+        #[command(subcommand)]
+        cmd: NsCmd,
+    },
     /// Run the standard benchmarks and print a table.
     Bench(bench::BenchArgs),
     /// Verify a store: every batch re-verified, every chain contiguous.
@@ -119,6 +124,67 @@ enum Cmd {
         #[arg(long, default_value = "blazedb-data")]
         data: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum NsCmd {
+    /// Create a namespace owned by a fresh key (kept in the node's data directory).
+    Create {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Issue a capability to another node's did:key; prints the token to give it.
+    Invite {
+        /// Namespace id.
+        ns: String,
+        /// The invitee's did:key (see `blazedb status` on its node).
+        #[arg(long)]
+        to: String,
+        #[arg(long, group = "rights")]
+        read: bool,
+        #[arg(long, group = "rights")]
+        write: bool,
+        #[arg(long, group = "rights")]
+        admin: bool,
+        /// Limit to records whose "collection/key" starts with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Validity, from now: e.g. 30m, 12h, 7d.
+        #[arg(long)]
+        expires: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Join a namespace with a token issued to this node.
+    Join {
+        token: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Revoke a token (and everything delegated from it) by its id.
+    Revoke {
+        /// Namespace id.
+        ns: String,
+        /// Token id (printed by `ns invite`).
+        token_id: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+fn parse_duration_ms(s: &str) -> Result<u64> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("bad duration {s:?} (like 30m, 12h, 7d)"))?;
+    let mult = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => bail!("bad duration {s:?}: unit must be s, m, h or d"),
+    };
+    n.checked_mul(mult).context("duration too long")
 }
 
 fn main() -> Result<()> {
@@ -201,6 +267,51 @@ async fn run(cli: Cli) -> Result<()> {
             print(client_get(&api, &path).await?)
         }
         Cmd::Watch { api } => watch(&api).await,
+        Cmd::Ns { cmd } => match cmd {
+            NsCmd::Create { api } => {
+                print(client_send(reqwest::Method::POST, &api, "/v1/ns", None).await?)
+            }
+            NsCmd::Invite {
+                ns,
+                to,
+                read,
+                write,
+                admin,
+                prefix,
+                expires,
+                api,
+            } => {
+                let rights = match (read, write, admin) {
+                    (_, _, true) => "admin",
+                    (_, true, _) => "write",
+                    (true, _, _) => "read",
+                    _ => bail!("say which rights: --read, --write or --admin"),
+                };
+                let expires_at_ms = match expires {
+                    Some(e) => {
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)?
+                            .as_millis() as u64;
+                        Some(now + parse_duration_ms(&e)?)
+                    }
+                    None => None,
+                };
+                let body = serde_json::json!({
+                    "to": to, "rights": rights, "prefix": prefix, "expires_at_ms": expires_at_ms
+                });
+                let path = format!("/v1/ns/{}/invites", enc(&ns));
+                print(client_send(reqwest::Method::POST, &api, &path, Some(body)).await?)
+            }
+            NsCmd::Join { token, api } => {
+                let body = serde_json::json!({ "token": token.trim() });
+                print(client_send(reqwest::Method::POST, &api, "/v1/ns/join", Some(body)).await?)
+            }
+            NsCmd::Revoke { ns, token_id, api } => {
+                let body = serde_json::json!({ "token_id": token_id });
+                let path = format!("/v1/ns/{}/revocations", enc(&ns));
+                print(client_send(reqwest::Method::POST, &api, &path, Some(body)).await?)
+            }
+        },
         Cmd::Bench(args) => bench::run(args).await,
         Cmd::Check { data } => {
             let store = open_existing(&data)?;

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
@@ -25,12 +25,13 @@ use tracing::{debug, info, warn};
 
 use blazedb_crypto::{KxPolicy, LinkRegistry};
 use blazedb_identity::{Keypair, PublicKey};
+use blazedb_protocol::capability::{self, Chain, Rights, TokenId};
 use blazedb_protocol::{
-    limits, Action, Engine, EngineConfig, GossipVerdict, Op, SyncMessage, VerifiedBatch,
+    limits, Action, BatchError, Engine, EngineConfig, GossipVerdict, Op, SyncMessage, VerifiedBatch,
 };
 
 use crate::net::{self, Ack, Behaviour, BehaviourEvent};
-use crate::store::{Change, Fields, Store, StoreError};
+use crate::store::{Change, Fields, NamespaceRecord, Store, StoreError};
 
 /// Capacity of the command channel into the actor.
 const COMMAND_CAP: usize = 256;
@@ -53,6 +54,9 @@ pub enum NodeError {
     /// The request is invalid (names, sizes, values).
     #[error("{0}")]
     Invalid(String),
+    /// Our capability does not allow it.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -183,6 +187,10 @@ pub struct NamespaceStatus {
     pub name: String,
     /// Chain heads: author did:key → highest seq held.
     pub heads: BTreeMap<String, u64>,
+    /// Owned (capabilities required, never gossiped) or public.
+    pub owned: bool,
+    /// Our rights in an owned namespace.
+    pub rights: Option<String>,
 }
 
 /// Snapshot of a node's state (`GET /v1/status`).
@@ -198,6 +206,21 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// Joined namespaces.
     pub namespaces: Vec<NamespaceStatus>,
+}
+
+/// A capability issued by [`NodeHandle::invite`].
+#[derive(Clone, Debug, Serialize)]
+pub struct Invite {
+    /// Namespace.
+    pub ns: String,
+    /// The token chain in text form (`blzcap1…`): give it to the invitee for `ns join`.
+    pub token: String,
+    /// Id of the new (leaf) token: what `ns revoke` takes.
+    pub id: String,
+    /// did:key of the invitee.
+    pub to: String,
+    /// Rights granted.
+    pub rights: String,
 }
 
 /// Receipt of a durable write.
@@ -231,6 +254,21 @@ pub struct Metrics {
 }
 
 enum Command {
+    CreateNamespace {
+        reply: oneshot::Sender<Result<String, NodeError>>,
+    },
+    Invite {
+        ns: String,
+        to: PublicKey,
+        rights: Rights,
+        prefix: Option<String>,
+        expires_ms: Option<u64>,
+        reply: oneshot::Sender<Result<Invite, NodeError>>,
+    },
+    Join {
+        chain: Chain,
+        reply: oneshot::Sender<Result<String, NodeError>>,
+    },
     Write {
         ns: String,
         ops: Vec<Op>,
@@ -247,7 +285,8 @@ enum Command {
 struct Shared {
     store: Store,
     keypair: Keypair,
-    namespaces: BTreeSet<String>,
+    namespaces: RwLock<BTreeSet<String>>,
+    data_dir: PathBuf,
     changes: broadcast::Sender<Change>,
     metrics: Metrics,
     listen_addrs: watch::Receiver<Vec<Multiaddr>>,
@@ -291,7 +330,7 @@ impl NodeHandle {
 
     /// Whether `ns` is joined.
     pub fn has_namespace(&self, ns: &str) -> bool {
-        self.shared.namespaces.contains(ns)
+        self.shared.namespaces.read().is_ok_and(|n| n.contains(ns))
     }
 
     fn check_ns(&self, ns: &str) -> Result<(), NodeError> {
@@ -391,6 +430,63 @@ impl NodeHandle {
         Ok(self.shared.store.list(ns, collection, prefix, limit)?)
     }
 
+    /// Creates a namespace owned by a fresh key kept in the data directory; this node gets an
+    /// admin capability for it. Returns the namespace id.
+    pub async fn create_namespace(&self) -> Result<String, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::CreateNamespace { reply }).await?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Issues a capability for `ns` to `to` (requires the owner key or an admin capability).
+    pub async fn invite(
+        &self,
+        ns: &str,
+        to: PublicKey,
+        rights: Rights,
+        prefix: Option<String>,
+        expires_ms: Option<u64>,
+    ) -> Result<Invite, NodeError> {
+        self.check_ns(ns)?;
+        let (reply, rx) = oneshot::channel();
+        let ns = ns.to_string();
+        self.send(Command::Invite {
+            ns,
+            to,
+            rights,
+            prefix,
+            expires_ms,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Joins an owned namespace with a capability issued to this node. Returns its id.
+    pub async fn join(&self, token: &str) -> Result<String, NodeError> {
+        let chain = Chain::from_text(token)
+            .map_err(|e| NodeError::Invalid(format!("not a valid capability token: {e}")))?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Join { chain, reply }).await?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    /// Revokes a capability token (and everything delegated from it) in `ns`.
+    pub async fn revoke(&self, ns: &str, token: TokenId) -> Result<WriteReceipt, NodeError> {
+        self.write(
+            ns,
+            vec![Op::Revoke {
+                token: token.to_hex(),
+                hlc: Default::default(),
+            }],
+        )
+        .await
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), NodeError> {
+        self.tx.send(cmd).await.map_err(|_| NodeError::Stopped)
+    }
+
     /// A live stream of record changes (all namespaces).
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.shared.changes.subscribe()
@@ -445,9 +541,30 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
 
     let mut engine: Engine<PeerId> = Engine::new(cfg.engine.clone());
     let mut namespaces = BTreeSet::new();
+    let mut public = BTreeSet::new();
     if cfg.default_namespace {
         engine.join(DEFAULT_NAMESPACE);
         namespaces.insert(DEFAULT_NAMESPACE.to_string());
+        public.insert(DEFAULT_NAMESPACE.to_string());
+    }
+    for (ns, rec) in store.namespaces()? {
+        if rec.owned {
+            let chain =
+                match &rec.chain {
+                    Some(bytes) => Some(Chain::decode(bytes).with_context(|| {
+                        format!("stored capability for namespace {ns} is invalid")
+                    })?),
+                    None => None,
+                };
+            engine.join_owned(&ns, chain);
+            for (token, at) in store.revocations(&ns)? {
+                engine.load_revocation(&ns, token, at);
+            }
+        } else {
+            engine.join(&ns);
+            public.insert(ns.clone());
+        }
+        namespaces.insert(ns);
     }
     for h in store.heads()? {
         if namespaces.contains(&h.ns) {
@@ -464,7 +581,8 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let links = LinkRegistry::default();
     let mut swarm = net::build_swarm(keypair.to_libp2p(), cfg.mdns, cfg.pq_policy, links.clone())?;
     let mut topics = HashMap::new();
-    for ns in &namespaces {
+    // Owned namespaces are never gossiped (gossipsub has no read access control).
+    for ns in &public {
         let t = net::topic(ns);
         swarm.behaviour_mut().gossipsub.subscribe(&t)?;
         topics.insert(t.hash(), ns.clone());
@@ -501,7 +619,8 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let shared = Arc::new(Shared {
         store,
         keypair: keypair.clone(),
-        namespaces,
+        namespaces: RwLock::new(namespaces),
+        data_dir: cfg.data_dir.clone(),
         changes,
         metrics: Metrics::default(),
         listen_addrs: listen_rx,
@@ -609,6 +728,26 @@ impl Actor {
                 }
                 self.commit_writes(writes)
             }
+            Command::CreateNamespace { reply } => {
+                let _ = reply.send(self.create_namespace());
+                Flow::Continue
+            }
+            Command::Invite {
+                ns,
+                to,
+                rights,
+                prefix,
+                expires_ms,
+                reply,
+            } => {
+                let _ = reply.send(self.invite(&ns, to, rights, prefix, expires_ms));
+                Flow::Continue
+            }
+            Command::Join { chain, reply } => {
+                let res = self.join(chain);
+                let _ = reply.send(res);
+                Flow::Continue
+            }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
                 Flow::Continue
@@ -646,6 +785,9 @@ impl Actor {
                             ops: n_ops,
                         },
                     ));
+                }
+                Err(BatchError::Unauthorized(why)) => {
+                    let _ = reply.send(Err(NodeError::Forbidden(why)));
                 }
                 Err(e) => {
                     let _ = reply.send(Err(NodeError::Invalid(e.to_string())));
@@ -744,6 +886,20 @@ impl Actor {
                     }
                 }
                 Action::Reject { peer, reason } => self.drop_peer(peer, &reason),
+                Action::Rebuild { ns, revocations } => {
+                    match self.shared.store.rebuild_namespace(&ns, &revocations) {
+                        Ok((applied, skipped)) => info!(
+                            %ns,
+                            applied,
+                            ineffective = skipped,
+                            "revocation learned: records rebuilt from the log"
+                        ),
+                        Err(e) => {
+                            tracing::error!("rebuilding {ns} failed, stopping the node: {e}");
+                            return Flow::Stop(None);
+                        }
+                    }
+                }
             }
         }
         Flow::Continue
@@ -783,7 +939,10 @@ impl Actor {
                     .or_insert_with(|| dialed.unwrap_or(addr));
                 if num_established.get() == 1 {
                     debug!(%peer_id, "peer up");
-                    let actions = self.engine.peer_up(peer_id, now_ms());
+                    let key = PublicKey::from_peer_id(&peer_id)
+                        .ok()
+                        .map(|k| *k.as_bytes());
+                    let actions = self.engine.peer_up_with_key(peer_id, key, now_ms());
                     return self.execute(actions);
                 }
                 Flow::Continue
@@ -908,6 +1067,131 @@ impl Actor {
         }
     }
 
+    fn owner_key_path(&self, ns: &str) -> PathBuf {
+        self.shared
+            .data_dir
+            .join("namespaces")
+            .join(format!("{ns}.key"))
+    }
+
+    fn add_namespace(&mut self, ns: &str, chain: &Chain) -> Result<(), NodeError> {
+        let rec = NamespaceRecord {
+            owned: true,
+            chain: Some(serde_bytes::ByteBuf::from(chain.encode())),
+        };
+        self.shared.store.put_namespace(ns, &rec)?;
+        let actions = self.engine.join_owned(ns, Some(chain.clone()));
+        if let Ok(mut n) = self.shared.namespaces.write() {
+            n.insert(ns.to_string());
+        }
+        if let Flow::Stop(_) = self.execute(actions) {
+            return Err(NodeError::Stopped);
+        }
+        Ok(())
+    }
+
+    fn create_namespace(&mut self) -> Result<String, NodeError> {
+        let owner = Keypair::generate();
+        let ns = capability::namespace_id(&owner.public());
+        let path = self.owner_key_path(&ns);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| NodeError::Invalid(format!("creating {}: {e}", dir.display())))?;
+        }
+        owner
+            .save_new(&path)
+            .map_err(|e| NodeError::Invalid(e.to_string()))?;
+        let me = self.shared.keypair.public();
+        let chain = Chain::issue_root(
+            &owner,
+            &ns,
+            &me,
+            Rights::Admin,
+            None,
+            0,
+            None,
+            rand::random(),
+        )
+        .map_err(|e| NodeError::Invalid(e.to_string()))?;
+        self.add_namespace(&ns, &chain)?;
+        info!(%ns, "namespace created");
+        Ok(ns)
+    }
+
+    fn invite(
+        &mut self,
+        ns: &str,
+        to: PublicKey,
+        rights: Rights,
+        prefix: Option<String>,
+        expires_ms: Option<u64>,
+    ) -> Result<Invite, NodeError> {
+        if !self.engine.is_owned(ns) {
+            return Err(NodeError::Invalid(format!(
+                "{ns} is a public namespace: anyone may read and write it, there is nothing to invite to"
+            )));
+        }
+        let owner_path = self.owner_key_path(ns);
+        let chain = if owner_path.exists() {
+            let owner =
+                Keypair::load(&owner_path).map_err(|e| NodeError::Invalid(e.to_string()))?;
+            Chain::issue_root(
+                &owner,
+                ns,
+                &to,
+                rights,
+                prefix,
+                0,
+                expires_ms,
+                rand::random(),
+            )
+        } else {
+            let mine = self
+                .engine
+                .my_chain(ns)
+                .ok_or_else(|| NodeError::Forbidden("no capability in this namespace".into()))?;
+            if mine.rights() != Rights::Admin {
+                return Err(NodeError::Forbidden(format!(
+                    "inviting needs admin rights; this node has {}",
+                    mine.rights().as_str()
+                )));
+            }
+            mine.delegate(
+                &self.shared.keypair,
+                &to,
+                rights,
+                prefix,
+                0,
+                expires_ms,
+                rand::random(),
+            )
+        }
+        .map_err(|e| NodeError::Invalid(e.to_string()))?;
+        Ok(Invite {
+            ns: ns.to_string(),
+            token: chain.to_text(),
+            id: chain.leaf().id.to_hex(),
+            to: to.to_did(),
+            rights: rights.as_str().to_string(),
+        })
+    }
+
+    fn join(&mut self, chain: Chain) -> Result<String, NodeError> {
+        let me = *self.shared.keypair.public().as_bytes();
+        let ns = chain.ns().to_string();
+        if chain.audience() != me {
+            return Err(NodeError::Invalid(
+                "this capability was issued to another key (check the invitee's did:key)".into(),
+            ));
+        }
+        chain
+            .authorizes(&ns, &me, Rights::Read, now_ms())
+            .map_err(|e| NodeError::Forbidden(e.to_string()))?;
+        self.add_namespace(&ns, &chain)?;
+        info!(%ns, rights = chain.rights().as_str(), "namespace joined");
+        Ok(ns)
+    }
+
     fn status(&self) -> Status {
         let me = self.shared.keypair.public();
         let mut peers: Vec<PeerStatus> = self
@@ -930,6 +1214,11 @@ impl Actor {
             .engine
             .namespaces()
             .map(|ns| NamespaceStatus {
+                owned: self.engine.is_owned(ns),
+                rights: self
+                    .engine
+                    .my_chain(ns)
+                    .map(|c| c.rights().as_str().to_string()),
                 name: ns.to_string(),
                 heads: self
                     .engine

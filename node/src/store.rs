@@ -11,12 +11,14 @@
 //! Every write is one redb transaction with immediate durability: a batch and the records it
 //! changes become durable together, or not at all.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use blazedb_protocol::batch::{BatchHeader, Envelope};
-use blazedb_protocol::{BatchId, Hlc, RecordState, VerifiedBatch};
+use blazedb_protocol::capability::TokenId;
+use blazedb_protocol::{BatchId, Hlc, Op, RecordState, VerifiedBatch};
 
 /// Batch id (32 bytes) → envelope bytes.
 pub const BATCHES: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("batches-v1");
@@ -26,6 +28,19 @@ pub const CHAINS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("chai
 pub const RECORDS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("records-v1");
 /// Metadata: `schema` → format version.
 pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta-v1");
+/// Joined namespaces: name → CBOR [`NamespaceRecord`].
+pub const NAMESPACES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("namespaces-v1");
+/// Revocations: `ns_len:u8 ns token:32` → earliest revocation HLC (`u64`).
+pub const REVOCATIONS: TableDefinition<'_, &[u8], u64> = TableDefinition::new("revocations-v1");
+
+/// A joined namespace, as persisted.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NamespaceRecord {
+    /// Owned (capabilities required) or public.
+    pub owned: bool,
+    /// Our capability chain (encoded), for owned namespaces.
+    pub chain: Option<serde_bytes::ByteBuf>,
+}
 
 /// Store format version written in [`META`].
 pub const SCHEMA_VERSION: &[u8] = b"1";
@@ -125,6 +140,19 @@ fn parse_chain_key(k: &[u8]) -> Option<(String, [u8; 32], u64)> {
     Some((ns, author, seq))
 }
 
+fn ns_prefix(ns: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + ns.len());
+    k.push(ns.len() as u8);
+    k.extend_from_slice(ns.as_bytes());
+    k
+}
+
+fn revocation_key(ns: &str, token: &TokenId) -> Vec<u8> {
+    let mut k = ns_prefix(ns);
+    k.extend_from_slice(&token.0);
+    k
+}
+
 fn collection_prefix(ns: &str, collection: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + ns.len() + collection.len() + 32);
     k.push(ns.len() as u8);
@@ -192,6 +220,8 @@ impl Store {
             txn.open_table(BATCHES)?;
             txn.open_table(CHAINS)?;
             txn.open_table(RECORDS)?;
+            txn.open_table(NAMESPACES)?;
+            txn.open_table(REVOCATIONS)?;
         }
         txn.commit()?;
         Ok(Self { db })
@@ -236,8 +266,8 @@ impl Store {
         Ok(heads)
     }
 
-    /// Durably stores verified, chain-checked batches and applies their ops to the records,
-    /// in one transaction. Returns the record changes.
+    /// Durably stores verified, chain-checked batches and applies the ops of the effective
+    /// ones to the records, in one transaction. Returns the record changes.
     pub fn write_batches(&self, batches: &[VerifiedBatch]) -> Result<Vec<Change>, StoreError> {
         let txn = self.db.begin_write()?;
         let mut changes = Vec::new();
@@ -245,6 +275,7 @@ impl Store {
             let mut batch_t = txn.open_table(BATCHES)?;
             let mut chain_t = txn.open_table(CHAINS)?;
             let mut records = txn.open_table(RECORDS)?;
+            let mut revocations = txn.open_table(REVOCATIONS)?;
             for vb in batches {
                 let ns = &vb.header.ns;
                 batch_t.insert(&vb.id.0[..], vb.bytes.as_slice())?;
@@ -252,6 +283,21 @@ impl Store {
                     chain_key(ns, &vb.header.author, vb.header.seq).as_slice(),
                     &vb.id.0[..],
                 )?;
+                // Revocations count whether or not the batch is effective (see the engine).
+                for op in &vb.ops {
+                    if let Op::Revoke { token, hlc } = op {
+                        if let Some(id) = TokenId::from_hex(token) {
+                            let k = revocation_key(ns, &id);
+                            let old = revocations.get(k.as_slice())?.map(|v| v.value());
+                            if old.is_none_or(|o| hlc.0 < o) {
+                                revocations.insert(k.as_slice(), hlc.0)?;
+                            }
+                        }
+                    }
+                }
+                if !vb.effective {
+                    continue;
+                }
                 let author_did = vb.author.to_did();
                 let batch_hex = vb.id.to_hex();
                 for op in &vb.ops {
@@ -357,6 +403,102 @@ impl Store {
         Ok(out)
     }
 
+    /// Joined namespaces.
+    pub fn namespaces(&self) -> Result<Vec<(String, NamespaceRecord)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(NAMESPACES)?;
+        let mut out = Vec::new();
+        for e in t.iter()? {
+            let (k, v) = e?;
+            let rec: NamespaceRecord = ciborium::from_reader(v.value())
+                .map_err(|e| StoreError::Corrupt(format!("namespace record: {e}")))?;
+            out.push((k.value().to_string(), rec));
+        }
+        Ok(out)
+    }
+
+    /// Records (durably) that we joined `ns`.
+    pub fn put_namespace(&self, ns: &str, rec: &NamespaceRecord) -> Result<(), StoreError> {
+        let mut bytes = Vec::new();
+        ciborium::into_writer(rec, &mut bytes).expect("serializing to a Vec cannot fail");
+        let txn = self.db.begin_write()?;
+        txn.open_table(NAMESPACES)?.insert(ns, bytes.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Every revocation in `ns`: token → earliest revocation time.
+    pub fn revocations(&self, ns: &str) -> Result<BTreeMap<TokenId, Hlc>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(REVOCATIONS)?;
+        let prefix = ns_prefix(ns);
+        let end = prefix_end(&prefix);
+        let range = match &end {
+            Some(end) => t.range(prefix.as_slice()..end.as_slice())?,
+            None => t.range(prefix.as_slice()..)?,
+        };
+        let mut out = BTreeMap::new();
+        for e in range {
+            let (k, v) = e?;
+            let id: [u8; 32] = k.value()[prefix.len()..]
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("revocation key".into()))?;
+            out.insert(TokenId(id), Hlc(v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Recomputes the records of one namespace from its log, counting only batches that are
+    /// effective under `revocations` (see `blazedb_protocol::engine::batch_effective`).
+    /// Returns (batches applied, batches ineffective).
+    pub fn rebuild_namespace(
+        &self,
+        ns: &str,
+        revocations: &BTreeMap<TokenId, Hlc>,
+    ) -> Result<(u64, u64), StoreError> {
+        let txn = self.db.begin_write()?;
+        let (mut applied, mut skipped) = (0u64, 0u64);
+        {
+            let prefix = ns_prefix(ns);
+            let end = prefix_end(&prefix);
+            let mut records = txn.open_table(RECORDS)?;
+            records.retain(|k, _| !k.starts_with(&prefix))?;
+            let chains = txn.open_table(CHAINS)?;
+            let batches = txn.open_table(BATCHES)?;
+            let mut states: BTreeMap<Vec<u8>, RecordState> = BTreeMap::new();
+            let range = match &end {
+                Some(end) => chains.range(prefix.as_slice()..end.as_slice())?,
+                None => chains.range(prefix.as_slice()..)?,
+            };
+            for entry in range {
+                let (_, id) = entry?;
+                let bytes = batches
+                    .get(id.value())?
+                    .ok_or_else(|| StoreError::Corrupt("chain names a missing batch".into()))?
+                    .value()
+                    .to_vec();
+                let vb = blazedb_protocol::batch::verify(bytes)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                if !blazedb_protocol::engine::batch_effective(&vb, revocations) {
+                    skipped += 1;
+                    continue;
+                }
+                applied += 1;
+                for op in &vb.ops {
+                    states
+                        .entry(record_key(ns, op.collection(), op.key()))
+                        .or_default()
+                        .apply(op, vb.header.author);
+                }
+            }
+            for (k, s) in states {
+                records.insert(k.as_slice(), encode_state(&s).as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok((applied, skipped))
+    }
+
     /// Counts: (batches, records).
     pub fn counts(&self) -> Result<(u64, u64), StoreError> {
         let txn = self.db.begin_read()?;
@@ -415,39 +557,33 @@ impl Store {
         Ok(n)
     }
 
-    /// Recomputes every record from the log (the log is the truth). Returns records written.
+    /// Recomputes every record from the log (the log is the truth), namespace by namespace,
+    /// honouring revocations. Returns the number of records afterwards.
     pub fn rebuild_records(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_write()?;
-        let n;
+        let mut names: Vec<String> = Vec::new();
         {
-            let mut records = txn.open_table(RECORDS)?;
-            records.retain(|_, _| false)?;
+            let txn = self.db.begin_read()?;
             let chains = txn.open_table(CHAINS)?;
-            let batches = txn.open_table(BATCHES)?;
-            let mut states: std::collections::BTreeMap<Vec<u8>, RecordState> = Default::default();
             for entry in chains.iter()? {
-                let (_, id) = entry?;
-                let bytes = batches
-                    .get(id.value())?
-                    .ok_or_else(|| StoreError::Corrupt("chain names a missing batch".into()))?
-                    .value()
-                    .to_vec();
-                let vb = blazedb_protocol::batch::verify(bytes)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                for op in &vb.ops {
-                    states
-                        .entry(record_key(&vb.header.ns, op.collection(), op.key()))
-                        .or_default()
-                        .apply(op, vb.header.author);
+                let (k, _) = entry?;
+                let (ns, _, _) = parse_chain_key(k.value())
+                    .ok_or_else(|| StoreError::Corrupt("chain key".into()))?;
+                if names.last() != Some(&ns) {
+                    names.push(ns);
                 }
             }
-            n = states.len() as u64;
-            for (k, s) in states {
-                records.insert(k.as_slice(), encode_state(&s).as_slice())?;
-            }
         }
-        txn.commit()?;
-        Ok(n)
+        {
+            // Records of namespaces without any batch left are stale too.
+            let txn = self.db.begin_write()?;
+            txn.open_table(RECORDS)?.retain(|_, _| false)?;
+            txn.commit()?;
+        }
+        for ns in names {
+            let revocations = self.revocations(&ns)?;
+            self.rebuild_namespace(&ns, &revocations)?;
+        }
+        Ok(self.counts()?.1)
     }
 }
 

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use blazedb_identity::{Keypair, PublicKey};
 
+use crate::capability::Chain;
 use crate::hlc::Hlc;
 use crate::limits;
 use crate::op::{validate_namespace, Op, OpError};
@@ -79,6 +80,9 @@ pub struct BatchHeader {
     /// blake3 of the payload bytes.
     #[serde(with = "serde_bytes")]
     pub payload_hash: [u8; 32],
+    /// The author's capability chain (encoded [`Chain`]) for namespaces that need one;
+    /// `None` in public namespaces and for the namespace owner.
+    pub cap: Option<serde_bytes::ByteBuf>,
 }
 
 /// Why a batch is not acceptable. Every variant is a reason to drop it and count it.
@@ -103,6 +107,9 @@ pub enum BatchError {
     /// Header fields inconsistent with each other or with the ops.
     #[error("inconsistent batch: {0}")]
     Inconsistent(String),
+    /// The author's capability does not allow this batch.
+    #[error("not allowed: {0}")]
+    Unauthorized(String),
     /// An op breaks a limit or naming rule.
     #[error("invalid op: {0}")]
     InvalidOp(#[from] OpError),
@@ -122,6 +129,13 @@ pub struct VerifiedBatch {
     pub ops: Vec<Op>,
     /// The exact envelope bytes, as stored and sent.
     pub bytes: Vec<u8>,
+    /// The author's capability chain, decoded and structurally verified (whether it
+    /// authorizes this batch is the engine's judgement: it knows the namespace's policy).
+    pub cap: Option<Chain>,
+    /// Whether the batch's ops count: false once a token in its capability chain has been
+    /// revoked at or before the batch's last timestamp. Stored anyway (chains stay
+    /// contiguous); set by the engine.
+    pub effective: bool,
 }
 
 /// Borrowed view of an envelope's three parts.
@@ -240,6 +254,7 @@ pub fn seal(
     ns: &str,
     pos: ChainPosition,
     ops: Vec<Op>,
+    cap: Option<&Chain>,
 ) -> Result<VerifiedBatch, BatchError> {
     validate_namespace(ns)?;
     check_ops(&ops)?;
@@ -256,6 +271,7 @@ pub fn seal(
         payload_len: u32::try_from(payload.len())
             .map_err(|_| BatchError::TooLarge(payload.len()))?,
         payload_hash: *blake3::hash(&payload).as_bytes(),
+        cap: cap.map(|c| serde_bytes::ByteBuf::from(c.encode())),
     };
     check_header(&header)?;
     let header_bytes = to_cbor(&header);
@@ -272,12 +288,17 @@ pub fn seal(
     if bytes.len() > limits::MAX_BATCH_BYTES {
         return Err(BatchError::TooLarge(bytes.len()));
     }
+    if header_bytes.len() > limits::MAX_HEADER_BYTES {
+        return Err(BatchError::Malformed("header too large".into()));
+    }
     Ok(VerifiedBatch {
         id: BatchId(*blake3::hash(&header_bytes).as_bytes()),
         header,
         author: keypair.public(),
         ops,
         bytes,
+        cap: cap.cloned(),
+        effective: true,
     })
 }
 
@@ -375,6 +396,12 @@ pub fn verify(bytes: Vec<u8>) -> Result<VerifiedBatch, BatchError> {
             "HLC range differs from the ops".into(),
         ));
     }
+    let cap = match &header.cap {
+        Some(c) => Some(
+            Chain::decode(c).map_err(|e| BatchError::Inconsistent(format!("capability: {e}")))?,
+        ),
+        None => None,
+    };
     let id = env.id();
     Ok(VerifiedBatch {
         id,
@@ -382,6 +409,8 @@ pub fn verify(bytes: Vec<u8>) -> Result<VerifiedBatch, BatchError> {
         author,
         ops,
         bytes,
+        cap,
+        effective: true,
     })
 }
 
@@ -408,7 +437,7 @@ mod tests {
     #[test]
     fn seal_then_verify_roundtrips() {
         let kp = Keypair::generate();
-        let b = seal(&kp, "default", first(), ops(10)).unwrap();
+        let b = seal(&kp, "default", first(), ops(10), None).unwrap();
         let v = verify(b.bytes.clone()).unwrap();
         assert_eq!(v, b);
         assert_eq!(Envelope::parse(&b.bytes).unwrap().id(), b.id);
@@ -417,7 +446,7 @@ mod tests {
     #[test]
     fn envelope_is_plain_cbor() {
         let kp = Keypair::generate();
-        let b = seal(&kp, "default", first(), ops(3)).unwrap();
+        let b = seal(&kp, "default", first(), ops(3), None).unwrap();
         let parts: Vec<serde_bytes::ByteBuf> = ciborium::from_reader(&b.bytes[..]).unwrap();
         assert_eq!(parts.len(), 3);
         let header: BatchHeader = ciborium::from_reader(&parts[0][..]).unwrap();
@@ -429,7 +458,7 @@ mod tests {
     #[test]
     fn tampering_is_detected() {
         let kp = Keypair::generate();
-        let b = seal(&kp, "default", first(), ops(5)).unwrap();
+        let b = seal(&kp, "default", first(), ops(5), None).unwrap();
         // Flip every byte position in turn: no single-byte change may verify.
         for i in 0..b.bytes.len() {
             let mut t = b.bytes.clone();
@@ -446,8 +475,8 @@ mod tests {
     fn forged_author_is_rejected() {
         let kp = Keypair::generate();
         let other = Keypair::generate();
-        let b = seal(&kp, "default", first(), ops(2)).unwrap();
-        let forged = seal(&other, "default", first(), ops(2)).unwrap();
+        let b = seal(&kp, "default", first(), ops(2), None).unwrap();
+        let forged = seal(&other, "default", first(), ops(2), None).unwrap();
         // Splice a valid signature of another key onto the header.
         let env = Envelope::parse(&b.bytes).unwrap();
         let fenv = Envelope::parse(&forged.bytes).unwrap();
@@ -461,12 +490,19 @@ mod tests {
     #[test]
     fn limits_are_enforced_on_seal() {
         let kp = Keypair::generate();
-        assert!(seal(&kp, "default", first(), vec![]).is_err());
-        assert!(seal(&kp, "Bad NS", first(), ops(1)).is_err());
+        assert!(seal(&kp, "default", first(), vec![], None).is_err());
+        assert!(seal(&kp, "Bad NS", first(), ops(1), None).is_err());
         let mut unordered = ops(2);
         unordered.swap(0, 1);
-        assert!(seal(&kp, "default", first(), unordered).is_err());
-        assert!(seal(&kp, "default", ChainPosition { seq: 2, prev: None }, ops(1)).is_err());
+        assert!(seal(&kp, "default", first(), unordered, None).is_err());
+        assert!(seal(
+            &kp,
+            "default",
+            ChainPosition { seq: 2, prev: None },
+            ops(1),
+            None
+        )
+        .is_err());
         assert!(verify(vec![0u8; limits::MAX_BATCH_BYTES + 1]).is_err());
     }
 }

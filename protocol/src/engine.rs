@@ -25,6 +25,26 @@
 //! limits) and chain-checked (`prev` = id of the author's previous batch, timestamps after it)
 //! before it is stored. A peer that sends an invalid batch or a malformed message is reported
 //! with [`Action::Reject`] so the shell can drop it.
+//!
+//! ## Owned namespaces: capabilities
+//!
+//! A namespace is *public* (`default`: anyone reads and writes, batches are gossiped) or
+//! *owned* (its id derives from an owner key; see [`crate::capability`]).
+//!
+//! - **Write path.** In an owned namespace every batch not written by the owner key carries the
+//!   author's capability chain in its header; it is admitted only if the chain grants `Write`
+//!   (`Admin` for revocations) to the author at the batch's own timestamps (not the receiver's
+//!   clock) and covers every record it touches. Anything else is rejected and counted.
+//! - **Revocation** is an op in the namespace's log, written by an admin. A batch whose chain
+//!   contains a token revoked at or before the batch's last timestamp is stored (chains stay
+//!   contiguous) but *ineffective*: its ops do not count. Because the verdict depends only on
+//!   the batches held, not on arrival order, replicas that hold the same batches agree — also
+//!   across a partition where a revocation and a write were concurrent. A newly learned
+//!   revocation makes the shell rebuild the namespace's records ([`Action::Rebuild`]).
+//! - **Read path.** Owned namespaces are never gossiped (gossipsub has no read access
+//!   control). Peers present their capability chain (`Present`); only peers whose chain grants
+//!   `Read` to their authenticated key, now, and is not revoked, get `Have`, fetched batches
+//!   and pushed new batches. Revocation or expiry ends that at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -33,6 +53,7 @@ use serde::{Deserialize, Serialize};
 use blazedb_identity::Keypair;
 
 use crate::batch::{self, BatchError, BatchId, ChainPosition, VerifiedBatch};
+use crate::capability::{self, Chain, Rights, TokenId};
 use crate::hlc::{Clock, Hlc};
 use crate::limits;
 use crate::op::Op;
@@ -96,7 +117,16 @@ pub enum SyncMessage {
         /// Most batches wanted.
         limit: u32,
     },
-    /// The answer to a `Fetch` (possibly empty), in seq order.
+    /// "This is my capability for `ns`" (owned namespaces): the receiver serves us if it
+    /// grants `Read` to our key.
+    Present {
+        /// Namespace.
+        ns: String,
+        /// Encoded capability chain.
+        chain: serde_bytes::ByteBuf,
+    },
+    /// The answer to a `Fetch` (possibly empty), in seq order; in owned namespaces also new
+    /// batches pushed to authorized peers.
     Batches {
         /// Namespace.
         ns: String,
@@ -143,6 +173,15 @@ pub enum Action<P> {
         /// Most batches.
         limit: u32,
     },
+    /// A revocation became known: recompute the namespace's records from its log, treating a
+    /// batch as ineffective when a token of its chain was revoked at or before its last
+    /// timestamp (see [`batch_effective`]).
+    Rebuild {
+        /// Namespace.
+        ns: String,
+        /// Every revocation known in the namespace: token → earliest revocation time.
+        revocations: BTreeMap<TokenId, Hlc>,
+    },
     /// The peer sent something invalid: drop it and count it.
     Reject {
         /// Offending peer.
@@ -176,6 +215,32 @@ pub struct EngineStats {
     pub pending_dropped: u64,
     /// Fetches sent.
     pub fetches_sent: u64,
+    /// Batches stored but ineffective (revoked capability).
+    pub batches_ineffective: u64,
+    /// Requests refused for lack of a read capability.
+    pub reads_refused: u64,
+}
+
+/// Whether a batch's ops count, given the namespace's revocations: false if any token of its
+/// capability chain was revoked at or before the batch's last timestamp.
+pub fn batch_effective(vb: &VerifiedBatch, revocations: &BTreeMap<TokenId, Hlc>) -> bool {
+    match &vb.cap {
+        None => true,
+        Some(chain) => !chain.ids().any(|id| {
+            revocations
+                .get(&id)
+                .is_some_and(|at| *at <= vb.header.hlc_max)
+        }),
+    }
+}
+
+/// Who may do what in a namespace.
+#[derive(Clone, Debug)]
+enum Policy {
+    /// Anyone reads and writes; batches are gossiped.
+    Public,
+    /// Owned: capabilities required; `mine` is our own chain, if we have one.
+    Owned { mine: Option<Chain> },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -193,21 +258,51 @@ struct InFlight<P> {
 
 #[derive(Debug)]
 struct NsState<P> {
+    policy: Policy,
     heads: BTreeMap<[u8; 32], Head>,
     pending: BTreeMap<([u8; 32], u64), VerifiedBatch>,
     pending_bytes: usize,
     fetches: BTreeMap<[u8; 32], InFlight<P>>,
     peer_heads: BTreeMap<P, BTreeMap<[u8; 32], u64>>,
+    revocations: BTreeMap<TokenId, Hlc>,
+    /// Owned namespaces: peers allowed to read, with the chain that allows them.
+    readers: BTreeMap<P, Chain>,
 }
 
 impl<P> Default for NsState<P> {
     fn default() -> Self {
         Self {
+            policy: Policy::Public,
             heads: BTreeMap::new(),
             pending: BTreeMap::new(),
             pending_bytes: 0,
             fetches: BTreeMap::new(),
             peer_heads: BTreeMap::new(),
+            revocations: BTreeMap::new(),
+            readers: BTreeMap::new(),
+        }
+    }
+}
+
+impl<P: Ord> NsState<P> {
+    fn owned(&self) -> bool {
+        matches!(self.policy, Policy::Owned { .. })
+    }
+
+    /// Whether `peer` may receive this namespace's data now.
+    fn may_read(&self, peer: &P, key: Option<&[u8; 32]>, ns: &str, now_ms: u64) -> bool {
+        match &self.policy {
+            Policy::Public => true,
+            Policy::Owned { .. } => {
+                let Some(key) = key else { return false };
+                if capability::is_owner(ns, key) {
+                    return true;
+                }
+                self.readers.get(peer).is_some_and(|chain| {
+                    chain.authorizes(ns, key, Rights::Read, now_ms).is_ok()
+                        && !chain.ids().any(|id| self.revocations.contains_key(&id))
+                })
+            }
         }
     }
 }
@@ -226,6 +321,7 @@ pub struct Engine<P> {
     cfg: EngineConfig,
     namespaces: BTreeMap<String, NsState<P>>,
     peers: BTreeSet<P>,
+    peer_keys: BTreeMap<P, [u8; 32]>,
     clock: Clock,
     next_anti_entropy_ms: u64,
     stats: EngineStats,
@@ -238,6 +334,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             cfg,
             namespaces: BTreeMap::new(),
             peers: BTreeSet::new(),
+            peer_keys: BTreeMap::new(),
             clock: Clock::new(),
             next_anti_entropy_ms: 0,
             stats: EngineStats::default(),
@@ -247,6 +344,43 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
     /// Joins a namespace: its batches will be accepted, stored and synced.
     pub fn join(&mut self, ns: &str) {
         self.namespaces.entry(ns.to_string()).or_default();
+    }
+
+    /// Joins (or updates) an owned namespace with our capability chain (`None` if we hold the
+    /// owner key itself). Returns the `Present` messages for the peers already connected.
+    pub fn join_owned(&mut self, ns: &str, mine: Option<Chain>) -> Vec<Action<P>> {
+        let st = self.namespaces.entry(ns.to_string()).or_default();
+        st.policy = Policy::Owned { mine };
+        let peers: Vec<P> = self.peers.iter().cloned().collect();
+        peers.iter().flat_map(|p| self.presents_for(p)).collect()
+    }
+
+    /// Restores a revocation from the store at start-up.
+    pub fn load_revocation(&mut self, ns: &str, token: TokenId, at: Hlc) {
+        let st = self.namespaces.entry(ns.to_string()).or_default();
+        let e = st.revocations.entry(token).or_insert(at);
+        *e = (*e).min(at);
+    }
+
+    /// Revocations known in a namespace.
+    pub fn revocations(&self, ns: &str) -> BTreeMap<TokenId, Hlc> {
+        self.namespaces
+            .get(ns)
+            .map(|s| s.revocations.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether `ns` is owned (capabilities required, never gossiped).
+    pub fn is_owned(&self, ns: &str) -> bool {
+        self.namespaces.get(ns).is_some_and(|s| s.owned())
+    }
+
+    /// Our capability chain for an owned namespace.
+    pub fn my_chain(&self, ns: &str) -> Option<&Chain> {
+        match &self.namespaces.get(ns)?.policy {
+            Policy::Owned { mine } => mine.as_ref(),
+            Policy::Public => None,
+        }
     }
 
     /// Whether the namespace has been joined.
@@ -328,15 +462,27 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         for op in &mut ops {
             op.set_hlc(self.clock.tick(now_ms));
         }
-        let vb = match batch::seal(keypair, ns, pos, ops) {
+        let cap = match &state.policy {
+            Policy::Owned { mine } if !capability::is_owner(ns, &author) => {
+                Some(mine.clone().ok_or_else(|| {
+                    BatchError::Inconsistent(format!("no capability to write in {ns:?}"))
+                })?)
+            }
+            _ => None,
+        };
+        let vb = match batch::seal(keypair, ns, pos, ops, cap.as_ref()) {
             Ok(vb) => vb,
             Err(e) => {
                 self.clock = saved_clock;
                 return Err(e);
             }
         };
+        if let Err(why) = self.admit(ns, &vb) {
+            self.clock = saved_clock;
+            return Err(BatchError::Unauthorized(why));
+        }
         let mut actions = Vec::with_capacity(2);
-        match self.ingest(ns, vb.clone(), &mut actions) {
+        match self.ingest(ns, vb.clone(), None, now_ms, &mut actions) {
             Ingest::Stored => {}
             other => {
                 // Cannot happen: we just built the next link of our own chain.
@@ -349,28 +495,48 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 )));
             }
         }
-        actions.push(Action::Publish {
-            ns: ns.to_string(),
-            id: vb.id,
-            bytes: vb.bytes.clone(),
-        });
+        if !self.is_owned(ns) {
+            actions.push(Action::Publish {
+                ns: ns.to_string(),
+                id: vb.id,
+                bytes: vb.bytes.clone(),
+            });
+        }
         Ok((vb, actions))
     }
 
-    /// A connection to `peer` is up: tell it what we have.
-    pub fn peer_up(&mut self, peer: P, _now_ms: u64) -> Vec<Action<P>> {
+    /// A connection to `peer` is up: tell it what we have. Without the peer's key it can
+    /// only take part in public namespaces.
+    pub fn peer_up(&mut self, peer: P, now_ms: u64) -> Vec<Action<P>> {
+        self.peer_up_with_key(peer, None, now_ms)
+    }
+
+    /// A connection to `peer`, authenticated as ed25519 `key`, is up.
+    pub fn peer_up_with_key(
+        &mut self,
+        peer: P,
+        key: Option<[u8; 32]>,
+        now_ms: u64,
+    ) -> Vec<Action<P>> {
         self.peers.insert(peer.clone());
-        self.haves_for(&peer)
+        if let Some(k) = key {
+            self.peer_keys.insert(peer.clone(), k);
+        }
+        let mut actions = self.presents_for(&peer);
+        actions.extend(self.haves_for(&peer, now_ms));
+        actions
     }
 
     /// The connection to `peer` is gone: forget what it had and re-route its fetches.
     pub fn peer_down(&mut self, peer: &P, now_ms: u64) -> Vec<Action<P>> {
         self.peers.remove(peer);
+        self.peer_keys.remove(peer);
         let mut actions = Vec::new();
         let names: Vec<String> = self.namespaces.keys().cloned().collect();
         for ns in names {
             let st = self.namespaces.get_mut(&ns).expect("listed");
             st.peer_heads.remove(peer);
+            st.readers.remove(peer);
             let orphaned: Vec<[u8; 32]> = st
                 .fetches
                 .iter()
@@ -424,7 +590,18 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     return actions;
                 };
                 let ours = st.heads.get(&author).map_or(0, |h| h.seq);
-                if from_seq == 0 {
+                if !st.may_read(&peer, self.peer_keys.get(&peer), &ns, now_ms) {
+                    // Reveal nothing, not even whether we hold the chain.
+                    self.stats.reads_refused += 1;
+                    actions.push(Action::Send {
+                        peer,
+                        msg: SyncMessage::Batches {
+                            ns,
+                            author,
+                            batches: Vec::new(),
+                        },
+                    });
+                } else if from_seq == 0 {
                     actions.push(Action::Reject {
                         peer,
                         reason: "fetch from seq 0".into(),
@@ -449,6 +626,38 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     });
                 }
             }
+            SyncMessage::Present { ns, chain } => {
+                let Some(st) = self.namespaces.get_mut(&ns) else {
+                    return actions;
+                };
+                if !st.owned() {
+                    return actions;
+                }
+                let chain = match Chain::decode(&chain) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        actions.push(Action::Reject {
+                            peer,
+                            reason: format!("bad capability: {e}"),
+                        });
+                        return actions;
+                    }
+                };
+                let Some(key) = self.peer_keys.get(&peer).copied() else {
+                    return actions;
+                };
+                let revoked = chain.ids().any(|id| st.revocations.contains_key(&id));
+                if chain.authorizes(&ns, &key, Rights::Read, now_ms).is_ok() && !revoked {
+                    let newly = !st.readers.contains_key(&peer);
+                    st.readers.insert(peer.clone(), chain);
+                    if newly {
+                        actions.extend(self.have_for(&ns, &peer, now_ms));
+                    }
+                } else {
+                    st.readers.remove(&peer);
+                    self.stats.reads_refused += 1;
+                }
+            }
             SyncMessage::Batches {
                 ns,
                 author,
@@ -461,9 +670,11 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     });
                     return actions;
                 }
-                if !self.namespaces.contains_key(&ns) {
+                let Some(st) = self.namespaces.get(&ns) else {
                     return actions;
-                }
+                };
+                // An answer to our fetch is not passed on; a push (owned namespaces) is.
+                let forward = !st.fetches.get(&author).is_some_and(|f| f.peer == peer);
                 for bytes in batches {
                     let vb = match batch::verify(bytes.into_vec()) {
                         Ok(vb) => vb,
@@ -484,7 +695,9 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                         });
                         return actions;
                     }
-                    if let Ingest::Rejected(reason) = self.ingest(&ns, vb, &mut actions) {
+                    let from = if forward { Some(&peer) } else { None };
+                    let res = self.ingest_from(&ns, vb, from, forward, now_ms, &mut actions);
+                    if let Ingest::Rejected(reason) = res {
                         actions.push(Action::Reject { peer, reason });
                         return actions;
                     }
@@ -509,8 +722,16 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         now_ms: u64,
     ) -> (GossipVerdict, Vec<Action<P>>) {
         let mut actions = Vec::new();
-        if !self.namespaces.contains_key(ns) {
-            return (GossipVerdict::Ignore, actions);
+        match self.namespaces.get(ns) {
+            None => return (GossipVerdict::Ignore, actions),
+            Some(st) if st.owned() => {
+                // Owned namespaces are never gossiped: whoever does is leaking or probing.
+                return (
+                    GossipVerdict::Reject("gossip in an owned namespace".into()),
+                    actions,
+                );
+            }
+            Some(_) => {}
         }
         let vb = match batch::verify(bytes) {
             Ok(vb) => vb,
@@ -528,7 +749,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         }
         let author = vb.header.author;
         let seq = vb.header.seq;
-        let verdict = match self.ingest(ns, vb, &mut actions) {
+        let verdict = match self.ingest(ns, vb, None, now_ms, &mut actions) {
             Ingest::Stored => GossipVerdict::Accept,
             Ingest::Duplicate => GossipVerdict::Ignore,
             Ingest::Buffered => {
@@ -549,14 +770,16 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         (verdict, actions)
     }
 
-    /// Time passes: periodic anti-entropy and fetch time-outs.
+    /// Time passes: periodic anti-entropy (capabilities and version vectors) and fetch
+    /// time-outs.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Action<P>> {
         let mut actions = Vec::new();
         if now_ms >= self.next_anti_entropy_ms {
             self.next_anti_entropy_ms = now_ms + self.cfg.anti_entropy_interval_ms;
             let peers: Vec<P> = self.peers.iter().cloned().collect();
             for p in peers {
-                actions.extend(self.haves_for(&p));
+                actions.extend(self.presents_for(&p));
+                actions.extend(self.haves_for(&p, now_ms));
             }
         }
         let names: Vec<String> = self.namespaces.keys().cloned().collect();
@@ -589,24 +812,51 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         fetch.min(self.next_anti_entropy_ms)
     }
 
-    fn haves_for(&self, peer: &P) -> Vec<Action<P>> {
+    /// Our capability chains, for every owned namespace we hold one in.
+    fn presents_for(&self, peer: &P) -> Vec<Action<P>> {
         self.namespaces
             .iter()
-            .map(|(ns, st)| Action::Send {
-                peer: peer.clone(),
-                msg: SyncMessage::Have {
-                    ns: ns.clone(),
-                    heads: st
-                        .heads
-                        .iter()
-                        .map(|(a, h)| HaveEntry {
-                            author: *a,
-                            seq: h.seq,
-                        })
-                        .collect(),
-                },
+            .filter_map(|(ns, st)| match &st.policy {
+                Policy::Owned { mine: Some(chain) } => Some(Action::Send {
+                    peer: peer.clone(),
+                    msg: SyncMessage::Present {
+                        ns: ns.clone(),
+                        chain: serde_bytes::ByteBuf::from(chain.encode()),
+                    },
+                }),
+                _ => None,
             })
             .collect()
+    }
+
+    /// Version vectors of every namespace `peer` may read.
+    fn haves_for(&self, peer: &P, now_ms: u64) -> Vec<Action<P>> {
+        let names: Vec<&String> = self.namespaces.keys().collect();
+        names
+            .into_iter()
+            .flat_map(|ns| self.have_for(ns, peer, now_ms))
+            .collect()
+    }
+
+    fn have_for(&self, ns: &str, peer: &P, now_ms: u64) -> Option<Action<P>> {
+        let st = self.namespaces.get(ns)?;
+        if !st.may_read(peer, self.peer_keys.get(peer), ns, now_ms) {
+            return None;
+        }
+        Some(Action::Send {
+            peer: peer.clone(),
+            msg: SyncMessage::Have {
+                ns: ns.to_string(),
+                heads: st
+                    .heads
+                    .iter()
+                    .map(|(a, h)| HaveEntry {
+                        author: *a,
+                        seq: h.seq,
+                    })
+                    .collect(),
+            },
+        })
     }
 
     fn fetch_from_anyone(
@@ -671,11 +921,74 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         });
     }
 
-    /// Chain-checks a verified batch and stores it (and any buffered successors) or buffers it.
-    fn ingest(&mut self, ns: &str, vb: VerifiedBatch, out: &mut Vec<Action<P>>) -> Ingest {
+    /// Ingests a batch from a local write (`from` = None) or gossip.
+    fn ingest(
+        &mut self,
+        ns: &str,
+        vb: VerifiedBatch,
+        from: Option<&P>,
+        now_ms: u64,
+        out: &mut Vec<Action<P>>,
+    ) -> Ingest {
+        self.ingest_from(ns, vb, from, true, now_ms, out)
+    }
+
+    /// Whether the batch's author may write it into `ns` (judged at the batch's own time).
+    fn admit(&self, ns: &str, vb: &VerifiedBatch) -> Result<(), String> {
+        let st = self.namespaces.get(ns).ok_or("unknown namespace")?;
+        let revokes = vb.ops.iter().any(|op| matches!(op, Op::Revoke { .. }));
+        match &st.policy {
+            Policy::Public => {
+                if revokes {
+                    return Err("revocation in a public namespace".into());
+                }
+                Ok(())
+            }
+            Policy::Owned { .. } => {
+                let author = &vb.header.author;
+                if capability::is_owner(ns, author) {
+                    return Ok(());
+                }
+                let chain = vb.cap.as_ref().ok_or("write without a capability")?;
+                let need = if revokes {
+                    Rights::Admin
+                } else {
+                    Rights::Write
+                };
+                for at in [vb.header.hlc_min.wall_ms(), vb.header.hlc_max.wall_ms()] {
+                    chain
+                        .authorizes(ns, author, need, at)
+                        .map_err(|e| e.to_string())?;
+                }
+                for op in &vb.ops {
+                    if !chain.covers(op.collection(), op.key()) {
+                        return Err(format!(
+                            "record {}/{} outside the capability's scope",
+                            op.collection(),
+                            op.key()
+                        ));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Chain-checks a verified batch and stores it (and any buffered successors) or buffers
+    /// it. In owned namespaces, newly stored batches are pushed to authorized readers (except
+    /// `from`) when `forward` is set.
+    fn ingest_from(
+        &mut self,
+        ns: &str,
+        vb: VerifiedBatch,
+        from: Option<&P>,
+        forward: bool,
+        now_ms: u64,
+        out: &mut Vec<Action<P>>,
+    ) -> Ingest {
         let st = self
             .namespaces
-            .get_mut(ns)
+            .get(ns)
             .expect("caller checked the namespace");
         let author = vb.header.author;
         let head = st.heads.get(&author).copied();
@@ -689,6 +1002,11 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             self.stats.batches_duplicate += 1;
             return Ingest::Duplicate;
         }
+        if let Err(reason) = self.admit(ns, &vb) {
+            self.stats.batches_rejected += 1;
+            return Ingest::Rejected(reason);
+        }
+        let st = self.namespaces.get_mut(ns).expect("checked above");
         if seq > head_seq + 1 {
             let key = (author, seq);
             if st.pending.contains_key(&key) {
@@ -709,8 +1027,11 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             self.stats.batches_rejected += 1;
             return Ingest::Rejected(reason);
         }
+        let owned = st.owned();
+        let mut new_revocations = false;
+        let mut stored = Vec::new();
         let mut next = Some(vb);
-        while let Some(vb) = next.take() {
+        while let Some(mut vb) = next.take() {
             let seq = vb.header.seq;
             st.heads.insert(
                 author,
@@ -722,7 +1043,22 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             );
             self.clock.observe(vb.header.hlc_max);
             self.stats.batches_stored += 1;
-            out.push(Action::Store(vb));
+            vb.effective = batch_effective(&vb, &st.revocations);
+            if !vb.effective {
+                self.stats.batches_ineffective += 1;
+            }
+            for op in &vb.ops {
+                if let Op::Revoke { token, hlc } = op {
+                    if let Some(id) = TokenId::from_hex(token) {
+                        let e = st.revocations.entry(id).or_insert(*hlc);
+                        if *hlc <= *e {
+                            *e = *hlc;
+                            new_revocations = true;
+                        }
+                    }
+                }
+            }
+            stored.push(vb);
             if let Some(succ) = st.pending.remove(&(author, seq + 1)) {
                 st.pending_bytes -= succ.bytes.len();
                 if check_link(st.heads.get(&author).copied(), &succ).is_ok() {
@@ -731,6 +1067,39 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     self.stats.batches_rejected += 1;
                 }
             }
+        }
+        if owned && forward {
+            let readers: Vec<P> = st
+                .readers
+                .keys()
+                .filter(|p| Some(*p) != from)
+                .filter(|p| st.may_read(p, self.peer_keys.get(*p), ns, now_ms))
+                .cloned()
+                .collect();
+            for p in readers {
+                out.push(Action::Send {
+                    peer: p,
+                    msg: SyncMessage::Batches {
+                        ns: ns.to_string(),
+                        author,
+                        batches: stored
+                            .iter()
+                            .map(|b| serde_bytes::ByteBuf::from(b.bytes.clone()))
+                            .collect(),
+                    },
+                });
+            }
+        }
+        out.extend(stored.into_iter().map(Action::Store));
+        if new_revocations {
+            // Readers whose chain is now revoked stop receiving anything at once.
+            let revs = st.revocations.clone();
+            st.readers
+                .retain(|_, chain| !chain.ids().any(|id| revs.contains_key(&id)));
+            out.push(Action::Rebuild {
+                ns: ns.to_string(),
+                revocations: revs,
+            });
         }
         Ingest::Stored
     }

@@ -13,6 +13,7 @@
 //! - [`limits`]: every maximum the protocol enforces.
 
 pub mod batch;
+pub mod capability;
 pub mod engine;
 pub mod hlc;
 pub mod limits;

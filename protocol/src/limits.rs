@@ -3,8 +3,8 @@
 
 /// Largest encoded batch (envelope: header + signature + payload), in bytes.
 pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
-/// Largest encoded batch header, in bytes.
-pub const MAX_HEADER_BYTES: usize = 512;
+/// Largest encoded batch header, in bytes (room for a capability chain of full depth).
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Most ops in one batch.
 pub const MAX_OPS_PER_BATCH: usize = 10_000;
 /// Longest namespace name, in bytes.

@@ -101,6 +101,16 @@ impl RecordState {
                 }
             }
             Op::Delete { .. } => s.deleted = Some(stamp),
+            Op::Revoke { .. } => {
+                s.touched = Some(stamp);
+                s.fields.insert(
+                    "revoked_at".to_string(),
+                    FieldState {
+                        lww: Some((stamp, Value::from(op.hlc().wall_ms()))),
+                        adds: BTreeMap::new(),
+                    },
+                );
+            }
             Op::CounterAdd { field, delta, .. } => {
                 s.touched = Some(stamp);
                 s.fields.insert(

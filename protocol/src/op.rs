@@ -45,6 +45,18 @@ pub enum Op {
         #[serde(rename = "h")]
         hlc: Hlc,
     },
+    /// Revokes a capability token (and every token delegated from it) from `hlc` on. Only an
+    /// admin of the namespace may write it. Materialized as a record of the reserved
+    /// collection [`REVOCATIONS_COLLECTION`], keyed by the token id (hex).
+    #[serde(rename = "r")]
+    Revoke {
+        /// Id of the revoked token (64 lowercase hex digits).
+        #[serde(rename = "k")]
+        token: String,
+        /// Timestamp of this op: batches after it that rely on the token stop counting.
+        #[serde(rename = "h")]
+        hlc: Hlc,
+    },
     /// Adds `delta` to a numeric field; concurrent adds all count.
     #[serde(rename = "a")]
     CounterAdd {
@@ -65,6 +77,9 @@ pub enum Op {
         delta: i64,
     },
 }
+
+/// Reserved collection holding revocations (collections starting with `_` are reserved).
+pub const REVOCATIONS_COLLECTION: &str = "_revocations";
 
 /// Why an op (or a name) is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,6 +118,7 @@ impl Op {
             Op::Upsert { collection, .. }
             | Op::Delete { collection, .. }
             | Op::CounterAdd { collection, .. } => collection,
+            Op::Revoke { .. } => REVOCATIONS_COLLECTION,
         }
     }
 
@@ -110,29 +126,55 @@ impl Op {
     pub fn key(&self) -> &str {
         match self {
             Op::Upsert { key, .. } | Op::Delete { key, .. } | Op::CounterAdd { key, .. } => key,
+            Op::Revoke { token, .. } => token,
         }
     }
 
     /// Timestamp of this op.
     pub fn hlc(&self) -> Hlc {
         match self {
-            Op::Upsert { hlc, .. } | Op::Delete { hlc, .. } | Op::CounterAdd { hlc, .. } => *hlc,
+            Op::Upsert { hlc, .. }
+            | Op::Delete { hlc, .. }
+            | Op::CounterAdd { hlc, .. }
+            | Op::Revoke { hlc, .. } => *hlc,
         }
     }
 
     /// Sets the timestamp (the writing node stamps ops just before sealing a batch).
     pub fn set_hlc(&mut self, new: Hlc) {
         match self {
-            Op::Upsert { hlc, .. } | Op::Delete { hlc, .. } | Op::CounterAdd { hlc, .. } => {
-                *hlc = new
-            }
+            Op::Upsert { hlc, .. }
+            | Op::Delete { hlc, .. }
+            | Op::CounterAdd { hlc, .. }
+            | Op::Revoke { hlc, .. } => *hlc = new,
         }
     }
 
     /// Checks every limit and naming rule. Ops from any source pass through here before they
     /// are sealed into a batch or accepted from a peer.
     pub fn validate(&self) -> Result<(), OpError> {
+        if let Op::Revoke { token, .. } = self {
+            if token.len() != 64
+                || !token
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(name_error(
+                    "token id",
+                    token,
+                    "expected 64 lowercase hex digits",
+                ));
+            }
+            return Ok(());
+        }
         validate_collection(self.collection())?;
+        if self.collection().starts_with('_') {
+            return Err(name_error(
+                "collection",
+                self.collection(),
+                "collections starting with '_' are reserved",
+            ));
+        }
         validate_key(self.key())?;
         match self {
             Op::Upsert { fields, .. } => {
@@ -146,7 +188,7 @@ impl Op {
                     validate_value(name, value)?;
                 }
             }
-            Op::Delete { .. } => {}
+            Op::Delete { .. } | Op::Revoke { .. } => {}
             Op::CounterAdd { field, .. } => validate_field_name(field)?,
         }
         Ok(())
@@ -294,6 +336,22 @@ mod tests {
         assert!(validate_namespace(&"a".repeat(65)).is_err());
         assert!(validate_collection("users_2").is_ok());
         assert!(validate_collection("a/b").is_err());
+        let reserved = Op::Delete {
+            collection: "_revocations".into(),
+            key: "k".into(),
+            hlc: Hlc(1),
+        };
+        assert!(
+            reserved.validate().is_err(),
+            "user ops must not touch reserved collections"
+        );
+        let revoke = |t: &str| Op::Revoke {
+            token: t.into(),
+            hlc: Hlc(1),
+        };
+        assert!(revoke(&"ab".repeat(32)).validate().is_ok());
+        assert!(revoke(&"AB".repeat(32)).validate().is_err());
+        assert!(revoke("abc").validate().is_err());
         assert!(validate_key("any key: ünïcode").is_ok());
         assert!(validate_key("bad\nkey").is_err());
         assert!(validate_key(&"k".repeat(257)).is_err());

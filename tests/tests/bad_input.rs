@@ -236,9 +236,15 @@ fn tampered_batch() -> Vec<u8> {
         hlc: Hlc::new(1_000, 0),
         fields: [("x".to_string(), json!(1))].into_iter().collect(),
     }];
-    let mut bytes = batch::seal(&kp, "default", ChainPosition { seq: 1, prev: None }, ops)
-        .unwrap()
-        .bytes;
+    let mut bytes = batch::seal(
+        &kp,
+        "default",
+        ChainPosition { seq: 1, prev: None },
+        ops,
+        None,
+    )
+    .unwrap()
+    .bytes;
     let last = bytes.len() - 2;
     bytes[last] ^= 0x55; // inside the payload: hash no longer matches
     bytes
