@@ -277,6 +277,10 @@ enum Command {
     Status {
         reply: oneshot::Sender<Status>,
     },
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), NodeError>>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -481,6 +485,13 @@ impl NodeHandle {
             }],
         )
         .await
+    }
+
+    /// Dials a peer address (in addition to bootstrap peers and mDNS discoveries).
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Dial { addr, reply }).await?;
+        rx.await.map_err(|_| NodeError::Stopped)?
     }
 
     async fn send(&self, cmd: Command) -> Result<(), NodeError> {
@@ -690,11 +701,10 @@ impl Actor {
             }
         };
         info!("node stopping");
-        // Drop the swarm (closing connections) and the receiver before answering, so the
-        // caller of shutdown() sees a node that is really gone.
-        let Actor { swarm, rx, .. } = self;
-        drop(swarm);
-        drop(rx);
+        // Drop everything (connections, the actor's share of the store) before answering, so
+        // the caller of shutdown() sees a node that is really gone: once its own handles are
+        // dropped too, the store file is closed and can be opened again.
+        drop(self);
         if let Some(reply) = stop_reply {
             let _ = reply.send(());
         }
@@ -745,6 +755,14 @@ impl Actor {
             }
             Command::Join { chain, reply } => {
                 let res = self.join(chain);
+                let _ = reply.send(res);
+                Flow::Continue
+            }
+            Command::Dial { addr, reply } => {
+                let res = self
+                    .swarm
+                    .dial(addr)
+                    .map_err(|e| NodeError::Invalid(format!("cannot dial: {e}")));
                 let _ = reply.send(res);
                 Flow::Continue
             }
@@ -863,26 +881,37 @@ impl Actor {
                     author,
                     from_seq,
                     limit,
+                    until,
                 } => {
-                    match self.shared.store.chain_range(
-                        &ns,
-                        &author,
-                        from_seq,
-                        limit,
-                        SERVE_MAX_BYTES,
-                    ) {
+                    let store = &self.shared.store;
+                    match store.chain_range(&ns, &author, from_seq, limit, SERVE_MAX_BYTES, until) {
                         Ok(batches) => {
+                            let batches = batches
+                                .into_iter()
+                                .map(serde_bytes::ByteBuf::from)
+                                .collect();
                             let msg = SyncMessage::Batches {
                                 ns,
                                 author,
-                                batches: batches
-                                    .into_iter()
-                                    .map(serde_bytes::ByteBuf::from)
-                                    .collect(),
+                                batches,
                             };
                             self.swarm.behaviour_mut().sync.send_request(&peer, msg);
                         }
                         Err(e) => warn!("serving fetch: {e}"),
+                    }
+                }
+                Action::ServeRevocations { peer, ns, tokens } => {
+                    match self.shared.store.revoking_batches(&ns, &tokens) {
+                        Ok(batches) if !batches.is_empty() => {
+                            let batches = batches
+                                .into_iter()
+                                .map(serde_bytes::ByteBuf::from)
+                                .collect();
+                            let msg = SyncMessage::Revoked { ns, batches };
+                            self.swarm.behaviour_mut().sync.send_request(&peer, msg);
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!("serving revocations: {e}"),
                     }
                 }
                 Action::Reject { peer, reason } => self.drop_peer(peer, &reason),

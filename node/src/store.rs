@@ -33,6 +33,9 @@ pub const NAMESPACES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("n
 /// Revocations: `ns_len:u8 ns token:32` → earliest revocation HLC (`u64`).
 pub const REVOCATIONS: TableDefinition<'_, &[u8], u64> = TableDefinition::new("revocations-v1");
 
+/// Which batch revoked a token: `ns_len:u8 ns token:32` → batch id (32 bytes).
+pub const REVOKED_BY: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("revoked-by-v1");
+
 /// A joined namespace, as persisted.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct NamespaceRecord {
@@ -222,6 +225,7 @@ impl Store {
             txn.open_table(RECORDS)?;
             txn.open_table(NAMESPACES)?;
             txn.open_table(REVOCATIONS)?;
+            txn.open_table(REVOKED_BY)?;
         }
         txn.commit()?;
         Ok(Self { db })
@@ -276,6 +280,7 @@ impl Store {
             let mut chain_t = txn.open_table(CHAINS)?;
             let mut records = txn.open_table(RECORDS)?;
             let mut revocations = txn.open_table(REVOCATIONS)?;
+            let mut revoked_by = txn.open_table(REVOKED_BY)?;
             for vb in batches {
                 let ns = &vb.header.ns;
                 batch_t.insert(&vb.id.0[..], vb.bytes.as_slice())?;
@@ -291,6 +296,7 @@ impl Store {
                             let old = revocations.get(k.as_slice())?.map(|v| v.value());
                             if old.is_none_or(|o| hlc.0 < o) {
                                 revocations.insert(k.as_slice(), hlc.0)?;
+                                revoked_by.insert(k.as_slice(), &vb.id.0[..])?;
                             }
                         }
                     }
@@ -377,6 +383,7 @@ impl Store {
         from_seq: u64,
         limit: u32,
         max_bytes: usize,
+        until: Option<Hlc>,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
         let txn = self.db.begin_read()?;
         let chains = txn.open_table(CHAINS)?;
@@ -394,6 +401,12 @@ impl Store {
                 .get(id.value())?
                 .ok_or_else(|| StoreError::Corrupt("chain names a missing batch".into()))?;
             let b = b.value().to_vec();
+            if let Some(until) = until {
+                // Chains are in time order: the first batch at or after `until` ends it.
+                if stored_header(&b)?.hlc_max >= until {
+                    break;
+                }
+            }
             if !out.is_empty() && bytes + b.len() > max_bytes {
                 break;
             }
@@ -448,9 +461,33 @@ impl Store {
         Ok(out)
     }
 
-    /// Recomputes the records of one namespace from its log, counting only batches that are
-    /// effective under `revocations` (see `blazedb_protocol::engine::batch_effective`).
-    /// Returns (batches applied, batches ineffective).
+    /// Envelope bytes of the batches that revoked `tokens` in `ns` (those we hold).
+    pub fn revoking_batches(
+        &self,
+        ns: &str,
+        tokens: &[TokenId],
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let by = txn.open_table(REVOKED_BY)?;
+        let batches = txn.open_table(BATCHES)?;
+        let mut ids = std::collections::BTreeSet::new();
+        for t in tokens {
+            if let Some(id) = by.get(revocation_key(ns, t).as_slice())? {
+                ids.insert(id.value().to_vec());
+            }
+        }
+        let mut out = Vec::new();
+        for id in ids {
+            if let Some(b) = batches.get(id.as_slice())? {
+                out.push(b.value().to_vec());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records `revocations` (keeping the earliest time per token), then recomputes the
+    /// records of one namespace from its log, counting only batches that are effective (see
+    /// `blazedb_protocol::engine::batch_effective`). Returns (batches applied, ineffective).
     pub fn rebuild_namespace(
         &self,
         ns: &str,
@@ -458,6 +495,16 @@ impl Store {
     ) -> Result<(u64, u64), StoreError> {
         let txn = self.db.begin_write()?;
         let (mut applied, mut skipped) = (0u64, 0u64);
+        {
+            let mut revs = txn.open_table(REVOCATIONS)?;
+            for (token, at) in revocations {
+                let k = revocation_key(ns, token);
+                let old = revs.get(k.as_slice())?.map(|v| v.value());
+                if old.is_none_or(|o| at.0 < o) {
+                    revs.insert(k.as_slice(), at.0)?;
+                }
+            }
+        }
         {
             let prefix = ns_prefix(ns);
             let end = prefix_end(&prefix);
@@ -642,7 +689,7 @@ mod tests {
         store.rebuild_records().unwrap();
         assert_eq!(store.list("default", "c", "", 100).unwrap(), before);
         let range = store
-            .chain_range("default", kp.public().as_bytes(), 2, 10, 1 << 20)
+            .chain_range("default", kp.public().as_bytes(), 2, 10, 1 << 20, None)
             .unwrap();
         assert_eq!(range.len(), 4);
         assert_eq!(range[0], stored[1].bytes);

@@ -125,6 +125,15 @@ pub enum SyncMessage {
         /// Encoded capability chain.
         chain: serde_bytes::ByteBuf,
     },
+    /// "Your capability was revoked by these batches": lets a revoked peer reach the same
+    /// verdict without receiving anything else. The batches are verified and their
+    /// revocations recorded, but they are not stored.
+    Revoked {
+        /// Namespace.
+        ns: String,
+        /// Envelope bytes of the revoking batches.
+        batches: Vec<serde_bytes::ByteBuf>,
+    },
     /// The answer to a `Fetch` (possibly empty), in seq order; in owned namespaces also new
     /// batches pushed to authorized peers.
     Batches {
@@ -140,6 +149,8 @@ pub enum SyncMessage {
 
 /// What the shell must do.
 #[derive(Clone, Debug, PartialEq)]
+// Actions live for one event's handling; boxing the batch would cost an allocation per batch.
+#[allow(clippy::large_enum_variant)]
 pub enum Action<P> {
     /// Send a message to a peer.
     Send {
@@ -172,6 +183,19 @@ pub enum Action<P> {
         from_seq: u64,
         /// Most batches.
         limit: u32,
+        /// Serve only batches whose last timestamp is before this (the peer's capability was
+        /// revoked then); `None` = no limit.
+        until: Option<Hlc>,
+    },
+    /// Send `peer` the batches that revoked `tokens` in `ns` (as [`SyncMessage::Revoked`]):
+    /// it still presents a revoked chain.
+    ServeRevocations {
+        /// Peer.
+        peer: P,
+        /// Namespace.
+        ns: String,
+        /// Revoked tokens of its chain.
+        tokens: Vec<TokenId>,
     },
     /// A revocation became known: recompute the namespace's records from its log, treating a
     /// batch as ineffective when a token of its chain was revoked at or before its last
@@ -289,21 +313,37 @@ impl<P: Ord> NsState<P> {
         matches!(self.policy, Policy::Owned { .. })
     }
 
-    /// Whether `peer` may receive this namespace's data now.
-    fn may_read(&self, peer: &P, key: Option<&[u8; 32]>, ns: &str, now_ms: u64) -> bool {
+    /// What `peer` may receive now: `None` nothing; `Some(None)` everything;
+    /// `Some(Some(t))` only batches written before `t` (its chain was revoked at `t`).
+    fn read_cutoff(
+        &self,
+        peer: &P,
+        key: Option<&[u8; 32]>,
+        ns: &str,
+        now_ms: u64,
+    ) -> Option<Option<Hlc>> {
         match &self.policy {
-            Policy::Public => true,
+            Policy::Public => Some(None),
             Policy::Owned { .. } => {
-                let Some(key) = key else { return false };
+                let key = key?;
                 if capability::is_owner(ns, key) {
-                    return true;
+                    return Some(None);
                 }
-                self.readers.get(peer).is_some_and(|chain| {
-                    chain.authorizes(ns, key, Rights::Read, now_ms).is_ok()
-                        && !chain.ids().any(|id| self.revocations.contains_key(&id))
-                })
+                let chain = self.readers.get(peer)?;
+                chain.authorizes(ns, key, Rights::Read, now_ms).ok()?;
+                Some(
+                    chain
+                        .ids()
+                        .filter_map(|id| self.revocations.get(&id).copied())
+                        .min(),
+                )
             }
         }
+    }
+
+    /// Whether `peer` may receive anything of this namespace now.
+    fn may_read(&self, peer: &P, key: Option<&[u8; 32]>, ns: &str, now_ms: u64) -> bool {
+        self.read_cutoff(peer, key, ns, now_ms).is_some()
     }
 }
 
@@ -590,7 +630,8 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     return actions;
                 };
                 let ours = st.heads.get(&author).map_or(0, |h| h.seq);
-                if !st.may_read(&peer, self.peer_keys.get(&peer), &ns, now_ms) {
+                let cutoff = st.read_cutoff(&peer, self.peer_keys.get(&peer), &ns, now_ms);
+                if cutoff.is_none() {
                     // Reveal nothing, not even whether we hold the chain.
                     self.stats.reads_refused += 1;
                     actions.push(Action::Send {
@@ -609,6 +650,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 } else if from_seq <= ours {
                     let limit = limit.clamp(1, limits::MAX_FETCH_BATCHES);
                     actions.push(Action::Serve {
+                        until: cutoff.flatten(),
                         peer,
                         ns,
                         author,
@@ -624,6 +666,50 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                             batches: Vec::new(),
                         },
                     });
+                }
+            }
+            SyncMessage::Revoked { ns, batches } => {
+                if batches.len() > capability::MAX_CHAIN_DEPTH {
+                    actions.push(Action::Reject {
+                        peer,
+                        reason: "too many revocations".into(),
+                    });
+                    return actions;
+                }
+                if !self.is_owned(&ns) {
+                    return actions;
+                }
+                let mut learned = false;
+                for bytes in batches {
+                    let vb = match batch::verify(bytes.into_vec()) {
+                        Ok(vb) if vb.header.ns == ns => vb,
+                        Ok(_) => {
+                            actions.push(Action::Reject {
+                                peer,
+                                reason: "revocation for another namespace".into(),
+                            });
+                            return actions;
+                        }
+                        Err(e) => {
+                            self.stats.batches_rejected += 1;
+                            actions.push(Action::Reject {
+                                peer,
+                                reason: e.to_string(),
+                            });
+                            return actions;
+                        }
+                    };
+                    if let Err(reason) = self.admit(&ns, &vb) {
+                        self.stats.batches_rejected += 1;
+                        actions.push(Action::Reject { peer, reason });
+                        return actions;
+                    }
+                    let st = self.namespaces.get_mut(&ns).expect("checked");
+                    learned |= record_revocations(&mut st.revocations, &vb);
+                }
+                if learned {
+                    let revocations = self.revocations(&ns);
+                    actions.push(Action::Rebuild { ns, revocations });
                 }
             }
             SyncMessage::Present { ns, chain } => {
@@ -646,12 +732,24 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 let Some(key) = self.peer_keys.get(&peer).copied() else {
                     return actions;
                 };
-                let revoked = chain.ids().any(|id| st.revocations.contains_key(&id));
-                if chain.authorizes(&ns, &key, Rights::Read, now_ms).is_ok() && !revoked {
+                let revoked: Vec<TokenId> = chain
+                    .ids()
+                    .filter(|id| st.revocations.contains_key(id))
+                    .collect();
+                if chain.authorizes(&ns, &key, Rights::Read, now_ms).is_ok() {
                     let newly = !st.readers.contains_key(&peer);
                     st.readers.insert(peer.clone(), chain);
                     if newly {
                         actions.extend(self.have_for(&ns, &peer, now_ms));
+                    }
+                    if !revoked.is_empty() {
+                        // It still presents a revoked chain: it has not heard. Tell it, so it
+                        // reaches the same verdict as everyone else.
+                        actions.push(Action::ServeRevocations {
+                            peer,
+                            ns,
+                            tokens: revoked,
+                        });
                     }
                 } else {
                     st.readers.remove(&peer);
@@ -674,7 +772,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     return actions;
                 };
                 // An answer to our fetch is not passed on; a push (owned namespaces) is.
-                let forward = !st.fetches.get(&author).is_some_and(|f| f.peer == peer);
+                let forward = st.fetches.get(&author).is_none_or(|f| f.peer != peer);
                 for bytes in batches {
                     let vb = match batch::verify(bytes.into_vec()) {
                         Ok(vb) => vb,
@@ -817,13 +915,17 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         self.namespaces
             .iter()
             .filter_map(|(ns, st)| match &st.policy {
-                Policy::Owned { mine: Some(chain) } => Some(Action::Send {
-                    peer: peer.clone(),
-                    msg: SyncMessage::Present {
-                        ns: ns.clone(),
-                        chain: serde_bytes::ByteBuf::from(chain.encode()),
-                    },
-                }),
+                Policy::Owned { mine: Some(chain) }
+                    if !chain.ids().any(|id| st.revocations.contains_key(&id)) =>
+                {
+                    Some(Action::Send {
+                        peer: peer.clone(),
+                        msg: SyncMessage::Present {
+                            ns: ns.clone(),
+                            chain: serde_bytes::ByteBuf::from(chain.encode()),
+                        },
+                    })
+                }
                 _ => None,
             })
             .collect()
@@ -1047,17 +1149,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             if !vb.effective {
                 self.stats.batches_ineffective += 1;
             }
-            for op in &vb.ops {
-                if let Op::Revoke { token, hlc } = op {
-                    if let Some(id) = TokenId::from_hex(token) {
-                        let e = st.revocations.entry(id).or_insert(*hlc);
-                        if *hlc <= *e {
-                            *e = *hlc;
-                            new_revocations = true;
-                        }
-                    }
-                }
-            }
+            new_revocations |= record_revocations(&mut st.revocations, &vb);
             stored.push(vb);
             if let Some(succ) = st.pending.remove(&(author, seq + 1)) {
                 st.pending_bytes -= succ.bytes.len();
@@ -1069,33 +1161,38 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             }
         }
         if owned && forward {
-            let readers: Vec<P> = st
+            let readers: Vec<(P, Option<Hlc>)> = st
                 .readers
                 .keys()
                 .filter(|p| Some(*p) != from)
-                .filter(|p| st.may_read(p, self.peer_keys.get(*p), ns, now_ms))
-                .cloned()
+                .filter_map(|p| {
+                    let cutoff = st.read_cutoff(p, self.peer_keys.get(p), ns, now_ms)?;
+                    Some((p.clone(), cutoff))
+                })
                 .collect();
-            for p in readers {
-                out.push(Action::Send {
-                    peer: p,
-                    msg: SyncMessage::Batches {
-                        ns: ns.to_string(),
-                        author,
-                        batches: stored
-                            .iter()
-                            .map(|b| serde_bytes::ByteBuf::from(b.bytes.clone()))
-                            .collect(),
-                    },
-                });
+            for (p, cutoff) in readers {
+                let batches: Vec<serde_bytes::ByteBuf> = stored
+                    .iter()
+                    .filter(|b| cutoff.is_none_or(|c| b.header.hlc_max < c))
+                    .map(|b| serde_bytes::ByteBuf::from(b.bytes.clone()))
+                    .collect();
+                if !batches.is_empty() {
+                    out.push(Action::Send {
+                        peer: p,
+                        msg: SyncMessage::Batches {
+                            ns: ns.to_string(),
+                            author,
+                            batches,
+                        },
+                    });
+                }
             }
         }
         out.extend(stored.into_iter().map(Action::Store));
         if new_revocations {
-            // Readers whose chain is now revoked stop receiving anything at once.
+            // Readers whose chain is now revoked receive nothing written from then on (see
+            // `read_cutoff`).
             let revs = st.revocations.clone();
-            st.readers
-                .retain(|_, chain| !chain.ids().any(|id| revs.contains_key(&id)));
             out.push(Action::Rebuild {
                 ns: ns.to_string(),
                 revocations: revs,
@@ -1103,6 +1200,25 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         }
         Ingest::Stored
     }
+}
+
+/// Adds the batch's revocations (earliest time per token); true if anything was new or earlier.
+fn record_revocations(revocations: &mut BTreeMap<TokenId, Hlc>, vb: &VerifiedBatch) -> bool {
+    let mut changed = false;
+    for op in &vb.ops {
+        if let Op::Revoke { token, hlc } = op {
+            if let Some(id) = TokenId::from_hex(token) {
+                match revocations.get(&id) {
+                    Some(at) if *at <= *hlc => {}
+                    _ => {
+                        revocations.insert(id, *hlc);
+                        changed = true;
+                    }
+                }
+            }
+        }
+    }
+    changed
 }
 
 /// `vb` must be the next link after `head`: right `prev`, timestamps after the previous batch.

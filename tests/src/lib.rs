@@ -27,8 +27,19 @@ pub fn loopback() -> Multiaddr {
     "/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr")
 }
 
+/// Logs to the test output when `RUST_LOG` is set (once per test binary).
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// Starts a node in `dir` on loopback, mDNS off, dialing `bootstrap`.
 pub async fn start_node(dir: &Path, bootstrap: &[Multiaddr]) -> anyhow::Result<NodeHandle> {
+    init_logs();
     let mut b = Node::builder()
         .data_dir(dir)
         .listen(vec![loopback()])
