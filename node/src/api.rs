@@ -472,8 +472,13 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
     );
     counter(
         "blazedb_duplicate_batches_total",
-        "Gossiped batches already held.",
+        "Batches received that were already held.",
         m.duplicates.load(Ordering::Relaxed),
+    );
+    counter(
+        "blazedb_ineffective_batches_total",
+        "Batches stored whose capability was revoked before they were written.",
+        m.ineffective.load(Ordering::Relaxed),
     );
     out.push_str(&format!(
         "# HELP blazedb_stored_batches Batches in the store.\n# TYPE blazedb_stored_batches gauge\nblazedb_stored_batches {batches}\n\

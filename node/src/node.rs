@@ -249,8 +249,10 @@ pub struct Metrics {
     pub peers_dropped: AtomicU64,
     /// Group commits performed.
     pub commits: AtomicU64,
-    /// Duplicate batches received.
+    /// Duplicate batches received (gossip, pushes, fetch answers, replays).
     pub duplicates: AtomicU64,
+    /// Batches stored but ineffective (revoked capability).
+    pub ineffective: AtomicU64,
 }
 
 enum Command {
@@ -832,6 +834,12 @@ impl Actor {
 
     /// Carries out engine actions: stores first (one durable transaction), then the rest.
     fn execute(&mut self, actions: Vec<Action<PeerId>>) -> Flow {
+        let stats = self.engine.stats();
+        let m = &self.shared.metrics;
+        m.duplicates
+            .store(stats.batches_duplicate, Ordering::Relaxed);
+        m.ineffective
+            .store(stats.batches_ineffective, Ordering::Relaxed);
         let mut to_store: Vec<VerifiedBatch> = Vec::new();
         let mut rest = Vec::new();
         for a in actions {
@@ -1040,13 +1048,7 @@ impl Actor {
                 .handle_gossip(propagation_source, &ns, message.data, now_ms());
         let acceptance = match &verdict {
             GossipVerdict::Accept => gossipsub::MessageAcceptance::Accept,
-            GossipVerdict::Ignore => {
-                self.shared
-                    .metrics
-                    .duplicates
-                    .fetch_add(1, Ordering::Relaxed);
-                gossipsub::MessageAcceptance::Ignore
-            }
+            GossipVerdict::Ignore => gossipsub::MessageAcceptance::Ignore,
             GossipVerdict::Reject(_) => gossipsub::MessageAcceptance::Reject,
         };
         // Store before relaying: a batch is passed on only once it is durable here.
