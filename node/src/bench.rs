@@ -33,9 +33,12 @@ pub struct BenchArgs {
     /// Runs per figure (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// Which benchmarks (b1, b3).
-    #[arg(long, value_delimiter = ',', default_value = "b1,b3")]
+    /// Which benchmarks (b1, b2, b3, b4, b6).
+    #[arg(long, value_delimiter = ',', default_value = "b1,b2,b3,b4,b6")]
     pub only: Vec<String>,
+    /// Ops the catching-up node missed in B6.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub catchup_ops: usize,
 }
 
 /// One row of the report.
@@ -107,22 +110,36 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if args.only.iter().any(|b| b == "b1") {
         rows.extend(b1(runs)?);
     }
+    if args.only.iter().any(|b| b == "b2") {
+        rows.extend(b2(args.ops, runs).await?);
+    }
     if args.only.iter().any(|b| b == "b3") {
         rows.extend(b3(args.ops, runs).await?);
+    }
+    if args.only.iter().any(|b| b == "b4") {
+        rows.extend(b4()?);
+    }
+    if args.only.iter().any(|b| b == "b6") {
+        rows.extend(b6(args.catchup_ops, runs).await?);
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
         println!(
-            "{:<4} {:<52} {:>14} {:<8} {:>8}  baseline",
+            "{:<4} {:<60} {:>14} {:<8} {:>8}  baseline",
             "id", "what", "value", "unit", "ratio"
         );
         for r in &rows {
+            let value = if r.value.abs() < 100.0 {
+                format!("{:.2}", r.value)
+            } else {
+                format!("{:.0}", r.value)
+            };
             println!(
-                "{:<4} {:<52} {:>14.0} {:<8} {:>8}  {}",
+                "{:<4} {:<60} {:>14} {:<8} {:>8}  {}",
                 r.id,
                 r.what,
-                r.value,
+                value,
                 r.unit,
                 r.ratio.map(|x| format!("{x:.3}x")).unwrap_or_default(),
                 r.baseline.clone().unwrap_or_default()
@@ -288,6 +305,200 @@ pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
             unit: "ops/s",
             ratio: Some(owned / public),
             baseline: Some("the public (gossiped) namespace above".into()),
+        },
+    ])
+}
+
+/// B2: local durable ingest through the embedding API, 5,000-op calls, one writer after
+/// another (each call waits for durability), vs raw redb storing the same batch bytes as one
+/// value per durable transaction.
+pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
+    let calls = total_ops.div_ceil(W_BATCH_OPS).max(1);
+    let (mut rates, mut mbs, mut p50s, mut p99s, mut raw_rates) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for run in 0..runs {
+        let dir = tempfile_dir()?;
+        let node = Node::builder()
+            .data_dir(dir.path().join("n"))
+            .listen(vec!["/ip4/127.0.0.1/tcp/0".parse()?])
+            .mdns(false)
+            .spawn()
+            .await?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(100 + run as u64);
+        let batches: Vec<Vec<Op>> = (0..calls)
+            .map(|_| workload_w(&mut rng, W_BATCH_OPS, 0))
+            .collect();
+        let mut lat = Vec::with_capacity(calls);
+        let t = Instant::now();
+        for ops in batches {
+            let c = Instant::now();
+            node.write(DEFAULT_NAMESPACE, ops).await?;
+            lat.push(c.elapsed().as_secs_f64() * 1e3);
+        }
+        let secs = t.elapsed().as_secs_f64();
+        node.shutdown().await;
+        drop(node);
+        let bytes = std::fs::metadata(crate::node::store_path(&dir.path().join("n")))?.len() as f64;
+        rates.push((calls * W_BATCH_OPS) as f64 / secs);
+        mbs.push(bytes / secs / 1e6);
+        lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        p50s.push(lat[lat.len() / 2]);
+        p99s.push(lat[(lat.len() * 99 / 100).min(lat.len() - 1)]);
+
+        // Raw redb: the same number of sealed batches, one value each, durable commits.
+        let kp = Keypair::from_seed([3; 32]);
+        let sealed = batch::seal(
+            &kp,
+            DEFAULT_NAMESPACE,
+            ChainPosition { seq: 1, prev: None },
+            workload_w(&mut rng, W_BATCH_OPS, 1),
+            None,
+        )?;
+        let db = redb::Database::create(dir.path().join("raw.redb"))?;
+        const T: redb::TableDefinition<'_, u64, &[u8]> = redb::TableDefinition::new("raw");
+        let t = Instant::now();
+        for i in 0..calls as u64 {
+            let txn = db.begin_write()?;
+            txn.open_table(T)?.insert(i, sealed.bytes.as_slice())?;
+            txn.commit()?;
+        }
+        raw_rates.push((calls * W_BATCH_OPS) as f64 / t.elapsed().as_secs_f64());
+    }
+    let (rate, raw) = (median(rates), median(raw_rates));
+    Ok(vec![
+        Row {
+            id: "B2",
+            what: format!("local durable ingest, 5k-op calls, {total_ops} ops"),
+            value: rate,
+            unit: "ops/s",
+            ratio: Some(rate / raw),
+            baseline: Some(format!(
+                "raw redb, one sealed batch per durable txn: {raw:.0} ops/s"
+            )),
+        },
+        Row {
+            id: "B2",
+            what: "store growth rate".into(),
+            value: median(mbs),
+            unit: "MB/s",
+            ratio: None,
+            baseline: None,
+        },
+        Row {
+            id: "B2",
+            what: "commit latency p50 (5k-op call)".into(),
+            value: median(p50s),
+            unit: "ms",
+            ratio: None,
+            baseline: None,
+        },
+        Row {
+            id: "B2",
+            what: "commit latency p99 (5k-op call)".into(),
+            value: median(p99s),
+            unit: "ms",
+            ratio: None,
+            baseline: None,
+        },
+    ])
+}
+
+/// B4: bytes per op of what crosses the wire for workload W: the sealed batch (header,
+/// signature, CBOR payload). No op merging or compression yet; TLS/yamux framing (~0.1%) not
+/// counted.
+pub fn b4() -> Result<Vec<Row>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(4);
+    let kp = Keypair::from_seed([4; 32]);
+    let sealed = batch::seal(
+        &kp,
+        DEFAULT_NAMESPACE,
+        ChainPosition { seq: 1, prev: None },
+        workload_w(&mut rng, W_BATCH_OPS, 1),
+        None,
+    )?;
+    Ok(vec![Row {
+        id: "B4",
+        what: "wire bytes per op, workload W (no merging/compression yet)".into(),
+        value: sealed.bytes.len() as f64 / W_BATCH_OPS as f64,
+        unit: "B/op",
+        ratio: None,
+        baseline: None,
+    }])
+}
+
+/// B6: a node that missed `missed_ops` catches up from one peer: seconds from connect until it
+/// holds everything, and bytes served / bytes missing (batch bytes; framing not counted).
+pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let calls = missed_ops.div_ceil(W_BATCH_OPS).max(1);
+    let (mut secs_v, mut first_v, mut ratio_v) = (vec![], vec![], vec![]);
+    for run in 0..runs {
+        let dir = tempfile_dir()?;
+        let lo: libp2p::Multiaddr = "/ip4/127.0.0.1/tcp/0".parse()?;
+        let a = Node::builder()
+            .data_dir(dir.path().join("a"))
+            .listen(vec![lo.clone()])
+            .mdns(false)
+            .spawn()
+            .await?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(600 + run as u64);
+        for _ in 0..calls {
+            a.write(DEFAULT_NAMESPACE, workload_w(&mut rng, W_BATCH_OPS, 0))
+                .await?;
+        }
+        let t = Instant::now();
+        let b = Node::builder()
+            .data_dir(dir.path().join("b"))
+            .listen(vec![lo])
+            .mdns(false)
+            .bootstrap(a.listen_addrs()[0].clone())
+            .spawn()
+            .await?;
+        let want = calls as u64;
+        let mut first = None;
+        let deadline = Instant::now() + Duration::from_secs(1800);
+        loop {
+            let got = b.metrics().remote_batches.load(Relaxed);
+            if got > 0 && first.is_none() {
+                first = Some(t.elapsed().as_secs_f64());
+            }
+            if got >= want {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "catch-up did not finish");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        secs_v.push(t.elapsed().as_secs_f64());
+        first_v.push(first.unwrap_or_default());
+        let missing = a.metrics().local_bytes.load(Relaxed) as f64;
+        ratio_v.push(a.metrics().served_bytes.load(Relaxed) as f64 / missing);
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+    Ok(vec![
+        Row {
+            id: "B6",
+            what: format!("catch-up of {missed_ops} missed ops from one peer"),
+            value: median(secs_v),
+            unit: "s",
+            ratio: None,
+            baseline: None,
+        },
+        Row {
+            id: "B6",
+            what: "time until the first missing batch is stored".into(),
+            value: median(first_v) * 1e3,
+            unit: "ms",
+            ratio: None,
+            baseline: None,
+        },
+        Row {
+            id: "B6",
+            what: "batch bytes served / batch bytes missing".into(),
+            value: median(ratio_v),
+            unit: "x",
+            ratio: None,
+            baseline: Some("message framing, TLS and yamux not counted".into()),
         },
     ])
 }

@@ -253,6 +253,10 @@ pub struct Metrics {
     pub duplicates: AtomicU64,
     /// Batches stored but ineffective (revoked capability).
     pub ineffective: AtomicU64,
+    /// Envelope bytes of batches written locally.
+    pub local_bytes: AtomicU64,
+    /// Envelope bytes of batches served to peers' fetches.
+    pub served_bytes: AtomicU64,
 }
 
 enum Command {
@@ -797,6 +801,11 @@ impl Actor {
             match self.engine.write(&ns, &self.shared.keypair, ops, now) {
                 Ok((vb, acts)) => {
                     actions.extend(acts);
+                    let len = vb.bytes.len() as u64;
+                    self.shared
+                        .metrics
+                        .local_bytes
+                        .fetch_add(len, Ordering::Relaxed);
                     replies.push((
                         reply,
                         WriteReceipt {
@@ -894,6 +903,11 @@ impl Actor {
                     let store = &self.shared.store;
                     match store.chain_range(&ns, &author, from_seq, limit, SERVE_MAX_BYTES, until) {
                         Ok(batches) => {
+                            let n: usize = batches.iter().map(Vec::len).sum();
+                            self.shared
+                                .metrics
+                                .served_bytes
+                                .fetch_add(n as u64, Ordering::Relaxed);
                             let batches = batches
                                 .into_iter()
                                 .map(serde_bytes::ByteBuf::from)
