@@ -123,6 +123,8 @@ pub struct PqTlsConfig {
     client: Arc<rustls::ClientConfig>,
     policy: KxPolicy,
     registry: LinkRegistry,
+    /// Warn about every classical link (off only for the deliberately classical test peer).
+    warn_classical: bool,
 }
 
 impl PqTlsConfig {
@@ -146,6 +148,7 @@ impl PqTlsConfig {
             client: Arc::new(client),
             policy,
             registry,
+            warn_classical: true,
         })
     }
 
@@ -183,6 +186,7 @@ impl PqTlsConfig {
             client: Arc::new(client),
             policy: KxPolicy::Compat,
             registry,
+            warn_classical: false,
         })
     }
 
@@ -216,6 +220,7 @@ impl PqTlsConfig {
                 KxPolicy::Strict => {
                     return Err(LinkError::ClassicalKeyExchange { got: key_exchange })
                 }
+                KxPolicy::Compat if !self.warn_classical => {}
                 KxPolicy::Compat => tracing::warn!(
                     %peer,
                     key_exchange = %key_exchange,
