@@ -18,6 +18,7 @@ pub mod api;
 pub mod bench;
 pub mod net;
 pub mod node;
+pub mod sim;
 pub mod store;
 
 pub use node::{

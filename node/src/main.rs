@@ -114,6 +114,8 @@ enum Cmd {
     },
     /// Run the standard benchmarks and print a table.
     Bench(bench::BenchArgs),
+    /// Simulate a mesh with the deterministic simulator.
+    Sim(blazedb_node::sim::SimArgs),
     /// Verify a store: every batch re-verified, every chain contiguous.
     Check {
         #[arg(long, default_value = "blazedb-data")]
@@ -313,6 +315,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
         },
         Cmd::Bench(args) => bench::run(args).await,
+        Cmd::Sim(args) => tokio::task::block_in_place(|| blazedb_node::sim::main(args)),
         Cmd::Check { data } => {
             let store = open_existing(&data)?;
             let n = store.check()?;

@@ -26,8 +26,8 @@ pub const MAX_TOKEN_BYTES: usize = 1024;
 pub const TOKEN_SIGNING_CONTEXT: &[u8] = b"blazedb/capability/v1\0";
 /// Prefix of the text form of a chain.
 pub const TEXT_PREFIX: &str = "blzcap1";
-/// Longest scope prefix (`collection/` + key).
-const MAX_PREFIX_LEN: usize = 64 + 1 + 256;
+/// Longest scope prefix, in bytes (a `collection/key` path is at most 64 + 1 + 256).
+const MAX_PREFIX_LEN: usize = 322;
 /// Largest encoded chain.
 const MAX_CHAIN_BYTES: usize = MAX_CHAIN_DEPTH * (MAX_TOKEN_BYTES + 80);
 
@@ -279,10 +279,14 @@ impl Token {
     }
 }
 
+/// Rules on a single body: a prefix is 1..=[`MAX_PREFIX_LEN`] bytes (an empty prefix would be
+/// a second spelling of `None`), and a window with an expiry is not empty.
 fn check_own(body: &TokenBody) -> Result<(), CapError> {
     if let Some(p) = &body.prefix {
         if p.is_empty() || p.len() > MAX_PREFIX_LEN {
-            return Err(CapError::Malformed("prefix must be 1..=321 bytes".into()));
+            return Err(CapError::Malformed(format!(
+                "prefix must be 1..={MAX_PREFIX_LEN} bytes"
+            )));
         }
     }
     if body.exp_ms.is_some_and(|exp| exp <= body.nbf_ms) {
@@ -333,7 +337,8 @@ pub struct Chain {
 }
 
 impl Chain {
-    /// A root token from the namespace owner.
+    /// A root token from the namespace owner (`ns` must be `namespace_id(owner.public())`,
+    /// else [`CapError::WrongNamespace`]).
     #[allow(clippy::too_many_arguments)]
     pub fn issue_root(
         owner: &Keypair,
@@ -366,7 +371,13 @@ impl Chain {
         })
     }
 
-    /// Extends the chain from its holder (`issuer`) to `audience`, narrowing.
+    /// Extends the chain from its holder (`issuer`) to `audience`.
+    ///
+    /// `issuer` must be the leaf's audience and the leaf must grant [`Rights::Admin`]. Nothing
+    /// is inherited or clamped: rights and prefix may only narrow (a parent with a prefix needs
+    /// a child prefix starting with it), and the child's window must lie within the parent's
+    /// (`nbf_ms` not earlier; `exp_ms` not later, and present when the parent's is). Anything
+    /// else is a [`CapError::BrokenChain`], exactly as [`Chain::decode`] would judge it.
     #[allow(clippy::too_many_arguments)]
     pub fn delegate(
         &self,
@@ -382,13 +393,6 @@ impl Chain {
             return Err(CapError::TooDeep);
         }
         let leaf = self.leaf();
-        // Inherit the parent's limits where the caller gave none.
-        let prefix = prefix.or_else(|| leaf.body.prefix.clone());
-        let nbf_ms = nbf_ms.max(leaf.body.nbf_ms);
-        let exp_ms = match (exp_ms, leaf.body.exp_ms) {
-            (Some(c), Some(p)) => Some(c.min(p)),
-            (c, p) => c.or(p),
-        };
         let body = TokenBody {
             v: 1,
             ns: leaf.body.ns.clone(),
@@ -454,8 +458,12 @@ impl Chain {
         to_cbor(&pairs)
     }
 
-    /// Parses and structurally verifies a chain (signatures, canonical bodies, linkage,
-    /// narrowing, root issued by the owner).
+    /// Parses and structurally verifies a chain: bounded size, `1..=MAX_CHAIN_DEPTH` links,
+    /// canonical bodies (and chain) of version 1, strict signatures by each body's issuer, a
+    /// root without parent issued by the namespace owner, and links that chain (same
+    /// namespace, issued by the parent's holder, naming the parent's id, parent is admin) and
+    /// only narrow rights, scope and validity window. Whether it authorizes anything *now* is
+    /// [`Chain::authorizes`]' business.
     pub fn decode(bytes: &[u8]) -> Result<Chain, CapError> {
         if bytes.len() > MAX_CHAIN_BYTES {
             return Err(CapError::Malformed("chain too large".into()));
@@ -515,7 +523,9 @@ impl Chain {
         Chain::decode(&bytes)
     }
 
-    /// Whether this chain lets `principal` act with `need` in `ns` at `at_ms`.
+    /// Whether this chain lets `principal` act with `need` rights in `ns` at unix time `at_ms`:
+    /// the namespace matches, the leaf is `principal`'s, grants at least `need`, and `at_ms` is
+    /// within `[nbf_ms, exp_ms)` of every link.
     pub fn authorizes(
         &self,
         ns: &str,
@@ -543,311 +553,14 @@ impl Chain {
         Ok(())
     }
 
-    /// Whether `collection/key` is inside the holder's scope.
+    /// Whether the record `collection`/`key` is inside the holder's scope: no prefix, or
+    /// `"collection/key"` starts with it.
     pub fn covers(&self, collection: &str, key: &str) -> bool {
         match &self.leaf().body.prefix {
             None => true,
             Some(p) => {
                 let path = format!("{collection}/{key}");
                 path.starts_with(p.as_str())
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    struct World {
-        owner: Keypair,
-        ns: String,
-        admin: Keypair,
-        user: Keypair,
-    }
-
-    fn world() -> World {
-        let owner = Keypair::generate();
-        let ns = namespace_id(&owner.public());
-        World {
-            owner,
-            ns,
-            admin: Keypair::generate(),
-            user: Keypair::generate(),
-        }
-    }
-
-    fn two_links(w: &World) -> Chain {
-        let root = Chain::issue_root(
-            &w.owner,
-            &w.ns,
-            &w.admin.public(),
-            Rights::Admin,
-            None,
-            0,
-            Some(1_000),
-            1,
-        )
-        .unwrap();
-        root.delegate(
-            &w.admin,
-            &w.user.public(),
-            Rights::Write,
-            Some("docs/".into()),
-            10,
-            Some(500),
-            2,
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn roundtrips_in_binary_and_text() {
-        let w = world();
-        let chain = two_links(&w);
-        assert_eq!(Chain::decode(&chain.encode()).unwrap(), chain);
-        let text = chain.to_text();
-        assert!(text.starts_with(TEXT_PREFIX));
-        assert_eq!(Chain::from_text(&format!("  {text}\n")).unwrap(), chain);
-        assert_eq!(chain.ids().count(), 2);
-        assert_eq!(
-            TokenId::from_hex(&chain.leaf().id.to_hex()),
-            Some(chain.leaf().id)
-        );
-    }
-
-    #[test]
-    fn authorizes_by_time_audience_rights_namespace() {
-        let w = world();
-        let chain = two_links(&w);
-        let user = w.user.public();
-        let u = user.as_bytes();
-        assert!(chain.authorizes(&w.ns, u, Rights::Write, 100).is_ok());
-        assert!(chain.authorizes(&w.ns, u, Rights::Read, 10).is_ok());
-        assert_eq!(
-            chain.authorizes(&w.ns, u, Rights::Write, 9),
-            Err(CapError::NotValidAt)
-        );
-        assert_eq!(
-            chain.authorizes(&w.ns, u, Rights::Write, 500),
-            Err(CapError::NotValidAt)
-        );
-        assert!(matches!(
-            chain.authorizes(&w.ns, u, Rights::Admin, 100),
-            Err(CapError::InsufficientRights { .. })
-        ));
-        assert_eq!(
-            chain.authorizes(&w.ns, w.admin.public().as_bytes(), Rights::Read, 100),
-            Err(CapError::WrongAudience)
-        );
-        assert_eq!(
-            chain.authorizes("nother", u, Rights::Read, 100),
-            Err(CapError::WrongNamespace)
-        );
-        assert!(chain.covers("docs", "a"));
-        assert!(!chain.covers("doc", "sa"));
-        assert!(!chain.covers("users", "a"));
-        assert_eq!(namespace_id(&w.owner.public()).len(), 41);
-        assert!(crate::op::validate_namespace(&w.ns).is_ok());
-        assert!(is_owner(&w.ns, w.owner.public().as_bytes()));
-        assert!(!is_owner(&w.ns, w.admin.public().as_bytes()));
-    }
-
-    fn body(w: &World, issuer: &Keypair, parent: Option<TokenId>, rights: Rights) -> TokenBody {
-        TokenBody {
-            v: 1,
-            ns: w.ns.clone(),
-            issuer: *issuer.public().as_bytes(),
-            audience: *w.user.public().as_bytes(),
-            rights,
-            prefix: None,
-            nbf_ms: 0,
-            exp_ms: None,
-            parent,
-            nonce: 7,
-        }
-    }
-
-    fn encode_tokens(tokens: &[Token]) -> Vec<u8> {
-        Chain {
-            tokens: tokens.to_vec(),
-        }
-        .encode()
-    }
-
-    #[test]
-    fn structural_rules_are_enforced() {
-        let w = world();
-        let root = Chain::issue_root(
-            &w.owner,
-            &w.ns,
-            &w.admin.public(),
-            Rights::Admin,
-            Some("a/".into()),
-            10,
-            Some(100),
-            1,
-        )
-        .unwrap();
-        let r = root.leaf().clone();
-        let child = |f: &dyn Fn(&mut TokenBody)| {
-            let mut b = body(&w, &w.admin, Some(r.id), Rights::Write);
-            b.prefix = Some("a/b".into());
-            b.nbf_ms = 10;
-            b.exp_ms = Some(100);
-            f(&mut b);
-            let signer = if b.issuer == *w.admin.public().as_bytes() {
-                &w.admin
-            } else {
-                &w.user
-            };
-            Token::sign(signer, b).unwrap()
-        };
-        assert!(Chain::decode(&encode_tokens(&[r.clone(), child(&|_| {})])).is_ok());
-        let bad: Vec<(&str, Token)> = vec![
-            (
-                "wrong parent",
-                child(&|b| b.parent = Some(TokenId([9; 32]))),
-            ),
-            (
-                "issuer not holder",
-                child(&|b| b.issuer = *w.user.public().as_bytes()),
-            ),
-            ("rights widen", child(&|b| b.rights = Rights::Admin).clone()),
-            ("prefix widens", child(&|b| b.prefix = Some("b/".into()))),
-            ("prefix dropped", child(&|b| b.prefix = None)),
-            ("earlier start", child(&|b| b.nbf_ms = 5)),
-            ("later end", child(&|b| b.exp_ms = Some(200))),
-            ("no end", child(&|b| b.exp_ms = None)),
-        ];
-        for (what, t) in bad {
-            let res = Chain::decode(&encode_tokens(&[r.clone(), t]));
-            // "rights widen" is Admin under Admin: allowed; everything else must fail.
-            if what == "rights widen" {
-                assert!(res.is_ok(), "{what}");
-            } else {
-                assert!(res.is_err(), "{what} accepted");
-            }
-        }
-        // A non-admin may not delegate.
-        let reader_root = Chain::issue_root(
-            &w.owner,
-            &w.ns,
-            &w.admin.public(),
-            Rights::Write,
-            None,
-            0,
-            None,
-            3,
-        )
-        .unwrap();
-        assert!(reader_root
-            .delegate(&w.admin, &w.user.public(), Rights::Read, None, 0, None, 4)
-            .is_err());
-        let forged = Token::sign(
-            &w.admin,
-            body(&w, &w.admin, Some(reader_root.leaf().id), Rights::Read),
-        )
-        .unwrap();
-        assert!(Chain::decode(&encode_tokens(&[reader_root.leaf().clone(), forged])).is_err());
-        // A root not issued by the owner.
-        let fake_root = Token::sign(&w.admin, body(&w, &w.admin, None, Rights::Admin)).unwrap();
-        assert!(Chain::decode(&encode_tokens(&[fake_root])).is_err());
-        // Too deep.
-        let mut keys = vec![Keypair::generate()];
-        let mut chain = Chain::issue_root(
-            &w.owner,
-            &w.ns,
-            &keys[0].public(),
-            Rights::Admin,
-            None,
-            0,
-            None,
-            0,
-        )
-        .unwrap();
-        for i in 1..MAX_CHAIN_DEPTH {
-            keys.push(Keypair::generate());
-            chain = chain
-                .delegate(
-                    &keys[i - 1],
-                    &keys[i].public(),
-                    Rights::Admin,
-                    None,
-                    0,
-                    None,
-                    i as u64,
-                )
-                .unwrap();
-        }
-        assert_eq!(chain.tokens().len(), MAX_CHAIN_DEPTH);
-        assert_eq!(
-            chain.delegate(
-                &keys[MAX_CHAIN_DEPTH - 1],
-                &w.user.public(),
-                Rights::Read,
-                None,
-                0,
-                None,
-                99
-            ),
-            Err(CapError::TooDeep)
-        );
-        // A flipped signature bit.
-        let mut t = root.leaf().clone();
-        t.signature[3] ^= 1;
-        assert_eq!(
-            Chain::decode(&encode_tokens(&[t])),
-            Err(CapError::BadSignature)
-        );
-    }
-
-    #[test]
-    fn non_canonical_bodies_are_rejected() {
-        let w = world();
-        let root = Chain::issue_root(
-            &w.owner,
-            &w.ns,
-            &w.user.public(),
-            Rights::Read,
-            None,
-            0,
-            None,
-            5,
-        )
-        .unwrap();
-        let t = root.leaf();
-        // Same body, nonce written in a longer integer form (0x1b + 8 bytes instead of 0x05).
-        let mut bytes = t.body_bytes.clone();
-        assert_eq!(bytes.last(), Some(&0x05));
-        bytes.pop();
-        bytes.extend_from_slice(&[0x1b, 0, 0, 0, 0, 0, 0, 0, 5]);
-        let sig = w.owner.sign(&signed_message(&bytes));
-        let pair = vec![(
-            serde_bytes::ByteBuf::from(bytes),
-            serde_bytes::ByteBuf::from(sig.to_vec()),
-        )];
-        assert_eq!(Chain::decode(&to_cbor(&pair)), Err(CapError::NotCanonical));
-    }
-
-    proptest! {
-        #[test]
-        fn decode_never_panics_and_never_accepts_a_mutation(
-            junk in proptest::collection::vec(any::<u8>(), 0..600),
-            pos in any::<usize>(),
-            bit in 0u8..8,
-        ) {
-            let _ = Chain::decode(&junk);
-            let _ = Chain::from_text(&String::from_utf8_lossy(&junk));
-            let w = world();
-            let chain = two_links(&w);
-            let mut bytes = chain.encode();
-            let i = pos % bytes.len();
-            bytes[i] ^= 1 << bit;
-            match Chain::decode(&bytes) {
-                Err(_) => {}
-                Ok(c) => prop_assert_eq!(c, chain),
             }
         }
     }
