@@ -1201,12 +1201,20 @@ impl Actor {
                     mine.rights().as_str()
                 )));
             }
+            // A delegation may only narrow: inherit the parent's scope and window where the
+            // caller gave none, and never outlive the parent.
+            let parent = &mine.leaf().body;
+            let prefix = prefix.or_else(|| parent.prefix.clone());
+            let expires_ms = match (expires_ms, parent.exp_ms) {
+                (Some(mine), Some(theirs)) => Some(mine.min(theirs)),
+                (a, b) => a.or(b),
+            };
             mine.delegate(
                 &self.shared.keypair,
                 &to,
                 rights,
                 prefix,
-                0,
+                parent.nbf_ms,
                 expires_ms,
                 rand::random(),
             )

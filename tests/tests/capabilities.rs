@@ -450,3 +450,56 @@ async fn concurrent_revoke_and_write_converge_to_one_verdict() {
     admin.shutdown().await;
     writer.shutdown().await;
 }
+
+/// An admin that is not the owner delegates: its invitee holds a two-link chain, and every
+/// replica accepts it; scope and expiry are inherited from the admin's own capability.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delegated_admin_invites_within_its_scope() {
+    let dir = tempfile::tempdir().unwrap();
+    let owner = start_node(&dir.path().join("owner"), &[]).await.unwrap();
+    let addr = owner.listen_addrs();
+    let admin = start_node(&dir.path().join("admin"), &addr).await.unwrap();
+    let member = start_node(&dir.path().join("member"), &addr).await.unwrap();
+    wait_peers(&owner, 2).await;
+    let ns = owner.create_namespace().await.unwrap();
+    let far_future = 4_000_000_000_000u64;
+    let a = owner
+        .invite(
+            &ns,
+            did_key(&admin),
+            Rights::Admin,
+            Some("team/".into()),
+            Some(far_future),
+        )
+        .await
+        .unwrap();
+    admin.join(&a.token).await.unwrap();
+    // No prefix or expiry given: both are inherited from the admin's own capability.
+    let m = admin
+        .invite(&ns, did_key(&member), Rights::Write, None, None)
+        .await
+        .unwrap();
+    let chain = Chain::from_text(&m.token).unwrap();
+    assert_eq!(chain.tokens().len(), 2);
+    assert_eq!(chain.leaf().body.prefix.as_deref(), Some("team/"));
+    assert_eq!(chain.leaf().body.exp_ms, Some(far_future));
+    member.join(&m.token).await.unwrap();
+    member
+        .put(&ns, "team", "x", obj(json!({"v": 1})))
+        .await
+        .unwrap();
+    let err = member
+        .put(&ns, "other", "x", obj(json!({"v": 1})))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NodeError::Forbidden(_)), "{err}");
+    eventually(
+        "the member's write at the owner",
+        Duration::from_secs(20),
+        || has(&owner, &ns, "team", "x"),
+    )
+    .await;
+    for n in [owner, admin, member] {
+        n.shutdown().await;
+    }
+}
