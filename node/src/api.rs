@@ -73,6 +73,11 @@ impl From<NodeError> for ApiError {
             NodeError::Forbidden(_) => {
                 ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
             }
+            NodeError::Unavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            ),
             NodeError::Stopped => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopped", e.to_string())
             }

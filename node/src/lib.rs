@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod materializer;
 pub mod net;
 pub mod node;
 pub mod sim;

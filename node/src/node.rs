@@ -30,6 +30,7 @@ use blazedb_protocol::{
     limits, Action, BatchError, Engine, EngineConfig, GossipVerdict, Op, SyncMessage, VerifiedBatch,
 };
 
+use crate::materializer::{self, Job, MatSync};
 use crate::net::{self, Ack, Behaviour, BehaviourEvent};
 use crate::store::{Change, Fields, NamespaceRecord, Store, StoreError};
 
@@ -54,6 +55,9 @@ pub enum NodeError {
     /// The request is invalid (names, sizes, values).
     #[error("{0}")]
     Invalid(String),
+    /// The node cannot answer right now (records catching up, or failed).
+    #[error("{0}")]
+    Unavailable(String),
     /// Our capability does not allow it.
     #[error("forbidden: {0}")]
     Forbidden(String),
@@ -293,7 +297,8 @@ enum Command {
 }
 
 struct Shared {
-    store: Store,
+    store: Arc<Store>,
+    mat: Arc<MatSync>,
     keypair: Keypair,
     namespaces: RwLock<BTreeSet<String>>,
     data_dir: PathBuf,
@@ -418,6 +423,7 @@ impl NodeHandle {
         blazedb_protocol::op::validate_collection(collection)
             .and_then(|_| blazedb_protocol::op::validate_key(key))
             .map_err(|e| NodeError::Invalid(e.to_string()))?;
+        self.wait_applied()?;
         Ok(self.shared.store.get(ns, collection, key)?)
     }
 
@@ -437,6 +443,7 @@ impl NodeHandle {
                 "prefix longer than the longest key".into(),
             ));
         }
+        self.wait_applied()?;
         Ok(self.shared.store.list(ns, collection, prefix, limit)?)
     }
 
@@ -500,6 +507,14 @@ impl NodeHandle {
         rx.await.map_err(|_| NodeError::Stopped)?
     }
 
+    /// Read-your-writes: wait until every batch durable before this call is in the records.
+    fn wait_applied(&self) -> Result<(), NodeError> {
+        self.shared
+            .mat
+            .wait_applied()
+            .map_err(NodeError::Unavailable)
+    }
+
     async fn send(&self, cmd: Command) -> Result<(), NodeError> {
         self.tx.send(cmd).await.map_err(|_| NodeError::Stopped)
     }
@@ -521,6 +536,7 @@ impl NodeHandle {
 
     /// (batches, records) held in the store.
     pub fn counts(&self) -> Result<(u64, u64), NodeError> {
+        self.wait_applied()?;
         Ok(self.shared.store.counts()?)
     }
 
@@ -633,8 +649,23 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
 
     let (listen_tx, listen_rx) = watch::channel(bound);
     let (changes, _) = broadcast::channel(CHANGES_CAP);
+    // Records behind the log (a crash, or a stop with work queued): apply them first.
+    let store = Arc::new(store);
+    let behind = store.unapplied()?;
+    if !behind.is_empty() {
+        info!(
+            batches = behind.len(),
+            "applying logged batches to the records"
+        );
+        for chunk in behind.chunks(256) {
+            store.apply(chunk, true)?;
+        }
+    }
+    let mat = Arc::new(MatSync::default());
+    let (mat_tx, mat_thread) = materializer::spawn(store.clone(), mat.clone(), changes.clone());
     let shared = Arc::new(Shared {
         store,
+        mat,
         keypair: keypair.clone(),
         namespaces: RwLock::new(namespaces),
         data_dir: cfg.data_dir.clone(),
@@ -653,6 +684,8 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         bootstrap: cfg.bootstrap.clone(),
         connected: HashMap::new(),
         links,
+        mat_tx: Some(mat_tx),
+        mat_thread: Some(mat_thread),
     };
     let span = tracing::info_span!("node", peer = %keypair.public().to_peer_id());
     tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
@@ -670,6 +703,8 @@ struct Actor {
     bootstrap: Vec<Multiaddr>,
     connected: HashMap<PeerId, Multiaddr>,
     links: LinkRegistry,
+    mat_tx: Option<std::sync::mpsc::SyncSender<Job>>,
+    mat_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 enum Flow {
@@ -710,6 +745,11 @@ impl Actor {
         // Drop everything (connections, the actor's share of the store) before answering, so
         // the caller of shutdown() sees a node that is really gone: once its own handles are
         // dropped too, the store file is closed and can be opened again.
+        // Let the materializer finish what is queued and make the view durable first.
+        self.mat_tx.take();
+        if let Some(t) = self.mat_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
         drop(self);
         if let Some(reply) = stop_reply {
             let _ = reply.send(());
@@ -860,13 +900,15 @@ impl Actor {
         if !to_store.is_empty() {
             let me = *self.shared.keypair.public().as_bytes();
             let remote = to_store.iter().filter(|b| b.header.author != me).count() as u64;
-            match self.shared.store.write_batches(&to_store) {
-                Ok(changes) => {
+            match self.shared.store.append_log(&to_store) {
+                Ok(()) => {
                     let m = &self.shared.metrics;
                     m.commits.fetch_add(1, Ordering::Relaxed);
                     m.remote_batches.fetch_add(remote, Ordering::Relaxed);
-                    for c in changes {
-                        let _ = self.shared.changes.send(c);
+                    self.shared.mat.submitted(to_store.len() as u64);
+                    if let Some(tx) = &self.mat_tx {
+                        // Blocks while the materializer is QUEUE_CAP jobs behind: backpressure.
+                        let _ = tx.send(Job::Apply(to_store));
                     }
                 }
                 Err(e) => {
@@ -938,17 +980,9 @@ impl Actor {
                 }
                 Action::Reject { peer, reason } => self.drop_peer(peer, &reason),
                 Action::Rebuild { ns, revocations } => {
-                    match self.shared.store.rebuild_namespace(&ns, &revocations) {
-                        Ok((applied, skipped)) => info!(
-                            %ns,
-                            applied,
-                            ineffective = skipped,
-                            "revocation learned: records rebuilt from the log"
-                        ),
-                        Err(e) => {
-                            tracing::error!("rebuilding {ns} failed, stopping the node: {e}");
-                            return Flow::Stop(None);
-                        }
+                    // In order with the batches queued before it.
+                    if let Some(tx) = &self.mat_tx {
+                        let _ = tx.send(Job::Rebuild { ns, revocations });
                     }
                 }
             }

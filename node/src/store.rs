@@ -46,7 +46,7 @@ pub struct NamespaceRecord {
 }
 
 /// Store format version written in [`META`].
-pub const SCHEMA_VERSION: &[u8] = b"1";
+pub const SCHEMA_VERSION: &[u8] = b"2";
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -114,8 +114,14 @@ pub struct StoredHead {
 
 /// The node's durable state.
 pub struct Store {
+    /// The log (durable truth): batches, chains, revocations, namespaces, metadata.
     db: Database,
+    /// The view (derived): records and the per-chain watermark of what has been applied.
+    view: Database,
 }
+
+/// View table: `ns_len:u8 ns author:32` → highest seq applied to the records.
+pub const APPLIED: TableDefinition<'_, &[u8], u64> = TableDefinition::new("applied-v1");
 
 fn chain_prefix(ns: &str, author: &[u8; 32]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + ns.len() + 32 + 8);
@@ -222,13 +228,17 @@ impl Store {
             }
             txn.open_table(BATCHES)?;
             txn.open_table(CHAINS)?;
-            txn.open_table(RECORDS)?;
             txn.open_table(NAMESPACES)?;
             txn.open_table(REVOCATIONS)?;
             txn.open_table(REVOKED_BY)?;
         }
         txn.commit()?;
-        Ok(Self { db })
+        let view = Database::create(path.with_file_name("records.redb"))?;
+        let txn = view.begin_write()?;
+        txn.open_table(RECORDS)?;
+        txn.open_table(APPLIED)?;
+        txn.commit()?;
+        Ok(Self { db, view })
     }
 
     /// The head of every author chain in every namespace.
@@ -271,14 +281,19 @@ impl Store {
     }
 
     /// Durably stores verified, chain-checked batches and applies the ops of the effective
-    /// ones to the records, in one transaction. Returns the record changes.
+    /// ones to the records. Returns the record changes.
     pub fn write_batches(&self, batches: &[VerifiedBatch]) -> Result<Vec<Change>, StoreError> {
+        self.append_log(batches)?;
+        self.apply(batches, true)
+    }
+
+    /// Durably appends batches to the log (one transaction, immediate durability). This is
+    /// what a write waits for; records follow through [`Store::apply`].
+    pub fn append_log(&self, batches: &[VerifiedBatch]) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        let mut changes = Vec::new();
         {
             let mut batch_t = txn.open_table(BATCHES)?;
             let mut chain_t = txn.open_table(CHAINS)?;
-            let mut records = txn.open_table(RECORDS)?;
             let mut revocations = txn.open_table(REVOCATIONS)?;
             let mut revoked_by = txn.open_table(REVOKED_BY)?;
             for vb in batches {
@@ -301,26 +316,72 @@ impl Store {
                         }
                     }
                 }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Applies logged batches to the records (effective ones only) and advances the applied
+    /// watermark, in one view transaction. `durable: false` skips the fsync: the view is
+    /// derived, and after a crash [`Store::unapplied`] finds what to apply again. Ops are
+    /// applied record by record in key order (B-tree locality); per record, in batch order.
+    pub fn apply(
+        &self,
+        batches: &[VerifiedBatch],
+        durable: bool,
+    ) -> Result<Vec<Change>, StoreError> {
+        let mut txn = self.view.begin_write()?;
+        if !durable {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
+        }
+        let mut changes = Vec::new();
+        {
+            let mut records = txn.open_table(RECORDS)?;
+            let mut applied = txn.open_table(APPLIED)?;
+            // Group the ops by record so each record is read and written once.
+            let mut by_record: BTreeMap<Vec<u8>, Vec<(usize, usize)>> = BTreeMap::new();
+            for (bi, vb) in batches.iter().enumerate() {
+                let ck = chain_prefix(&vb.header.ns, &vb.header.author);
+                if applied
+                    .get(ck.as_slice())?
+                    .is_some_and(|v| v.value() >= vb.header.seq)
+                {
+                    continue; // already applied (replayed after a crash)
+                }
+                applied.insert(ck.as_slice(), vb.header.seq)?;
                 if !vb.effective {
                     continue;
                 }
-                let author_did = vb.author.to_did();
-                let batch_hex = vb.id.to_hex();
-                for op in &vb.ops {
-                    let rk = record_key(ns, op.collection(), op.key());
-                    let mut state = match records.get(rk.as_slice())? {
-                        Some(v) => decode_state(v.value())?,
-                        None => RecordState::default(),
-                    };
-                    state.apply(op, vb.header.author);
-                    records.insert(rk.as_slice(), encode_state(&state).as_slice())?;
+                for (oi, op) in vb.ops.iter().enumerate() {
+                    by_record
+                        .entry(record_key(&vb.header.ns, op.collection(), op.key()))
+                        .or_default()
+                        .push((bi, oi));
+                }
+            }
+            for (rk, ops) in by_record {
+                let mut state = match records.get(rk.as_slice())? {
+                    Some(v) => decode_state(v.value())?,
+                    None => RecordState::default(),
+                };
+                for (bi, oi) in &ops {
+                    let vb = &batches[*bi];
+                    state.apply(&vb.ops[*oi], vb.header.author);
+                }
+                records.insert(rk.as_slice(), encode_state(&state).as_slice())?;
+                let fields = state.visible();
+                for (bi, oi) in ops {
+                    let vb = &batches[bi];
+                    let op = &vb.ops[oi];
                     changes.push(Change {
-                        ns: ns.clone(),
+                        ns: vb.header.ns.clone(),
                         collection: op.collection().to_string(),
                         key: op.key().to_string(),
-                        fields: state.visible(),
-                        author: author_did.clone(),
-                        batch: batch_hex.clone(),
+                        fields: fields.clone(),
+                        author: vb.author.to_did(),
+                        batch: vb.id.to_hex(),
                     });
                 }
             }
@@ -329,9 +390,41 @@ impl Store {
         Ok(changes)
     }
 
+    /// Logged batches not yet applied to the records (after a crash or restart), verified,
+    /// in chain order, with their effectiveness under the namespace's revocations.
+    pub fn unapplied(&self) -> Result<Vec<VerifiedBatch>, StoreError> {
+        let heads = self.heads()?;
+        let mut out = Vec::new();
+        let vtxn = self.view.begin_read()?;
+        let applied = vtxn.open_table(APPLIED)?;
+        for h in heads {
+            let done = applied
+                .get(chain_prefix(&h.ns, &h.author).as_slice())?
+                .map_or(0, |v| v.value());
+            if done >= h.seq {
+                continue;
+            }
+            let revocations = self.revocations(&h.ns)?;
+            for bytes in self.chain_range(&h.ns, &h.author, done + 1, u32::MAX, usize::MAX, None)? {
+                let mut vb = blazedb_protocol::batch::verify(bytes)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                vb.effective = blazedb_protocol::engine::batch_effective(&vb, &revocations);
+                out.push(vb);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes every applied view transaction durable (an empty durable commit).
+    pub fn sync_view(&self) -> Result<(), StoreError> {
+        let txn = self.view.begin_write()?;
+        txn.commit()?;
+        Ok(())
+    }
+
     /// A record's visible fields, or `None` if it does not exist.
     pub fn get(&self, ns: &str, collection: &str, key: &str) -> Result<Option<Fields>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.view.begin_read()?;
         let records = txn.open_table(RECORDS)?;
         let Some(v) = records.get(record_key(ns, collection, key).as_slice())? else {
             return Ok(None);
@@ -348,7 +441,7 @@ impl Store {
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<(String, Fields)>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.view.begin_read()?;
         let records = txn.open_table(RECORDS)?;
         let coll = collection_prefix(ns, collection);
         let mut start = coll.clone();
@@ -505,13 +598,17 @@ impl Store {
                 }
             }
         }
+        txn.commit()?;
+        let rtxn = self.db.begin_read()?;
+        let txn = self.view.begin_write()?;
         {
             let prefix = ns_prefix(ns);
             let end = prefix_end(&prefix);
             let mut records = txn.open_table(RECORDS)?;
             records.retain(|k, _| !k.starts_with(&prefix))?;
-            let chains = txn.open_table(CHAINS)?;
-            let batches = txn.open_table(BATCHES)?;
+            let mut applied_t = txn.open_table(APPLIED)?;
+            let chains = rtxn.open_table(CHAINS)?;
+            let batches = rtxn.open_table(BATCHES)?;
             let mut states: BTreeMap<Vec<u8>, RecordState> = BTreeMap::new();
             let range = match &end {
                 Some(end) => chains.range(prefix.as_slice()..end.as_slice())?,
@@ -526,6 +623,10 @@ impl Store {
                     .to_vec();
                 let vb = blazedb_protocol::batch::verify(bytes)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                applied_t.insert(
+                    chain_prefix(ns, &vb.header.author).as_slice(),
+                    vb.header.seq,
+                )?;
                 if !blazedb_protocol::engine::batch_effective(&vb, revocations) {
                     skipped += 1;
                     continue;
@@ -548,11 +649,9 @@ impl Store {
 
     /// Counts: (batches, records).
     pub fn counts(&self) -> Result<(u64, u64), StoreError> {
-        let txn = self.db.begin_read()?;
-        Ok((
-            txn.open_table(BATCHES)?.len()?,
-            txn.open_table(RECORDS)?.len()?,
-        ))
+        let batches = self.db.begin_read()?.open_table(BATCHES)?.len()?;
+        let records = self.view.begin_read()?.open_table(RECORDS)?.len()?;
+        Ok((batches, records))
     }
 
     /// Verifies the whole log: every batch re-verified (hash, signature, ops), every chain
@@ -622,8 +721,9 @@ impl Store {
         }
         {
             // Records of namespaces without any batch left are stale too.
-            let txn = self.db.begin_write()?;
+            let txn = self.view.begin_write()?;
             txn.open_table(RECORDS)?.retain(|_, _| false)?;
+            txn.open_table(APPLIED)?.retain(|_, _| false)?;
             txn.commit()?;
         }
         for ns in names {
@@ -693,6 +793,44 @@ mod tests {
             .unwrap();
         assert_eq!(range.len(), 4);
         assert_eq!(range[0], stored[1].bytes);
+    }
+
+    /// A crash between the durable log append and the (non-durable) record update leaves the
+    /// records behind the log; reopening finds exactly the missing batches to apply.
+    #[test]
+    fn records_behind_the_log_are_found_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let kp = Keypair::generate();
+        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
+        engine.join("default");
+        let batches: Vec<VerifiedBatch> = (0..4)
+            .map(|i| {
+                engine
+                    .write("default", &kp, vec![upsert(&format!("k{i}"), i)], 1_000)
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        {
+            let store = Store::open(&path).unwrap();
+            store.write_batches(&batches[..1]).unwrap();
+            // "Crash": the next three reach the log only.
+            store.append_log(&batches[1..]).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert!(store.get("default", "c", "k2").unwrap().is_none());
+        let behind = store.unapplied().unwrap();
+        assert_eq!(
+            behind.iter().map(|b| b.header.seq).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        store.apply(&behind, true).unwrap();
+        assert_eq!(store.get("default", "c", "k2").unwrap().unwrap()["v"], 2);
+        assert!(store.unapplied().unwrap().is_empty());
+        // Applying again is a no-op (watermark), not a double apply.
+        store.apply(&behind, true).unwrap();
+        assert_eq!(store.counts().unwrap(), (4, 4));
     }
 
     #[test]
