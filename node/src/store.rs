@@ -1,15 +1,17 @@
-//! The redb store: the change log (the truth) and the records derived from it.
+//! The redb stores: the change log (the truth) and the records derived from it.
 //!
-//! Tables (names carry a version; see `docs/design.md` for the byte layout):
-//! - [`BATCHES`]: batch id (32 bytes) → envelope bytes, exactly as signed and received.
-//! - [`CHAINS`]: `ns_len:u8 ns author:32 seq:u64be` → batch id. Each author's chain per
-//!   namespace, contiguous from seq 1 (the engine stores only the next link).
-//! - [`RECORDS`]: `ns_len:u8 ns coll_len:u8 coll key` → CBOR [`RecordState`]. Derived: the join
-//!   of every op in the log; [`Store::rebuild_records`] recomputes it from the log.
-//! - [`META`]: string → bytes (`schema` = format version).
+//! Two files, so that long record transactions never hold the log's write lock:
+//! - the **log** (`store.redb`): [`BATCHES`] (batch id → envelope bytes, exactly as signed and
+//!   received), [`CHAINS`] (`ns_len:u8 ns author:32 seq:u64be` → batch id; each author's
+//!   chain per namespace, contiguous from seq 1), [`REVOCATIONS`], [`REVOKED_BY`],
+//!   [`NAMESPACES`], [`META`] (`schema` = format version). Appended durably
+//!   ([`Store::append_log`]) before a write is acknowledged.
+//! - the **view** (`records.redb`): [`RECORDS`] (`ns_len:u8 ns coll_len:u8 coll key` → CBOR
+//!   [`RecordState`], the join of every effective op in the log) and [`APPLIED`] (per chain,
+//!   the highest seq applied), updated together by [`Store::apply`]. Derived: it can lag the
+//!   log (see `materializer`), and [`Store::rebuild_records`] recomputes it from the log.
 //!
-//! Every write is one redb transaction with immediate durability: a batch and the records it
-//! changes become durable together, or not at all.
+//! Table names carry a version; `docs/design.md` gives the byte layout.
 
 use std::collections::BTreeMap;
 use std::path::Path;
