@@ -502,6 +502,8 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         for op in &mut ops {
             op.set_hlc(self.clock.tick(now_ms));
         }
+        // Drop what later ops of the same batch make invisible (exactly equivalent).
+        let ops = crate::prune::prune(ops);
         let cap = match &state.policy {
             Policy::Owned { mine } if !capability::is_owner(ns, &author) => {
                 Some(mine.clone().ok_or_else(|| {

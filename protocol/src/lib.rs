@@ -19,6 +19,7 @@ pub mod hlc;
 pub mod limits;
 pub mod merge;
 pub mod op;
+pub mod prune;
 
 pub use batch::{BatchError, BatchHeader, BatchId, VerifiedBatch};
 pub use engine::{Action, Engine, EngineConfig, GossipVerdict, SyncMessage};
