@@ -27,3 +27,5 @@ pub const MAX_FETCH_BATCHES: u32 = 256;
 pub const MAX_SYNC_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Most authors listed in one `Have` message.
 pub const MAX_HAVE_AUTHORS: usize = 100_000;
+/// Largest payload after decompression, in bytes.
+pub const MAX_PAYLOAD_PLAIN_BYTES: usize = 16 * 1024 * 1024;
