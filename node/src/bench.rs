@@ -436,7 +436,7 @@ pub fn b4() -> Result<Vec<Row>> {
     )?;
     Ok(vec![Row {
         id: "B4",
-        what: "wire bytes per op, workload W (no merging/compression yet)".into(),
+        what: "wire bytes per op, workload W (sealed batch, zstd level 1)".into(),
         value: sealed.bytes.len() as f64 / W_BATCH_OPS as f64,
         unit: "B/op",
         ratio: None,
