@@ -850,26 +850,6 @@ pub async fn b7(n: usize, runs: usize) -> Result<Vec<Row>> {
     ])
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The benchmark machinery works end to end (no timing is asserted).
-    #[tokio::test]
-    async fn b7_measures_all_three_handshakes() {
-        let rows = b7(3, 1).await.unwrap();
-        assert_eq!(rows.len(), 3);
-        assert!(
-            rows.iter().all(|r| r.value.is_finite() && r.value >= 0.0),
-            "{rows:?}"
-        );
-        assert_eq!(
-            rows[2].value, 1.0,
-            "TLS 1.3 lets the dialer send after one round trip"
-        );
-    }
-}
-
 /// B5 (real tier): `n` real nodes in this process on loopback (each dials its predecessor and
 /// one random earlier node), one writer; per write, the time until every node holds it, and
 /// gossip duplicates per batch. The same N in the simulator is printed alongside.
@@ -965,4 +945,24 @@ pub async fn b5(n: usize, writes: usize) -> Result<Vec<Row>> {
             )),
         },
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The benchmark machinery works end to end (no timing is asserted).
+    #[tokio::test]
+    async fn b7_measures_all_three_handshakes() {
+        let rows = b7(3, 1).await.unwrap();
+        assert_eq!(rows.len(), 3);
+        assert!(
+            rows.iter().all(|r| r.value.is_finite() && r.value >= 0.0),
+            "{rows:?}"
+        );
+        assert_eq!(
+            rows[2].value, 1.0,
+            "TLS 1.3 lets the dialer send after one round trip"
+        );
+    }
 }
