@@ -5,12 +5,13 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use blazedb_sim::{check_invariants, run, Partition, SimConfig, SimReport};
+use blazedb_sim::{check_invariants, run, SimConfig, SimReport};
 
 /// Arguments of `blazedb sim`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct SimArgs {
-    /// Scenario: lan-50, wan-1000, partition-heal-200, game-lobby-64, mesh-10k.
+    /// A shipped scenario (lan-50, wan-1000, partition-heal-200, churn-500, game-lobby-64,
+    /// mesh-10k) or the path of a scenario file (TOML, fields of `SimConfig`).
     #[arg(default_value = "lan-50")]
     pub scenario: String,
     /// Seed (first seed when sweeping).
@@ -28,54 +29,119 @@ pub struct SimArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Compare with a baseline report (JSON from `--json`); fail on a regression.
+    #[arg(long)]
+    pub compare: Option<std::path::PathBuf>,
 }
 
-/// The shipped scenarios.
+/// The shipped scenario files (`simulations/scenarios/`).
+pub const SCENARIOS: &[(&str, &str)] = &[
+    (
+        "lan-50",
+        include_str!("../../simulations/scenarios/lan-50.toml"),
+    ),
+    (
+        "wan-1000",
+        include_str!("../../simulations/scenarios/wan-1000.toml"),
+    ),
+    (
+        "partition-heal-200",
+        include_str!("../../simulations/scenarios/partition-heal-200.toml"),
+    ),
+    (
+        "churn-500",
+        include_str!("../../simulations/scenarios/churn-500.toml"),
+    ),
+    (
+        "game-lobby-64",
+        include_str!("../../simulations/scenarios/game-lobby-64.toml"),
+    ),
+    (
+        "mesh-10k",
+        include_str!("../../simulations/scenarios/mesh-10k.toml"),
+    ),
+];
+
+/// Parses a scenario file's text.
+pub fn parse_scenario(text: &str) -> Result<SimConfig> {
+    let cfg: SimConfig = toml::from_str(text)?;
+    if cfg.nodes == 0 || cfg.nodes > 100_000 {
+        bail!("nodes must be 1..=100000");
+    }
+    if !(0.0..1.0).contains(&cfg.loss) || !(0.0..1.0).contains(&cfg.duplicate) {
+        bail!("loss and duplicate must be probabilities in [0, 1)");
+    }
+    if cfg.latency_ms.0 > cfg.latency_ms.1 {
+        bail!("latency_ms must be [min, max]");
+    }
+    Ok(cfg)
+}
+
+/// A shipped scenario by name, or a scenario file by path.
 pub fn scenario(name: &str) -> Result<SimConfig> {
-    let base = SimConfig::default();
-    Ok(match name {
-        "lan-50" => SimConfig { nodes: 50, latency_ms: (1, 5), ..base },
-        "wan-1000" => SimConfig {
-            nodes: 1_000,
-            latency_ms: (20, 150),
-            writers: 10,
-            writes_per_writer: 10,
-            write_interval_ms: 500,
-            ..base
-        },
-        "partition-heal-200" => SimConfig {
-            nodes: 200,
-            latency_ms: (5, 50),
-            writers: 10,
-            writes_per_writer: 20,
-            partition: Some(Partition { start_ms: 500, end_ms: 5_000, fraction: 0.4 }),
-            ..base
-        },
-        "game-lobby-64" => SimConfig {
-            nodes: 64,
-            degree: 8,
-            latency_ms: (5, 40),
-            writers: 64,
-            writes_per_writer: 50,
-            write_interval_ms: 50,
-            ops_per_write: 1,
-            keys: 64,
-            anti_entropy_ms: 500,
-            ..base
-        },
-        "mesh-10k" => SimConfig {
-            nodes: 10_000,
-            degree: 6,
-            latency_ms: (10, 100),
-            writers: 20,
-            writes_per_writer: 5,
-            write_interval_ms: 1_000,
-            ..base
-        },
-        other => bail!(
-            "unknown scenario {other:?}: lan-50, wan-1000, partition-heal-200, game-lobby-64, mesh-10k"
-        ),
-    })
+    if let Some((_, text)) = SCENARIOS.iter().find(|(n, _)| *n == name) {
+        return parse_scenario(text);
+    }
+    let path = std::path::Path::new(name);
+    if path.extension().is_some_and(|e| e == "toml") {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        return parse_scenario(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()));
+    }
+    let names: Vec<&str> = SCENARIOS.iter().map(|(n, _)| *n).collect();
+    bail!(
+        "unknown scenario {name:?}: one of {} or a .toml file",
+        names.join(", ")
+    )
+}
+
+/// Regressions of `now` against `base`: the dissemination tail, duplicates and bytes per op
+/// may not grow by more than 10% (plus a small absolute slack), and safety may not degrade.
+pub fn regressions(base: &SimReport, now: &SimReport) -> Vec<String> {
+    let mut out = Vec::new();
+    let worse = |name: &str, b: f64, n: f64, slack: f64, out: &mut Vec<String>| {
+        if n > b * 1.10 + slack {
+            out.push(format!("{name}: {b:.1} -> {n:.1}"));
+        }
+    };
+    worse(
+        "latency p99 ms",
+        base.latency_p99_ms as f64,
+        now.latency_p99_ms as f64,
+        5.0,
+        &mut out,
+    );
+    worse(
+        "latency max ms",
+        base.latency_max_ms as f64,
+        now.latency_max_ms as f64,
+        5.0,
+        &mut out,
+    );
+    worse(
+        "duplicates/batch",
+        base.duplicates_per_batch,
+        now.duplicates_per_batch,
+        0.5,
+        &mut out,
+    );
+    worse(
+        "bytes/op",
+        base.bytes_per_op,
+        now.bytes_per_op,
+        1.0,
+        &mut out,
+    );
+    if base.converged && !now.converged {
+        out.push("no longer converges".into());
+    }
+    if now.batches_everywhere < now.batches {
+        out.push(format!(
+            "{} of {} batches reached everyone",
+            now.batches_everywhere, now.batches
+        ));
+    }
+    out
 }
 
 fn peak_rss_mb() -> Option<f64> {
@@ -142,6 +208,10 @@ pub fn main(args: SimArgs) -> Result<()> {
         }
         cfg.loss = l;
     }
+    let baseline: Option<SimReport> = match &args.compare {
+        Some(p) => Some(serde_json::from_str(&std::fs::read_to_string(p)?)?),
+        None => None,
+    };
     let mut failures = Vec::new();
     for seed in args.seed..args.seed + args.seeds.max(1) {
         cfg.seed = seed;
@@ -153,6 +223,18 @@ pub fn main(args: SimArgs) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 print_table(&args.scenario, &r, wall);
+            }
+        }
+        if let Some(base) = &baseline {
+            let found = regressions(base, &r);
+            for f in &found {
+                eprintln!(
+                    "regression against {}: {f}",
+                    args.compare.as_ref().unwrap().display()
+                );
+            }
+            if !found.is_empty() {
+                failures.push(seed);
             }
         }
         if let Err(e) = check_invariants(&r) {
@@ -175,4 +257,38 @@ pub fn main(args: SimArgs) -> Result<()> {
         bail!("invariants violated for seeds {failures:?}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_scenarios_parse() {
+        for (name, text) in SCENARIOS {
+            let cfg = parse_scenario(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(cfg.nodes >= 50, "{name}");
+        }
+        assert!(parse_scenario("nodes = 0").is_err());
+        assert!(
+            parse_scenario("nodes = 5\nbogus = 1").is_err(),
+            "unknown fields are refused"
+        );
+        assert!(scenario("no-such").is_err());
+    }
+
+    /// The regression guard: the shipped lan-50 run must not regress against its committed
+    /// baseline (the run is deterministic, so any change here is a real behaviour change).
+    #[test]
+    fn lan_50_matches_its_baseline() {
+        let base: SimReport =
+            serde_json::from_str(include_str!("../../simulations/baselines/lan-50.json")).unwrap();
+        let now = run(scenario("lan-50").unwrap());
+        check_invariants(&now).unwrap();
+        assert_eq!(regressions(&base, &now), Vec::<String>::new());
+        // And the guard does flag a worse run.
+        let mut worse = now.clone();
+        worse.latency_p99_ms = base.latency_p99_ms * 2 + 10;
+        assert!(!regressions(&base, &worse).is_empty());
+    }
 }

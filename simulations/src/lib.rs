@@ -38,7 +38,7 @@ const NS: &str = "default";
 
 /// A partition: nodes `0..nodes*fraction` are cut off from the rest between `start_ms` and
 /// `end_ms`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
 pub struct Partition {
     /// When the cut starts.
     pub start_ms: u64,
@@ -46,10 +46,14 @@ pub struct Partition {
     pub end_ms: u64,
     /// Share of the nodes on the small side.
     pub fraction: f64,
+    /// Only messages from the small side to the rest are cut (the other way still flows).
+    #[serde(default)]
+    pub one_way: bool,
 }
 
 /// One simulation.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SimConfig {
     /// Number of nodes.
     pub nodes: usize,
@@ -79,6 +83,39 @@ pub struct SimConfig {
     pub anti_entropy_ms: u64,
     /// Simulated time after the last write before the run stops, ms.
     pub settle_ms: u64,
+    /// Link bandwidth, bytes per ms in each direction (`None` = unlimited): a message waits
+    /// for the link to finish sending what was queued before it.
+    pub bandwidth_bytes_per_ms: Option<u64>,
+    /// Extra random delay per message, 0..=jitter ms (messages on a link can overtake).
+    pub jitter_ms: u64,
+    /// Probability that a message is delivered twice.
+    pub duplicate: f64,
+    /// Nodes that crash and restart: volatile state is lost, the log survives.
+    pub crashes: Vec<Crash>,
+    /// Churn: every `every_ms` a random node (never a writer) crashes for `down_ms`.
+    pub churn: Option<Churn>,
+}
+
+/// A node crash at `at_ms`, restarting `down_ms` later.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+pub struct Crash {
+    /// Node index.
+    pub node: usize,
+    /// When it crashes.
+    pub at_ms: u64,
+    /// How long it stays down.
+    pub down_ms: u64,
+}
+
+/// Random crashes at a steady rate.
+#[derive(Clone, Debug, PartialEq, serde::Deserialize, serde::Serialize)]
+pub struct Churn {
+    /// Period between crashes.
+    pub every_ms: u64,
+    /// How long each crashed node stays down.
+    pub down_ms: u64,
+    /// No crash starts after this time.
+    pub until_ms: u64,
 }
 
 impl Default for SimConfig {
@@ -98,12 +135,17 @@ impl Default for SimConfig {
             tick_ms: 100,
             anti_entropy_ms: 1_000,
             settle_ms: 60_000,
+            bandwidth_bytes_per_ms: None,
+            jitter_ms: 0,
+            duplicate: 0.0,
+            crashes: Vec::new(),
+            churn: None,
         }
     }
 }
 
 /// What a run measured.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SimReport {
     /// Nodes simulated.
     pub nodes: usize,
@@ -135,6 +177,8 @@ pub struct SimReport {
     pub heal_to_converged_ms: Option<u64>,
     /// Virtual time simulated, ms.
     pub sim_time_ms: u64,
+    /// Node restarts after crashes.
+    pub restarts: u64,
     /// Hash of the event trace (FNV-1a 64): equal for equal seeds.
     pub trace_hash: u64,
 }
@@ -150,6 +194,8 @@ enum Event {
     Deliver { from: usize, to: usize, msg: Msg },
     Write { node: usize, n: usize },
     Tick { node: usize },
+    Crash { node: usize, down_ms: u64 },
+    Restart { node: usize },
 }
 
 struct Node {
@@ -177,6 +223,9 @@ struct Sim {
     rejected: u64,
     trace: u64,
     last_store_ms: u64,
+    link_busy: BTreeMap<(usize, usize), u64>,
+    down: BTreeMap<usize, u64>,
+    restarts: u64,
 }
 
 fn fnv(h: &mut u64, data: &[u8]) {
@@ -256,7 +305,39 @@ impl Sim {
             rejected: 0,
             trace: 0xcbf2_9ce4_8422_2325,
             last_store_ms: 0,
+            link_busy: BTreeMap::new(),
+            down: BTreeMap::new(),
+            restarts: 0,
         };
+        for c in sim.cfg.crashes.clone() {
+            if c.node < n {
+                sim.schedule(
+                    c.at_ms,
+                    Event::Crash {
+                        node: c.node,
+                        down_ms: c.down_ms,
+                    },
+                );
+            }
+        }
+        if let Some(ch) = sim.cfg.churn.clone() {
+            let mut t = ch.every_ms.max(1);
+            while t <= ch.until_ms {
+                let writers = sim.cfg.writers.min(n).max(1);
+                let node = sim.rng.gen_range(0..n);
+                // Writers stay up, so every write has a live author to fetch from.
+                if node % (n / writers).max(1) != 0 || node / (n / writers).max(1) >= writers {
+                    sim.schedule(
+                        t,
+                        Event::Crash {
+                            node,
+                            down_ms: ch.down_ms,
+                        },
+                    );
+                }
+                t += ch.every_ms.max(1);
+            }
+        }
         for i in 0..n {
             let peers: Vec<usize> = sim.nodes[i].links.keys().copied().collect();
             for p in peers {
@@ -289,7 +370,11 @@ impl Sim {
         match &self.cfg.partition {
             Some(p) if at >= p.start_ms && at < p.end_ms => {
                 let small = (self.cfg.nodes as f64 * p.fraction) as usize;
-                (a < small) != (b < small)
+                if p.one_way {
+                    a < small && b >= small
+                } else {
+                    (a < small) != (b < small)
+                }
             }
             _ => false,
         }
@@ -308,7 +393,32 @@ impl Sim {
         {
             return;
         }
-        self.schedule(self.now + lat, Event::Deliver { from, to, msg });
+        let size = match &msg {
+            Msg::Gossip(vb) => vb.bytes.len() as u64,
+            Msg::Sync(m) => sync_size(m),
+        };
+        let mut depart = self.now;
+        if let Some(bw) = self.cfg.bandwidth_bytes_per_ms {
+            let busy = self.link_busy.entry((from, to)).or_insert(0);
+            depart = (*busy).max(self.now) + size.div_ceil(bw.max(1));
+            *busy = depart;
+        }
+        let jitter = match self.cfg.jitter_ms {
+            0 => 0,
+            j => self.rng.gen_range(0..=j),
+        };
+        let at = depart + lat + jitter;
+        if self.cfg.duplicate > 0.0 && self.rng.gen_bool(self.cfg.duplicate) {
+            self.schedule(
+                at + 1,
+                Event::Deliver {
+                    from,
+                    to,
+                    msg: msg.clone(),
+                },
+            );
+        }
+        self.schedule(at, Event::Deliver { from, to, msg });
     }
 
     fn run_actions(&mut self, node: usize, actions: Vec<Action<usize>>) {
@@ -375,6 +485,71 @@ impl Sim {
         let mut h = self.trace;
         fnv(&mut h, &at.to_le_bytes());
         match ev {
+            Event::Crash { node, down_ms } => {
+                fnv(&mut h, &[4, node as u8, (node >> 8) as u8]);
+                self.trace = h;
+                if self.down.contains_key(&node) {
+                    return true;
+                }
+                self.down.insert(node, self.now + down_ms);
+                // Its neighbours see the connection drop.
+                let peers: Vec<usize> = self.nodes[node].links.keys().copied().collect();
+                for p in peers {
+                    if !self.down.contains_key(&p) {
+                        let acts = self.nodes[p].engine.peer_down(&node, self.now);
+                        self.run_actions(p, acts);
+                    }
+                }
+                let at = self.now + down_ms;
+                self.schedule(at, Event::Restart { node });
+            }
+            Event::Restart { node } => {
+                fnv(&mut h, &[5, node as u8, (node >> 8) as u8]);
+                self.trace = h;
+                self.down.remove(&node);
+                self.restarts += 1;
+                // Volatile state is gone: a fresh engine, restored from the node's log.
+                let engine_cfg = EngineConfig {
+                    anti_entropy_interval_ms: self.cfg.anti_entropy_ms,
+                    ..EngineConfig::default()
+                };
+                let mut engine = Engine::new(engine_cfg);
+                engine.join(NS);
+                let mut heads: BTreeMap<[u8; 32], (u64, BatchId)> = BTreeMap::new();
+                for ((author, seq), id) in &self.nodes[node].log {
+                    heads.insert(*author, (*seq, *id));
+                }
+                for (author, (seq, id)) in heads {
+                    let hlc = self.batches[&id].header.hlc_max;
+                    engine.load_head(NS, author, seq, id, hlc);
+                }
+                self.nodes[node].engine = engine;
+                let peers: Vec<usize> = self.nodes[node].links.keys().copied().collect();
+                for p in peers {
+                    if self.down.contains_key(&p) {
+                        continue;
+                    }
+                    let kp = *self.nodes[p].key.public().as_bytes();
+                    let kn = *self.nodes[node].key.public().as_bytes();
+                    let a = self.nodes[node]
+                        .engine
+                        .peer_up_with_key(p, Some(kp), self.now);
+                    self.run_actions(node, a);
+                    let b = self.nodes[p]
+                        .engine
+                        .peer_up_with_key(node, Some(kn), self.now);
+                    self.run_actions(p, b);
+                }
+            }
+            Event::Tick { node } if self.down.contains_key(&node) => {
+                let next = self.now + self.cfg.tick_ms;
+                self.schedule(next, Event::Tick { node });
+            }
+            Event::Deliver { to, .. } if self.down.contains_key(&to) => {}
+            Event::Write { node, n } if self.down.contains_key(&node) => {
+                let at = self.down[&node];
+                self.schedule(at, Event::Write { node, n });
+            }
             Event::Tick { node } => {
                 fnv(&mut h, &[0, node as u8, (node >> 8) as u8]);
                 self.trace = h;
@@ -542,6 +717,7 @@ impl Sim {
             rejected: self.rejected,
             heal_to_converged_ms,
             sim_time_ms: stop,
+            restarts: self.restarts,
             trace_hash: self.trace,
         }
     }
@@ -616,6 +792,7 @@ mod tests {
                 start_ms: 0,
                 end_ms: 3_000,
                 fraction: 0.3,
+                one_way: false,
             }),
             loss: 0.01,
             seed: 3,
@@ -637,5 +814,39 @@ mod tests {
                 .map_err(|e| format!("seed {seed}: {e}"))
                 .unwrap();
         }
+    }
+
+    #[test]
+    fn faults_converge_and_replay() {
+        let cfg = SimConfig {
+            nodes: 40,
+            writers: 4,
+            writes_per_writer: 8,
+            jitter_ms: 30,
+            duplicate: 0.05,
+            bandwidth_bytes_per_ms: Some(200),
+            partition: Some(Partition {
+                start_ms: 200,
+                end_ms: 1_500,
+                fraction: 0.3,
+                one_way: true,
+            }),
+            crashes: vec![Crash {
+                node: 7,
+                at_ms: 300,
+                down_ms: 2_000,
+            }],
+            churn: Some(Churn {
+                every_ms: 400,
+                down_ms: 700,
+                until_ms: 3_000,
+            }),
+            seed: 11,
+            ..SimConfig::default()
+        };
+        let r = run(cfg.clone());
+        check_invariants(&r).unwrap();
+        assert!(r.restarts >= 2, "crashes did not happen: {}", r.restarts);
+        assert_eq!(run(cfg), r, "faulty runs must replay exactly too");
     }
 }
