@@ -32,6 +32,10 @@ pub struct SimArgs {
     /// Compare with a baseline report (JSON from `--json`); fail on a regression.
     #[arg(long)]
     pub compare: Option<std::path::PathBuf>,
+    /// Write report.json and plots (latency CDF, convergence, bandwidth; SVG) into this
+    /// directory.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
 }
 
 /// The shipped scenario files (`simulations/scenarios/`).
@@ -218,6 +222,14 @@ pub fn main(args: SimArgs) -> Result<()> {
         let t = Instant::now();
         let r = run(cfg.clone());
         let wall = t.elapsed().as_secs_f64();
+        if let Some(dir) = &args.out {
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&r)?)?;
+            let plots = blazedb_sim::write_plots(&r, dir).map_err(|e| anyhow::anyhow!(e))?;
+            for p in plots {
+                eprintln!("wrote {}", p.display());
+            }
+        }
         if args.seeds <= 1 {
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
@@ -290,5 +302,21 @@ mod tests {
         let mut worse = now.clone();
         worse.latency_p99_ms = base.latency_p99_ms * 2 + 10;
         assert!(!regressions(&base, &worse).is_empty());
+    }
+
+    #[test]
+    fn plots_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = run(scenario("lan-50").unwrap());
+        let files = blazedb_sim::write_plots(&r, dir.path()).unwrap();
+        assert_eq!(files.len(), 3);
+        for f in files {
+            let svg = std::fs::read_to_string(&f).unwrap();
+            assert!(
+                svg.starts_with("<svg") && svg.contains("<polyline"),
+                "{}",
+                f.display()
+            );
+        }
     }
 }

@@ -589,7 +589,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 st.fetches.remove(author);
             }
             for author in orphaned {
-                self.fetch_from_anyone(&ns, author, now_ms, &mut actions);
+                self.fetch_from_anyone(&ns, author, None, now_ms, &mut actions);
             }
         }
         actions
@@ -775,6 +775,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 };
                 // An answer to our fetch is not passed on; a push (owned namespaces) is.
                 let forward = st.fetches.get(&author).is_none_or(|f| f.peer != peer);
+                let empty = batches.is_empty();
                 for bytes in batches {
                     let vb = match batch::verify(bytes.into_vec()) {
                         Ok(vb) => vb,
@@ -806,8 +807,23 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 if st.fetches.get(&author).is_some_and(|f| f.peer == peer) {
                     st.fetches.remove(&author);
                 }
-                // Keep going while the peer is known to have more.
-                self.maybe_fetch(&ns, author, &peer, now_ms, &mut actions);
+                if empty {
+                    // The peer holds nothing past what we asked from (say, it relayed a batch
+                    // it had only buffered): believing our earlier guess would re-send the
+                    // same fetch at once, and again on every empty answer.
+                    let ours = st.heads.get(&author).map_or(0, |h| h.seq);
+                    if let Some(known) = st
+                        .peer_heads
+                        .get_mut(&peer)
+                        .and_then(|h| h.get_mut(&author))
+                    {
+                        *known = (*known).min(ours);
+                    }
+                    self.fetch_from_anyone(&ns, author, Some(&peer), now_ms, &mut actions);
+                } else {
+                    // Keep going while the peer is known to have more.
+                    self.maybe_fetch(&ns, author, &peer, now_ms, &mut actions);
+                }
             }
         }
         actions
@@ -923,17 +939,17 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         let names: Vec<String> = self.namespaces.keys().cloned().collect();
         for ns in names {
             let st = self.namespaces.get_mut(&ns).expect("listed");
-            let expired: Vec<[u8; 32]> = st
+            let expired: Vec<([u8; 32], P)> = st
                 .fetches
                 .iter()
                 .filter(|(_, f)| f.deadline_ms <= now_ms)
-                .map(|(a, _)| *a)
+                .map(|(a, f)| (*a, f.peer.clone()))
                 .collect();
-            for author in &expired {
+            for (author, _) in &expired {
                 st.fetches.remove(author);
             }
-            for author in expired {
-                self.fetch_from_anyone(&ns, author, now_ms, &mut actions);
+            for (author, silent) in expired {
+                self.fetch_from_anyone(&ns, author, Some(&silent), now_ms, &mut actions);
             }
         }
         actions
@@ -1001,10 +1017,13 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         })
     }
 
+    /// Fetches `author`'s missing batches from a connected peer known to hold more, preferring
+    /// any peer other than `avoid` (the one whose fetch just timed out or came back empty).
     fn fetch_from_anyone(
         &mut self,
         ns: &str,
         author: [u8; 32],
+        avoid: Option<&P>,
         now_ms: u64,
         out: &mut Vec<Action<P>>,
     ) {
@@ -1012,11 +1031,19 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             return;
         };
         let ours = st.heads.get(&author).map_or(0, |h| h.seq);
-        let candidate = st
+        let mut holders = st
             .peer_heads
             .iter()
-            .find(|(p, h)| self.peers.contains(*p) && h.get(&author).is_some_and(|s| *s > ours))
-            .map(|(p, _)| p.clone());
+            .filter(|(p, h)| self.peers.contains(*p) && h.get(&author).is_some_and(|s| *s > ours))
+            .map(|(p, _)| p);
+        let candidate = match avoid {
+            None => holders.next(),
+            Some(bad) => {
+                let all: Vec<&P> = holders.collect();
+                all.iter().find(|p| **p != bad).or(all.first()).copied()
+            }
+        }
+        .cloned();
         if let Some(p) = candidate {
             self.maybe_fetch(ns, author, &p, now_ms, out);
         }
@@ -1152,8 +1179,10 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         if seq > head_seq + 1 {
             let key = (author, seq);
             if st.pending.contains_key(&key) {
+                // Already buffered: a duplicate (gossip must not relay it again), and its gap
+                // fetch was started by the first copy.
                 self.stats.batches_duplicate += 1;
-                return Ingest::Buffered;
+                return Ingest::Duplicate;
             }
             if st.pending.len() >= self.cfg.max_pending_batches
                 || st.pending_bytes + vb.bytes.len() > self.cfg.max_pending_bytes

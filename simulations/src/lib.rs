@@ -179,9 +179,29 @@ pub struct SimReport {
     pub sim_time_ms: u64,
     /// Node restarts after crashes.
     pub restarts: u64,
+    /// Per batch, the time until every node held it (ms), ascending (for the latency CDF).
+    #[serde(default)]
+    pub latencies_ms: Vec<u64>,
+    /// Over time: share of all (batch, node) deliveries done, and bytes sent per bucket.
+    #[serde(default)]
+    pub timeline: Vec<TimelinePoint>,
     /// Hash of the event trace (FNV-1a 64): equal for equal seeds.
     pub trace_hash: u64,
 }
+
+/// One bucket of the run's timeline.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TimelinePoint {
+    /// Bucket start, virtual ms.
+    pub t_ms: u64,
+    /// Share of all (batch, node) deliveries done by the end of the bucket.
+    pub delivered: f64,
+    /// Bytes sent during the bucket.
+    pub bytes: u64,
+}
+
+/// Timeline resolution, virtual ms.
+const BUCKET_MS: u64 = 10;
 
 #[derive(Clone, Debug)]
 enum Msg {
@@ -224,6 +244,8 @@ struct Sim {
     trace: u64,
     last_store_ms: u64,
     link_busy: BTreeMap<(usize, usize), u64>,
+    store_times: Vec<u64>,
+    bytes_by_bucket: BTreeMap<u64, u64>,
     down: BTreeMap<usize, u64>,
     restarts: u64,
 }
@@ -306,6 +328,8 @@ impl Sim {
             trace: 0xcbf2_9ce4_8422_2325,
             last_store_ms: 0,
             link_busy: BTreeMap::new(),
+            store_times: Vec::new(),
+            bytes_by_bucket: BTreeMap::new(),
             down: BTreeMap::new(),
             restarts: 0,
         };
@@ -385,10 +409,15 @@ impl Sim {
             return;
         };
         self.messages += 1;
-        self.bytes += match &msg {
+        let sent = match &msg {
             Msg::Gossip(vb) => vb.bytes.len() as u64,
             Msg::Sync(m) => sync_size(m),
         };
+        self.bytes += sent;
+        *self
+            .bytes_by_bucket
+            .entry(self.now / BUCKET_MS)
+            .or_insert(0) += sent;
         if self.cut(from, to, self.now) || (self.cfg.loss > 0.0 && self.rng.gen_bool(self.cfg.loss))
         {
             return;
@@ -475,6 +504,7 @@ impl Sim {
         e.0 += 1;
         e.1 = e.1.max(self.now);
         self.last_store_ms = self.now;
+        self.store_times.push(self.now);
     }
 
     fn step(&mut self) -> bool {
@@ -701,7 +731,32 @@ impl Sim {
             (lat.len() == self.written_at.len())
                 .then(|| self.last_store_ms.saturating_sub(p.end_ms))
         });
+        // The timeline, at most ~200 points.
+        let total = (self.written_at.len() * n).max(1) as f64;
+        let span = stop.max(1);
+        let step = (span / 200).max(BUCKET_MS) / BUCKET_MS * BUCKET_MS;
+        let mut times = self.store_times.clone();
+        times.sort_unstable();
+        let mut timeline = Vec::new();
+        let mut t = 0;
+        while t <= span {
+            let end = t + step;
+            let delivered = times.partition_point(|x| *x < end) as f64 / total;
+            let bytes: u64 = self
+                .bytes_by_bucket
+                .range(t / BUCKET_MS..end / BUCKET_MS)
+                .map(|(_, b)| *b)
+                .sum();
+            timeline.push(TimelinePoint {
+                t_ms: t,
+                delivered,
+                bytes,
+            });
+            t = end;
+        }
         SimReport {
+            latencies_ms: lat.clone(),
+            timeline,
             nodes: n,
             batches: self.written_at.len(),
             batches_everywhere: lat.len(),
@@ -744,6 +799,118 @@ pub fn check_invariants(r: &SimReport) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Plots of a report, as SVG files in `dir`: the latency CDF, convergence over time and
+/// bandwidth over time. Returns the paths written.
+pub fn write_plots(
+    r: &SimReport,
+    dir: &std::path::Path,
+) -> Result<Vec<std::path::PathBuf>, String> {
+    use plotters::prelude::*;
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let mut out = Vec::new();
+
+    let path = dir.join("latency-cdf.svg");
+    {
+        let root = SVGBackend::new(&path, (720, 420)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let max = r.latencies_ms.last().copied().unwrap_or(1).max(1) as f64;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!("time until all {} nodes hold a write", r.nodes),
+                ("sans-serif", 20),
+            )
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0f64..max * 1.05, 0f64..1.0)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("ms")
+            .y_desc("share of writes")
+            .draw()
+            .map_err(|e| err(&e))?;
+        let n = r.latencies_ms.len().max(1) as f64;
+        let pts: Vec<(f64, f64)> = r
+            .latencies_ms
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (*l as f64, (i + 1) as f64 / n))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts, &BLUE))
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+    }
+    out.push(path);
+
+    let path = dir.join("convergence.svg");
+    {
+        let root = SVGBackend::new(&path, (720, 420)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let tmax = r.timeline.last().map_or(1, |p| p.t_ms).max(1) as f64;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("deliveries done over time", ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(48)
+            .build_cartesian_2d(0f64..tmax, 0f64..1.0)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("virtual ms")
+            .y_desc("share of (batch, node)")
+            .draw()
+            .map_err(|e| err(&e))?;
+        let pts: Vec<(f64, f64)> = r
+            .timeline
+            .iter()
+            .map(|p| (p.t_ms as f64, p.delivered))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts, &GREEN))
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+    }
+    out.push(path);
+
+    let path = dir.join("bandwidth.svg");
+    {
+        let root = SVGBackend::new(&path, (720, 420)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let tmax = r.timeline.last().map_or(1, |p| p.t_ms).max(1) as f64;
+        let step = r.timeline.get(1).map_or(1, |p| p.t_ms).max(1) as f64;
+        let bmax = r.timeline.iter().map(|p| p.bytes).max().unwrap_or(1).max(1) as f64
+            / 1e6
+            / (step / 1e3);
+        let mut chart = ChartBuilder::on(&root)
+            .caption("bytes sent, whole mesh", ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0f64..tmax, 0f64..bmax * 1.05)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("virtual ms")
+            .y_desc("MB/s")
+            .draw()
+            .map_err(|e| err(&e))?;
+        let pts: Vec<(f64, f64)> = r
+            .timeline
+            .iter()
+            .map(|p| (p.t_ms as f64, p.bytes as f64 / 1e6 / (step / 1e3)))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts, &RED))
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+    }
+    out.push(path);
+    Ok(out)
 }
 
 #[cfg(test)]
