@@ -481,6 +481,11 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
         m.duplicates.load(Ordering::Relaxed),
     );
     counter(
+        "blazedb_pushes_dropped_total",
+        "Pushes to slow readers dropped (they catch up by fetching).",
+        m.pushes_dropped.load(Ordering::Relaxed),
+    );
+    counter(
         "blazedb_ineffective_batches_total",
         "Batches stored whose capability was revoked before they were written.",
         m.ineffective.load(Ordering::Relaxed),

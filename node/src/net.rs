@@ -93,6 +93,9 @@ pub fn build_swarm_with(
                 .validation_mode(gossipsub::ValidationMode::Anonymous)
                 .validate_messages()
                 .heartbeat_interval(Duration::from_millis(700))
+                // Bounded per-connection send queue: a slow peer costs at most this many
+                // queued messages; past that, publishing fails and peers catch up by pulling.
+                .connection_handler_queue_len(64)
                 .build()
                 .map_err(|e| anyhow::anyhow!("gossipsub config: {e}"))?;
             let gossipsub =

@@ -42,6 +42,8 @@ const GROUP_COMMIT_MAX: usize = 64;
 const CHANGES_CAP: usize = 4096;
 /// Most bytes served in answer to one fetch.
 const SERVE_MAX_BYTES: usize = 8 * 1024 * 1024;
+/// Most unanswered sync requests to one peer before pushes to it are dropped.
+const PUSH_INFLIGHT_MAX: usize = 128;
 /// The public namespace every node joins unless told not to.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -257,6 +259,8 @@ pub struct Metrics {
     pub duplicates: AtomicU64,
     /// Batches stored but ineffective (revoked capability).
     pub ineffective: AtomicU64,
+    /// Pushes to slow readers dropped (they catch up by fetching).
+    pub pushes_dropped: AtomicU64,
     /// Envelope bytes of batches written locally.
     pub local_bytes: AtomicU64,
     /// Envelope bytes of batches served to peers' fetches.
@@ -685,6 +689,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         connected: HashMap::new(),
         links,
         mat_tx: Some(mat_tx),
+        inflight: HashMap::new(),
         mat_thread: Some(mat_thread),
     };
     let span = tracing::info_span!("node", peer = %keypair.public().to_peer_id());
@@ -704,6 +709,8 @@ struct Actor {
     connected: HashMap<PeerId, Multiaddr>,
     links: LinkRegistry,
     mat_tx: Option<std::sync::mpsc::SyncSender<Job>>,
+    /// Sync requests sent to each peer and not yet answered.
+    inflight: HashMap<PeerId, usize>,
     mat_thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -923,6 +930,19 @@ impl Actor {
             match a {
                 Action::Store(_) => unreachable!("partitioned above"),
                 Action::Send { peer, msg } => {
+                    let outstanding = self.inflight.get(&peer).copied().unwrap_or(0);
+                    let push =
+                        matches!(&msg, SyncMessage::Batches { batches, .. } if !batches.is_empty());
+                    if push && outstanding >= PUSH_INFLIGHT_MAX {
+                        // A slow reader: drop the push rather than queue without bound; it
+                        // catches up through anti-entropy and fetches.
+                        self.shared
+                            .metrics
+                            .pushes_dropped
+                            .fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    *self.inflight.entry(peer).or_insert(0) += 1;
                     self.swarm.behaviour_mut().sync.send_request(&peer, msg);
                 }
                 Action::Publish { ns, bytes, .. } => {
@@ -1041,6 +1061,7 @@ impl Actor {
                     debug!(%peer_id, "peer down");
                     self.connected.remove(&peer_id);
                     self.links.remove(&peer_id);
+                    self.inflight.remove(&peer_id);
                     let actions = self.engine.peer_down(&peer_id, now_ms());
                     return self.execute(actions);
                 }
@@ -1129,7 +1150,10 @@ impl Actor {
                     let actions = self.engine.handle_message(peer, request, now_ms());
                     self.execute(actions)
                 }
-                request_response::Message::Response { .. } => Flow::Continue,
+                request_response::Message::Response { .. } => {
+                    self.request_done(&peer);
+                    Flow::Continue
+                }
             },
             request_response::Event::InboundFailure { peer, error, .. } => {
                 // A request we could not decode (malformed or oversized) is the peer's fault.
@@ -1139,10 +1163,20 @@ impl Actor {
                 Flow::Continue
             }
             request_response::Event::OutboundFailure { peer, error, .. } => {
+                self.request_done(&peer);
                 debug!(%peer, "sync request failed: {error}");
                 Flow::Continue
             }
             request_response::Event::ResponseSent { .. } => Flow::Continue,
+        }
+    }
+
+    fn request_done(&mut self, peer: &PeerId) {
+        if let Some(n) = self.inflight.get_mut(peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.inflight.remove(peer);
+            }
         }
     }
 
