@@ -15,7 +15,6 @@ use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use blazedb_crypto::{KxPolicy, PqTlsConfig};
 use blazedb_identity::Keypair;
 use blazedb_protocol::batch::{self, ChainPosition, Envelope};
 use blazedb_protocol::{Hlc, Op};
@@ -126,7 +125,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         }
     }
     if args.only.iter().any(|b| b == "b7") {
-        rows.extend(b7(200, runs).await?);
+        rows.extend(crate::bench_handshake::b7(runs).await?);
     }
     if args.only.iter().any(|b| b == "b6") {
         rows.extend(b6(args.catchup_ops, runs).await?);
@@ -665,191 +664,6 @@ impl Drop for TempDir {
     }
 }
 
-/// CPU time of this process so far (user + system, all threads, including exited ones), from
-/// /proc/self/stat (Linux; clock ticks assumed at the usual 100 Hz); `None` elsewhere.
-fn process_cpu_ns() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(ticks * 10_000_000)
-}
-
-/// A stream wrapper that counts the client's round trips: each switch from writing to
-/// reading is one.
-struct RttCounter<S> {
-    inner: S,
-    wrote: bool,
-    round_trips: std::sync::Arc<std::sync::atomic::AtomicU32>,
-}
-
-impl<S: futures::AsyncRead + Unpin> futures::AsyncRead for RttCounter<S> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut [u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let this = &mut *self;
-        let res = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let std::task::Poll::Ready(Ok(n)) = &res {
-            if *n > 0 && this.wrote {
-                this.wrote = false;
-                this.round_trips
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        res
-    }
-}
-
-impl<S: futures::AsyncWrite + Unpin> futures::AsyncWrite for RttCounter<S> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let this = &mut *self;
-        let res = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let std::task::Poll::Ready(Ok(n)) = &res {
-            if *n > 0 {
-                this.wrote = true;
-            }
-        }
-        res
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_close(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_close(cx)
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Handshake {
-    Hybrid,
-    ClassicalTls,
-    Noise,
-}
-
-/// Runs `n` handshakes of `kind` over loopback TCP; returns (CPU µs per handshake, both ends
-/// together; client round trips until it may send the first application byte).
-async fn handshakes(kind: Handshake, n: usize) -> Result<(f64, u32)> {
-    use libp2p::core::upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade};
-    use libp2p::tcp::tokio::TcpStream;
-    use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
-    let (ks, kc) = (
-        libp2p::identity::Keypair::generate_ed25519(),
-        libp2p::identity::Keypair::generate_ed25519(),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let round_trips = std::sync::Arc::new(AtomicU32::new(0));
-    let cpu0 = process_cpu_ns();
-    let t0 = Instant::now();
-    for _ in 0..n {
-        let (accepted, connected) =
-            tokio::join!(listener.accept(), tokio::net::TcpStream::connect(addr));
-        let (accepted, connected) = (accepted?.0, connected?);
-        accepted.set_nodelay(true)?;
-        connected.set_nodelay(true)?;
-        let server_io = TcpStream(accepted);
-        let client_io = RttCounter {
-            inner: TcpStream(connected),
-            wrote: false,
-            round_trips: round_trips.clone(),
-        };
-        round_trips.store(0, Relaxed);
-        match kind {
-            Handshake::Hybrid | Handshake::ClassicalTls => {
-                let (s, c) = match kind {
-                    Handshake::Hybrid => (
-                        PqTlsConfig::new(&ks, KxPolicy::Strict, Default::default())?,
-                        PqTlsConfig::new(&kc, KxPolicy::Strict, Default::default())?,
-                    ),
-                    _ => (
-                        PqTlsConfig::classical_only(&ks)?,
-                        PqTlsConfig::classical_only(&kc)?,
-                    ),
-                };
-                let (a, b) = tokio::join!(
-                    s.upgrade_inbound(server_io, "/tls/1.0.0"),
-                    c.upgrade_outbound(client_io, "/tls/1.0.0")
-                );
-                a?;
-                b?;
-            }
-            Handshake::Noise => {
-                let s = libp2p::noise::Config::new(&ks)?;
-                let c = libp2p::noise::Config::new(&kc)?;
-                let (a, b) = tokio::join!(
-                    s.upgrade_inbound(server_io, "/noise"),
-                    c.upgrade_outbound(client_io, "/noise")
-                );
-                a?;
-                b?;
-            }
-        }
-    }
-    let cpu_us = match (cpu0, process_cpu_ns()) {
-        (Some(a), Some(b)) => (b - a) as f64 / 1e3,
-        _ => t0.elapsed().as_secs_f64() * 1e6,
-    };
-    Ok((cpu_us / n as f64, round_trips.load(Relaxed)))
-}
-
-/// B7: CPU per hybrid-PQ TLS handshake vs classical TLS (X25519 only) and classical Noise XX,
-/// in the same run; round trips until the dialer may send application data.
-pub async fn b7(n: usize, runs: usize) -> Result<Vec<Row>> {
-    let (mut hy, mut cl, mut no) = (vec![], vec![], vec![]);
-    let mut rtts = (0, 0, 0);
-    for _ in 0..runs {
-        let h = handshakes(Handshake::Hybrid, n).await?;
-        let c = handshakes(Handshake::ClassicalTls, n).await?;
-        let x = handshakes(Handshake::Noise, n).await?;
-        hy.push(h.0);
-        cl.push(c.0);
-        no.push(x.0);
-        rtts = (h.1, c.1, x.1);
-    }
-    let (hy, cl, no) = (median(hy), median(cl), median(no));
-    Ok(vec![
-        Row {
-            id: "B7",
-            what: "CPU per TLS 1.3 X25519MLKEM768 handshake (both ends)".into(),
-            value: hy,
-            unit: "us",
-            ratio: Some(hy / no),
-            baseline: Some(format!("classical Noise XX {no:.0} us")),
-        },
-        Row {
-            id: "B7",
-            what: "CPU per TLS 1.3 X25519 handshake (both ends)".into(),
-            value: cl,
-            unit: "us",
-            ratio: Some(hy / cl),
-            baseline: Some("hybrid / classical TLS".into()),
-        },
-        Row {
-            id: "B7",
-            what: "dialer round trips in the security handshake (hybrid TLS)".into(),
-            value: f64::from(rtts.0),
-            unit: "RTT",
-            ratio: None,
-            baseline: Some(format!(
-                "classical TLS {}, Noise XX {}; + multistream-select for security and muxer",
-                rtts.1, rtts.2
-            )),
-        },
-    ])
-}
-
 /// B5 (real tier): `n` real nodes in this process on loopback (each dials its predecessor and
 /// one random earlier node), one writer; per write, the time until every node holds it, and
 /// gossip duplicates per batch. The same N in the simulator is printed alongside.
@@ -945,24 +759,4 @@ pub async fn b5(n: usize, writes: usize) -> Result<Vec<Row>> {
             )),
         },
     ])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The benchmark machinery works end to end (no timing is asserted).
-    #[tokio::test]
-    async fn b7_measures_all_three_handshakes() {
-        let rows = b7(3, 1).await.unwrap();
-        assert_eq!(rows.len(), 3);
-        assert!(
-            rows.iter().all(|r| r.value.is_finite() && r.value >= 0.0),
-            "{rows:?}"
-        );
-        assert_eq!(
-            rows[2].value, 1.0,
-            "TLS 1.3 lets the dialer send after one round trip"
-        );
-    }
 }

@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_handshake;
 pub mod materializer;
 pub mod net;
 pub mod node;
