@@ -29,7 +29,6 @@ use rand::{Rng, SeedableRng};
 
 use blazedb_identity::Keypair;
 use blazedb_protocol::batch::BatchId;
-use blazedb_protocol::engine::HaveEntry;
 use blazedb_protocol::{
     Action, Engine, EngineConfig, GossipVerdict, Hlc, Op, RecordState, SyncMessage, VerifiedBatch,
 };
@@ -715,16 +714,10 @@ impl Sim {
             lat[((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1]
         };
         let first = &self.nodes[0];
-        let vector: Vec<HaveEntry> = first
-            .engine
-            .vector(NS)
-            .into_iter()
-            .map(|(author, seq)| HaveEntry { author, seq })
-            .collect();
         let converged = self.nodes.iter().all(|node| {
             node.log == first.log
                 && node.records == first.records
-                && node.engine.vector(NS).len() == vector.len()
+                && node.engine.vector(NS) == first.engine.vector(NS)
         });
         let ops_written = (self.written_at.len() * self.cfg.ops_per_write).max(1) as f64;
         let heal_to_converged_ms = self.cfg.partition.as_ref().and_then(|p| {
