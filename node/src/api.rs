@@ -284,7 +284,14 @@ async fn get_record(
     State(node): State<NodeHandle>,
     Path((ns, collection, key)): Path<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
-    match node.get(&ns, &collection, &key)? {
+    // Reads may wait for the materializer (read-your-writes): keep that off the async workers.
+    let (n, c, k) = (node.clone(), collection.clone(), key.clone());
+    let found = tokio::task::spawn_blocking(move || n.get(&ns, &c, &k))
+        .await
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
+    match found {
         Some(fields) => Ok(Json(
             json!({ "collection": collection, "key": key, "fields": fields }),
         )),
@@ -325,7 +332,12 @@ async fn list(
             "limit must be 1..={MAX_LIST_LIMIT}"
         )));
     }
-    let records = node.list(&ns, &collection, &q.prefix, limit)?;
+    let n = node.clone();
+    let records = tokio::task::spawn_blocking(move || n.list(&ns, &collection, &q.prefix, limit))
+        .await
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
     let records: Vec<Value> = records
         .into_iter()
         .map(|(key, fields)| json!({ "key": key, "fields": fields }))
@@ -438,7 +450,12 @@ async fn events(
 
 async fn metrics(State(node): State<NodeHandle>) -> Response {
     let m = node.metrics();
-    let (batches, records) = node.counts().unwrap_or((0, 0));
+    let n = node.clone();
+    let (batches, records) = tokio::task::spawn_blocking(move || n.counts())
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or((0, 0));
     let mut out = String::new();
     let mut counter = |name: &str, help: &str, v: u64| {
         out.push_str(&format!(

@@ -220,7 +220,23 @@ pub fn main(args: SimArgs) -> Result<()> {
     for seed in args.seed..args.seed + args.seeds.max(1) {
         cfg.seed = seed;
         let t = Instant::now();
-        let r = run(cfg.clone());
+        let r = if args.seeds <= 1 && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            let bar = indicatif::ProgressBar::new(1);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} virtual {pos} / {len} ms  [{elapsed_precise}]",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let r = blazedb_sim::run_with_progress(cfg.clone(), &mut |now, stop| {
+                bar.set_length(stop);
+                bar.set_position(now);
+            });
+            bar.finish_and_clear();
+            r
+        } else {
+            run(cfg.clone())
+        };
         let wall = t.elapsed().as_secs_f64();
         if let Some(dir) = &args.out {
             std::fs::create_dir_all(dir)?;

@@ -676,13 +676,18 @@ impl Sim {
 
     /// Runs until every write has happened, the partition (if any) has healed and every batch
     /// is everywhere — or until `settle_ms` after that point, whichever comes first.
-    fn run(mut self) -> SimReport {
+    fn run(self) -> SimReport {
+        self.run_with(&mut |_, _| {})
+    }
+
+    fn run_with(mut self, progress: &mut dyn FnMut(u64, u64)) -> SimReport {
         let mut quiet = self.end_of_writes();
         if let Some(p) = &self.cfg.partition {
             quiet = quiet.max(p.end_ms);
         }
         let stop = quiet + self.cfg.settle_ms;
         let mut now = 0;
+        let mut events: u64 = 0;
         while let Some(((t, _), _)) = self.queue.first_key_value() {
             if *t > stop {
                 break;
@@ -692,6 +697,10 @@ impl Sim {
                 break;
             }
             self.step();
+            events += 1;
+            if events % 4096 == 0 {
+                progress(now, stop);
+            }
         }
         self.report(now.max(1))
     }
@@ -774,6 +783,11 @@ impl Sim {
 /// Runs one simulation to the end and reports.
 pub fn run(cfg: SimConfig) -> SimReport {
     Sim::new(cfg).run()
+}
+
+/// [`run`], calling `progress(virtual_now_ms, virtual_stop_ms)` every few thousand events.
+pub fn run_with_progress(cfg: SimConfig, progress: &mut dyn FnMut(u64, u64)) -> SimReport {
+    Sim::new(cfg).run_with(progress)
 }
 
 /// Safety invariants of a report: everything converged, nothing was rejected, every batch
