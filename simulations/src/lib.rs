@@ -698,7 +698,7 @@ impl Sim {
             }
             self.step();
             events += 1;
-            if events % 4096 == 0 {
+            if events.is_multiple_of(4096) {
                 progress(now, stop);
             }
         }
