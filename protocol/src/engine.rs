@@ -829,6 +829,18 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         actions
     }
 
+    /// The verdict for gossip on `ns` before looking at the batch: unknown namespaces are
+    /// ignored; owned ones are never gossiped, so whoever does is leaking or probing.
+    fn gossip_gate(&self, ns: &str) -> Option<GossipVerdict> {
+        match self.namespaces.get(ns) {
+            None => Some(GossipVerdict::Ignore),
+            Some(st) if st.owned() => {
+                Some(GossipVerdict::Reject("gossip in an owned namespace".into()))
+            }
+            Some(_) => None,
+        }
+    }
+
     /// A batch arrived by gossip on `ns`'s topic, relayed by `peer`.
     pub fn handle_gossip(
         &mut self,
@@ -838,16 +850,8 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         now_ms: u64,
     ) -> (GossipVerdict, Vec<Action<P>>) {
         let mut actions = Vec::new();
-        match self.namespaces.get(ns) {
-            None => return (GossipVerdict::Ignore, actions),
-            Some(st) if st.owned() => {
-                // Owned namespaces are never gossiped: whoever does is leaking or probing.
-                return (
-                    GossipVerdict::Reject("gossip in an owned namespace".into()),
-                    actions,
-                );
-            }
-            Some(_) => {}
+        if let Some(verdict) = self.gossip_gate(ns) {
+            return (verdict, actions);
         }
         // Cheap duplicate check first: most gossip copies are of batches we already hold, and
         // a header decode costs far less than a signature check.
@@ -884,15 +888,8 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         now_ms: u64,
     ) -> (GossipVerdict, Vec<Action<P>>) {
         let mut actions = Vec::new();
-        match self.namespaces.get(ns) {
-            None => return (GossipVerdict::Ignore, actions),
-            Some(st) if st.owned() => {
-                return (
-                    GossipVerdict::Reject("gossip in an owned namespace".into()),
-                    actions,
-                );
-            }
-            Some(_) => {}
+        if let Some(verdict) = self.gossip_gate(ns) {
+            return (verdict, actions);
         }
         if vb.header.ns != ns {
             self.stats.batches_rejected += 1;
