@@ -120,7 +120,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         rows.extend(b4()?);
     }
     if args.only.iter().any(|b| b == "b5") {
-        for n in [10, 50] {
+        for n in [10, 50, 100] {
             rows.extend(b5(n, 20).await?);
         }
     }
