@@ -511,6 +511,7 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
         "# HELP blazedb_stored_batches Batches in the store.\n# TYPE blazedb_stored_batches gauge\nblazedb_stored_batches {batches}\n\
          # HELP blazedb_stored_records Records in the store.\n# TYPE blazedb_stored_records gauge\nblazedb_stored_records {records}\n"
     ));
+    out.push_str(&node.gossip_metrics_text());
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -73,11 +73,33 @@ pub fn build_swarm(
     })
 }
 
+/// [`build_swarm`], recording gossipsub's metrics (message counts before and after
+/// de-duplication, mesh, scores) in `registry`.
+pub fn build_swarm_metered(
+    keypair: libp2p::identity::Keypair,
+    enable_mdns: bool,
+    policy: KxPolicy,
+    links: LinkRegistry,
+    registry: &mut libp2p::metrics::Registry,
+) -> anyhow::Result<Swarm<Behaviour>> {
+    let security = move |key: &libp2p::identity::Keypair| PqTlsConfig::new(key, policy, links);
+    build_swarm_inner(keypair, enable_mdns, security, Some(registry))
+}
+
 /// Builds the swarm with a given security upgrade (tests use it to play a classical peer).
 pub fn build_swarm_with(
     keypair: libp2p::identity::Keypair,
     enable_mdns: bool,
     security: impl FnOnce(&libp2p::identity::Keypair) -> Result<PqTlsConfig, LinkError>,
+) -> anyhow::Result<Swarm<Behaviour>> {
+    build_swarm_inner(keypair, enable_mdns, security, None)
+}
+
+fn build_swarm_inner(
+    keypair: libp2p::identity::Keypair,
+    enable_mdns: bool,
+    security: impl FnOnce(&libp2p::identity::Keypair) -> Result<PqTlsConfig, LinkError>,
+    registry: Option<&mut libp2p::metrics::Registry>,
 ) -> anyhow::Result<Swarm<Behaviour>> {
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -98,9 +120,12 @@ pub fn build_swarm_with(
                 .connection_handler_queue_len(64)
                 .build()
                 .map_err(|e| anyhow::anyhow!("gossipsub config: {e}"))?;
-            let gossipsub =
+            let mut gossipsub =
                 gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_cfg)
                     .map_err(|e| anyhow::anyhow!("gossipsub: {e}"))?;
+            if let Some(registry) = registry {
+                gossipsub = gossipsub.with_metrics(registry, Default::default());
+            }
             let codec = request_response::cbor::codec::Codec::<SyncMessage, Ack>::default()
                 .set_request_size_maximum(limits::MAX_SYNC_MESSAGE_BYTES as u64)
                 .set_response_size_maximum(1024);

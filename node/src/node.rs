@@ -301,6 +301,8 @@ enum Command {
 }
 
 struct Shared {
+    /// gossipsub's metrics (read-only after start).
+    registry: libp2p::metrics::Registry,
     store: Arc<Store>,
     mat: Arc<MatSync>,
     keypair: Keypair,
@@ -345,6 +347,29 @@ impl NodeHandle {
     /// Counters.
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
+    }
+
+    /// gossipsub's own metrics, in Prometheus text format.
+    pub fn gossip_metrics_text(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.shared.registry);
+        out
+    }
+
+    /// Gossip messages received (every copy, before de-duplication) and accepted as new
+    /// (after), summed over topics: the difference is the duplicate copies on the wire.
+    pub fn gossip_received(&self) -> (u64, u64) {
+        let text = self.gossip_metrics_text();
+        let sum = |name: &str| -> u64 {
+            text.lines()
+                .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64
+        };
+        (
+            sum("topic_msg_recv_counts_unfiltered_total"),
+            sum("topic_msg_recv_counts_total"),
+        )
     }
 
     /// Whether `ns` is joined.
@@ -616,7 +641,14 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         );
     }
     let links = LinkRegistry::default();
-    let mut swarm = net::build_swarm(keypair.to_libp2p(), cfg.mdns, cfg.pq_policy, links.clone())?;
+    let mut registry = libp2p::metrics::Registry::default();
+    let mut swarm = net::build_swarm_metered(
+        keypair.to_libp2p(),
+        cfg.mdns,
+        cfg.pq_policy,
+        links.clone(),
+        &mut registry,
+    )?;
     let mut topics = HashMap::new();
     // Owned namespaces are never gossiped (gossipsub has no read access control).
     for ns in &public {
@@ -668,6 +700,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let mat = Arc::new(MatSync::default());
     let (mat_tx, mat_thread) = materializer::spawn(store.clone(), mat.clone(), changes.clone());
     let shared = Arc::new(Shared {
+        registry,
         store,
         mat,
         keypair: keypair.clone(),

@@ -93,6 +93,9 @@ pub struct SimConfig {
     pub crashes: Vec<Crash>,
     /// Churn: every `every_ms` a random node (never a writer) crashes for `down_ms`.
     pub churn: Option<Churn>,
+    /// An explicit topology (undirected links); empty = a ring plus random links up to
+    /// `degree`.
+    pub edges: Vec<(usize, usize)>,
 }
 
 /// A node crash at `at_ms`, restarting `down_ms` later.
@@ -139,6 +142,7 @@ impl Default for SimConfig {
             duplicate: 0.0,
             crashes: Vec::new(),
             churn: None,
+            edges: Vec::new(),
         }
     }
 }
@@ -297,7 +301,12 @@ impl Sim {
                 nodes[b].links.insert(a, lat);
             }
         };
-        if n > 1 {
+        for (a, b) in cfg.edges.clone() {
+            if a < n && b < n {
+                link(a, b, &mut nodes, &mut rng);
+            }
+        }
+        if n > 1 && cfg.edges.is_empty() {
             for i in 0..n {
                 link(i, (i + 1) % n, &mut nodes, &mut rng);
             }
