@@ -185,6 +185,15 @@ fn print_table(name: &str, r: &SimReport, wall_s: f64) {
                 .map_or("-".into(), |ms| format!("{ms} ms")),
         ),
         (
+            "mean share of nodes reached per write",
+            format!("{:.4}", r.reach),
+        ),
+        (
+            "restart -> caught up (median / max)",
+            r.rejoin_catch_up_ms
+                .map_or("-".into(), |(m, x)| format!("{m} / {x} ms")),
+        ),
+        (
             "converged / rejected",
             format!("{} / {}", r.converged, r.rejected),
         ),

@@ -93,9 +93,35 @@ pub struct SimConfig {
     pub crashes: Vec<Crash>,
     /// Churn: every `every_ms` a random node (never a writer) crashes for `down_ms`.
     pub churn: Option<Churn>,
-    /// An explicit topology (undirected links); empty = a ring plus random links up to
-    /// `degree`.
+    /// An explicit topology (undirected links); overrides `topology` when not empty.
     pub edges: Vec<(usize, usize)>,
+    /// Shape of the generated topology.
+    pub topology: Topology,
+}
+
+/// How the simulator links nodes (every shape is connected).
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Topology {
+    /// A ring plus random links until every node has `degree` links.
+    #[default]
+    Random,
+    /// Watts–Strogatz small world: a ring lattice of `degree` neighbours, long links rewired
+    /// with probability `rewire`.
+    SmallWorld {
+        /// Rewiring probability.
+        rewire: f64,
+    },
+    /// `clusters` groups, well connected inside (links use `latency_ms`), joined by `bridges`
+    /// slow links per neighbouring pair of clusters (`inter_latency_ms`).
+    Clusters {
+        /// Number of clusters.
+        clusters: usize,
+        /// Links between neighbouring clusters.
+        bridges: usize,
+        /// Latency range of the links between clusters, ms.
+        inter_latency_ms: (u64, u64),
+    },
 }
 
 /// A node crash at `at_ms`, restarting `down_ms` later.
@@ -143,6 +169,7 @@ impl Default for SimConfig {
             crashes: Vec::new(),
             churn: None,
             edges: Vec::new(),
+            topology: Topology::Random,
         }
     }
 }
@@ -182,6 +209,13 @@ pub struct SimReport {
     pub sim_time_ms: u64,
     /// Node restarts after crashes.
     pub restarts: u64,
+    /// Mean share of the nodes each batch reached by the end (1.0 = everyone got everything).
+    #[serde(default)]
+    pub reach: f64,
+    /// After a restart, time until the node held every batch written before it restarted
+    /// (median and max over restarts, ms).
+    #[serde(default)]
+    pub rejoin_catch_up_ms: Option<(u64, u64)>,
     /// Per batch, the time until every node held it (ms), ascending (for the latency CDF).
     #[serde(default)]
     pub latencies_ms: Vec<u64>,
@@ -251,6 +285,8 @@ struct Sim {
     bytes_by_bucket: BTreeMap<u64, u64>,
     down: BTreeMap<usize, u64>,
     restarts: u64,
+    rejoins: Vec<(usize, u64, std::collections::BTreeSet<BatchId>)>,
+    rejoin_done: Vec<u64>,
 }
 
 fn fnv(h: &mut u64, data: &[u8]) {
@@ -291,12 +327,28 @@ impl Sim {
                 }
             })
             .collect();
-        // Topology: a ring (connected) plus random links up to `degree`.
+        // Topology (see `Topology`): always connected.
         let n = cfg.nodes;
         let (lo, hi) = cfg.latency_ms;
+        let clusters = match cfg.topology {
+            Topology::Clusters { clusters, .. } => clusters.max(1),
+            _ => 1,
+        };
+        let cluster_of = |i: usize| i * clusters / n.max(1);
+        let slow = match cfg.topology {
+            Topology::Clusters {
+                inter_latency_ms, ..
+            } => inter_latency_ms,
+            _ => (lo, hi),
+        };
         let link = |a: usize, b: usize, nodes: &mut Vec<Node>, rng: &mut rand::rngs::StdRng| {
             if a != b && !nodes[a].links.contains_key(&b) {
-                let lat = rng.gen_range(lo..=hi.max(lo));
+                let (l, h) = if cluster_of(a) == cluster_of(b) {
+                    (lo, hi)
+                } else {
+                    slow
+                };
+                let lat = rng.gen_range(l..=h.max(l));
                 nodes[a].links.insert(b, lat);
                 nodes[b].links.insert(a, lat);
             }
@@ -307,15 +359,61 @@ impl Sim {
             }
         }
         if n > 1 && cfg.edges.is_empty() {
-            for i in 0..n {
-                link(i, (i + 1) % n, &mut nodes, &mut rng);
+            match cfg.topology {
+                Topology::Random => {
+                    for i in 0..n {
+                        link(i, (i + 1) % n, &mut nodes, &mut rng);
+                    }
+                }
+                Topology::SmallWorld { rewire } => {
+                    // Watts–Strogatz: a ring lattice of `degree` neighbours, each "far" link
+                    // rewired to a random node with probability `rewire` (the ring stays).
+                    let k = (cfg.degree / 2).max(1);
+                    for i in 0..n {
+                        link(i, (i + 1) % n, &mut nodes, &mut rng);
+                        for d in 2..=k {
+                            let j = if rng.gen_bool(rewire.clamp(0.0, 1.0)) {
+                                rng.gen_range(0..n)
+                            } else {
+                                (i + d) % n
+                            };
+                            link(i, j, &mut nodes, &mut rng);
+                        }
+                    }
+                }
+                Topology::Clusters { bridges, .. } => {
+                    // A ring inside each cluster, random links inside it up to `degree`, and
+                    // `bridges` slow links from each cluster to the next.
+                    let members: Vec<Vec<usize>> = (0..clusters)
+                        .map(|c| (0..n).filter(|i| cluster_of(*i) == c).collect())
+                        .collect();
+                    for m in &members {
+                        for w in 0..m.len() {
+                            link(m[w], m[(w + 1) % m.len()], &mut nodes, &mut rng);
+                        }
+                    }
+                    for c in 0..clusters {
+                        let (a, b) = (&members[c], &members[(c + 1) % clusters]);
+                        for _ in 0..bridges.max(1) {
+                            if !a.is_empty() && !b.is_empty() {
+                                let (x, y) =
+                                    (a[rng.gen_range(0..a.len())], b[rng.gen_range(0..b.len())]);
+                                link(x, y, &mut nodes, &mut rng);
+                            }
+                        }
+                    }
+                }
             }
-            for i in 0..n {
-                let mut tries = 0;
-                while nodes[i].links.len() < cfg.degree.min(n - 1) && tries < 100 {
-                    let j = rng.gen_range(0..n);
-                    link(i, j, &mut nodes, &mut rng);
-                    tries += 1;
+            if !matches!(cfg.topology, Topology::SmallWorld { .. }) {
+                for i in 0..n {
+                    let mut tries = 0;
+                    while nodes[i].links.len() < cfg.degree.min(n - 1) && tries < 100 {
+                        let j = rng.gen_range(0..n);
+                        if cluster_of(i) == cluster_of(j) {
+                            link(i, j, &mut nodes, &mut rng);
+                        }
+                        tries += 1;
+                    }
                 }
             }
         }
@@ -340,6 +438,8 @@ impl Sim {
             bytes_by_bucket: BTreeMap::new(),
             down: BTreeMap::new(),
             restarts: 0,
+            rejoins: Vec::new(),
+            rejoin_done: Vec::new(),
         };
         for c in sim.cfg.crashes.clone() {
             if c.node < n {
@@ -513,6 +613,19 @@ impl Sim {
         e.1 = e.1.max(self.now);
         self.last_store_ms = self.now;
         self.store_times.push(self.now);
+        let now = self.now;
+        let mut done = Vec::new();
+        self.rejoins.retain_mut(|(n, t0, needed)| {
+            if *n == node {
+                needed.remove(&vb.id);
+                if needed.is_empty() {
+                    done.push(now - *t0);
+                    return false;
+                }
+            }
+            true
+        });
+        self.rejoin_done.extend(done);
     }
 
     fn step(&mut self) -> bool {
@@ -562,6 +675,19 @@ impl Sim {
                     engine.load_head(NS, author, seq, id, hlc);
                 }
                 self.nodes[node].engine = engine;
+                let held: std::collections::BTreeSet<BatchId> =
+                    self.nodes[node].log.values().copied().collect();
+                let needed: std::collections::BTreeSet<BatchId> = self
+                    .written_at
+                    .iter()
+                    .filter(|(id, t)| **t <= self.now && !held.contains(*id))
+                    .map(|(id, _)| *id)
+                    .collect();
+                if needed.is_empty() {
+                    self.rejoin_done.push(0);
+                } else {
+                    self.rejoins.push((node, self.now, needed));
+                }
                 let peers: Vec<usize> = self.nodes[node].links.keys().copied().collect();
                 for p in peers {
                     if self.down.contains_key(&p) {
@@ -765,7 +891,25 @@ impl Sim {
             });
             t = end;
         }
+        let reach = if self.written_at.is_empty() {
+            1.0
+        } else {
+            self.written_at
+                .keys()
+                .map(|id| self.holders.get(id).map_or(0, |(c, _)| *c) as f64 / n as f64)
+                .sum::<f64>()
+                / self.written_at.len() as f64
+        };
+        let rejoin_catch_up_ms = if self.rejoin_done.is_empty() {
+            None
+        } else {
+            let mut d = self.rejoin_done.clone();
+            d.sort_unstable();
+            Some((d[d.len() / 2], d[d.len() - 1]))
+        };
         SimReport {
+            reach,
+            rejoin_catch_up_ms,
             latencies_ms: lat.clone(),
             timeline,
             nodes: n,
@@ -1031,5 +1175,39 @@ mod tests {
         check_invariants(&r).unwrap();
         assert!(r.restarts >= 2, "crashes did not happen: {}", r.restarts);
         assert_eq!(run(cfg), r, "faulty runs must replay exactly too");
+    }
+
+    #[test]
+    fn small_world_and_clustered_topologies_converge() {
+        for topology in [
+            Topology::SmallWorld { rewire: 0.2 },
+            Topology::Clusters {
+                clusters: 4,
+                bridges: 2,
+                inter_latency_ms: (80, 120),
+            },
+        ] {
+            let cfg = SimConfig {
+                nodes: 60,
+                writers: 3,
+                writes_per_writer: 5,
+                topology: topology.clone(),
+                crashes: vec![Crash {
+                    node: 5,
+                    at_ms: 100,
+                    down_ms: 1_000,
+                }],
+                ..SimConfig::default()
+            };
+            let r = run(cfg);
+            check_invariants(&r)
+                .map_err(|e| format!("{topology:?}: {e}"))
+                .unwrap();
+            assert!((r.reach - 1.0).abs() < 1e-9);
+            assert!(
+                r.rejoin_catch_up_ms.is_some(),
+                "{topology:?}: the crash was not measured"
+            );
+        }
     }
 }
