@@ -138,7 +138,8 @@ enum NsCmd {
     /// Issue a capability to another node's did:key; prints the token to give it.
     Invite {
         /// Namespace id.
-        ns: String,
+        #[arg(value_name = "NS")]
+        namespace: String,
         /// The invitee's did:key (see `blazedb status` on its node).
         #[arg(long)]
         to: String,
@@ -166,7 +167,8 @@ enum NsCmd {
     /// Revoke a token (and everything delegated from it) by its id.
     Revoke {
         /// Namespace id.
-        ns: String,
+        #[arg(value_name = "NS")]
+        namespace: String,
         /// Token id (printed by `ns invite`).
         token_id: String,
         #[command(flatten)]
@@ -189,7 +191,7 @@ fn parse_duration_ms(s: &str) -> Result<u64> {
     n.checked_mul(mult).context("duration too long")
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -199,10 +201,19 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?;
-    rt.block_on(run(cli))
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One clear line (with its causes), not a backtrace.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -274,7 +285,7 @@ async fn run(cli: Cli) -> Result<()> {
                 print(client_send(reqwest::Method::POST, &api, "/v1/ns", None).await?)
             }
             NsCmd::Invite {
-                ns,
+                namespace: ns,
                 to,
                 read,
                 write,
@@ -308,7 +319,11 @@ async fn run(cli: Cli) -> Result<()> {
                 let body = serde_json::json!({ "token": token.trim() });
                 print(client_send(reqwest::Method::POST, &api, "/v1/ns/join", Some(body)).await?)
             }
-            NsCmd::Revoke { ns, token_id, api } => {
+            NsCmd::Revoke {
+                namespace: ns,
+                token_id,
+                api,
+            } => {
                 let body = serde_json::json!({ "token_id": token_id });
                 let path = format!("/v1/ns/{}/revocations", enc(&ns));
                 print(client_send(reqwest::Method::POST, &api, &path, Some(body)).await?)

@@ -152,6 +152,55 @@ fn two_processes_replicate_through_the_api() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("JSON object"));
 
+    // Owned namespaces through the CLI: create on A, invite B (scoped write), join, write on
+    // B, read on A; a write outside the scope is refused with a one-line error.
+    let json = |out: std::process::Output| -> serde_json::Value {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let ns = json(cli(&a.api, &["ns", "create"]))["ns"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let did_b = status["did"].as_str().unwrap().to_string();
+    let inv = json(cli(
+        &a.api,
+        &[
+            "ns", "invite", &ns, "--to", &did_b, "--write", "--prefix", "docs/",
+        ],
+    ));
+    let token = inv["token"].as_str().unwrap().to_string();
+    assert_eq!(
+        json(cli(&b.api, &["ns", "join", &token]))["ns"],
+        ns.as_str()
+    );
+    json(cli(
+        &b.api,
+        &["put", "docs", "readme", r#"{"title":"hello"}"#, "--ns", &ns],
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = cli(&a.api, &["get", "docs", "readme", "--ns", &ns]);
+        if out.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B's write never reached A");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = cli(&b.api, &["put", "other", "x", "{}", "--ns", &ns]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("403") && err.contains("scope"), "{err}");
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "errors are one line, not a backtrace: {err}"
+    );
+
     sigterm_and_wait(b);
     sigterm_and_wait(a);
 

@@ -743,6 +743,9 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     st.readers.insert(peer.clone(), chain);
                     if newly {
                         actions.extend(self.have_for(&ns, &peer, now_ms));
+                        // Answer with ours at once (instead of at the next anti-entropy
+                        // round), so a node that just joined is served both ways right away.
+                        actions.extend(self.present_for(&ns, &peer));
                     }
                     if !revoked.is_empty() {
                         // It still presents a revoked chain: it has not heard. Tell it, so it
@@ -966,22 +969,28 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
     /// Our capability chains, for every owned namespace we hold one in.
     fn presents_for(&self, peer: &P) -> Vec<Action<P>> {
         self.namespaces
-            .iter()
-            .filter_map(|(ns, st)| match &st.policy {
-                Policy::Owned { mine: Some(chain) }
-                    if !chain.ids().any(|id| st.revocations.contains_key(&id)) =>
-                {
-                    Some(Action::Send {
-                        peer: peer.clone(),
-                        msg: SyncMessage::Present {
-                            ns: ns.clone(),
-                            chain: serde_bytes::ByteBuf::from(chain.encode()),
-                        },
-                    })
-                }
-                _ => None,
-            })
+            .keys()
+            .filter_map(|ns| self.present_for(ns, peer))
             .collect()
+    }
+
+    /// Our (unrevoked) capability for `ns`, as a `Present` to `peer`.
+    fn present_for(&self, ns: &str, peer: &P) -> Option<Action<P>> {
+        let st = self.namespaces.get(ns)?;
+        match &st.policy {
+            Policy::Owned { mine: Some(chain) }
+                if !chain.ids().any(|id| st.revocations.contains_key(&id)) =>
+            {
+                Some(Action::Send {
+                    peer: peer.clone(),
+                    msg: SyncMessage::Present {
+                        ns: ns.to_string(),
+                        chain: serde_bytes::ByteBuf::from(chain.encode()),
+                    },
+                })
+            }
+            _ => None,
+        }
     }
 
     /// Version vectors of every namespace `peer` may read.
