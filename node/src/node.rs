@@ -628,7 +628,8 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         }
         namespaces.insert(ns);
     }
-    for h in store.heads()? {
+    let heads = store.heads()?;
+    for h in &heads {
         if namespaces.contains(&h.ns) {
             engine.load_head(&h.ns, h.author, h.seq, h.id, h.hlc_max);
         }
@@ -687,7 +688,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let (changes, _) = broadcast::channel(CHANGES_CAP);
     // Records behind the log (a crash, or a stop with work queued): apply them first.
     let store = Arc::new(store);
-    let behind = store.unapplied()?;
+    let behind = store.unapplied(&heads)?;
     if !behind.is_empty() {
         info!(
             batches = behind.len(),
@@ -1302,20 +1303,11 @@ impl Actor {
                     mine.rights().as_str()
                 )));
             }
-            // A delegation may only narrow: inherit the parent's scope and window where the
-            // caller gave none, and never outlive the parent.
-            let parent = &mine.leaf().body;
-            let prefix = prefix.or_else(|| parent.prefix.clone());
-            let expires_ms = match (expires_ms, parent.exp_ms) {
-                (Some(mine), Some(theirs)) => Some(mine.min(theirs)),
-                (a, b) => a.or(b),
-            };
-            mine.delegate(
+            mine.delegate_within(
                 &self.shared.keypair,
                 &to,
                 rights,
                 prefix,
-                parent.nbf_ms,
                 expires_ms,
                 rand::random(),
             )

@@ -394,8 +394,8 @@ impl Store {
 
     /// Logged batches not yet applied to the records (after a crash or restart), verified,
     /// in chain order, with their effectiveness under the namespace's revocations.
-    pub fn unapplied(&self) -> Result<Vec<VerifiedBatch>, StoreError> {
-        let heads = self.heads()?;
+    /// `heads` are the log's chain heads ([`Store::heads`]; start-up already has them).
+    pub fn unapplied(&self, heads: &[StoredHead]) -> Result<Vec<VerifiedBatch>, StoreError> {
         let mut out = Vec::new();
         let vtxn = self.view.begin_read()?;
         let applied = vtxn.open_table(APPLIED)?;
@@ -822,14 +822,14 @@ mod tests {
         }
         let store = Store::open(&path).unwrap();
         assert!(store.get("default", "c", "k2").unwrap().is_none());
-        let behind = store.unapplied().unwrap();
+        let behind = store.unapplied(&store.heads().unwrap()).unwrap();
         assert_eq!(
             behind.iter().map(|b| b.header.seq).collect::<Vec<_>>(),
             vec![2, 3, 4]
         );
         store.apply(&behind, true).unwrap();
         assert_eq!(store.get("default", "c", "k2").unwrap().unwrap()["v"], 2);
-        assert!(store.unapplied().unwrap().is_empty());
+        assert!(store.unapplied(&store.heads().unwrap()).unwrap().is_empty());
         // Applying again is a no-op (watermark), not a double apply.
         store.apply(&behind, true).unwrap();
         assert_eq!(store.counts().unwrap(), (4, 4));

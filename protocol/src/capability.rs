@@ -371,6 +371,35 @@ impl Chain {
         })
     }
 
+    /// [`Chain::delegate`] that fills in what the caller left open from the leaf: no prefix
+    /// means the leaf's prefix, no expiry means the leaf's, a later expiry is cut to the
+    /// leaf's, and validity starts with the leaf's. What an admin usually means by "invite".
+    pub fn delegate_within(
+        &self,
+        issuer: &Keypair,
+        audience: &PublicKey,
+        rights: Rights,
+        prefix: Option<String>,
+        exp_ms: Option<u64>,
+        nonce: u64,
+    ) -> Result<Chain, CapError> {
+        let parent = &self.leaf().body;
+        let prefix = prefix.or_else(|| parent.prefix.clone());
+        let exp_ms = match (exp_ms, parent.exp_ms) {
+            (Some(asked), Some(limit)) => Some(asked.min(limit)),
+            (asked, limit) => asked.or(limit),
+        };
+        self.delegate(
+            issuer,
+            audience,
+            rights,
+            prefix,
+            parent.nbf_ms,
+            exp_ms,
+            nonce,
+        )
+    }
+
     /// Extends the chain from its holder (`issuer`) to `audience`.
     ///
     /// `issuer` must be the leaf's audience and the leaf must grant [`Rights::Admin`]. Nothing
