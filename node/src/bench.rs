@@ -1,7 +1,8 @@
 //! `blazedb bench`: the standard benchmarks (see BRIEF: B1–B8) that exist so far.
 //!
-//! - **B1** batch codec on workload W (5,000-op batches): seal (encode + blake3 + sign),
-//!   batch id alone, verify (decode + hash + signature + op checks); baseline: plain
+//! - **B1** batch codec on workload W (5,000-op batches): the compact codec alone (encode,
+//!   borrowed decode, decode to owned ops), seal (encode + zstd + blake3 + sign), batch id
+//!   alone, verify (inflate + decode + hash + signature + op checks); baseline: plain
 //!   serde+ciborium encode/decode of the same ops, in the same run.
 //! - **B3** two nodes in this process over loopback TCP (TLS 1.3 + yamux): write at A in
 //!   5,000-op calls until every batch is durable at B; baseline: raw loopback TCP goodput for
@@ -157,17 +158,58 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// B1: batch codec.
+/// B1: batch codec, one core. The codec alone (compact encode; borrowed decode with every op
+/// check) against plain serde+ciborium on the same ops, then the whole batch path (seal:
+/// encode + zstd + blake3 + ed25519 sign; verify: inflate + decode + hash + strict signature +
+/// op checks + owned ops).
 pub fn b1(runs: usize) -> Result<Vec<Row>> {
+    use blazedb_protocol::codec;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let kp = Keypair::from_seed([7; 32]);
     let ops = workload_w(&mut rng, W_BATCH_OPS, 1);
     let reps = 20;
     let n = (W_BATCH_OPS * reps) as f64;
-    let (mut seal_r, mut id_r, mut verify_r, mut base_enc_r, mut base_dec_r) =
-        (vec![], vec![], vec![], vec![], vec![]);
-    let mut bytes_per_op = 0.0;
+    let rate = |t: Instant| n / t.elapsed().as_secs_f64();
+    let mut r: [Vec<f64>; 8] = Default::default();
+    let (mut sealed_bpo, mut plain_bpo, mut serde_bpo) = (0.0, 0.0, 0.0);
     for _ in 0..runs {
+        // Codec alone.
+        let mut compact = Vec::new();
+        let t = Instant::now();
+        for _ in 0..reps {
+            compact.clear();
+            codec::encode_ops(&ops, &mut compact);
+            std::hint::black_box(&compact);
+        }
+        r[0].push(rate(t));
+        plain_bpo = compact.len() as f64 / W_BATCH_OPS as f64;
+        let mut plain = Vec::new();
+        let t = Instant::now();
+        for _ in 0..reps {
+            plain.clear();
+            ciborium::into_writer(&ops, &mut plain)?;
+        }
+        r[1].push(rate(t));
+        serde_bpo = plain.len() as f64 / W_BATCH_OPS as f64;
+        let t = Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(codec::decode(&compact)?);
+        }
+        r[2].push(rate(t));
+        let t = Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(codec::decode(&compact)?.to_ops());
+        }
+        r[3].push(rate(t));
+        let t = Instant::now();
+        for _ in 0..reps {
+            let v: Vec<Op> = ciborium::from_reader(&plain[..])?;
+            std::hint::black_box(v);
+        }
+        r[4].push(rate(t));
+
+        // The whole batch path (seal takes its ops by value: the clone is part of it, as for
+        // a caller that keeps its ops).
         let t = Instant::now();
         let mut sealed = None;
         for _ in 0..reps {
@@ -182,77 +224,62 @@ pub fn b1(runs: usize) -> Result<Vec<Row>> {
                 .context("sealing")?,
             );
         }
-        seal_r.push(n / t.elapsed().as_secs_f64());
+        r[5].push(rate(t));
         let sealed = sealed.expect("reps > 0");
-        bytes_per_op = sealed.bytes.len() as f64 / W_BATCH_OPS as f64;
-
+        sealed_bpo = sealed.bytes.len() as f64 / W_BATCH_OPS as f64;
         let t = Instant::now();
         for _ in 0..reps {
             std::hint::black_box(Envelope::parse(&sealed.bytes)?.id());
         }
-        id_r.push(reps as f64 / t.elapsed().as_secs_f64());
-
+        r[6].push(reps as f64 / t.elapsed().as_secs_f64());
         let t = Instant::now();
         for _ in 0..reps {
             std::hint::black_box(batch::verify(sealed.bytes.clone())?);
         }
-        verify_r.push(n / t.elapsed().as_secs_f64());
-
-        // Baseline: plain serde + ciborium on the same ops (clone included, as in seal).
-        let t = Instant::now();
-        let mut plain = Vec::new();
-        for _ in 0..reps {
-            plain.clear();
-            ciborium::into_writer(&ops.clone(), &mut plain)?;
-        }
-        base_enc_r.push(n / t.elapsed().as_secs_f64());
-        let t = Instant::now();
-        for _ in 0..reps {
-            let v: Vec<Op> = ciborium::from_reader(&plain[..])?;
-            std::hint::black_box(v);
-        }
-        base_dec_r.push(n / t.elapsed().as_secs_f64());
+        r[7].push(rate(t));
     }
-    let (seal, id, verify, be, bd) = (
-        median(seal_r),
-        median(id_r),
-        median(verify_r),
-        median(base_enc_r),
-        median(base_dec_r),
-    );
+    let [enc, base_enc, dec, dec_owned, base_dec, seal, id, verify] = r.map(median);
+    let row = |what: &str, value: f64, unit: &'static str, base: Option<(f64, &str)>| Row {
+        id: "B1",
+        what: what.into(),
+        value,
+        unit,
+        ratio: base.map(|(b, _)| value / b),
+        baseline: base.map(|(b, name)| format!("{name} {b:.0} ops/s")),
+    };
+    let se = Some((base_enc, "serde+ciborium encode"));
+    let sd = Some((base_dec, "serde+ciborium decode"));
     Ok(vec![
+        row("encode (compact codec), 5k-op batch", enc, "ops/s", se),
+        row("decode (borrowed view, all op checks)", dec, "ops/s", sd),
+        row("decode to owned ops", dec_owned, "ops/s", sd),
+        row(
+            "seal (encode + zstd-1 + blake3 + ed25519 sign)",
+            seal,
+            "ops/s",
+            se,
+        ),
+        row(
+            "batch id (envelope parse + blake3 of header)",
+            id,
+            "ids/s",
+            None,
+        ),
+        row(
+            "verify (inflate + decode + hash + strict sig + owned ops)",
+            verify,
+            "ops/s",
+            sd,
+        ),
         Row {
             id: "B1",
-            what: "seal (encode + blake3 + ed25519 sign), 5k-op batch".into(),
-            value: seal,
-            unit: "ops/s",
-            ratio: Some(seal / be),
-            baseline: Some(format!("serde+ciborium encode {be:.0} ops/s")),
-        },
-        Row {
-            id: "B1",
-            what: "batch id (envelope parse + blake3 of header)".into(),
-            value: id,
-            unit: "ids/s",
-            ratio: None,
-            baseline: None,
-        },
-        Row {
-            id: "B1",
-            what: "verify (decode + hash + strict sig + op checks)".into(),
-            value: verify,
-            unit: "ops/s",
-            ratio: Some(verify / bd),
-            baseline: Some(format!("serde+ciborium decode {bd:.0} ops/s")),
-        },
-        Row {
-            id: "B1",
-            what: "encoded size".into(),
-            value: bytes_per_op,
+            what: "payload size, compact codec (uncompressed)".into(),
+            value: plain_bpo,
             unit: "B/op",
-            ratio: None,
-            baseline: None,
+            ratio: Some(plain_bpo / serde_bpo),
+            baseline: Some(format!("serde+ciborium {serde_bpo:.1} B/op")),
         },
+        row("sealed batch size", sealed_bpo, "B/op", None),
     ])
 }
 

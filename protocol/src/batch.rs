@@ -10,7 +10,8 @@
 //!   range, op count, payload length and blake3 hash).
 //! - the batch id is `blake3(header bytes)`; it doubles as the gossip message id.
 //! - `signature` is the author's ed25519 signature over `SIGNING_CONTEXT || header bytes`.
-//! - `payload` is the CBOR array of [`Op`]s.
+//! - `payload` is the ops in the compact CBOR layout of [`crate::codec`] (names interned,
+//!   timestamps delta-coded), zstd-compressed when that pays (`enc` in the header says which).
 //!
 //! The bytes are kept as received: ids and signatures are over exact bytes, never over a
 //! re-encoding. Any CBOR decoder can read the envelope (it is plain CBOR).
@@ -83,14 +84,19 @@ pub struct BatchHeader {
     /// The author's capability chain (encoded [`Chain`]) for namespaces that need one;
     /// `None` in public namespaces and for the namespace owner.
     pub cap: Option<serde_bytes::ByteBuf>,
-    /// Payload encoding: [`ENC_CBOR`] (plain CBOR) or [`ENC_ZSTD`] (zstd-compressed CBOR).
+    /// Payload encoding: [`ENC_COMPACT`] or [`ENC_COMPACT_ZSTD`] (what sealing writes), or the
+    /// older serde layouts [`ENC_CBOR`] / [`ENC_ZSTD`] (still verified, for stored logs).
     pub enc: u8,
 }
 
-/// Payload is the CBOR array of ops.
+/// Payload is the CBOR array of ops (serde layout; read, no longer written).
 pub const ENC_CBOR: u8 = 0;
-/// Payload is the CBOR array of ops, compressed with zstd.
+/// Payload is the CBOR array of ops, compressed with zstd (read, no longer written).
 pub const ENC_ZSTD: u8 = 1;
+/// Payload is the compact CBOR layout of [`crate::codec`] (what sealing writes).
+pub const ENC_COMPACT: u8 = 2;
+/// Payload is the compact layout, compressed with zstd.
+pub const ENC_COMPACT_ZSTD: u8 = 3;
 /// Payloads smaller than this are not worth compressing.
 const COMPRESS_MIN_BYTES: usize = 512;
 /// zstd level used when sealing: level 1 compresses workload W as well as level 3 (78 B/op)
@@ -270,13 +276,14 @@ pub fn seal(
 ) -> Result<VerifiedBatch, BatchError> {
     validate_namespace(ns)?;
     check_ops(&ops)?;
-    let plain = to_cbor(&ops);
+    let mut plain = Vec::new();
+    crate::codec::encode_ops(&ops, &mut plain);
     let (payload, enc) = match plain.len() >= COMPRESS_MIN_BYTES {
         true => match zstd::bulk::compress(&plain, ZSTD_LEVEL) {
-            Ok(z) if z.len() < plain.len() => (z, ENC_ZSTD),
-            _ => (plain, ENC_CBOR),
+            Ok(z) if z.len() < plain.len() => (z, ENC_COMPACT_ZSTD),
+            _ => (plain, ENC_COMPACT),
         },
-        false => (plain, ENC_CBOR),
+        false => (plain, ENC_COMPACT),
     };
     let header = BatchHeader {
         v: HEADER_VERSION,
@@ -405,8 +412,8 @@ pub fn verify(bytes: Vec<u8>) -> Result<VerifiedBatch, BatchError> {
     }
     let inflated;
     let plain: &[u8] = match header.enc {
-        ENC_CBOR => env.payload,
-        ENC_ZSTD => {
+        ENC_CBOR | ENC_COMPACT => env.payload,
+        ENC_ZSTD | ENC_COMPACT_ZSTD => {
             // Bounded: a small payload must not inflate into gigabytes.
             inflated = zstd::bulk::decompress(env.payload, limits::MAX_PAYLOAD_PLAIN_BYTES)
                 .map_err(|e| BatchError::Malformed(format!("payload: zstd: {e}")))?;
@@ -418,14 +425,32 @@ pub fn verify(bytes: Vec<u8>) -> Result<VerifiedBatch, BatchError> {
             )))
         }
     };
-    let ops: Vec<Op> =
-        ciborium::from_reader(plain).map_err(|e| BatchError::Malformed(format!("payload: {e}")))?;
+    let ops: Vec<Op> = if header.enc >= ENC_COMPACT {
+        // The compact decoder checks every op rule and the timestamp order itself.
+        let view = crate::codec::decode(plain).map_err(|e| match e {
+            crate::codec::CodecError::InvalidOp(e) => BatchError::InvalidOp(e),
+            crate::codec::CodecError::Unordered => {
+                BatchError::Inconsistent("op timestamps must strictly increase".into())
+            }
+            other => BatchError::Malformed(format!("payload: {other}")),
+        })?;
+        if view.is_empty() {
+            return Err(BatchError::Inconsistent(
+                "a batch holds at least one op".into(),
+            ));
+        }
+        view.to_ops()
+    } else {
+        let ops: Vec<Op> = ciborium::from_reader(plain)
+            .map_err(|e| BatchError::Malformed(format!("payload: {e}")))?;
+        check_ops(&ops)?;
+        ops
+    };
     if ops.len() != header.ops as usize {
         return Err(BatchError::Inconsistent(
             "op count differs from header".into(),
         ));
     }
-    check_ops(&ops)?;
     if ops[0].hlc() != header.hlc_min || ops[ops.len() - 1].hlc() != header.hlc_max {
         return Err(BatchError::Inconsistent(
             "HLC range differs from the ops".into(),
@@ -486,23 +511,27 @@ mod tests {
         assert_eq!(parts.len(), 3);
         let header: BatchHeader = ciborium::from_reader(&parts[0][..]).unwrap();
         assert_eq!(header, b.header);
-        let decoded: Vec<Op> = ciborium::from_reader(&parts[2][..]).unwrap();
-        assert_eq!(decoded, b.ops);
+        assert_eq!(header.enc, ENC_COMPACT);
+        let generic: ciborium::Value = ciborium::from_reader(&parts[2][..]).unwrap();
+        assert_eq!(generic.as_array().unwrap()[2].as_array().unwrap().len(), 3);
+        assert_eq!(crate::codec::decode(&parts[2]).unwrap().to_ops(), b.ops);
     }
 
     #[test]
     fn large_payloads_are_compressed_and_roundtrip() {
         let kp = Keypair::generate();
         let b = seal(&kp, "default", first(), ops(300), None).unwrap();
-        assert_eq!(b.header.enc, ENC_ZSTD);
-        let plain_len = to_cbor(&b.ops).len();
+        assert_eq!(b.header.enc, ENC_COMPACT_ZSTD);
+        let mut plain = Vec::new();
+        crate::codec::encode_ops(&b.ops, &mut plain);
+        let plain_len = plain.len();
         assert!(
             (b.header.payload_len as usize) < plain_len / 2,
             "compression did not pay"
         );
         assert_eq!(verify(b.bytes.clone()).unwrap(), b);
         let small = seal(&kp, "default", first(), ops(2), None).unwrap();
-        assert_eq!(small.header.enc, ENC_CBOR);
+        assert_eq!(small.header.enc, ENC_COMPACT);
     }
 
     /// A payload that inflates beyond the limit is refused, however small it is on the wire.
@@ -525,6 +554,69 @@ mod tests {
         write_bstr(&mut bytes, &bomb);
         assert!(bomb.len() < 4096);
         assert!(matches!(verify(bytes), Err(BatchError::Malformed(m)) if m.contains("zstd")));
+    }
+
+    /// Re-signs a batch with its payload replaced (test helper for hand-made batches).
+    fn resign(kp: &Keypair, mut header: BatchHeader, payload: &[u8], enc: u8) -> Vec<u8> {
+        header.enc = enc;
+        header.payload_len = payload.len() as u32;
+        header.payload_hash = *blake3::hash(payload).as_bytes();
+        let header_bytes = to_cbor(&header);
+        let mut signed = SIGNING_CONTEXT.to_vec();
+        signed.extend_from_slice(&header_bytes);
+        let sig = kp.sign(&signed);
+        let mut bytes = vec![0x83];
+        write_bstr(&mut bytes, &header_bytes);
+        write_bstr(&mut bytes, &sig);
+        write_bstr(&mut bytes, payload);
+        bytes
+    }
+
+    /// Logs written before the compact codec (serde layout, plain or zstd) still verify.
+    #[test]
+    fn legacy_serde_payloads_still_verify() {
+        let kp = Keypair::generate();
+        let b = seal(&kp, "default", first(), ops(300), None).unwrap();
+        let legacy = to_cbor(&b.ops);
+        for (payload, enc) in [
+            (legacy.clone(), ENC_CBOR),
+            (zstd::bulk::compress(&legacy, 1).unwrap(), ENC_ZSTD),
+        ] {
+            let v = verify(resign(&kp, b.header.clone(), &payload, enc)).unwrap();
+            assert_eq!(v.ops, b.ops);
+        }
+        // A compact payload labelled as legacy (and the reverse) is refused.
+        let mut compact = Vec::new();
+        crate::codec::encode_ops(&b.ops, &mut compact);
+        assert!(verify(resign(&kp, b.header.clone(), &compact, ENC_CBOR)).is_err());
+        assert!(verify(resign(&kp, b.header.clone(), &legacy, ENC_COMPACT)).is_err());
+        assert!(verify(resign(&kp, b.header.clone(), &compact, 9)).is_err());
+    }
+
+    /// Ops that break a rule are refused at verification with the op's own error, even when
+    /// correctly signed.
+    #[test]
+    fn signed_invalid_ops_are_refused() {
+        let kp = Keypair::generate();
+        let b = seal(&kp, "default", first(), ops(2), None).unwrap();
+        let mut bad = ops(2);
+        if let Op::Upsert { collection, .. } = &mut bad[1] {
+            *collection = "_revocations".into();
+        }
+        let mut compact = Vec::new();
+        crate::codec::encode_ops(&bad, &mut compact);
+        assert!(matches!(
+            verify(resign(&kp, b.header.clone(), &compact, ENC_COMPACT)),
+            Err(BatchError::InvalidOp(_))
+        ));
+        let mut unordered = ops(2);
+        unordered.swap(0, 1);
+        let mut compact = Vec::new();
+        crate::codec::encode_ops(&unordered, &mut compact);
+        assert!(matches!(
+            verify(resign(&kp, b.header.clone(), &compact, ENC_COMPACT)),
+            Err(BatchError::Inconsistent(_))
+        ));
     }
 
     #[test]

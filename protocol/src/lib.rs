@@ -7,6 +7,7 @@
 //!
 //! - [`hlc`]: hybrid logical clock timestamps.
 //! - [`op`]: operations (upsert, delete, counter add) and their naming/size rules.
+//! - [`codec`]: the compact payload codec (interned names, borrowed zero-copy decoding).
 //! - [`batch`]: the signed, hashed batch envelope: sealing and verification.
 //! - [`merge`]: record states and the merge rules (a join-semilattice).
 //! - [`engine`]: the sync engine (gossip ingest, version-vector catch-up).
@@ -14,6 +15,7 @@
 
 pub mod batch;
 pub mod capability;
+pub mod codec;
 pub mod engine;
 pub mod hlc;
 pub mod limits;

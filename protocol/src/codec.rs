@@ -1,0 +1,1109 @@
+//! The compact batch payload codec: hand-written CBOR with interned names and a borrowed
+//! (zero-copy) decoder.
+//!
+//! The payload of a batch sealed with [`crate::batch::ENC_COMPACT`] is plain CBOR that any
+//! decoder reads (tested against ciborium), laid out for speed and size:
+//!
+//! ```text
+//! payload = [ names, hlc_base, ops ]
+//!   names    = [ tstr, ... ]       every collection and field name used, sorted, unique
+//!   hlc_base = uint                timestamp of the first op
+//!   ops      = [ op, ... ]
+//!   op       = [0, coll, key, dh, { name_idx => value, ... }]   upsert (name_idx increasing)
+//!            | [1, coll, key, dh]                                delete
+//!            | [2, coll, key, dh, name_idx, delta]               counter add
+//!            | [3, token, dh]                                    revoke
+//!   coll, name_idx = uint index into names;  key, token = tstr
+//!   dh       = uint: timestamp minus the previous op's (the first op's minus hlc_base);
+//!              >= 1 after the first op, so timestamps strictly increase by construction
+//!   value    = null | bool | int | float64 | tstr | [value, ...] | {tstr => value, ...}
+//! ```
+//!
+//! Names are paid for once per batch instead of once per op, and timestamps cost one byte
+//! when ops are sealed together. Decoding validates everything [`Op::validate`] and the
+//! batch's timestamp rule check, but allocates nothing per op: [`PayloadView`] holds `&str`
+//! slices of the input and field values as raw CBOR ([`ValueRef`]), in three vectors per
+//! batch. Owned [`Op`]s are built only on request ([`PayloadView::to_ops`]).
+
+use std::collections::BTreeMap;
+
+use crate::hlc::Hlc;
+use crate::limits;
+use crate::op::{Op, OpError, Value, REVOCATIONS_COLLECTION};
+
+const KIND_UPSERT: u64 = 0;
+const KIND_DELETE: u64 = 1;
+const KIND_ADD: u64 = 2;
+const KIND_REVOKE: u64 = 3;
+
+/// Why a compact payload is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// Not CBOR of the expected shape.
+    #[error("malformed payload: {0}")]
+    Malformed(&'static str),
+    /// Well-formed, but an op breaks a rule.
+    #[error("invalid op: {0}")]
+    InvalidOp(#[from] OpError),
+    /// Timestamps do not strictly increase, or overflow.
+    #[error("op timestamps must strictly increase")]
+    Unordered,
+}
+
+// ---------------------------------------------------------------------------------------
+// Encoding
+// ---------------------------------------------------------------------------------------
+
+#[inline]
+fn head(out: &mut Vec<u8>, major: u8, n: u64) {
+    let m = major << 5;
+    if n < 24 {
+        out.push(m | n as u8);
+    } else if n <= 0xff {
+        out.extend_from_slice(&[m | 24, n as u8]);
+    } else if n <= 0xffff {
+        out.push(m | 25);
+        out.extend_from_slice(&(n as u16).to_be_bytes());
+    } else if n <= 0xffff_ffff {
+        out.push(m | 26);
+        out.extend_from_slice(&(n as u32).to_be_bytes());
+    } else {
+        out.push(m | 27);
+        out.extend_from_slice(&n.to_be_bytes());
+    }
+}
+
+#[inline]
+fn tstr(out: &mut Vec<u8>, s: &str) {
+    head(out, 3, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn int(out: &mut Vec<u8>, v: i64) {
+    if v >= 0 {
+        head(out, 0, v as u64);
+    } else {
+        head(out, 1, !(v as u64)); // -1 - v
+    }
+}
+
+fn value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::Null => out.push(0xf6),
+        Value::Bool(b) => out.push(if *b { 0xf5 } else { 0xf4 }),
+        Value::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                head(out, 0, u);
+            } else if let Some(i) = n.as_i64() {
+                int(out, i);
+            } else {
+                // serde_json numbers are finite.
+                out.push(0xfb);
+                out.extend_from_slice(&n.as_f64().unwrap_or(0.0).to_be_bytes());
+            }
+        }
+        Value::String(s) => tstr(out, s),
+        Value::Array(items) => {
+            head(out, 4, items.len() as u64);
+            for i in items {
+                value(out, i);
+            }
+        }
+        Value::Object(map) => {
+            head(out, 5, map.len() as u64);
+            for (k, i) in map {
+                tstr(out, k);
+                value(out, i);
+            }
+        }
+    }
+}
+
+/// The distinct names of a batch, sorted. Small tables (the common case: a handful of
+/// collections and fields) are searched linearly; larger ones through a hash map.
+struct Names<'a> {
+    list: Vec<&'a str>,
+    seen: Option<std::collections::HashSet<&'a str>>,
+}
+
+impl<'a> Names<'a> {
+    const LINEAR_MAX: usize = 16;
+
+    fn add(&mut self, s: &'a str) {
+        match &mut self.seen {
+            Some(set) => {
+                if set.insert(s) {
+                    self.list.push(s);
+                }
+            }
+            None => {
+                if !self.list.contains(&s) {
+                    self.list.push(s);
+                    if self.list.len() > Self::LINEAR_MAX {
+                        self.seen = Some(self.list.iter().copied().collect());
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn index(&self, s: &str) -> u64 {
+        // Present by construction.
+        self.list.binary_search(&s).unwrap_or(0) as u64
+    }
+}
+
+/// Encodes ops as a compact payload, appending to `out`. The ops are not checked here (the
+/// sealer checks them first); any op list encodes.
+pub fn encode_ops(ops: &[Op], out: &mut Vec<u8>) {
+    let mut names = Names {
+        list: Vec::new(),
+        seen: None,
+    };
+    let mut text = 0usize;
+    for op in ops {
+        match op {
+            Op::Upsert {
+                collection,
+                key,
+                fields,
+                ..
+            } => {
+                names.add(collection);
+                text += key.len() + 8;
+                for (f, v) in fields {
+                    names.add(f);
+                    text += 4 + approx_len(v);
+                }
+            }
+            Op::Delete {
+                collection, key, ..
+            } => {
+                names.add(collection);
+                text += key.len() + 8;
+            }
+            Op::CounterAdd {
+                collection,
+                key,
+                field,
+                ..
+            } => {
+                names.add(collection);
+                names.add(field);
+                text += key.len() + 20;
+            }
+            Op::Revoke { token, .. } => text += token.len() + 8,
+        }
+    }
+    names.list.sort_unstable();
+    out.reserve(text + 16 + names.list.iter().map(|n| n.len() + 2).sum::<usize>());
+
+    out.push(0x83);
+    head(out, 4, names.list.len() as u64);
+    for n in &names.list {
+        tstr(out, n);
+    }
+    let base = ops.first().map_or(0, |op| op.hlc().0);
+    head(out, 0, base);
+    head(out, 4, ops.len() as u64);
+    let mut prev = base;
+    for op in ops {
+        let h = op.hlc().0;
+        let dh = h.wrapping_sub(prev);
+        prev = h;
+        match op {
+            Op::Upsert {
+                collection,
+                key,
+                fields,
+                ..
+            } => {
+                out.extend_from_slice(&[0x85, KIND_UPSERT as u8]);
+                head(out, 0, names.index(collection));
+                tstr(out, key);
+                head(out, 0, dh);
+                head(out, 5, fields.len() as u64);
+                // BTreeMap order is name order, and indices follow name order: increasing.
+                for (f, v) in fields {
+                    head(out, 0, names.index(f));
+                    value(out, v);
+                }
+            }
+            Op::Delete {
+                collection, key, ..
+            } => {
+                out.extend_from_slice(&[0x84, KIND_DELETE as u8]);
+                head(out, 0, names.index(collection));
+                tstr(out, key);
+                head(out, 0, dh);
+            }
+            Op::CounterAdd {
+                collection,
+                key,
+                field,
+                delta,
+                ..
+            } => {
+                out.extend_from_slice(&[0x86, KIND_ADD as u8]);
+                head(out, 0, names.index(collection));
+                tstr(out, key);
+                head(out, 0, dh);
+                head(out, 0, names.index(field));
+                int(out, *delta);
+            }
+            Op::Revoke { token, .. } => {
+                out.extend_from_slice(&[0x83, KIND_REVOKE as u8]);
+                tstr(out, token);
+                head(out, 0, dh);
+            }
+        }
+    }
+}
+
+fn approx_len(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.len() + 2,
+        Value::Array(a) => 2 + a.iter().map(approx_len).sum::<usize>(),
+        Value::Object(m) => {
+            2 + m
+                .iter()
+                .map(|(k, v)| k.len() + 2 + approx_len(v))
+                .sum::<usize>()
+        }
+        _ => 9,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Decoding
+// ---------------------------------------------------------------------------------------
+
+/// A field value as raw, already validated CBOR bytes borrowed from the payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ValueRef<'a>(pub &'a [u8]);
+
+impl ValueRef<'_> {
+    /// The value as an owned JSON value.
+    pub fn to_value(&self) -> Value {
+        let mut r = Reader { b: self.0, pos: 0 };
+        // Validated when the payload was decoded: cannot fail.
+        parse_value(&mut r).unwrap_or(Value::Null)
+    }
+}
+
+/// One decoded op, borrowing from the payload. Names are indices into the payload's table.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OpView<'a> {
+    /// Upsert: `fields` is a range into the view's field list.
+    Upsert {
+        /// Collection (name index).
+        collection: u32,
+        /// Record key.
+        key: &'a str,
+        /// Timestamp.
+        hlc: Hlc,
+        /// Start and end of this op's fields in the view's field list.
+        fields: (u32, u32),
+    },
+    /// Delete.
+    Delete {
+        /// Collection (name index).
+        collection: u32,
+        /// Record key.
+        key: &'a str,
+        /// Timestamp.
+        hlc: Hlc,
+    },
+    /// Counter add.
+    CounterAdd {
+        /// Collection (name index).
+        collection: u32,
+        /// Record key.
+        key: &'a str,
+        /// Timestamp.
+        hlc: Hlc,
+        /// Field (name index).
+        field: u32,
+        /// Amount.
+        delta: i64,
+    },
+    /// Revocation.
+    Revoke {
+        /// Token id (hex).
+        token: &'a str,
+        /// Timestamp.
+        hlc: Hlc,
+    },
+}
+
+impl OpView<'_> {
+    /// Timestamp of the op.
+    pub fn hlc(&self) -> Hlc {
+        match self {
+            OpView::Upsert { hlc, .. }
+            | OpView::Delete { hlc, .. }
+            | OpView::CounterAdd { hlc, .. }
+            | OpView::Revoke { hlc, .. } => *hlc,
+        }
+    }
+}
+
+/// A decoded, fully validated compact payload borrowing from its bytes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PayloadView<'a> {
+    names: Vec<&'a str>,
+    ops: Vec<OpView<'a>>,
+    fields: Vec<(u32, ValueRef<'a>)>,
+}
+
+impl<'a> PayloadView<'a> {
+    /// Number of ops.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether there are no ops.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// The ops, in order.
+    pub fn ops(&self) -> &[OpView<'a>] {
+        &self.ops
+    }
+
+    /// A name of the table (collection or field).
+    pub fn name(&self, idx: u32) -> &'a str {
+        self.names[idx as usize]
+    }
+
+    /// The collection of an op (the reserved revocations collection for a revoke).
+    pub fn collection(&self, op: &OpView<'a>) -> &'a str {
+        match op {
+            OpView::Upsert { collection, .. }
+            | OpView::Delete { collection, .. }
+            | OpView::CounterAdd { collection, .. } => self.name(*collection),
+            OpView::Revoke { .. } => REVOCATIONS_COLLECTION,
+        }
+    }
+
+    /// The fields of an upsert (empty for other ops), in name order.
+    pub fn fields(
+        &self,
+        op: &OpView<'a>,
+    ) -> impl ExactSizeIterator<Item = (&'a str, ValueRef<'a>)> + '_ {
+        let (s, e) = match op {
+            OpView::Upsert { fields, .. } => *fields,
+            _ => (0, 0),
+        };
+        self.fields[s as usize..e as usize]
+            .iter()
+            .map(|(n, v)| (self.names[*n as usize], *v))
+    }
+
+    /// One op as an owned [`Op`].
+    pub fn to_op(&self, op: &OpView<'a>) -> Op {
+        match *op {
+            OpView::Upsert {
+                collection,
+                key,
+                hlc,
+                ..
+            } => Op::Upsert {
+                collection: self.name(collection).to_string(),
+                key: key.to_string(),
+                hlc,
+                fields: self
+                    .fields(op)
+                    .map(|(n, v)| (n.to_string(), v.to_value()))
+                    .collect::<BTreeMap<_, _>>(),
+            },
+            OpView::Delete {
+                collection,
+                key,
+                hlc,
+            } => Op::Delete {
+                collection: self.name(collection).to_string(),
+                key: key.to_string(),
+                hlc,
+            },
+            OpView::CounterAdd {
+                collection,
+                key,
+                hlc,
+                field,
+                delta,
+            } => Op::CounterAdd {
+                collection: self.name(collection).to_string(),
+                key: key.to_string(),
+                hlc,
+                field: self.name(field).to_string(),
+                delta,
+            },
+            OpView::Revoke { token, hlc } => Op::Revoke {
+                token: token.to_string(),
+                hlc,
+            },
+        }
+    }
+
+    /// Every op as an owned [`Op`].
+    pub fn to_ops(&self) -> Vec<Op> {
+        self.ops.iter().map(|op| self.to_op(op)).collect()
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+const TRUNCATED: CodecError = CodecError::Malformed("truncated");
+
+impl<'a> Reader<'a> {
+    #[inline]
+    fn byte(&mut self) -> Result<u8, CodecError> {
+        let v = *self.b.get(self.pos).ok_or(TRUNCATED)?;
+        self.pos += 1;
+        Ok(v)
+    }
+
+    #[inline]
+    fn take(&mut self, n: usize) -> Result<&'a [u8], CodecError> {
+        let end = self.pos.checked_add(n).ok_or(TRUNCATED)?;
+        let s = self.b.get(self.pos..end).ok_or(TRUNCATED)?;
+        self.pos = end;
+        Ok(s)
+    }
+
+    /// Reads an initial byte and its argument: (major type, additional info, argument).
+    /// Indefinite lengths and reserved values are refused.
+    #[inline]
+    fn head(&mut self) -> Result<(u8, u8, u64), CodecError> {
+        let ib = self.byte()?;
+        let (major, ai) = (ib >> 5, ib & 0x1f);
+        let n = match ai {
+            0..=23 => u64::from(ai),
+            24 => u64::from(self.byte()?),
+            25 => u64::from(u16::from_be_bytes(
+                self.take(2)?.try_into().map_err(|_| TRUNCATED)?,
+            )),
+            26 => u64::from(u32::from_be_bytes(
+                self.take(4)?.try_into().map_err(|_| TRUNCATED)?,
+            )),
+            27 => u64::from_be_bytes(self.take(8)?.try_into().map_err(|_| TRUNCATED)?),
+            _ => return Err(CodecError::Malformed("indefinite length or reserved value")),
+        };
+        Ok((major, ai, n))
+    }
+
+    #[inline]
+    fn expect(&mut self, major: u8, what: &'static str) -> Result<u64, CodecError> {
+        match self.head()? {
+            (m, _, n) if m == major => Ok(n),
+            _ => Err(CodecError::Malformed(what)),
+        }
+    }
+
+    #[inline]
+    fn uint(&mut self, what: &'static str) -> Result<u64, CodecError> {
+        self.expect(0, what)
+    }
+
+    #[inline]
+    fn text(&mut self, what: &'static str) -> Result<&'a str, CodecError> {
+        let n = self.expect(3, what)?;
+        let n = usize::try_from(n).map_err(|_| TRUNCATED)?;
+        let bytes = self.take(n)?;
+        std::str::from_utf8(bytes).map_err(|_| CodecError::Malformed("text is not UTF-8"))
+    }
+
+    fn i64(&mut self, what: &'static str) -> Result<i64, CodecError> {
+        match self.head()? {
+            (0, _, n) => i64::try_from(n).map_err(|_| CodecError::Malformed("integer overflow")),
+            (1, _, n) => i64::try_from(n)
+                .map(|n| -1 - n)
+                .map_err(|_| CodecError::Malformed("integer overflow")),
+            _ => Err(CodecError::Malformed(what)),
+        }
+    }
+
+    /// A bounded element count: each element takes at least one byte.
+    fn count(&self, n: u64, max: usize) -> Result<usize, CodecError> {
+        let n = usize::try_from(n).map_err(|_| TRUNCATED)?;
+        if n > max {
+            return Err(CodecError::Malformed("too many elements"));
+        }
+        if n > self.b.len() - self.pos {
+            return Err(TRUNCATED);
+        }
+        Ok(n)
+    }
+}
+
+fn value_error(field: &str, reason: String) -> CodecError {
+    CodecError::InvalidOp(OpError::InvalidValue {
+        field: field.chars().take(80).collect(),
+        reason,
+    })
+}
+
+/// Skips one value, checking it is JSON-representable, and returns its approximate size as
+/// [`Op::validate`] counts it (so both judge a value alike).
+fn check_value(r: &mut Reader<'_>, depth: usize, field: &str) -> Result<usize, CodecError> {
+    if depth > limits::MAX_VALUE_DEPTH {
+        return Err(value_error(
+            field,
+            format!("nested deeper than {} levels", limits::MAX_VALUE_DEPTH),
+        ));
+    }
+    let (major, ai, n) = r.head()?;
+    Ok(match major {
+        0 => 9,
+        1 => {
+            if n > i64::MAX as u64 {
+                return Err(CodecError::Malformed("integer overflow"));
+            }
+            9
+        }
+        3 => {
+            let n = usize::try_from(n).map_err(|_| TRUNCATED)?;
+            std::str::from_utf8(r.take(n)?)
+                .map_err(|_| CodecError::Malformed("text is not UTF-8"))?;
+            n + 5
+        }
+        4 => {
+            let n = r.count(n, usize::MAX)?;
+            let mut size = 5;
+            for _ in 0..n {
+                size += check_value(r, depth + 1, field)?;
+                if size > limits::MAX_VALUE_BYTES {
+                    return Err(too_big(field, size));
+                }
+            }
+            size
+        }
+        5 => {
+            let n = r.count(n, usize::MAX)?;
+            let mut size = 5;
+            for _ in 0..n {
+                let k = r.text("object keys must be text")?;
+                size += k.len() + 5 + check_value(r, depth + 1, field)?;
+                if size > limits::MAX_VALUE_BYTES {
+                    return Err(too_big(field, size));
+                }
+            }
+            size
+        }
+        7 => match (ai, n) {
+            (20..=22, _) => 1, // false, true, null
+            (27, bits) if f64::from_bits(bits).is_finite() => 9,
+            _ => return Err(CodecError::Malformed("unsupported simple or float value")),
+        },
+        _ => return Err(CodecError::Malformed("unsupported value type")),
+    })
+}
+
+fn too_big(field: &str, size: usize) -> CodecError {
+    value_error(
+        field,
+        format!(
+            "value of ~{size} bytes exceeds {} bytes",
+            limits::MAX_VALUE_BYTES
+        ),
+    )
+}
+
+fn parse_value(r: &mut Reader<'_>) -> Result<Value, CodecError> {
+    let (major, ai, n) = r.head()?;
+    Ok(match major {
+        0 => Value::from(n),
+        1 => Value::from(-1 - i64::try_from(n).map_err(|_| TRUNCATED)?),
+        3 => {
+            let n = usize::try_from(n).map_err(|_| TRUNCATED)?;
+            let s = std::str::from_utf8(r.take(n)?).map_err(|_| TRUNCATED)?;
+            Value::String(s.to_string())
+        }
+        4 => {
+            let n = r.count(n, usize::MAX)?;
+            let mut items = Vec::with_capacity(n);
+            for _ in 0..n {
+                items.push(parse_value(r)?);
+            }
+            Value::Array(items)
+        }
+        5 => {
+            let n = r.count(n, usize::MAX)?;
+            let mut map = serde_json::Map::new();
+            for _ in 0..n {
+                let k = r.text("object keys must be text")?;
+                map.insert(k.to_string(), parse_value(r)?);
+            }
+            Value::Object(map)
+        }
+        7 => match (ai, n) {
+            (20, _) => Value::Bool(false),
+            (21, _) => Value::Bool(true),
+            (27, bits) => serde_json::Number::from_f64(f64::from_bits(bits))
+                .map(Value::Number)
+                .ok_or(TRUNCATED)?,
+            _ => Value::Null,
+        },
+        _ => return Err(TRUNCATED),
+    })
+}
+
+/// Collection validation state, one per table entry, computed on first use.
+const UNCHECKED: u8 = 0;
+const OK_COLLECTION: u8 = 1;
+
+/// Decodes and validates a compact payload without copying: names, keys and values borrow
+/// from `bytes`. Checks every rule [`Op::validate`] checks, op count and strictly increasing
+/// timestamps; anything else is an error.
+pub fn decode(bytes: &[u8]) -> Result<PayloadView<'_>, CodecError> {
+    let mut r = Reader { b: bytes, pos: 0 };
+    if r.byte()? != 0x83 {
+        return Err(CodecError::Malformed("payload is not a 3-element array"));
+    }
+    let n_names = r.expect(4, "names must be an array")?;
+    let n_names = r.count(n_names, bytes.len())?;
+    let mut names: Vec<&str> = Vec::with_capacity(n_names);
+    for _ in 0..n_names {
+        let n = r.text("names must be text")?;
+        crate::op::validate_field_name(n)?;
+        if names.last().is_some_and(|last| *last >= n) {
+            return Err(CodecError::Malformed("names must be sorted and unique"));
+        }
+        names.push(n);
+    }
+    let mut checked = vec![UNCHECKED; names.len()];
+    let base = r.uint("hlc base must be an unsigned integer")?;
+    let n_ops = r.expect(4, "ops must be an array")?;
+    let n_ops = r.count(n_ops, limits::MAX_OPS_PER_BATCH)?;
+    let mut ops = Vec::with_capacity(n_ops);
+    let mut fields: Vec<(u32, ValueRef<'_>)> = Vec::with_capacity(n_ops * 3);
+    let mut prev = base;
+    for i in 0..n_ops {
+        let (major, _, len) = r.head()?;
+        if major != 4 {
+            return Err(CodecError::Malformed("an op must be an array"));
+        }
+        let kind = r.uint("op kind must be an unsigned integer")?;
+        let want_len = match kind {
+            KIND_UPSERT => 5,
+            KIND_DELETE => 4,
+            KIND_ADD => 6,
+            KIND_REVOKE => 3,
+            _ => return Err(CodecError::Malformed("unknown op kind")),
+        };
+        if len != want_len {
+            return Err(CodecError::Malformed("op array has the wrong length"));
+        }
+        if kind == KIND_REVOKE {
+            let token = r.text("token must be text")?;
+            let hlc = next_hlc(&mut r, &mut prev, i)?;
+            let op = OpView::Revoke { token, hlc };
+            check_token(token)?;
+            ops.push(op);
+            continue;
+        }
+        let coll = name_index(&mut r, &names)?;
+        check_collection(coll, &names, &mut checked)?;
+        let key = r.text("key must be text")?;
+        check_key(key)?;
+        let hlc = next_hlc(&mut r, &mut prev, i)?;
+        match kind {
+            KIND_UPSERT => {
+                let n = r.expect(5, "upsert fields must be a map")?;
+                if n > limits::MAX_FIELDS_PER_UPSERT as u64 {
+                    return Err(OpError::TooManyFields { count: n as usize }.into());
+                }
+                let start = fields.len() as u32;
+                let mut last: Option<u32> = None;
+                for _ in 0..n {
+                    let f = name_index(&mut r, &names)?;
+                    if last.is_some_and(|l| l >= f) {
+                        return Err(CodecError::Malformed("fields must be in name order"));
+                    }
+                    last = Some(f);
+                    let from = r.pos;
+                    let size = check_value(&mut r, 0, names[f as usize])?;
+                    if size > limits::MAX_VALUE_BYTES {
+                        return Err(too_big(names[f as usize], size));
+                    }
+                    fields.push((f, ValueRef(&bytes[from..r.pos])));
+                }
+                ops.push(OpView::Upsert {
+                    collection: coll,
+                    key,
+                    hlc,
+                    fields: (start, fields.len() as u32),
+                });
+            }
+            KIND_DELETE => ops.push(OpView::Delete {
+                collection: coll,
+                key,
+                hlc,
+            }),
+            _ => {
+                let field = name_index(&mut r, &names)?;
+                let delta = r.i64("delta must be an integer")?;
+                ops.push(OpView::CounterAdd {
+                    collection: coll,
+                    key,
+                    hlc,
+                    field,
+                    delta,
+                });
+            }
+        }
+    }
+    if r.pos != bytes.len() {
+        return Err(CodecError::Malformed("trailing bytes after payload"));
+    }
+    Ok(PayloadView { names, ops, fields })
+}
+
+#[inline]
+fn next_hlc(r: &mut Reader<'_>, prev: &mut u64, i: usize) -> Result<Hlc, CodecError> {
+    let dh = r.uint("timestamp delta must be an unsigned integer")?;
+    if i > 0 && dh == 0 {
+        return Err(CodecError::Unordered);
+    }
+    *prev = prev.checked_add(dh).ok_or(CodecError::Unordered)?;
+    Ok(Hlc(*prev))
+}
+
+#[inline]
+fn name_index(r: &mut Reader<'_>, names: &[&str]) -> Result<u32, CodecError> {
+    let i = r.uint("name index must be an unsigned integer")?;
+    if i >= names.len() as u64 {
+        return Err(CodecError::Malformed("name index out of range"));
+    }
+    Ok(i as u32)
+}
+
+fn check_collection(i: u32, names: &[&str], checked: &mut [u8]) -> Result<(), CodecError> {
+    let state = &mut checked[i as usize];
+    if *state == OK_COLLECTION {
+        return Ok(());
+    }
+    let name = names[i as usize];
+    crate::op::validate_collection(name)?;
+    if name.starts_with('_') {
+        // Same verdict as Op::validate.
+        return Err(Op::Delete {
+            collection: name.to_string(),
+            key: "k".into(),
+            hlc: Hlc(0),
+        }
+        .validate()
+        .err()
+        .map_or(CodecError::Malformed("reserved collection"), Into::into));
+    }
+    *state = OK_COLLECTION;
+    Ok(())
+}
+
+/// Key rule of [`crate::op::validate_key`], with an ASCII fast path.
+#[inline]
+fn check_key(k: &str) -> Result<(), CodecError> {
+    let b = k.as_bytes();
+    if !b.is_empty()
+        && b.len() <= limits::MAX_KEY_LEN
+        && b.iter().all(|&c| (0x20..0x7f).contains(&c))
+    {
+        return Ok(());
+    }
+    crate::op::validate_key(k).map_err(Into::into)
+}
+
+fn check_token(t: &str) -> Result<(), CodecError> {
+    Op::Revoke {
+        token: t.to_string(),
+        hlc: Hlc(0),
+    }
+    .validate()
+    .map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn upsert(c: &str, k: &str, h: u64, fields: Value) -> Op {
+        Op::Upsert {
+            collection: c.into(),
+            key: k.into(),
+            hlc: Hlc(h),
+            fields: serde_json::from_value(fields).unwrap(),
+        }
+    }
+
+    fn sample() -> Vec<Op> {
+        vec![
+            upsert(
+                "users",
+                "ada",
+                100,
+                json!({"name": "Ada", "age": 36, "neg": -7, "pi": 3.25, "ok": true, "none": null,
+                       "langs": ["en", "fr"], "nested": {"b": [1, {"c": "d"}], "a": -1e300}}),
+            ),
+            Op::Delete {
+                collection: "users".into(),
+                key: "bob".into(),
+                hlc: Hlc(101),
+            },
+            Op::CounterAdd {
+                collection: "stats".into(),
+                key: "visits".into(),
+                hlc: Hlc(500),
+                field: "n".into(),
+                delta: i64::MIN,
+            },
+            Op::Revoke {
+                token: "ab".repeat(32),
+                hlc: Hlc(u64::MAX),
+            },
+        ]
+    }
+
+    fn enc(ops: &[Op]) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_ops(ops, &mut out);
+        out
+    }
+
+    #[test]
+    fn roundtrips_every_op_kind() {
+        let ops = sample();
+        let bytes = enc(&ops);
+        let view = decode(&bytes).unwrap();
+        assert_eq!(view.len(), 4);
+        assert_eq!(view.to_ops(), ops);
+        assert_eq!(view.collection(&view.ops()[2]), "stats");
+        assert_eq!(view.collection(&view.ops()[3]), REVOCATIONS_COLLECTION);
+        let names: Vec<&str> = view.fields(&view.ops()[0]).map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            ["age", "langs", "name", "neg", "nested", "none", "ok", "pi"]
+        );
+    }
+
+    /// A plain CBOR decoder reads the payload, and sees the documented layout.
+    #[test]
+    fn plain_ciborium_reads_it() {
+        use ciborium::Value as C;
+        let bytes = enc(&sample());
+        let v: C = ciborium::from_reader(&bytes[..]).unwrap();
+        let parts = v.as_array().unwrap();
+        let names: Vec<&str> = parts[0]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_text().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["age", "langs", "n", "name", "neg", "nested", "none", "ok", "pi", "stats", "users"]
+        );
+        assert_eq!(parts[1], C::Integer(100.into()));
+        let ops = parts[2].as_array().unwrap();
+        let first = ops[0].as_array().unwrap();
+        assert_eq!(first[0], C::Integer(0.into()));
+        assert_eq!(first[1], C::Integer(10.into())); // "users"
+        assert_eq!(first[2], C::Text("ada".into()));
+        let counter = ops[2].as_array().unwrap();
+        assert_eq!(counter[3], C::Integer(399.into())); // 500 - 101
+        assert_eq!(counter[5], C::Integer(i64::MIN.into()));
+    }
+
+    #[test]
+    fn invalid_ops_are_refused_like_op_validate() {
+        let cases = vec![
+            upsert("_revocations", "k", 1, json!({"a": 1})),
+            upsert("bad/coll", "k", 1, json!({"a": 1})),
+            upsert("c", "", 1, json!({"a": 1})),
+            upsert("c", "bad\u{7}key", 1, json!({"a": 1})),
+            upsert("c", "bad\u{85}key", 1, json!({"a": 1})),
+            upsert("c", &"k".repeat(257), 1, json!({"a": 1})),
+            upsert("c", "k", 1, json!({"a": "x".repeat(70_000)})),
+            upsert("c", "k", 1, json!({ "": 1 })),
+            Op::Revoke {
+                token: "AB".repeat(32),
+                hlc: Hlc(1),
+            },
+        ];
+        for op in cases {
+            let expected = op.validate().unwrap_err();
+            let got = decode(&enc(std::slice::from_ref(&op))).unwrap_err();
+            assert_eq!(got, CodecError::InvalidOp(expected), "{op:?}");
+        }
+        let mut deep = json!(1);
+        for _ in 0..40 {
+            deep = json!([deep]);
+        }
+        let op = upsert("c", "k", 1, json!({ "a": deep }));
+        assert!(op.validate().is_err());
+        assert!(matches!(
+            decode(&enc(&[op])),
+            Err(CodecError::InvalidOp(OpError::InvalidValue { .. }))
+        ));
+        let many: serde_json::Map<String, Value> =
+            (0..300).map(|i| (format!("f{i}"), json!(i))).collect();
+        let op = upsert("c", "k", 1, Value::Object(many));
+        assert!(matches!(
+            decode(&enc(&[op])),
+            Err(CodecError::InvalidOp(OpError::TooManyFields { count: 300 }))
+        ));
+    }
+
+    #[test]
+    fn timestamps_must_strictly_increase() {
+        let a = upsert("c", "k", 5, json!({"a": 1}));
+        let b = upsert("c", "k", 5, json!({"a": 2}));
+        assert_eq!(decode(&enc(&[a.clone(), b])), Err(CodecError::Unordered));
+        // A decreasing timestamp wraps the delta around: the sum overflows.
+        let c = upsert("c", "k", 4, json!({"a": 2}));
+        assert_eq!(decode(&enc(&[a, c])), Err(CodecError::Unordered));
+    }
+
+    #[test]
+    fn structural_damage_is_refused() {
+        let good = enc(&sample());
+        assert!(decode(&good[..good.len() - 1]).is_err());
+        let mut longer = good.clone();
+        longer.push(0);
+        assert_eq!(
+            decode(&longer),
+            Err(CodecError::Malformed("trailing bytes after payload"))
+        );
+        // Unsorted names.
+        let mut bad = Vec::new();
+        bad.push(0x83);
+        head(&mut bad, 4, 2);
+        tstr(&mut bad, "b");
+        tstr(&mut bad, "a");
+        head(&mut bad, 0, 0);
+        head(&mut bad, 4, 0);
+        assert!(decode(&bad).is_err());
+        // Indefinite-length array.
+        assert!(decode(&[0x83, 0x9f, 0xff, 0x00, 0x80]).is_err());
+        // Huge counts do not allocate.
+        let mut huge = vec![0x83];
+        head(&mut huge, 4, u64::MAX);
+        assert!(decode(&huge).is_err());
+    }
+
+    fn arb_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1e12f64..1e12).prop_map(|f| json!(f)),
+            "\\PC{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z]{0,4}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn arb_op() -> impl Strategy<Value = Op> {
+        let coll = "[a-zA-Z0-9._-]{1,8}";
+        let key = "[^\\p{Cc}]{1,12}";
+        prop_oneof![
+            (
+                coll,
+                key,
+                prop::collection::btree_map("[a-z]{1,6}", arb_value(), 0..5)
+            )
+                .prop_map(|(c, k, fields)| Op::Upsert {
+                    collection: c,
+                    key: k,
+                    hlc: Hlc(0),
+                    fields
+                }),
+            (coll, key).prop_map(|(c, k)| Op::Delete {
+                collection: c,
+                key: k,
+                hlc: Hlc(0)
+            }),
+            (coll, key, "[a-z]{1,6}", any::<i64>()).prop_map(|(c, k, f, d)| Op::CounterAdd {
+                collection: c,
+                key: k,
+                hlc: Hlc(0),
+                field: f,
+                delta: d
+            }),
+            "[0-9a-f]{64}".prop_map(|t| Op::Revoke {
+                token: t,
+                hlc: Hlc(0)
+            }),
+        ]
+    }
+
+    fn arb_ops() -> impl Strategy<Value = Vec<Op>> {
+        (
+            prop::collection::vec((arb_op(), 1u64..1_000), 1..30),
+            any::<u32>(),
+        )
+            .prop_map(|(ops, base)| {
+                let mut h = u64::from(base);
+                ops.into_iter()
+                    .map(|(mut op, step)| {
+                        h += step;
+                        op.set_hlc(Hlc(h));
+                        op
+                    })
+                    .collect()
+            })
+    }
+
+    proptest! {
+        /// decode(encode(ops)) == ops, for every valid op list.
+        #[test]
+        fn roundtrip(ops in arb_ops()) {
+            let ops: Vec<Op> = ops.into_iter().filter(|o| o.validate().is_ok()).collect();
+            let bytes = enc(&ops);
+            let view = decode(&bytes).unwrap();
+            prop_assert_eq!(view.to_ops(), ops);
+        }
+
+        /// Any valid payload is plain CBOR: ciborium reads it whole, with the same names.
+        #[test]
+        fn ciborium_reads_every_payload(ops in arb_ops()) {
+            let bytes = enc(&ops);
+            let v: ciborium::Value = ciborium::from_reader(&bytes[..]).unwrap();
+            let parts = v.as_array().unwrap();
+            prop_assert_eq!(parts.len(), 3);
+            prop_assert_eq!(parts[2].as_array().unwrap().len(), ops.len());
+        }
+
+        /// Damaged input never panics, and what is accepted re-encodes to a valid payload.
+        #[test]
+        fn mutations_never_panic(ops in arb_ops(), flips in prop::collection::vec((any::<usize>(), any::<u8>()), 1..4)) {
+            let mut bytes = enc(&ops);
+            for (i, x) in flips {
+                let i = i % bytes.len();
+                bytes[i] ^= x.max(1);
+            }
+            if let Ok(view) = decode(&bytes) {
+                let owned = view.to_ops();
+                for op in &owned {
+                    prop_assert!(op.validate().is_ok());
+                }
+                let again = enc(&owned);
+                prop_assert_eq!(decode(&again).unwrap().to_ops(), owned);
+            }
+        }
+    }
+}
