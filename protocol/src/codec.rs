@@ -6,10 +6,11 @@
 //!
 //! ```text
 //! payload = [ names, hlc_base, ops ]
-//!   names    = [ tstr, ... ]       every collection and field name used, sorted, unique
+//!   names    = [ tstr, ... ]       every collection and field name used, unique (in order of
+//!                                  first use)
 //!   hlc_base = uint                timestamp of the first op
 //!   ops      = [ op, ... ]
-//!   op       = [0, coll, key, dh, { name_idx => value, ... }]   upsert (name_idx increasing)
+//!   op       = [0, coll, key, dh, { name_idx => value, ... }]   upsert (names increasing)
 //!            | [1, coll, key, dh]                                delete
 //!            | [2, coll, key, dh, name_idx, delta]               counter add
 //!            | [3, token, dh]                                    revoke
@@ -120,99 +121,72 @@ fn value(out: &mut Vec<u8>, v: &Value) {
     }
 }
 
-/// The distinct names of a batch, sorted. Small tables (the common case: a handful of
-/// collections and fields) are searched linearly; larger ones through a hash map.
+/// The distinct names of a batch, numbered in order of first use. Lookups first try the index
+/// the same position (collection, first field, ...) had in the previous op: in a batch of
+/// same-shaped records that guess is almost always right. Small tables are then searched
+/// linearly, large ones through a hash map.
 struct Names<'a> {
     list: Vec<&'a str>,
-    seen: Option<std::collections::HashSet<&'a str>>,
+    map: Option<std::collections::HashMap<&'a str, u32>>,
+    hint: [u32; 8],
 }
 
 impl<'a> Names<'a> {
     const LINEAR_MAX: usize = 16;
 
-    fn add(&mut self, s: &'a str) {
-        match &mut self.seen {
-            Some(set) => {
-                if set.insert(s) {
-                    self.list.push(s);
-                }
-            }
-            None => {
-                if !self.list.contains(&s) {
+    #[inline]
+    fn index(&mut self, slot: usize, s: &'a str) -> u64 {
+        let slot = slot.min(7);
+        let h = self.hint[slot] as usize;
+        if self.list.get(h).is_some_and(|n| *n == s) {
+            return h as u64;
+        }
+        let i = match &mut self.map {
+            Some(map) => *map.entry(s).or_insert_with(|| {
+                self.list.push(s);
+                (self.list.len() - 1) as u32
+            }),
+            None => match self.list.iter().position(|n| *n == s) {
+                Some(i) => i as u32,
+                None => {
                     self.list.push(s);
                     if self.list.len() > Self::LINEAR_MAX {
-                        self.seen = Some(self.list.iter().copied().collect());
+                        self.map = Some(
+                            self.list
+                                .iter()
+                                .enumerate()
+                                .map(|(i, n)| (*n, i as u32))
+                                .collect(),
+                        );
                     }
+                    (self.list.len() - 1) as u32
                 }
-            }
-        }
-    }
-
-    #[inline]
-    fn index(&self, s: &str) -> u64 {
-        // Present by construction.
-        self.list.binary_search(&s).unwrap_or(0) as u64
+            },
+        };
+        self.hint[slot] = i;
+        u64::from(i)
     }
 }
 
 /// Encodes ops as a compact payload, appending to `out`. The ops are not checked here (the
-/// sealer checks them first); any op list encodes.
+/// sealer checks them first); any op list encodes. One pass over the ops; the name table,
+/// which comes first in the payload, is written once the ops are known.
 pub fn encode_ops(ops: &[Op], out: &mut Vec<u8>) {
     let mut names = Names {
         list: Vec::new(),
-        seen: None,
+        map: None,
+        hint: [0; 8],
     };
-    let mut text = 0usize;
-    for op in ops {
-        match op {
-            Op::Upsert {
-                collection,
-                key,
-                fields,
-                ..
-            } => {
-                names.add(collection);
-                text += key.len() + 8;
-                for (f, v) in fields {
-                    names.add(f);
-                    text += 4 + approx_len(v);
-                }
-            }
-            Op::Delete {
-                collection, key, ..
-            } => {
-                names.add(collection);
-                text += key.len() + 8;
-            }
-            Op::CounterAdd {
-                collection,
-                key,
-                field,
-                ..
-            } => {
-                names.add(collection);
-                names.add(field);
-                text += key.len() + 20;
-            }
-            Op::Revoke { token, .. } => text += token.len() + 8,
-        }
-    }
-    names.list.sort_unstable();
-    out.reserve(text + 16 + names.list.iter().map(|n| n.len() + 2).sum::<usize>());
-
-    out.push(0x83);
-    head(out, 4, names.list.len() as u64);
-    for n in &names.list {
-        tstr(out, n);
-    }
+    let mut body = Vec::with_capacity(ops.len() * 64 + 16);
     let base = ops.first().map_or(0, |op| op.hlc().0);
-    head(out, 0, base);
-    head(out, 4, ops.len() as u64);
+    head(&mut body, 0, base);
+    head(&mut body, 4, ops.len() as u64);
     let mut prev = base;
     for op in ops {
         let h = op.hlc().0;
         let dh = h.wrapping_sub(prev);
         prev = h;
+        let out = &mut body;
         match op {
             Op::Upsert {
                 collection,
@@ -221,13 +195,13 @@ pub fn encode_ops(ops: &[Op], out: &mut Vec<u8>) {
                 ..
             } => {
                 out.extend_from_slice(&[0x85, KIND_UPSERT as u8]);
-                head(out, 0, names.index(collection));
+                head(out, 0, names.index(0, collection));
                 tstr(out, key);
                 head(out, 0, dh);
                 head(out, 5, fields.len() as u64);
-                // BTreeMap order is name order, and indices follow name order: increasing.
-                for (f, v) in fields {
-                    head(out, 0, names.index(f));
+                // BTreeMap order: field names strictly increase, as decoding requires.
+                for (slot, (f, v)) in fields.iter().enumerate() {
+                    head(out, 0, names.index(slot + 1, f));
                     value(out, v);
                 }
             }
@@ -235,7 +209,7 @@ pub fn encode_ops(ops: &[Op], out: &mut Vec<u8>) {
                 collection, key, ..
             } => {
                 out.extend_from_slice(&[0x84, KIND_DELETE as u8]);
-                head(out, 0, names.index(collection));
+                head(out, 0, names.index(0, collection));
                 tstr(out, key);
                 head(out, 0, dh);
             }
@@ -247,10 +221,10 @@ pub fn encode_ops(ops: &[Op], out: &mut Vec<u8>) {
                 ..
             } => {
                 out.extend_from_slice(&[0x86, KIND_ADD as u8]);
-                head(out, 0, names.index(collection));
+                head(out, 0, names.index(0, collection));
                 tstr(out, key);
                 head(out, 0, dh);
-                head(out, 0, names.index(field));
+                head(out, 0, names.index(1, field));
                 int(out, *delta);
             }
             Op::Revoke { token, .. } => {
@@ -260,20 +234,13 @@ pub fn encode_ops(ops: &[Op], out: &mut Vec<u8>) {
             }
         }
     }
-}
-
-fn approx_len(v: &Value) -> usize {
-    match v {
-        Value::String(s) => s.len() + 2,
-        Value::Array(a) => 2 + a.iter().map(approx_len).sum::<usize>(),
-        Value::Object(m) => {
-            2 + m
-                .iter()
-                .map(|(k, v)| k.len() + 2 + approx_len(v))
-                .sum::<usize>()
-        }
-        _ => 9,
+    out.reserve(body.len() + 8 + names.list.iter().map(|n| n.len() + 2).sum::<usize>());
+    out.push(0x83);
+    head(out, 4, names.list.len() as u64);
+    for n in &names.list {
+        tstr(out, n);
     }
+    out.extend_from_slice(&body);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -673,11 +640,9 @@ pub fn decode(bytes: &[u8]) -> Result<PayloadView<'_>, CodecError> {
     for _ in 0..n_names {
         let n = r.text("names must be text")?;
         crate::op::validate_field_name(n)?;
-        if names.last().is_some_and(|last| *last >= n) {
-            return Err(CodecError::Malformed("names must be sorted and unique"));
-        }
         names.push(n);
     }
+    check_unique(&names)?;
     let mut checked = vec![UNCHECKED; names.len()];
     let base = r.uint("hlc base must be an unsigned integer")?;
     let n_ops = r.expect(4, "ops must be an array")?;
@@ -721,13 +686,14 @@ pub fn decode(bytes: &[u8]) -> Result<PayloadView<'_>, CodecError> {
                     return Err(OpError::TooManyFields { count: n as usize }.into());
                 }
                 let start = fields.len() as u32;
-                let mut last: Option<u32> = None;
+                let mut last: Option<&str> = None;
                 for _ in 0..n {
                     let f = name_index(&mut r, &names)?;
-                    if last.is_some_and(|l| l >= f) {
+                    let name = names[f as usize];
+                    if last.is_some_and(|l| l >= name) {
                         return Err(CodecError::Malformed("fields must be in name order"));
                     }
-                    last = Some(f);
+                    last = Some(name);
                     let from = r.pos;
                     let size = check_value(&mut r, 0, names[f as usize])?;
                     if size > limits::MAX_VALUE_BYTES {
@@ -764,6 +730,22 @@ pub fn decode(bytes: &[u8]) -> Result<PayloadView<'_>, CodecError> {
         return Err(CodecError::Malformed("trailing bytes after payload"));
     }
     Ok(PayloadView { names, ops, fields })
+}
+
+fn check_unique(names: &[&str]) -> Result<(), CodecError> {
+    let dup = if names.len() <= 16 {
+        names
+            .iter()
+            .enumerate()
+            .any(|(i, n)| names[..i].contains(n))
+    } else {
+        let mut seen = std::collections::HashSet::with_capacity(names.len());
+        !names.iter().all(|n| seen.insert(*n))
+    };
+    if dup {
+        return Err(CodecError::Malformed("names must be unique"));
+    }
+    Ok(())
 }
 
 #[inline]
@@ -909,13 +891,13 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["age", "langs", "n", "name", "neg", "nested", "none", "ok", "pi", "stats", "users"]
+            ["users", "age", "langs", "name", "neg", "nested", "none", "ok", "pi", "stats", "n"]
         );
         assert_eq!(parts[1], C::Integer(100.into()));
         let ops = parts[2].as_array().unwrap();
         let first = ops[0].as_array().unwrap();
         assert_eq!(first[0], C::Integer(0.into()));
-        assert_eq!(first[1], C::Integer(10.into())); // "users"
+        assert_eq!(first[1], C::Integer(0.into())); // "users"
         assert_eq!(first[2], C::Text("ada".into()));
         let counter = ops[2].as_array().unwrap();
         assert_eq!(counter[3], C::Integer(399.into())); // 500 - 101
@@ -982,15 +964,38 @@ mod tests {
             decode(&longer),
             Err(CodecError::Malformed("trailing bytes after payload"))
         );
-        // Unsorted names.
+        // Duplicate names.
         let mut bad = Vec::new();
         bad.push(0x83);
         head(&mut bad, 4, 2);
-        tstr(&mut bad, "b");
+        tstr(&mut bad, "a");
         tstr(&mut bad, "a");
         head(&mut bad, 0, 0);
         head(&mut bad, 4, 0);
-        assert!(decode(&bad).is_err());
+        assert_eq!(
+            decode(&bad),
+            Err(CodecError::Malformed("names must be unique"))
+        );
+        // Fields out of name order: [names "b", "a"], one upsert with fields {0: 1, 1: 2}.
+        let mut bad = Vec::new();
+        bad.push(0x83);
+        head(&mut bad, 4, 3);
+        tstr(&mut bad, "c");
+        tstr(&mut bad, "b");
+        tstr(&mut bad, "a");
+        head(&mut bad, 0, 7);
+        head(&mut bad, 4, 1);
+        bad.extend_from_slice(&[0x85, 0x00, 0x00]);
+        tstr(&mut bad, "key");
+        bad.extend_from_slice(&[0x00, 0xa2, 0x01, 0x01, 0x02, 0x02]);
+        assert_eq!(
+            decode(&bad),
+            Err(CodecError::Malformed("fields must be in name order"))
+        );
+        let len = bad.len();
+        bad[len - 4] = 0x02;
+        bad[len - 2] = 0x01;
+        assert_eq!(decode(&bad).unwrap().to_ops().len(), 1);
         // Indefinite-length array.
         assert!(decode(&[0x83, 0x9f, 0xff, 0x00, 0x80]).is_err());
         // Huge counts do not allocate.
