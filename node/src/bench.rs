@@ -494,7 +494,9 @@ pub fn b4() -> Result<Vec<Row>> {
         let dicted = with_dict.compress(&p)?.len().min(p.len());
         rows.push(Row {
             id: "B4",
-            what: format!("payload bytes/op, {n}-op batch, zstd-1 with a 16 KiB trained dictionary"),
+            what: format!(
+                "payload bytes/op, {n}-op batch, zstd-1 with a 16 KiB trained dictionary"
+            ),
             value: dicted as f64 / n as f64,
             unit: "B/op",
             ratio: Some(dicted as f64 / plain as f64),

@@ -619,6 +619,37 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        /// Whatever path sealing takes (compact plain or zstd, by size), verification gives
+        /// back exactly the sealed ops, and the old serde path gives the same ops too.
+        #[test]
+        fn every_encoding_path_gives_the_same_ops(
+            ops in crate::codec::tests::arb_ops(),
+            repeat in 1usize..40,
+        ) {
+            let kp = Keypair::from_seed([9; 32]);
+            let mut ops: Vec<Op> = ops.into_iter().filter(|o| o.validate().is_ok()).collect();
+            proptest::prop_assume!(!ops.is_empty());
+            // Repeating the list (with later timestamps) pushes some batches past the
+            // compression threshold.
+            let span = ops[ops.len() - 1].hlc().0 - ops[0].hlc().0 + 1;
+            let one = ops.clone();
+            for r in 1..repeat as u64 {
+                ops.extend(one.iter().cloned().map(|mut o| {
+                    o.set_hlc(Hlc(o.hlc().0 + r * span));
+                    o
+                }));
+            }
+            ops.truncate(limits::MAX_OPS_PER_BATCH);
+            let b = seal(&kp, "default", first(), ops.clone(), None).unwrap();
+            proptest::prop_assert!(b.header.enc == ENC_COMPACT || b.header.enc == ENC_COMPACT_ZSTD);
+            let v = verify(b.bytes.clone()).unwrap();
+            proptest::prop_assert_eq!(&v.ops, &ops);
+            let legacy = resign(&kp, b.header.clone(), &to_cbor(&ops), ENC_CBOR);
+            proptest::prop_assert_eq!(verify(legacy).unwrap().ops, ops);
+        }
+    }
+
     #[test]
     fn tampering_is_detected() {
         let kp = Keypair::generate();

@@ -812,7 +812,7 @@ fn check_token(t: &str) -> Result<(), CodecError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
@@ -1004,7 +1004,7 @@ mod tests {
         assert!(decode(&huge).is_err());
     }
 
-    fn arb_value() -> impl Strategy<Value = Value> {
+    pub(crate) fn arb_value() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
@@ -1022,7 +1022,7 @@ mod tests {
         })
     }
 
-    fn arb_op() -> impl Strategy<Value = Op> {
+    pub(crate) fn arb_op() -> impl Strategy<Value = Op> {
         let coll = "[a-zA-Z0-9._-]{1,8}";
         let key = "[^\\p{Cc}]{1,12}";
         prop_oneof![
@@ -1056,7 +1056,8 @@ mod tests {
         ]
     }
 
-    fn arb_ops() -> impl Strategy<Value = Vec<Op>> {
+    /// Op lists with strictly increasing timestamps (some ops may break naming rules).
+    pub(crate) fn arb_ops() -> impl Strategy<Value = Vec<Op>> {
         (
             prop::collection::vec((arb_op(), 1u64..1_000), 1..30),
             any::<u32>(),
