@@ -87,6 +87,17 @@ fn b1(c: &mut Criterion) {
     g.bench_function("blake3/compact_payload", |b| {
         b.iter(|| *blake3::hash(&compact).as_bytes())
     });
+    for level in [-5, -1, 1, 3] {
+        let z = zstd::bulk::compress(&compact, level).unwrap();
+        eprintln!(
+            "zstd level {level}: {:.1} B/op (uncompressed {:.1})",
+            z.len() as f64 / ops.len() as f64,
+            compact.len() as f64 / ops.len() as f64
+        );
+        g.bench_function(format!("zstd/level_{level}"), |b| {
+            b.iter(|| zstd::bulk::compress(&compact, level).unwrap().len())
+        });
+    }
     g.finish();
 }
 
