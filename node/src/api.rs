@@ -503,6 +503,16 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
         m.pushes_dropped.load(Ordering::Relaxed),
     );
     counter(
+        "blazedb_serves_queued_total",
+        "Fetches from peers that waited for their bulk answers in flight (backpressure).",
+        m.serves_queued.load(Ordering::Relaxed),
+    );
+    counter(
+        "blazedb_serves_dropped_total",
+        "Fetches from peers dropped because their bulk queue was full.",
+        m.serves_dropped.load(Ordering::Relaxed),
+    );
+    counter(
         "blazedb_ineffective_batches_total",
         "Batches stored whose capability was revoked before they were written.",
         m.ineffective.load(Ordering::Relaxed),

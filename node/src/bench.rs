@@ -512,79 +512,217 @@ pub fn b4() -> Result<Vec<Row>> {
 
 /// B6: a node that missed `missed_ops` catches up from one peer: seconds from connect until it
 /// holds everything, and bytes served / bytes missing (batch bytes; framing not counted).
+///
+/// Run once per fetch-stripe setting (`BLAZEDB_B6_STRIPES`, default `1,4`). During the
+/// catch-up a third node C, up to date and connected to A only, writes one small batch every
+/// 50 ms: its gossip reaches B through A, which is busy serving the catch-up. Reported per
+/// setting: catch-up seconds, time to the first missing batch stored, bytes served / missing,
+/// the latency of C's live writes at B (write acknowledged at C until B holds it; p50 and
+/// max), and the peak RSS of the bench process during the catch-up (A, B and C together).
 pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
     use std::sync::atomic::Ordering::Relaxed;
+    use std::sync::{Arc, Mutex};
+    let stripes_list: Vec<u32> = std::env::var("BLAZEDB_B6_STRIPES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .filter(|v: &Vec<u32>| !v.is_empty())
+        .unwrap_or_else(|| vec![1, 4]);
     let calls = missed_ops.div_ceil(W_BATCH_OPS).max(1);
-    let (mut secs_v, mut first_v, mut ratio_v) = (vec![], vec![], vec![]);
-    for run in 0..runs {
-        let dir = tempfile_dir()?;
-        let lo: libp2p::Multiaddr = "/ip4/127.0.0.1/tcp/0".parse()?;
-        let a = Node::builder()
-            .data_dir(dir.path().join("a"))
-            .listen(vec![lo.clone()])
-            .mdns(false)
-            .spawn()
-            .await?;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(600 + run as u64);
-        for _ in 0..calls {
-            a.write(DEFAULT_NAMESPACE, workload_w(&mut rng, W_BATCH_OPS, 0))
+    let mut rows = Vec::new();
+    for stripes in stripes_list {
+        let (mut secs_v, mut first_v, mut ratio_v) = (vec![], vec![], vec![]);
+        let (mut live_p50_v, mut live_max_v, mut rss_v) = (vec![], vec![], vec![]);
+        for run in 0..runs {
+            let dir = tempfile_dir()?;
+            let lo: libp2p::Multiaddr = "/ip4/127.0.0.1/tcp/0".parse()?;
+            let a = Node::builder()
+                .data_dir(dir.path().join("a"))
+                .listen(vec![lo.clone()])
+                .mdns(false)
+                .spawn()
                 .await?;
-        }
-        let t = Instant::now();
-        let b = Node::builder()
-            .data_dir(dir.path().join("b"))
-            .listen(vec![lo])
-            .mdns(false)
-            .bootstrap(a.listen_addrs()[0].clone())
-            .spawn()
+            let c = Node::builder()
+                .data_dir(dir.path().join("c"))
+                .listen(vec![lo.clone()])
+                .mdns(false)
+                .bootstrap(a.listen_addrs()[0].clone())
+                .spawn()
+                .await?;
+            // C connected before A writes: it receives them by gossip.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while c.status().await?.peers.is_empty() {
+                anyhow::ensure!(Instant::now() < deadline, "C did not connect");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let mut rng = rand::rngs::StdRng::seed_from_u64(600 + run as u64);
+            for _ in 0..calls {
+                a.write(DEFAULT_NAMESPACE, workload_w(&mut rng, W_BATCH_OPS, 0))
+                    .await?;
+            }
+            let want = calls as u64;
+            // C holds A's writes before B starts (gossip, else its own catch-up).
+            wait_for("C to hold A's writes", Duration::from_secs(1800), || {
+                c.metrics().remote_batches.load(Relaxed) >= want
+            })
             .await?;
-        let want = calls as u64;
-        let mut first = None;
-        let deadline = Instant::now() + Duration::from_secs(1800);
-        loop {
-            let got = b.metrics().remote_batches.load(Relaxed);
-            if got > 0 && first.is_none() {
-                first = Some(t.elapsed().as_secs_f64());
+            let served_before = a.metrics().served_bytes.load(Relaxed);
+            reset_peak_rss();
+            let t = Instant::now();
+            let b = Node::builder()
+                .data_dir(dir.path().join("b"))
+                .listen(vec![lo])
+                .mdns(false)
+                .fetch_stripes(stripes)
+                .bootstrap(a.listen_addrs()[0].clone())
+                .spawn()
+                .await?;
+            // C's live writes: (seq, acknowledged at).
+            let live: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let writer = {
+                let (c, live, stop) = (c.clone(), live.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut i = 0u64;
+                    while !stop.load(Relaxed) {
+                        let fields = serde_json::Map::from_iter([("i".to_string(), i.into())]);
+                        if let Ok(r) = c
+                            .put(DEFAULT_NAMESPACE, "live", &format!("l{i}"), fields)
+                            .await
+                        {
+                            live.lock()
+                                .expect("not poisoned")
+                                .push((r.seq, Instant::now()));
+                        }
+                        i += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                })
+            };
+            let c_did = c.did();
+            let mut lat: Vec<f64> = Vec::new();
+            let mut seen = 0usize;
+            let mut first = None;
+            let deadline = Instant::now() + Duration::from_secs(1800);
+            let mut done_at = None;
+            loop {
+                let got = b.metrics().remote_batches.load(Relaxed);
+                if got > 0 && first.is_none() {
+                    first = Some(t.elapsed().as_secs_f64());
+                }
+                // A's chain complete at B?
+                let status = b.status().await?;
+                let heads = status
+                    .namespaces
+                    .iter()
+                    .find(|n| n.name == DEFAULT_NAMESPACE)
+                    .map(|n| n.heads.clone())
+                    .unwrap_or_default();
+                let now = Instant::now();
+                let c_head = heads.get(&c_did).copied().unwrap_or(0);
+                {
+                    let live = live.lock().expect("not poisoned");
+                    while seen < live.len() && live[seen].0 <= c_head {
+                        lat.push(now.duration_since(live[seen].1).as_secs_f64());
+                        seen += 1;
+                    }
+                }
+                if done_at.is_none() && heads.get(&a.did()).copied().unwrap_or(0) >= want {
+                    done_at = Some(t.elapsed().as_secs_f64());
+                }
+                if done_at.is_some() {
+                    break;
+                }
+                anyhow::ensure!(Instant::now() < deadline, "catch-up did not finish");
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            if got >= want {
-                break;
+            stop.store(true, Relaxed);
+            let _ = writer.await;
+            secs_v.push(done_at.unwrap_or_default());
+            first_v.push(first.unwrap_or_default());
+            rss_v.push(peak_rss_mb());
+            let missing = a.metrics().local_bytes.load(Relaxed) as f64;
+            let served = (a.metrics().served_bytes.load(Relaxed) - served_before) as f64;
+            ratio_v.push(served / missing);
+            lat.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
+            if !lat.is_empty() {
+                live_p50_v.push(lat[lat.len() / 2]);
+                live_max_v.push(lat[lat.len() - 1]);
             }
-            anyhow::ensure!(Instant::now() < deadline, "catch-up did not finish");
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            a.shutdown().await;
+            b.shutdown().await;
+            c.shutdown().await;
         }
-        secs_v.push(t.elapsed().as_secs_f64());
-        first_v.push(first.unwrap_or_default());
-        let missing = a.metrics().local_bytes.load(Relaxed) as f64;
-        ratio_v.push(a.metrics().served_bytes.load(Relaxed) as f64 / missing);
-        a.shutdown().await;
-        b.shutdown().await;
+        let tag = format!("stripes={stripes}");
+        let med = |v: Vec<f64>| if v.is_empty() { f64::NAN } else { median(v) };
+        rows.extend([
+            Row {
+                id: "B6",
+                what: format!("catch-up of {missed_ops} missed ops from one peer ({tag})"),
+                value: med(secs_v),
+                unit: "s",
+                ratio: None,
+                baseline: None,
+            },
+            Row {
+                id: "B6",
+                what: format!("time until the first missing batch is stored ({tag})"),
+                value: med(first_v) * 1e3,
+                unit: "ms",
+                ratio: None,
+                baseline: None,
+            },
+            Row {
+                id: "B6",
+                what: format!("batch bytes served / batch bytes missing ({tag})"),
+                value: med(ratio_v),
+                unit: "x",
+                ratio: None,
+                baseline: Some("message framing, TLS and yamux not counted".into()),
+            },
+            Row {
+                id: "B6",
+                what: format!("live write latency at B during catch-up, p50 ({tag})"),
+                value: med(live_p50_v) * 1e3,
+                unit: "ms",
+                ratio: None,
+                baseline: Some("1-op batches from a third node, every 50 ms".into()),
+            },
+            Row {
+                id: "B6",
+                what: format!("live write latency at B during catch-up, max ({tag})"),
+                value: med(live_max_v) * 1e3,
+                unit: "ms",
+                ratio: None,
+                baseline: None,
+            },
+            Row {
+                id: "B6",
+                what: format!("peak RSS during catch-up, A+B+C in one process ({tag})"),
+                value: med(rss_v),
+                unit: "MB",
+                ratio: None,
+                baseline: None,
+            },
+        ]);
     }
-    Ok(vec![
-        Row {
-            id: "B6",
-            what: format!("catch-up of {missed_ops} missed ops from one peer"),
-            value: median(secs_v),
-            unit: "s",
-            ratio: None,
-            baseline: None,
-        },
-        Row {
-            id: "B6",
-            what: "time until the first missing batch is stored".into(),
-            value: median(first_v) * 1e3,
-            unit: "ms",
-            ratio: None,
-            baseline: None,
-        },
-        Row {
-            id: "B6",
-            what: "batch bytes served / batch bytes missing".into(),
-            value: median(ratio_v),
-            unit: "x",
-            ratio: None,
-            baseline: Some("message framing, TLS and yamux not counted".into()),
-        },
-    ])
+    Ok(rows)
+}
+
+/// Resets the process's peak RSS (Linux: `clear_refs` 5); ignored elsewhere.
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Peak RSS of the process since the last reset, in MB (NaN where unknown).
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 /// One B3 run: ops/s from the first write at A until B durably holds every batch.

@@ -63,6 +63,10 @@ enum Cmd {
         /// classical X25519; not post-quantum secure).
         #[arg(long, default_value = "strict")]
         pq_policy: blazedb_crypto::KxPolicy,
+        /// Fetch windows in flight per (namespace, author) while catching up (1 = one at a
+        /// time).
+        #[arg(long, default_value_t = blazedb_protocol::EngineConfig::default().fetch_stripes)]
+        fetch_stripes: u32,
     },
     /// Show a running node's identity, peers and namespaces.
     Status {
@@ -226,8 +230,9 @@ async fn run(cli: Cli) -> Result<()> {
             no_mdns,
             no_default_namespace,
             pq_policy,
+            fetch_stripes,
         } => {
-            let cfg = NodeConfig {
+            let mut cfg = NodeConfig {
                 data_dir: data,
                 listen,
                 bootstrap,
@@ -236,6 +241,7 @@ async fn run(cli: Cli) -> Result<()> {
                 pq_policy,
                 ..NodeConfig::default()
             };
+            cfg.engine.fetch_stripes = fetch_stripes.max(1);
             run_node(cfg, api).await
         }
         Cmd::Status { api } => print(client_get(&api, "/v1/status").await?),

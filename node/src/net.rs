@@ -9,8 +9,17 @@
 //! - gossipsub: one topic per namespace, message id = batch id, anonymous messages (batches
 //!   carry their own author signature), every message validated by the sync engine before it
 //!   is relayed.
-//! - request-response (`/blazedb/sync/1`, CBOR): the engine's Have / Fetch / Batches
-//!   messages, each sent as a request answered by an empty acknowledgement.
+//! - request-response (CBOR): the engine's sync messages, each sent as a request answered by
+//!   an empty acknowledgement, over one protocol per traffic class so that one class cannot
+//!   use up another's streams:
+//!   - `/blazedb/sync/1`, *control*: Have, Fetch, Present, Revoked, empty Batches (small);
+//!   - `/blazedb/live/1`, *live*: batches pushed to readers of owned namespaces;
+//!   - `/blazedb/bulk/1`, *bulk*: batches served in answer to a Fetch (catch-up).
+//!
+//!   Each has its own stream limit per connection; the node bounds what it has outstanding
+//!   per peer and class (see `node.rs`). Any message is accepted on any of them: the class
+//!   is only a transport. Behaviours are polled in declaration order, so when several have
+//!   events ready, control goes first, then gossip, then live pushes, then bulk.
 //! - identify, mDNS (optional).
 
 use std::time::Duration;
@@ -24,8 +33,52 @@ use blazedb_crypto::{KxPolicy, LinkError, LinkRegistry, PqTlsConfig};
 use blazedb_protocol::batch::Envelope;
 use blazedb_protocol::{limits, SyncMessage};
 
-/// Request-response protocol name of the sync engine.
+/// Request-response protocol name of the sync engine's control messages.
 pub const SYNC_PROTOCOL: &str = "/blazedb/sync/1";
+/// Request-response protocol name of live pushes (owned namespaces).
+pub const LIVE_PROTOCOL: &str = "/blazedb/live/1";
+/// Request-response protocol name of bulk catch-up (fetch answers).
+pub const BULK_PROTOCOL: &str = "/blazedb/bulk/1";
+
+/// Concurrent streams per connection of the control protocol.
+pub const CONTROL_STREAMS: usize = 64;
+/// Concurrent streams per connection of the live protocol.
+pub const LIVE_STREAMS: usize = 64;
+/// Concurrent streams per connection of the bulk protocol.
+pub const BULK_STREAMS: usize = 32;
+
+/// Traffic class of a sync message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Class {
+    /// Have, Fetch, Present, Revoked, empty Batches.
+    Control,
+    /// Batches pushed as they are written (owned namespaces).
+    Live,
+    /// Batches served in answer to a fetch.
+    Bulk,
+}
+
+impl Class {
+    /// Every class.
+    pub const ALL: [Class; 3] = [Class::Control, Class::Live, Class::Bulk];
+
+    /// The class of a message the engine asked to send (served fetch answers are bulk).
+    pub fn of(msg: &SyncMessage) -> Class {
+        match msg {
+            SyncMessage::Batches { batches, .. } if !batches.is_empty() => Class::Live,
+            _ => Class::Control,
+        }
+    }
+
+    /// Lower-case name (metrics).
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Control => "control",
+            Class::Live => "live",
+            Class::Bulk => "bulk",
+        }
+    }
+}
 /// identify protocol version string.
 pub const IDENTIFY_PROTOCOL: &str = "/blazedb/1.0.0";
 
@@ -33,13 +86,20 @@ pub const IDENTIFY_PROTOCOL: &str = "/blazedb/1.0.0";
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct Ack {}
 
-/// All behaviours of a node.
+/// A request-response behaviour carrying sync messages.
+pub type SyncBehaviour = request_response::cbor::Behaviour<SyncMessage, Ack>;
+
+/// All behaviours of a node. Field order is poll order (priority).
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// Sync control messages.
+    pub sync: SyncBehaviour,
     /// Batch gossip.
     pub gossipsub: gossipsub::Behaviour,
-    /// Sync messages.
-    pub sync: request_response::cbor::Behaviour<SyncMessage, Ack>,
+    /// Live pushes.
+    pub live: SyncBehaviour,
+    /// Bulk catch-up.
+    pub bulk: SyncBehaviour,
     /// Peer information exchange.
     pub identify: identify::Behaviour,
     /// Local-network discovery.
@@ -126,19 +186,9 @@ fn build_swarm_inner(
             if let Some(registry) = registry {
                 gossipsub = gossipsub.with_metrics(registry, Default::default());
             }
-            let codec = request_response::cbor::codec::Codec::<SyncMessage, Ack>::default()
-                .set_request_size_maximum(limits::MAX_SYNC_MESSAGE_BYTES as u64)
-                .set_response_size_maximum(1024);
-            let sync = request_response::Behaviour::with_codec(
-                codec,
-                [(
-                    StreamProtocol::new(SYNC_PROTOCOL),
-                    request_response::ProtocolSupport::Full,
-                )],
-                request_response::Config::default()
-                    .with_request_timeout(Duration::from_secs(30))
-                    .with_max_concurrent_streams(64),
-            );
+            let sync = sync_behaviour(SYNC_PROTOCOL, CONTROL_STREAMS);
+            let live = sync_behaviour(LIVE_PROTOCOL, LIVE_STREAMS);
+            let bulk = sync_behaviour(BULK_PROTOCOL, BULK_STREAMS);
             let identify = identify::Behaviour::new(identify::Config::new(
                 IDENTIFY_PROTOCOL.to_string(),
                 key.public(),
@@ -152,8 +202,10 @@ fn build_swarm_inner(
                 None
             };
             Ok(Behaviour {
-                gossipsub,
                 sync,
+                gossipsub,
+                live,
+                bulk,
                 identify,
                 mdns: Toggle::from(mdns),
             })
@@ -161,4 +213,32 @@ fn build_swarm_inner(
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
     Ok(swarm)
+}
+
+/// One request-response behaviour for sync messages on `protocol`.
+fn sync_behaviour(protocol: &'static str, streams: usize) -> SyncBehaviour {
+    let codec = request_response::cbor::codec::Codec::<SyncMessage, Ack>::default()
+        .set_request_size_maximum(limits::MAX_SYNC_MESSAGE_BYTES as u64)
+        .set_response_size_maximum(1024);
+    request_response::Behaviour::with_codec(
+        codec,
+        [(
+            StreamProtocol::new(protocol),
+            request_response::ProtocolSupport::Full,
+        )],
+        request_response::Config::default()
+            .with_request_timeout(Duration::from_secs(30))
+            .with_max_concurrent_streams(streams),
+    )
+}
+
+impl Behaviour {
+    /// The behaviour carrying `class`.
+    pub fn class_mut(&mut self, class: Class) -> &mut SyncBehaviour {
+        match class {
+            Class::Control => &mut self.sync,
+            Class::Live => &mut self.live,
+            Class::Bulk => &mut self.bulk,
+        }
+    }
 }

@@ -10,7 +10,7 @@
 //! queued write commands, seals each into its own batch, stores them all in one durable redb
 //! transaction, then answers each writer and gossips the batches.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -31,7 +31,7 @@ use blazedb_protocol::{
 };
 
 use crate::materializer::{self, Job, MatSync};
-use crate::net::{self, Ack, Behaviour, BehaviourEvent};
+use crate::net::{self, Ack, Behaviour, BehaviourEvent, Class};
 use crate::store::{Change, Fields, NamespaceRecord, Store, StoreError};
 
 /// Capacity of the command channel into the actor.
@@ -42,8 +42,14 @@ const GROUP_COMMIT_MAX: usize = 64;
 const CHANGES_CAP: usize = 4096;
 /// Most bytes served in answer to one fetch.
 const SERVE_MAX_BYTES: usize = 8 * 1024 * 1024;
-/// Most unanswered sync requests to one peer before pushes to it are dropped.
+/// Most unanswered live pushes to one peer before further pushes to it are dropped.
 const PUSH_INFLIGHT_MAX: usize = 128;
+/// Most fetch answers (bulk) sent to one peer and not yet acknowledged; further fetches from
+/// it wait in its bulk queue, unread from the store.
+const BULK_INFLIGHT_MAX: usize = 4;
+/// Most fetches waiting in one peer's bulk queue; past that they are dropped (the peer's
+/// fetch times out and goes elsewhere).
+const BULK_QUEUE_MAX: usize = 256;
 /// The public namespace every node joins unless told not to.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -149,6 +155,12 @@ impl NodeBuilder {
     /// Sync engine tunables.
     pub fn engine(mut self, cfg: EngineConfig) -> Self {
         self.cfg.engine = cfg;
+        self
+    }
+    /// Fetch windows in flight per (namespace, author) during catch-up
+    /// ([`EngineConfig::fetch_stripes`]; 1 = one window at a time).
+    pub fn fetch_stripes(mut self, n: u32) -> Self {
+        self.cfg.engine.fetch_stripes = n.max(1);
         self
     }
     /// Link key-exchange policy.
@@ -265,6 +277,10 @@ pub struct Metrics {
     pub local_bytes: AtomicU64,
     /// Envelope bytes of batches served to peers' fetches.
     pub served_bytes: AtomicU64,
+    /// Fetches from peers that waited in a bulk queue (answers to that peer in flight).
+    pub serves_queued: AtomicU64,
+    /// Fetches from peers dropped because their bulk queue was full.
+    pub serves_dropped: AtomicU64,
 }
 
 enum Command {
@@ -724,6 +740,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         links,
         mat_tx: Some(mat_tx),
         inflight: HashMap::new(),
+        bulk_queue: HashMap::new(),
         mat_thread: Some(mat_thread),
     };
     let span = tracing::info_span!("node", peer = %keypair.public().to_peer_id());
@@ -743,9 +760,21 @@ struct Actor {
     connected: HashMap<PeerId, Multiaddr>,
     links: LinkRegistry,
     mat_tx: Option<std::sync::mpsc::SyncSender<Job>>,
-    /// Sync requests sent to each peer and not yet answered.
-    inflight: HashMap<PeerId, usize>,
+    /// Sync requests sent to each peer, per traffic class, and not yet answered.
+    inflight: HashMap<(PeerId, Class), usize>,
+    /// Fetches from each peer waiting for its bulk answers in flight to drop below
+    /// `BULK_INFLIGHT_MAX` (bounded by `BULK_QUEUE_MAX`).
+    bulk_queue: HashMap<PeerId, VecDeque<ServeRequest>>,
     mat_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A fetch to answer from the store.
+struct ServeRequest {
+    ns: String,
+    author: [u8; 32],
+    from_seq: u64,
+    limit: u32,
+    until: Option<blazedb_protocol::Hlc>,
 }
 
 enum Flow {
@@ -964,10 +993,9 @@ impl Actor {
             match a {
                 Action::Store(_) => unreachable!("partitioned above"),
                 Action::Send { peer, msg } => {
-                    let outstanding = self.inflight.get(&peer).copied().unwrap_or(0);
-                    let push =
-                        matches!(&msg, SyncMessage::Batches { batches, .. } if !batches.is_empty());
-                    if push && outstanding >= PUSH_INFLIGHT_MAX {
+                    let class = Class::of(&msg);
+                    let outstanding = self.outstanding(&peer, class);
+                    if class == Class::Live && outstanding >= PUSH_INFLIGHT_MAX {
                         // A slow reader: drop the push rather than queue without bound; it
                         // catches up through anti-entropy and fetches.
                         self.shared
@@ -976,8 +1004,7 @@ impl Actor {
                             .fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
-                    *self.inflight.entry(peer).or_insert(0) += 1;
-                    self.swarm.behaviour_mut().sync.send_request(&peer, msg);
+                    self.send_sync(peer, class, msg);
                 }
                 Action::Publish { ns, bytes, .. } => {
                     let topic = net::topic(&ns);
@@ -996,26 +1023,26 @@ impl Actor {
                     limit,
                     until,
                 } => {
-                    let store = &self.shared.store;
-                    match store.chain_range(&ns, &author, from_seq, limit, SERVE_MAX_BYTES, until) {
-                        Ok(batches) => {
-                            let n: usize = batches.iter().map(Vec::len).sum();
-                            self.shared
-                                .metrics
-                                .served_bytes
-                                .fetch_add(n as u64, Ordering::Relaxed);
-                            let batches = batches
-                                .into_iter()
-                                .map(serde_bytes::ByteBuf::from)
-                                .collect();
-                            let msg = SyncMessage::Batches {
-                                ns,
-                                author,
-                                batches,
-                            };
-                            self.swarm.behaviour_mut().sync.send_request(&peer, msg);
+                    let req = ServeRequest {
+                        ns,
+                        author,
+                        from_seq,
+                        limit,
+                        until,
+                    };
+                    let m = &self.shared.metrics;
+                    if self.outstanding(&peer, Class::Bulk) < BULK_INFLIGHT_MAX {
+                        self.serve(peer, req);
+                    } else {
+                        // Backpressure: the peer has not taken our last answers yet. Read
+                        // nothing more from the store for it until it has.
+                        let q = self.bulk_queue.entry(peer).or_default();
+                        if q.len() < BULK_QUEUE_MAX {
+                            q.push_back(req);
+                            m.serves_queued.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            m.serves_dropped.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err(e) => warn!("serving fetch: {e}"),
                     }
                 }
                 Action::ServeRevocations { peer, ns, tokens } => {
@@ -1026,7 +1053,7 @@ impl Actor {
                                 .map(serde_bytes::ByteBuf::from)
                                 .collect();
                             let msg = SyncMessage::Revoked { ns, batches };
-                            self.swarm.behaviour_mut().sync.send_request(&peer, msg);
+                            self.send_sync(peer, Class::Control, msg);
                         }
                         Ok(_) => {}
                         Err(e) => warn!("serving revocations: {e}"),
@@ -1042,6 +1069,71 @@ impl Actor {
             }
         }
         Flow::Continue
+    }
+
+    /// Sync requests of `class` sent to `peer` and not yet answered.
+    fn outstanding(&self, peer: &PeerId, class: Class) -> usize {
+        self.inflight.get(&(*peer, class)).copied().unwrap_or(0)
+    }
+
+    fn send_sync(&mut self, peer: PeerId, class: Class, msg: SyncMessage) {
+        *self.inflight.entry((peer, class)).or_insert(0) += 1;
+        self.swarm
+            .behaviour_mut()
+            .class_mut(class)
+            .send_request(&peer, msg);
+    }
+
+    /// Reads the fetched batches from the store and sends them (bulk).
+    fn serve(&mut self, peer: PeerId, req: ServeRequest) {
+        let ServeRequest {
+            ns,
+            author,
+            from_seq,
+            limit,
+            until,
+        } = req;
+        let store = &self.shared.store;
+        match store.chain_range(&ns, &author, from_seq, limit, SERVE_MAX_BYTES, until) {
+            Ok(batches) => {
+                let n: usize = batches.iter().map(Vec::len).sum();
+                self.shared
+                    .metrics
+                    .served_bytes
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                let batches: Vec<serde_bytes::ByteBuf> = batches
+                    .into_iter()
+                    .map(serde_bytes::ByteBuf::from)
+                    .collect();
+                // An empty answer is small: it goes with the control messages.
+                let class = if batches.is_empty() {
+                    Class::Control
+                } else {
+                    Class::Bulk
+                };
+                let msg = SyncMessage::Batches {
+                    ns,
+                    author,
+                    batches,
+                };
+                self.send_sync(peer, class, msg);
+            }
+            Err(e) => warn!("serving fetch: {e}"),
+        }
+    }
+
+    /// Serves queued fetches of `peer` while its bulk answers in flight are below the cap.
+    fn drain_bulk_queue(&mut self, peer: &PeerId) {
+        while self.outstanding(peer, Class::Bulk) < BULK_INFLIGHT_MAX {
+            let Some(q) = self.bulk_queue.get_mut(peer) else {
+                return;
+            };
+            let Some(req) = q.pop_front() else {
+                self.bulk_queue.remove(peer);
+                return;
+            };
+            self.serve(*peer, req);
+        }
     }
 
     fn drop_peer(&mut self, peer: PeerId, reason: &str) {
@@ -1095,14 +1187,19 @@ impl Actor {
                     debug!(%peer_id, "peer down");
                     self.connected.remove(&peer_id);
                     self.links.remove(&peer_id);
-                    self.inflight.remove(&peer_id);
+                    for class in Class::ALL {
+                        self.inflight.remove(&(peer_id, class));
+                    }
+                    self.bulk_queue.remove(&peer_id);
                     let actions = self.engine.peer_down(&peer_id, now_ms());
                     return self.execute(actions);
                 }
                 Flow::Continue
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(ev)) => self.on_gossip(ev),
-            SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.on_sync(ev),
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(ev)) => self.on_sync(ev, Class::Control),
+            SwarmEvent::Behaviour(BehaviourEvent::Live(ev)) => self.on_sync(ev, Class::Live),
+            SwarmEvent::Behaviour(BehaviourEvent::Bulk(ev)) => self.on_sync(ev, Class::Bulk),
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
                     if !self.swarm.is_connected(&peer) {
@@ -1170,7 +1267,9 @@ impl Actor {
         flow
     }
 
-    fn on_sync(&mut self, ev: request_response::Event<SyncMessage, Ack>) -> Flow {
+    /// A sync event on the protocol of `class` (any message is handled the same whichever
+    /// protocol carried it).
+    fn on_sync(&mut self, ev: request_response::Event<SyncMessage, Ack>, class: Class) -> Flow {
         match ev {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
@@ -1179,13 +1278,13 @@ impl Actor {
                     let _ = self
                         .swarm
                         .behaviour_mut()
-                        .sync
+                        .class_mut(class)
                         .send_response(channel, Ack {});
                     let actions = self.engine.handle_message(peer, request, now_ms());
                     self.execute(actions)
                 }
                 request_response::Message::Response { .. } => {
-                    self.request_done(&peer);
+                    self.request_done(&peer, class);
                     Flow::Continue
                 }
             },
@@ -1197,7 +1296,7 @@ impl Actor {
                 Flow::Continue
             }
             request_response::Event::OutboundFailure { peer, error, .. } => {
-                self.request_done(&peer);
+                self.request_done(&peer, class);
                 debug!(%peer, "sync request failed: {error}");
                 Flow::Continue
             }
@@ -1205,12 +1304,15 @@ impl Actor {
         }
     }
 
-    fn request_done(&mut self, peer: &PeerId) {
-        if let Some(n) = self.inflight.get_mut(peer) {
+    fn request_done(&mut self, peer: &PeerId, class: Class) {
+        if let Some(n) = self.inflight.get_mut(&(*peer, class)) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                self.inflight.remove(peer);
+                self.inflight.remove(&(*peer, class));
             }
+        }
+        if class == Class::Bulk {
+            self.drain_bulk_queue(peer);
         }
     }
 

@@ -16,9 +16,15 @@
 //!   stored at once; one that skips ahead is buffered (bounded) while the gap is fetched from
 //!   the peer that sent it.
 //! - On connect, and every `anti_entropy_interval_ms`, peers exchange `Have` (their vectors).
-//!   For every author a peer has more of, we send `Fetch { from_seq, limit }` — one fetch in
-//!   flight per (namespace, author), `fetch_window` batches at a time, re-issued on answer
-//!   until caught up, and re-routed to another peer on timeout or disconnect.
+//!   For every author a peer has more of, we send `Fetch { from_seq, limit }`: up to
+//!   `fetch_stripes` fetches ("stripes") in flight per (namespace, author) at disjoint seq
+//!   ranges, spread over the peers that hold them, each at most `fetch_window` batches (and
+//!   about `fetch_window_bytes`), re-issued on answer until caught up, and re-routed one by
+//!   one to another peer on timeout or disconnect. The first stripe always starts at the first
+//!   missing seq, so it is requested in the first round trip; the others land in the bounded
+//!   out-of-order buffer, and are only requested while the buffer has room for them (counted in
+//!   batches and, by the batch sizes seen, in bytes). At most `max_fetches_per_peer` fetches
+//!   are in flight to one peer; what that holds back is retried as fetches complete.
 //! - A `Fetch` is answered with `Batches` (the shell reads them from its store).
 //!
 //! Every batch is verified (envelope, canonical header, payload hash, strict signature, op
@@ -67,6 +73,15 @@ pub struct EngineConfig {
     pub fetch_timeout_ms: u64,
     /// Batches requested per fetch.
     pub fetch_window: u32,
+    /// Fetches in flight at once per (namespace, author), at disjoint seq ranges (1 = one
+    /// window at a time).
+    pub fetch_stripes: u32,
+    /// Bytes one fetch aims at: once batch sizes are known, a window is cut to about this
+    /// many bytes (peers cap their answers by bytes too; asking for more would only reserve
+    /// buffer room that never fills).
+    pub fetch_window_bytes: usize,
+    /// Most fetches in flight to one peer, over all namespaces and authors.
+    pub max_fetches_per_peer: usize,
     /// Most out-of-order batches buffered per namespace.
     pub max_pending_batches: usize,
     /// Most bytes of out-of-order batches buffered per namespace.
@@ -79,6 +94,9 @@ impl Default for EngineConfig {
             anti_entropy_interval_ms: 5_000,
             fetch_timeout_ms: 10_000,
             fetch_window: 64,
+            fetch_stripes: 4,
+            fetch_window_bytes: 8 * 1024 * 1024,
+            max_fetches_per_peer: 32,
             max_pending_batches: 4_096,
             max_pending_bytes: 64 * 1024 * 1024,
         }
@@ -239,6 +257,8 @@ pub struct EngineStats {
     pub pending_dropped: u64,
     /// Fetches sent.
     pub fetches_sent: u64,
+    /// Fetches that timed out (and were re-routed).
+    pub fetches_timed_out: u64,
     /// Batches stored but ineffective (revoked capability).
     pub batches_ineffective: u64,
     /// Requests refused for lack of a read capability.
@@ -274,9 +294,11 @@ struct Head {
     hlc_max: Hlc,
 }
 
+/// One fetch in flight (a stripe): `from..=to` of an author's chain, asked of `peer`.
 #[derive(Clone, Debug)]
 struct InFlight<P> {
     peer: P,
+    to: u64,
     deadline_ms: u64,
 }
 
@@ -286,7 +308,14 @@ struct NsState<P> {
     heads: BTreeMap<[u8; 32], Head>,
     pending: BTreeMap<([u8; 32], u64), VerifiedBatch>,
     pending_bytes: usize,
-    fetches: BTreeMap<[u8; 32], InFlight<P>>,
+    /// Fetches in flight, by (author, first seq asked).
+    fetches: BTreeMap<([u8; 32], u64), InFlight<P>>,
+    /// Authors with seqs to fetch that were held back (per-peer cap, buffer room).
+    wanting: BTreeSet<[u8; 32]>,
+    /// Where the next round-robin retry of `wanting` starts.
+    wanting_cursor: [u8; 32],
+    /// Running estimate of one batch's envelope size here (0 = none seen yet).
+    batch_bytes_est: usize,
     peer_heads: BTreeMap<P, BTreeMap<[u8; 32], u64>>,
     revocations: BTreeMap<TokenId, Hlc>,
     /// Owned namespaces: peers allowed to read, with the chain that allows them.
@@ -301,6 +330,9 @@ impl<P> Default for NsState<P> {
             pending: BTreeMap::new(),
             pending_bytes: 0,
             fetches: BTreeMap::new(),
+            wanting: BTreeSet::new(),
+            wanting_cursor: [0; 32],
+            batch_bytes_est: 0,
             peer_heads: BTreeMap::new(),
             revocations: BTreeMap::new(),
             readers: BTreeMap::new(),
@@ -365,6 +397,10 @@ pub struct Engine<P> {
     clock: Clock,
     next_anti_entropy_ms: u64,
     stats: EngineStats,
+    /// Fetches in flight to each peer (all namespaces).
+    peer_fetches: BTreeMap<P, usize>,
+    /// Peers whose fetch timed out and that have not answered one since: asked last.
+    silent: BTreeSet<P>,
 }
 
 impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
@@ -378,6 +414,8 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             clock: Clock::new(),
             next_anti_entropy_ms: 0,
             stats: EngineStats::default(),
+            peer_fetches: BTreeMap::new(),
+            silent: BTreeSet::new(),
         }
     }
 
@@ -579,19 +617,25 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             let st = self.namespaces.get_mut(&ns).expect("listed");
             st.peer_heads.remove(peer);
             st.readers.remove(peer);
-            let orphaned: Vec<[u8; 32]> = st
+            let orphaned: Vec<([u8; 32], u64)> = st
                 .fetches
                 .iter()
                 .filter(|(_, f)| &f.peer == peer)
-                .map(|(a, _)| *a)
+                .map(|(k, _)| *k)
                 .collect();
-            for author in &orphaned {
-                st.fetches.remove(author);
+            let mut authors = BTreeSet::new();
+            for key in orphaned {
+                self.take_fetch(&ns, key);
+                authors.insert(key.0);
             }
-            for author in orphaned {
-                self.fetch_from_anyone(&ns, author, None, now_ms, &mut actions);
+            // Each orphaned stripe goes to another holder.
+            for author in authors {
+                self.schedule(&ns, author, None, None, u32::MAX, now_ms, &mut actions);
             }
         }
+        self.peer_fetches.remove(peer);
+        self.silent.remove(peer);
+        self.retry_wanting(now_ms, &mut actions);
         actions
     }
 
@@ -618,8 +662,14 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     .map(|(a, _)| *a)
                     .collect();
                 st.peer_heads.insert(peer.clone(), theirs);
+                // First every author's first missing window (so each is asked for in this
+                // round trip even when the per-peer cap is tight), then the other stripes.
+                for author in &behind {
+                    self.schedule(&ns, *author, Some(&peer), None, 1, now_ms, &mut actions);
+                }
                 for author in behind {
-                    self.maybe_fetch(&ns, author, &peer, now_ms, &mut actions);
+                    let max = u32::MAX;
+                    self.schedule(&ns, author, Some(&peer), None, max, now_ms, &mut actions);
                 }
             }
             SyncMessage::Fetch {
@@ -777,8 +827,12 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     return actions;
                 };
                 // An answer to our fetch is not passed on; a push (owned namespaces) is.
-                let forward = st.fetches.get(&author).is_none_or(|f| f.peer != peer);
+                let forward = !st
+                    .fetches
+                    .range((author, 0)..=(author, u64::MAX))
+                    .any(|(_, f)| f.peer == peer);
                 let empty = batches.is_empty();
+                let mut first_seq = None;
                 for bytes in batches {
                     let vb = match batch::verify(bytes.into_vec()) {
                         Ok(vb) => vb,
@@ -799,6 +853,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                         });
                         return actions;
                     }
+                    first_seq.get_or_insert(vb.header.seq);
                     let from = if forward { Some(&peer) } else { None };
                     let res = self.ingest_from(&ns, vb, from, forward, now_ms, &mut actions);
                     if let Ingest::Rejected(reason) = res {
@@ -806,27 +861,47 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                         return actions;
                     }
                 }
-                let st = self.namespaces.get_mut(&ns).expect("checked");
-                if st.fetches.get(&author).is_some_and(|f| f.peer == peer) {
-                    st.fetches.remove(&author);
+                // Which stripe this answers (the message does not say): a non-empty answer,
+                // the one to `peer` holding its first seq; an empty one, the highest one to
+                // `peer` (if a lower one comes back empty, the higher ones will too).
+                let st = self.namespaces.get(&ns).expect("checked");
+                let mut mine = st
+                    .fetches
+                    .range((author, 0)..=(author, u64::MAX))
+                    .filter(|(_, f)| f.peer == peer);
+                let answered = match first_seq {
+                    Some(q) => mine
+                        .find(|((_, from), f)| *from <= q && q <= f.to)
+                        .map(|(k, _)| *k),
+                    None => mine.last().map(|(k, _)| *k),
+                };
+                if let Some(key) = answered {
+                    self.take_fetch(&ns, key);
+                    self.silent.remove(&peer);
                 }
                 if empty {
-                    // The peer holds nothing past what we asked from (say, it relayed a batch
-                    // it had only buffered): believing our earlier guess would re-send the
-                    // same fetch at once, and again on every empty answer.
+                    // The peer holds nothing from where we asked (say, it relayed a batch it
+                    // had only buffered): believing our earlier guess would re-send the same
+                    // fetch at once, and again on every empty answer.
+                    let st = self.namespaces.get_mut(&ns).expect("checked");
                     let ours = st.heads.get(&author).map_or(0, |h| h.seq);
+                    let bound = answered.map_or(ours, |(_, from)| (from - 1).max(ours));
                     if let Some(known) = st
                         .peer_heads
                         .get_mut(&peer)
                         .and_then(|h| h.get_mut(&author))
                     {
-                        *known = (*known).min(ours);
+                        *known = (*known).min(bound);
                     }
-                    self.fetch_from_anyone(&ns, author, Some(&peer), now_ms, &mut actions);
+                    let max = u32::MAX;
+                    self.schedule(&ns, author, None, Some(&peer), max, now_ms, &mut actions);
                 } else {
                     // Keep going while the peer is known to have more.
-                    self.maybe_fetch(&ns, author, &peer, now_ms, &mut actions);
+                    let max = u32::MAX;
+                    self.schedule(&ns, author, Some(&peer), None, max, now_ms, &mut actions);
                 }
+                // A slot to this peer is free again: authors held back may go now.
+                self.retry_wanting(now_ms, &mut actions);
             }
         }
         actions
@@ -916,7 +991,8 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     .entry(author)
                     .or_insert(0);
                 *known = (*known).max(seq - 1);
-                self.maybe_fetch(ns, author, &peer, now_ms, &mut actions);
+                let max = u32::MAX;
+                self.schedule(ns, author, Some(&peer), None, max, now_ms, &mut actions);
                 GossipVerdict::Accept
             }
             Ingest::Rejected(reason) => GossipVerdict::Reject(reason),
@@ -938,20 +1014,28 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         }
         let names: Vec<String> = self.namespaces.keys().cloned().collect();
         for ns in names {
-            let st = self.namespaces.get_mut(&ns).expect("listed");
-            let expired: Vec<([u8; 32], P)> = st
+            let st = self.namespaces.get(&ns).expect("listed");
+            let expired: Vec<([u8; 32], u64)> = st
                 .fetches
                 .iter()
                 .filter(|(_, f)| f.deadline_ms <= now_ms)
-                .map(|(a, f)| (*a, f.peer.clone()))
+                .map(|(k, _)| *k)
                 .collect();
-            for (author, _) in &expired {
-                st.fetches.remove(author);
+            // Each timed-out stripe is re-routed on its own, away from the silent peer.
+            let mut reroute = BTreeSet::new();
+            for key in expired {
+                if let Some(f) = self.take_fetch(&ns, key) {
+                    self.stats.fetches_timed_out += 1;
+                    self.silent.insert(f.peer.clone());
+                    reroute.insert((key.0, f.peer));
+                }
             }
-            for (author, silent) in expired {
-                self.fetch_from_anyone(&ns, author, Some(&silent), now_ms, &mut actions);
+            for (author, silent) in reroute {
+                let max = u32::MAX;
+                self.schedule(&ns, author, None, Some(&silent), max, now_ms, &mut actions);
             }
         }
+        self.retry_wanting(now_ms, &mut actions);
         actions
     }
 
@@ -1023,77 +1107,229 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         })
     }
 
-    /// Fetches `author`'s missing batches from a connected peer known to hold more, preferring
-    /// any peer other than `avoid` (the one whose fetch just timed out or came back empty).
-    fn fetch_from_anyone(
-        &mut self,
-        ns: &str,
-        author: [u8; 32],
-        avoid: Option<&P>,
-        now_ms: u64,
-        out: &mut Vec<Action<P>>,
-    ) {
-        let Some(st) = self.namespaces.get(ns) else {
-            return;
-        };
-        let ours = st.heads.get(&author).map_or(0, |h| h.seq);
-        let mut holders = st
-            .peer_heads
-            .iter()
-            .filter(|(p, h)| self.peers.contains(*p) && h.get(&author).is_some_and(|s| *s > ours))
-            .map(|(p, _)| p);
-        let candidate = match avoid {
-            None => holders.next(),
-            Some(bad) => {
-                let all: Vec<&P> = holders.collect();
-                all.iter().find(|p| **p != bad).or(all.first()).copied()
+    /// Removes a fetch in flight, keeping the per-peer count.
+    fn take_fetch(&mut self, ns: &str, key: ([u8; 32], u64)) -> Option<InFlight<P>> {
+        let f = self.namespaces.get_mut(ns)?.fetches.remove(&key)?;
+        if let Some(n) = self.peer_fetches.get_mut(&f.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.peer_fetches.remove(&f.peer);
             }
         }
-        .cloned();
-        if let Some(p) = candidate {
-            self.maybe_fetch(ns, author, &p, now_ms, out);
-        }
+        Some(f)
     }
 
-    fn maybe_fetch(
+    /// Fetches in flight to `peer` (all namespaces and authors).
+    pub fn fetches_in_flight(&self, peer: &P) -> usize {
+        self.peer_fetches.get(peer).copied().unwrap_or(0)
+    }
+
+    /// Requests what is missing of `author`'s chain in `ns` from the connected peers known to
+    /// hold it: at most `max_new` new fetches, up to `fetch_stripes` in flight, each over a
+    /// seq range that is neither in flight nor buffered, starting from the first missing seq.
+    /// Each goes to the holder with the fewest of this author's stripes, then the fewest
+    /// fetches overall, then `prefer`; `avoid` (a peer that just answered empty) and peers
+    /// that let a fetch time out (until they answer one) only if nobody else holds the range. Ranges past the first missing one land in the
+    /// out-of-order buffer: they are asked for only while the buffer has room for them. What
+    /// the per-peer cap or the buffer holds back marks the author as wanting, retried by
+    /// [`Engine::retry_wanting`].
+    #[allow(clippy::too_many_arguments)]
+    fn schedule(
         &mut self,
         ns: &str,
         author: [u8; 32],
-        peer: &P,
+        prefer: Option<&P>,
+        avoid: Option<&P>,
+        max_new: u32,
         now_ms: u64,
         out: &mut Vec<Action<P>>,
     ) {
+        let cfg = &self.cfg;
         let Some(st) = self.namespaces.get_mut(ns) else {
             return;
         };
         let ours = st.heads.get(&author).map_or(0, |h| h.seq);
-        let theirs = st
+        let holders: Vec<(P, u64)> = st
             .peer_heads
-            .get(peer)
-            .and_then(|h| h.get(&author))
-            .copied()
-            .unwrap_or(0);
-        if theirs <= ours || st.fetches.contains_key(&author) {
+            .iter()
+            .filter(|(p, _)| self.peers.contains(*p))
+            .filter_map(|(p, h)| {
+                h.get(&author)
+                    .filter(|s| **s > ours)
+                    .map(|s| (p.clone(), *s))
+            })
+            .collect();
+        let Some(max_theirs) = holders.iter().map(|(_, s)| *s).max() else {
+            st.wanting.remove(&author);
             return;
+        };
+        let est = st.batch_bytes_est as u64;
+        let window = match est {
+            0 => u64::from(cfg.fetch_window),
+            e => (cfg.fetch_window_bytes as u64 / e).clamp(1, u64::from(cfg.fetch_window.max(1))),
+        };
+        // Room left in the buffer: what is buffered, plus every stripe that does not start at
+        // its author's next seq (its batches will wait there).
+        let mut reserved = 0u64;
+        for ((a, from), f) in &st.fetches {
+            if *from > st.heads.get(a).map_or(0, |h| h.seq) + 1 {
+                reserved += f.to + 1 - from;
+            }
         }
-        let limit = (theirs - ours).min(u64::from(self.cfg.fetch_window)) as u32;
-        st.fetches.insert(
-            author,
-            InFlight {
+        let mut free_batches =
+            (cfg.max_pending_batches as u64).saturating_sub(st.pending.len() as u64 + reserved);
+        let mut free_bytes = (cfg.max_pending_bytes as u64)
+            .saturating_sub(st.pending_bytes as u64 + reserved.saturating_mul(est));
+        let range = (author, 0)..=(author, u64::MAX);
+        let mut stripes = st
+            .fetches
+            .range(range.clone())
+            .filter(|(_, f)| f.to > ours)
+            .count() as u64;
+        // This author's stripes per peer, to spread them.
+        let mut spread: BTreeMap<P, u32> = BTreeMap::new();
+        for (_, f) in st.fetches.range(range) {
+            *spread.entry(f.peer.clone()).or_insert(0) += 1;
+        }
+        let mut held_back = false;
+        let mut new = 0u32;
+        let mut s = ours + 1;
+        while s <= max_theirs && stripes < u64::from(cfg.fetch_stripes.max(1)) && new < max_new {
+            // Skip what is in flight (stripes are disjoint: only the last one starting at or
+            // before `s` can cover it) or buffered.
+            if let Some((_, f)) = st
+                .fetches
+                .range((author, 0)..=(author, s))
+                .next_back()
+                .filter(|(_, f)| f.to >= s)
+            {
+                s = f.to + 1;
+                continue;
+            }
+            if st.pending.contains_key(&(author, s)) {
+                s += 1;
+                continue;
+            }
+            let mut end = s.saturating_add(window - 1);
+            if let Some(((_, next), _)) = st
+                .fetches
+                .range((author, s + 1)..=(author, u64::MAX))
+                .next()
+            {
+                end = end.min(next - 1);
+            }
+            if let Some(((_, next), _)) = st
+                .pending
+                .range((author, s + 1)..=(author, u64::MAX))
+                .next()
+            {
+                end = end.min(next - 1);
+            }
+            let pick = holders
+                .iter()
+                .filter(|(p, theirs)| {
+                    *theirs >= s
+                        && self.peer_fetches.get(p).copied().unwrap_or(0) < cfg.max_fetches_per_peer
+                })
+                .min_by_key(|(p, _)| {
+                    (
+                        Some(p) == avoid || self.silent.contains(p),
+                        spread.get(p).copied().unwrap_or(0),
+                        self.peer_fetches.get(p).copied().unwrap_or(0),
+                        Some(p) != prefer,
+                    )
+                });
+            let Some((peer, theirs)) = pick else {
+                // Every holder of `s` is at its cap.
+                held_back = true;
+                break;
+            };
+            end = end.min(*theirs);
+            let mut n = end + 1 - s;
+            if s > ours + 1 {
+                // Lands in the buffer: only while there is room, by count and by the batch
+                // sizes seen (none seen yet: wait for the first answer to tell).
+                let fit = free_bytes
+                    .checked_div(est)
+                    .map_or(0, |by_bytes| by_bytes.min(free_batches));
+                if fit == 0 {
+                    held_back = true;
+                    break;
+                }
+                n = n.min(fit);
+                free_batches -= n;
+                free_bytes -= n * est;
+            }
+            let to = s + n - 1;
+            st.fetches.insert(
+                (author, s),
+                InFlight {
+                    peer: peer.clone(),
+                    to,
+                    deadline_ms: now_ms + cfg.fetch_timeout_ms,
+                },
+            );
+            *self.peer_fetches.entry(peer.clone()).or_insert(0) += 1;
+            *spread.entry(peer.clone()).or_insert(0) += 1;
+            self.stats.fetches_sent += 1;
+            out.push(Action::Send {
                 peer: peer.clone(),
-                deadline_ms: now_ms + self.cfg.fetch_timeout_ms,
-            },
-        );
-        self.stats.fetches_sent += 1;
-        out.push(Action::Send {
-            peer: peer.clone(),
-            msg: SyncMessage::Fetch {
-                ns: ns.to_string(),
-                author,
-                from_seq: ours + 1,
-                limit,
-            },
-        });
+                msg: SyncMessage::Fetch {
+                    ns: ns.to_string(),
+                    author,
+                    from_seq: s,
+                    limit: n.min(u64::from(u32::MAX)) as u32,
+                },
+            });
+            stripes += 1;
+            new += 1;
+            s = to + 1;
+        }
+        if held_back {
+            st.wanting.insert(author);
+        } else {
+            st.wanting.remove(&author);
+        }
+    }
+
+    /// Schedules authors held back by the per-peer cap or the buffer, a bounded number per
+    /// call (round robin), while some peer has a free slot.
+    fn retry_wanting(&mut self, now_ms: u64, out: &mut Vec<Action<P>>) {
+        const PER_CALL: usize = 64;
+        let names: Vec<String> = self
+            .namespaces
+            .iter()
+            .filter(|(_, st)| !st.wanting.is_empty())
+            .map(|(ns, _)| ns.clone())
+            .collect();
+        for ns in names {
+            let room = |e: &Self| {
+                e.peers
+                    .iter()
+                    .any(|p| e.fetches_in_flight(p) < e.cfg.max_fetches_per_peer)
+            };
+            if !room(self) {
+                return;
+            }
+            let st = self.namespaces.get_mut(&ns).expect("listed");
+            let cursor = st.wanting_cursor;
+            let authors: Vec<[u8; 32]> = st
+                .wanting
+                .range(cursor..)
+                .chain(st.wanting.range(..cursor))
+                .take(PER_CALL)
+                .copied()
+                .collect();
+            if let Some(last) = authors.last() {
+                st.wanting_cursor = next_key(last);
+            }
+            for author in authors {
+                if !room(self) {
+                    break;
+                }
+                self.schedule(&ns, author, None, None, u32::MAX, now_ms, out);
+            }
+        }
     }
 
     /// Ingests a batch from a local write (`from` = None) or gossip.
@@ -1182,6 +1418,13 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             return Ingest::Rejected(reason);
         }
         let st = self.namespaces.get_mut(ns).expect("checked above");
+        // Sizes seen, for the buffer room of striped fetches (a moving average).
+        let len = vb.bytes.len();
+        st.batch_bytes_est = match st.batch_bytes_est {
+            0 => len,
+            e => (e * 7 + len) / 8,
+        }
+        .max(1);
         if seq > head_seq + 1 {
             let key = (author, seq);
             if st.pending.contains_key(&key) {
@@ -1275,6 +1518,19 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         }
         Ingest::Stored
     }
+}
+
+/// The smallest key after `k` (wrapping), for round-robin cursors.
+fn next_key(k: &[u8; 32]) -> [u8; 32] {
+    let mut out = *k;
+    for b in out.iter_mut().rev() {
+        let (v, carry) = b.overflowing_add(1);
+        *b = v;
+        if !carry {
+            break;
+        }
+    }
+    out
 }
 
 /// Adds the batch's revocations (earliest time per token); true if anything was new or earlier.
