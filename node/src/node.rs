@@ -35,15 +35,17 @@ use crate::net::{self, Ack, Behaviour, BehaviourEvent};
 use crate::store::{Change, Fields, NamespaceRecord, Store, StoreError};
 
 /// Capacity of the command channel into the actor.
-const COMMAND_CAP: usize = 256;
+pub const COMMAND_CAP: usize = 256;
 /// Most write commands sealed into one group commit.
 const GROUP_COMMIT_MAX: usize = 64;
 /// Capacity of the change broadcast (slow subscribers see a `Lagged` gap).
 const CHANGES_CAP: usize = 4096;
 /// Most bytes served in answer to one fetch.
 const SERVE_MAX_BYTES: usize = 8 * 1024 * 1024;
-/// Most unanswered sync requests to one peer before pushes to it are dropped.
-const PUSH_INFLIGHT_MAX: usize = 128;
+/// Most unanswered sync requests to one peer. Past it, further sync messages to that peer are
+/// dropped, not queued: each is sent again later (Have and Present every anti-entropy round, a
+/// fetch when it times out, pushed and served batches through the peer's catch-up).
+pub const SYNC_INFLIGHT_MAX: usize = 128;
 /// The public namespace every node joins unless told not to.
 pub const DEFAULT_NAMESPACE: &str = "default";
 
@@ -265,6 +267,40 @@ pub struct Metrics {
     pub local_bytes: AtomicU64,
     /// Envelope bytes of batches served to peers' fetches.
     pub served_bytes: AtomicU64,
+    /// Sync messages dropped because their peer already had [`SYNC_INFLIGHT_MAX`] unanswered
+    /// (pushes, fetch answers, Have, Fetch; all are sent again later).
+    pub sync_dropped: AtomicU64,
+    /// Highest number of unanswered sync requests to one peer seen (≤ [`SYNC_INFLIGHT_MAX`]).
+    pub sync_inflight_max: AtomicU64,
+    /// Gossip publishes refused because every subscriber's send queue was full
+    /// ([`net::GOSSIP_QUEUE_LEN`]); those peers catch up by fetching.
+    pub gossip_dropped: AtomicU64,
+    /// Highest depth of the command channel seen by the actor (≤ [`COMMAND_CAP`]).
+    pub commands_max: AtomicU64,
+    /// Jobs handed to the materializer.
+    pub mat_jobs_sent: AtomicU64,
+    /// Highest materializer queue depth seen: jobs handed over and not yet picked up
+    /// (≤ [`materializer::QUEUE_CAP`] + 1, the one being picked up).
+    pub mat_queue_max: AtomicU64,
+}
+
+/// Depths of the node's bounded queues: now, and the highest seen since start.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct QueueDepths {
+    /// Commands queued for the actor (≤ [`COMMAND_CAP`]).
+    pub commands: u64,
+    /// Highest command queue depth seen.
+    pub commands_max: u64,
+    /// Jobs queued for the materializer (≤ [`materializer::QUEUE_CAP`] + 1).
+    pub materializer_jobs: u64,
+    /// Highest materializer queue depth seen.
+    pub materializer_jobs_max: u64,
+    /// Highest number of unanswered sync requests to one peer seen (≤ [`SYNC_INFLIGHT_MAX`]).
+    pub sync_inflight_max: u64,
+    /// Upper bound of every sampled depth of a per-peer gossip send queue (gossipsub samples
+    /// each queue at every heartbeat into buckets 50 wide), `None` before the first sample.
+    /// The queue itself holds at most [`net::GOSSIP_QUEUE_LEN`] messages.
+    pub gossip_queue_sampled_max: Option<u64>,
 }
 
 enum Command {
@@ -370,6 +406,20 @@ impl NodeHandle {
             sum("topic_msg_recv_counts_unfiltered_total"),
             sum("topic_msg_recv_counts_total"),
         )
+    }
+
+    /// Depths of the bounded queues (also at `/metrics`).
+    pub fn queues(&self) -> QueueDepths {
+        let m = &self.shared.metrics;
+        let sent = m.mat_jobs_sent.load(Ordering::Relaxed);
+        QueueDepths {
+            commands: (COMMAND_CAP - self.tx.capacity()) as u64,
+            commands_max: m.commands_max.load(Ordering::Relaxed),
+            materializer_jobs: sent.saturating_sub(self.shared.mat.taken()),
+            materializer_jobs_max: m.mat_queue_max.load(Ordering::Relaxed),
+            sync_inflight_max: m.sync_inflight_max.load(Ordering::Relaxed),
+            gossip_queue_sampled_max: gossip_queue_sampled_max(&self.gossip_metrics_text()),
+        }
     }
 
     /// Whether `ns` is joined.
@@ -764,6 +814,10 @@ impl Actor {
                 biased;
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { break None };
+                    self.shared
+                        .metrics
+                        .commands_max
+                        .fetch_max(self.rx.len() as u64, Ordering::Relaxed);
                     if let Flow::Stop(reply) = self.on_command(cmd) {
                         break reply;
                     }
@@ -949,7 +1003,9 @@ impl Actor {
                     self.shared.mat.submitted(to_store.len() as u64);
                     if let Some(tx) = &self.mat_tx {
                         // Blocks while the materializer is QUEUE_CAP jobs behind: backpressure.
-                        let _ = tx.send(Job::Apply(to_store));
+                        if tx.send(Job::Apply(to_store)).is_ok() {
+                            self.mat_handed_over();
+                        }
                     }
                 }
                 Err(e) => {
@@ -964,20 +1020,15 @@ impl Actor {
             match a {
                 Action::Store(_) => unreachable!("partitioned above"),
                 Action::Send { peer, msg } => {
-                    let outstanding = self.inflight.get(&peer).copied().unwrap_or(0);
                     let push =
                         matches!(&msg, SyncMessage::Batches { batches, .. } if !batches.is_empty());
-                    if push && outstanding >= PUSH_INFLIGHT_MAX {
-                        // A slow reader: drop the push rather than queue without bound; it
-                        // catches up through anti-entropy and fetches.
+                    if !self.send_sync(peer, msg) && push {
+                        // A slow reader: it catches up through anti-entropy and fetches.
                         self.shared
                             .metrics
                             .pushes_dropped
                             .fetch_add(1, Ordering::Relaxed);
-                        continue;
                     }
-                    *self.inflight.entry(peer).or_insert(0) += 1;
-                    self.swarm.behaviour_mut().sync.send_request(&peer, msg);
                 }
                 Action::Publish { ns, bytes, .. } => {
                     let topic = net::topic(&ns);
@@ -985,6 +1036,14 @@ impl Actor {
                         Ok(_) => {}
                         // Nobody to tell yet: peers catch up through anti-entropy.
                         Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+                        // Every subscriber's send queue is full (slow links): not queued
+                        // further; they catch up by fetching.
+                        Err(gossipsub::PublishError::AllQueuesFull(_)) => {
+                            self.shared
+                                .metrics
+                                .gossip_dropped
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
                         Err(e) => debug!("publish: {e}"),
                     }
                 }
@@ -1013,7 +1072,9 @@ impl Actor {
                                 author,
                                 batches,
                             };
-                            self.swarm.behaviour_mut().sync.send_request(&peer, msg);
+                            // Counted and capped like every sync message: a peer that sends
+                            // fetches faster than it reads the answers is not buffered for.
+                            self.send_sync(peer, msg);
                         }
                         Err(e) => warn!("serving fetch: {e}"),
                     }
@@ -1026,7 +1087,7 @@ impl Actor {
                                 .map(serde_bytes::ByteBuf::from)
                                 .collect();
                             let msg = SyncMessage::Revoked { ns, batches };
-                            self.swarm.behaviour_mut().sync.send_request(&peer, msg);
+                            self.send_sync(peer, msg);
                         }
                         Ok(_) => {}
                         Err(e) => warn!("serving revocations: {e}"),
@@ -1036,12 +1097,39 @@ impl Actor {
                 Action::Rebuild { ns, revocations } => {
                     // In order with the batches queued before it.
                     if let Some(tx) = &self.mat_tx {
-                        let _ = tx.send(Job::Rebuild { ns, revocations });
+                        if tx.send(Job::Rebuild { ns, revocations }).is_ok() {
+                            self.mat_handed_over();
+                        }
                     }
                 }
             }
         }
         Flow::Continue
+    }
+
+    /// Sends a sync message, unless `peer` already has [`SYNC_INFLIGHT_MAX`] unanswered: then
+    /// it is dropped (every sync message is sent again later) rather than queued without
+    /// bound. Returns whether it was sent.
+    fn send_sync(&mut self, peer: PeerId, msg: SyncMessage) -> bool {
+        let m = &self.shared.metrics;
+        let outstanding = self.inflight.entry(peer).or_insert(0);
+        if *outstanding >= SYNC_INFLIGHT_MAX {
+            m.sync_dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        *outstanding += 1;
+        m.sync_inflight_max
+            .fetch_max(*outstanding as u64, Ordering::Relaxed);
+        self.swarm.behaviour_mut().sync.send_request(&peer, msg);
+        true
+    }
+
+    /// Counts a job handed to the materializer and records the queue's high-water mark.
+    fn mat_handed_over(&self) {
+        let m = &self.shared.metrics;
+        let sent = m.mat_jobs_sent.fetch_add(1, Ordering::Relaxed) + 1;
+        let depth = sent.saturating_sub(self.shared.mat.taken());
+        m.mat_queue_max.fetch_max(depth, Ordering::Relaxed);
     }
 
     fn drop_peer(&mut self, peer: PeerId, reason: &str) {
@@ -1392,6 +1480,41 @@ impl Actor {
             namespaces,
         }
     }
+}
+
+/// Upper bound of every sampled depth of gossipsub's per-peer (non-priority) send queue, read
+/// from its `queue_size` histogram in Prometheus text: the smallest bucket bound that holds
+/// every sample.
+fn gossip_queue_sampled_max(text: &str) -> Option<u64> {
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    let mut total = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("queue_size_bucket{") else {
+            continue;
+        };
+        if !rest.contains("NonPriority") {
+            continue;
+        }
+        let le = rest.split("le=\"").nth(1).and_then(|r| r.split('"').next());
+        let count = line.rsplit(' ').next().and_then(|c| c.parse::<f64>().ok());
+        match (le, count) {
+            (Some("+Inf"), Some(c)) => total = Some(c),
+            (Some(le), Some(c)) => {
+                if let Ok(le) = le.parse::<f64>() {
+                    buckets.push((le, c));
+                }
+            }
+            _ => {}
+        }
+    }
+    let total = total.filter(|t| *t > 0.0)?;
+    buckets.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
+    Some(
+        buckets
+            .iter()
+            .find(|(_, c)| *c >= total)
+            .map_or(u64::MAX, |(le, _)| *le as u64),
+    )
 }
 
 fn transport_of(addr: &Multiaddr) -> String {
