@@ -517,6 +517,47 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
         "Batches stored whose capability was revoked before they were written.",
         m.ineffective.load(Ordering::Relaxed),
     );
+    counter(
+        "blazedb_sync_dropped_total",
+        "Sync messages dropped because the peer had the maximum unanswered (sent again later).",
+        m.sync_dropped.load(Ordering::Relaxed),
+    );
+    counter(
+        "blazedb_gossip_dropped_total",
+        "Gossip publishes refused because every subscriber's send queue was full.",
+        m.gossip_dropped.load(Ordering::Relaxed),
+    );
+    let q = node.queues();
+    let mut gauge = |name: &str, help: &str, v: u64| {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+        ));
+    };
+    gauge(
+        "blazedb_command_queue_depth",
+        "Commands queued for the node's actor (bound: 256).",
+        q.commands,
+    );
+    gauge(
+        "blazedb_command_queue_depth_max",
+        "Highest command queue depth seen.",
+        q.commands_max,
+    );
+    gauge(
+        "blazedb_materializer_queue_depth",
+        "Jobs queued for the materializer (bound: 64, plus the one being picked up).",
+        q.materializer_jobs,
+    );
+    gauge(
+        "blazedb_materializer_queue_depth_max",
+        "Highest materializer queue depth seen.",
+        q.materializer_jobs_max,
+    );
+    gauge(
+        "blazedb_sync_inflight_max",
+        "Highest number of unanswered sync requests to one peer seen (bound: 128).",
+        q.sync_inflight_max,
+    );
     out.push_str(&format!(
         "# HELP blazedb_stored_batches Batches in the store.\n# TYPE blazedb_stored_batches gauge\nblazedb_stored_batches {batches}\n\
          # HELP blazedb_stored_records Records in the store.\n# TYPE blazedb_stored_records gauge\nblazedb_stored_records {records}\n"

@@ -5,8 +5,9 @@
 //!   alone, verify (inflate + decode + hash + signature + op checks); baseline: plain
 //!   serde+ciborium encode/decode of the same ops, in the same run.
 //! - **B3** two nodes in this process over loopback TCP (TLS 1.3 + yamux): write at A in
-//!   5,000-op calls until every batch is durable at B; baseline: raw loopback TCP goodput for
-//!   the same bytes, in the same run.
+//!   5,000-op calls until every batch is durable at B; baselines: raw loopback TCP goodput for
+//!   the same bytes, and a plain libp2p gossipsub pair on the same links moving the same
+//!   sealed batches (`bench_gossip`), in the same run.
 //!
 //! Figures are medians of `--runs` runs.
 
@@ -312,15 +313,23 @@ async fn two_nodes(dir: &std::path::Path) -> Result<(NodeHandle, NodeHandle)> {
     Ok((a, b))
 }
 
-/// B3: two-node replication over loopback.
+/// B3: two-node replication over loopback, with two in-run baselines: raw loopback TCP and a
+/// plain libp2p gossipsub pair (`bench_gossip`) moving the same sealed batches.
 pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
+    let calls = total_ops.div_ceil(W_BATCH_OPS).max(1);
     let mut public = Vec::new();
     let mut owned = Vec::new();
+    let mut pair = Vec::new();
+    let mut rss = Vec::new();
     for run in 0..runs {
-        public.push(b3_run(total_ops, run as u64, false).await?);
-        owned.push(b3_run(total_ops, run as u64, true).await?);
+        let (rate, rss_growth) = b3_run(total_ops, run as u64, false).await?;
+        public.push(rate);
+        rss.push(rss_growth);
+        owned.push(b3_run(total_ops, run as u64, true).await?.0);
+        let sealed = crate::bench_gossip::sealed_w_batches(calls, run as u64)?;
+        pair.push(crate::bench_gossip::gossipsub_pair_ops(&sealed, W_BATCH_OPS).await?);
     }
-    let (public, owned) = (median(public), median(owned));
+    let (public, owned, pair) = (median(public), median(owned), median(pair));
     let tcp = raw_tcp_goodput_ops().await?;
     Ok(vec![
         Row {
@@ -335,13 +344,45 @@ pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
         },
         Row {
             id: "B3",
+            what: "same, vs a plain libp2p gossipsub pair (same links and batches)".into(),
+            value: public,
+            unit: "ops/s",
+            ratio: Some(public / pair),
+            baseline: Some(format!(
+                "2 bare gossipsub swarms, TCP+PQ TLS+yamux, blake3 ids: {pair:.0} ops/s \
+                 ({:.3}x raw TCP)",
+                pair / tcp
+            )),
+        },
+        Row {
+            id: "B3",
             what: "same, owned namespace (capability-checked push, no gossip)".into(),
             value: owned,
             unit: "ops/s",
             ratio: Some(owned / public),
             baseline: Some("the public (gossiped) namespace above".into()),
         },
+        Row {
+            id: "B3",
+            what: "peak RSS growth of this process during a public run (A and B)".into(),
+            value: median(rss),
+            unit: "MB",
+            ratio: None,
+            baseline: Some("VmRSS sampled every 10 ms, minus the value before the run".into()),
+        },
     ])
+}
+
+/// Resident set size of this process, in bytes (0 where /proc is not available).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// B2: local durable ingest through the embedding API, 5,000-op calls, one writer after
@@ -725,8 +766,9 @@ fn peak_rss_mb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-/// One B3 run: ops/s from the first write at A until B durably holds every batch.
-async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<f64> {
+/// One B3 run: ops/s from the first write at A until B durably holds every batch, and the
+/// growth of this process's peak RSS over the run, in MB.
+async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<(f64, f64)> {
     use futures::StreamExt;
     use std::sync::atomic::Ordering::Relaxed;
     let calls = total_ops.div_ceil(W_BATCH_OPS).max(1);
@@ -769,6 +811,17 @@ async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<f64> {
     let batches: Vec<Vec<Op>> = (0..calls)
         .map(|_| workload_w(&mut rng, W_BATCH_OPS, 0))
         .collect();
+    let rss_start = rss_bytes();
+    let rss_peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(rss_start));
+    let sampler = {
+        let peak = rss_peak.clone();
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(rss_bytes(), Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
     let t = Instant::now();
     // Several calls in flight, as several client connections would.
     let write = |ops: Vec<Op>| {
@@ -792,9 +845,11 @@ async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<f64> {
     })
     .await?;
     let rate = (calls * W_BATCH_OPS) as f64 / t.elapsed().as_secs_f64();
+    sampler.abort();
+    let rss_growth = rss_peak.load(Relaxed).saturating_sub(rss_start) as f64 / 1e6;
     a.shutdown().await;
     b.shutdown().await;
-    Ok(rate)
+    Ok((rate, rss_growth))
 }
 
 /// Raw loopback TCP: how many workload-W ops per second a plain socket moves when the ops are

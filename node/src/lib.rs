@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_gossip;
 pub mod bench_handshake;
 pub mod materializer;
 pub mod net;
@@ -24,6 +25,7 @@ pub mod sim;
 pub mod store;
 
 pub use node::{
-    Node, NodeBuilder, NodeConfig, NodeError, NodeHandle, Status, WriteReceipt, DEFAULT_NAMESPACE,
+    Node, NodeBuilder, NodeConfig, NodeError, NodeHandle, QueueDepths, Status, WriteReceipt,
+    DEFAULT_NAMESPACE,
 };
 pub use store::{Change, Fields};

@@ -13,6 +13,7 @@
 //!   records; after a crash, [`crate::store::Store::unapplied`] finds what to apply again.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,6 +56,8 @@ struct State {
 pub struct MatSync {
     state: Mutex<State>,
     cv: Condvar,
+    /// Jobs taken off the queue (for its depth: jobs sent minus jobs taken).
+    taken: AtomicU64,
 }
 
 impl MatSync {
@@ -77,6 +80,15 @@ impl MatSync {
             s.failed = Some(e);
         }
         self.cv.notify_all();
+    }
+
+    /// Jobs the materializer has taken off its queue so far.
+    pub fn taken(&self) -> u64 {
+        self.taken.load(Ordering::Relaxed)
+    }
+
+    fn took(&self) {
+        self.taken.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Batches submitted but not yet applied.
@@ -139,7 +151,10 @@ fn run(
         let job = match carry.take() {
             Some(j) => j,
             None => match rx.recv() {
-                Ok(j) => j,
+                Ok(j) => {
+                    sync.took();
+                    j
+                }
                 Err(_) => break,
             },
         };
@@ -150,10 +165,12 @@ fn run(
                 while ops < OPS_PER_TXN {
                     match rx.try_recv() {
                         Ok(Job::Apply(more)) => {
+                            sync.took();
                             ops += more.iter().map(|b| b.ops.len()).sum::<usize>();
                             batches.extend(more);
                         }
                         Ok(other) => {
+                            sync.took();
                             carry = Some(other);
                             break;
                         }

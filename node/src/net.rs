@@ -81,6 +81,9 @@ impl Class {
 }
 /// identify protocol version string.
 pub const IDENTIFY_PROTOCOL: &str = "/blazedb/1.0.0";
+/// Most gossip messages queued for one peer (gossipsub's per-peer send queue). Past it,
+/// publishing to that peer fails and the peer catches up by fetching.
+pub const GOSSIP_QUEUE_LEN: usize = 64;
 
 /// The acknowledgement that answers every sync request.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
@@ -177,7 +180,7 @@ fn build_swarm_inner(
                 .heartbeat_interval(Duration::from_millis(700))
                 // Bounded per-connection send queue: a slow peer costs at most this many
                 // queued messages; past that, publishing fails and peers catch up by pulling.
-                .connection_handler_queue_len(64)
+                .connection_handler_queue_len(GOSSIP_QUEUE_LEN)
                 .build()
                 .map_err(|e| anyhow::anyhow!("gossipsub config: {e}"))?;
             let mut gossipsub =

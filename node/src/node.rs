@@ -35,15 +35,17 @@ use crate::net::{self, Ack, Behaviour, BehaviourEvent, Class};
 use crate::store::{Change, Fields, NamespaceRecord, Store, StoreError};
 
 /// Capacity of the command channel into the actor.
-const COMMAND_CAP: usize = 256;
+pub const COMMAND_CAP: usize = 256;
 /// Most write commands sealed into one group commit.
 const GROUP_COMMIT_MAX: usize = 64;
 /// Capacity of the change broadcast (slow subscribers see a `Lagged` gap).
 const CHANGES_CAP: usize = 4096;
 /// Most bytes served in answer to one fetch.
 const SERVE_MAX_BYTES: usize = 8 * 1024 * 1024;
-/// Most unanswered live pushes to one peer before further pushes to it are dropped.
-const PUSH_INFLIGHT_MAX: usize = 128;
+/// Most unanswered sync requests to one peer. Past it, further sync messages to that peer are
+/// dropped, not queued: each is sent again later (Have and Present every anti-entropy round, a
+/// fetch when it times out, pushed and served batches through the peer's catch-up).
+pub const SYNC_INFLIGHT_MAX: usize = 128;
 /// Most fetch answers (bulk) sent to one peer and not yet acknowledged; further fetches from
 /// it wait in its bulk queue, unread from the store.
 const BULK_INFLIGHT_MAX: usize = 4;
@@ -281,6 +283,40 @@ pub struct Metrics {
     pub serves_queued: AtomicU64,
     /// Fetches from peers dropped because their bulk queue was full.
     pub serves_dropped: AtomicU64,
+    /// Sync messages dropped because their peer already had [`SYNC_INFLIGHT_MAX`] unanswered
+    /// (pushes, fetch answers, Have, Fetch; all are sent again later).
+    pub sync_dropped: AtomicU64,
+    /// Highest number of unanswered sync requests to one peer seen (≤ [`SYNC_INFLIGHT_MAX`]).
+    pub sync_inflight_max: AtomicU64,
+    /// Gossip publishes refused because every subscriber's send queue was full
+    /// ([`net::GOSSIP_QUEUE_LEN`]); those peers catch up by fetching.
+    pub gossip_dropped: AtomicU64,
+    /// Highest depth of the command channel seen by the actor (≤ [`COMMAND_CAP`]).
+    pub commands_max: AtomicU64,
+    /// Jobs handed to the materializer.
+    pub mat_jobs_sent: AtomicU64,
+    /// Highest materializer queue depth seen: jobs handed over and not yet picked up
+    /// (≤ [`materializer::QUEUE_CAP`] + 1, the one being picked up).
+    pub mat_queue_max: AtomicU64,
+}
+
+/// Depths of the node's bounded queues: now, and the highest seen since start.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct QueueDepths {
+    /// Commands queued for the actor (≤ [`COMMAND_CAP`]).
+    pub commands: u64,
+    /// Highest command queue depth seen.
+    pub commands_max: u64,
+    /// Jobs queued for the materializer (≤ [`materializer::QUEUE_CAP`] + 1).
+    pub materializer_jobs: u64,
+    /// Highest materializer queue depth seen.
+    pub materializer_jobs_max: u64,
+    /// Highest number of unanswered sync requests to one peer seen (≤ [`SYNC_INFLIGHT_MAX`]).
+    pub sync_inflight_max: u64,
+    /// Upper bound of every sampled depth of a per-peer gossip send queue (gossipsub samples
+    /// each queue at every heartbeat into buckets 50 wide), `None` before the first sample.
+    /// The queue itself holds at most [`net::GOSSIP_QUEUE_LEN`] messages.
+    pub gossip_queue_sampled_max: Option<u64>,
 }
 
 enum Command {
@@ -386,6 +422,20 @@ impl NodeHandle {
             sum("topic_msg_recv_counts_unfiltered_total"),
             sum("topic_msg_recv_counts_total"),
         )
+    }
+
+    /// Depths of the bounded queues (also at `/metrics`).
+    pub fn queues(&self) -> QueueDepths {
+        let m = &self.shared.metrics;
+        let sent = m.mat_jobs_sent.load(Ordering::Relaxed);
+        QueueDepths {
+            commands: (COMMAND_CAP - self.tx.capacity()) as u64,
+            commands_max: m.commands_max.load(Ordering::Relaxed),
+            materializer_jobs: sent.saturating_sub(self.shared.mat.taken()),
+            materializer_jobs_max: m.mat_queue_max.load(Ordering::Relaxed),
+            sync_inflight_max: m.sync_inflight_max.load(Ordering::Relaxed),
+            gossip_queue_sampled_max: gossip_queue_sampled_max(&self.gossip_metrics_text()),
+        }
     }
 
     /// Whether `ns` is joined.
@@ -793,6 +843,10 @@ impl Actor {
                 biased;
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { break None };
+                    self.shared
+                        .metrics
+                        .commands_max
+                        .fetch_max(self.rx.len() as u64, Ordering::Relaxed);
                     if let Flow::Stop(reply) = self.on_command(cmd) {
                         break reply;
                     }
@@ -978,7 +1032,9 @@ impl Actor {
                     self.shared.mat.submitted(to_store.len() as u64);
                     if let Some(tx) = &self.mat_tx {
                         // Blocks while the materializer is QUEUE_CAP jobs behind: backpressure.
-                        let _ = tx.send(Job::Apply(to_store));
+                        if tx.send(Job::Apply(to_store)).is_ok() {
+                            self.mat_handed_over();
+                        }
                     }
                 }
                 Err(e) => {
@@ -994,17 +1050,14 @@ impl Actor {
                 Action::Store(_) => unreachable!("partitioned above"),
                 Action::Send { peer, msg } => {
                     let class = Class::of(&msg);
-                    let outstanding = self.outstanding(&peer, class);
-                    if class == Class::Live && outstanding >= PUSH_INFLIGHT_MAX {
-                        // A slow reader: drop the push rather than queue without bound; it
-                        // catches up through anti-entropy and fetches.
+                    if !self.send_sync(peer, class, msg) && class == Class::Live {
+                        // A slow reader: the push is dropped rather than queued without
+                        // bound; it catches up through anti-entropy and fetches.
                         self.shared
                             .metrics
                             .pushes_dropped
                             .fetch_add(1, Ordering::Relaxed);
-                        continue;
                     }
-                    self.send_sync(peer, class, msg);
                 }
                 Action::Publish { ns, bytes, .. } => {
                     let topic = net::topic(&ns);
@@ -1012,6 +1065,14 @@ impl Actor {
                         Ok(_) => {}
                         // Nobody to tell yet: peers catch up through anti-entropy.
                         Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+                        // Every subscriber's send queue is full (slow links): not queued
+                        // further; they catch up by fetching.
+                        Err(gossipsub::PublishError::AllQueuesFull(_)) => {
+                            self.shared
+                                .metrics
+                                .gossip_dropped
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
                         Err(e) => debug!("publish: {e}"),
                     }
                 }
@@ -1063,7 +1124,9 @@ impl Actor {
                 Action::Rebuild { ns, revocations } => {
                     // In order with the batches queued before it.
                     if let Some(tx) = &self.mat_tx {
-                        let _ = tx.send(Job::Rebuild { ns, revocations });
+                        if tx.send(Job::Rebuild { ns, revocations }).is_ok() {
+                            self.mat_handed_over();
+                        }
                     }
                 }
             }
@@ -1076,12 +1139,25 @@ impl Actor {
         self.inflight.get(&(*peer, class)).copied().unwrap_or(0)
     }
 
-    fn send_sync(&mut self, peer: PeerId, class: Class, msg: SyncMessage) {
-        *self.inflight.entry((peer, class)).or_insert(0) += 1;
+    /// Sends a sync message of `class`, unless `peer` already has [`SYNC_INFLIGHT_MAX`]
+    /// unanswered control or live messages: then it is dropped (every such message is sent
+    /// again later) rather than queued without bound. Bulk answers are gated before they are
+    /// read from the store (see `serve`). Returns whether it was sent.
+    fn send_sync(&mut self, peer: PeerId, class: Class, msg: SyncMessage) -> bool {
+        let m = &self.shared.metrics;
+        let outstanding = self.inflight.entry((peer, class)).or_insert(0);
+        if class != Class::Bulk && *outstanding >= SYNC_INFLIGHT_MAX {
+            m.sync_dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        *outstanding += 1;
+        m.sync_inflight_max
+            .fetch_max(*outstanding as u64, Ordering::Relaxed);
         self.swarm
             .behaviour_mut()
             .class_mut(class)
             .send_request(&peer, msg);
+        true
     }
 
     /// Reads the fetched batches from the store and sends them (bulk).
@@ -1134,6 +1210,14 @@ impl Actor {
             };
             self.serve(*peer, req);
         }
+    }
+
+    /// Counts a job handed to the materializer and records the queue's high-water mark.
+    fn mat_handed_over(&self) {
+        let m = &self.shared.metrics;
+        let sent = m.mat_jobs_sent.fetch_add(1, Ordering::Relaxed) + 1;
+        let depth = sent.saturating_sub(self.shared.mat.taken());
+        m.mat_queue_max.fetch_max(depth, Ordering::Relaxed);
     }
 
     fn drop_peer(&mut self, peer: PeerId, reason: &str) {
@@ -1494,6 +1578,41 @@ impl Actor {
             namespaces,
         }
     }
+}
+
+/// Upper bound of every sampled depth of gossipsub's per-peer (non-priority) send queue, read
+/// from its `queue_size` histogram in Prometheus text: the smallest bucket bound that holds
+/// every sample.
+fn gossip_queue_sampled_max(text: &str) -> Option<u64> {
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    let mut total = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("queue_size_bucket{") else {
+            continue;
+        };
+        if !rest.contains("NonPriority") {
+            continue;
+        }
+        let le = rest.split("le=\"").nth(1).and_then(|r| r.split('"').next());
+        let count = line.rsplit(' ').next().and_then(|c| c.parse::<f64>().ok());
+        match (le, count) {
+            (Some("+Inf"), Some(c)) => total = Some(c),
+            (Some(le), Some(c)) => {
+                if let Ok(le) = le.parse::<f64>() {
+                    buckets.push((le, c));
+                }
+            }
+            _ => {}
+        }
+    }
+    let total = total.filter(|t| *t > 0.0)?;
+    buckets.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
+    Some(
+        buckets
+            .iter()
+            .find(|(_, c)| *c >= total)
+            .map_or(u64::MAX, |(le, _)| *le as u64),
+    )
 }
 
 fn transport_of(addr: &Multiaddr) -> String {
