@@ -63,6 +63,13 @@ enum Cmd {
         /// classical X25519; not post-quantum secure).
         #[arg(long, default_value = "strict")]
         pq_policy: blazedb_crypto::KxPolicy,
+        /// Longest a local write is held for others to join its batch, in milliseconds
+        /// (adaptive: no delay when idle; 0 never waits).
+        #[arg(long, default_value_t = 2)]
+        batch_max_delay_ms: u64,
+        /// One batch per write call (no coalescing of concurrent writers).
+        #[arg(long)]
+        no_coalesce: bool,
     },
     /// Show a running node's identity, peers and namespaces.
     Status {
@@ -226,8 +233,16 @@ async fn run(cli: Cli) -> Result<()> {
             no_mdns,
             no_default_namespace,
             pq_policy,
+            batch_max_delay_ms,
+            no_coalesce,
         } => {
+            let batching = blazedb_node::BatchingConfig {
+                coalesce: !no_coalesce,
+                max_delay: std::time::Duration::from_millis(batch_max_delay_ms),
+                ..Default::default()
+            };
             let cfg = NodeConfig {
+                batching,
                 data_dir: data,
                 listen,
                 bootstrap,
