@@ -98,7 +98,7 @@ mod tests {
         ];
         let g = plan(&callers, 10, 1_000);
         assert_eq!(g, vec![0..2, 2..3, 3..4, 4..5, 5..6, 6..7]);
-        let g = plan(&callers[..3], 100, 75);
+        let g = plan(&callers[..3], 100, 65);
         assert_eq!(g, vec![0..1, 1..2, 2..3]);
         assert!(plan(&[], 10, 10).is_empty());
     }

@@ -92,6 +92,7 @@ async fn concurrent_http_writers_share_batches_and_converge() {
     let ops = metric(&text, "blazedb_ops_sealed_total");
     assert_eq!(metric(&text, "blazedb_writes_total"), writes);
     assert_eq!(ops, writes, "distinct keys: nothing to merge");
+    eprintln!("{sealed} batches sealed for {writes} HTTP writes");
     assert!(sealed >= 1 && sealed < writes, "{sealed} batches for {writes} writes");
 
     // The second node converges to the same records.
@@ -164,6 +165,7 @@ async fn a_bad_write_among_coalesced_ones_fails_alone() {
         m.writes_acked.load(std::sync::atomic::Ordering::Relaxed),
         good
     );
+    eprintln!("{sealed} batches sealed for {good} good writes");
     assert!(sealed < good, "{sealed} batches for {good} writes");
     assert!(writer.list(&ns, "other", "", 10).unwrap().is_empty());
 
