@@ -16,7 +16,9 @@
 //! - **Stop waiting when the stream pauses.** While a batch is open the batcher tracks the
 //!   gap between arrivals within batches (EWMA); once nothing arrived for
 //!   [`QUIET_FACTOR`] × that gap (at least [`QUIET_MIN_US`], at most the linger), more writes
-//!   are unlikely soon and the batch is sealed without waiting out the linger.
+//!   are unlikely soon and the batch is sealed without waiting out the linger. Likewise once
+//!   [`IDLE_ROUNDS_MAX`] rounds of the actor yielding to other tasks brought nothing new
+//!   (`yielded`): the writers that were ready have all run, waiting longer only burns CPU.
 //! - **Bounds.** A batch is sealed once it holds `max_ops` ops or `max_bytes` (approximate)
 //!   bytes, and never later than `max_delay` after its oldest write was queued: the added
 //!   latency is bounded whatever the load.
@@ -35,6 +37,9 @@ pub const LINGER_STEP_US: u64 = 100;
 pub const QUIET_FACTOR: u64 = 4;
 /// Shortest quiet period that seals a batch early, in microseconds.
 pub const QUIET_MIN_US: u64 = 50;
+/// A batch is sealed once this many consecutive rounds of yielding to the writers brought no
+/// new write (every writer that could run has had its turn).
+pub const IDLE_ROUNDS_MAX: u32 = 2;
 /// Weight of a new gap in the arrival-gap average, as 1/N.
 const GAP_EWMA_N: u64 = 4;
 
@@ -121,6 +126,8 @@ pub struct Batcher {
     linger_us: u64,
     /// Mean gap between arrivals within a batch.
     gap_us: u64,
+    /// Consecutive yield rounds without a new write.
+    idle_rounds: u32,
 }
 
 impl Batcher {
@@ -133,11 +140,13 @@ impl Batcher {
             open: None,
             linger_us: 0,
             gap_us: 0,
+            idle_rounds: 0,
         }
     }
 
     /// A write of `ops` ops and about `bytes` bytes was queued at `at_us`.
     pub fn arrive(&mut self, at_us: u64, ops: usize, bytes: usize) {
+        self.idle_rounds = 0;
         match &mut self.open {
             None => {
                 self.open = Some(Open {
@@ -176,6 +185,9 @@ impl Batcher {
         if now_us >= deadline {
             return Decision::Flush(FlushReason::Deadline);
         }
+        if self.idle_rounds >= IDLE_ROUNDS_MAX {
+            return Decision::Flush(FlushReason::Quiet);
+        }
         let quiet = (self.gap_us * QUIET_FACTOR).clamp(QUIET_MIN_US, self.linger_us);
         let quiet_at = o.last_us.saturating_add(quiet);
         if now_us >= quiet_at {
@@ -184,8 +196,14 @@ impl Batcher {
         Decision::WaitUntil(deadline.min(quiet_at))
     }
 
+    /// The actor let other tasks run while waiting, and no write came of it.
+    pub fn yielded_idle(&mut self) {
+        self.idle_rounds = self.idle_rounds.saturating_add(1);
+    }
+
     /// The pending writes were sealed: adapt the delay to what the batch showed.
     pub fn flushed(&mut self) {
+        self.idle_rounds = 0;
         let Some(o) = self.open.take() else {
             return;
         };
@@ -250,7 +268,10 @@ mod tests {
         // One write at a time stays immediate, however fast they come.
         for t in 0..100 {
             b.arrive(2_000 + t * 10, 1, 100);
-            assert_eq!(b.poll(2_000 + t * 10), Decision::Flush(FlushReason::Immediate));
+            assert_eq!(
+                b.poll(2_000 + t * 10),
+                Decision::Flush(FlushReason::Immediate)
+            );
             b.flushed();
         }
     }
@@ -301,8 +322,33 @@ mod tests {
             assert!(matches!(b.poll(start + i * 5), Decision::WaitUntil(_)));
         }
         let last = start + 15 * 5;
-        assert_eq!(b.poll(last + QUIET_MIN_US - 1), Decision::WaitUntil(last + QUIET_MIN_US));
-        assert_eq!(b.poll(last + QUIET_MIN_US), Decision::Flush(FlushReason::Quiet));
+        assert_eq!(
+            b.poll(last + QUIET_MIN_US - 1),
+            Decision::WaitUntil(last + QUIET_MIN_US)
+        );
+        assert_eq!(
+            b.poll(last + QUIET_MIN_US),
+            Decision::Flush(FlushReason::Quiet)
+        );
+    }
+
+    #[test]
+    fn idle_yield_rounds_seal() {
+        let mut b = Batcher::new(&cfg(5_000));
+        let mut t = 0;
+        for _ in 0..10 {
+            t = burst(&mut b, t + 1_000, 16);
+        }
+        b.arrive(t + 1_000, 1, 10);
+        assert!(matches!(b.poll(t + 1_000), Decision::WaitUntil(_)));
+        b.yielded_idle();
+        assert!(matches!(b.poll(t + 1_001), Decision::WaitUntil(_)));
+        // A write in between starts the count again.
+        b.arrive(t + 1_002, 1, 10);
+        b.yielded_idle();
+        assert!(matches!(b.poll(t + 1_003), Decision::WaitUntil(_)));
+        b.yielded_idle();
+        assert_eq!(b.poll(t + 1_004), Decision::Flush(FlushReason::Quiet));
     }
 
     #[test]

@@ -966,18 +966,25 @@ impl Actor {
                 return Flow::Continue;
             }
             tokio::task::yield_now().await;
+            let mut got = false;
             loop {
                 if self.batcher.is_full() {
                     break;
                 }
                 match self.rx.try_recv() {
-                    Ok(Command::Write(w)) => self.queue_write(w),
+                    Ok(Command::Write(w)) => {
+                        self.queue_write(w);
+                        got = true;
+                    }
                     Ok(other) => {
                         self.batch_deadline = None;
                         return self.on_command(other);
                     }
                     Err(_) => break,
                 }
+            }
+            if !got {
+                self.batcher.yielded_idle();
             }
             if let Flow::Stop(r) = self.poll_batch() {
                 return Flow::Stop(r);
@@ -1039,9 +1046,7 @@ impl Actor {
                     rest.push((w.ops.len(), w.reply));
                     ops.push(w.ops);
                 }
-                let out = self
-                    .engine
-                    .write_many(&ns, &self.shared.keypair, ops, now);
+                let out = self.engine.write_many(&ns, &self.shared.keypair, ops, now);
                 actions.extend(out.actions);
                 out.batches.iter().for_each(&mut count);
                 for ((n_ops, reply), res) in rest.into_iter().zip(out.results) {

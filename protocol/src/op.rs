@@ -211,10 +211,14 @@ impl Op {
                     + FIXED
                     + fields
                         .iter()
-                        .map(|(n, v)| n.len() + 2 + value_size(v, 0).unwrap_or(limits::MAX_VALUE_BYTES))
+                        .map(|(n, v)| {
+                            n.len() + 2 + value_size(v, 0).unwrap_or(limits::MAX_VALUE_BYTES)
+                        })
                         .sum::<usize>()
             }
-            Op::Delete { collection, key, .. } => collection.len() + key.len() + FIXED,
+            Op::Delete {
+                collection, key, ..
+            } => collection.len() + key.len() + FIXED,
             Op::CounterAdd {
                 collection,
                 key,

@@ -43,12 +43,14 @@ fn arb_writes() -> impl Strategy<Value = Vec<Vec<Op>>> {
     let key = prop_oneof![Just("a"), Just("b"), Just("c")];
     let field = prop_oneof![Just("x"), Just("y")];
     let op = prop_oneof![
-        (key.clone(), proptest::collection::vec((field.clone(), -5i64..5), 0..3)).prop_map(
-            |(k, f)| {
+        (
+            key.clone(),
+            proptest::collection::vec((field.clone(), -5i64..5), 0..3)
+        )
+            .prop_map(|(k, f)| {
                 let f: Vec<(&str, i64)> = f;
                 upsert(k, &f)
-            }
-        ),
+            }),
         key.clone().prop_map(|k| Op::Delete {
             collection: "tick".into(),
             key: k.into(),
@@ -133,10 +135,18 @@ fn an_out_of_scope_caller_fails_alone() {
     ];
     let out = e.write_many(&ns, &me, writes, 5_000);
     assert_eq!(out.results[0], Ok(0));
-    assert!(matches!(out.results[1], Err(BatchError::Unauthorized(_))), "{:?}", out.results[1]);
+    assert!(
+        matches!(out.results[1], Err(BatchError::Unauthorized(_))),
+        "{:?}",
+        out.results[1]
+    );
     assert_eq!(out.results[2], Ok(0));
     // A revocation needs admin rights: refused, alone.
-    assert!(matches!(out.results[3], Err(BatchError::Unauthorized(_))), "{:?}", out.results[3]);
+    assert!(
+        matches!(out.results[3], Err(BatchError::Unauthorized(_))),
+        "{:?}",
+        out.results[3]
+    );
     assert_eq!(out.results[4], Ok(0));
     assert_eq!(out.batches.len(), 1);
     let keys: Vec<&str> = out.batches[0].ops.iter().map(|o| o.key()).collect();
@@ -182,8 +192,15 @@ fn groups_respect_the_op_limit_and_keep_order() {
     );
     let ok: Vec<usize> = out.results.iter().filter_map(|r| r.clone().ok()).collect();
     assert_eq!(ok.len(), 60);
-    assert!(ok.windows(2).all(|w| w[0] <= w[1]), "batches follow caller order");
-    assert!(out.batches.len() >= 2 && out.batches.len() <= 3, "{}", out.batches.len());
+    assert!(
+        ok.windows(2).all(|w| w[0] <= w[1]),
+        "batches follow caller order"
+    );
+    assert!(
+        out.batches.len() >= 2 && out.batches.len() <= 3,
+        "{}",
+        out.batches.len()
+    );
     for b in &out.batches {
         assert!(b.ops.len() <= blazedb_protocol::limits::MAX_OPS_PER_BATCH);
     }

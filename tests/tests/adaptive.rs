@@ -52,7 +52,10 @@ async fn concurrent_http_writers_share_batches_and_converge() {
                     .unwrap();
                 assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
                 // Readable as soon as acknowledged.
-                let got = a.get("default", "tick", &key).unwrap().expect("acked write");
+                let got = a
+                    .get("default", "tick", &key)
+                    .unwrap()
+                    .expect("acked write");
                 assert_eq!(got["i"], json!(i));
             }
         }));
@@ -93,7 +96,10 @@ async fn concurrent_http_writers_share_batches_and_converge() {
     assert_eq!(metric(&text, "blazedb_writes_total"), writes);
     assert_eq!(ops, writes, "distinct keys: nothing to merge");
     eprintln!("{sealed} batches sealed for {writes} HTTP writes");
-    assert!(sealed >= 1 && sealed < writes, "{sealed} batches for {writes} writes");
+    assert!(
+        sealed >= 1 && sealed < writes,
+        "{sealed} batches for {writes} writes"
+    );
 
     // The second node converges to the same records.
     let want = snapshot(&a, "tick");
@@ -171,9 +177,11 @@ async fn a_bad_write_among_coalesced_ones_fails_alone() {
 
     let want = writer.list(&ns, "tick", "", 10_000).unwrap();
     assert_eq!(want.len(), WRITERS * PUTS);
-    eventually("the owner to hold every good write", Duration::from_secs(30), || async {
-        (owner.list(&ns, "tick", "", 10_000).ok()? == want).then_some(())
-    })
+    eventually(
+        "the owner to hold every good write",
+        Duration::from_secs(30),
+        || async { (owner.list(&ns, "tick", "", 10_000).ok()? == want).then_some(()) },
+    )
     .await;
     assert!(owner.list(&ns, "other", "", 10).unwrap().is_empty());
     owner.shutdown().await;
