@@ -244,11 +244,11 @@ pub struct Invite {
 /// Receipt of a durable write.
 #[derive(Clone, Debug, Serialize)]
 pub struct WriteReceipt {
-    /// Batch id (hex).
+    /// Batch id (hex). Concurrent writes coalesced into one batch share it.
     pub batch: String,
     /// Seq of the batch in this node's chain.
     pub seq: u64,
-    /// Ops in the batch.
+    /// Ops of this write.
     pub ops: usize,
 }
 
