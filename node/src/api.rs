@@ -527,6 +527,21 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
         "Gossip publishes refused because every subscriber's send queue was full.",
         m.gossip_dropped.load(Ordering::Relaxed),
     );
+    counter(
+        "blazedb_batches_sealed_total",
+        "Batches sealed from local writes (coalesced writes share one).",
+        m.batches_sealed.load(Ordering::Relaxed),
+    );
+    counter(
+        "blazedb_ops_sealed_total",
+        "Ops in the batches sealed from local writes (after op merging).",
+        m.ops_sealed.load(Ordering::Relaxed),
+    );
+    counter(
+        "blazedb_writes_total",
+        "Local write calls acknowledged (durable).",
+        m.writes_acked.load(Ordering::Relaxed),
+    );
     let q = node.queues();
     let mut gauge = |name: &str, help: &str, v: u64| {
         out.push_str(&format!(
@@ -558,6 +573,10 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
         "Highest number of unanswered sync requests to one peer seen (bound: 128).",
         q.sync_inflight_max,
     );
+    out.push_str(&format!(
+        "# HELP blazedb_batch_linger_us Current adaptive flush delay of local writes, in microseconds.\n# TYPE blazedb_batch_linger_us gauge\nblazedb_batch_linger_us {}\n",
+        m.batch_linger_us.load(Ordering::Relaxed)
+    ));
     out.push_str(&format!(
         "# HELP blazedb_stored_batches Batches in the store.\n# TYPE blazedb_stored_batches gauge\nblazedb_stored_batches {batches}\n\
          # HELP blazedb_stored_records Records in the store.\n# TYPE blazedb_stored_records gauge\nblazedb_stored_records {records}\n"

@@ -115,6 +115,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if args.only.iter().any(|b| b == "b2") {
         rows.extend(b2(args.ops, runs).await?);
     }
+    if args.only.iter().any(|b| b == "b2" || b == "b2s") {
+        rows.extend(crate::bench_adaptive::b2s(runs).await?);
+    }
     if args.only.iter().any(|b| b == "b3") {
         rows.extend(b3(args.ops, runs).await?);
     }

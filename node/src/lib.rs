@@ -15,7 +15,9 @@
 //! ```
 
 pub mod api;
+pub mod batcher;
 pub mod bench;
+pub mod bench_adaptive;
 pub mod bench_gossip;
 pub mod bench_handshake;
 pub mod materializer;
@@ -24,6 +26,7 @@ pub mod node;
 pub mod sim;
 pub mod store;
 
+pub use batcher::BatchingConfig;
 pub use node::{
     Node, NodeBuilder, NodeConfig, NodeError, NodeHandle, QueueDepths, Status, WriteReceipt,
     DEFAULT_NAMESPACE,

@@ -67,6 +67,13 @@ enum Cmd {
         /// time).
         #[arg(long, default_value_t = blazedb_protocol::EngineConfig::default().fetch_stripes)]
         fetch_stripes: u32,
+        /// Longest a local write is held for others to join its batch, in milliseconds
+        /// (adaptive: no delay when idle; 0 never waits).
+        #[arg(long, default_value_t = 2)]
+        batch_max_delay_ms: u64,
+        /// One batch per write call (no coalescing of concurrent writers).
+        #[arg(long)]
+        no_coalesce: bool,
     },
     /// Show a running node's identity, peers and namespaces.
     Status {
@@ -231,8 +238,16 @@ async fn run(cli: Cli) -> Result<()> {
             no_default_namespace,
             pq_policy,
             fetch_stripes,
+            batch_max_delay_ms,
+            no_coalesce,
         } => {
+            let batching = blazedb_node::BatchingConfig {
+                coalesce: !no_coalesce,
+                max_delay: std::time::Duration::from_millis(batch_max_delay_ms),
+                ..Default::default()
+            };
             let mut cfg = NodeConfig {
+                batching,
                 data_dir: data,
                 listen,
                 bootstrap,

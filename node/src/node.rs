@@ -6,9 +6,11 @@
 //! first. Reads do not go through the actor: redb serves concurrent readers, and a write is
 //! answered only after its transaction committed, so reads see every acknowledged write.
 //!
-//! Writes arriving together are group-committed: the actor drains up to `GROUP_COMMIT_MAX`
-//! queued write commands, seals each into its own batch, stores them all in one durable redb
-//! transaction, then answers each writer and gossips the batches.
+//! Writes arriving together are group-committed and coalesced (adaptive batching, see
+//! [`crate::batcher`]): the actor drains the queued write commands, and under load waits a
+//! bounded moment for more; it then seals the writes to each namespace into as few batches as
+//! the limits allow ([`Engine::write_many`]: each caller checked on its own), stores them all
+//! in one durable redb transaction, then answers each writer and gossips the batches.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -30,14 +32,16 @@ use blazedb_protocol::{
     limits, Action, BatchError, Engine, EngineConfig, GossipVerdict, Op, SyncMessage, VerifiedBatch,
 };
 
+use crate::batcher::{Batcher, BatchingConfig, Decision};
 use crate::materializer::{self, Job, MatSync};
 use crate::net::{self, Ack, Behaviour, BehaviourEvent, Class};
 use crate::store::{Change, Fields, NamespaceRecord, Store, StoreError};
 
 /// Capacity of the command channel into the actor.
 pub const COMMAND_CAP: usize = 256;
-/// Most write commands sealed into one group commit.
-const GROUP_COMMIT_MAX: usize = 64;
+/// Waits for more writes shorter than this are spent yielding to the writers' tasks rather
+/// than on a timer (tokio's timers have millisecond resolution).
+const SPIN_WAIT_MAX: Duration = Duration::from_millis(1);
 /// Capacity of the change broadcast (slow subscribers see a `Lagged` gap).
 const CHANGES_CAP: usize = 4096;
 /// Most bytes served in answer to one fetch.
@@ -96,6 +100,8 @@ pub struct NodeConfig {
     pub engine: EngineConfig,
     /// Which key exchanges links may use (default: hybrid post-quantum only).
     pub pq_policy: KxPolicy,
+    /// How local writes are batched (default: adaptive, coalescing, 2 ms latency bound).
+    pub batching: BatchingConfig,
 }
 
 impl Default for NodeConfig {
@@ -108,6 +114,7 @@ impl Default for NodeConfig {
             default_namespace: true,
             engine: EngineConfig::default(),
             pq_policy: KxPolicy::Strict,
+            batching: BatchingConfig::default(),
         }
     }
 }
@@ -168,6 +175,11 @@ impl NodeBuilder {
     /// Link key-exchange policy.
     pub fn pq_policy(mut self, policy: KxPolicy) -> Self {
         self.cfg.pq_policy = policy;
+        self
+    }
+    /// How local writes are batched.
+    pub fn batching(mut self, cfg: BatchingConfig) -> Self {
+        self.cfg.batching = cfg;
         self
     }
     /// The whole configuration.
@@ -246,11 +258,11 @@ pub struct Invite {
 /// Receipt of a durable write.
 #[derive(Clone, Debug, Serialize)]
 pub struct WriteReceipt {
-    /// Batch id (hex).
+    /// Batch id (hex). Concurrent writes coalesced into one batch share it.
     pub batch: String,
     /// Seq of the batch in this node's chain.
     pub seq: u64,
-    /// Ops in the batch.
+    /// Ops of this write.
     pub ops: usize,
 }
 
@@ -298,6 +310,14 @@ pub struct Metrics {
     /// Highest materializer queue depth seen: jobs handed over and not yet picked up
     /// (≤ [`materializer::QUEUE_CAP`] + 1, the one being picked up).
     pub mat_queue_max: AtomicU64,
+    /// Batches sealed from local writes (one per call without coalescing; fewer with it).
+    pub batches_sealed: AtomicU64,
+    /// Ops in the batches sealed locally (after op merging).
+    pub ops_sealed: AtomicU64,
+    /// Local write calls acknowledged (durable).
+    pub writes_acked: AtomicU64,
+    /// Current adaptive flush delay, in microseconds (a gauge).
+    pub batch_linger_us: AtomicU64,
 }
 
 /// Depths of the node's bounded queues: now, and the highest seen since start.
@@ -335,11 +355,7 @@ enum Command {
         chain: Chain,
         reply: oneshot::Sender<Result<String, NodeError>>,
     },
-    Write {
-        ns: String,
-        ops: Vec<Op>,
-        reply: oneshot::Sender<Result<WriteReceipt, NodeError>>,
-    },
+    Write(PendingWrite),
     Status {
         reply: oneshot::Sender<Status>,
     },
@@ -350,6 +366,17 @@ enum Command {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+}
+
+/// A write queued at the actor, waiting to be sealed.
+struct PendingWrite {
+    ns: String,
+    ops: Vec<Op>,
+    /// Approximate encoded bytes of `ops`.
+    bytes: usize,
+    /// When the caller queued it.
+    at: tokio::time::Instant,
+    reply: oneshot::Sender<Result<WriteReceipt, NodeError>>,
 }
 
 struct Shared {
@@ -464,17 +491,21 @@ impl NodeHandle {
                 limits::MAX_OPS_PER_BATCH
             )));
         }
+        let mut bytes = 0;
         for op in &ops {
             op.validate()
                 .map_err(|e| NodeError::Invalid(e.to_string()))?;
+            bytes += op.approx_len();
         }
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Write {
+            .send(Command::Write(PendingWrite {
                 ns: ns.to_string(),
                 ops,
+                bytes,
+                at: tokio::time::Instant::now(),
                 reply,
-            })
+            }))
             .await
             .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)?
@@ -792,6 +823,11 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         inflight: HashMap::new(),
         bulk_queue: HashMap::new(),
         mat_thread: Some(mat_thread),
+        batcher: Batcher::new(&cfg.batching),
+        coalesce: cfg.batching.coalesce,
+        pending: Vec::new(),
+        batch_deadline: None,
+        epoch: tokio::time::Instant::now(),
     };
     let span = tracing::info_span!("node", peer = %keypair.public().to_peer_id());
     tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
@@ -816,6 +852,16 @@ struct Actor {
     /// `BULK_INFLIGHT_MAX` (bounded by `BULK_QUEUE_MAX`).
     bulk_queue: HashMap<PeerId, VecDeque<ServeRequest>>,
     mat_thread: Option<std::thread::JoinHandle<()>>,
+    /// The adaptive batching policy, fed the pending writes.
+    batcher: Batcher,
+    /// Seal several callers' writes into one batch.
+    coalesce: bool,
+    /// Writes waiting to be sealed (bounded by the batcher's size bound).
+    pending: Vec<PendingWrite>,
+    /// When the open batch must be looked at again (a wait on a timer).
+    batch_deadline: Option<tokio::time::Instant>,
+    /// Origin of the batcher's microsecond clock.
+    epoch: tokio::time::Instant,
 }
 
 /// A fetch to answer from the store.
@@ -839,15 +885,36 @@ impl Actor {
         let mut redial = tokio::time::interval(Duration::from_secs(3));
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stop_reply = loop {
+            let deadline = self.batch_deadline;
             tokio::select! {
                 biased;
                 cmd = self.rx.recv() => {
-                    let Some(cmd) = cmd else { break None };
+                    let Some(cmd) = cmd else {
+                        // Every handle is gone: seal what is pending, then stop.
+                        if let Flow::Stop(reply) = self.flush_writes() {
+                            break reply;
+                        }
+                        break None;
+                    };
                     self.shared
                         .metrics
                         .commands_max
                         .fetch_max(self.rx.len() as u64, Ordering::Relaxed);
                     if let Flow::Stop(reply) = self.on_command(cmd) {
+                        break reply;
+                    }
+                    if let Flow::Stop(reply) = self.linger().await {
+                        break reply;
+                    }
+                }
+                // Woken a little early: the last stretch is spent in `linger`, precisely.
+                _ = sleep_until_some(deadline.map(|d| d.checked_sub(SPIN_WAIT_MAX).unwrap_or(d))),
+                    if deadline.is_some() => {
+                    self.batch_deadline = None;
+                    if let Flow::Stop(reply) = self.poll_batch() {
+                        break reply;
+                    }
+                    if let Flow::Stop(reply) = self.linger().await {
                         break reply;
                     }
                 }
@@ -889,24 +956,24 @@ impl Actor {
     }
 
     fn on_command(&mut self, cmd: Command) -> Flow {
+        if !matches!(cmd, Command::Write(_)) && !self.pending.is_empty() {
+            // Everything queued before a command is handled before it.
+            if let Flow::Stop(r) = self.flush_writes() {
+                return Flow::Stop(r);
+            }
+        }
         match cmd {
-            Command::Write { ns, ops, reply } => {
-                let mut writes = vec![(ns, ops, reply)];
-                // Group commit: take whatever else is already queued.
-                while writes.len() < GROUP_COMMIT_MAX {
+            Command::Write(w) => {
+                self.queue_write(w);
+                // Take whatever else is already queued, up to the size bound.
+                while !self.batcher.is_full() {
                     match self.rx.try_recv() {
-                        Ok(Command::Write { ns, ops, reply }) => writes.push((ns, ops, reply)),
-                        Ok(other) => {
-                            let flow = self.commit_writes(std::mem::take(&mut writes));
-                            if let Flow::Stop(r) = flow {
-                                return Flow::Stop(r);
-                            }
-                            return self.on_command(other);
-                        }
+                        Ok(Command::Write(w)) => self.queue_write(w),
+                        Ok(other) => return self.on_command(other),
                         Err(_) => break,
                     }
                 }
-                self.commit_writes(writes)
+                self.poll_batch()
             }
             Command::CreateNamespace { reply } => {
                 let _ = reply.send(self.create_namespace());
@@ -944,57 +1011,170 @@ impl Actor {
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    fn commit_writes(
-        &mut self,
-        writes: Vec<(
-            String,
-            Vec<Op>,
-            oneshot::Sender<Result<WriteReceipt, NodeError>>,
-        )>,
-    ) -> Flow {
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn queue_write(&mut self, w: PendingWrite) {
+        let at_us = u64::try_from(w.at.saturating_duration_since(self.epoch).as_micros())
+            .unwrap_or(u64::MAX);
+        self.batcher.arrive(at_us, w.ops.len(), w.bytes);
+        self.pending.push(w);
+    }
+
+    /// Asks the batching policy about the pending writes: seal them now, or wait.
+    fn poll_batch(&mut self) -> Flow {
+        match self.batcher.poll(self.now_us()) {
+            Decision::Idle => {
+                self.batch_deadline = None;
+                Flow::Continue
+            }
+            Decision::Flush(_) => self.flush_writes(),
+            Decision::WaitUntil(t) => {
+                self.batch_deadline = Some(self.epoch + Duration::from_micros(t));
+                Flow::Continue
+            }
+        }
+    }
+
+    /// A short wait for more writes (below a timer's resolution): yield to the writers'
+    /// tasks, take what they queued, ask the policy again. Bounded by the policy's latency
+    /// bound; longer waits go back to the loop on a timer (`batch_deadline`).
+    async fn linger(&mut self) -> Flow {
+        loop {
+            let Some(deadline) = self.batch_deadline else {
+                return Flow::Continue;
+            };
+            if deadline.saturating_duration_since(tokio::time::Instant::now()) >= SPIN_WAIT_MAX {
+                return Flow::Continue;
+            }
+            tokio::task::yield_now().await;
+            let mut got = false;
+            loop {
+                if self.batcher.is_full() {
+                    break;
+                }
+                match self.rx.try_recv() {
+                    Ok(Command::Write(w)) => {
+                        self.queue_write(w);
+                        got = true;
+                    }
+                    Ok(other) => {
+                        self.batch_deadline = None;
+                        return self.on_command(other);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if !got {
+                self.batcher.yielded_idle();
+            }
+            if let Flow::Stop(r) = self.poll_batch() {
+                return Flow::Stop(r);
+            }
+        }
+    }
+
+    /// Seals and commits every pending write.
+    fn flush_writes(&mut self) -> Flow {
+        self.batch_deadline = None;
+        self.batcher.flushed();
+        self.shared
+            .metrics
+            .batch_linger_us
+            .store(self.batcher.linger_us(), Ordering::Relaxed);
+        if self.pending.is_empty() {
+            return Flow::Continue;
+        }
+        let writes = std::mem::take(&mut self.pending);
+        self.commit_writes(writes)
+    }
+
+    /// Seals the writes (per namespace, coalesced or one batch per call), stores every batch
+    /// in one durable transaction, then answers each caller.
+    fn commit_writes(&mut self, writes: Vec<PendingWrite>) -> Flow {
         let now = now_ms();
         let mut actions = Vec::new();
         let mut replies = Vec::new();
-        for (ns, ops, reply) in writes {
+        // Per namespace, in order of first appearance; each caller's order kept.
+        let mut order: Vec<String> = Vec::new();
+        let mut by_ns: HashMap<String, Vec<PendingWrite>> = HashMap::new();
+        for w in writes {
+            if !by_ns.contains_key(&w.ns) {
+                order.push(w.ns.clone());
+            }
+            by_ns.entry(w.ns.clone()).or_default().push(w);
+        }
+        let mut sealed: Vec<(u64, u64, u64)> = Vec::new(); // (batches, ops, bytes)
+        for ns in order {
+            let callers = by_ns.remove(&ns).unwrap_or_default();
             if !self.engine.has_namespace(&ns) {
-                let _ = reply.send(Err(NodeError::UnknownNamespace(ns)));
+                for w in callers {
+                    let _ = w.reply.send(Err(NodeError::UnknownNamespace(ns.clone())));
+                }
                 continue;
             }
-            let n_ops = ops.len();
-            match self.engine.write(&ns, &self.shared.keypair, ops, now) {
-                Ok((vb, acts)) => {
-                    actions.extend(acts);
-                    let len = vb.bytes.len() as u64;
-                    self.shared
-                        .metrics
-                        .local_bytes
-                        .fetch_add(len, Ordering::Relaxed);
-                    replies.push((
-                        reply,
-                        WriteReceipt {
-                            batch: vb.id.to_hex(),
-                            seq: vb.header.seq,
-                            ops: n_ops,
-                        },
-                    ));
+            let receipt = |vb: &VerifiedBatch, n_ops: usize| WriteReceipt {
+                batch: vb.id.to_hex(),
+                seq: vb.header.seq,
+                ops: n_ops,
+            };
+            let mut count = |vb: &VerifiedBatch| {
+                sealed.push((1, u64::from(vb.header.ops), vb.bytes.len() as u64));
+            };
+            if self.coalesce {
+                let mut ops = Vec::with_capacity(callers.len());
+                let mut rest = Vec::with_capacity(callers.len());
+                for w in callers {
+                    rest.push((w.ops.len(), w.reply));
+                    ops.push(w.ops);
                 }
-                Err(BatchError::Unauthorized(why)) => {
-                    let _ = reply.send(Err(NodeError::Forbidden(why)));
+                let out = self.engine.write_many(&ns, &self.shared.keypair, ops, now);
+                actions.extend(out.actions);
+                out.batches.iter().for_each(&mut count);
+                for ((n_ops, reply), res) in rest.into_iter().zip(out.results) {
+                    match res {
+                        Ok(b) => replies.push((reply, receipt(&out.batches[b], n_ops))),
+                        Err(e) => {
+                            let _ = reply.send(Err(write_error(e)));
+                        }
+                    }
                 }
-                Err(e) => {
-                    let _ = reply.send(Err(NodeError::Invalid(e.to_string())));
+            } else {
+                for w in callers {
+                    let n_ops = w.ops.len();
+                    match self.engine.write(&ns, &self.shared.keypair, w.ops, now) {
+                        Ok((vb, acts)) => {
+                            actions.extend(acts);
+                            count(&vb);
+                            replies.push((w.reply, receipt(&vb, n_ops)));
+                        }
+                        Err(e) => {
+                            let _ = w.reply.send(Err(write_error(e)));
+                        }
+                    }
                 }
             }
         }
         let m = &self.shared.metrics;
-        m.local_batches
-            .fetch_add(replies.len() as u64, Ordering::Relaxed);
+        let batches: u64 = sealed.iter().map(|s| s.0).sum();
+        m.local_batches.fetch_add(batches, Ordering::Relaxed);
+        m.batches_sealed.fetch_add(batches, Ordering::Relaxed);
+        m.ops_sealed
+            .fetch_add(sealed.iter().map(|s| s.1).sum(), Ordering::Relaxed);
+        m.local_bytes
+            .fetch_add(sealed.iter().map(|s| s.2).sum(), Ordering::Relaxed);
         m.local_ops.fetch_add(
             replies.iter().map(|(_, r)| r.ops as u64).sum(),
             Ordering::Relaxed,
         );
         let flow = self.execute(actions);
+        if let Flow::Continue = flow {
+            self.shared
+                .metrics
+                .writes_acked
+                .fetch_add(replies.len() as u64, Ordering::Relaxed);
+        }
         for (reply, receipt) in replies {
             let res = match flow {
                 Flow::Continue => Ok(receipt),
@@ -1613,6 +1793,22 @@ fn gossip_queue_sampled_max(text: &str) -> Option<u64> {
             .find(|(_, c)| *c >= total)
             .map_or(u64::MAX, |(le, _)| *le as u64),
     )
+}
+
+/// A sealing error as callers see it.
+fn write_error(e: BatchError) -> NodeError {
+    match e {
+        BatchError::Unauthorized(why) => NodeError::Forbidden(why),
+        e => NodeError::Invalid(e.to_string()),
+    }
+}
+
+/// Sleeps until `at` (forever if `None`; the select guard keeps that branch off then).
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn transport_of(addr: &Multiaddr) -> String {

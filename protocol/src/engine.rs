@@ -64,6 +64,17 @@ use crate::hlc::{Clock, Hlc};
 use crate::limits;
 use crate::op::Op;
 
+/// Outcome of [`Engine::write_many`].
+#[derive(Debug)]
+pub struct WriteMany<P> {
+    /// The batches sealed, in chain order.
+    pub batches: Vec<VerifiedBatch>,
+    /// Per caller, in the order given: the index of the batch holding its ops, or its error.
+    pub results: Vec<Result<usize, BatchError>>,
+    /// Store, then publish, for every batch.
+    pub actions: Vec<Action<P>>,
+}
+
 /// Tunables of the engine. Defaults suit a LAN/WAN node; tests shrink the intervals.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -583,6 +594,138 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             });
         }
         Ok((vb, actions))
+    }
+
+    /// Seals the writes of several local callers to `ns`, in order, into as few batches as
+    /// the limits allow (see [`crate::coalesce`] for why this is equivalent to one batch per
+    /// caller). Each caller is checked on its own first, so an invalid or unauthorized write
+    /// fails alone. Returns, per caller, the index of its batch in [`WriteMany::batches`] or
+    /// its own error; and the actions (store, then publish) for every batch.
+    pub fn write_many(
+        &mut self,
+        ns: &str,
+        keypair: &Keypair,
+        writes: Vec<Vec<Op>>,
+        now_ms: u64,
+    ) -> WriteMany<P> {
+        let mut out = WriteMany {
+            batches: Vec::new(),
+            results: Vec::with_capacity(writes.len()),
+            actions: Vec::new(),
+        };
+        let author = *keypair.public().as_bytes();
+        // Per-caller checks; the callers that pass are planned into groups.
+        let mut ok: Vec<(usize, Vec<Op>)> = Vec::with_capacity(writes.len());
+        let mut sizes = Vec::with_capacity(writes.len());
+        for (i, ops) in writes.into_iter().enumerate() {
+            out.results
+                .push(Err(BatchError::Inconsistent("not written".into())));
+            match self.check_write(ns, &author, &ops, now_ms) {
+                Ok(()) => {
+                    sizes.push(crate::coalesce::CallerSize {
+                        ops: ops.len(),
+                        bytes: ops.iter().map(Op::approx_len).sum(),
+                        alone: ops.len() > crate::coalesce::CALLER_OPS_MAX
+                            || ops.iter().any(|op| matches!(op, Op::Revoke { .. })),
+                    });
+                    ok.push((i, ops));
+                }
+                Err(e) => out.results[i] = Err(e),
+            }
+        }
+        let groups = crate::coalesce::plan(
+            &sizes,
+            limits::MAX_OPS_PER_BATCH,
+            crate::coalesce::GROUP_BYTES_BUDGET,
+        );
+        let mut ok = ok.into_iter();
+        for g in groups {
+            let members: Vec<(usize, Vec<Op>)> = ok.by_ref().take(g.len()).collect();
+            if members.len() > 1 {
+                let all: Vec<Op> = members.iter().flat_map(|(_, ops)| ops.clone()).collect();
+                if let Ok((vb, acts)) = self.write(ns, keypair, all, now_ms) {
+                    let b = out.batches.len();
+                    out.batches.push(vb);
+                    out.actions.extend(acts);
+                    for (i, _) in &members {
+                        out.results[*i] = Ok(b);
+                    }
+                    continue;
+                }
+                // The group did not seal (a bound or a validity window the per-caller checks
+                // could not see): each caller alone gets exactly its own outcome.
+            }
+            for (i, ops) in members {
+                out.results[i] = match self.write(ns, keypair, ops, now_ms) {
+                    Ok((vb, acts)) => {
+                        out.batches.push(vb);
+                        out.actions.extend(acts);
+                        Ok(out.batches.len() - 1)
+                    }
+                    Err(e) => Err(e),
+                };
+            }
+        }
+        out
+    }
+
+    /// Whether one caller's ops could be sealed by us into `ns` now: op count, and the
+    /// namespace's write policy (no revocations in public namespaces; in owned ones our
+    /// capability's rights, validity at `now_ms` and scope). The same checks the sealed
+    /// batch passes in `admit`, judged per caller so that a bad caller fails alone.
+    fn check_write(
+        &self,
+        ns: &str,
+        author: &[u8; 32],
+        ops: &[Op],
+        now_ms: u64,
+    ) -> Result<(), BatchError> {
+        let st = self.namespaces.get(ns).ok_or_else(|| {
+            BatchError::Inconsistent(format!("namespace {ns:?} has not been joined"))
+        })?;
+        if ops.is_empty() {
+            return Err(BatchError::Inconsistent(
+                "a batch holds at least one op".into(),
+            ));
+        }
+        if ops.len() > limits::MAX_OPS_PER_BATCH {
+            return Err(BatchError::Inconsistent(format!(
+                "{} ops exceed the limit of {} per batch",
+                ops.len(),
+                limits::MAX_OPS_PER_BATCH
+            )));
+        }
+        let revokes = ops.iter().any(|op| matches!(op, Op::Revoke { .. }));
+        match &st.policy {
+            Policy::Public if revokes => Err(BatchError::Unauthorized(
+                "revocation in a public namespace".into(),
+            )),
+            Policy::Public => Ok(()),
+            Policy::Owned { .. } if capability::is_owner(ns, author) => Ok(()),
+            Policy::Owned { mine } => {
+                let chain = mine.as_ref().ok_or_else(|| {
+                    BatchError::Inconsistent(format!("no capability to write in {ns:?}"))
+                })?;
+                let need = if revokes {
+                    Rights::Admin
+                } else {
+                    Rights::Write
+                };
+                chain
+                    .authorizes(ns, author, need, now_ms)
+                    .map_err(|e| BatchError::Unauthorized(e.to_string()))?;
+                for op in ops {
+                    if !chain.covers(op.collection(), op.key()) {
+                        return Err(BatchError::Unauthorized(format!(
+                            "record {}/{} outside the capability's scope",
+                            op.collection(),
+                            op.key()
+                        )));
+                    }
+                }
+                Ok(())
+            }
+        }
     }
 
     /// A connection to `peer` is up: tell it what we have. Without the peer's key it can

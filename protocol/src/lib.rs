@@ -11,10 +11,12 @@
 //! - [`batch`]: the signed, hashed batch envelope: sealing and verification.
 //! - [`merge`]: record states and the merge rules (a join-semilattice).
 //! - [`engine`]: the sync engine (gossip ingest, version-vector catch-up).
+//! - [`coalesce`]: several local callers' writes sealed into one batch, equivalently.
 //! - [`limits`]: every maximum the protocol enforces.
 
 pub mod batch;
 pub mod capability;
+pub mod coalesce;
 pub mod codec;
 pub mod engine;
 pub mod hlc;
@@ -24,7 +26,7 @@ pub mod op;
 pub mod prune;
 
 pub use batch::{BatchError, BatchHeader, BatchId, VerifiedBatch};
-pub use engine::{Action, Engine, EngineConfig, GossipVerdict, SyncMessage};
+pub use engine::{Action, Engine, EngineConfig, GossipVerdict, SyncMessage, WriteMany};
 pub use hlc::Hlc;
 pub use merge::RecordState;
 pub use op::{Op, OpError, Value};

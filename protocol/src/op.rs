@@ -193,6 +193,41 @@ impl Op {
         }
         Ok(())
     }
+
+    /// Approximate encoded size of this op in bytes (names, values and a fixed allowance for
+    /// the op's tag and timestamp). Used to plan batch sizes before sealing; the sealed size
+    /// is what the limits are checked against.
+    pub fn approx_len(&self) -> usize {
+        const FIXED: usize = 24;
+        match self {
+            Op::Upsert {
+                collection,
+                key,
+                fields,
+                ..
+            } => {
+                collection.len()
+                    + key.len()
+                    + FIXED
+                    + fields
+                        .iter()
+                        .map(|(n, v)| {
+                            n.len() + 2 + value_size(v, 0).unwrap_or(limits::MAX_VALUE_BYTES)
+                        })
+                        .sum::<usize>()
+            }
+            Op::Delete {
+                collection, key, ..
+            } => collection.len() + key.len() + FIXED,
+            Op::CounterAdd {
+                collection,
+                key,
+                field,
+                ..
+            } => collection.len() + key.len() + field.len() + FIXED + 9,
+            Op::Revoke { token, .. } => token.len() + FIXED,
+        }
+    }
 }
 
 fn name_error(what: &'static str, value: &str, reason: impl Into<String>) -> OpError {
