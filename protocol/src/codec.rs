@@ -526,6 +526,19 @@ fn check_value(r: &mut Reader<'_>, depth: usize, field: &str) -> Result<usize, C
             format!("nested deeper than {} levels", limits::MAX_VALUE_DEPTH),
         ));
     }
+    // Fast path: a text of at most 255 bytes, the commonest value.
+    if let Some(&ib) = r.b.get(r.pos) {
+        if ib >> 5 == 3 && ib & 0x1f <= 24 {
+            let n = match ib & 0x1f {
+                24 => usize::from(*r.b.get(r.pos + 1).ok_or(TRUNCATED)?),
+                n => usize::from(n),
+            };
+            r.pos += if ib & 0x1f == 24 { 2 } else { 1 };
+            std::str::from_utf8(r.take(n)?)
+                .map_err(|_| CodecError::Malformed("text is not UTF-8"))?;
+            return Ok(n + 5);
+        }
+    }
     let (major, ai, n) = r.head()?;
     Ok(match major {
         0 => 9,
@@ -643,6 +656,13 @@ pub fn decode(bytes: &[u8]) -> Result<PayloadView<'_>, CodecError> {
         names.push(n);
     }
     check_unique(&names)?;
+    // Each name's position in name order: field order is then checked on integers.
+    let mut rank = vec![0u32; names.len()];
+    let mut by_name: Vec<u32> = (0..names.len() as u32).collect();
+    by_name.sort_unstable_by_key(|&i| names[i as usize]);
+    for (r, &i) in by_name.iter().enumerate() {
+        rank[i as usize] = r as u32;
+    }
     let mut checked = vec![UNCHECKED; names.len()];
     let base = r.uint("hlc base must be an unsigned integer")?;
     let n_ops = r.expect(4, "ops must be an array")?;
@@ -686,14 +706,13 @@ pub fn decode(bytes: &[u8]) -> Result<PayloadView<'_>, CodecError> {
                     return Err(OpError::TooManyFields { count: n as usize }.into());
                 }
                 let start = fields.len() as u32;
-                let mut last: Option<&str> = None;
+                let mut last: Option<u32> = None;
                 for _ in 0..n {
                     let f = name_index(&mut r, &names)?;
-                    let name = names[f as usize];
-                    if last.is_some_and(|l| l >= name) {
+                    if last.is_some_and(|l| l >= rank[f as usize]) {
                         return Err(CodecError::Malformed("fields must be in name order"));
                     }
-                    last = Some(name);
+                    last = Some(rank[f as usize]);
                     let from = r.pos;
                     let size = check_value(&mut r, 0, names[f as usize])?;
                     if size > limits::MAX_VALUE_BYTES {
@@ -935,6 +954,19 @@ pub(crate) mod tests {
             decode(&enc(&[op])),
             Err(CodecError::InvalidOp(OpError::InvalidValue { .. }))
         ));
+        // Depth limits agree with Op::validate at the boundary, for texts too.
+        for levels in [31, 32, 33, 34] {
+            let mut v = json!("leaf");
+            for _ in 0..levels {
+                v = json!([v]);
+            }
+            let op = upsert("c", "k", 1, json!({ "a": v }));
+            assert_eq!(
+                decode(&enc(std::slice::from_ref(&op))).is_ok(),
+                op.validate().is_ok(),
+                "{levels} levels"
+            );
+        }
         let many: serde_json::Map<String, Value> =
             (0..300).map(|i| (format!("f{i}"), json!(i))).collect();
         let op = upsert("c", "k", 1, Value::Object(many));
