@@ -244,7 +244,7 @@ async fn a_writer_outpacing_the_link_is_slowed_not_buffered_and_b_converges() {
     let dir = tempfile::tempdir().unwrap();
     let a = start_node(&dir.path().join("a"), &[]).await.unwrap();
     let link = Link::to(socket_addr(&a.listen_addrs()[0])).await;
-    let b = start_node(&dir.path().join("b"), &[link.addr.clone()])
+    let b = start_node(&dir.path().join("b"), std::slice::from_ref(&link.addr))
         .await
         .unwrap();
     wait_peers(&a, 1).await;
