@@ -244,7 +244,7 @@ async fn a_writer_outpacing_the_link_is_slowed_not_buffered_and_b_converges() {
     let dir = tempfile::tempdir().unwrap();
     let a = start_node(&dir.path().join("a"), &[]).await.unwrap();
     let link = Link::to(socket_addr(&a.listen_addrs()[0])).await;
-    let b = start_node(&dir.path().join("b"), &[link.addr.clone()])
+    let b = start_node(&dir.path().join("b"), std::slice::from_ref(&link.addr))
         .await
         .unwrap();
     wait_peers(&a, 1).await;
@@ -400,6 +400,41 @@ async fn a_writer_outpacing_the_link_is_slowed_not_buffered_and_b_converges() {
         );
         assert!(!ra.is_empty(), "{ns}/{collection} is empty");
         assert!(ra == rb, "B's {ns}/{collection} records differ from A's");
+    }
+    // The same depths are exported at /metrics.
+    let listener = blazedb_node::api::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let api = listener.local_addr().unwrap();
+    tokio::spawn(blazedb_node::api::serve(
+        a.clone(),
+        listener,
+        std::future::pending(),
+    ));
+    let text = reqwest::get(format!("http://{api}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (name, v) in [
+        ("blazedb_command_queue_depth_max", q.commands_max),
+        (
+            "blazedb_materializer_queue_depth_max",
+            q.materializer_jobs_max,
+        ),
+        ("blazedb_sync_inflight_max", q.sync_inflight_max),
+        ("blazedb_gossip_dropped_total", gossip_dropped),
+    ] {
+        let got: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"));
+        // High-water marks and counters only grow.
+        assert!(
+            got >= v && got > 0,
+            "/metrics {name} = {got}, expected at least {v}"
+        );
     }
     eprintln!(
         "converged; A queues {q:?}; sampled max: commands {}, materializer jobs {}; \
