@@ -178,7 +178,8 @@ fn run(
                     }
                 }
                 let n = batches.len() as u64;
-                store.apply(&batches, false).map(|ch| {
+                let listening = changes.receiver_count() > 0;
+                store.apply_with(&batches, false, listening).map(|ch| {
                     for c in ch {
                         let _ = changes.send(c);
                     }

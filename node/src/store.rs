@@ -333,6 +333,17 @@ impl Store {
         batches: &[VerifiedBatch],
         durable: bool,
     ) -> Result<Vec<Change>, StoreError> {
+        self.apply_with(batches, durable, true)
+    }
+
+    /// [`Store::apply`], building the list of changes only if `want_changes` (nobody may be
+    /// listening: building a change per op costs more than applying it).
+    pub fn apply_with(
+        &self,
+        batches: &[VerifiedBatch],
+        durable: bool,
+        want_changes: bool,
+    ) -> Result<Vec<Change>, StoreError> {
         let mut txn = self.view.begin_write()?;
         if !durable {
             txn.set_durability(redb::Durability::None)
@@ -363,6 +374,8 @@ impl Store {
                         .push((bi, oi));
                 }
             }
+            // Each batch's author DID and id in text, made once per batch, not per op.
+            let mut names: Vec<Option<(String, String)>> = vec![None; batches.len()];
             for (rk, ops) in by_record {
                 let mut state = match records.get(rk.as_slice())? {
                     Some(v) => decode_state(v.value())?,
@@ -373,17 +386,23 @@ impl Store {
                     state.apply(&vb.ops[*oi], vb.header.author);
                 }
                 records.insert(rk.as_slice(), encode_state(&state).as_slice())?;
+                if !want_changes {
+                    continue;
+                }
                 let fields = state.visible();
                 for (bi, oi) in ops {
                     let vb = &batches[bi];
                     let op = &vb.ops[oi];
+                    let (author, batch) = names[bi]
+                        .get_or_insert_with(|| (vb.author.to_did(), vb.id.to_hex()))
+                        .clone();
                     changes.push(Change {
                         ns: vb.header.ns.clone(),
                         collection: op.collection().to_string(),
                         key: op.key().to_string(),
                         fields: fields.clone(),
-                        author: vb.author.to_did(),
-                        batch: vb.id.to_hex(),
+                        author,
+                        batch,
                     });
                 }
             }
