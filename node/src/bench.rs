@@ -563,6 +563,7 @@ pub fn b4() -> Result<Vec<Row>> {
 /// setting: catch-up seconds, time to the first missing batch stored, bytes served / missing,
 /// the latency of C's live writes at B (write acknowledged at C until B holds it; p50 and
 /// max), and the peak RSS of the bench process during the catch-up (A, B and C together).
+/// `BLAZEDB_B6_LIVE=0` leaves C out (the plain catch-up of the earlier B6).
 pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
     use std::sync::atomic::Ordering::Relaxed;
     use std::sync::{Arc, Mutex};
@@ -571,6 +572,7 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
         .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .filter(|v: &Vec<u32>| !v.is_empty())
         .unwrap_or_else(|| vec![1, 4]);
+    let with_live = std::env::var("BLAZEDB_B6_LIVE").map_or(true, |v| v != "0");
     let calls = missed_ops.div_ceil(W_BATCH_OPS).max(1);
     let mut rows = Vec::new();
     for stripes in stripes_list {
@@ -585,19 +587,24 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
                 .mdns(false)
                 .spawn()
                 .await?;
-            let c = Node::builder()
-                .data_dir(dir.path().join("c"))
-                .listen(vec![lo.clone()])
-                .mdns(false)
-                .bootstrap(a.listen_addrs()[0].clone())
-                .spawn()
-                .await?;
-            // C connected before A writes: it receives them by gossip.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while c.status().await?.peers.is_empty() {
-                anyhow::ensure!(Instant::now() < deadline, "C did not connect");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            let c = if with_live {
+                let c = Node::builder()
+                    .data_dir(dir.path().join("c"))
+                    .listen(vec![lo.clone()])
+                    .mdns(false)
+                    .bootstrap(a.listen_addrs()[0].clone())
+                    .spawn()
+                    .await?;
+                // C connected before A writes: it receives them by gossip.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while c.status().await?.peers.is_empty() {
+                    anyhow::ensure!(Instant::now() < deadline, "C did not connect");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Some(c)
+            } else {
+                None
+            };
             let mut rng = rand::rngs::StdRng::seed_from_u64(600 + run as u64);
             for _ in 0..calls {
                 a.write(DEFAULT_NAMESPACE, workload_w(&mut rng, W_BATCH_OPS, 0))
@@ -605,10 +612,12 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
             }
             let want = calls as u64;
             // C holds A's writes before B starts (gossip, else its own catch-up).
-            wait_for("C to hold A's writes", Duration::from_secs(1800), || {
-                c.metrics().remote_batches.load(Relaxed) >= want
-            })
-            .await?;
+            if let Some(c) = &c {
+                wait_for("C to hold A's writes", Duration::from_secs(1800), || {
+                    c.metrics().remote_batches.load(Relaxed) >= want
+                })
+                .await?;
+            }
             let served_before = a.metrics().served_bytes.load(Relaxed);
             reset_peak_rss();
             let t = Instant::now();
@@ -623,8 +632,8 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
             // C's live writes: (seq, acknowledged at).
             let live: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let writer = {
-                let (c, live, stop) = (c.clone(), live.clone(), stop.clone());
+            let writer = c.clone().map(|c| {
+                let (live, stop) = (live.clone(), stop.clone());
                 tokio::spawn(async move {
                     let mut i = 0u64;
                     while !stop.load(Relaxed) {
@@ -641,8 +650,8 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 })
-            };
-            let c_did = c.did();
+            });
+            let c_did = c.as_ref().map(|c| c.did());
             let mut lat: Vec<f64> = Vec::new();
             let mut seen = 0usize;
             let mut first = None;
@@ -653,6 +662,15 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
                 if got > 0 && first.is_none() {
                     first = Some(t.elapsed().as_secs_f64());
                 }
+                if c_did.is_none() {
+                    if got >= want {
+                        done_at = Some(t.elapsed().as_secs_f64());
+                        break;
+                    }
+                    anyhow::ensure!(Instant::now() < deadline, "catch-up did not finish");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
                 // A's chain complete at B?
                 let status = b.status().await?;
                 let heads = status
@@ -662,7 +680,8 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
                     .map(|n| n.heads.clone())
                     .unwrap_or_default();
                 let now = Instant::now();
-                let c_head = heads.get(&c_did).copied().unwrap_or(0);
+                let c_head = c_did.as_ref().and_then(|d| heads.get(d)).copied();
+                let c_head = c_head.unwrap_or(0);
                 {
                     let live = live.lock().expect("not poisoned");
                     while seen < live.len() && live[seen].0 <= c_head {
@@ -680,7 +699,9 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             stop.store(true, Relaxed);
-            let _ = writer.await;
+            if let Some(w) = writer {
+                let _ = w.await;
+            }
             secs_v.push(done_at.unwrap_or_default());
             first_v.push(first.unwrap_or_default());
             rss_v.push(peak_rss_mb());
@@ -694,10 +715,13 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
             }
             a.shutdown().await;
             b.shutdown().await;
-            c.shutdown().await;
+            if let Some(c) = c {
+                c.shutdown().await;
+            }
         }
         let tag = format!("stripes={stripes}");
         let med = |v: Vec<f64>| if v.is_empty() { f64::NAN } else { median(v) };
+        let rows_before = rows.len();
         rows.extend([
             Row {
                 id: "B6",
@@ -741,13 +765,17 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
             },
             Row {
                 id: "B6",
-                what: format!("peak RSS during catch-up, A+B+C in one process ({tag})"),
+                what: format!("peak RSS during catch-up, all nodes in one process ({tag})"),
                 value: med(rss_v),
                 unit: "MB",
                 ratio: None,
                 baseline: None,
             },
         ]);
+        if !with_live {
+            // No live writer: drop its two rows (p50, max).
+            rows.drain(rows_before + 3..rows_before + 5);
+        }
     }
     Ok(rows)
 }
