@@ -546,20 +546,12 @@ mod tests {
         let kp = Keypair::generate();
         let bomb =
             zstd::bulk::compress(&vec![0u8; limits::MAX_PAYLOAD_PLAIN_BYTES + 1], 3).unwrap();
-        let mut b = seal(&kp, "default", first(), ops(1), None).unwrap();
-        b.header.enc = ENC_ZSTD;
-        b.header.payload_len = bomb.len() as u32;
-        b.header.payload_hash = *blake3::hash(&bomb).as_bytes();
-        let header_bytes = to_cbor(&b.header);
-        let mut signed = SIGNING_CONTEXT.to_vec();
-        signed.extend_from_slice(&header_bytes);
-        let sig = kp.sign(&signed);
-        let mut bytes = vec![0x83];
-        write_bstr(&mut bytes, &header_bytes);
-        write_bstr(&mut bytes, &sig);
-        write_bstr(&mut bytes, &bomb);
+        let b = seal(&kp, "default", first(), ops(1), None).unwrap();
         assert!(bomb.len() < 4096);
-        assert!(matches!(verify(bytes), Err(BatchError::Malformed(m)) if m.contains("zstd")));
+        for enc in [ENC_ZSTD, ENC_COMPACT_ZSTD] {
+            let bytes = resign(&kp, b.header.clone(), &bomb, enc);
+            assert!(matches!(verify(bytes), Err(BatchError::Malformed(m)) if m.contains("zstd")));
+        }
     }
 
     /// Re-signs a batch with its payload replaced (test helper for hand-made batches).
