@@ -635,10 +635,6 @@ fn parse_value(r: &mut Reader<'_>) -> Result<Value, CodecError> {
     })
 }
 
-/// Collection validation state, one per table entry, computed on first use.
-const UNCHECKED: u8 = 0;
-const OK_COLLECTION: u8 = 1;
-
 /// Decodes and validates a compact payload without copying: names, keys and values borrow
 /// from `bytes`. Checks every rule [`Op::validate`] checks, op count and strictly increasing
 /// timestamps; anything else is an error.
@@ -663,7 +659,8 @@ pub fn decode(bytes: &[u8]) -> Result<PayloadView<'_>, CodecError> {
     for (r, &i) in by_name.iter().enumerate() {
         rank[i as usize] = r as u32;
     }
-    let mut checked = vec![UNCHECKED; names.len()];
+    // Which names have been checked as collections (on first use as one).
+    let mut checked = vec![false; names.len()];
     let base = r.uint("hlc base must be an unsigned integer")?;
     let n_ops = r.expect(4, "ops must be an array")?;
     let n_ops = r.count(n_ops, limits::MAX_OPS_PER_BATCH)?;
@@ -690,7 +687,7 @@ pub fn decode(bytes: &[u8]) -> Result<PayloadView<'_>, CodecError> {
             let token = r.text("token must be text")?;
             let hlc = next_hlc(&mut r, &mut prev, i)?;
             let op = OpView::Revoke { token, hlc };
-            check_token(token)?;
+            crate::op::validate_token_id(token)?;
             ops.push(op);
             continue;
         }
@@ -786,25 +783,11 @@ fn name_index(r: &mut Reader<'_>, names: &[&str]) -> Result<u32, CodecError> {
     Ok(i as u32)
 }
 
-fn check_collection(i: u32, names: &[&str], checked: &mut [u8]) -> Result<(), CodecError> {
-    let state = &mut checked[i as usize];
-    if *state == OK_COLLECTION {
-        return Ok(());
+fn check_collection(i: u32, names: &[&str], checked: &mut [bool]) -> Result<(), CodecError> {
+    if !checked[i as usize] {
+        crate::op::validate_user_collection(names[i as usize])?;
+        checked[i as usize] = true;
     }
-    let name = names[i as usize];
-    crate::op::validate_collection(name)?;
-    if name.starts_with('_') {
-        // Same verdict as Op::validate.
-        return Err(Op::Delete {
-            collection: name.to_string(),
-            key: "k".into(),
-            hlc: Hlc(0),
-        }
-        .validate()
-        .err()
-        .map_or(CodecError::Malformed("reserved collection"), Into::into));
-    }
-    *state = OK_COLLECTION;
     Ok(())
 }
 
@@ -819,15 +802,6 @@ fn check_key(k: &str) -> Result<(), CodecError> {
         return Ok(());
     }
     crate::op::validate_key(k).map_err(Into::into)
-}
-
-fn check_token(t: &str) -> Result<(), CodecError> {
-    Op::Revoke {
-        token: t.to_string(),
-        hlc: Hlc(0),
-    }
-    .validate()
-    .map_err(Into::into)
 }
 
 #[cfg(test)]

@@ -154,27 +154,9 @@ impl Op {
     /// are sealed into a batch or accepted from a peer.
     pub fn validate(&self) -> Result<(), OpError> {
         if let Op::Revoke { token, .. } = self {
-            if token.len() != 64
-                || !token
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            {
-                return Err(name_error(
-                    "token id",
-                    token,
-                    "expected 64 lowercase hex digits",
-                ));
-            }
-            return Ok(());
+            return validate_token_id(token);
         }
-        validate_collection(self.collection())?;
-        if self.collection().starts_with('_') {
-            return Err(name_error(
-                "collection",
-                self.collection(),
-                "collections starting with '_' are reserved",
-            ));
-        }
+        validate_user_collection(self.collection())?;
         validate_key(self.key())?;
         match self {
             Op::Upsert { fields, .. } => {
@@ -269,6 +251,35 @@ fn validate_ident(
             what,
             s,
             format!("character {bad:?} not allowed"),
+        ));
+    }
+    Ok(())
+}
+
+/// Collections user ops may touch: a valid collection name not starting with `_` (reserved).
+pub fn validate_user_collection(c: &str) -> Result<(), OpError> {
+    validate_collection(c)?;
+    if c.starts_with('_') {
+        return Err(name_error(
+            "collection",
+            c,
+            "collections starting with '_' are reserved",
+        ));
+    }
+    Ok(())
+}
+
+/// Capability token ids (in revocations): 64 lowercase hex digits.
+pub fn validate_token_id(token: &str) -> Result<(), OpError> {
+    if token.len() != 64
+        || !token
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(name_error(
+            "token id",
+            token,
+            "expected 64 lowercase hex digits",
         ));
     }
     Ok(())
