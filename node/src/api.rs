@@ -448,6 +448,13 @@ async fn events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
+/// Appends one metric in Prometheus text format.
+fn metric(out: &mut String, kind: &str, name: &str, help: &str, v: u64) {
+    out.push_str(&format!(
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+    ));
+}
+
 async fn metrics(State(node): State<NodeHandle>) -> Response {
     let m = node.metrics();
     let n = node.clone();
@@ -457,130 +464,175 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
         .and_then(|r| r.ok())
         .unwrap_or((0, 0));
     let mut out = String::new();
-    let mut counter = |name: &str, help: &str, v: u64| {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-        ));
-    };
-    counter(
+    metric(
+        &mut out,
+        "counter",
         "blazedb_local_batches_total",
         "Batches written by this node.",
         m.local_batches.load(Ordering::Relaxed),
     );
-    counter(
+    metric(
+        &mut out,
+        "counter",
         "blazedb_local_ops_total",
         "Ops written by this node.",
         m.local_ops.load(Ordering::Relaxed),
     );
-    counter(
+    metric(
+        &mut out,
+        "counter",
         "blazedb_remote_batches_total",
         "Batches stored from peers.",
         m.remote_batches.load(Ordering::Relaxed),
     );
-    counter(
+    metric(
+        &mut out,
+        "counter",
         "blazedb_rejected_total",
         "Invalid batches or messages from peers.",
         m.rejected.load(Ordering::Relaxed),
     );
-    counter(
+    metric(
+        &mut out,
+        "counter",
         "blazedb_peers_dropped_total",
         "Peers disconnected for misbehaviour.",
         m.peers_dropped.load(Ordering::Relaxed),
     );
-    counter(
+    metric(
+        &mut out,
+        "counter",
         "blazedb_commits_total",
         "Durable store transactions.",
         m.commits.load(Ordering::Relaxed),
     );
-    counter(
+    metric(
+        &mut out,
+        "counter",
         "blazedb_duplicate_batches_total",
         "Batches received that were already held.",
         m.duplicates.load(Ordering::Relaxed),
     );
-    counter(
+    metric(
+        &mut out,
+        "counter",
         "blazedb_pushes_dropped_total",
         "Pushes to slow readers dropped (they catch up by fetching).",
         m.pushes_dropped.load(Ordering::Relaxed),
     );
-    counter(
+    metric(
+        &mut out,
+        "counter",
         "blazedb_serves_queued_total",
         "Fetches from peers that waited for their bulk answers in flight (backpressure).",
         m.serves_queued.load(Ordering::Relaxed),
     );
-    counter(
+    metric(
+        &mut out,
+        "counter",
         "blazedb_serves_dropped_total",
         "Fetches from peers dropped because their bulk queue was full.",
         m.serves_dropped.load(Ordering::Relaxed),
     );
-    counter(
+    metric(
+        &mut out,
+        "counter",
         "blazedb_ineffective_batches_total",
         "Batches stored whose capability was revoked before they were written.",
         m.ineffective.load(Ordering::Relaxed),
     );
-    counter(
+    metric(
+        &mut out,
+        "counter",
         "blazedb_sync_dropped_total",
         "Sync messages dropped because the peer had the maximum unanswered (sent again later).",
         m.sync_dropped.load(Ordering::Relaxed),
     );
-    counter(
+    metric(
+        &mut out,
+        "counter",
         "blazedb_gossip_dropped_total",
         "Gossip publishes refused because every subscriber's send queue was full.",
         m.gossip_dropped.load(Ordering::Relaxed),
     );
-    counter(
+    metric(
+        &mut out,
+        "counter",
         "blazedb_batches_sealed_total",
         "Batches sealed from local writes (coalesced writes share one).",
         m.batches_sealed.load(Ordering::Relaxed),
     );
-    counter(
+    metric(
+        &mut out,
+        "counter",
         "blazedb_ops_sealed_total",
         "Ops in the batches sealed from local writes (after op merging).",
         m.ops_sealed.load(Ordering::Relaxed),
     );
-    counter(
+    metric(
+        &mut out,
+        "counter",
         "blazedb_writes_total",
         "Local write calls acknowledged (durable).",
         m.writes_acked.load(Ordering::Relaxed),
     );
     let q = node.queues();
-    let mut gauge = |name: &str, help: &str, v: u64| {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
-        ));
-    };
-    gauge(
+    metric(
+        &mut out,
+        "gauge",
         "blazedb_command_queue_depth",
         "Commands queued for the node's actor (bound: 256).",
         q.commands,
     );
-    gauge(
+    metric(
+        &mut out,
+        "gauge",
         "blazedb_command_queue_depth_max",
         "Highest command queue depth seen.",
         q.commands_max,
     );
-    gauge(
+    metric(
+        &mut out,
+        "gauge",
         "blazedb_materializer_queue_depth",
         "Jobs queued for the materializer (bound: 64, plus the one being picked up).",
         q.materializer_jobs,
     );
-    gauge(
+    metric(
+        &mut out,
+        "gauge",
         "blazedb_materializer_queue_depth_max",
         "Highest materializer queue depth seen.",
         q.materializer_jobs_max,
     );
-    gauge(
+    metric(
+        &mut out,
+        "gauge",
         "blazedb_sync_inflight_max",
         "Highest number of unanswered sync requests to one peer seen (bound: 128).",
         q.sync_inflight_max,
     );
-    out.push_str(&format!(
-        "# HELP blazedb_batch_linger_us Current adaptive flush delay of local writes, in microseconds.\n# TYPE blazedb_batch_linger_us gauge\nblazedb_batch_linger_us {}\n",
-        m.batch_linger_us.load(Ordering::Relaxed)
-    ));
-    out.push_str(&format!(
-        "# HELP blazedb_stored_batches Batches in the store.\n# TYPE blazedb_stored_batches gauge\nblazedb_stored_batches {batches}\n\
-         # HELP blazedb_stored_records Records in the store.\n# TYPE blazedb_stored_records gauge\nblazedb_stored_records {records}\n"
-    ));
+    metric(
+        &mut out,
+        "gauge",
+        "blazedb_batch_linger_us",
+        "Current adaptive flush delay of local writes, in microseconds.",
+        m.batch_linger_us.load(Ordering::Relaxed),
+    );
+    metric(
+        &mut out,
+        "gauge",
+        "blazedb_stored_batches",
+        "Batches in the store.",
+        batches,
+    );
+    metric(
+        &mut out,
+        "gauge",
+        "blazedb_stored_records",
+        "Records in the store.",
+        records,
+    );
     out.push_str(&node.gossip_metrics_text());
     (
         [(
