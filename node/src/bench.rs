@@ -100,7 +100,8 @@ pub fn workload_w(rng: &mut impl Rng, n: usize, hlc_start: u64) -> Vec<Op> {
         .collect()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// Median of a non-empty set of figures.
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v[v.len() / 2]
 }
@@ -114,6 +115,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     if args.only.iter().any(|b| b == "b2") {
         rows.extend(b2(args.ops, runs).await?);
+    }
+    if args.only.iter().any(|b| b == "b2" || b == "b2m") {
+        rows.extend(crate::bench_materialize::b2m(args.ops.max(200_000), runs)?);
     }
     if args.only.iter().any(|b| b == "b2" || b == "b2s") {
         rows.extend(crate::bench_adaptive::b2s(runs).await?);
@@ -928,7 +932,8 @@ async fn raw_tcp_goodput_ops() -> Result<f64> {
     Ok((reps * W_BATCH_OPS) as f64 / secs)
 }
 
-fn tempfile_dir() -> Result<TempDir> {
+/// A fresh temporary directory, removed on drop.
+pub fn tempfile_dir() -> Result<TempDir> {
     let base = std::env::temp_dir().join(format!(
         "blazedb-bench-{}-{}",
         std::process::id(),
@@ -938,9 +943,11 @@ fn tempfile_dir() -> Result<TempDir> {
     Ok(TempDir(base))
 }
 
-struct TempDir(std::path::PathBuf);
+/// A temporary directory removed on drop.
+pub struct TempDir(std::path::PathBuf);
 impl TempDir {
-    fn path(&self) -> &std::path::Path {
+    /// Its path.
+    pub fn path(&self) -> &std::path::Path {
         &self.0
     }
 }

@@ -20,6 +20,7 @@ pub mod bench;
 pub mod bench_adaptive;
 pub mod bench_gossip;
 pub mod bench_handshake;
+pub mod bench_materialize;
 pub mod materializer;
 pub mod net;
 pub mod node;

@@ -1,16 +1,29 @@
 //! The materializer: applies logged batches to the records, off the write path.
 //!
 //! A write is acknowledged once its batch is durable in the log (one small redb transaction
-//! per group commit). The records — derived state — are brought up to date by this thread, in
-//! large non-durable view transactions (a durable one whenever it catches up), so the write
-//! path never pays for thousands of random B-tree updates.
+//! per group commit). The records — derived state — are brought up to date here, in two
+//! stages on two threads:
+//!
+//! 1. **Stage** (this thread): each batch's ops are joined into an in-memory *delta*
+//!    ([`Store::stage`]): per record, the join of the ops applied since the last flush. No
+//!    B-tree is read or written, so this runs at in-memory speed, and a read sees the op as
+//!    soon as it is staged (reads join delta and file, see [`Store::get`]).
+//! 2. **Flush** (the flusher thread): once the delta holds [`STAGED_FLUSH_BYTES`], or the
+//!    materializer is idle, it is frozen and written into the view file in one transaction,
+//!    records in key order, each read, joined and written once ([`Store::flush_frozen`]),
+//!    while the next delta is being staged. Random-key B-tree updates are the bound of this
+//!    path; large, key-ordered flushes of deduplicated records are what make them cheaper.
 //!
 //! - **Read-your-writes**: a read first waits until everything submitted before it has been
-//!   applied ([`MatSync::wait_applied`]).
+//!   staged ([`MatSync::wait_applied`]).
 //! - **Bounded**: the job queue holds at most [`QUEUE_CAP`] jobs; when it is full the actor
-//!   blocks on it, which backs pressure up to writers and peers.
+//!   blocks on it, which backs pressure up to writers and peers. Memory: the staged delta is
+//!   frozen at [`STAGED_FLUSH_BYTES`] and, while the previous one is still being flushed,
+//!   staging stops at [`STAGED_MAX_BYTES`] until it is done.
 //! - **Crash-safe**: the view stores a per-chain watermark in the same transaction as the
-//!   records; after a crash, [`crate::store::Store::unapplied`] finds what to apply again.
+//!   records it covers; after a crash, [`crate::store::Store::unapplied`] finds what to apply
+//!   again (staged deltas are only memory: losing them loses nothing the log does not hold).
+//!   Flushes under load commit without fsync; an idle point and shutdown fsync the view.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,8 +39,21 @@ use crate::store::{Change, Store};
 
 /// Most jobs queued for the materializer.
 pub const QUEUE_CAP: usize = 64;
-/// Most ops applied in one view transaction.
+/// Most ops staged per job round (several queued jobs are taken together up to this).
 const OPS_PER_TXN: usize = 50_000;
+/// A staged delta this large (approximate bytes) is handed to the flusher.
+pub const STAGED_FLUSH_BYTES: usize = 64 * 1024 * 1024;
+/// A staged delta this large waits for the flusher: with the one being flushed, at most about
+/// twice this is held in memory.
+pub const STAGED_MAX_BYTES: usize = 2 * STAGED_FLUSH_BYTES;
+fn flush_bytes() -> usize {
+    std::env::var("BLAZEDB_FLUSH_MB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(STAGED_FLUSH_BYTES, |mb| mb << 20)
+}
+/// How often an idle materializer with a view behind checks on the flusher.
+const IDLE_POLL: Duration = Duration::from_millis(5);
 /// Longest a read waits for the records to catch up.
 const READ_WAIT: Duration = Duration::from_secs(30);
 
@@ -135,9 +161,116 @@ pub fn spawn(
     let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE_CAP);
     let handle = std::thread::Builder::new()
         .name("blazedb-materializer".into())
-        .spawn(move || run(&store, &sync, &changes, rx))
+        .spawn(move || {
+            let flusher = Flusher::spawn(store.clone());
+            run(&store, &sync, &changes, rx, flusher)
+        })
         .expect("spawning the materializer thread");
     (tx, handle)
+}
+
+/// The thread that writes frozen deltas into the view file, so that applying the next ops
+/// (in memory) and writing the last ones (B-tree updates) run at the same time.
+struct Flusher {
+    /// Flush requests (`true`: fsync the commit). One at a time.
+    tx: Option<mpsc::SyncSender<bool>>,
+    /// Outcome of each flush.
+    done: mpsc::Receiver<Result<(), String>>,
+    busy: bool,
+    /// A flush without fsync committed since the last durable one.
+    needs_sync: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flusher {
+    fn spawn(store: Arc<Store>) -> Self {
+        let (tx, rx) = mpsc::sync_channel::<bool>(1);
+        let (done_tx, done) = mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("blazedb-flusher".into())
+            .spawn(move || {
+                for durable in rx {
+                    let r = store
+                        .flush_frozen(durable)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string());
+                    if done_tx.send(r).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawning the flusher thread");
+        Flusher {
+            tx: Some(tx),
+            done,
+            busy: false,
+            needs_sync: false,
+            thread: Some(thread),
+        }
+    }
+
+    /// Freezes what is staged and starts writing it, if the flusher is idle. Returns whether
+    /// a flush started.
+    fn start(&mut self, store: &Store, durable: bool) -> Result<bool, String> {
+        if !self.poll_idle()? || !store.freeze() {
+            return Ok(false);
+        }
+        let tx = self.tx.as_ref().ok_or("flusher stopped")?;
+        tx.send(durable)
+            .map_err(|_| "flusher thread ended".to_string())?;
+        self.busy = true;
+        self.needs_sync = !durable;
+        Ok(true)
+    }
+
+    /// Whether no flush is running (collecting the outcome of a finished one).
+    fn poll_idle(&mut self) -> Result<bool, String> {
+        if self.busy {
+            match self.done.try_recv() {
+                Ok(r) => {
+                    self.busy = false;
+                    r?;
+                }
+                Err(mpsc::TryRecvError::Empty) => return Ok(false),
+                Err(mpsc::TryRecvError::Disconnected) => return Err("flusher thread ended".into()),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Waits for the running flush, if any.
+    fn wait_idle(&mut self) -> Result<(), String> {
+        if self.busy {
+            let r = self
+                .done
+                .recv()
+                .map_err(|_| "flusher thread ended".to_string())?;
+            self.busy = false;
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Writes everything staged into the view file and waits for it.
+    fn flush_all(&mut self, store: &Store, durable: bool) -> Result<(), String> {
+        self.wait_idle()?;
+        if self.start(store, durable)? {
+            self.wait_idle()?;
+        } else if durable && self.needs_sync {
+            store.sync_view().map_err(|e| e.to_string())?;
+            self.needs_sync = false;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn run(
@@ -145,17 +278,20 @@ fn run(
     sync: &MatSync,
     changes: &broadcast::Sender<Change>,
     rx: mpsc::Receiver<Job>,
+    mut flusher: Flusher,
 ) {
     let mut carry: Option<Job> = None;
+    let fail = |e: String| {
+        tracing::error!("updating the records failed: {e}");
+        sync.fail(e);
+    };
     loop {
         let job = match carry.take() {
             Some(j) => j,
-            None => match rx.recv() {
-                Ok(j) => {
-                    sync.took();
-                    j
-                }
-                Err(_) => break,
+            None => match next_job(store, sync, &rx, &mut flusher) {
+                Ok(Some(j)) => j,
+                Ok(None) => break,
+                Err(e) => return fail(e),
             },
         };
         let res = match job {
@@ -179,38 +315,77 @@ fn run(
                 }
                 let n = batches.len() as u64;
                 let listening = changes.receiver_count() > 0;
-                store.apply_with(&batches, false, listening).map(|ch| {
-                    for c in ch {
-                        let _ = changes.send(c);
-                    }
-                    n
-                })
+                store
+                    .stage(&batches, listening)
+                    .map_err(|e| e.to_string())
+                    .and_then(|(ch, _)| {
+                        for c in ch {
+                            let _ = changes.send(c);
+                        }
+                        // Hand a full delta to the flusher; past the hard bound, wait for it
+                        // (backpressure: the queue fills, then the actor, then writers wait).
+                        let (_, bytes) = store.staged_size();
+                        let flush_at = flush_bytes();
+                        if bytes >= flush_at && !flusher.start(store, false)? {
+                            if bytes >= 2 * flush_at {
+                                flusher.wait_idle()?;
+                                flusher.start(store, false)?;
+                            }
+                        }
+                        Ok(n)
+                    })
             }
-            Job::Rebuild { ns, revocations } => match store.rebuild_namespace(&ns, &revocations) {
-                Ok((applied, skipped)) => {
+            Job::Rebuild { ns, revocations } => flusher
+                .flush_all(store, false)
+                .and_then(|()| {
+                    store
+                        .rebuild_namespace(&ns, &revocations)
+                        .map_err(|e| e.to_string())
+                })
+                .map(|(applied, skipped)| {
                     tracing::info!(%ns, applied, ineffective = skipped, "revocation learned: records rebuilt from the log");
-                    Ok(0)
-                }
-                Err(e) => Err(e),
-            },
+                    0
+                }),
         };
         match res {
-            Ok(n) => {
-                // Caught up: make the view durable (one fsync per idle point, not per txn).
-                if carry.is_none() && sync.backlog() <= n {
-                    if let Err(e) = store.sync_view() {
-                        sync.fail(e.to_string());
-                        break;
-                    }
-                }
-                sync.applied(n);
-            }
-            Err(e) => {
-                tracing::error!("applying batches to the records failed: {e}");
-                sync.fail(e.to_string());
-                break;
-            }
+            Ok(n) => sync.applied(n),
+            Err(e) => return fail(e),
         }
     }
-    let _ = store.sync_view();
+    if let Err(e) = flusher.flush_all(store, true) {
+        fail(e);
+    }
+}
+
+/// The next job; while none is queued, brings the view file up to date (everything staged
+/// is flushed, durably, once the materializer is idle). `None` once the queue is closed.
+fn next_job(
+    store: &Store,
+    sync: &MatSync,
+    rx: &mpsc::Receiver<Job>,
+    flusher: &mut Flusher,
+) -> Result<Option<Job>, String> {
+    loop {
+        if !store.view_pending() && flusher.poll_idle()? {
+            if flusher.needs_sync {
+                // Caught up: make the view durable (one fsync per idle point).
+                store.sync_view().map_err(|e| e.to_string())?;
+                flusher.needs_sync = false;
+            }
+            return Ok(rx.recv().ok().inspect(|_| sync.took()));
+        }
+        match rx.recv_timeout(IDLE_POLL) {
+            Ok(j) => {
+                sync.took();
+                return Ok(Some(j));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Idle: flush what is staged, durably (one fsync per idle point).
+                if flusher.poll_idle()? && store.view_pending() {
+                    flusher.start(store, true)?;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(None),
+        }
+    }
 }

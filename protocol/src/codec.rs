@@ -89,7 +89,8 @@ fn int(out: &mut Vec<u8>, v: i64) {
     }
 }
 
-fn value(out: &mut Vec<u8>, v: &Value) {
+/// Writes a JSON value as CBOR (the layout of field values in payloads and stored records).
+pub(crate) fn value(out: &mut Vec<u8>, v: &Value) {
     match v {
         Value::Null => out.push(0xf6),
         Value::Bool(b) => out.push(if *b { 0xf5 } else { 0xf4 }),
@@ -256,8 +257,17 @@ impl ValueRef<'_> {
     pub fn to_value(&self) -> Value {
         let mut r = Reader { b: self.0, pos: 0 };
         // Validated when the payload was decoded: cannot fail.
-        parse_value(&mut r).unwrap_or(Value::Null)
+        parse_value(&mut r, 0).unwrap_or(Value::Null)
     }
+}
+
+/// Reads one CBOR value written by [`value`] from the front of `bytes`: the value and the
+/// number of bytes it took. Nesting deeper than [`limits::MAX_VALUE_DEPTH`] is refused, so
+/// damaged input cannot exhaust the stack.
+pub(crate) fn read_value(bytes: &[u8]) -> Result<(Value, usize), CodecError> {
+    let mut r = Reader { b: bytes, pos: 0 };
+    let v = parse_value(&mut r, 0)?;
+    Ok((v, r.pos))
 }
 
 /// One decoded op, borrowing from the payload. Names are indices into the payload's table.
@@ -596,7 +606,10 @@ fn too_big(field: &str, size: usize) -> CodecError {
     )
 }
 
-fn parse_value(r: &mut Reader<'_>) -> Result<Value, CodecError> {
+fn parse_value(r: &mut Reader<'_>, depth: usize) -> Result<Value, CodecError> {
+    if depth > limits::MAX_VALUE_DEPTH {
+        return Err(CodecError::Malformed("value nested too deeply"));
+    }
     let (major, ai, n) = r.head()?;
     Ok(match major {
         0 => Value::from(n),
@@ -610,7 +623,7 @@ fn parse_value(r: &mut Reader<'_>) -> Result<Value, CodecError> {
             let n = r.count(n, usize::MAX)?;
             let mut items = Vec::with_capacity(n);
             for _ in 0..n {
-                items.push(parse_value(r)?);
+                items.push(parse_value(r, depth + 1)?);
             }
             Value::Array(items)
         }
@@ -619,7 +632,7 @@ fn parse_value(r: &mut Reader<'_>) -> Result<Value, CodecError> {
             let mut map = serde_json::Map::new();
             for _ in 0..n {
                 let k = r.text("object keys must be text")?;
-                map.insert(k.to_string(), parse_value(r)?);
+                map.insert(k.to_string(), parse_value(r, depth + 1)?);
             }
             Value::Object(map)
         }

@@ -10,6 +10,7 @@
 //! - [`codec`]: the compact payload codec (interned names, borrowed zero-copy decoding).
 //! - [`batch`]: the signed, hashed batch envelope: sealing and verification.
 //! - [`merge`]: record states and the merge rules (a join-semilattice).
+//! - [`record_codec`]: the stored form of record states (compact binary, private to a store).
 //! - [`engine`]: the sync engine (gossip ingest, version-vector catch-up).
 //! - [`coalesce`]: several local callers' writes sealed into one batch, equivalently.
 //! - [`limits`]: every maximum the protocol enforces.
@@ -24,6 +25,7 @@ pub mod limits;
 pub mod merge;
 pub mod op;
 pub mod prune;
+pub mod record_codec;
 
 pub use batch::{BatchError, BatchHeader, BatchId, VerifiedBatch};
 pub use engine::{Action, Engine, EngineConfig, GossipVerdict, SyncMessage, WriteMany};

@@ -1,0 +1,147 @@
+//! B2m: the materializer alone — the bound of readable ingest, two-node replication (B3) and
+//! catch-up (B6), since the log runs ahead of the records only as far as the materializer's
+//! bounded queue allows.
+//!
+//! Sealed workload-W batches (5,000 ops, random keys over 1M records) are applied to a fresh
+//! store's records with [`Store::apply_with`] in transactions of the materializer's size
+//! (50,000 ops, non-durable, no change events), exactly as the materializer thread does.
+//! Baseline in the same run: raw redb inserting one value of the same size per distinct record
+//! touched, in the same key order and transaction size (no read, no merge, no encoding): the
+//! price of the B-tree alone.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+use rand::SeedableRng;
+
+use blazedb_identity::Keypair;
+use blazedb_protocol::batch::{self, ChainPosition};
+use blazedb_protocol::VerifiedBatch;
+
+use crate::bench::{median, tempfile_dir, workload_w, Row, W_BATCH_OPS};
+use crate::materializer::{self, Job, MatSync};
+use crate::node::DEFAULT_NAMESPACE;
+use crate::store::Store;
+
+/// Ops per view transaction (the materializer's `OPS_PER_TXN`).
+const TXN_OPS: usize = 50_000;
+
+/// Sealed, chained workload-W batches of one author.
+pub fn sealed_batches(seed: u64, total_ops: usize) -> Result<Vec<VerifiedBatch>> {
+    let kp = Keypair::from_seed([seed as u8; 32]);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut out: Vec<VerifiedBatch> = Vec::new();
+    let mut hlc = 1u64 << 40;
+    for seq in 1..=total_ops.div_ceil(W_BATCH_OPS) as u64 {
+        let ops = workload_w(&mut rng, W_BATCH_OPS, hlc);
+        hlc += W_BATCH_OPS as u64;
+        let prev = out.last().map(|b| b.id);
+        out.push(batch::seal(
+            &kp,
+            DEFAULT_NAMESPACE,
+            ChainPosition { seq, prev },
+            ops,
+            None,
+        )?);
+    }
+    Ok(out)
+}
+
+/// Runs B2m: `total_ops` ops applied, median of `runs`.
+pub fn b2m(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
+    let txn_ops = std::env::var("BLAZEDB_B2M_TXN_OPS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(TXN_OPS);
+    let per_txn = (txn_ops / W_BATCH_OPS).max(1);
+    let (mut rates, mut raw_rates, mut readable) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..runs {
+        let batches = sealed_batches(200 + run as u64, total_ops)?;
+        let ops: usize = batches.iter().map(|b| b.ops.len()).sum();
+        let dir = tempfile_dir()?;
+        let store = Arc::new(Store::open(&dir.path().join("store.redb"))?);
+        let sync = Arc::new(MatSync::default());
+        let (changes, _) = tokio::sync::broadcast::channel(16);
+        let (tx, thread) = materializer::spawn(store.clone(), sync.clone(), changes);
+        // The raw baseline below needs the keys: keep them, hand the batches over.
+        let keys_per_txn: Vec<Vec<Vec<u8>>> = batches
+            .chunks(per_txn)
+            .map(|chunk| {
+                let mut keys: Vec<Vec<u8>> = chunk
+                    .iter()
+                    .flat_map(|b| b.ops.iter())
+                    .map(|op| {
+                        let mut k = vec![DEFAULT_NAMESPACE.len() as u8];
+                        k.extend_from_slice(DEFAULT_NAMESPACE.as_bytes());
+                        k.push(op.collection().len() as u8);
+                        k.extend_from_slice(op.collection().as_bytes());
+                        k.extend_from_slice(op.key().as_bytes());
+                        k
+                    })
+                    .collect();
+                keys.sort_unstable();
+                keys.dedup();
+                keys
+            })
+            .collect();
+        let t = Instant::now();
+        for b in batches {
+            sync.submitted(1);
+            tx.send(Job::Apply(vec![b]))
+                .map_err(|_| anyhow::anyhow!("materializer stopped"))?;
+        }
+        sync.wait_applied().map_err(|e| anyhow::anyhow!(e))?;
+        readable.push(ops as f64 / t.elapsed().as_secs_f64());
+        drop(tx);
+        thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("materializer panicked"))?;
+        rates.push(ops as f64 / t.elapsed().as_secs_f64());
+        let (n_records, n_bytes) = store.view_size()?;
+        // Raw redb: one value of the stored state's size per distinct record of each txn.
+        let value_len = (n_bytes / n_records.max(1)) as usize;
+        drop(store);
+        let value = vec![0x5au8; value_len];
+        let db = redb::Database::builder()
+            .set_cache_size(256 * 1024 * 1024)
+            .create(dir.path().join("raw.redb"))?;
+        const T: redb::TableDefinition<'_, &[u8], &[u8]> = redb::TableDefinition::new("raw");
+        let t = Instant::now();
+        for keys in &keys_per_txn {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(redb::Durability::None)?;
+            {
+                let mut table = txn.open_table(T)?;
+                for k in keys {
+                    table.insert(k.as_slice(), value.as_slice())?;
+                }
+            }
+            txn.commit()?;
+        }
+        let txn = db.begin_write()?;
+        txn.commit()?;
+        raw_rates.push(ops as f64 / t.elapsed().as_secs_f64());
+    }
+    let (rate, raw) = (median(rates), median(raw_rates));
+    Ok(vec![
+        Row {
+            id: "B2m",
+            what: format!("materializer: {total_ops} W ops readable (staged in memory)"),
+            value: median(readable),
+            unit: "ops/s",
+            ratio: None,
+            baseline: None,
+        },
+        Row {
+            id: "B2m",
+            what: format!("materializer: {total_ops} W ops written to the view file (durable)"),
+            value: rate,
+            unit: "ops/s",
+            ratio: Some(rate / raw),
+            baseline: Some(format!(
+                "raw redb, one value per record touched, same keys and txns: {raw:.0} ops/s"
+            )),
+        },
+    ])
+}
