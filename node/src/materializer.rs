@@ -316,7 +316,7 @@ fn run(
                 let n = batches.len() as u64;
                 let listening = changes.receiver_count() > 0;
                 store
-                    .stage(&batches, listening)
+                    .stage(batches, listening)
                     .map_err(|e| e.to_string())
                     .and_then(|(ch, _)| {
                         for c in ch {

@@ -828,6 +828,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         pending: Vec::new(),
         batch_deadline: None,
         epoch: tokio::time::Instant::now(),
+        deferred: None,
     };
     let span = tracing::info_span!("node", peer = %keypair.public().to_peer_id());
     tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
@@ -862,7 +863,22 @@ struct Actor {
     batch_deadline: Option<tokio::time::Instant>,
     /// Origin of the batcher's microsecond clock.
     epoch: tokio::time::Instant,
+    /// While set, `execute` collects actions here instead of running them, and gossip
+    /// verdicts wait with them: swarm events that are ready together are handled as one
+    /// group, whose batches are stored in one log transaction (one fsync) before any of them
+    /// is reported valid to gossipsub (and so relayed).
+    deferred: Option<Deferred>,
 }
+
+/// Actions and gossip verdicts of a group of swarm events, run together.
+#[derive(Default)]
+struct Deferred {
+    actions: Vec<Action<PeerId>>,
+    verdicts: Vec<(gossipsub::MessageId, PeerId, GossipVerdict)>,
+}
+
+/// Most swarm events that are ready at once handled as one group (one log commit).
+const EVENT_GROUP_MAX: usize = 64;
 
 /// A fetch to answer from the store.
 struct ServeRequest {
@@ -919,7 +935,7 @@ impl Actor {
                     }
                 }
                 ev = self.swarm.select_next_some() => {
-                    if let Flow::Stop(reply) = self.on_swarm_event(ev) {
+                    if let Flow::Stop(reply) = self.on_swarm_events(ev) {
                         break reply;
                     }
                 }
@@ -1187,6 +1203,10 @@ impl Actor {
 
     /// Carries out engine actions: stores first (one durable transaction), then the rest.
     fn execute(&mut self, actions: Vec<Action<PeerId>>) -> Flow {
+        if let Some(group) = &mut self.deferred {
+            group.actions.extend(actions);
+            return Flow::Continue;
+        }
         let stats = self.engine.stats();
         let m = &self.shared.metrics;
         m.duplicates
@@ -1408,6 +1428,48 @@ impl Actor {
         let _ = self.swarm.disconnect_peer_id(peer);
     }
 
+    /// Handles `first` and whatever other swarm events are ready right now (up to
+    /// [`EVENT_GROUP_MAX`]) as one group: their stores are committed together, then their
+    /// other actions run, then gossipsub hears the verdicts (a batch is relayed only once it
+    /// is durable here, as before — now one fsync covers the whole group).
+    fn on_swarm_events(&mut self, first: SwarmEvent<BehaviourEvent>) -> Flow {
+        use futures::FutureExt;
+        self.deferred = Some(Deferred::default());
+        let mut flow = self.on_swarm_event(first);
+        for _ in 1..EVENT_GROUP_MAX {
+            if matches!(flow, Flow::Stop(_)) {
+                break;
+            }
+            // A pending poll registers no waker that matters: the select! loop polls the
+            // swarm again with its own waker right after.
+            match self.swarm.next().now_or_never() {
+                Some(Some(ev)) => flow = self.on_swarm_event(ev),
+                _ => break,
+            }
+        }
+        let group = self.deferred.take().unwrap_or_default();
+        if let Flow::Stop(reply) = flow {
+            return Flow::Stop(reply);
+        }
+        let flow = self.execute(group.actions);
+        for (message_id, source, verdict) in group.verdicts {
+            let acceptance = match &verdict {
+                GossipVerdict::Accept => gossipsub::MessageAcceptance::Accept,
+                GossipVerdict::Ignore => gossipsub::MessageAcceptance::Ignore,
+                GossipVerdict::Reject(_) => gossipsub::MessageAcceptance::Reject,
+            };
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .gossipsub
+                .report_message_validation_result(&message_id, &source, acceptance);
+            if let GossipVerdict::Reject(reason) = verdict {
+                self.drop_peer(source, &format!("invalid gossiped batch: {reason}"));
+            }
+        }
+        flow
+    }
+
     fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) -> Flow {
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -1510,6 +1572,13 @@ impl Actor {
         let (verdict, actions) =
             self.engine
                 .handle_gossip(propagation_source, &ns, message.data, now_ms());
+        if let Some(group) = &mut self.deferred {
+            group.actions.extend(actions);
+            group
+                .verdicts
+                .push((message_id, propagation_source, verdict));
+            return Flow::Continue;
+        }
         let acceptance = match &verdict {
             GossipVerdict::Accept => gossipsub::MessageAcceptance::Accept,
             GossipVerdict::Ignore => gossipsub::MessageAcceptance::Ignore,

@@ -494,14 +494,14 @@ impl Store {
     /// Returns the record changes (if wanted) and the number of ops staged.
     pub fn stage(
         &self,
-        batches: &[VerifiedBatch],
+        batches: Vec<VerifiedBatch>,
         want_changes: bool,
     ) -> Result<(Vec<Change>, usize), StoreError> {
         let txn = self.view.begin_read()?;
         let applied_t = txn.open_table(APPLIED)?;
         let mut changes = Vec::new();
         let mut staged_ops = 0usize;
-        for vb in batches {
+        for mut vb in batches {
             let ck = chain_prefix(&vb.header.ns, &vb.header.author);
             let seq = vb.header.seq;
             let done = {
@@ -515,39 +515,51 @@ impl Store {
             if done.is_some_and(|d| d >= seq) {
                 continue; // already applied (replayed after a crash)
             }
-            let keys: Vec<Vec<u8>> = vb
-                .ops
-                .iter()
-                .map(|op| record_key(&vb.header.ns, op.collection(), op.key()))
-                .collect();
+            let ops = std::mem::take(&mut vb.ops);
+            let n_ops = ops.len();
+            // (collection, key) of each op, for change events.
+            let mut touched: Vec<(String, String, Vec<u8>)> = Vec::new();
             {
                 let mut staged = write(&self.staged);
                 staged.applied.insert(ck, seq);
                 if vb.effective {
-                    for (op, rk) in vb.ops.iter().zip(&keys) {
-                        let d = staged.bytes + op.approx_len() + STAGED_OP_OVERHEAD_BYTES;
-                        staged.bytes = d;
+                    let mut rk = Vec::with_capacity(64);
+                    for op in ops {
+                        rk.clear();
+                        rk.push(vb.header.ns.len() as u8);
+                        rk.extend_from_slice(vb.header.ns.as_bytes());
+                        rk.push(op.collection().len() as u8);
+                        rk.extend_from_slice(op.collection().as_bytes());
+                        rk.extend_from_slice(op.key().as_bytes());
+                        staged.bytes += op.approx_len() + STAGED_OP_OVERHEAD_BYTES;
+                        if want_changes {
+                            touched.push((
+                                op.collection().to_string(),
+                                op.key().to_string(),
+                                rk.clone(),
+                            ));
+                        }
                         match staged.records.get_mut(rk.as_slice()) {
-                            Some(state) => state.apply(op, vb.header.author),
+                            Some(state) => state.apply_owned(op, vb.header.author),
                             None => {
                                 let mut state = RecordState::default();
-                                state.apply(op, vb.header.author);
+                                state.apply_owned(op, vb.header.author);
                                 staged.records.insert(rk.clone(), state);
                             }
                         }
                     }
-                    staged.ops += vb.ops.len();
-                    staged_ops += vb.ops.len();
+                    staged.ops += n_ops;
+                    staged_ops += n_ops;
                 }
             }
-            if want_changes && vb.effective {
+            if !touched.is_empty() {
                 let (author, batch) = (vb.author.to_did(), vb.id.to_hex());
-                for (op, rk) in vb.ops.iter().zip(&keys) {
-                    let fields = self.record_state(rk)?.and_then(|s| s.visible());
+                for (collection, key, rk) in touched {
+                    let fields = self.record_state(&rk)?.and_then(|s| s.visible());
                     changes.push(Change {
                         ns: vb.header.ns.clone(),
-                        collection: op.collection().to_string(),
-                        key: op.key().to_string(),
+                        collection,
+                        key,
                         fields,
                         author: author.clone(),
                         batch: batch.clone(),
@@ -1166,8 +1178,8 @@ mod tests {
                         let (vb, _) = engine.write("default", &kp, ops_of(&spec), 1_000).unwrap();
                         let batches = vec![vb];
                         staged.append_log(&batches).unwrap();
-                        staged.stage(&batches, false).unwrap();
                         direct.write_batches(&batches).unwrap();
+                        staged.stage(batches, false).unwrap();
                     }
                     Step::Freeze => frozen |= staged.freeze(),
                     Step::Flush => {

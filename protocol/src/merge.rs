@@ -157,6 +157,39 @@ impl RecordState {
         self.compact();
     }
 
+    /// [`RecordState::apply`] taking the op by value: names and values move into the state
+    /// instead of being copied (the materializer owns the ops it applies).
+    pub fn apply_owned(&mut self, op: Op, author: [u8; 32]) {
+        let stamp = Stamp {
+            hlc: op.hlc(),
+            author,
+        };
+        match op {
+            Op::Upsert { fields, .. } => {
+                self.touched = max_opt(self.touched, Some(stamp));
+                for (name, value) in fields {
+                    let f = match self.fields.get_mut(name.as_str()) {
+                        Some(f) => f,
+                        None => self.fields.entry(name).or_default(),
+                    };
+                    let replace = match &f.lww {
+                        Some(old) => match stamp.cmp(&old.0) {
+                            std::cmp::Ordering::Greater => true,
+                            std::cmp::Ordering::Less => false,
+                            std::cmp::Ordering::Equal => value_key(&value) > value_key(&old.1),
+                        },
+                        None => true,
+                    };
+                    if replace {
+                        f.lww = Some((stamp, value));
+                    }
+                }
+                self.compact();
+            }
+            other => self.apply(&other, author),
+        }
+    }
+
     /// The last-writer-wins part of merging one written field.
     fn write_field(&mut self, name: &str, stamp: Stamp, value: &Value) {
         let f = match self.fields.get_mut(name) {
@@ -355,6 +388,17 @@ mod tests {
                 applied.apply(op, *author);
                 merged.merge(&RecordState::from_op(op, *author));
                 prop_assert_eq!(&applied, &merged);
+            }
+        }
+
+        #[test]
+        fn apply_owned_is_apply(a in proptest::collection::vec(arb_op(), 0..10)) {
+            let mut by_ref = RecordState::default();
+            let mut owned = RecordState::default();
+            for (op, author) in &a {
+                by_ref.apply(op, *author);
+                owned.apply_owned(op.clone(), *author);
+                prop_assert_eq!(&by_ref, &owned);
             }
         }
 
