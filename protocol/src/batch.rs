@@ -481,13 +481,16 @@ pub fn verify_header(bytes: &[u8]) -> Result<(BatchHeader, PublicKey), BatchErro
     Ok((header, author))
 }
 
-/// The dictionary a batch names, read from its header without verifying anything (a cheap
-/// check before [`verify_with`]); `None` if it names none or is unreadable.
+/// The dictionary a batch names, read from its header without decoding or verifying it (a
+/// cheap check before [`verify_with`]): in a canonical header `dict` is the last entry, so it
+/// is the header's last 14 bytes. `None` if it names none. (A non-canonical header that ends
+/// the same way fails verification anyway.)
 pub fn named_dict(bytes: &[u8]) -> Option<DictRef> {
-    let env = Envelope::parse(bytes).ok()?;
-    ciborium::from_reader::<BatchHeader, _>(env.header)
-        .ok()?
-        .dict
+    const KEY: [u8; 6] = [0x64, b'd', b'i', b'c', b't', 0x48];
+    let h = Envelope::parse(bytes).ok()?.header;
+    let tail = h.get(h.len().checked_sub(DICT_HEADER_BYTES)?..)?;
+    let (key, r) = tail.split_at(KEY.len());
+    (key == KEY).then(|| DictRef(r.try_into().expect("14 - 6 = 8 bytes")))
 }
 
 /// [`verify`], finding the dictionaries of `enc` 4 payloads in `dicts`. Fails with
@@ -665,6 +668,32 @@ mod tests {
             let bytes = resign(&kp, b.header.clone(), &bomb, enc);
             assert!(matches!(verify(bytes), Err(BatchError::Malformed(m)) if m.contains("zstd")));
         }
+    }
+
+    /// A dictionary-compressed payload that inflates beyond the limit is refused too.
+    #[test]
+    fn dict_decompression_bombs_are_refused() {
+        let kp = Keypair::generate();
+        let d = Dict::new(vec![0u8; 1024]).unwrap();
+        let bomb = zstd::bulk::Compressor::with_dictionary(3, d.bytes())
+            .unwrap()
+            .compress(&vec![0u8; limits::MAX_PAYLOAD_PLAIN_BYTES + 1])
+            .unwrap();
+        let b = seal(&kp, "default", first(), ops(1), None).unwrap();
+        let mut h = b.header.clone();
+        h.enc = ENC_COMPACT_ZSTD_DICT;
+        h.dict = Some(d.dict_ref());
+        h.payload_len = bomb.len() as u32;
+        h.payload_hash = *blake3::keyed_hash(&d.id().0, &bomb).as_bytes();
+        let header_bytes = to_cbor(&h);
+        let mut signed = SIGNING_CONTEXT.to_vec();
+        signed.extend_from_slice(&header_bytes);
+        let mut bytes = vec![0x83];
+        write_bstr(&mut bytes, &header_bytes);
+        write_bstr(&mut bytes, &kp.sign(&signed));
+        write_bstr(&mut bytes, &bomb);
+        let res = verify_with(bytes, &set_of(&d));
+        assert!(matches!(res, Err(BatchError::Malformed(m)) if m.contains("zstd")));
     }
 
     /// Re-signs a batch with its payload replaced (test helper for hand-made batches).
@@ -887,6 +916,8 @@ mod tests {
         assert!(wenv
             .header
             .ends_with(&[&[0x64][..], b"dict", &[0x48], &d.dict_ref().0].concat()));
+        assert_eq!(named_dict(&with.bytes), Some(d.dict_ref()));
+        assert_eq!(named_dict(&b.bytes), None);
         let mut null_dict = env.header[..env.header.len()].to_vec();
         null_dict[0] += 1; // one more map entry
         null_dict.extend_from_slice(&[0x64, b'd', b'i', b'c', b't', 0xf6]);

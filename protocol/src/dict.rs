@@ -14,7 +14,7 @@
 //! name them; a node holds every dictionary named by a batch it stores.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -79,9 +79,11 @@ pub enum DictError {
 struct Inner {
     id: DictId,
     bytes: Vec<u8>,
-    /// Prepared on first use (only authors compress, every verifier decompresses).
-    encoder: OnceLock<zstd::dict::EncoderDictionary<'static>>,
-    decoder: OnceLock<zstd::dict::DecoderDictionary<'static>>,
+    /// zstd contexts with the dictionary loaded, made on first use (only authors compress,
+    /// every verifier decompresses) and reused: a fresh context per 1-op batch cost more than
+    /// the compression itself. `None` if zstd refused the dictionary.
+    encoder: OnceLock<Option<Mutex<zstd::bulk::Compressor<'static>>>>,
+    decoder: OnceLock<Option<Mutex<zstd::bulk::Decompressor<'static>>>>,
 }
 
 /// A dictionary whose id is known to match its bytes (it can only be built by hashing them).
@@ -120,24 +122,45 @@ impl Dict {
 
     /// Compresses `plain` with this dictionary at `level` (the frame does not repeat zstd's
     /// own dictionary id: the header names the dictionary).
+    /// `level` is fixed by the first call (sealing always uses the same).
     pub(crate) fn compress(&self, plain: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
-        let prepared = self
-            .0
-            .encoder
-            .get_or_init(|| zstd::dict::EncoderDictionary::copy(&self.0.bytes, level));
-        let mut c = zstd::bulk::Compressor::with_prepared_dictionary(prepared)?;
-        c.set_parameter(zstd::zstd_safe::CParameter::DictIdFlag(false))?;
+        let c = self.0.encoder.get_or_init(|| {
+            let mut c = zstd::bulk::Compressor::with_dictionary(level, &self.0.bytes).ok()?;
+            c.set_parameter(zstd::zstd_safe::CParameter::DictIdFlag(false))
+                .ok()?;
+            Some(Mutex::new(c))
+        });
+        let c = c.as_ref().ok_or_else(|| refused("compress"))?;
+        // A panic while compressing leaves nothing half-done that matters: the context is
+        // reset by the next frame.
+        let mut c = c.lock().unwrap_or_else(|e| e.into_inner());
         c.compress(plain)
     }
 
-    /// Inflates a payload compressed with this dictionary, at most `max` bytes.
+    /// Inflates a payload compressed with this dictionary, at most `max` bytes (the frame
+    /// must state its size, and the output buffer is that size, not `max`).
     pub(crate) fn decompress(&self, payload: &[u8], max: usize) -> std::io::Result<Vec<u8>> {
-        let prepared = self
-            .0
-            .decoder
-            .get_or_init(|| zstd::dict::DecoderDictionary::copy(&self.0.bytes));
-        zstd::bulk::Decompressor::with_prepared_dictionary(prepared)?.decompress(payload, max)
+        let size = match zstd::zstd_safe::get_frame_content_size(payload) {
+            Ok(Some(n)) if n <= max as u64 => n as usize,
+            Ok(Some(_)) => return Err(std::io::Error::other("frame inflates beyond the limit")),
+            _ => return Err(std::io::Error::other("frame does not state its size")),
+        };
+        let d = self.0.decoder.get_or_init(|| {
+            let d = zstd::bulk::Decompressor::with_dictionary(&self.0.bytes).ok()?;
+            Some(Mutex::new(d))
+        });
+        let d = d.as_ref().ok_or_else(|| refused("decompress"))?;
+        let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+        let out = d.decompress(payload, size)?;
+        if out.len() != size {
+            return Err(std::io::Error::other("frame size differs from its header"));
+        }
+        Ok(out)
     }
+}
+
+fn refused(what: &str) -> std::io::Error {
+    std::io::Error::other(format!("zstd refused the dictionary ({what})"))
 }
 
 impl PartialEq for Dict {
