@@ -556,13 +556,15 @@ pub fn b4() -> Result<Vec<Row>> {
                 "without dictionaries {:.1} B/op; {batches} batches, {} used a dictionary; {} \
                  dictionaries, {dict_bytes} B in all = {amortized:.1} B per batch that used \
                  one, {all_in:.1} B/op all-in; training {:.0} ms per dictionary; sealing \
-                 {:.1} vs {:.1} us/batch",
+                 {:.1} vs {:.1} us/batch, verifying {:.1} vs {:.1}",
                 per_op(&without),
                 with.dict_batches,
                 with.dicts.len(),
                 with.train_ms / with.dicts.len().max(1) as f64,
                 with.write_secs * 1e6 / batches as f64,
                 without.write_secs * 1e6 / batches as f64,
+                with.verify_secs * 1e6 / batches as f64,
+                without.verify_secs * 1e6 / batches as f64,
             )),
         });
     }
@@ -612,6 +614,8 @@ struct DictRun {
     train_ms: f64,
     /// Time spent in `Engine::write` (sealing, signing, chain bookkeeping).
     write_secs: f64,
+    /// Time a receiver spends verifying the batches (`verify_with`, dictionaries held).
+    verify_secs: f64,
 }
 
 /// Seals `batches` batches of `n` ops through an engine, as the node's actor does: with the
@@ -634,6 +638,7 @@ fn dict_run(
         dicts: Vec::new(),
         train_ms: 0.0,
         write_secs: 0.0,
+        verify_secs: 0.0,
     };
     for i in 0..batches {
         let now = 1_000 + i as u64;
@@ -641,6 +646,10 @@ fn dict_run(
         let start = Instant::now();
         let (vb, _) = engine.write(DEFAULT_NAMESPACE, &kp, ops, now)?;
         run.write_secs += start.elapsed().as_secs_f64();
+        let bytes = vb.bytes.clone();
+        let start = Instant::now();
+        batch::verify_with(bytes, engine.dicts())?;
+        run.verify_secs += start.elapsed().as_secs_f64();
         run.bytes += vb.bytes.len() as u64;
         run.ops += vb.ops.len() as u64;
         run.dict_batches += u64::from(vb.dict.is_some());

@@ -42,7 +42,7 @@ async fn move_player(node: &NodeHandle, i: usize) {
         "x": (i * 37) % 1000,
         "y": (i * 91) % 1000,
         "name": format!("player-{}", i % 20),
-        "team": if i % 2 == 0 { "red" } else { "blue" },
+        "team": (["red", "blue"][i % 2]),
         "state": "running",
     }));
     node.put("default", "players", &format!("p{}", i % 20), fields)
