@@ -1440,3 +1440,48 @@ fn bad_dictionary_messages_are_refused() {
         matches!(&acts[..], [Action::ServeDicts { peer: 1, refs }] if refs == &vec![d.dict_ref()])
     );
 }
+
+/// Dictionary requests to one peer are bounded: batches naming more unknown dictionaries than
+/// that are dropped (and counted), never punished.
+#[test]
+fn dict_requests_per_peer_are_bounded() {
+    let cfg = test_config();
+    let per_peer = cfg.max_dict_requests_per_peer;
+    let mut e: Engine<usize> = Engine::new(cfg);
+    e.join(NS);
+    e.peer_up(1, 0);
+    let kp = Keypair::from_seed([42; 32]);
+    let mut prev = None;
+    let mut sent = 0;
+    let n = per_peer + 3;
+    for i in 0..n {
+        let d = test_dict(&format!("dict-{i}"));
+        let mut op = small_op(i as u64);
+        op.set_hlc(Hlc(1_000 + i as u64));
+        let pos = ChainPosition {
+            seq: i as u64 + 1,
+            prev,
+        };
+        let b = batch::seal_with(&kp, NS, pos, vec![op], None, Some(&d)).unwrap();
+        assert!(b.dict.is_some());
+        prev = Some(b.id);
+        let (verdict, acts) = e.handle_gossip(1, NS, b.bytes, 0);
+        assert_eq!(verdict, GossipVerdict::Ignore);
+        sent += acts
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    Action::Send {
+                        msg: SyncMessage::FetchDicts { .. },
+                        ..
+                    }
+                )
+            })
+            .count();
+    }
+    assert_eq!(sent, per_peer);
+    assert_eq!(e.dict_waiting(), (per_peer, per_peer));
+    assert_eq!(e.stats().dict_waits_dropped, (n - per_peer) as u64);
+    assert_eq!(e.stats().batches_rejected, 0);
+}
