@@ -830,6 +830,54 @@ mod tests {
         }
     }
 
+    /// A batch's dictionary is stored with it (once), found by ref to serve it, and used to
+    /// re-verify the batch (`check`, `unapplied`, `rebuild_records`).
+    #[test]
+    fn dictionaries_are_stored_with_their_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let kp = Keypair::generate();
+        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
+        engine.join("default");
+        let op = |i: i64| Op::Upsert {
+            collection: "players".into(),
+            key: format!("player-{}", i % 8),
+            hlc: Hlc::ZERO,
+            fields: [
+                (
+                    "name".to_string(),
+                    serde_json::json!(format!("player number {}", i % 8)),
+                ),
+                (
+                    "state".to_string(),
+                    serde_json::json!("running to the north gate"),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let mut sample = Vec::new();
+        for i in 0..32 {
+            blazedb_protocol::codec::encode_ops(&[op(i)], &mut sample);
+        }
+        let dict = blazedb_protocol::Dict::new(sample).unwrap();
+        engine.set_write_dict("default", dict.clone());
+        let stored: Vec<VerifiedBatch> = (0..3)
+            .map(|i| engine.write("default", &kp, vec![op(i)], 1_000).unwrap().0)
+            .collect();
+        assert!(stored.iter().all(|b| b.dict.as_ref() == Some(&dict)));
+        let store = Store::open(&dir.path().join("db.redb")).unwrap();
+        store.write_batches(&stored).unwrap();
+        assert_eq!(store.dicts().unwrap().len(), 1);
+        assert_eq!(
+            store.dicts_by_ref(&[dict.dict_ref()]).unwrap(),
+            vec![dict.clone()]
+        );
+        assert!(store.dicts_by_ref(&[DictRef([0; 8])]).unwrap().is_empty());
+        assert_eq!(store.check().unwrap(), 3);
+        assert_eq!(store.rebuild_records().unwrap(), 3);
+        assert_eq!(store.unapplied(&store.heads().unwrap()).unwrap().len(), 0);
+    }
+
     #[test]
     fn batches_persist_and_records_rebuild_identically() {
         let dir = tempfile::tempdir().unwrap();
