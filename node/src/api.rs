@@ -534,6 +534,35 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
         "Fetches from peers dropped because their bulk queue was full.",
         m.serves_dropped.load(Ordering::Relaxed),
     );
+    for (name, help, v) in [
+        (
+            "blazedb_dicts_trained_total",
+            "zstd dictionaries trained from this node's small batches.",
+            &m.dicts_trained,
+        ),
+        (
+            "blazedb_dict_batches_sealed_total",
+            "Local batches sealed with a dictionary.",
+            &m.dict_batches_sealed,
+        ),
+        (
+            "blazedb_dict_batches_stored_total",
+            "Batches stored (local and remote) that use a dictionary.",
+            &m.dict_batches_stored,
+        ),
+        (
+            "blazedb_dicts_received_total",
+            "Dictionaries received from peers.",
+            &m.dicts_received,
+        ),
+        (
+            "blazedb_dict_waits_dropped_total",
+            "Batches that waited for a dictionary and were dropped (fetched again later).",
+            &m.dict_waits_dropped,
+        ),
+    ] {
+        metric(&mut out, "counter", name, help, v.load(Ordering::Relaxed));
+    }
     metric(
         &mut out,
         "counter",

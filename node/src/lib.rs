@@ -21,6 +21,7 @@ pub mod bench_adaptive;
 pub mod bench_gossip;
 pub mod bench_handshake;
 pub mod bench_materialize;
+pub mod dicts;
 pub mod materializer;
 pub mod net;
 pub mod node;
@@ -28,6 +29,7 @@ pub mod sim;
 pub mod store;
 
 pub use batcher::BatchingConfig;
+pub use dicts::DictPolicy;
 pub use node::{
     Node, NodeBuilder, NodeConfig, NodeError, NodeHandle, QueueDepths, Status, WriteReceipt,
     DEFAULT_NAMESPACE,

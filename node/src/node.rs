@@ -33,6 +33,7 @@ use blazedb_protocol::{
 };
 
 use crate::batcher::{Batcher, BatchingConfig, Decision};
+use crate::dicts::{DictPolicy, DictTrainer};
 use crate::materializer::{self, Job, MatSync};
 use crate::net::{self, Ack, Behaviour, BehaviourEvent, Class};
 use crate::store::{Change, Fields, NamespaceRecord, Store, StoreError};
@@ -102,6 +103,8 @@ pub struct NodeConfig {
     pub pq_policy: KxPolicy,
     /// How local writes are batched (default: adaptive, coalescing, 2 ms latency bound).
     pub batching: BatchingConfig,
+    /// When this node trains zstd dictionaries for its small batches (default: on).
+    pub dicts: DictPolicy,
 }
 
 impl Default for NodeConfig {
@@ -115,6 +118,7 @@ impl Default for NodeConfig {
             engine: EngineConfig::default(),
             pq_policy: KxPolicy::Strict,
             batching: BatchingConfig::default(),
+            dicts: DictPolicy::default(),
         }
     }
 }
@@ -180,6 +184,11 @@ impl NodeBuilder {
     /// How local writes are batched.
     pub fn batching(mut self, cfg: BatchingConfig) -> Self {
         self.cfg.batching = cfg;
+        self
+    }
+    /// When dictionaries are trained for small batches.
+    pub fn dicts(mut self, policy: DictPolicy) -> Self {
+        self.cfg.dicts = policy;
         self
     }
     /// The whole configuration.
@@ -318,6 +327,16 @@ pub struct Metrics {
     pub writes_acked: AtomicU64,
     /// Current adaptive flush delay, in microseconds (a gauge).
     pub batch_linger_us: AtomicU64,
+    /// Dictionaries trained from this node's small batches.
+    pub dicts_trained: AtomicU64,
+    /// Local batches sealed with a dictionary.
+    pub dict_batches_sealed: AtomicU64,
+    /// Batches stored (local and remote) that use a dictionary.
+    pub dict_batches_stored: AtomicU64,
+    /// Dictionaries received from peers (asked for: a batch named one we lacked).
+    pub dicts_received: AtomicU64,
+    /// Batches that waited for a dictionary and were dropped (catch-up brings them again).
+    pub dict_waits_dropped: AtomicU64,
 }
 
 /// Depths of the node's bounded queues: now, and the highest seen since start.
@@ -731,6 +750,9 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             engine.load_head(&h.ns, h.author, h.seq, h.id, h.hlc_max);
         }
     }
+    for d in store.dicts()?.iter() {
+        engine.load_dict(d.clone());
+    }
 
     if cfg.pq_policy == KxPolicy::Compat {
         warn!(
@@ -829,6 +851,8 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         batch_deadline: None,
         epoch: tokio::time::Instant::now(),
         deferred: None,
+        dict_policy: cfg.dicts.clone(),
+        trainers: HashMap::new(),
     };
     let span = tracing::info_span!("node", peer = %keypair.public().to_peer_id());
     tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
@@ -868,6 +892,9 @@ struct Actor {
     /// group, whose batches are stored in one log transaction (one fsync) before any of them
     /// is reported valid to gossipsub (and so relayed).
     deferred: Option<Deferred>,
+    /// When to train dictionaries, and each public namespace's samples.
+    dict_policy: DictPolicy,
+    trainers: HashMap<String, DictTrainer>,
 }
 
 /// Actions and gossip verdicts of a group of swarm events, run together.
@@ -1135,8 +1162,20 @@ impl Actor {
                 seq: vb.header.seq,
                 ops: n_ops,
             };
+            // Public namespaces only: a dictionary is served to whoever asks by ref.
+            let mut trainer = match self.dict_policy.enabled && !self.engine.is_owned(&ns) {
+                true => Some(
+                    self.trainers
+                        .entry(ns.clone())
+                        .or_insert_with(|| DictTrainer::new(self.dict_policy.clone())),
+                ),
+                false => None,
+            };
             let mut count = |vb: &VerifiedBatch| {
                 sealed.push((1, u64::from(vb.header.ops), vb.bytes.len() as u64));
+                if let Some(t) = trainer.as_mut() {
+                    t.observe(vb);
+                }
             };
             if self.coalesce {
                 let mut ops = Vec::with_capacity(callers.len());
@@ -1169,6 +1208,15 @@ impl Actor {
                             let _ = w.reply.send(Err(write_error(e)));
                         }
                     }
+                }
+            }
+            if let Some(t) = trainer.filter(|t| t.due()) {
+                // Rare (every `retrain_after` small batches) and a few ms: done in line.
+                if let Some(d) = t.train() {
+                    debug!(%ns, bytes = d.bytes().len(), "trained a dictionary");
+                    self.engine.set_write_dict(&ns, d);
+                    let m = &self.shared.metrics;
+                    m.dicts_trained.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -1213,6 +1261,15 @@ impl Actor {
             .store(stats.batches_duplicate, Ordering::Relaxed);
         m.ineffective
             .store(stats.batches_ineffective, Ordering::Relaxed);
+        let dict_stats = [
+            (&m.dict_batches_sealed, stats.dict_batches_sealed),
+            (&m.dict_batches_stored, stats.dict_batches_stored),
+            (&m.dicts_received, stats.dicts_received),
+            (&m.dict_waits_dropped, stats.dict_waits_dropped),
+        ];
+        for (metric, v) in dict_stats {
+            metric.store(v, Ordering::Relaxed);
+        }
         let mut to_store: Vec<VerifiedBatch> = Vec::new();
         let mut rest = Vec::new();
         for a in actions {
@@ -1320,6 +1377,18 @@ impl Actor {
                         Err(e) => warn!("serving revocations: {e}"),
                     }
                 }
+                Action::ServeDicts { peer, refs } => match self.shared.store.dicts_by_ref(&refs) {
+                    Ok(dicts) if !dicts.is_empty() => {
+                        let dicts = dicts
+                            .iter()
+                            .take(blazedb_protocol::limits::MAX_DICTS_PER_MESSAGE)
+                            .map(|d| serde_bytes::ByteBuf::from(d.bytes().to_vec()))
+                            .collect();
+                        self.send_sync(peer, Class::Control, SyncMessage::Dicts { dicts });
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!("serving dictionaries: {e}"),
+                },
                 Action::Reject { peer, reason } => self.drop_peer(peer, &reason),
                 Action::Rebuild { ns, revocations } => {
                     // In order with the batches queued before it.

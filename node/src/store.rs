@@ -21,7 +21,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 
 use blazedb_protocol::batch::{BatchHeader, Envelope};
 use blazedb_protocol::capability::TokenId;
-use blazedb_protocol::{record_codec, BatchId, Hlc, Op, RecordState, VerifiedBatch};
+use blazedb_protocol::{
+    record_codec, BatchId, Dict, DictRef, DictSet, Hlc, Op, RecordState, VerifiedBatch,
+};
 
 /// Batch id (32 bytes) → envelope bytes.
 pub const BATCHES: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("batches-v1");
@@ -42,6 +44,10 @@ pub const REVOCATIONS: TableDefinition<'_, &[u8], u64> = TableDefinition::new("r
 
 /// Which batch revoked a token: `ns_len:u8 ns token:32` → batch id (32 bytes).
 pub const REVOKED_BY: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("revoked-by-v1");
+
+/// zstd dictionaries named by stored batches: dictionary id (blake3 of the bytes, 32 bytes) →
+/// the dictionary's bytes. Written in the transaction of the first batch that names it.
+pub const DICTS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("dicts-v1");
 
 /// A joined namespace, as persisted.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -292,6 +298,7 @@ impl Store {
             txn.open_table(NAMESPACES)?;
             txn.open_table(REVOCATIONS)?;
             txn.open_table(REVOKED_BY)?;
+            txn.open_table(DICTS)?;
         }
         txn.commit()?;
         let view = Database::builder()
@@ -374,9 +381,17 @@ impl Store {
             let mut chain_t = txn.open_table(CHAINS)?;
             let mut revocations = txn.open_table(REVOCATIONS)?;
             let mut revoked_by = txn.open_table(REVOKED_BY)?;
+            let mut dicts = txn.open_table(DICTS)?;
             for vb in batches {
                 let ns = &vb.header.ns;
                 batch_t.insert(&vb.id.0[..], vb.bytes.as_slice())?;
+                // Every dictionary a stored batch names is stored with it (to serve it and
+                // to verify the batch again).
+                if let Some(d) = &vb.dict {
+                    if dicts.get(&d.id().0[..])?.is_none() {
+                        dicts.insert(&d.id().0[..], d.bytes())?;
+                    }
+                }
                 chain_t.insert(
                     chain_key(ns, &vb.header.author, vb.header.seq).as_slice(),
                     &vb.id.0[..],
@@ -398,6 +413,38 @@ impl Store {
         }
         txn.commit()?;
         Ok(())
+    }
+
+    /// Every stored dictionary (to verify stored batches, and for the engine at start-up).
+    pub fn dicts(&self) -> Result<DictSet, StoreError> {
+        let txn = self.db.begin_read()?;
+        let mut set = DictSet::new();
+        for entry in txn.open_table(DICTS)?.iter()? {
+            let (_, v) = entry?;
+            let d =
+                Dict::new(v.value().to_vec()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            set.insert(d);
+        }
+        Ok(set)
+    }
+
+    /// The stored dictionaries whose id starts with one of `refs`.
+    pub fn dicts_by_ref(&self, refs: &[DictRef]) -> Result<Vec<Dict>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(DICTS)?;
+        let mut out = Vec::new();
+        for r in refs {
+            for entry in table.range(&r.0[..]..)? {
+                let (k, v) = entry?;
+                if !k.value().starts_with(&r.0) {
+                    break;
+                }
+                let d = Dict::new(v.value().to_vec())
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                out.push(d);
+            }
+        }
+        Ok(out)
     }
 
     /// Applies logged batches to the records (effective ones only) and advances the applied
@@ -642,6 +689,7 @@ impl Store {
         let mut out = Vec::new();
         let vtxn = self.view.begin_read()?;
         let applied = vtxn.open_table(APPLIED)?;
+        let dicts = self.dicts()?;
         for h in heads {
             let done = applied
                 .get(chain_prefix(&h.ns, &h.author).as_slice())?
@@ -651,7 +699,7 @@ impl Store {
             }
             let revocations = self.revocations(&h.ns)?;
             for bytes in self.chain_range(&h.ns, &h.author, done + 1, u32::MAX, usize::MAX, None)? {
-                let mut vb = blazedb_protocol::batch::verify(bytes)
+                let mut vb = blazedb_protocol::batch::verify_with(bytes, &dicts)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 vb.effective = blazedb_protocol::engine::batch_effective(&vb, &revocations);
                 out.push(vb);
@@ -954,6 +1002,7 @@ impl Store {
             let mut records = txn.open_table(RECORDS)?;
             records.retain(|k, _| !k.starts_with(&prefix))?;
             let mut applied_t = txn.open_table(APPLIED)?;
+            let dicts = self.dicts()?;
             let chains = rtxn.open_table(CHAINS)?;
             let batches = rtxn.open_table(BATCHES)?;
             let mut states: BTreeMap<Vec<u8>, RecordState> = BTreeMap::new();
@@ -968,7 +1017,7 @@ impl Store {
                     .ok_or_else(|| StoreError::Corrupt("chain names a missing batch".into()))?
                     .value()
                     .to_vec();
-                let vb = blazedb_protocol::batch::verify(bytes)
+                let vb = blazedb_protocol::batch::verify_with(bytes, &dicts)
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 applied_t.insert(
                     chain_prefix(ns, &vb.header.author).as_slice(),
@@ -1024,6 +1073,7 @@ impl Store {
         let txn = self.db.begin_read()?;
         let chains = txn.open_table(CHAINS)?;
         let batches = txn.open_table(BATCHES)?;
+        let dicts = self.dicts()?;
         let mut prev: Option<(String, [u8; 32], u64, BatchId)> = None;
         let mut n = 0u64;
         for entry in chains.iter()? {
@@ -1035,7 +1085,7 @@ impl Store {
                 .ok_or_else(|| StoreError::Corrupt(format!("{ns}: missing batch at seq {seq}")))?
                 .value()
                 .to_vec();
-            let vb = blazedb_protocol::batch::verify(bytes)
+            let vb = blazedb_protocol::batch::verify_with(bytes, &dicts)
                 .map_err(|e| StoreError::Corrupt(format!("{ns} seq {seq}: {e}")))?;
             if vb.id.0 != v.value() || vb.header.ns != ns || vb.header.author != author {
                 return Err(StoreError::Corrupt(format!(
@@ -1230,6 +1280,54 @@ mod tests {
             }
             self
         }
+    }
+
+    /// A batch's dictionary is stored with it (once), found by ref to serve it, and used to
+    /// re-verify the batch (`check`, `unapplied`, `rebuild_records`).
+    #[test]
+    fn dictionaries_are_stored_with_their_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let kp = Keypair::generate();
+        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
+        engine.join("default");
+        let op = |i: i64| Op::Upsert {
+            collection: "players".into(),
+            key: format!("player-{}", i % 8),
+            hlc: Hlc::ZERO,
+            fields: [
+                (
+                    "name".to_string(),
+                    serde_json::json!(format!("player number {}", i % 8)),
+                ),
+                (
+                    "state".to_string(),
+                    serde_json::json!("running to the north gate"),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let mut sample = Vec::new();
+        for i in 0..32 {
+            blazedb_protocol::codec::encode_ops(&[op(i)], &mut sample);
+        }
+        let dict = blazedb_protocol::Dict::new(sample).unwrap();
+        engine.set_write_dict("default", dict.clone());
+        let stored: Vec<VerifiedBatch> = (0..3)
+            .map(|i| engine.write("default", &kp, vec![op(i)], 1_000).unwrap().0)
+            .collect();
+        assert!(stored.iter().all(|b| b.dict.as_ref() == Some(&dict)));
+        let store = Store::open(&dir.path().join("db.redb")).unwrap();
+        store.write_batches(&stored).unwrap();
+        assert_eq!(store.dicts().unwrap().len(), 1);
+        assert_eq!(
+            store.dicts_by_ref(&[dict.dict_ref()]).unwrap(),
+            vec![dict.clone()]
+        );
+        assert!(store.dicts_by_ref(&[DictRef([0; 8])]).unwrap().is_empty());
+        assert_eq!(store.check().unwrap(), 3);
+        assert_eq!(store.rebuild_records().unwrap(), 3);
+        assert_eq!(store.unapplied(&store.heads().unwrap()).unwrap().len(), 0);
     }
 
     #[test]

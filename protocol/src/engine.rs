@@ -26,6 +26,14 @@
 //!   batches and, by the batch sizes seen, in bytes). At most `max_fetches_per_peer` fetches
 //!   are in flight to one peer; what that holds back is retried as fetches complete.
 //! - A `Fetch` is answered with `Batches` (the shell reads them from its store).
+//! - Dictionaries ([`crate::dict`]) travel on request. A batch (gossiped, fetched or pushed)
+//!   that names a dictionary we do not hold is not the sender's fault: its signed header is
+//!   checked, the batch waits in a small bounded buffer, and the dictionary is asked of the
+//!   peer that sent it (`FetchDicts`, at most a few outstanding per peer, each with the fetch
+//!   time-out). Fetches of that author's chain pause until it arrives (`Dicts`) or the request
+//!   times out; then the waiting batches are verified and ingested as if they had just
+//!   arrived. Whatever does not fit the buffer, or outlives its request, is dropped and comes
+//!   back through catch-up: a chain never waits on a dictionary for longer than a time-out.
 //!
 //! Every batch is verified (envelope, canonical header, payload hash, strict signature, op
 //! limits) and chain-checked (`prev` = id of the author's previous batch, timestamps after it)
@@ -60,6 +68,7 @@ use blazedb_identity::Keypair;
 
 use crate::batch::{self, BatchError, BatchId, ChainPosition, VerifiedBatch};
 use crate::capability::{self, Chain, Rights, TokenId};
+use crate::dict::{Dict, DictId, DictLookup, DictRef, DictSet};
 use crate::hlc::{Clock, Hlc};
 use crate::limits;
 use crate::op::Op;
@@ -97,6 +106,13 @@ pub struct EngineConfig {
     pub max_pending_batches: usize,
     /// Most bytes of out-of-order batches buffered per namespace.
     pub max_pending_bytes: usize,
+    /// Most dictionaries held in memory for verification (the least recently used is
+    /// forgotten past it; a batch that names it again has it fetched again).
+    pub max_dicts_held: usize,
+    /// Most batches waiting for their dictionary (all namespaces).
+    pub max_dict_waiting: usize,
+    /// Most dictionary requests outstanding to one peer.
+    pub max_dict_requests_per_peer: usize,
 }
 
 impl Default for EngineConfig {
@@ -110,6 +126,9 @@ impl Default for EngineConfig {
             max_fetches_per_peer: 32,
             max_pending_batches: 4_096,
             max_pending_bytes: 64 * 1024 * 1024,
+            max_dicts_held: 1_024,
+            max_dict_waiting: 64,
+            max_dict_requests_per_peer: 4,
         }
     }
 }
@@ -174,6 +193,18 @@ pub enum SyncMessage {
         /// Envelope bytes of each batch.
         batches: Vec<serde_bytes::ByteBuf>,
     },
+    /// "Send me the dictionaries with these refs" (named by batches of `ns` you sent me).
+    FetchDicts {
+        /// Namespace of the batches that name them (the asker must be allowed to read it).
+        ns: String,
+        /// Refs, at most [`limits::MAX_DICTS_PER_MESSAGE`].
+        refs: Vec<DictRef>,
+    },
+    /// Dictionaries asked for with `FetchDicts`, at most [`limits::MAX_DICTS_PER_MESSAGE`].
+    Dicts {
+        /// Each dictionary's bytes (its id is their blake3).
+        dicts: Vec<serde_bytes::ByteBuf>,
+    },
 }
 
 /// What the shell must do.
@@ -235,6 +266,14 @@ pub enum Action<P> {
         /// Every revocation known in the namespace: token → earliest revocation time.
         revocations: BTreeMap<TokenId, Hlc>,
     },
+    /// Read the dictionaries with these refs from the store and send them to `peer` as
+    /// [`SyncMessage::Dicts`] (the engine did not hold them in memory).
+    ServeDicts {
+        /// Requesting peer.
+        peer: P,
+        /// Refs asked for.
+        refs: Vec<DictRef>,
+    },
     /// The peer sent something invalid: drop it and count it.
     Reject {
         /// Offending peer.
@@ -274,6 +313,19 @@ pub struct EngineStats {
     pub batches_ineffective: u64,
     /// Requests refused for lack of a read capability.
     pub reads_refused: u64,
+    /// Local batches sealed with a dictionary.
+    pub dict_batches_sealed: u64,
+    /// Batches stored (local and remote) whose payload uses a dictionary.
+    pub dict_batches_stored: u64,
+    /// Dictionaries received that we had asked for.
+    pub dicts_received: u64,
+    /// Dictionaries refused (malformed or oversized).
+    pub dicts_rejected: u64,
+    /// Dictionary requests sent.
+    pub dict_requests_sent: u64,
+    /// Batches that waited for a dictionary and were dropped (buffer full, request timed
+    /// out or refused); catch-up brings them again.
+    pub dict_waits_dropped: u64,
 }
 
 /// Whether a batch's ops count, given the namespace's revocations: false if any token of its
@@ -331,6 +383,9 @@ struct NsState<P> {
     revocations: BTreeMap<TokenId, Hlc>,
     /// Owned namespaces: peers allowed to read, with the chain that allows them.
     readers: BTreeMap<P, Chain>,
+    /// Authors whose fetched batch waits for a dictionary: their fetches pause until it
+    /// arrives or the deadline passes.
+    dict_blocked: BTreeMap<[u8; 32], (DictRef, u64)>,
 }
 
 impl<P> Default for NsState<P> {
@@ -347,6 +402,7 @@ impl<P> Default for NsState<P> {
             peer_heads: BTreeMap::new(),
             revocations: BTreeMap::new(),
             readers: BTreeMap::new(),
+            dict_blocked: BTreeMap::new(),
         }
     }
 }
@@ -397,6 +453,31 @@ enum Ingest {
     Rejected(String),
 }
 
+/// A dictionary asked of a peer.
+#[derive(Debug)]
+struct DictRequest<P> {
+    peer: P,
+    deadline_ms: u64,
+}
+
+/// A batch (signed header checked) waiting for its dictionary.
+#[derive(Debug)]
+struct Waiting<P> {
+    /// Who sent it.
+    peer: P,
+    ns: String,
+    bytes: Vec<u8>,
+    /// Arrived by gossip (else in a `Batches` message).
+    gossip: bool,
+    /// A push in an owned namespace, passed on to readers once stored.
+    forward: bool,
+}
+
+/// Most dictionary requests outstanding over all peers.
+const DICT_REQUESTS_MAX: usize = 64;
+/// Most bytes of batches waiting for dictionaries.
+const DICT_WAITING_BYTES_MAX: usize = 8 * 1024 * 1024;
+
 /// The sync engine. `P` identifies a peer (a libp2p `PeerId` in the node, an index in the
 /// simulator).
 #[derive(Debug)]
@@ -412,6 +493,17 @@ pub struct Engine<P> {
     peer_fetches: BTreeMap<P, usize>,
     /// Peers whose fetch timed out and that have not answered one since: asked last.
     silent: BTreeSet<P>,
+    /// Dictionaries held for verification, and when each was last used (a counter).
+    dicts: DictSet,
+    dict_used: BTreeMap<DictId, u64>,
+    dict_clock: u64,
+    /// The dictionary our writes in a namespace try (set by the shell's training policy).
+    write_dicts: BTreeMap<String, Dict>,
+    dict_requests: BTreeMap<DictRef, DictRequest<P>>,
+    /// Batches waiting for a dictionary, by the ref they name.
+    dict_waiting: BTreeMap<DictRef, Vec<Waiting<P>>>,
+    dict_waiting_count: usize,
+    dict_waiting_bytes: usize,
 }
 
 impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
@@ -427,6 +519,231 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             stats: EngineStats::default(),
             peer_fetches: BTreeMap::new(),
             silent: BTreeSet::new(),
+            dicts: DictSet::new(),
+            dict_used: BTreeMap::new(),
+            dict_clock: 0,
+            write_dicts: BTreeMap::new(),
+            dict_requests: BTreeMap::new(),
+            dict_waiting: BTreeMap::new(),
+            dict_waiting_count: 0,
+            dict_waiting_bytes: 0,
+        }
+    }
+
+    /// Holds a dictionary for verification (start-up: the store's dictionaries).
+    pub fn load_dict(&mut self, d: Dict) {
+        self.hold_dict(d);
+    }
+
+    /// Our writes in `ns` try `d` from now on (small batches use it when it makes them
+    /// smaller). Public namespaces only: a dictionary is trained on the namespace's data and
+    /// is served to whoever asks by ref.
+    pub fn set_write_dict(&mut self, ns: &str, d: Dict) {
+        if self.namespaces.get(ns).is_some_and(|s| !s.owned()) {
+            self.hold_dict(d.clone());
+            self.write_dicts.insert(ns.to_string(), d);
+        }
+    }
+
+    /// The dictionary our writes in `ns` try.
+    pub fn write_dict(&self, ns: &str) -> Option<&Dict> {
+        self.write_dicts.get(ns)
+    }
+
+    /// Dictionaries held in memory.
+    pub fn dicts(&self) -> &DictSet {
+        &self.dicts
+    }
+
+    /// Batches waiting for a dictionary, and dictionary requests outstanding.
+    pub fn dict_waiting(&self) -> (usize, usize) {
+        (self.dict_waiting_count, self.dict_requests.len())
+    }
+
+    fn hold_dict(&mut self, d: Dict) {
+        let id = d.id();
+        self.dict_clock += 1;
+        self.dict_used.insert(id, self.dict_clock);
+        self.dicts.insert(d);
+        while self.dicts.len() > self.cfg.max_dicts_held.max(1) {
+            // Forget the least recently used one that no write of ours uses.
+            let victim = self
+                .dict_used
+                .iter()
+                .filter(|(v, _)| **v != id && !self.write_dicts.values().any(|w| w.id() == **v))
+                .min_by_key(|(_, used)| **used)
+                .map(|(v, _)| *v);
+            let Some(v) = victim else { break };
+            self.dicts.remove(&v);
+            self.dict_used.remove(&v);
+        }
+    }
+
+    /// Verifies with the held dictionaries, noting which one was used.
+    fn verify(&mut self, bytes: Vec<u8>) -> Result<VerifiedBatch, BatchError> {
+        let vb = batch::verify_with(bytes, &self.dicts)?;
+        if let Some(d) = &vb.dict {
+            self.dict_clock += 1;
+            self.dict_used.insert(d.id(), self.dict_clock);
+        }
+        Ok(vb)
+    }
+
+    /// If the batch names a dictionary we do not hold: its header, once the signature over
+    /// it checks out (so only authentic batches cost a dictionary request).
+    fn lacks_dict(
+        &self,
+        bytes: &[u8],
+    ) -> Option<Result<(DictRef, batch::BatchHeader), BatchError>> {
+        let r = batch::named_dict(bytes)?;
+        if !self.dicts.find(r).is_empty() {
+            return None;
+        }
+        Some(batch::verify_header(bytes).map(|(h, _)| (r, h)))
+    }
+
+    /// Asks `peer` for dictionary `r` unless it is asked for already. False if it could not
+    /// be asked (too many requests outstanding).
+    fn request_dict(
+        &mut self,
+        peer: &P,
+        ns: &str,
+        r: DictRef,
+        now_ms: u64,
+        out: &mut Vec<Action<P>>,
+    ) -> bool {
+        if self.dict_requests.contains_key(&r) {
+            return true;
+        }
+        let to_peer = self
+            .dict_requests
+            .values()
+            .filter(|q| &q.peer == peer)
+            .count();
+        if to_peer >= self.cfg.max_dict_requests_per_peer
+            || self.dict_requests.len() >= DICT_REQUESTS_MAX
+        {
+            return false;
+        }
+        self.dict_requests.insert(
+            r,
+            DictRequest {
+                peer: peer.clone(),
+                deadline_ms: now_ms + self.cfg.fetch_timeout_ms,
+            },
+        );
+        self.stats.dict_requests_sent += 1;
+        out.push(Action::Send {
+            peer: peer.clone(),
+            msg: SyncMessage::FetchDicts {
+                ns: ns.to_string(),
+                refs: vec![r],
+            },
+        });
+        true
+    }
+
+    /// Keeps a batch until dictionary `r` arrives (asking `peer` for it), within the bounds;
+    /// otherwise drops it (catch-up brings it again). Returns whether it waits.
+    fn wait_for_dict(
+        &mut self,
+        r: DictRef,
+        w: Waiting<P>,
+        now_ms: u64,
+        out: &mut Vec<Action<P>>,
+    ) -> bool {
+        let asked = self.request_dict(&w.peer, &w.ns, r, now_ms, out);
+        if !asked
+            || self.dict_waiting_count >= self.cfg.max_dict_waiting
+            || self.dict_waiting_bytes + w.bytes.len() > DICT_WAITING_BYTES_MAX
+        {
+            self.stats.dict_waits_dropped += 1;
+            return false;
+        }
+        self.dict_waiting_count += 1;
+        self.dict_waiting_bytes += w.bytes.len();
+        self.dict_waiting.entry(r).or_default().push(w);
+        true
+    }
+
+    /// Dictionary `r` arrived (`got`) or will not (request timed out, peer gone): ingest or
+    /// drop what waited for it, and resume the fetches it paused.
+    fn dict_settled(&mut self, r: DictRef, got: bool, now_ms: u64, out: &mut Vec<Action<P>>) {
+        self.dict_requests.remove(&r);
+        let waiting = self.dict_waiting.remove(&r).unwrap_or_default();
+        for w in &waiting {
+            self.dict_waiting_count -= 1;
+            self.dict_waiting_bytes -= w.bytes.len();
+        }
+        let mut resume = Vec::new();
+        for (ns, st) in &mut self.namespaces {
+            st.dict_blocked.retain(|a, (b, _)| {
+                let keep = *b != r;
+                if !keep {
+                    resume.push((ns.clone(), *a));
+                }
+                keep
+            });
+        }
+        for w in waiting {
+            if !got {
+                self.stats.dict_waits_dropped += 1;
+                continue;
+            }
+            if !self.namespaces.contains_key(&w.ns) {
+                continue;
+            }
+            let vb = match self.verify(w.bytes) {
+                Ok(vb) if vb.header.ns == w.ns => vb,
+                _ => {
+                    // Not the sender's fault for sure (the dictionary came from elsewhere):
+                    // dropped and counted, not punished.
+                    self.stats.batches_rejected += 1;
+                    continue;
+                }
+            };
+            let (author, seq) = (vb.header.author, vb.header.seq);
+            let from = w.forward.then_some(&w.peer);
+            match self.ingest_from(&w.ns, vb, from, w.forward, now_ms, out) {
+                Ingest::Buffered if w.gossip => {
+                    self.fetch_gap(&w.peer, &w.ns, author, seq, now_ms, out)
+                }
+                Ingest::Rejected(reason) => out.push(Action::Reject {
+                    peer: w.peer,
+                    reason,
+                }),
+                _ => {}
+            }
+        }
+        for (ns, author) in resume {
+            self.schedule(&ns, author, None, None, u32::MAX, now_ms, out);
+        }
+    }
+
+    /// Settles dictionary requests past their deadline (or to `gone`), and unpauses authors
+    /// whose pause ran out.
+    fn expire_dicts(&mut self, now_ms: u64, gone: Option<&P>, out: &mut Vec<Action<P>>) {
+        let expired: Vec<DictRef> = self
+            .dict_requests
+            .iter()
+            .filter(|(_, q)| q.deadline_ms <= now_ms || Some(&q.peer) == gone)
+            .map(|(r, _)| *r)
+            .collect();
+        for r in expired {
+            self.dict_settled(r, false, now_ms, out);
+        }
+        let mut resume = Vec::new();
+        for (ns, st) in &mut self.namespaces {
+            st.dict_blocked.retain(|a, (_, deadline)| {
+                let keep = *deadline > now_ms;
+                if !keep {
+                    resume.push((ns.clone(), *a));
+                }
+                keep
+            });
+        }
+        for (ns, author) in resume {
+            self.schedule(&ns, author, None, None, u32::MAX, now_ms, out);
         }
     }
 
@@ -561,7 +878,11 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             }
             _ => None,
         };
-        let vb = match batch::seal(keypair, ns, pos, ops, cap.as_ref()) {
+        let dict = match &state.policy {
+            Policy::Public => self.write_dicts.get(ns),
+            Policy::Owned { .. } => None,
+        };
+        let vb = match batch::seal_with(keypair, ns, pos, ops, cap.as_ref(), dict) {
             Ok(vb) => vb,
             Err(e) => {
                 self.clock = saved_clock;
@@ -585,6 +906,9 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     "local batch refused: {why}"
                 )));
             }
+        }
+        if vb.dict.is_some() {
+            self.stats.dict_batches_sealed += 1;
         }
         if !self.is_owned(ns) {
             actions.push(Action::Publish {
@@ -778,6 +1102,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         }
         self.peer_fetches.remove(peer);
         self.silent.remove(peer);
+        self.expire_dicts(now_ms, Some(peer), &mut actions);
         self.retry_wanting(now_ms, &mut actions);
         actions
     }
@@ -876,7 +1201,13 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 }
                 let mut learned = false;
                 for bytes in batches {
-                    let vb = match batch::verify(bytes.into_vec()) {
+                    if let Some(Ok((r, _))) = self.lacks_dict(&bytes) {
+                        // Not its fault: ask for the dictionary; it tells us again on the
+                        // next `Present`.
+                        self.request_dict(&peer, &ns, r, now_ms, &mut actions);
+                        return actions;
+                    }
+                    let vb = match self.verify(bytes.into_vec()) {
                         Ok(vb) if vb.header.ns == ns => vb,
                         Ok(_) => {
                             actions.push(Action::Reject {
@@ -954,6 +1285,82 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     self.stats.reads_refused += 1;
                 }
             }
+            SyncMessage::FetchDicts { ns, refs } => {
+                if refs.len() > limits::MAX_DICTS_PER_MESSAGE {
+                    actions.push(Action::Reject {
+                        peer,
+                        reason: "too many dictionaries asked for".into(),
+                    });
+                    return actions;
+                }
+                let Some(st) = self.namespaces.get(&ns) else {
+                    return actions;
+                };
+                if !st.may_read(&peer, self.peer_keys.get(&peer), &ns, now_ms) {
+                    self.stats.reads_refused += 1;
+                    return actions;
+                }
+                let mut found = Vec::new();
+                let mut missing = Vec::new();
+                for r in refs {
+                    match self.dicts.find(r) {
+                        held if held.is_empty() => missing.push(r),
+                        held => found.extend(held),
+                    }
+                }
+                found.truncate(limits::MAX_DICTS_PER_MESSAGE);
+                if !found.is_empty() {
+                    let dicts = found
+                        .iter()
+                        .map(|d| serde_bytes::ByteBuf::from(d.bytes().to_vec()))
+                        .collect();
+                    actions.push(Action::Send {
+                        peer: peer.clone(),
+                        msg: SyncMessage::Dicts { dicts },
+                    });
+                }
+                if !missing.is_empty() {
+                    actions.push(Action::ServeDicts {
+                        peer,
+                        refs: missing,
+                    });
+                }
+            }
+            SyncMessage::Dicts { dicts } => {
+                if dicts.len() > limits::MAX_DICTS_PER_MESSAGE {
+                    self.stats.dicts_rejected += 1;
+                    actions.push(Action::Reject {
+                        peer,
+                        reason: "too many dictionaries".into(),
+                    });
+                    return actions;
+                }
+                let mut arrived = Vec::new();
+                for bytes in dicts {
+                    let d = match Dict::new(bytes.into_vec()) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            self.stats.dicts_rejected += 1;
+                            actions.push(Action::Reject {
+                                peer,
+                                reason: e.to_string(),
+                            });
+                            return actions;
+                        }
+                    };
+                    // Only what we asked for (by ref: the id is computed from the bytes, and
+                    // the batch's keyed payload hash decides whether it is the right one).
+                    let r = d.dict_ref();
+                    if self.dict_requests.contains_key(&r) || self.dict_waiting.contains_key(&r) {
+                        self.stats.dicts_received += 1;
+                        self.hold_dict(d);
+                        arrived.push(r);
+                    }
+                }
+                for r in arrived {
+                    self.dict_settled(r, true, now_ms, &mut actions);
+                }
+            }
             SyncMessage::Batches {
                 ns,
                 author,
@@ -977,7 +1384,43 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 let empty = batches.is_empty();
                 let mut first_seq = None;
                 for bytes in batches {
-                    let vb = match batch::verify(bytes.into_vec()) {
+                    match self.lacks_dict(&bytes) {
+                        None => {}
+                        Some(Ok((r, h))) if h.ns == ns && h.author == author => {
+                            // Wait for the dictionary; the rest of the answer is dropped and
+                            // fetched again once it is here (this author's fetches pause).
+                            first_seq.get_or_insert(h.seq);
+                            let w = Waiting {
+                                peer: peer.clone(),
+                                ns: ns.clone(),
+                                bytes: bytes.into_vec(),
+                                gossip: false,
+                                forward,
+                            };
+                            self.wait_for_dict(r, w, now_ms, &mut actions);
+                            let deadline = now_ms + self.cfg.fetch_timeout_ms;
+                            let st = self.namespaces.get_mut(&ns).expect("checked");
+                            st.dict_blocked.insert(author, (r, deadline));
+                            break;
+                        }
+                        Some(Ok(_)) => {
+                            self.stats.batches_rejected += 1;
+                            actions.push(Action::Reject {
+                                peer,
+                                reason: "batch outside the fetched chain".into(),
+                            });
+                            return actions;
+                        }
+                        Some(Err(e)) => {
+                            self.stats.batches_rejected += 1;
+                            actions.push(Action::Reject {
+                                peer,
+                                reason: e.to_string(),
+                            });
+                            return actions;
+                        }
+                    }
+                    let vb = match self.verify(bytes.into_vec()) {
                         Ok(vb) => vb,
                         Err(e) => {
                             self.stats.batches_rejected += 1;
@@ -1087,7 +1530,28 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 }
             }
         }
-        let vb = match batch::verify(bytes) {
+        match self.lacks_dict(&bytes) {
+            None => {}
+            Some(Ok((r, _))) => {
+                // Authentic, but we cannot read it yet: ask the relayer for the dictionary and
+                // keep the batch meanwhile. Not relayed by us (others get it from their own
+                // mesh or by catch-up), not held against the relayer.
+                let w = Waiting {
+                    peer,
+                    ns: ns.to_string(),
+                    bytes,
+                    gossip: true,
+                    forward: false,
+                };
+                self.wait_for_dict(r, w, now_ms, &mut actions);
+                return (GossipVerdict::Ignore, actions);
+            }
+            Some(Err(e)) => {
+                self.stats.batches_rejected += 1;
+                return (GossipVerdict::Reject(e.to_string()), actions);
+            }
+        }
+        let vb = match self.verify(bytes) {
             Ok(vb) => vb,
             Err(e) => {
                 self.stats.batches_rejected += 1;
@@ -1125,22 +1589,36 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             Ingest::Stored => GossipVerdict::Accept,
             Ingest::Duplicate => GossipVerdict::Ignore,
             Ingest::Buffered => {
-                // The relaying peer holds at least this much of the chain: fetch the gap.
-                let st = self.namespaces.get_mut(ns).expect("checked");
-                let known = st
-                    .peer_heads
-                    .entry(peer.clone())
-                    .or_default()
-                    .entry(author)
-                    .or_insert(0);
-                *known = (*known).max(seq - 1);
-                let max = u32::MAX;
-                self.schedule(ns, author, Some(&peer), None, max, now_ms, &mut actions);
+                self.fetch_gap(&peer, ns, author, seq, now_ms, &mut actions);
                 GossipVerdict::Accept
             }
             Ingest::Rejected(reason) => GossipVerdict::Reject(reason),
         };
         (verdict, actions)
+    }
+
+    /// A gossiped batch at `seq` was buffered: the relaying peer holds at least the chain
+    /// before it, so fetch the gap.
+    fn fetch_gap(
+        &mut self,
+        peer: &P,
+        ns: &str,
+        author: [u8; 32],
+        seq: u64,
+        now_ms: u64,
+        out: &mut Vec<Action<P>>,
+    ) {
+        let Some(st) = self.namespaces.get_mut(ns) else {
+            return;
+        };
+        let known = st
+            .peer_heads
+            .entry(peer.clone())
+            .or_default()
+            .entry(author)
+            .or_insert(0);
+        *known = (*known).max(seq - 1);
+        self.schedule(ns, author, Some(peer), None, u32::MAX, now_ms, out);
     }
 
     /// Time passes: periodic anti-entropy (capabilities and version vectors) and fetch
@@ -1178,6 +1656,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 self.schedule(&ns, author, None, Some(&silent), max, now_ms, &mut actions);
             }
         }
+        self.expire_dicts(now_ms, None, &mut actions);
         self.retry_wanting(now_ms, &mut actions);
         actions
     }
@@ -1187,10 +1666,16 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         let fetch = self
             .namespaces
             .values()
-            .flat_map(|s| s.fetches.values().map(|f| f.deadline_ms))
+            .flat_map(|s| {
+                let fetches = s.fetches.values().map(|f| f.deadline_ms);
+                fetches.chain(s.dict_blocked.values().map(|(_, d)| *d))
+            })
             .min()
             .unwrap_or(u64::MAX);
-        fetch.min(self.next_anti_entropy_ms)
+        let dicts = self.dict_requests.values().map(|q| q.deadline_ms).min();
+        fetch
+            .min(dicts.unwrap_or(u64::MAX))
+            .min(self.next_anti_entropy_ms)
     }
 
     /// Our capability chains, for every owned namespace we hold one in.
@@ -1291,6 +1776,10 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         let Some(st) = self.namespaces.get_mut(ns) else {
             return;
         };
+        if st.dict_blocked.contains_key(&author) {
+            // Paused until a dictionary arrives (or its wait times out): then rescheduled.
+            return;
+        }
         let ours = st.heads.get(&author).map_or(0, |h| h.seq);
         let holders: Vec<(P, u64)> = st
             .peer_heads
@@ -1606,6 +2095,9 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             );
             self.clock.observe(vb.header.hlc_max);
             self.stats.batches_stored += 1;
+            if vb.dict.is_some() {
+                self.stats.dict_batches_stored += 1;
+            }
             vb.effective = batch_effective(&vb, &st.revocations);
             if !vb.effective {
                 self.stats.batches_ineffective += 1;

@@ -8,6 +8,7 @@
 //! - [`hlc`]: hybrid logical clock timestamps.
 //! - [`op`]: operations (upsert, delete, counter add) and their naming/size rules.
 //! - [`codec`]: the compact payload codec (interned names, borrowed zero-copy decoding).
+//! - [`dict`]: content-addressed zstd dictionaries for small payloads.
 //! - [`batch`]: the signed, hashed batch envelope: sealing and verification.
 //! - [`merge`]: record states and the merge rules (a join-semilattice).
 //! - [`record_codec`]: the stored form of record states (compact binary, private to a store).
@@ -19,6 +20,7 @@ pub mod batch;
 pub mod capability;
 pub mod coalesce;
 pub mod codec;
+pub mod dict;
 pub mod engine;
 pub mod hlc;
 pub mod limits;
@@ -28,6 +30,7 @@ pub mod prune;
 pub mod record_codec;
 
 pub use batch::{BatchError, BatchHeader, BatchId, VerifiedBatch};
+pub use dict::{Dict, DictId, DictLookup, DictRef, DictSet};
 pub use engine::{Action, Engine, EngineConfig, GossipVerdict, SyncMessage, WriteMany};
 pub use hlc::Hlc;
 pub use merge::RecordState;

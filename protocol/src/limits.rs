@@ -29,3 +29,7 @@ pub const MAX_SYNC_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 pub const MAX_HAVE_AUTHORS: usize = 100_000;
 /// Largest payload after decompression, in bytes.
 pub const MAX_PAYLOAD_PLAIN_BYTES: usize = 16 * 1024 * 1024;
+/// Largest zstd dictionary a batch may name, in bytes.
+pub const MAX_DICT_BYTES: usize = 16 * 1024;
+/// Most dictionaries asked for or carried in one sync message.
+pub const MAX_DICTS_PER_MESSAGE: usize = 8;

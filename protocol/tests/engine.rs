@@ -12,9 +12,10 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use blazedb_identity::Keypair;
 use blazedb_protocol::batch::{self, BatchId, ChainPosition};
+use blazedb_protocol::dict::DictLookup;
 use blazedb_protocol::{
-    Action, Engine, EngineConfig, GossipVerdict, Hlc, Op, RecordState, SyncMessage, Value,
-    VerifiedBatch,
+    Action, Dict, DictSet, Engine, EngineConfig, GossipVerdict, Hlc, Op, RecordState, SyncMessage,
+    Value, VerifiedBatch,
 };
 use proptest::prelude::*;
 
@@ -48,6 +49,8 @@ struct Node {
     records: Records,
     /// Gossip verdicts given, with the relaying peer.
     verdicts: Vec<(usize, GossipVerdict)>,
+    /// Dictionaries named by stored batches (what a shell's store holds).
+    dicts: DictSet,
 }
 
 struct Net {
@@ -72,6 +75,8 @@ struct Net {
     serve_cap: Option<usize>,
     /// Most fetches seen in flight from one engine to another, (from, to) → count.
     max_in_flight: BTreeMap<(usize, usize), usize>,
+    /// Dictionary requests sent to these engines are lost.
+    deaf_to_dicts: BTreeSet<usize>,
 }
 
 fn test_config() -> EngineConfig {
@@ -112,6 +117,7 @@ impl Net {
                     stored_order: Vec::new(),
                     records: BTreeMap::new(),
                     verdicts: Vec::new(),
+                    dicts: DictSet::new(),
                 }
             })
             .collect();
@@ -129,6 +135,7 @@ impl Net {
             sync_delivered: 0,
             serve_cap: None,
             max_in_flight: BTreeMap::new(),
+            deaf_to_dicts: BTreeSet::new(),
         }
     }
 
@@ -226,6 +233,14 @@ impl Net {
                     };
                     self.send(i, peer, Wire::Sync(msg));
                 }
+                Action::ServeDicts { peer, refs } => {
+                    let dicts = refs
+                        .iter()
+                        .flat_map(|r| self.nodes[i].dicts.find(*r))
+                        .map(|d| serde_bytes::ByteBuf::from(d.bytes().to_vec()))
+                        .collect();
+                    self.send(i, peer, Wire::Sync(SyncMessage::Dicts { dicts }));
+                }
                 Action::Reject { peer, reason } => self.rejects.push((i, peer, reason)),
                 other => panic!("unexpected action in a public namespace: {other:?}"),
             }
@@ -245,6 +260,9 @@ impl Net {
                 .or_default()
                 .apply(op, author);
         }
+        if let Some(d) = &vb.dict {
+            node.dicts.insert(d.clone());
+        }
         node.stored_order.push((author, seq));
         let old = node.log.insert((author, seq), vb);
         assert!(old.is_none(), "engine {i} stored seq {seq} twice");
@@ -259,6 +277,11 @@ impl Net {
         match p.wire {
             Wire::Sync(msg) => {
                 if matches!(msg, SyncMessage::Fetch { .. }) && self.deaf_to_fetch.contains(&p.to) {
+                    return;
+                }
+                if matches!(msg, SyncMessage::FetchDicts { .. })
+                    && self.deaf_to_dicts.contains(&p.to)
+                {
                     return;
                 }
                 self.sync_delivered += 1;
@@ -1227,4 +1250,238 @@ proptest! {
     ) {
         striped_equals_single(writes, params, picks, drop_at);
     }
+}
+
+// --- Dictionaries -------------------------------------------------------------------------
+
+/// A raw-content dictionary: earlier payloads of [`small_op`] writes (`tag` makes it another
+/// dictionary with another id).
+fn test_dict(tag: &str) -> Dict {
+    let mut bytes = tag.as_bytes().to_vec();
+    for i in 0..64 {
+        let mut op = small_op(i);
+        op.set_hlc(Hlc(1 + i));
+        blazedb_protocol::codec::encode_ops(&[op], &mut bytes);
+    }
+    Dict::new(bytes).unwrap()
+}
+
+fn small_op(i: u64) -> Op {
+    Op::Upsert {
+        collection: "c".into(),
+        key: format!("k{}", i % 64),
+        hlc: Hlc::ZERO,
+        fields: BTreeMap::from([
+            (
+                "name".to_string(),
+                Value::from(format!("player-{}", i % 64)),
+            ),
+            (
+                "score".to_string(),
+                Value::from(format!("level {i} level {i}")),
+            ),
+        ]),
+    }
+}
+
+/// A node that receives a dictionary-compressed batch by gossip without holding the
+/// dictionary asks the relayer for it (not penalizing it), keeps the batches meanwhile, and
+/// stores them once it arrives; the engines converge.
+#[test]
+fn gossiped_dict_batches_fetch_the_dictionary_from_the_relayer() {
+    let mut net = Net::new(2, test_config());
+    net.connect_all();
+    net.run_idle();
+    net.nodes[0].engine.set_write_dict(NS, test_dict("a"));
+    let mut written = Vec::new();
+    for i in 0..5 {
+        written.push(net.write(0, vec![small_op(i)]));
+    }
+    assert!(
+        written.iter().all(|b| b.dict.is_some()),
+        "the dictionary was not used"
+    );
+    assert_eq!(net.nodes[0].engine.stats().dict_batches_sealed, 5);
+    net.run_idle();
+    net.assert_converged(&[0, 1]);
+    let st = net.nodes[1].engine.stats();
+    assert_eq!(st.dict_requests_sent, 1, "one request for the five batches");
+    assert_eq!(st.dicts_received, 1);
+    assert_eq!(st.dict_batches_stored, 5);
+    assert_eq!(st.dict_waits_dropped, 0);
+    assert!(net.rejects.is_empty(), "{:?}", net.rejects);
+    assert!(net.nodes[1]
+        .verdicts
+        .iter()
+        .all(|(_, v)| !matches!(v, GossipVerdict::Reject(_))));
+    assert_eq!(net.nodes[1].engine.dict_waiting(), (0, 0));
+    assert_eq!(
+        net.nodes[1].dicts.len(),
+        1,
+        "stored with the batches that name it"
+    );
+    // The dictionary is now held: the next batch goes straight in.
+    net.write(0, vec![small_op(9)]);
+    net.run_idle();
+    net.assert_converged(&[0, 1]);
+    assert_eq!(net.nodes[1].engine.stats().dict_requests_sent, 1);
+}
+
+/// Catch-up through fetches over a chain that switches dictionaries (versioning: each batch
+/// names its own): the fetching node pauses at each unknown dictionary, fetches it, and goes
+/// on; it ends with exactly the writer's log and records, and both dictionaries.
+#[test]
+fn catch_up_over_two_dictionaries_converges() {
+    let mut net = Net::new(2, striped(4, 8));
+    net.gossip = false;
+    net.nodes[0].engine.set_write_dict(NS, test_dict("a"));
+    for i in 0..30 {
+        net.write(0, vec![small_op(i)]);
+    }
+    net.nodes[0].engine.set_write_dict(NS, test_dict("b"));
+    for i in 30..60 {
+        net.write(0, vec![small_op(i)]);
+    }
+    assert_eq!(net.nodes[0].engine.stats().dict_batches_sealed, 60);
+    net.connect_all();
+    net.advance(20_000);
+    net.assert_converged(&[0, 1]);
+    let st = net.nodes[1].engine.stats();
+    assert_eq!(st.dicts_received, 2);
+    assert_eq!(st.dict_batches_stored, 60);
+    assert!(net.rejects.is_empty(), "{:?}", net.rejects);
+    assert_eq!(net.nodes[1].dicts.len(), 2);
+}
+
+/// The wait buffer is bounded, and a dictionary that never comes does not stall the chain:
+/// the request times out, the waiting batches are dropped (counted), and once the peer
+/// answers again catch-up brings everything.
+#[test]
+fn dict_waits_are_bounded_and_never_stall_the_chain() {
+    let cfg = EngineConfig {
+        max_dict_waiting: 3,
+        ..test_config()
+    };
+    let mut net = Net::new(2, cfg);
+    net.connect_all();
+    net.run_idle();
+    net.deaf_to_dicts.insert(0);
+    net.nodes[0].engine.set_write_dict(NS, test_dict("a"));
+    for i in 0..8 {
+        net.write(0, vec![small_op(i)]);
+    }
+    net.run_idle();
+    let e = &net.nodes[1].engine;
+    assert_eq!(e.dict_waiting(), (3, 1), "3 batches wait, 1 request out");
+    assert_eq!(e.stats().dict_waits_dropped, 5);
+    assert!(e.vector(NS).is_empty());
+    // The request times out: everything waiting is dropped, nothing is held forever (catch-up
+    // meanwhile asks again, within the same bounds).
+    net.advance(2_500);
+    let e = &net.nodes[1].engine;
+    assert!(e.stats().dict_waits_dropped >= 8);
+    assert!(e.dict_waiting().0 <= 3 && e.dict_waiting().1 <= 1);
+    assert!(
+        e.stats().dict_requests_sent >= 2,
+        "asked again after the time-out"
+    );
+    assert!(net.rejects.is_empty(), "{:?}", net.rejects);
+    // The peer answers again: anti-entropy and catch-up bring it all.
+    net.deaf_to_dicts.clear();
+    net.advance(10_000);
+    net.assert_converged(&[0, 1]);
+}
+
+/// Dictionaries from peers are checked: too many or oversized ones are rejected, unasked-for
+/// ones are ignored (not held), and a request for too many is rejected.
+#[test]
+fn bad_dictionary_messages_are_refused() {
+    let mut e: Engine<usize> = Engine::new(test_config());
+    e.join(NS);
+    e.peer_up(1, 0);
+    let d = test_dict("x");
+    let unasked = SyncMessage::Dicts {
+        dicts: vec![serde_bytes::ByteBuf::from(d.bytes().to_vec())],
+    };
+    assert!(e.handle_message(1, unasked, 0).is_empty());
+    assert!(e.dicts().is_empty());
+    let big = vec![0u8; blazedb_protocol::limits::MAX_DICT_BYTES + 1];
+    let oversized = SyncMessage::Dicts {
+        dicts: vec![serde_bytes::ByteBuf::from(big)],
+    };
+    let acts = e.handle_message(1, oversized, 0);
+    assert!(
+        matches!(&acts[..], [Action::Reject { peer: 1, .. }]),
+        "{acts:?}"
+    );
+    let many = SyncMessage::Dicts {
+        dicts: vec![serde_bytes::ByteBuf::from(vec![1u8]); 9],
+    };
+    assert!(matches!(
+        &e.handle_message(1, many, 0)[..],
+        [Action::Reject { .. }]
+    ));
+    let ask = SyncMessage::FetchDicts {
+        ns: NS.into(),
+        refs: vec![d.dict_ref(); 9],
+    };
+    assert!(matches!(
+        &e.handle_message(1, ask, 0)[..],
+        [Action::Reject { .. }]
+    ));
+    assert_eq!(e.stats().dicts_rejected, 2);
+    // Asked for one we do not hold in memory: the shell is told to serve it from its store.
+    let ask = SyncMessage::FetchDicts {
+        ns: NS.into(),
+        refs: vec![d.dict_ref()],
+    };
+    let acts = e.handle_message(1, ask, 0);
+    assert!(
+        matches!(&acts[..], [Action::ServeDicts { peer: 1, refs }] if refs == &vec![d.dict_ref()])
+    );
+}
+
+/// Dictionary requests to one peer are bounded: batches naming more unknown dictionaries than
+/// that are dropped (and counted), never punished.
+#[test]
+fn dict_requests_per_peer_are_bounded() {
+    let cfg = test_config();
+    let per_peer = cfg.max_dict_requests_per_peer;
+    let mut e: Engine<usize> = Engine::new(cfg);
+    e.join(NS);
+    e.peer_up(1, 0);
+    let kp = Keypair::from_seed([42; 32]);
+    let mut prev = None;
+    let mut sent = 0;
+    let n = per_peer + 3;
+    for i in 0..n {
+        let d = test_dict(&format!("dict-{i}"));
+        let mut op = small_op(i as u64);
+        op.set_hlc(Hlc(1_000 + i as u64));
+        let pos = ChainPosition {
+            seq: i as u64 + 1,
+            prev,
+        };
+        let b = batch::seal_with(&kp, NS, pos, vec![op], None, Some(&d)).unwrap();
+        assert!(b.dict.is_some());
+        prev = Some(b.id);
+        let (verdict, acts) = e.handle_gossip(1, NS, b.bytes, 0);
+        assert_eq!(verdict, GossipVerdict::Ignore);
+        sent += acts
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    Action::Send {
+                        msg: SyncMessage::FetchDicts { .. },
+                        ..
+                    }
+                )
+            })
+            .count();
+    }
+    assert_eq!(sent, per_peer);
+    assert_eq!(e.dict_waiting(), (per_peer, per_peer));
+    assert_eq!(e.stats().dict_waits_dropped, (n - per_peer) as u64);
+    assert_eq!(e.stats().batches_rejected, 0);
 }

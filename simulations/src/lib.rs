@@ -304,6 +304,8 @@ fn sync_size(m: &SyncMessage) -> u64 {
         SyncMessage::Revoked { batches, .. } | SyncMessage::Batches { batches, .. } => {
             48 + batches.iter().map(|b| b.len() as u64).sum::<u64>()
         }
+        SyncMessage::FetchDicts { refs, .. } => 16 + 8 * refs.len() as u64,
+        SyncMessage::Dicts { dicts } => 16 + dicts.iter().map(|d| d.len() as u64).sum::<u64>(),
     }
 }
 
@@ -591,7 +593,10 @@ impl Sim {
                     self.send(node, peer, Msg::Sync(msg));
                 }
                 Action::Reject { .. } => self.rejected += 1,
-                Action::ServeRevocations { .. } | Action::Rebuild { .. } => {}
+                // Simulated writers use no dictionaries, so none is ever asked for.
+                Action::ServeRevocations { .. }
+                | Action::Rebuild { .. }
+                | Action::ServeDicts { .. } => {}
             }
         }
     }
