@@ -74,6 +74,11 @@ enum Cmd {
         /// One batch per write call (no coalescing of concurrent writers).
         #[arg(long)]
         no_coalesce: bool,
+        /// Size in MiB at which record changes held in memory are written into the view file
+        /// (up to about three times this is held under sustained ingest; larger is faster).
+        #[arg(long, default_value_t = (blazedb_node::materializer::STAGED_FLUSH_BYTES >> 20) as u64,
+              value_parser = clap::value_parser!(u64).range(1..=65536))]
+        view_delta_mb: u64,
     },
     /// Show a running node's identity, peers and namespaces.
     Status {
@@ -240,6 +245,7 @@ async fn run(cli: Cli) -> Result<()> {
             fetch_stripes,
             batch_max_delay_ms,
             no_coalesce,
+            view_delta_mb,
         } => {
             let batching = blazedb_node::BatchingConfig {
                 coalesce: !no_coalesce,
@@ -257,6 +263,7 @@ async fn run(cli: Cli) -> Result<()> {
                 ..NodeConfig::default()
             };
             cfg.engine.fetch_stripes = fetch_stripes.max(1);
+            cfg.view_delta_bytes = (view_delta_mb as usize) << 20;
             run_node(cfg, api).await
         }
         Cmd::Status { api } => print(client_get(&api, "/v1/status").await?),

@@ -19,7 +19,7 @@
 //! - **Bounded**: the job queue holds at most [`QUEUE_CAP`] jobs; when it is full the actor
 //!   blocks on it, which backs pressure up to writers and peers. Memory: the staged delta is
 //!   frozen at [`STAGED_FLUSH_BYTES`] and, while the previous one is still being flushed,
-//!   staging stops at [`STAGED_MAX_BYTES`] until it is done.
+//!   staging stops at twice that until it is done.
 //! - **Crash-safe**: the view stores a per-chain watermark in the same transaction as the
 //!   records it covers; after a crash, [`crate::store::Store::unapplied`] finds what to apply
 //!   again (staged deltas are only memory: losing them loses nothing the log does not hold).
@@ -41,17 +41,10 @@ use crate::store::{Change, Store};
 pub const QUEUE_CAP: usize = 64;
 /// Most ops staged per job round (several queued jobs are taken together up to this).
 const OPS_PER_TXN: usize = 50_000;
-/// A staged delta this large (approximate bytes) is handed to the flusher.
+/// Default size (approximate bytes) at which a staged delta is handed to the flusher; at
+/// twice this, staging waits for the flusher (so with the delta being flushed, at most about
+/// three times this is held). `NodeConfig::view_delta_bytes` sets it.
 pub const STAGED_FLUSH_BYTES: usize = 64 * 1024 * 1024;
-/// A staged delta this large waits for the flusher: with the one being flushed, at most about
-/// twice this is held in memory.
-pub const STAGED_MAX_BYTES: usize = 2 * STAGED_FLUSH_BYTES;
-fn flush_bytes() -> usize {
-    std::env::var("BLAZEDB_FLUSH_MB")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .map_or(STAGED_FLUSH_BYTES, |mb| mb << 20)
-}
 /// How often an idle materializer with a view behind checks on the flusher.
 const IDLE_POLL: Duration = Duration::from_millis(5);
 /// Longest a read waits for the records to catch up.
@@ -157,13 +150,14 @@ pub fn spawn(
     store: Arc<Store>,
     sync: Arc<MatSync>,
     changes: broadcast::Sender<Change>,
+    flush_bytes: usize,
 ) -> (mpsc::SyncSender<Job>, std::thread::JoinHandle<()>) {
     let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE_CAP);
     let handle = std::thread::Builder::new()
         .name("blazedb-materializer".into())
         .spawn(move || {
             let flusher = Flusher::spawn(store.clone());
-            run(&store, &sync, &changes, rx, flusher)
+            run(&store, &sync, &changes, rx, flusher, flush_bytes)
         })
         .expect("spawning the materializer thread");
     (tx, handle)
@@ -279,6 +273,7 @@ fn run(
     changes: &broadcast::Sender<Change>,
     rx: mpsc::Receiver<Job>,
     mut flusher: Flusher,
+    flush_at: usize,
 ) {
     let mut carry: Option<Job> = None;
     let fail = |e: String| {
@@ -325,7 +320,6 @@ fn run(
                         // Hand a full delta to the flusher; past the hard bound, wait for it
                         // (backpressure: the queue fills, then the actor, then writers wait).
                         let (_, bytes) = store.staged_size();
-                        let flush_at = flush_bytes();
                         if bytes >= flush_at && !flusher.start(store, false)? {
                             if bytes >= 2 * flush_at {
                                 flusher.wait_idle()?;

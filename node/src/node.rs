@@ -105,6 +105,11 @@ pub struct NodeConfig {
     pub batching: BatchingConfig,
     /// When this node trains zstd dictionaries for its small batches (default: on).
     pub dicts: DictPolicy,
+    /// Size (approximate bytes) at which the materializer's in-memory delta of record changes
+    /// is written into the view file; up to about twice this is held while the previous
+    /// delta is being written. Larger: fewer, cheaper-per-op view flushes under sustained
+    /// ingest, more memory. Default [`materializer::STAGED_FLUSH_BYTES`] (64 MiB).
+    pub view_delta_bytes: usize,
 }
 
 impl Default for NodeConfig {
@@ -119,6 +124,7 @@ impl Default for NodeConfig {
             pq_policy: KxPolicy::Strict,
             batching: BatchingConfig::default(),
             dicts: DictPolicy::default(),
+            view_delta_bytes: materializer::STAGED_FLUSH_BYTES,
         }
     }
 }
@@ -174,6 +180,13 @@ impl NodeBuilder {
     /// ([`EngineConfig::fetch_stripes`]; 1 = one window at a time).
     pub fn fetch_stripes(mut self, n: u32) -> Self {
         self.cfg.engine.fetch_stripes = n.max(1);
+        self
+    }
+
+    /// Size at which the materializer writes its in-memory delta into the view file
+    /// ([`NodeConfig::view_delta_bytes`]; at least 1 MiB).
+    pub fn view_delta_bytes(mut self, bytes: usize) -> Self {
+        self.cfg.view_delta_bytes = bytes.max(1 << 20);
         self
     }
     /// Link key-exchange policy.
@@ -818,7 +831,12 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         }
     }
     let mat = Arc::new(MatSync::default());
-    let (mat_tx, mat_thread) = materializer::spawn(store.clone(), mat.clone(), changes.clone());
+    let (mat_tx, mat_thread) = materializer::spawn(
+        store.clone(),
+        mat.clone(),
+        changes.clone(),
+        cfg.view_delta_bytes,
+    );
     let shared = Arc::new(Shared {
         registry,
         store,
