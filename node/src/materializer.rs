@@ -320,11 +320,12 @@ fn run(
                         // Hand a full delta to the flusher; past the hard bound, wait for it
                         // (backpressure: the queue fills, then the actor, then writers wait).
                         let (_, bytes) = store.staged_size();
-                        if bytes >= flush_at && !flusher.start(store, false)? {
-                            if bytes >= 2 * flush_at {
-                                flusher.wait_idle()?;
-                                flusher.start(store, false)?;
-                            }
+                        if bytes >= flush_at
+                            && !flusher.start(store, false)?
+                            && bytes >= 2 * flush_at
+                        {
+                            flusher.wait_idle()?;
+                            flusher.start(store, false)?;
                         }
                         Ok(n)
                     })
