@@ -75,7 +75,7 @@ enum Cmd {
         #[arg(long)]
         no_coalesce: bool,
         /// Size in MiB at which record changes held in memory are written into the view file
-        /// (up to about three times this is held under sustained ingest; larger is faster).
+        /// (under sustained ingest up to about four times this is held).
         #[arg(long, default_value_t = (blazedb_node::materializer::STAGED_FLUSH_BYTES >> 20) as u64,
               value_parser = clap::value_parser!(u64).range(1..=65536))]
         view_delta_mb: u64,

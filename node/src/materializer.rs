@@ -42,8 +42,8 @@ pub const QUEUE_CAP: usize = 64;
 /// Most ops staged per job round (several queued jobs are taken together up to this).
 const OPS_PER_TXN: usize = 50_000;
 /// Default size (approximate bytes) at which a staged delta is handed to the flusher; at
-/// twice this, staging waits for the flusher (so with the delta being flushed, at most about
-/// three times this is held). `NodeConfig::view_delta_bytes` sets it.
+/// twice this, staging waits for the flusher (so with the delta being flushed, itself at most
+/// twice this, about four times this is held at most). `NodeConfig::view_delta_bytes` sets it.
 pub const STAGED_FLUSH_BYTES: usize = 64 * 1024 * 1024;
 /// How often an idle materializer with a view behind checks on the flusher.
 const IDLE_POLL: Duration = Duration::from_millis(5);
