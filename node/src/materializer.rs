@@ -45,8 +45,11 @@ const OPS_PER_TXN: usize = 50_000;
 /// twice this, staging waits for the flusher (so with the delta being flushed, itself at most
 /// twice this, about four times this is held at most). `NodeConfig::view_delta_bytes` sets it.
 pub const STAGED_FLUSH_BYTES: usize = 64 * 1024 * 1024;
-/// How often an idle materializer with a view behind checks on the flusher.
-const IDLE_POLL: Duration = Duration::from_millis(5);
+/// How long the materializer must have had nothing to do before it writes a delta smaller
+/// than the flush size into the view file (durably). Reads never need that write (they join
+/// the delta); flushing at every short pause between jobs made each flush small, and a
+/// small flush costs far more per op (B3: both nodes flushed after nearly every batch).
+const IDLE_FLUSH_AFTER: Duration = Duration::from_millis(250);
 /// Longest a read waits for the records to catch up.
 const READ_WAIT: Duration = Duration::from_secs(30);
 
@@ -369,7 +372,7 @@ fn next_job(
             }
             return Ok(rx.recv().ok().inspect(|_| sync.took()));
         }
-        match rx.recv_timeout(IDLE_POLL) {
+        match rx.recv_timeout(IDLE_FLUSH_AFTER) {
             Ok(j) => {
                 sync.took();
                 return Ok(Some(j));

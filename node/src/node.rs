@@ -1522,7 +1522,7 @@ impl Actor {
     /// is durable here, as before — now one fsync covers the whole group).
     fn on_swarm_events(&mut self, first: SwarmEvent<BehaviourEvent>) -> Flow {
         use futures::FutureExt;
-        self.deferred = Some(Deferred::default());
+        self.deferred.get_or_insert_with(Deferred::default);
         let mut flow = self.on_swarm_event(first);
         for _ in 1..EVENT_GROUP_MAX {
             if matches!(flow, Flow::Stop(_)) {
@@ -1660,32 +1660,14 @@ impl Actor {
         let (verdict, actions) =
             self.engine
                 .handle_gossip(propagation_source, &ns, message.data, now_ms());
-        if let Some(group) = &mut self.deferred {
-            group.actions.extend(actions);
-            group
-                .verdicts
-                .push((message_id, propagation_source, verdict));
-            return Flow::Continue;
-        }
-        let acceptance = match &verdict {
-            GossipVerdict::Accept => gossipsub::MessageAcceptance::Accept,
-            GossipVerdict::Ignore => gossipsub::MessageAcceptance::Ignore,
-            GossipVerdict::Reject(_) => gossipsub::MessageAcceptance::Reject,
-        };
-        // Store before relaying: a batch is passed on only once it is durable here.
-        let flow = self.execute(actions);
-        let _ = self
-            .swarm
-            .behaviour_mut()
-            .gossipsub
-            .report_message_validation_result(&message_id, &propagation_source, acceptance);
-        if let GossipVerdict::Reject(reason) = verdict {
-            self.drop_peer(
-                propagation_source,
-                &format!("invalid gossiped batch: {reason}"),
-            );
-        }
-        flow
+        // Store before relaying: the verdict waits for the group's log commit
+        // (`on_swarm_events`, the only way swarm events arrive here).
+        let group = self.deferred.get_or_insert_with(Deferred::default);
+        group.actions.extend(actions);
+        group
+            .verdicts
+            .push((message_id, propagation_source, verdict));
+        Flow::Continue
     }
 
     /// A sync event on the protocol of `class` (any message is handled the same whichever

@@ -17,6 +17,7 @@
 //! write or tombstone, which only ever grow) are dropped on every merge, so compact states are
 //! canonical and compare equal exactly when they are the same join.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -67,11 +68,13 @@ fn max_opt(a: Option<Stamp>, b: Option<Stamp>) -> Option<Stamp> {
     }
 }
 
-fn lww_wins(new: &(Stamp, Value), old: &(Stamp, Value)) -> bool {
-    match new.0.cmp(&old.0) {
+/// Whether a write of `value` at `stamp` replaces `old` (last writer wins; a tie on the stamp,
+/// only possible for a forked chain, goes to the greater value).
+fn wins(stamp: Stamp, value: &Value, old: &(Stamp, Value)) -> bool {
+    match stamp.cmp(&old.0) {
         std::cmp::Ordering::Greater => true,
         std::cmp::Ordering::Less => false,
-        std::cmp::Ordering::Equal => value_key(&new.1) > value_key(&old.1),
+        std::cmp::Ordering::Equal => value_key(value) > value_key(&old.1),
     }
 }
 
@@ -136,13 +139,14 @@ impl RecordState {
             Op::Upsert { fields, .. } => {
                 self.touched = max_opt(self.touched, Some(stamp));
                 for (name, value) in fields {
-                    self.write_field(name, stamp, value);
+                    self.write_field(Cow::Borrowed(name), stamp, Cow::Borrowed(value));
                 }
             }
             Op::Delete { .. } => self.deleted = max_opt(self.deleted, Some(stamp)),
             Op::Revoke { .. } => {
                 self.touched = max_opt(self.touched, Some(stamp));
-                self.write_field("revoked_at", stamp, &Value::from(op.hlc().wall_ms()));
+                let at = Value::from(op.hlc().wall_ms());
+                self.write_field(Cow::Borrowed("revoked_at"), stamp, Cow::Owned(at));
             }
             Op::CounterAdd { field, delta, .. } => {
                 self.touched = max_opt(self.touched, Some(stamp));
@@ -168,21 +172,7 @@ impl RecordState {
             Op::Upsert { fields, .. } => {
                 self.touched = max_opt(self.touched, Some(stamp));
                 for (name, value) in fields {
-                    let f = match self.fields.get_mut(name.as_str()) {
-                        Some(f) => f,
-                        None => self.fields.entry(name).or_default(),
-                    };
-                    let replace = match &f.lww {
-                        Some(old) => match stamp.cmp(&old.0) {
-                            std::cmp::Ordering::Greater => true,
-                            std::cmp::Ordering::Less => false,
-                            std::cmp::Ordering::Equal => value_key(&value) > value_key(&old.1),
-                        },
-                        None => true,
-                    };
-                    if replace {
-                        f.lww = Some((stamp, value));
-                    }
+                    self.write_field(Cow::Owned(name), stamp, Cow::Owned(value));
                 }
                 self.compact();
             }
@@ -190,22 +180,19 @@ impl RecordState {
         }
     }
 
-    /// The last-writer-wins part of merging one written field.
-    fn write_field(&mut self, name: &str, stamp: Stamp, value: &Value) {
-        let f = match self.fields.get_mut(name) {
+    /// The last-writer-wins part of merging one written field. The name and the value are
+    /// made owned only when they are stored (borrowed by `apply`, moved in by `apply_owned`).
+    fn write_field(&mut self, name: Cow<'_, str>, stamp: Stamp, value: Cow<'_, Value>) {
+        let f = match self.fields.get_mut(name.as_ref()) {
             Some(f) => f,
-            None => self.fields.entry(name.to_string()).or_default(),
+            None => self.fields.entry(name.into_owned()).or_default(),
         };
         let replace = match &f.lww {
-            Some(old) => match stamp.cmp(&old.0) {
-                std::cmp::Ordering::Greater => true,
-                std::cmp::Ordering::Less => false,
-                std::cmp::Ordering::Equal => value_key(value) > value_key(&old.1),
-            },
+            Some(old) => wins(stamp, &value, old),
             None => true,
         };
         if replace {
-            f.lww = Some((stamp, value.clone()));
+            f.lww = Some((stamp, value.into_owned()));
         }
     }
 
@@ -217,7 +204,7 @@ impl RecordState {
             let mine = self.fields.entry(name.clone()).or_default();
             if let Some(t) = &theirs.lww {
                 let replace = match &mine.lww {
-                    Some(m) => lww_wins(t, m),
+                    Some(m) => wins(t.0, &t.1, m),
                     None => true,
                 };
                 if replace {
