@@ -484,6 +484,13 @@ impl NodeHandle {
         )
     }
 
+    /// Whether the records' file still lags the log: batches not yet applied, or applied
+    /// only to the in-memory delta (reads already see those; this is about background work
+    /// still to come, e.g. for a benchmark that must not measure it).
+    pub fn view_pending(&self) -> bool {
+        self.shared.mat.backlog() > 0 || self.shared.store.view_pending()
+    }
+
     /// Depths of the bounded queues (also at `/metrics`).
     pub fn queues(&self) -> QueueDepths {
         let m = &self.shared.metrics;
