@@ -1046,20 +1046,26 @@ impl Store {
     /// Counts: (batches, records).
     pub fn counts(&self) -> Result<(u64, u64), StoreError> {
         let batches = self.db.begin_read()?.open_table(BATCHES)?.len()?;
-        // Records in the file, plus those only staged or being flushed so far.
-        let staged = read(&self.staged);
-        let flushing = read(&self.flushing);
-        let txn = self.view.begin_read()?;
+        // Records in the file, plus those only staged or being flushed so far. The file
+        // snapshot and the delta keys are taken together; the lookups run after the locks are
+        // released, so a metrics scrape never holds up staging.
+        let (txn, in_memory) = {
+            let staged = read(&self.staged);
+            let flushing = read(&self.flushing);
+            let txn = self.view.begin_read()?;
+            let mut keys: Vec<Vec<u8>> = staged
+                .records
+                .keys()
+                .chain(flushing.iter().flat_map(|f| f.records.keys()))
+                .cloned()
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            (txn, keys)
+        };
         let table = txn.open_table(RECORDS)?;
         let mut records = table.len()?;
-        let mut only_in_memory: Vec<&Vec<u8>> = staged
-            .records
-            .keys()
-            .chain(flushing.iter().flat_map(|f| f.records.keys()))
-            .collect();
-        only_in_memory.sort_unstable();
-        only_in_memory.dedup();
-        for k in only_in_memory {
+        for k in in_memory {
             if table.get(k.as_slice())?.is_none() {
                 records += 1;
             }
