@@ -142,7 +142,7 @@ pub struct Store {
 /// applied to it since the last flush (not the whole record: merging is a join, so the view
 /// file's state joined with this delta is the record, and applying needs no read).
 #[derive(Default)]
-pub struct Delta {
+struct Delta {
     /// Record key → join of the ops applied since the last flush.
     records: BTreeMap<Vec<u8>, RecordState>,
     /// Chain (`ns_len:u8 ns author:32`) → highest seq applied.
@@ -151,18 +151,6 @@ pub struct Delta {
     ops: usize,
     /// Approximate memory held, in bytes (ops' encoded sizes plus per-op overhead).
     bytes: usize,
-}
-
-impl Delta {
-    /// Ops applied into this delta.
-    pub fn ops(&self) -> usize {
-        self.ops
-    }
-
-    /// Approximate memory held, in bytes.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
 }
 
 /// Rough per-op memory overhead of a staged record (map node, key, stamps), in bytes.
