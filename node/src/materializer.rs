@@ -44,7 +44,7 @@ const OPS_PER_TXN: usize = 50_000;
 /// Default size (approximate bytes) at which a staged delta is handed to the flusher; at
 /// twice this, staging waits for the flusher (so with the delta being flushed, itself at most
 /// twice this, about four times this is held at most). `NodeConfig::view_delta_bytes` sets it.
-pub const STAGED_FLUSH_BYTES: usize = 64 * 1024 * 1024;
+pub const STAGED_FLUSH_BYTES: usize = 256 * 1024 * 1024;
 /// How long the materializer must have had nothing to do before it writes a delta smaller
 /// than the flush size into the view file (durably). Reads never need that write (they join
 /// the delta); flushing at every short pause between jobs made each flush small, and a

@@ -108,8 +108,8 @@ pub struct NodeConfig {
     /// Size (approximate bytes) at which the materializer's in-memory delta of record changes
     /// is written into the view file. Under sustained ingest up to about four times this is
     /// held (the delta filling and the one being written, each up to twice this). Measured
-    /// (B2m): 256 MiB was not faster than 64 MiB on workload W. Default
-    /// [`materializer::STAGED_FLUSH_BYTES`] (64 MiB).
+    /// (B2m): larger flushes were not faster than ~200k-op ones on workload W. Default
+    /// [`materializer::STAGED_FLUSH_BYTES`] (256 MiB, ~230k W ops; 64 MiB halves B3).
     pub view_delta_bytes: usize,
 }
 
