@@ -8,6 +8,9 @@
 //! Baseline in the same run: raw redb inserting one value of the same size per distinct record
 //! touched, in the same key order and transaction size (no read, no merge, no encoding): the
 //! price of the B-tree alone.
+//!
+//! `BLAZEDB_B2M_DELTA_MB` sets the delta size (default: the node's), for the size trade-off
+//! recorded in ARCHITECTURE.md.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -22,7 +25,7 @@ use blazedb_protocol::VerifiedBatch;
 use crate::bench::{median, tempfile_dir, workload_w, Row, W_BATCH_OPS};
 use crate::materializer::{self, Job, MatSync};
 use crate::node::DEFAULT_NAMESPACE;
-use crate::store::Store;
+use crate::store::{record_key, Store};
 
 /// Ops per view transaction (the materializer's `OPS_PER_TXN`).
 const TXN_OPS: usize = 50_000;
@@ -50,11 +53,7 @@ pub fn sealed_batches(seed: u64, total_ops: usize) -> Result<Vec<VerifiedBatch>>
 
 /// Runs B2m: `total_ops` ops applied, median of `runs`.
 pub fn b2m(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
-    let txn_ops = std::env::var("BLAZEDB_B2M_TXN_OPS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(TXN_OPS);
-    let per_txn = (txn_ops / W_BATCH_OPS).max(1);
+    let per_txn = TXN_OPS / W_BATCH_OPS;
     let delta_bytes = std::env::var("BLAZEDB_B2M_DELTA_MB")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
@@ -76,14 +75,7 @@ pub fn b2m(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
                 let mut keys: Vec<Vec<u8>> = chunk
                     .iter()
                     .flat_map(|b| b.ops.iter())
-                    .map(|op| {
-                        let mut k = vec![DEFAULT_NAMESPACE.len() as u8];
-                        k.extend_from_slice(DEFAULT_NAMESPACE.as_bytes());
-                        k.push(op.collection().len() as u8);
-                        k.extend_from_slice(op.collection().as_bytes());
-                        k.extend_from_slice(op.key().as_bytes());
-                        k
-                    })
+                    .map(|op| record_key(DEFAULT_NAMESPACE, op.collection(), op.key()))
                     .collect();
                 keys.sort_unstable();
                 keys.dedup();

@@ -316,13 +316,13 @@ fn run(
                 store
                     .stage(batches, listening)
                     .map_err(|e| e.to_string())
-                    .and_then(|(ch, _)| {
+                    .and_then(|ch| {
                         for c in ch {
                             let _ = changes.send(c);
                         }
                         // Hand a full delta to the flusher; past the hard bound, wait for it
                         // (backpressure: the queue fills, then the actor, then writers wait).
-                        let (_, bytes) = store.staged_size();
+                        let bytes = store.staged_bytes();
                         if bytes >= flush_at
                             && !flusher.start(store, false)?
                             && bytes >= 2 * flush_at

@@ -147,8 +147,6 @@ struct Delta {
     records: BTreeMap<Vec<u8>, RecordState>,
     /// Chain (`ns_len:u8 ns author:32`) → highest seq applied.
     applied: BTreeMap<Vec<u8>, u64>,
-    /// Ops applied into this delta.
-    ops: usize,
     /// Approximate memory held, in bytes (ops' encoded sizes plus per-op overhead).
     bytes: usize,
 }
@@ -210,10 +208,20 @@ fn collection_prefix(ns: &str, collection: &str) -> Vec<u8> {
     k
 }
 
-fn record_key(ns: &str, collection: &str, key: &str) -> Vec<u8> {
-    let mut k = collection_prefix(ns, collection);
-    k.extend_from_slice(key.as_bytes());
+/// Key of a record in [`RECORDS`] (and in the staged delta).
+pub fn record_key(ns: &str, collection: &str, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + ns.len() + collection.len() + key.len());
+    write_record_key(&mut k, ns, collection, key);
     k
+}
+
+/// [`record_key`] into a buffer the caller reuses.
+fn write_record_key(out: &mut Vec<u8>, ns: &str, collection: &str, key: &str) {
+    out.push(ns.len() as u8);
+    out.extend_from_slice(ns.as_bytes());
+    out.push(collection.len() as u8);
+    out.extend_from_slice(collection.as_bytes());
+    out.extend_from_slice(key.as_bytes());
 }
 
 /// The smallest byte string greater than every string starting with `prefix`.
@@ -529,16 +537,15 @@ impl Store {
     /// applied watermark there: what the materializer does per job. Nothing is read from the
     /// view file unless `want_changes` (a change event carries the record's whole visible
     /// state). The view file catches up through [`Store::freeze`] and [`Store::flush_frozen`].
-    /// Returns the record changes (if wanted) and the number of ops staged.
+    /// Returns the record changes (if wanted).
     pub fn stage(
         &self,
         batches: Vec<VerifiedBatch>,
         want_changes: bool,
-    ) -> Result<(Vec<Change>, usize), StoreError> {
+    ) -> Result<Vec<Change>, StoreError> {
         let txn = self.view.begin_read()?;
         let applied_t = txn.open_table(APPLIED)?;
         let mut changes = Vec::new();
-        let mut staged_ops = 0usize;
         for mut vb in batches {
             let ck = chain_prefix(&vb.header.ns, &vb.header.author);
             let seq = vb.header.seq;
@@ -554,7 +561,6 @@ impl Store {
                 continue; // already applied (replayed after a crash)
             }
             let ops = std::mem::take(&mut vb.ops);
-            let n_ops = ops.len();
             // (collection, key) of each op, for change events.
             let mut touched: Vec<(String, String, Vec<u8>)> = Vec::new();
             {
@@ -564,11 +570,7 @@ impl Store {
                     let mut rk = Vec::with_capacity(64);
                     for op in ops {
                         rk.clear();
-                        rk.push(vb.header.ns.len() as u8);
-                        rk.extend_from_slice(vb.header.ns.as_bytes());
-                        rk.push(op.collection().len() as u8);
-                        rk.extend_from_slice(op.collection().as_bytes());
-                        rk.extend_from_slice(op.key().as_bytes());
+                        write_record_key(&mut rk, &vb.header.ns, op.collection(), op.key());
                         staged.bytes += op.approx_len() + STAGED_OP_OVERHEAD_BYTES;
                         if want_changes {
                             touched.push((
@@ -586,8 +588,6 @@ impl Store {
                             }
                         }
                     }
-                    staged.ops += n_ops;
-                    staged_ops += n_ops;
                 }
             }
             if !touched.is_empty() {
@@ -605,13 +605,12 @@ impl Store {
                 }
             }
         }
-        Ok((changes, staged_ops))
+        Ok(changes)
     }
 
-    /// Size of the staged delta: (ops, approximate bytes).
-    pub fn staged_size(&self) -> (usize, usize) {
-        let s = read(&self.staged);
-        (s.ops, s.bytes)
+    /// Approximate memory held by the staged delta, in bytes.
+    pub fn staged_bytes(&self) -> usize {
+        read(&self.staged).bytes
     }
 
     /// Whether anything is staged or being flushed (the view file is behind).
