@@ -176,7 +176,7 @@ pub fn b1(runs: usize) -> Result<Vec<Row>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let kp = Keypair::from_seed([7; 32]);
     let ops = workload_w(&mut rng, W_BATCH_OPS, 1);
-    let reps = 20;
+    let reps = 100;
     let n = (W_BATCH_OPS * reps) as f64;
     let rate = |t: Instant| n / t.elapsed().as_secs_f64();
     let mut r: [Vec<f64>; 8] = Default::default();

@@ -33,7 +33,7 @@ pub use batch::{BatchError, BatchHeader, BatchId, VerifiedBatch};
 pub use dict::{Dict, DictId, DictLookup, DictRef, DictSet};
 pub use engine::{Action, Engine, EngineConfig, GossipVerdict, SyncMessage, WriteMany};
 pub use hlc::Hlc;
-pub use merge::RecordState;
+pub use merge::{FieldMap, FieldState, RecordState, Stamp};
 pub use op::{Op, OpError, Value};
 
 /// Encodes a sync message as CBOR.

@@ -22,11 +22,9 @@
 //! Decoding checks what it relies on (lengths, indexes, UTF-8, field order, value depth) and
 //! reports a damaged record as an error instead of panicking.
 
-use std::collections::BTreeMap;
-
 use crate::codec;
 use crate::hlc::Hlc;
-use crate::merge::{FieldState, RecordState, Stamp};
+use crate::merge::{FieldMap, FieldState, RecordState, Stamp};
 
 /// First byte of every stored state in this layout.
 pub const STATE_FORMAT: u8 = 0x02;
@@ -139,7 +137,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<RecordState, StateError> {
     let mut state = RecordState {
         deleted: deleted.map(resolve).transpose()?,
         touched: touched.map(resolve).transpose()?,
-        fields: BTreeMap::new(),
+        fields: FieldMap::default(),
     };
     let n_fields = r.count()?;
     let mut last: Option<&str> = None;
@@ -250,6 +248,7 @@ mod tests {
     use super::*;
     use crate::op::{Op, Value};
     use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     fn arb_state() -> impl Strategy<Value = RecordState> {
         let author = prop_oneof![Just([1u8; 32]), Just([2u8; 32]), Just([9u8; 32])];
