@@ -382,7 +382,7 @@ pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
 }
 
 /// Resident set size of this process, in bytes (0 where /proc is not available).
-fn rss_bytes() -> u64 {
+pub(crate) fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

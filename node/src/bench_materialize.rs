@@ -60,6 +60,7 @@ pub fn b2m(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
         .map_or(materializer::STAGED_FLUSH_BYTES, |mb| mb << 20);
     let (mut rates, mut raw_rates, mut readable, mut direct) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut grown, mut estimated) = (Vec::new(), Vec::new());
     for run in 0..runs {
         let batches = sealed_batches(200 + run as u64, total_ops)?;
         let ops: usize = batches.iter().map(|b| b.ops.len()).sum();
@@ -82,6 +83,7 @@ pub fn b2m(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
                 keys
             })
             .collect();
+        let rss_before = crate::bench::rss_bytes();
         let t = Instant::now();
         for b in batches {
             sync.submitted(1);
@@ -90,6 +92,10 @@ pub fn b2m(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
         }
         sync.wait_applied().map_err(|e| anyhow::anyhow!(e))?;
         readable.push(ops as f64 / t.elapsed().as_secs_f64());
+        // The delta's memory: the process's growth while the ops moved from the (freed)
+        // batches into it, and the store's own estimate that bounds it.
+        grown.push(crate::bench::rss_bytes().saturating_sub(rss_before) as f64 / ops as f64);
+        estimated.push(store.staged_bytes() as f64 / ops as f64);
         drop(tx);
         thread
             .join()
@@ -144,6 +150,17 @@ pub fn b2m(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
             baseline: Some(format!(
                 "applied straight to the view file in 50k-op txns (previous design): {:.0} ops/s",
                 median(direct)
+            )),
+        },
+        Row {
+            id: "B2m",
+            what: "delta memory: process growth per staged op".into(),
+            value: median(grown),
+            unit: "B/op",
+            ratio: None,
+            baseline: Some(format!(
+                "the store's estimate, which bounds the delta: {:.0} B/op",
+                median(estimated)
             )),
         },
         Row {

@@ -109,7 +109,7 @@ pub struct NodeConfig {
     /// is written into the view file. Under sustained ingest up to about four times this is
     /// held (the delta filling and the one being written, each up to twice this). Measured
     /// (B2m): larger flushes were not faster than ~200k-op ones on workload W. Default
-    /// [`materializer::STAGED_FLUSH_BYTES`] (256 MiB, ~230k W ops; 64 MiB halves B3).
+    /// [`materializer::STAGED_FLUSH_BYTES`] (256 MiB, ~400k W ops; 64 MiB halves B3).
     pub view_delta_bytes: usize,
 }
 
