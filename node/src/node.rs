@@ -12,7 +12,7 @@
 //! the limits allow ([`Engine::write_many`]: each caller checked on its own), stores them all
 //! in one durable redb transaction, then answers each writer and gossips the batches.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -50,7 +50,17 @@ const SERVE_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// Most unanswered sync requests to one peer. Past it, further sync messages to that peer are
 /// dropped, not queued: each is sent again later (Have and Present every anti-entropy round, a
 /// fetch when it times out, pushed and served batches through the peer's catch-up).
-pub const SYNC_INFLIGHT_MAX: usize = 128;
+///
+/// At most half of a class's streams per connection: request-response counts the peer's
+/// requests to us and ours to it against one budget per protocol, and a request past that
+/// budget fails at once ("max sub-streams reached"). With 128 here against 64 streams, a
+/// burst of pushes lost all but the first ~64 and the rest waited for the next round: B3's
+/// owned namespace fell to ~80k ops/s in about one run in three.
+pub const SYNC_INFLIGHT_MAX: usize = 32;
+const _: () = assert!(
+    2 * SYNC_INFLIGHT_MAX <= crate::net::CONTROL_STREAMS
+        && 2 * SYNC_INFLIGHT_MAX <= crate::net::LIVE_STREAMS
+);
 /// Most fetch answers (bulk) sent to one peer and not yet acknowledged; further fetches from
 /// it wait in its bulk queue, unread from the store.
 const BULK_INFLIGHT_MAX: usize = 4;
@@ -869,6 +879,8 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         links,
         mat_tx: Some(mat_tx),
         inflight: HashMap::new(),
+        lagging: HashSet::new(),
+        gossip_dropped_since_tick: false,
         bulk_queue: HashMap::new(),
         mat_thread: Some(mat_thread),
         batcher: Batcher::new(&cfg.batching),
@@ -899,6 +911,12 @@ struct Actor {
     mat_tx: Option<std::sync::mpsc::SyncSender<Job>>,
     /// Sync requests sent to each peer, per traffic class, and not yet answered.
     inflight: HashMap<(PeerId, Class), usize>,
+    /// Peers that missed pushed (live) batches because they had too many unanswered: sent
+    /// our vectors once they drain (see `request_done`).
+    lagging: HashSet<PeerId>,
+    /// A publish failed because every subscriber's gossip queue was full (since the last
+    /// tick): the next tick sends our vectors to every peer.
+    gossip_dropped_since_tick: bool,
     /// Fetches from each peer waiting for its bulk answers in flight to drop below
     /// `BULK_INFLIGHT_MAX` (bounded by `BULK_QUEUE_MAX`).
     bulk_queue: HashMap<PeerId, VecDeque<ServeRequest>>,
@@ -993,7 +1011,17 @@ impl Actor {
                     }
                 }
                 _ = tick.tick() => {
-                    let actions = self.engine.tick(now_ms());
+                    let mut actions = self.engine.tick(now_ms());
+                    if std::mem::take(&mut self.gossip_dropped_since_tick) {
+                        // Published batches were dropped (every subscriber's queue full): if
+                        // nothing is published after them, subscribers would see the gap
+                        // only at the next anti-entropy round. Our vectors, within a tick,
+                        // let them fetch it.
+                        let peers: Vec<PeerId> = self.connected.keys().copied().collect();
+                        for p in peers {
+                            actions.extend(self.engine.haves_to(&p, now_ms()));
+                        }
+                    }
                     if let Flow::Stop(reply) = self.execute(actions) {
                         break reply;
                     }
@@ -1351,6 +1379,8 @@ impl Actor {
                         // Every subscriber's send queue is full (slow links): not queued
                         // further; they catch up by fetching.
                         Err(gossipsub::PublishError::AllQueuesFull(_)) => {
+                            debug!(%ns, "gossip: every subscriber's queue is full, not sent");
+                            self.gossip_dropped_since_tick = true;
                             self.shared
                                 .metrics
                                 .gossip_dropped
@@ -1443,6 +1473,10 @@ impl Actor {
         let outstanding = self.inflight.entry((peer, class)).or_insert(0);
         if class != Class::Bulk && *outstanding >= SYNC_INFLIGHT_MAX {
             m.sync_dropped.fetch_add(1, Ordering::Relaxed);
+            if class == Class::Live {
+                // It misses a pushed batch: tell it what we hold once it has drained.
+                self.lagging.insert(peer);
+            }
             return false;
         }
         *outstanding += 1;
@@ -1612,6 +1646,7 @@ impl Actor {
                         self.inflight.remove(&(peer_id, class));
                     }
                     self.bulk_queue.remove(&peer_id);
+                    self.lagging.remove(&peer_id);
                     let actions = self.engine.peer_down(&peer_id, now_ms());
                     return self.execute(actions);
                 }
@@ -1644,13 +1679,28 @@ impl Actor {
     }
 
     fn on_gossip(&mut self, ev: gossipsub::Event) -> Flow {
-        let gossipsub::Event::Message {
-            propagation_source,
-            message_id,
-            message,
-        } = ev
-        else {
-            return Flow::Continue;
+        let (propagation_source, message_id, message) = match ev {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => (propagation_source, message_id, message),
+            gossipsub::Event::SlowPeer {
+                peer_id,
+                failed_messages,
+            } => {
+                // Its send queue was full at some point since the last heartbeat, so it missed
+                // published batches: our vectors let it fetch them now rather than at the next
+                // anti-entropy round (seconds later). At most once per heartbeat per peer.
+                debug!(peer = %peer_id, ?failed_messages, "slow gossip peer: sending our heads");
+                for a in self.engine.haves_to(&peer_id, now_ms()) {
+                    if let Action::Send { peer, msg } = a {
+                        self.send_sync(peer, Class::Control, msg);
+                    }
+                }
+                return Flow::Continue;
+            }
+            _ => return Flow::Continue,
         };
         let Some(ns) = self.topics.get(&message.topic).cloned() else {
             let _ = self
@@ -1723,6 +1773,20 @@ impl Actor {
         }
         if class == Class::Bulk {
             self.drain_bulk_queue(peer);
+        }
+        if class == Class::Live
+            && self.outstanding(peer, Class::Live) <= SYNC_INFLIGHT_MAX / 2
+            && self.lagging.remove(peer)
+        {
+            // Pushes to it were dropped while it lagged; now that it keeps up again, our
+            // vectors let it fetch the gap at once instead of at the next anti-entropy round
+            // (seconds later). Best effort: a dropped Have leaves that round as the fallback.
+            let haves = self.engine.haves_to(peer, now_ms());
+            for a in haves {
+                if let Action::Send { peer, msg } = a {
+                    self.send_sync(peer, Class::Control, msg);
+                }
+            }
         }
     }
 

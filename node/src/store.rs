@@ -631,7 +631,14 @@ impl Store {
         if flushing.is_some() || (staged.records.is_empty() && staged.applied.is_empty()) {
             return false;
         }
-        *flushing = Some(Arc::new(std::mem::take(&mut *staged)));
+        // The next delta starts with room for as many records as this one reached: under
+        // sustained ingest it then never rehashes (each doubling of a table of hundreds of MB
+        // faulted in and zeroed fresh pages: ~10% of the materializer's time in B3); after a
+        // small or idle delta it starts small.
+        let room = staged.records.len();
+        let mut next = Delta::default();
+        next.records.reserve(room);
+        *flushing = Some(Arc::new(std::mem::replace(&mut *staged, next)));
         true
     }
 

@@ -10,10 +10,10 @@
 //! - every write at A succeeds (slowed by backpressure, never failed);
 //! - A's queues stay within their documented bounds the whole time (sampled, and the
 //!   high-water marks A keeps): command channel ≤ 256, materializer jobs ≤ 64 (+1 being
-//!   picked up), unanswered sync requests per peer ≤ 128, gossip send queue ≤ 64 (gossipsub
+//!   picked up), unanswered sync requests per peer ≤ 32, gossip send queue ≤ 64 (gossipsub
 //!   samples it into buckets 50 wide: no sample above the bucket that holds 64);
 //! - what does not fit is dropped, not buffered: A refused gossip publishes to B's full queue
-//!   and dropped pushes past 128 unanswered sync requests (B catches up by fetching);
+//!   and dropped pushes past 32 unanswered sync requests (B catches up by fetching);
 //! - once the link is open again, B converges to exactly A's state (heads, counts, records).
 
 use std::net::SocketAddr;
@@ -442,6 +442,116 @@ async fn a_writer_outpacing_the_link_is_slowed_not_buffered_and_b_converges() {
         seen.commands.load(Relaxed),
         seen.materializer_jobs.load(Relaxed),
     );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Batches a lagging peer missed (gossip publishes refused at a full queue, pushes dropped
+/// past the unanswered-request cap) reach it as soon as the link carries again — through our
+/// heads sent when the drops happen — not at the next anti-entropy round, which this test
+/// puts an hour away: without those heads, B would never converge within the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_batches_are_fetched_at_once_not_at_the_next_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = blazedb_protocol::EngineConfig {
+        anti_entropy_interval_ms: 3_600_000,
+        ..blazedb_tests::fast_engine()
+    };
+    let start = |name: &str, bootstrap: Option<Multiaddr>| {
+        let mut b = blazedb_node::Node::builder()
+            .data_dir(dir.path().join(name))
+            .listen(vec![blazedb_tests::loopback()])
+            .mdns(false)
+            .engine(engine.clone());
+        if let Some(addr) = bootstrap {
+            b = b.bootstrap(addr);
+        }
+        b.spawn()
+    };
+    let a = start("a", None).await.unwrap();
+    let link = Link::to(socket_addr(&a.listen_addrs()[0])).await;
+    let b = start("b", Some(link.addr.clone())).await.unwrap();
+    wait_peers(&a, 1).await;
+    wait_peers(&b, 1).await;
+    let owned = a.create_namespace().await.unwrap();
+    let b_key = PublicKey::from_did(&b.did()).unwrap();
+    let invite = a
+        .invite(&owned, b_key, Rights::Read, None, None)
+        .await
+        .unwrap();
+    b.join(&invite.token).await.unwrap();
+    // Both paths are live before the link stops: a pushed and a gossiped write reach B.
+    a.put(&owned, "probe", "p", obj(json!({"n": 0})))
+        .await
+        .unwrap();
+    eventually("a pushed probe at B", Duration::from_secs(30), || async {
+        b.get(&owned, "probe", "p").ok()?.map(|_| ())
+    })
+    .await;
+    let mut probe = 0;
+    eventually("a gossiped probe at B", Duration::from_secs(30), || {
+        probe += 1;
+        let (a, b) = (a.clone(), b.clone());
+        async move {
+            a.put(
+                "default",
+                "probe",
+                &format!("p{probe}"),
+                obj(json!({"n": probe})),
+            )
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            (b.gossip_received().1 > 0).then_some(())
+        }
+    })
+    .await;
+
+    link.set(Gate::Stopped);
+    let pushes = 3 * SYNC_INFLIGHT_MAX;
+    let writes: Vec<Vec<Op>> = (0..pushes)
+        .map(|i| upserts(40_000 + i as u64, "pushed", 10, 1_000, 1_000))
+        .collect();
+    assert_eq!(write_all(&a, &owned, writes, 1).await, pushes);
+    let gossiped = 3 * net::GOSSIP_QUEUE_LEN;
+    let writes: Vec<Vec<Op>> = (0..gossiped)
+        .map(|i| upserts(50_000 + i as u64, "gossiped", 10, 1_000, 1_000))
+        .collect();
+    assert_eq!(write_all(&a, "default", writes, 1).await, gossiped);
+    let (gossip_dropped, sync_dropped) = (
+        a.metrics().gossip_dropped.load(Relaxed),
+        a.metrics().sync_dropped.load(Relaxed),
+    );
+    assert!(gossip_dropped > 0, "no gossip publish was refused");
+    assert!(sync_dropped > 0, "no push was dropped");
+
+    link.set(Gate::Open);
+    let heads = |s: blazedb_node::Status| {
+        s.namespaces
+            .into_iter()
+            .map(|n| (n.name, n.heads))
+            .collect::<Vec<_>>()
+    };
+    let want = heads(a.status().await.unwrap());
+    eventually(
+        "B to hold every batch of A, well before the next anti-entropy round",
+        Duration::from_secs(60),
+        || {
+            let (b, want) = (b.clone(), want.clone());
+            async move { (heads(b.status().await.ok()?) == want).then_some(()) }
+        },
+    )
+    .await;
+    for (ns, collection) in [(owned.as_str(), "pushed"), ("default", "gossiped")] {
+        let (ra, rb) = (
+            a.list(ns, collection, "", 100_000).unwrap(),
+            b.list(ns, collection, "", 100_000).unwrap(),
+        );
+        assert!(
+            !ra.is_empty() && ra == rb,
+            "B's {ns}/{collection} differs from A's"
+        );
+    }
     a.shutdown().await;
     b.shutdown().await;
 }
