@@ -36,7 +36,8 @@ pub struct BenchArgs {
     /// Runs per figure (the median is reported).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// Which benchmarks (b1, b2, b3, b4, b5, b6, b7).
+    /// Which benchmarks (b1, b2, b3, b4, b5, b6, b7; parts of b2 alone: b2i ingest, b2m
+    /// materializer, b2s small writes).
     #[arg(long, value_delimiter = ',', default_value = "b1,b2,b3,b4,b5,b6,b7")]
     pub only: Vec<String>,
     /// Ops the catching-up node missed in B6.
@@ -114,7 +115,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if args.only.iter().any(|b| b == "b1") {
         rows.extend(b1(runs)?);
     }
-    if args.only.iter().any(|b| b == "b2") {
+    if args.only.iter().any(|b| b == "b2" || b == "b2i") {
         rows.extend(b2(args.ops, runs).await?);
     }
     if args.only.iter().any(|b| b == "b2" || b == "b2m") {
