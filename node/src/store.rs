@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -136,6 +137,10 @@ pub struct Store {
     /// A frozen delta being written into the view file ([`Store::flush_frozen`]); readers
     /// still consult it until that commit is done.
     flushing: RwLock<Option<Arc<Delta>>>,
+    /// Percentage of the last flush's records that the view file already held: below half,
+    /// the next flush inserts first and reads only on a collision (one B-tree walk per new
+    /// record instead of a lookup and an insert).
+    flush_existing_pct: std::sync::atomic::AtomicU32,
 }
 
 /// Record changes held in memory between view flushes: per record, the join of the ops
@@ -326,6 +331,7 @@ impl Store {
             view,
             staged: RwLock::default(),
             flushing: RwLock::default(),
+            flush_existing_pct: std::sync::atomic::AtomicU32::new(100),
         })
     }
 
@@ -662,10 +668,30 @@ impl Store {
             // Key order: each B-tree page is visited once, in a sweep.
             let mut keyed: Vec<(&Vec<u8>, &RecordState)> = delta.records.iter().collect();
             keyed.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            let insert_first = self.flush_existing_pct.load(Ordering::Relaxed) < 50;
+            let mut existing = 0usize;
             for (rk, d) in keyed {
                 buf.clear();
+                if insert_first {
+                    // Mostly new records: write the delta's state as the record, and only if
+                    // the key was there after all, merge with what it held and write again.
+                    record_codec::encode_state(d, &mut buf);
+                    let old = records
+                        .insert(rk.as_slice(), buf.as_slice())?
+                        .map(|v| v.value().to_vec());
+                    if let Some(old) = old {
+                        existing += 1;
+                        let mut state = decode_state(&old)?;
+                        state.merge(d);
+                        buf.clear();
+                        record_codec::encode_state(&state, &mut buf);
+                        records.insert(rk.as_slice(), buf.as_slice())?;
+                    }
+                    continue;
+                }
                 match records.get(rk.as_slice())? {
                     Some(v) => {
+                        existing += 1;
                         let mut state = decode_state(v.value())?;
                         state.merge(d);
                         record_codec::encode_state(&state, &mut buf);
@@ -674,6 +700,8 @@ impl Store {
                 }
                 records.insert(rk.as_slice(), buf.as_slice())?;
             }
+            let pct = (existing * 100 / delta.records.len().max(1)) as u32;
+            self.flush_existing_pct.store(pct, Ordering::Relaxed);
             for (ck, seq) in &delta.applied {
                 let old = applied.get(ck.as_slice())?.map(|v| v.value());
                 if old.is_none_or(|o| o < *seq) {
