@@ -239,17 +239,18 @@ async fn write_all(node: &NodeHandle, ns: &str, writes: Vec<Vec<Op>>, writers: u
     done
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_writer_outpacing_the_link_is_slowed_not_buffered_and_b_converges() {
-    let dir = tempfile::tempdir().unwrap();
-    let a = start_node(&dir.path().join("a"), &[]).await.unwrap();
-    let link = Link::to(socket_addr(&a.listen_addrs()[0])).await;
-    let b = start_node(&dir.path().join("b"), std::slice::from_ref(&link.addr))
-        .await
-        .unwrap();
-    wait_peers(&a, 1).await;
-    wait_peers(&b, 1).await;
-    // An owned namespace B reads: A pushes every batch to B as a sync request.
+/// Each namespace's chain heads (what "B holds every batch of A" compares).
+fn heads(s: blazedb_node::Status) -> Vec<(String, std::collections::BTreeMap<String, u64>)> {
+    s.namespaces
+        .into_iter()
+        .map(|n| (n.name, n.heads))
+        .collect()
+}
+
+/// Creates an owned namespace at A that B joins with read rights (A pushes each of its
+/// batches to B as a sync request) and waits until both that and gossip from A reach B.
+/// Returns the namespace.
+async fn owned_and_gossip_live(a: &NodeHandle, b: &NodeHandle) -> String {
     let owned = a.create_namespace().await.unwrap();
     let b_key = PublicKey::from_did(&b.did()).unwrap();
     let invite = a
@@ -285,6 +286,23 @@ async fn a_writer_outpacing_the_link_is_slowed_not_buffered_and_b_converges() {
         }
     })
     .await;
+
+    owned
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_outpacing_the_link_is_slowed_not_buffered_and_b_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = start_node(&dir.path().join("a"), &[]).await.unwrap();
+    let link = Link::to(socket_addr(&a.listen_addrs()[0])).await;
+    let b = start_node(&dir.path().join("b"), std::slice::from_ref(&link.addr))
+        .await
+        .unwrap();
+    wait_peers(&a, 1).await;
+    wait_peers(&b, 1).await;
+    // An owned namespace B reads (A pushes every batch to B as a sync request), and gossip
+    // from A to B, both live.
+    let owned = owned_and_gossip_live(&a, &b).await;
 
     // A sampler reads A's queue depths throughout (as /metrics would).
     let seen = Arc::new(Seen::default());
@@ -365,12 +383,6 @@ async fn a_writer_outpacing_the_link_is_slowed_not_buffered_and_b_converges() {
 
     // 3. The link is open again: B drains and converges to exactly A's state.
     link.set(Gate::Open);
-    let heads = |s: blazedb_node::Status| {
-        s.namespaces
-            .into_iter()
-            .map(|n| (n.name, n.heads))
-            .collect::<Vec<_>>()
-    };
     let want = heads(a.status().await.unwrap());
     eventually(
         "B to hold every batch of A",
@@ -473,39 +485,7 @@ async fn missed_batches_are_fetched_at_once_not_at_the_next_round() {
     let b = start("b", Some(link.addr.clone())).await.unwrap();
     wait_peers(&a, 1).await;
     wait_peers(&b, 1).await;
-    let owned = a.create_namespace().await.unwrap();
-    let b_key = PublicKey::from_did(&b.did()).unwrap();
-    let invite = a
-        .invite(&owned, b_key, Rights::Read, None, None)
-        .await
-        .unwrap();
-    b.join(&invite.token).await.unwrap();
-    // Both paths are live before the link stops: a pushed and a gossiped write reach B.
-    a.put(&owned, "probe", "p", obj(json!({"n": 0})))
-        .await
-        .unwrap();
-    eventually("a pushed probe at B", Duration::from_secs(30), || async {
-        b.get(&owned, "probe", "p").ok()?.map(|_| ())
-    })
-    .await;
-    let mut probe = 0;
-    eventually("a gossiped probe at B", Duration::from_secs(30), || {
-        probe += 1;
-        let (a, b) = (a.clone(), b.clone());
-        async move {
-            a.put(
-                "default",
-                "probe",
-                &format!("p{probe}"),
-                obj(json!({"n": probe})),
-            )
-            .await
-            .unwrap();
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            (b.gossip_received().1 > 0).then_some(())
-        }
-    })
-    .await;
+    let owned = owned_and_gossip_live(&a, &b).await;
 
     link.set(Gate::Stopped);
     let pushes = 3 * SYNC_INFLIGHT_MAX;
@@ -526,12 +506,6 @@ async fn missed_batches_are_fetched_at_once_not_at_the_next_round() {
     assert!(sync_dropped > 0, "no push was dropped");
 
     link.set(Gate::Open);
-    let heads = |s: blazedb_node::Status| {
-        s.namespaces
-            .into_iter()
-            .map(|n| (n.name, n.heads))
-            .collect::<Vec<_>>()
-    };
     let want = heads(a.status().await.unwrap());
     eventually(
         "B to hold every batch of A, well before the next anti-entropy round",
