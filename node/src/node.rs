@@ -1019,7 +1019,7 @@ impl Actor {
                         // let them fetch it.
                         let peers: Vec<PeerId> = self.connected.keys().copied().collect();
                         for p in peers {
-                            actions.extend(self.engine.haves_to(&p, now_ms()));
+                            actions.extend(self.engine.haves_for(&p, now_ms()));
                         }
                     }
                     if let Flow::Stop(reply) = self.execute(actions) {
@@ -1693,12 +1693,8 @@ impl Actor {
                 // published batches: our vectors let it fetch them now rather than at the next
                 // anti-entropy round (seconds later). At most once per heartbeat per peer.
                 debug!(peer = %peer_id, ?failed_messages, "slow gossip peer: sending our heads");
-                for a in self.engine.haves_to(&peer_id, now_ms()) {
-                    if let Action::Send { peer, msg } = a {
-                        self.send_sync(peer, Class::Control, msg);
-                    }
-                }
-                return Flow::Continue;
+                let haves = self.engine.haves_for(&peer_id, now_ms());
+                return self.execute(haves);
             }
             _ => return Flow::Continue,
         };
@@ -1743,10 +1739,7 @@ impl Actor {
                     let actions = self.engine.handle_message(peer, request, now_ms());
                     self.execute(actions)
                 }
-                request_response::Message::Response { .. } => {
-                    self.request_done(&peer, class);
-                    Flow::Continue
-                }
+                request_response::Message::Response { .. } => self.request_done(&peer, class),
             },
             request_response::Event::InboundFailure { peer, error, .. } => {
                 // A request we could not decode (malformed or oversized) is the peer's fault.
@@ -1756,15 +1749,14 @@ impl Actor {
                 Flow::Continue
             }
             request_response::Event::OutboundFailure { peer, error, .. } => {
-                self.request_done(&peer, class);
                 debug!(%peer, "sync request failed: {error}");
-                Flow::Continue
+                self.request_done(&peer, class)
             }
             request_response::Event::ResponseSent { .. } => Flow::Continue,
         }
     }
 
-    fn request_done(&mut self, peer: &PeerId, class: Class) {
+    fn request_done(&mut self, peer: &PeerId, class: Class) -> Flow {
         if let Some(n) = self.inflight.get_mut(&(*peer, class)) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -1781,13 +1773,10 @@ impl Actor {
             // Pushes to it were dropped while it lagged; now that it keeps up again, our
             // vectors let it fetch the gap at once instead of at the next anti-entropy round
             // (seconds later). Best effort: a dropped Have leaves that round as the fallback.
-            let haves = self.engine.haves_to(peer, now_ms());
-            for a in haves {
-                if let Action::Send { peer, msg } = a {
-                    self.send_sync(peer, Class::Control, msg);
-                }
-            }
+            let haves = self.engine.haves_for(peer, now_ms());
+            return self.execute(haves);
         }
+        Flow::Continue
     }
 
     fn owner_key_path(&self, ns: &str) -> PathBuf {

@@ -1705,15 +1705,10 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         }
     }
 
-    /// Our version vectors, to `peer` now rather than at the next anti-entropy round: for a
-    /// peer that missed pushed batches (they were dropped while it lagged) and has caught up
-    /// with the rest, so that it fetches the gap at once.
-    pub fn haves_to(&self, peer: &P, now_ms: u64) -> Vec<Action<P>> {
-        self.haves_for(peer, now_ms)
-    }
-
-    /// Version vectors of every namespace `peer` may read.
-    fn haves_for(&self, peer: &P, now_ms: u64) -> Vec<Action<P>> {
+    /// Version vectors of every namespace `peer` may read, as `Have`s to it. Sent each
+    /// anti-entropy round; the node also sends them at once to a peer that missed pushed or
+    /// gossiped batches (dropped while it lagged), so that it fetches the gap without waiting.
+    pub fn haves_for(&self, peer: &P, now_ms: u64) -> Vec<Action<P>> {
         let names: Vec<&String> = self.namespaces.keys().collect();
         names
             .into_iter()
