@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -140,7 +140,7 @@ pub struct Store {
     /// Percentage of the last flush's records that the view file already held: below half,
     /// the next flush inserts first and reads only on a collision (one B-tree walk per new
     /// record instead of a lookup and an insert).
-    flush_existing_pct: std::sync::atomic::AtomicU32,
+    flush_existing_pct: AtomicU32,
 }
 
 /// Record changes held in memory between view flushes: per record, the join of the ops
@@ -331,7 +331,7 @@ impl Store {
             view,
             staged: RwLock::default(),
             flushing: RwLock::default(),
-            flush_existing_pct: std::sync::atomic::AtomicU32::new(100),
+            flush_existing_pct: AtomicU32::new(100),
         })
     }
 
