@@ -212,7 +212,7 @@ mod tests {
         let d = t.train().unwrap();
         let kp = Keypair::from_seed([3; 32]);
         let pos = ChainPosition { seq: 1, prev: None };
-        let ops = batch_of(1, 9_999).ops;
+        let ops = batch_of(1, 9_999).ops.to_vec();
         let with = batch::seal_with(&kp, "default", pos, ops.clone(), None, Some(&d)).unwrap();
         let without = batch::seal(&kp, "default", pos, ops, None).unwrap();
         assert_eq!(with.header.enc, batch::ENC_COMPACT_ZSTD_DICT);

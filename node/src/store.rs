@@ -406,7 +406,7 @@ impl Store {
                     &vb.id.0[..],
                 )?;
                 // Revocations count whether or not the batch is effective (see the engine).
-                for op in &vb.ops {
+                for op in vb.ops.iter() {
                     if let Op::Revoke { token, hlc } = op {
                         if let Some(id) = TokenId::from_hex(token) {
                             let k = revocation_key(ns, &id);
@@ -570,7 +570,9 @@ impl Store {
             if done.is_some_and(|d| d >= seq) {
                 continue; // already applied (replayed after a crash)
             }
-            let ops = std::mem::take(&mut vb.ops);
+            // Moved into the delta when this is the last reference (the actor drops its
+            // receipt copy before the job is sent); copied otherwise.
+            let ops = Arc::try_unwrap(std::mem::take(&mut vb.ops)).unwrap_or_else(|s| (*s).clone());
             // (collection, key) of each op, for change events.
             let mut touched: Vec<(String, String, Vec<u8>)> = Vec::new();
             {
@@ -1057,7 +1059,7 @@ impl Store {
                     continue;
                 }
                 applied += 1;
-                for op in &vb.ops {
+                for op in vb.ops.iter() {
                     states
                         .entry(record_key(ns, op.collection(), op.key()))
                         .or_default()

@@ -17,6 +17,8 @@
 //! The bytes are kept as received: ids and signatures are over exact bytes, never over a
 //! re-encoding. Any CBOR decoder can read the envelope (it is plain CBOR).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use blazedb_identity::{Keypair, PublicKey};
@@ -167,8 +169,9 @@ pub struct VerifiedBatch {
     pub header: BatchHeader,
     /// Author key (parsed from the header).
     pub author: PublicKey,
-    /// The ops, in order.
-    pub ops: Vec<Op>,
+    /// The ops, in order; shared, so the copies a batch travels in (the store action, the
+    /// materializer's job, the writer's receipt, a simulator's nodes) never clone them.
+    pub ops: Arc<Vec<Op>>,
     /// The exact envelope bytes, as stored and sent.
     pub bytes: Vec<u8>,
     /// The author's capability chain, decoded and structurally verified (whether it
@@ -381,7 +384,7 @@ pub fn seal_with(
         id: BatchId(*blake3::hash(&header_bytes).as_bytes()),
         header,
         author: keypair.public(),
-        ops,
+        ops: Arc::new(ops),
         bytes,
         cap: cap.cloned(),
         effective: true,
@@ -588,7 +591,7 @@ pub fn verify_with(bytes: Vec<u8>, dicts: &dyn DictLookup) -> Result<VerifiedBat
         id,
         header,
         author,
-        ops,
+        ops: Arc::new(ops),
         bytes,
         cap,
         effective: true,
@@ -636,7 +639,7 @@ mod tests {
         assert_eq!(header.enc, ENC_COMPACT);
         let generic: ciborium::Value = ciborium::from_reader(&parts[2][..]).unwrap();
         assert_eq!(generic.as_array().unwrap()[2].as_array().unwrap().len(), 3);
-        assert_eq!(crate::codec::decode(&parts[2]).unwrap().to_ops(), b.ops);
+        assert_eq!(crate::codec::decode(&parts[2]).unwrap().to_ops(), *b.ops);
     }
 
     #[test]
@@ -717,7 +720,7 @@ mod tests {
     fn legacy_serde_payloads_still_verify() {
         let kp = Keypair::generate();
         let b = seal(&kp, "default", first(), ops(300), None).unwrap();
-        let legacy = to_cbor(&b.ops);
+        let legacy = to_cbor(&*b.ops);
         for (payload, enc) in [
             (legacy.clone(), ENC_CBOR),
             (zstd::bulk::compress(&legacy, 1).unwrap(), ENC_ZSTD),
@@ -784,9 +787,9 @@ mod tests {
             let b = seal(&kp, "default", first(), ops.clone(), None).unwrap();
             proptest::prop_assert!(b.header.enc == ENC_COMPACT || b.header.enc == ENC_COMPACT_ZSTD);
             let v = verify(b.bytes.clone()).unwrap();
-            proptest::prop_assert_eq!(&v.ops, &ops);
+            proptest::prop_assert_eq!(&*v.ops, &ops);
             let legacy = resign(&kp, b.header.clone(), &to_cbor(&ops), ENC_CBOR);
-            proptest::prop_assert_eq!(verify(legacy).unwrap().ops, ops);
+            proptest::prop_assert_eq!(&*verify(legacy).unwrap().ops, &ops);
         }
     }
 
@@ -843,7 +846,7 @@ mod tests {
             proptest::prop_assert_eq!(b.header.dict, Some(dict.dict_ref()));
             proptest::prop_assert_eq!(b.dict.as_ref(), Some(&dict));
             let v = verify_with(b.bytes.clone(), &set_of(&dict)).unwrap();
-            proptest::prop_assert_eq!(&v.ops, &ops);
+            proptest::prop_assert_eq!(&*v.ops, &ops);
             proptest::prop_assert_eq!(&v, &b);
             proptest::prop_assert_eq!(
                 verify(b.bytes.clone()),

@@ -2005,7 +2005,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                         .authorizes(ns, author, need, at)
                         .map_err(|e| e.to_string())?;
                 }
-                for op in &vb.ops {
+                for op in vb.ops.iter() {
                     if !chain.covers(op.collection(), op.key()) {
                         return Err(format!(
                             "record {}/{} outside the capability's scope",
@@ -2173,7 +2173,7 @@ fn next_key(k: &[u8; 32]) -> [u8; 32] {
 /// Adds the batch's revocations (earliest time per token); true if anything was new or earlier.
 fn record_revocations(revocations: &mut BTreeMap<TokenId, Hlc>, vb: &VerifiedBatch) -> bool {
     let mut changed = false;
-    for op in &vb.ops {
+    for op in vb.ops.iter() {
         if let Op::Revoke { token, hlc } = op {
             if let Some(id) = TokenId::from_hex(token) {
                 match revocations.get(&id) {

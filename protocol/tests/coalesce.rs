@@ -28,7 +28,7 @@ fn upsert(key: &str, fields: &[(&str, i64)]) -> Op {
 fn apply(records: &mut Records, actions: &[Action<u32>]) {
     for a in actions {
         if let Action::Store(vb) = a {
-            for op in &vb.ops {
+            for op in vb.ops.iter() {
                 records
                     .entry((op.collection().to_string(), op.key().to_string()))
                     .or_default()

@@ -604,7 +604,7 @@ impl Sim {
     fn store(&mut self, node: usize, vb: &VerifiedBatch) {
         let n = &mut self.nodes[node];
         n.log.insert((vb.header.author, vb.header.seq), vb.id);
-        for op in &vb.ops {
+        for op in vb.ops.iter() {
             n.records
                 .entry((op.collection().to_string(), op.key().to_string()))
                 .or_default()
