@@ -152,7 +152,11 @@ struct Delta {
     /// lookup per op (a B-tree of 200k keys was ~18 key comparisons, each a cache miss, half
     /// of staging's time); key order is needed only by the flush (sorted there, on the
     /// flusher thread) and by `list` (the keys in range, collected and sorted).
-    records: HashMap<Vec<u8>, RecordState, foldhash::fast::RandomState>,
+    /// Key and state are boxed, so a slot is 24 bytes instead of 144: growing the table
+    /// (doubling, rehashing every key) moves and first-touches a sixth of the memory; in B3
+    /// the materializer spent about half its time zeroing fresh pages, most of them the
+    /// table's.
+    records: HashMap<Box<[u8]>, Box<RecordState>, foldhash::fast::RandomState>,
     /// Chain (`ns_len:u8 ns author:32`) → highest seq applied.
     applied: BTreeMap<Vec<u8>, u64>,
     /// Approximate memory held, in bytes (ops' encoded sizes plus per-op overhead).
@@ -161,9 +165,11 @@ struct Delta {
 
 /// Per-op memory of a staged record beyond the op's encoded size (hash-map slot, key, the
 /// record's field vector and stamps, allocator slack), in bytes. Measured by B2m (mimalloc,
-/// 200k workload-W ops): the process grows by 431 bytes per staged op (808 before records
-/// kept their fields in a sorted vector instead of a `BTreeMap`); with this overhead the
-/// estimate is ~670 bytes per W op, 1.55x the measured growth.
+/// 200k workload-W ops, a lower bound: staging reuses memory freed before it): the process
+/// grows by 179 bytes per staged op (431 before the map's keys and states were boxed, 808
+/// before records kept their fields in a sorted vector instead of a `BTreeMap`); with this
+/// overhead the estimate is ~670 bytes per W op. Kept high: the bound must hold on the
+/// allocator's worst day, not its average.
 const STAGED_OP_OVERHEAD_BYTES: usize = 512;
 
 /// View table: `ns_len:u8 ns author:32` → highest seq applied to the records.
@@ -594,9 +600,9 @@ impl Store {
                         match staged.records.get_mut(rk.as_slice()) {
                             Some(state) => state.apply_owned(op, vb.header.author),
                             None => {
-                                let mut state = RecordState::default();
+                                let mut state = Box::<RecordState>::default();
                                 state.apply_owned(op, vb.header.author);
-                                staged.records.insert(rk.clone(), state);
+                                staged.records.insert(rk.as_slice().into(), state);
                             }
                         }
                     }
@@ -668,7 +674,8 @@ impl Store {
             let mut applied = txn.open_table(APPLIED)?;
             let mut buf = Vec::with_capacity(512);
             // Key order: each B-tree page is visited once, in a sweep.
-            let mut keyed: Vec<(&Vec<u8>, &RecordState)> = delta.records.iter().collect();
+            let mut keyed: Vec<(&[u8], &RecordState)> =
+                delta.records.iter().map(|(k, v)| (&**k, &**v)).collect();
             keyed.sort_unstable_by(|a, b| a.0.cmp(b.0));
             let insert_first = self.flush_existing_pct.load(Ordering::Relaxed) < 50;
             let mut existing = 0usize;
@@ -679,7 +686,7 @@ impl Store {
                     // the key was there after all, merge with what it held and write again.
                     record_codec::encode_state(d, &mut buf);
                     let old = records
-                        .insert(rk.as_slice(), buf.as_slice())?
+                        .insert(rk, buf.as_slice())?
                         .map(|v| v.value().to_vec());
                     if let Some(old) = old {
                         existing += 1;
@@ -687,11 +694,11 @@ impl Store {
                         state.merge(d);
                         buf.clear();
                         record_codec::encode_state(&state, &mut buf);
-                        records.insert(rk.as_slice(), buf.as_slice())?;
+                        records.insert(rk, buf.as_slice())?;
                     }
                     continue;
                 }
-                match records.get(rk.as_slice())? {
+                match records.get(rk)? {
                     Some(v) => {
                         existing += 1;
                         let mut state = decode_state(v.value())?;
@@ -700,7 +707,7 @@ impl Store {
                     }
                     None => record_codec::encode_state(d, &mut buf),
                 }
-                records.insert(rk.as_slice(), buf.as_slice())?;
+                records.insert(rk, buf.as_slice())?;
             }
             let pct = (existing * 100 / delta.records.len().max(1)) as u32;
             self.flush_existing_pct.store(pct, Ordering::Relaxed);
@@ -818,8 +825,8 @@ impl Store {
         };
         // Keys of the two deltas in the range, in order (a bounded set: deltas are bounded).
         let in_range =
-            |k: &&Vec<u8>| **k >= start && end.as_ref().is_none_or(|e| k.as_slice() < e.as_slice());
-        let mut delta_keys: Vec<&Vec<u8>> = staged
+            |k: &&Box<[u8]>| ***k >= *start && end.as_ref().is_none_or(|e| &***k < e.as_slice());
+        let mut delta_keys: Vec<&Box<[u8]>> = staged
             .records
             .keys()
             .filter(in_range)
@@ -843,7 +850,7 @@ impl Store {
             {
                 match &mut state {
                     Some(s) => s.merge(d),
-                    None => state = Some(d.clone()),
+                    None => state = Some((**d).clone()),
                 }
             }
             state
@@ -871,12 +878,12 @@ impl Store {
             };
             match (file_key, deltas.peek()) {
                 (None, None) => break,
-                (Some(fk), Some(dk)) if dk.as_slice() < fk.as_slice() => {
+                (Some(fk), Some(dk)) if &***dk < fk.as_slice() => {
                     let dk = deltas.next().expect("peeked");
                     push(&mut out, dk, joined(dk, None))?;
                 }
                 (Some(fk), dk) => {
-                    let same = dk.is_some_and(|dk| dk.as_slice() == fk.as_slice());
+                    let same = dk.is_some_and(|dk| &***dk == fk.as_slice());
                     let Some(entry) = file.next() else { break };
                     let (_, v) = entry?;
                     if same {
@@ -1088,7 +1095,7 @@ impl Store {
                 .records
                 .keys()
                 .chain(flushing.iter().flat_map(|f| f.records.keys()))
-                .cloned()
+                .map(|k| k.to_vec())
                 .collect();
             keys.sort_unstable();
             keys.dedup();
