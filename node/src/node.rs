@@ -543,9 +543,9 @@ impl NodeHandle {
         }
         let mut bytes = 0;
         for op in &ops {
-            op.validate()
+            bytes += op
+                .checked_len()
                 .map_err(|e| NodeError::Invalid(e.to_string()))?;
-            bytes += op.approx_len();
         }
         let (reply, rx) = oneshot::channel();
         self.tx
