@@ -825,15 +825,17 @@ impl Store {
         };
         // Keys of the two deltas in the range, in order (a bounded set: deltas are bounded).
         let in_range =
-            |k: &&Box<[u8]>| ***k >= *start && end.as_ref().is_none_or(|e| &***k < e.as_slice());
-        let mut delta_keys: Vec<&Box<[u8]>> = staged
+            |k: &&[u8]| *k >= start.as_slice() && end.as_ref().is_none_or(|e| *k < e.as_slice());
+        let mut delta_keys: Vec<&[u8]> = staged
             .records
             .keys()
+            .map(|k| &**k)
             .filter(in_range)
             .chain(
                 flushing
                     .iter()
                     .flat_map(|f| f.records.keys())
+                    .map(|k| &**k)
                     .filter(in_range),
             )
             .collect();
@@ -878,12 +880,12 @@ impl Store {
             };
             match (file_key, deltas.peek()) {
                 (None, None) => break,
-                (Some(fk), Some(dk)) if &***dk < fk.as_slice() => {
+                (Some(fk), Some(dk)) if *dk < fk.as_slice() => {
                     let dk = deltas.next().expect("peeked");
                     push(&mut out, dk, joined(dk, None))?;
                 }
                 (Some(fk), dk) => {
-                    let same = dk.is_some_and(|dk| &***dk == fk.as_slice());
+                    let same = dk.is_some_and(|dk| *dk == fk.as_slice());
                     let Some(entry) = file.next() else { break };
                     let (_, v) = entry?;
                     if same {
