@@ -197,7 +197,6 @@ impl Op {
     /// the op's tag and timestamp). Used to plan batch sizes before sealing; the sealed size
     /// is what the limits are checked against.
     pub fn approx_len(&self) -> usize {
-        const FIXED: usize = OP_FIXED_BYTES;
         match self {
             Op::Upsert {
                 collection,
@@ -207,7 +206,7 @@ impl Op {
             } => {
                 collection.len()
                     + key.len()
-                    + FIXED
+                    + OP_FIXED_BYTES
                     + fields
                         .iter()
                         .map(|(n, v)| {
@@ -217,14 +216,14 @@ impl Op {
             }
             Op::Delete {
                 collection, key, ..
-            } => collection.len() + key.len() + FIXED,
+            } => collection.len() + key.len() + OP_FIXED_BYTES,
             Op::CounterAdd {
                 collection,
                 key,
                 field,
                 ..
-            } => collection.len() + key.len() + field.len() + FIXED + 9,
-            Op::Revoke { token, .. } => token.len() + FIXED,
+            } => collection.len() + key.len() + field.len() + OP_FIXED_BYTES + 9,
+            Op::Revoke { token, .. } => token.len() + OP_FIXED_BYTES,
         }
     }
 }
