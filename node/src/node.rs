@@ -946,17 +946,10 @@ struct Actor {
 struct Deferred {
     actions: Vec<Action<PeerId>>,
     verdicts: Vec<(gossipsub::MessageId, PeerId, GossipVerdict)>,
-    /// Bytes of the batches among `actions` waiting to be stored.
-    store_bytes: usize,
 }
 
 /// Most swarm events that are ready at once handled as one group (one log commit).
 const EVENT_GROUP_MAX: usize = 64;
-/// A group also ends once this many bytes of batches wait in it to be stored (about one full
-/// catch-up answer): every event in a group is verified before any of it is stored and before
-/// the actor turns to its commands, so during a striped catch-up, groups of several 8 MiB
-/// answers held local writes, reads of the status and live gossip for hundreds of ms.
-const EVENT_GROUP_STORE_BYTES_MAX: usize = 8 * 1024 * 1024;
 
 /// A fetch to answer from the store.
 struct ServeRequest {
@@ -1313,11 +1306,6 @@ impl Actor {
     /// Carries out engine actions: stores first (one durable transaction), then the rest.
     fn execute(&mut self, actions: Vec<Action<PeerId>>) -> Flow {
         if let Some(group) = &mut self.deferred {
-            for a in &actions {
-                if let Action::Store(vb) = a {
-                    group.store_bytes += vb.bytes.len();
-                }
-            }
             group.actions.extend(actions);
             return Flow::Continue;
         }
@@ -1570,8 +1558,7 @@ impl Actor {
     }
 
     /// Handles `first` and whatever other swarm events are ready right now (up to
-    /// [`EVENT_GROUP_MAX`], or until [`EVENT_GROUP_STORE_BYTES_MAX`] wait to be stored) as one
-    /// group: their stores are committed together, then their
+    /// [`EVENT_GROUP_MAX`]) as one group: their stores are committed together, then their
     /// other actions run, then gossipsub hears the verdicts (a batch is relayed only once it
     /// is durable here, as before — now one fsync covers the whole group).
     fn on_swarm_events(&mut self, first: SwarmEvent<BehaviourEvent>) -> Flow {
@@ -1579,12 +1566,7 @@ impl Actor {
         self.deferred.get_or_insert_with(Deferred::default);
         let mut flow = self.on_swarm_event(first);
         for _ in 1..EVENT_GROUP_MAX {
-            if matches!(flow, Flow::Stop(_))
-                || self
-                    .deferred
-                    .as_ref()
-                    .is_some_and(|d| d.store_bytes >= EVENT_GROUP_STORE_BYTES_MAX)
-            {
+            if matches!(flow, Flow::Stop(_)) {
                 break;
             }
             // A pending poll registers no waker that matters: the select! loop polls the
