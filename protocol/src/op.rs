@@ -178,12 +178,10 @@ impl Op {
                         count: fields.len(),
                     });
                 }
-                let mut len = collection.len() + key.len() + OP_FIXED_BYTES;
-                for (name, value) in fields {
+                upsert_len(collection, key, fields, |name, value| {
                     validate_field_name(name)?;
-                    len += name.len() + 2 + validate_value(name, value)?;
-                }
-                Ok(len)
+                    validate_value(name, value)
+                })
             }
             Op::CounterAdd { field, .. } => {
                 validate_field_name(field)?;
@@ -204,15 +202,12 @@ impl Op {
                 fields,
                 ..
             } => {
-                collection.len()
-                    + key.len()
-                    + OP_FIXED_BYTES
-                    + fields
-                        .iter()
-                        .map(|(n, v)| {
-                            n.len() + 2 + value_size(v, 0).unwrap_or(limits::MAX_VALUE_BYTES)
-                        })
-                        .sum::<usize>()
+                let Ok(len) = upsert_len(collection, key, fields, |_, v| {
+                    Ok::<_, std::convert::Infallible>(
+                        value_size(v, 0).unwrap_or(limits::MAX_VALUE_BYTES),
+                    )
+                });
+                len
             }
             Op::Delete {
                 collection, key, ..
@@ -326,6 +321,21 @@ fn validate_text(what: &'static str, s: &str, max: usize) -> Result<(), OpError>
 
 /// Allowance in [`Op::approx_len`] for an op's tag, timestamp and framing.
 const OP_FIXED_BYTES: usize = 24;
+
+/// An upsert's approximate size, the one formula behind [`Op::approx_len`] and
+/// [`Op::checked_len`]: `value_len` sizes (and may check) each field's value.
+fn upsert_len<E>(
+    collection: &str,
+    key: &str,
+    fields: &BTreeMap<String, Value>,
+    mut value_len: impl FnMut(&str, &Value) -> Result<usize, E>,
+) -> Result<usize, E> {
+    let mut len = collection.len() + key.len() + OP_FIXED_BYTES;
+    for (name, value) in fields {
+        len += name.len() + 2 + value_len(name, value)?;
+    }
+    Ok(len)
+}
 
 /// Checks a value's nesting and size; returns its approximate encoded size.
 fn validate_value(field: &str, v: &Value) -> Result<usize, OpError> {
