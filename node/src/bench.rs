@@ -396,49 +396,83 @@ pub(crate) fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// One B2 run: a fresh node, `calls` 5k-op calls of workload W through the embedding API,
+/// `writers` calls in flight at a time (each call waits for durability). Returns (durable
+/// ops/s, readable ops/s, store growth MB/s, per-call latencies in ms).
+async fn b2_run(calls: usize, run: usize, writers: usize) -> Result<(f64, f64, f64, Vec<f64>)> {
+    use futures::StreamExt;
+    let dir = tempfile_dir()?;
+    let node = Node::builder()
+        .data_dir(dir.path().join("n"))
+        .listen(vec!["/ip4/127.0.0.1/tcp/0".parse()?])
+        .mdns(false)
+        .spawn()
+        .await?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(100 + run as u64);
+    let batches: Vec<Vec<Op>> = (0..calls)
+        .map(|_| workload_w(&mut rng, W_BATCH_OPS, 0))
+        .collect();
+    let write = |ops: Vec<Op>| {
+        let node = node.clone();
+        async move {
+            let c = Instant::now();
+            node.write(DEFAULT_NAMESPACE, ops).await?;
+            Ok::<f64, anyhow::Error>(c.elapsed().as_secs_f64() * 1e3)
+        }
+    };
+    let mut lat = Vec::with_capacity(calls);
+    let t = Instant::now();
+    let mut inflight = futures::stream::FuturesUnordered::new();
+    let mut it = batches.into_iter();
+    for ops in it.by_ref().take(writers.max(1)) {
+        inflight.push(write(ops));
+    }
+    while let Some(res) = inflight.next().await {
+        lat.push(res?);
+        if let Some(ops) = it.next() {
+            inflight.push(write(ops));
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    // Until the records have caught up too (a read waits for them).
+    let n2 = node.clone();
+    tokio::task::spawn_blocking(move || n2.get(DEFAULT_NAMESPACE, "bench", "k0000000")).await??;
+    let readable = (calls * W_BATCH_OPS) as f64 / t.elapsed().as_secs_f64();
+    node.shutdown().await;
+    drop(node);
+    let bytes = std::fs::metadata(crate::node::store_path(&dir.path().join("n")))?.len() as f64;
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    Ok(((calls * W_BATCH_OPS) as f64 / secs, readable, bytes / secs / 1e6, lat))
+}
+
+/// Writers in flight in B2's concurrent variant (as several client connections would).
+pub const B2_WRITERS: usize = 4;
+
 /// B2: local durable ingest through the embedding API, 5,000-op calls, one writer after
 /// another (each call waits for durability), vs raw redb storing the same batch bytes as one
-/// value per durable transaction.
+/// value per durable transaction; then the same with [`B2_WRITERS`] calls in flight (group
+/// commit: their batches share log transactions).
 pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
     let calls = total_ops.div_ceil(W_BATCH_OPS).max(1);
     let (mut rates, mut mbs, mut p50s, mut p99s, mut raw_rates) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut readable = Vec::new();
+    let (mut conc, mut conc_readable, mut conc_p50) = (vec![], vec![], vec![]);
     for run in 0..runs {
-        let dir = tempfile_dir()?;
-        let node = Node::builder()
-            .data_dir(dir.path().join("n"))
-            .listen(vec!["/ip4/127.0.0.1/tcp/0".parse()?])
-            .mdns(false)
-            .spawn()
-            .await?;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(100 + run as u64);
-        let batches: Vec<Vec<Op>> = (0..calls)
-            .map(|_| workload_w(&mut rng, W_BATCH_OPS, 0))
-            .collect();
-        let mut lat = Vec::with_capacity(calls);
-        let t = Instant::now();
-        for ops in batches {
-            let c = Instant::now();
-            node.write(DEFAULT_NAMESPACE, ops).await?;
-            lat.push(c.elapsed().as_secs_f64() * 1e3);
-        }
-        let secs = t.elapsed().as_secs_f64();
-        // Until the records have caught up too (a read waits for them).
-        let n2 = node.clone();
-        tokio::task::spawn_blocking(move || n2.get(DEFAULT_NAMESPACE, "bench", "k0000000"))
-            .await??;
-        readable.push((calls * W_BATCH_OPS) as f64 / t.elapsed().as_secs_f64());
-        node.shutdown().await;
-        drop(node);
-        let bytes = std::fs::metadata(crate::node::store_path(&dir.path().join("n")))?.len() as f64;
-        rates.push((calls * W_BATCH_OPS) as f64 / secs);
-        mbs.push(bytes / secs / 1e6);
-        lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        let (rate, ready, mb, lat) = b2_run(calls, run, 1).await?;
+        rates.push(rate);
+        readable.push(ready);
+        mbs.push(mb);
         p50s.push(lat[lat.len() / 2]);
         p99s.push(lat[(lat.len() * 99 / 100).min(lat.len() - 1)]);
+        let (rate, ready, _, lat) = b2_run(calls, run, B2_WRITERS).await?;
+        conc.push(rate);
+        conc_readable.push(ready);
+        conc_p50.push(lat[lat.len() / 2]);
 
         // Raw redb: the same number of sealed batches, one value each, durable commits.
+        let dir = tempfile_dir()?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(200 + run as u64);
         let kp = Keypair::from_seed([3; 32]);
         let sealed = batch::seal(
             &kp,
@@ -458,6 +492,15 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
         raw_rates.push((calls * W_BATCH_OPS) as f64 / t.elapsed().as_secs_f64());
     }
     let (rate, raw) = (median(rates), median(raw_rates));
+    let conc = median(conc);
+    let row = |what: String, value: f64, unit: &'static str| Row {
+        id: "B2",
+        what,
+        value,
+        unit,
+        ratio: None,
+        baseline: None,
+    };
     Ok(vec![
         Row {
             id: "B2",
@@ -469,38 +512,40 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
                 "raw redb, one sealed batch per durable txn: {raw:.0} ops/s"
             )),
         },
+        row(
+            "same, until every op is applied to the records (readable)".into(),
+            median(readable),
+            "ops/s",
+        ),
+        row("store growth rate".into(), median(mbs), "MB/s"),
+        row(
+            "commit latency p50 (5k-op call)".into(),
+            median(p50s),
+            "ms",
+        ),
+        row(
+            "commit latency p99 (5k-op call)".into(),
+            median(p99s),
+            "ms",
+        ),
         Row {
             id: "B2",
-            what: "same, until every op is applied to the records (readable)".into(),
-            value: median(readable),
+            what: format!("same ingest, {B2_WRITERS} writers' calls in flight (group commit)"),
+            value: conc,
             unit: "ops/s",
-            ratio: None,
-            baseline: None,
+            ratio: Some(conc / rate),
+            baseline: Some(format!("one writer: {rate:.0} ops/s")),
         },
-        Row {
-            id: "B2",
-            what: "store growth rate".into(),
-            value: median(mbs),
-            unit: "MB/s",
-            ratio: None,
-            baseline: None,
-        },
-        Row {
-            id: "B2",
-            what: "commit latency p50 (5k-op call)".into(),
-            value: median(p50s),
-            unit: "ms",
-            ratio: None,
-            baseline: None,
-        },
-        Row {
-            id: "B2",
-            what: "commit latency p99 (5k-op call)".into(),
-            value: median(p99s),
-            unit: "ms",
-            ratio: None,
-            baseline: None,
-        },
+        row(
+            format!("{B2_WRITERS} writers, until every op is readable"),
+            median(conc_readable),
+            "ops/s",
+        ),
+        row(
+            format!("{B2_WRITERS} writers, commit latency p50"),
+            median(conc_p50),
+            "ms",
+        ),
     ])
 }
 

@@ -21,6 +21,7 @@ pub mod bench_adaptive;
 pub mod bench_gossip;
 pub mod bench_handshake;
 pub mod bench_materialize;
+mod committer;
 pub mod dicts;
 pub mod materializer;
 pub mod net;

@@ -33,6 +33,7 @@ use blazedb_protocol::{
 };
 
 use crate::batcher::{Batcher, BatchingConfig, Decision};
+use crate::committer::{Committer, Done, Reply, Work};
 use crate::dicts::{DictPolicy, DictTrainer};
 use crate::materializer::{self, Job, MatSync};
 use crate::net::{self, Ack, Behaviour, BehaviourEvent, Class};
@@ -314,6 +315,9 @@ pub struct Metrics {
     pub peers_dropped: AtomicU64,
     /// Group commits performed.
     pub commits: AtomicU64,
+    /// Most actor groups (local flushes, swarm-event groups) one log commit has covered (the
+    /// committer takes together what queued during the previous fsync).
+    pub commit_groups_max: AtomicU64,
     /// Duplicate batches received (gossip, pushes, fetch answers, replays).
     pub duplicates: AtomicU64,
     /// Batches stored but ineffective (revoked capability).
@@ -422,16 +426,26 @@ struct PendingWrite {
     reply: oneshot::Sender<Result<WriteReceipt, NodeError>>,
 }
 
-struct Shared {
+impl Shared {
+    /// Counts a job handed to the materializer and records the queue's high-water mark.
+    pub(crate) fn mat_handed_over(&self) {
+        let m = &self.metrics;
+        let sent = m.mat_jobs_sent.fetch_add(1, Ordering::Relaxed) + 1;
+        let depth = sent.saturating_sub(self.mat.taken());
+        m.mat_queue_max.fetch_max(depth, Ordering::Relaxed);
+    }
+}
+
+pub(crate) struct Shared {
     /// gossipsub's metrics (read-only after start).
     registry: libp2p::metrics::Registry,
-    store: Arc<Store>,
-    mat: Arc<MatSync>,
-    keypair: Keypair,
+    pub(crate) store: Arc<Store>,
+    pub(crate) mat: Arc<MatSync>,
+    pub(crate) keypair: Keypair,
     namespaces: RwLock<BTreeSet<String>>,
     data_dir: PathBuf,
     changes: broadcast::Sender<Change>,
-    metrics: Metrics,
+    pub(crate) metrics: Metrics,
     listen_addrs: watch::Receiver<Vec<Multiaddr>>,
 }
 
@@ -866,6 +880,8 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         metrics: Metrics::default(),
         listen_addrs: listen_rx,
     });
+    let (done_tx, commit_done) = mpsc::unbounded_channel();
+    let committer = Committer::spawn(shared.clone(), mat_tx, done_tx);
     let (tx, rx) = mpsc::channel(COMMAND_CAP);
     let actor = Actor {
         swarm,
@@ -877,7 +893,9 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         bootstrap: cfg.bootstrap.clone(),
         connected: HashMap::new(),
         links,
-        mat_tx: Some(mat_tx),
+        committer,
+        commit_done,
+        awaiting: VecDeque::new(),
         inflight: HashMap::new(),
         lagging: HashSet::new(),
         gossip_dropped_since_tick: false,
@@ -908,7 +926,12 @@ struct Actor {
     bootstrap: Vec<Multiaddr>,
     connected: HashMap<PeerId, Multiaddr>,
     links: LinkRegistry,
-    mat_tx: Option<std::sync::mpsc::SyncSender<Job>>,
+    /// Makes batches durable off this thread (and feeds the materializer after them).
+    committer: Committer,
+    /// The committer's reports: commits done, oldest first.
+    commit_done: mpsc::UnboundedReceiver<Done>,
+    /// Per commit in flight, oldest first: what runs once it is durable.
+    awaiting: VecDeque<Awaiting>,
     /// Sync requests sent to each peer, per traffic class, and not yet answered.
     inflight: HashMap<(PeerId, Class), usize>,
     /// Peers that missed pushed (live) batches because they had too many unanswered: sent
@@ -941,11 +964,25 @@ struct Actor {
     trainers: HashMap<String, DictTrainer>,
 }
 
+/// A gossip message's verdict, reported to gossipsub (which relays only accepted ones).
+type Verdict = (gossipsub::MessageId, PeerId, GossipVerdict);
+
 /// Actions and gossip verdicts of a group of swarm events, run together.
 #[derive(Default)]
 struct Deferred {
     actions: Vec<Action<PeerId>>,
-    verdicts: Vec<(gossipsub::MessageId, PeerId, GossipVerdict)>,
+    verdicts: Vec<Verdict>,
+    replies: Vec<Reply>,
+}
+
+/// What waits for a commit in flight: the other actions of its group, the gossip verdicts on
+/// the batches it stores, and whatever was produced after it was queued.
+#[derive(Default)]
+struct Awaiting {
+    actions: Vec<Action<PeerId>>,
+    verdicts: Vec<Verdict>,
+    /// Status answers (taken when asked): their heads include batches of this commit.
+    statuses: Vec<(oneshot::Sender<Status>, Status)>,
 }
 
 /// Most swarm events that are ready at once handled as one group (one log commit).
@@ -975,6 +1012,11 @@ impl Actor {
             let deadline = self.batch_deadline;
             tokio::select! {
                 biased;
+                Some(done) = self.commit_done.recv() => {
+                    if let Flow::Stop(reply) = self.on_committed(done) {
+                        break reply;
+                    }
+                }
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else {
                         // Every handle is gone: seal what is pending, then stop.
@@ -1033,8 +1075,11 @@ impl Actor {
         // Drop everything (connections, the actor's share of the store) before answering, so
         // the caller of shutdown() sees a node that is really gone: once its own handles are
         // dropped too, the store file is closed and can be opened again.
-        // Let the materializer finish what is queued and make the view durable first.
-        self.mat_tx.take();
+        // Let the committer finish what is queued (writers waiting get their answers), then
+        // the materializer, which makes the view durable.
+        if let Some(t) = self.committer.close() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
         if let Some(t) = self.mat_thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
@@ -1101,7 +1146,14 @@ impl Actor {
                 Flow::Continue
             }
             Command::Status { reply } => {
-                let _ = reply.send(self.status());
+                // The heads it reports are durable: answered once the commits in flight are.
+                let status = self.status();
+                match self.awaiting.back_mut() {
+                    Some(last) => last.statuses.push((reply, status)),
+                    None => {
+                        let _ = reply.send(status);
+                    }
+                }
                 Flow::Continue
             }
             Command::Shutdown { reply } => Flow::Stop(Some(reply)),
@@ -1286,27 +1338,31 @@ impl Actor {
             replies.iter().map(|(_, r)| r.ops as u64).sum(),
             Ordering::Relaxed,
         );
-        let flow = self.execute(actions);
-        if let Flow::Continue = flow {
-            self.shared
-                .metrics
-                .writes_acked
-                .fetch_add(replies.len() as u64, Ordering::Relaxed);
-        }
-        for (reply, receipt) in replies {
-            let res = match flow {
-                Flow::Continue => Ok(receipt),
-                Flow::Stop(_) => Err(NodeError::Stopped),
-            };
-            let _ = reply.send(res);
-        }
-        flow
+        // The committer answers the writers once their batches are durable.
+        self.execute_with(actions, replies, Vec::new())
     }
 
     /// Carries out engine actions: stores first (one durable transaction), then the rest.
     fn execute(&mut self, actions: Vec<Action<PeerId>>) -> Flow {
+        self.execute_with(actions, Vec::new(), Vec::new())
+    }
+
+    /// Carries out engine actions, with the writers to answer and the gossip verdicts to
+    /// report once they are durable. Batches to store go to the committer (one log
+    /// transaction, off this thread), with the writers of local ones; everything else runs
+    /// once every commit queued before it is durable: now if none is in flight, otherwise
+    /// when the committer says so ([`Actor::on_committed`]). So a batch is published or
+    /// relayed, and anything that may read it from the store runs, only once it is durable.
+    fn execute_with(
+        &mut self,
+        actions: Vec<Action<PeerId>>,
+        replies: Vec<Reply>,
+        verdicts: Vec<Verdict>,
+    ) -> Flow {
         if let Some(group) = &mut self.deferred {
             group.actions.extend(actions);
+            group.replies.extend(replies);
+            group.verdicts.extend(verdicts);
             return Flow::Continue;
         }
         let stats = self.engine.stats();
@@ -1332,30 +1388,77 @@ impl Actor {
                 other => rest.push(other),
             }
         }
-        if !to_store.is_empty() {
-            let me = *self.shared.keypair.public().as_bytes();
-            let remote = to_store.iter().filter(|b| b.header.author != me).count() as u64;
-            match self.shared.store.append_log(&to_store) {
-                Ok(()) => {
-                    let m = &self.shared.metrics;
-                    m.commits.fetch_add(1, Ordering::Relaxed);
-                    m.remote_batches.fetch_add(remote, Ordering::Relaxed);
-                    self.shared.mat.submitted(to_store.len() as u64);
-                    if let Some(tx) = &self.mat_tx {
-                        // Blocks while the materializer is QUEUE_CAP jobs behind: backpressure.
-                        if tx.send(Job::Apply(to_store)).is_ok() {
-                            self.mat_handed_over();
-                        }
-                    }
-                }
-                Err(e) => {
-                    // The engine already counts these batches as held; continuing would let
-                    // memory and disk disagree. Stop: a restart reloads the truth from disk.
-                    tracing::error!("storing batches failed, stopping the node: {e}");
-                    return Flow::Stop(None);
-                }
+        if !to_store.is_empty() || !replies.is_empty() {
+            // Blocks while `committer::QUEUED_MAX` groups wait to be committed: backpressure.
+            let work = Work::Commit {
+                batches: to_store,
+                replies,
+            };
+            if self.committer.send(work).is_err() {
+                tracing::error!("the log committer has stopped; stopping the node");
+                return Flow::Stop(None);
+            }
+            self.awaiting.push_back(Awaiting {
+                actions: rest,
+                verdicts,
+                statuses: Vec::new(),
+            });
+            return Flow::Continue;
+        }
+        if let Some(last) = self.awaiting.back_mut() {
+            last.actions.extend(rest);
+            last.verdicts.extend(verdicts);
+            return Flow::Continue;
+        }
+        self.report_verdicts(verdicts);
+        self.run_actions(rest)
+    }
+
+    /// The committer made commits durable (or failed: the engine already counts their
+    /// batches as held, so memory and disk would disagree; the node stops, and a restart
+    /// reloads the truth from disk). Runs what waited for them.
+    fn on_committed(&mut self, done: Done) -> Flow {
+        if let Err(e) = done.result {
+            tracing::error!("storing batches failed, stopping the node: {e}");
+            return Flow::Stop(None);
+        }
+        for _ in 0..done.commits {
+            let Some(a) = self.awaiting.pop_front() else {
+                break;
+            };
+            for (reply, status) in a.statuses {
+                let _ = reply.send(status);
+            }
+            self.report_verdicts(a.verdicts);
+            if let Flow::Stop(r) = self.run_actions(a.actions) {
+                return Flow::Stop(r);
             }
         }
+        Flow::Continue
+    }
+
+    /// Tells gossipsub which messages to relay (accepted ones: durable here by now), and
+    /// drops the peers that sent invalid ones.
+    fn report_verdicts(&mut self, verdicts: Vec<Verdict>) {
+        for (message_id, source, verdict) in verdicts {
+            let acceptance = match &verdict {
+                GossipVerdict::Accept => gossipsub::MessageAcceptance::Accept,
+                GossipVerdict::Ignore => gossipsub::MessageAcceptance::Ignore,
+                GossipVerdict::Reject(_) => gossipsub::MessageAcceptance::Reject,
+            };
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .gossipsub
+                .report_message_validation_result(&message_id, &source, acceptance);
+            if let GossipVerdict::Reject(reason) = verdict {
+                self.drop_peer(source, &format!("invalid gossiped batch: {reason}"));
+            }
+        }
+    }
+
+    /// Runs actions other than stores (those go to the committer).
+    fn run_actions(&mut self, rest: Vec<Action<PeerId>>) -> Flow {
         for a in rest {
             match a {
                 Action::Store(_) => unreachable!("partitioned above"),
@@ -1447,11 +1550,13 @@ impl Actor {
                 },
                 Action::Reject { peer, reason } => self.drop_peer(peer, &reason),
                 Action::Rebuild { ns, revocations } => {
-                    // In order with the batches queued before it.
-                    if let Some(tx) = &self.mat_tx {
-                        if tx.send(Job::Rebuild { ns, revocations }).is_ok() {
-                            self.mat_handed_over();
-                        }
+                    // In order with the batches committed before it.
+                    if self
+                        .committer
+                        .send(Work::Mat(Job::Rebuild { ns, revocations }))
+                        .is_err()
+                    {
+                        return Flow::Stop(None);
                     }
                 }
             }
@@ -1541,13 +1646,6 @@ impl Actor {
         }
     }
 
-    /// Counts a job handed to the materializer and records the queue's high-water mark.
-    fn mat_handed_over(&self) {
-        let m = &self.shared.metrics;
-        let sent = m.mat_jobs_sent.fetch_add(1, Ordering::Relaxed) + 1;
-        let depth = sent.saturating_sub(self.shared.mat.taken());
-        m.mat_queue_max.fetch_max(depth, Ordering::Relaxed);
-    }
 
     fn drop_peer(&mut self, peer: PeerId, reason: &str) {
         warn!(%peer, "dropping peer: {reason}");
@@ -1580,23 +1678,7 @@ impl Actor {
         if let Flow::Stop(reply) = flow {
             return Flow::Stop(reply);
         }
-        let flow = self.execute(group.actions);
-        for (message_id, source, verdict) in group.verdicts {
-            let acceptance = match &verdict {
-                GossipVerdict::Accept => gossipsub::MessageAcceptance::Accept,
-                GossipVerdict::Ignore => gossipsub::MessageAcceptance::Ignore,
-                GossipVerdict::Reject(_) => gossipsub::MessageAcceptance::Reject,
-            };
-            let _ = self
-                .swarm
-                .behaviour_mut()
-                .gossipsub
-                .report_message_validation_result(&message_id, &source, acceptance);
-            if let GossipVerdict::Reject(reason) = verdict {
-                self.drop_peer(source, &format!("invalid gossiped batch: {reason}"));
-            }
-        }
-        flow
+        self.execute_with(group.actions, group.replies, group.verdicts)
     }
 
     fn on_swarm_event(&mut self, ev: SwarmEvent<BehaviourEvent>) -> Flow {

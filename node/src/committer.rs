@@ -1,0 +1,198 @@
+//! The log committer: makes batches durable off the actor's thread.
+//!
+//! The actor seals local writes and verifies peers' batches; storing them in the log is one
+//! redb transaction with an fsync (a few milliseconds here). Done in line, the actor sat idle
+//! for that long with every socket and every writer waiting behind it. Here the commit runs on
+//! its own thread, so the actor seals or verifies the next group while the last one is being
+//! made durable (a pipeline of two stages), and the groups that queue up during one fsync are
+//! committed together by the next (group commit across actor rounds).
+//!
+//! What must wait for durability still does, in order:
+//! - a writer's reply is sent by this thread after the commit that holds its batch;
+//! - the batches are handed to the materializer (in log order, with any `Rebuild` job queued
+//!   behind them) only once committed;
+//! - the actor runs everything else a group produced (publishing, relaying verdicts, answers
+//!   to peers, which may read what was just stored) only when this thread reports the group
+//!   durable ([`Done`]); actions produced while commits are in flight wait behind them.
+//!
+//! Bounded: at most [`QUEUED_MAX`] groups wait here (the actor blocks on a full queue, which
+//! backs pressure up to writers and peers, as an in-line commit did), and a transaction takes
+//! at most [`COMMIT_BYTES_MAX`] of them. A failed commit fails every group after it (a later
+//! link of a chain must never be durable without the one before): their writers get an
+//! error and the actor stops the node.
+
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+
+use blazedb_protocol::VerifiedBatch;
+use tokio::sync::oneshot;
+
+use crate::materializer::Job;
+use crate::node::{NodeError, Shared, WriteReceipt};
+
+/// Most groups queued for the committer (beyond the one being committed).
+pub const QUEUED_MAX: usize = 8;
+/// Most batch bytes committed in one transaction (several queued groups together).
+pub const COMMIT_BYTES_MAX: usize = 32 * 1024 * 1024;
+
+/// A writer waiting for its batch to be durable.
+pub type Reply = (oneshot::Sender<Result<WriteReceipt, NodeError>>, WriteReceipt);
+
+/// Work for the committer, done in the order sent.
+pub enum Work {
+    /// Make these batches durable, then hand them to the materializer and answer the writers.
+    Commit {
+        /// Batches to append to the log.
+        batches: Vec<VerifiedBatch>,
+        /// Writers of local batches among them.
+        replies: Vec<Reply>,
+    },
+    /// A materializer job that must follow the batches committed before it.
+    Mat(Job),
+}
+
+/// Reported to the actor: this many `Commit` works, the oldest outstanding ones, are done.
+#[derive(Debug)]
+pub struct Done {
+    /// How many commits this report covers.
+    pub commits: usize,
+    /// The outcome (an error: the node must stop).
+    pub result: Result<(), String>,
+}
+
+/// The committer thread and its queue.
+pub struct Committer {
+    tx: Option<mpsc::SyncSender<Work>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Committer {
+    /// Starts the thread. It owns the materializer's queue from now on (the only way jobs
+    /// reach it), and reports each finished commit on `done`; that channel holds at most as
+    /// many reports as commits in flight (`QUEUED_MAX` + 1), so it never grows beyond that.
+    pub fn spawn(
+        shared: Arc<Shared>,
+        mat_tx: mpsc::SyncSender<Job>,
+        done: tokio::sync::mpsc::UnboundedSender<Done>,
+    ) -> Self {
+        let (tx, rx) = mpsc::sync_channel::<Work>(QUEUED_MAX);
+        let thread = std::thread::Builder::new()
+            .name("blazedb-committer".into())
+            .spawn(move || run(&shared, rx, mat_tx, done))
+            .expect("spawning the committer thread");
+        Committer {
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Queues work; blocks while [`QUEUED_MAX`] works wait. Err once the thread has ended.
+    pub fn send(&self, work: Work) -> Result<(), ()> {
+        match &self.tx {
+            Some(tx) => tx.send(work).map_err(|_| ()),
+            None => Err(()),
+        }
+    }
+
+    /// Finishes what is queued (commits, replies, materializer jobs), then stops the thread.
+    pub fn close(&mut self) -> Option<std::thread::JoinHandle<()>> {
+        self.tx.take();
+        self.thread.take()
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(
+    shared: &Shared,
+    rx: mpsc::Receiver<Work>,
+    mat_tx: mpsc::SyncSender<Job>,
+    done: tokio::sync::mpsc::UnboundedSender<Done>,
+) {
+    let mut failed: Option<String> = None;
+    let mut carry: Option<Work> = None;
+    loop {
+        let first = match carry.take() {
+            Some(w) => w,
+            None => match rx.recv() {
+                Ok(w) => w,
+                Err(_) => break,
+            },
+        };
+        let (mut batches, mut replies) = match first {
+            Work::Mat(job) => {
+                if failed.is_none() && mat_tx.send(job).is_ok() {
+                    shared.mat_handed_over();
+                }
+                continue;
+            }
+            Work::Commit { batches, replies } => (batches, replies),
+        };
+        // Everything else queued behind it, up to a transaction's worth: one fsync for all.
+        let mut commits = 1usize;
+        let mut bytes: usize = batches.iter().map(|b| b.bytes.len()).sum();
+        while bytes < COMMIT_BYTES_MAX {
+            match rx.try_recv() {
+                Ok(Work::Commit {
+                    batches: more,
+                    replies: more_replies,
+                }) => {
+                    bytes += more.iter().map(|b| b.bytes.len()).sum::<usize>();
+                    batches.extend(more);
+                    replies.extend(more_replies);
+                    commits += 1;
+                }
+                Ok(other) => {
+                    carry = Some(other);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let result = match &failed {
+            Some(e) => Err(format!("an earlier commit failed: {e}")),
+            None => shared.store.append_log(&batches).map_err(|e| e.to_string()),
+        };
+        match &result {
+            Ok(()) => {
+                let m = &shared.metrics;
+                let me = *shared.keypair.public().as_bytes();
+                let remote = batches.iter().filter(|b| b.header.author != me).count() as u64;
+                m.commits.fetch_add(1, Ordering::Relaxed);
+                m.remote_batches.fetch_add(remote, Ordering::Relaxed);
+                m.commit_groups_max
+                    .fetch_max(commits as u64, Ordering::Relaxed);
+                shared.mat.submitted(batches.len() as u64);
+                // Blocks while the materializer is its queue's length behind: backpressure.
+                if mat_tx.send(Job::Apply(batches)).is_ok() {
+                    shared.mat_handed_over();
+                }
+                m.writes_acked
+                    .fetch_add(replies.len() as u64, Ordering::Relaxed);
+                for (reply, receipt) in replies {
+                    let _ = reply.send(Ok(receipt));
+                }
+            }
+            Err(e) => {
+                if failed.is_none() {
+                    tracing::error!("storing batches failed, stopping the node: {e}");
+                    failed = Some(e.clone());
+                }
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(NodeError::Stopped));
+                }
+            }
+        }
+        if done.send(Done { commits, result }).is_err() {
+            // The actor is gone; finish what is queued all the same (writers are waiting).
+            continue;
+        }
+    }
+}
