@@ -442,7 +442,12 @@ async fn b2_run(calls: usize, run: usize, writers: usize) -> Result<(f64, f64, f
     drop(node);
     let bytes = std::fs::metadata(crate::node::store_path(&dir.path().join("n")))?.len() as f64;
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    Ok(((calls * W_BATCH_OPS) as f64 / secs, readable, bytes / secs / 1e6, lat))
+    Ok((
+        (calls * W_BATCH_OPS) as f64 / secs,
+        readable,
+        bytes / secs / 1e6,
+        lat,
+    ))
 }
 
 /// Writers in flight in B2's concurrent variant (as several client connections would).
@@ -518,16 +523,8 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
             "ops/s",
         ),
         row("store growth rate".into(), median(mbs), "MB/s"),
-        row(
-            "commit latency p50 (5k-op call)".into(),
-            median(p50s),
-            "ms",
-        ),
-        row(
-            "commit latency p99 (5k-op call)".into(),
-            median(p99s),
-            "ms",
-        ),
+        row("commit latency p50 (5k-op call)".into(), median(p50s), "ms"),
+        row("commit latency p99 (5k-op call)".into(), median(p99s), "ms"),
         Row {
             id: "B2",
             what: format!("same ingest, {B2_WRITERS} writers' calls in flight (group commit)"),

@@ -36,7 +36,10 @@ pub const QUEUED_MAX: usize = 8;
 pub const COMMIT_BYTES_MAX: usize = 32 * 1024 * 1024;
 
 /// A writer waiting for its batch to be durable.
-pub type Reply = (oneshot::Sender<Result<WriteReceipt, NodeError>>, WriteReceipt);
+pub type Reply = (
+    oneshot::Sender<Result<WriteReceipt, NodeError>>,
+    WriteReceipt,
+);
 
 /// Work for the committer, done in the order sent.
 pub enum Work {

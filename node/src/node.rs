@@ -1646,7 +1646,6 @@ impl Actor {
         }
     }
 
-
     fn drop_peer(&mut self, peer: PeerId, reason: &str) {
         warn!(%peer, "dropping peer: {reason}");
         let m = &self.shared.metrics;
