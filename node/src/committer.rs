@@ -173,6 +173,7 @@ fn run(
                 m.remote_batches.fetch_add(remote, Ordering::Relaxed);
                 m.commit_groups_max
                     .fetch_max(commits as u64, Ordering::Relaxed);
+                shared.mark_durable(&batches);
                 shared.mat.submitted(batches.len() as u64);
                 // Blocks while the materializer is its queue's length behind: backpressure.
                 if mat_tx.send(Job::Apply(batches)).is_ok() {

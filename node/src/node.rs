@@ -427,6 +427,25 @@ struct PendingWrite {
 }
 
 impl Shared {
+    /// Records batches as durable (called by the committer after each commit).
+    pub(crate) fn mark_durable(&self, batches: &[VerifiedBatch]) {
+        let Ok(mut d) = self.durable.write() else {
+            return;
+        };
+        for vb in batches {
+            let h = &vb.header;
+            let seq = match d.get_mut(h.ns.as_str()) {
+                Some(m) => m.entry(h.author).or_insert(0),
+                None => d
+                    .entry(h.ns.clone())
+                    .or_default()
+                    .entry(h.author)
+                    .or_insert(0),
+            };
+            *seq = (*seq).max(h.seq);
+        }
+    }
+
     /// Counts a job handed to the materializer and records the queue's high-water mark.
     pub(crate) fn mat_handed_over(&self) {
         let m = &self.metrics;
@@ -447,6 +466,9 @@ pub(crate) struct Shared {
     changes: broadcast::Sender<Change>,
     pub(crate) metrics: Metrics,
     listen_addrs: watch::Receiver<Vec<Multiaddr>>,
+    /// Per namespace and author, the highest seq durable in the log (what the committer has
+    /// committed). Read without the actor ([`NodeHandle::durable_head`]).
+    pub(crate) durable: RwLock<HashMap<String, HashMap<[u8; 32], u64>>>,
 }
 
 /// A cloneable handle on a running node. The node stops when [`NodeHandle::shutdown`] is
@@ -527,6 +549,15 @@ impl NodeHandle {
             sync_inflight_max: m.sync_inflight_max.load(Ordering::Relaxed),
             gossip_queue_sampled_max: gossip_queue_sampled_max(&self.gossip_metrics_text()),
         }
+    }
+
+    /// The highest seq of `author`'s chain in `ns` that is durable in this node's log (the
+    /// batches before it are too: chains are stored contiguously), or `None` if it holds
+    /// none. Answered without the actor, so it stays cheap while the node is busy: a way to
+    /// wait until a peer's write has reached this node's disk.
+    pub fn durable_head(&self, ns: &str, author: &PublicKey) -> Option<u64> {
+        let d = self.shared.durable.read().ok()?;
+        d.get(ns)?.get(author.as_bytes()).copied()
     }
 
     /// Whether `ns` is joined.
@@ -790,7 +821,12 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         namespaces.insert(ns);
     }
     let heads = store.heads()?;
+    let mut durable: HashMap<String, HashMap<[u8; 32], u64>> = HashMap::new();
     for h in &heads {
+        durable
+            .entry(h.ns.clone())
+            .or_default()
+            .insert(h.author, h.seq);
         if namespaces.contains(&h.ns) {
             engine.load_head(&h.ns, h.author, h.seq, h.id, h.hlc_max);
         }
@@ -875,6 +911,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         mat,
         keypair: keypair.clone(),
         namespaces: RwLock::new(namespaces),
+        durable: RwLock::new(durable),
         data_dir: cfg.data_dir.clone(),
         changes,
         metrics: Metrics::default(),
