@@ -28,6 +28,7 @@ pub mod net;
 pub mod node;
 pub mod sim;
 pub mod store;
+mod verifier;
 
 pub use batcher::BatchingConfig;
 pub use dicts::DictPolicy;

@@ -29,7 +29,8 @@ use blazedb_crypto::{KxPolicy, LinkRegistry};
 use blazedb_identity::{Keypair, PublicKey};
 use blazedb_protocol::capability::{self, Chain, Rights, TokenId};
 use blazedb_protocol::{
-    limits, Action, BatchError, Engine, EngineConfig, GossipVerdict, Op, SyncMessage, VerifiedBatch,
+    limits, Action, BatchError, Engine, EngineConfig, GossipVerdict, Op, PreVerified, SyncMessage,
+    VerifiedBatch,
 };
 
 use crate::batcher::{Batcher, BatchingConfig, Decision};
@@ -38,6 +39,7 @@ use crate::dicts::{DictPolicy, DictTrainer};
 use crate::materializer::{self, Job, MatSync};
 use crate::net::{self, Ack, Behaviour, BehaviourEvent, Class};
 use crate::store::{Change, Fields, NamespaceRecord, Store, StoreError};
+use crate::verifier::{self, Verified, Verifier};
 
 /// Capacity of the command channel into the actor.
 pub const COMMAND_CAP: usize = 256;
@@ -919,6 +921,8 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     });
     let (done_tx, commit_done) = mpsc::unbounded_channel();
     let committer = Committer::spawn(shared.clone(), mat_tx, done_tx);
+    let (verified_tx, verified_rx) = mpsc::unbounded_channel();
+    let verifier = Verifier::spawn(verified_tx);
     let (tx, rx) = mpsc::channel(COMMAND_CAP);
     let actor = Actor {
         swarm,
@@ -933,6 +937,8 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         committer,
         commit_done,
         awaiting: VecDeque::new(),
+        verifier,
+        verified_rx,
         inflight: HashMap::new(),
         lagging: HashSet::new(),
         gossip_dropped_since_tick: false,
@@ -969,6 +975,10 @@ struct Actor {
     commit_done: mpsc::UnboundedReceiver<Done>,
     /// Per commit in flight, oldest first: what runs once it is durable.
     awaiting: VecDeque<Awaiting>,
+    /// Verifies fetch answers off this thread.
+    verifier: Verifier,
+    /// Its verified answers, in the order they were queued.
+    verified_rx: mpsc::UnboundedReceiver<Verified>,
     /// Sync requests sent to each peer, per traffic class, and not yet answered.
     inflight: HashMap<(PeerId, Class), usize>,
     /// Peers that missed pushed (live) batches because they had too many unanswered: sent
@@ -1070,6 +1080,11 @@ impl Actor {
                         break reply;
                     }
                     if let Flow::Stop(reply) = self.linger().await {
+                        break reply;
+                    }
+                }
+                Some(v) = self.verified_rx.recv() => {
+                    if let Flow::Stop(reply) = self.on_verified(v) {
                         break reply;
                     }
                 }
@@ -1849,6 +1864,41 @@ impl Actor {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
+                    // A fetch answer (or push) of several batches: verified on the verifier's
+                    // thread, acknowledged once the engine has it (see `verifier`).
+                    let request = match request {
+                        SyncMessage::Batches {
+                            ns,
+                            author,
+                            batches,
+                        } if batches.len() > 1
+                            && batches.len() <= limits::MAX_FETCH_BATCHES as usize =>
+                        {
+                            let job = verifier::Job {
+                                peer,
+                                class,
+                                channel,
+                                ns,
+                                author,
+                                batches: batches.into_iter().map(|b| b.into_vec()).collect(),
+                            };
+                            let job = match self.verifier.try_send(job) {
+                                Ok(()) => return Flow::Continue,
+                                Err(job) => job,
+                            };
+                            // The queue is full: verified here, as before.
+                            let items = job.batches.into_iter().map(PreVerified::Raw).collect();
+                            return self.on_verified(Verified {
+                                peer,
+                                class,
+                                channel: job.channel,
+                                ns: job.ns,
+                                author: job.author,
+                                batches: items,
+                            });
+                        }
+                        other => other,
+                    };
                     let _ = self
                         .swarm
                         .behaviour_mut()
@@ -1872,6 +1922,20 @@ impl Actor {
             }
             request_response::Event::ResponseSent { .. } => Flow::Continue,
         }
+    }
+
+    /// A fetch answer whose batches are verified (or left to the engine): acknowledged, then
+    /// handed to the engine.
+    fn on_verified(&mut self, v: Verified) -> Flow {
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .class_mut(v.class)
+            .send_response(v.channel, Ack {});
+        let actions =
+            self.engine
+                .handle_batches_preverified(v.peer, v.ns, v.author, v.batches, now_ms());
+        self.execute(actions)
     }
 
     fn request_done(&mut self, peer: &PeerId, class: Class) -> Flow {

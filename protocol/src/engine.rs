@@ -506,6 +506,41 @@ pub struct Engine<P> {
     dict_waiting_bytes: usize,
 }
 
+/// One batch of a `Batches` message as the shell hands it to
+/// [`Engine::handle_batches_preverified`].
+#[derive(Debug)]
+pub enum PreVerified {
+    /// Verified ahead with [`batch::verify`] (it names no dictionary, so the engine's own
+    /// verification, with its dictionaries, would give exactly this).
+    Verified(VerifiedBatch),
+    /// Not verified ahead (it names a dictionary, which only the engine holds).
+    Raw(Vec<u8>),
+    /// Verification failed: the peer that sent it is rejected when the engine reaches it.
+    Invalid(BatchError),
+}
+
+/// Verifies a `Batches` message's batches ahead of the engine, in order: the expensive part
+/// of handling a fetch answer (inflate, decode, hash, signature), pure, so a shell can run it
+/// on another thread than the one driving the engine. Stops at the first invalid batch (the
+/// engine rejects the peer there and drops the rest).
+pub fn preverify(batches: Vec<Vec<u8>>) -> Vec<PreVerified> {
+    let mut out = Vec::with_capacity(batches.len());
+    for bytes in batches {
+        if batch::named_dict(&bytes).is_some() {
+            out.push(PreVerified::Raw(bytes));
+            continue;
+        }
+        match batch::verify(bytes) {
+            Ok(vb) => out.push(PreVerified::Verified(vb)),
+            Err(e) => {
+                out.push(PreVerified::Invalid(e));
+                break;
+            }
+        }
+    }
+    out
+}
+
 impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
     /// An engine that has joined no namespace yet.
     pub fn new(cfg: EngineConfig) -> Self {
@@ -1366,131 +1401,222 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 author,
                 batches,
             } => {
-                if batches.len() > limits::MAX_FETCH_BATCHES as usize {
-                    actions.push(Action::Reject {
-                        peer,
-                        reason: "too many batches".into(),
-                    });
-                    return actions;
-                }
-                let Some(st) = self.namespaces.get(&ns) else {
-                    return actions;
-                };
-                // An answer to our fetch is not passed on; a push (owned namespaces) is.
-                let forward = !st
-                    .fetches
-                    .range((author, 0)..=(author, u64::MAX))
-                    .any(|(_, f)| f.peer == peer);
-                let empty = batches.is_empty();
-                let mut first_seq = None;
-                for bytes in batches {
-                    match self.lacks_dict(&bytes) {
-                        None => {}
-                        Some(Ok((r, h))) if h.ns == ns && h.author == author => {
-                            // Wait for the dictionary; the rest of the answer is dropped and
-                            // fetched again once it is here (this author's fetches pause).
-                            first_seq.get_or_insert(h.seq);
-                            let w = Waiting {
-                                peer: peer.clone(),
-                                ns: ns.clone(),
-                                bytes: bytes.into_vec(),
-                                gossip: false,
-                                forward,
-                            };
-                            self.wait_for_dict(r, w, now_ms, &mut actions);
-                            let deadline = now_ms + self.cfg.fetch_timeout_ms;
-                            let st = self.namespaces.get_mut(&ns).expect("checked");
-                            st.dict_blocked.insert(author, (r, deadline));
-                            break;
-                        }
-                        Some(Ok(_)) => {
-                            self.stats.batches_rejected += 1;
-                            actions.push(Action::Reject {
-                                peer,
-                                reason: "batch outside the fetched chain".into(),
-                            });
-                            return actions;
-                        }
-                        Some(Err(e)) => {
-                            self.stats.batches_rejected += 1;
-                            actions.push(Action::Reject {
-                                peer,
-                                reason: e.to_string(),
-                            });
-                            return actions;
-                        }
-                    }
-                    let vb = match self.verify(bytes.into_vec()) {
-                        Ok(vb) => vb,
-                        Err(e) => {
-                            self.stats.batches_rejected += 1;
-                            actions.push(Action::Reject {
-                                peer,
-                                reason: e.to_string(),
-                            });
-                            return actions;
-                        }
-                    };
-                    if vb.header.ns != ns || vb.header.author != author {
-                        self.stats.batches_rejected += 1;
-                        actions.push(Action::Reject {
-                            peer,
-                            reason: "batch outside the fetched chain".into(),
-                        });
-                        return actions;
-                    }
-                    first_seq.get_or_insert(vb.header.seq);
-                    let from = if forward { Some(&peer) } else { None };
-                    let res = self.ingest_from(&ns, vb, from, forward, now_ms, &mut actions);
-                    if let Ingest::Rejected(reason) = res {
-                        actions.push(Action::Reject { peer, reason });
-                        return actions;
-                    }
-                }
-                // Which stripe this answers (the message does not say): a non-empty answer,
-                // the one to `peer` holding its first seq; an empty one, the highest one to
-                // `peer` (if a lower one comes back empty, the higher ones will too).
-                let st = self.namespaces.get(&ns).expect("checked");
-                let mut mine = st
-                    .fetches
-                    .range((author, 0)..=(author, u64::MAX))
-                    .filter(|(_, f)| f.peer == peer);
-                let answered = match first_seq {
-                    Some(q) => mine
-                        .find(|((_, from), f)| *from <= q && q <= f.to)
-                        .map(|(k, _)| *k),
-                    None => mine.last().map(|(k, _)| *k),
-                };
-                if let Some(key) = answered {
-                    self.take_fetch(&ns, key);
-                    self.silent.remove(&peer);
-                }
-                if empty {
-                    // The peer holds nothing from where we asked (say, it relayed a batch it
-                    // had only buffered): believing our earlier guess would re-send the same
-                    // fetch at once, and again on every empty answer.
-                    let st = self.namespaces.get_mut(&ns).expect("checked");
-                    let ours = st.heads.get(&author).map_or(0, |h| h.seq);
-                    let bound = answered.map_or(ours, |(_, from)| (from - 1).max(ours));
-                    if let Some(known) = st
-                        .peer_heads
-                        .get_mut(&peer)
-                        .and_then(|h| h.get_mut(&author))
-                    {
-                        *known = (*known).min(bound);
-                    }
-                    let max = u32::MAX;
-                    self.schedule(&ns, author, None, Some(&peer), max, now_ms, &mut actions);
-                } else {
-                    // Keep going while the peer is known to have more.
-                    let max = u32::MAX;
-                    self.schedule(&ns, author, Some(&peer), None, max, now_ms, &mut actions);
-                }
-                // A slot to this peer is free again: authors held back may go now.
-                self.retry_wanting(now_ms, &mut actions);
+                let items = batches
+                    .into_iter()
+                    .map(|b| PreVerified::Raw(b.into_vec()))
+                    .collect();
+                self.on_batches(peer, ns, author, items, now_ms, &mut actions);
             }
         }
         actions
+    }
+
+    /// A `Batches` message whose batches the shell verified ahead, off the thread that drives
+    /// the engine ([`preverify`]): handled exactly as [`Engine::handle_message`] handles the
+    /// message itself, without verifying again what was verified.
+    pub fn handle_batches_preverified(
+        &mut self,
+        peer: P,
+        ns: String,
+        author: [u8; 32],
+        batches: Vec<PreVerified>,
+        now_ms: u64,
+    ) -> Vec<Action<P>> {
+        let mut actions = Vec::new();
+        self.on_batches(peer, ns, author, batches, now_ms, &mut actions);
+        actions
+    }
+
+    /// One fetched (or pushed) batch, verified, checked against the chain it was asked for
+    /// and ingested. False if the peer was rejected (the rest of its message is dropped).
+    #[allow(clippy::too_many_arguments)]
+    fn accept_fetched(
+        &mut self,
+        peer: &P,
+        ns: &str,
+        author: [u8; 32],
+        vb: VerifiedBatch,
+        forward: bool,
+        now_ms: u64,
+        actions: &mut Vec<Action<P>>,
+        first_seq: &mut Option<u64>,
+    ) -> bool {
+        if vb.header.ns != ns || vb.header.author != author {
+            self.stats.batches_rejected += 1;
+            actions.push(Action::Reject {
+                peer: peer.clone(),
+                reason: "batch outside the fetched chain".into(),
+            });
+            return false;
+        }
+        first_seq.get_or_insert(vb.header.seq);
+        let from = if forward { Some(peer) } else { None };
+        let res = self.ingest_from(ns, vb, from, forward, now_ms, actions);
+        if let Ingest::Rejected(reason) = res {
+            actions.push(Action::Reject {
+                peer: peer.clone(),
+                reason,
+            });
+            return false;
+        }
+        true
+    }
+
+    /// A `Batches` message: a fetch answer (or a push in an owned namespace).
+    fn on_batches(
+        &mut self,
+        peer: P,
+        ns: String,
+        author: [u8; 32],
+        batches: Vec<PreVerified>,
+        now_ms: u64,
+        actions: &mut Vec<Action<P>>,
+    ) {
+        if batches.len() > limits::MAX_FETCH_BATCHES as usize {
+            actions.push(Action::Reject {
+                peer,
+                reason: "too many batches".into(),
+            });
+            return;
+        }
+        let Some(st) = self.namespaces.get(&ns) else {
+            return;
+        };
+        // An answer to our fetch is not passed on; a push (owned namespaces) is.
+        let forward = !st
+            .fetches
+            .range((author, 0)..=(author, u64::MAX))
+            .any(|(_, f)| f.peer == peer);
+        let empty = batches.is_empty();
+        let mut first_seq = None;
+        for item in batches {
+            let bytes = match item {
+                PreVerified::Raw(bytes) => bytes,
+                PreVerified::Verified(vb) => {
+                    if !self.accept_fetched(
+                        &peer,
+                        &ns,
+                        author,
+                        vb,
+                        forward,
+                        now_ms,
+                        actions,
+                        &mut first_seq,
+                    ) {
+                        return;
+                    }
+                    continue;
+                }
+                PreVerified::Invalid(e) => {
+                    self.stats.batches_rejected += 1;
+                    actions.push(Action::Reject {
+                        peer,
+                        reason: e.to_string(),
+                    });
+                    return;
+                }
+            };
+            match self.lacks_dict(&bytes) {
+                None => {}
+                Some(Ok((r, h))) if h.ns == ns && h.author == author => {
+                    // Wait for the dictionary; the rest of the answer is dropped and
+                    // fetched again once it is here (this author's fetches pause).
+                    first_seq.get_or_insert(h.seq);
+                    let w = Waiting {
+                        peer: peer.clone(),
+                        ns: ns.clone(),
+                        bytes,
+                        gossip: false,
+                        forward,
+                    };
+                    self.wait_for_dict(r, w, now_ms, actions);
+                    let deadline = now_ms + self.cfg.fetch_timeout_ms;
+                    let st = self.namespaces.get_mut(&ns).expect("checked");
+                    st.dict_blocked.insert(author, (r, deadline));
+                    break;
+                }
+                Some(Ok(_)) => {
+                    self.stats.batches_rejected += 1;
+                    actions.push(Action::Reject {
+                        peer,
+                        reason: "batch outside the fetched chain".into(),
+                    });
+                    return;
+                }
+                Some(Err(e)) => {
+                    self.stats.batches_rejected += 1;
+                    actions.push(Action::Reject {
+                        peer,
+                        reason: e.to_string(),
+                    });
+                    return;
+                }
+            }
+            let vb = match self.verify(bytes) {
+                Ok(vb) => vb,
+                Err(e) => {
+                    self.stats.batches_rejected += 1;
+                    actions.push(Action::Reject {
+                        peer,
+                        reason: e.to_string(),
+                    });
+                    return;
+                }
+            };
+            if !self.accept_fetched(
+                &peer,
+                &ns,
+                author,
+                vb,
+                forward,
+                now_ms,
+                actions,
+                &mut first_seq,
+            ) {
+                return;
+            }
+        }
+        // Which stripe this answers (the message does not say): a non-empty answer,
+        // the one to `peer` holding its first seq; an empty one, the highest one to
+        // `peer` (if a lower one comes back empty, the higher ones will too).
+        let st = self.namespaces.get(&ns).expect("checked");
+        let mut mine = st
+            .fetches
+            .range((author, 0)..=(author, u64::MAX))
+            .filter(|(_, f)| f.peer == peer);
+        let answered = match first_seq {
+            Some(q) => mine
+                .find(|((_, from), f)| *from <= q && q <= f.to)
+                .map(|(k, _)| *k),
+            None => mine.last().map(|(k, _)| *k),
+        };
+        if let Some(key) = answered {
+            self.take_fetch(&ns, key);
+            self.silent.remove(&peer);
+        }
+        if empty {
+            // The peer holds nothing from where we asked (say, it relayed a batch it
+            // had only buffered): believing our earlier guess would re-send the same
+            // fetch at once, and again on every empty answer.
+            let st = self.namespaces.get_mut(&ns).expect("checked");
+            let ours = st.heads.get(&author).map_or(0, |h| h.seq);
+            let bound = answered.map_or(ours, |(_, from)| (from - 1).max(ours));
+            if let Some(known) = st
+                .peer_heads
+                .get_mut(&peer)
+                .and_then(|h| h.get_mut(&author))
+            {
+                *known = (*known).min(bound);
+            }
+            let max = u32::MAX;
+            self.schedule(&ns, author, None, Some(&peer), max, now_ms, actions);
+        } else {
+            // Keep going while the peer is known to have more.
+            let max = u32::MAX;
+            self.schedule(&ns, author, Some(&peer), None, max, now_ms, actions);
+        }
+        // A slot to this peer is free again: authors held back may go now.
+        self.retry_wanting(now_ms, actions);
     }
 
     /// The verdict for gossip on `ns` before looking at the batch: unknown namespaces are

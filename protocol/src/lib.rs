@@ -31,7 +31,9 @@ pub mod record_codec;
 
 pub use batch::{BatchError, BatchHeader, BatchId, VerifiedBatch};
 pub use dict::{Dict, DictId, DictLookup, DictRef, DictSet};
-pub use engine::{Action, Engine, EngineConfig, GossipVerdict, SyncMessage, WriteMany};
+pub use engine::{
+    preverify, Action, Engine, EngineConfig, GossipVerdict, PreVerified, SyncMessage, WriteMany,
+};
 pub use hlc::Hlc;
 pub use merge::{FieldMap, FieldState, RecordState, Stamp};
 pub use op::{Op, OpError, Value};

@@ -1,0 +1,112 @@
+//! The verifier: checks fetched batches off the actor's thread.
+//!
+//! A catch-up answer holds up to 64 batches (~8 MiB); verifying them (inflate, decode, hash,
+//! signature: [`blazedb_protocol::preverify`]) took the actor ~100–200 ms per answer, and a
+//! live gossiped write arriving meanwhile waited behind it (B6 measured 116–156 ms p50 for
+//! live writes during a 4-stripe catch-up, read from the log without the actor). Here a
+//! thread verifies answers while the actor keeps serving live traffic; the engine then takes
+//! the verified batches ([`blazedb_protocol::Engine::handle_batches_preverified`]), in the
+//! order the answers arrived.
+//!
+//! Bounded: at most [`QUEUED_MAX`] answers wait here. The request is acknowledged only once
+//! its batches are handed to the engine, so the serving peer, which keeps at most a few bulk
+//! answers unacknowledged per peer, slows down with us. A full queue sends the answer down the
+//! old path (verified by the engine on the actor): never blocked, never dropped.
+
+use std::sync::mpsc;
+
+use blazedb_protocol::{preverify, PreVerified};
+use libp2p::request_response::ResponseChannel;
+use libp2p::PeerId;
+
+use crate::net::{Ack, Class};
+
+/// Most answers waiting to be verified (beyond the one being verified).
+pub const QUEUED_MAX: usize = 4;
+
+/// An answer to verify.
+pub struct Job {
+    /// Who sent it.
+    pub peer: PeerId,
+    /// The traffic class it came on (its acknowledgement goes back on it).
+    pub class: Class,
+    /// To acknowledge once handled.
+    pub channel: ResponseChannel<Ack>,
+    /// Namespace and author of the chain it answers.
+    pub ns: String,
+    /// Author of the chain.
+    pub author: [u8; 32],
+    /// The batches, as received.
+    pub batches: Vec<Vec<u8>>,
+}
+
+/// A verified answer, for the engine.
+pub struct Verified {
+    /// Who sent it.
+    pub peer: PeerId,
+    /// The traffic class it came on.
+    pub class: Class,
+    /// To acknowledge.
+    pub channel: ResponseChannel<Ack>,
+    /// Namespace.
+    pub ns: String,
+    /// Author.
+    pub author: [u8; 32],
+    /// Its batches, verified ahead.
+    pub batches: Vec<PreVerified>,
+}
+
+/// The verifier thread and its queue.
+pub struct Verifier {
+    tx: Option<mpsc::SyncSender<Job>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Verifier {
+    /// Starts the thread; verified answers come back on `done` (at most as many as jobs in
+    /// flight, `QUEUED_MAX` + 1).
+    pub fn spawn(done: tokio::sync::mpsc::UnboundedSender<Verified>) -> Self {
+        let (tx, rx) = mpsc::sync_channel::<Job>(QUEUED_MAX);
+        let thread = std::thread::Builder::new()
+            .name("blazedb-verifier".into())
+            .spawn(move || {
+                for job in rx {
+                    let v = Verified {
+                        peer: job.peer,
+                        class: job.class,
+                        channel: job.channel,
+                        ns: job.ns,
+                        author: job.author,
+                        batches: preverify(job.batches),
+                    };
+                    if done.send(v).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawning the verifier thread");
+        Verifier {
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Queues a job, or gives it back if the queue is full (or the thread is gone).
+    pub fn try_send(&self, job: Job) -> Result<(), Job> {
+        match &self.tx {
+            Some(tx) => tx.try_send(job).map_err(|e| match e {
+                mpsc::TrySendError::Full(j) | mpsc::TrySendError::Disconnected(j) => j,
+            }),
+            None => Err(job),
+        }
+    }
+}
+
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
