@@ -1882,9 +1882,8 @@ impl Actor {
                                 author,
                                 batches: batches.into_iter().map(|b| b.into_vec()).collect(),
                             };
-                            let job = match self.verifier.try_send(job) {
-                                Ok(()) => return Flow::Continue,
-                                Err(job) => job,
+                            let Some(job) = self.verifier.try_send(job) else {
+                                return Flow::Continue;
                             };
                             // The queue is full: verified here, as before.
                             let items = job.batches.into_iter().map(PreVerified::Raw).collect();

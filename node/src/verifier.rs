@@ -91,13 +91,14 @@ impl Verifier {
         }
     }
 
-    /// Queues a job, or gives it back if the queue is full (or the thread is gone).
-    pub fn try_send(&self, job: Job) -> Result<(), Job> {
+    /// Queues a job; gives it back if the queue is full (or the thread is gone).
+    pub fn try_send(&self, job: Job) -> Option<Job> {
         match &self.tx {
-            Some(tx) => tx.try_send(job).map_err(|e| match e {
-                mpsc::TrySendError::Full(j) | mpsc::TrySendError::Disconnected(j) => j,
-            }),
-            None => Err(job),
+            Some(tx) => match tx.try_send(job) {
+                Ok(()) => None,
+                Err(mpsc::TrySendError::Full(j) | mpsc::TrySendError::Disconnected(j)) => Some(j),
+            },
+            None => Some(job),
         }
     }
 }

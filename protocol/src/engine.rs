@@ -512,7 +512,7 @@ pub struct Engine<P> {
 pub enum PreVerified {
     /// Verified ahead with [`batch::verify`] (it names no dictionary, so the engine's own
     /// verification, with its dictionaries, would give exactly this).
-    Verified(VerifiedBatch),
+    Verified(Box<VerifiedBatch>),
     /// Not verified ahead (it names a dictionary, which only the engine holds).
     Raw(Vec<u8>),
     /// Verification failed: the peer that sent it is rejected when the engine reaches it.
@@ -531,7 +531,7 @@ pub fn preverify(batches: Vec<Vec<u8>>) -> Vec<PreVerified> {
             continue;
         }
         match batch::verify(bytes) {
-            Ok(vb) => out.push(PreVerified::Verified(vb)),
+            Ok(vb) => out.push(PreVerified::Verified(Box::new(vb))),
             Err(e) => {
                 out.push(PreVerified::Invalid(e));
                 break;
@@ -1497,7 +1497,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                         &peer,
                         &ns,
                         author,
-                        vb,
+                        *vb,
                         forward,
                         now_ms,
                         actions,
