@@ -638,8 +638,22 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
         &mut out,
         "gauge",
         "blazedb_sync_inflight_max",
-        "Highest number of unanswered sync requests to one peer seen (bound: 128).",
+        "Highest number of unanswered sync requests to one peer seen (bound: 32).",
         q.sync_inflight_max,
+    );
+    metric(
+        &mut out,
+        "gauge",
+        "blazedb_commit_queue_depth_max",
+        "Highest depth of the log committer's queue seen (bound: 2, plus the one being taken).",
+        q.commit_queue_max,
+    );
+    metric(
+        &mut out,
+        "gauge",
+        "blazedb_verify_queue_depth_max",
+        "Highest depth of the fetch-answer verifier's queue seen (bound: 4, plus the one being taken).",
+        q.verify_queue_max,
     );
     metric(
         &mut out,

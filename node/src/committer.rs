@@ -21,7 +21,7 @@
 //! link of a chain must never be durable without the one before): their writers get an
 //! error and the actor stops the node.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
 use blazedb_protocol::VerifiedBatch;
@@ -68,6 +68,9 @@ pub struct Done {
 pub struct Committer {
     tx: Option<mpsc::SyncSender<Work>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Works sent, and taken off the queue by the thread (their difference: the depth).
+    sent: u64,
+    taken: Arc<AtomicU64>,
 }
 
 impl Committer {
@@ -80,22 +83,28 @@ impl Committer {
         done: tokio::sync::mpsc::UnboundedSender<Done>,
     ) -> Self {
         let (tx, rx) = mpsc::sync_channel::<Work>(QUEUED_MAX);
+        let taken = Arc::new(AtomicU64::new(0));
+        let counter = taken.clone();
         let thread = std::thread::Builder::new()
             .name("blazedb-committer".into())
-            .spawn(move || run(&shared, rx, mat_tx, done))
+            .spawn(move || run(&shared, rx, &counter, mat_tx, done))
             .expect("spawning the committer thread");
         Committer {
             tx: Some(tx),
             thread: Some(thread),
+            sent: 0,
+            taken,
         }
     }
 
-    /// Queues work; blocks while [`QUEUED_MAX`] works wait. Err once the thread has ended.
-    pub fn send(&self, work: Work) -> Result<(), ()> {
-        match &self.tx {
-            Some(tx) => tx.send(work).map_err(|_| ()),
-            None => Err(()),
-        }
+    /// Queues work; blocks while [`QUEUED_MAX`] works wait. Returns the queue's depth once
+    /// it is queued (at most `QUEUED_MAX` + 1: the thread may not have taken the one it is
+    /// about to take). Err once the thread has ended.
+    pub fn send(&mut self, work: Work) -> Result<u64, ()> {
+        let tx = self.tx.as_ref().ok_or(())?;
+        tx.send(work).map_err(|_| ())?;
+        self.sent += 1;
+        Ok(self.sent.saturating_sub(self.taken.load(Ordering::Relaxed)))
     }
 
     /// Finishes what is queued (commits, replies, materializer jobs), then stops the thread.
@@ -117,6 +126,7 @@ impl Drop for Committer {
 fn run(
     shared: &Shared,
     rx: mpsc::Receiver<Work>,
+    taken: &AtomicU64,
     mat_tx: mpsc::SyncSender<Job>,
     done: tokio::sync::mpsc::UnboundedSender<Done>,
 ) {
@@ -126,7 +136,10 @@ fn run(
         let first = match carry.take() {
             Some(w) => w,
             None => match rx.recv() {
-                Ok(w) => w,
+                Ok(w) => {
+                    taken.fetch_add(1, Ordering::Relaxed);
+                    w
+                }
                 Err(_) => break,
             },
         };
@@ -143,7 +156,11 @@ fn run(
         let mut commits = 1usize;
         let mut bytes: usize = batches.iter().map(|b| b.bytes.len()).sum();
         while bytes < COMMIT_BYTES_MAX {
-            match rx.try_recv() {
+            let next = rx.try_recv();
+            if next.is_ok() {
+                taken.fetch_add(1, Ordering::Relaxed);
+            }
+            match next {
                 Ok(Work::Commit {
                     batches: more,
                     replies: more_replies,

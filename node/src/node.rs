@@ -60,6 +60,10 @@ const SERVE_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// burst of pushes lost all but the first ~64 and the rest waited for the next round: B3's
 /// owned namespace fell to ~80k ops/s in about one run in three.
 pub const SYNC_INFLIGHT_MAX: usize = 32;
+/// Most groups of batches queued for the log committer (the actor waits beyond it).
+pub const COMMIT_QUEUE_CAP: usize = crate::committer::QUEUED_MAX;
+/// Most fetch answers queued for the verifier (beyond it, the engine verifies on the actor).
+pub const VERIFY_QUEUE_CAP: usize = verifier::QUEUED_MAX;
 const _: () = assert!(
     2 * SYNC_INFLIGHT_MAX <= crate::net::CONTROL_STREAMS
         && 2 * SYNC_INFLIGHT_MAX <= crate::net::LIVE_STREAMS
@@ -317,6 +321,10 @@ pub struct Metrics {
     pub peers_dropped: AtomicU64,
     /// Group commits performed.
     pub commits: AtomicU64,
+    /// Highest depth of the committer's queue seen (≤ [`COMMIT_QUEUE_CAP`] + 1).
+    pub commit_queue_max: AtomicU64,
+    /// Highest depth of the verifier's queue seen (≤ [`VERIFY_QUEUE_CAP`] + 1).
+    pub verify_queue_max: AtomicU64,
     /// Most actor groups (local flushes, swarm-event groups) one log commit has covered (the
     /// committer takes together what queued during the previous fsync).
     pub commit_groups_max: AtomicU64,
@@ -382,6 +390,10 @@ pub struct QueueDepths {
     pub materializer_jobs_max: u64,
     /// Highest number of unanswered sync requests to one peer seen (≤ [`SYNC_INFLIGHT_MAX`]).
     pub sync_inflight_max: u64,
+    /// Highest depth of the log committer's queue seen (≤ [`COMMIT_QUEUE_CAP`] + 1).
+    pub commit_queue_max: u64,
+    /// Highest depth of the fetch-answer verifier's queue seen (≤ [`VERIFY_QUEUE_CAP`] + 1).
+    pub verify_queue_max: u64,
     /// Upper bound of every sampled depth of a per-peer gossip send queue (gossipsub samples
     /// each queue at every heartbeat into buckets 50 wide), `None` before the first sample.
     /// The queue itself holds at most [`net::GOSSIP_QUEUE_LEN`] messages.
@@ -549,6 +561,8 @@ impl NodeHandle {
             materializer_jobs: sent.saturating_sub(self.shared.mat.taken()),
             materializer_jobs_max: m.mat_queue_max.load(Ordering::Relaxed),
             sync_inflight_max: m.sync_inflight_max.load(Ordering::Relaxed),
+            commit_queue_max: m.commit_queue_max.load(Ordering::Relaxed),
+            verify_queue_max: m.verify_queue_max.load(Ordering::Relaxed),
             gossip_queue_sampled_max: gossip_queue_sampled_max(&self.gossip_metrics_text()),
         }
     }
@@ -1446,9 +1460,15 @@ impl Actor {
                 batches: to_store,
                 replies,
             };
-            if self.committer.send(work).is_err() {
-                tracing::error!("the log committer has stopped; stopping the node");
-                return Flow::Stop(None);
+            match self.committer.send(work) {
+                Ok(depth) => {
+                    let m = &self.shared.metrics;
+                    m.commit_queue_max.fetch_max(depth, Ordering::Relaxed);
+                }
+                Err(()) => {
+                    tracing::error!("the log committer has stopped; stopping the node");
+                    return Flow::Stop(None);
+                }
             }
             self.awaiting.push_back(Awaiting {
                 actions: rest,
@@ -1883,6 +1903,9 @@ impl Actor {
                                 batches: batches.into_iter().map(|b| b.into_vec()).collect(),
                             };
                             let Some(job) = self.verifier.try_send(job) else {
+                                let depth = self.verifier.depth();
+                                let m = &self.shared.metrics;
+                                m.verify_queue_max.fetch_max(depth, Ordering::Relaxed);
                                 return Flow::Continue;
                             };
                             // The queue is full: verified here, as before.

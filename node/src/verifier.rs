@@ -13,7 +13,8 @@
 //! answers unacknowledged per peer, slows down with us. A full queue sends the answer down the
 //! old path (verified by the engine on the actor): never blocked, never dropped.
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 
 use blazedb_protocol::{preverify, PreVerified};
 use libp2p::request_response::ResponseChannel;
@@ -60,6 +61,9 @@ pub struct Verified {
 pub struct Verifier {
     tx: Option<mpsc::SyncSender<Job>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Jobs queued, and taken off the queue by the thread (their difference: the depth).
+    sent: u64,
+    taken: Arc<AtomicU64>,
 }
 
 impl Verifier {
@@ -67,10 +71,13 @@ impl Verifier {
     /// flight, `QUEUED_MAX` + 1).
     pub fn spawn(done: tokio::sync::mpsc::UnboundedSender<Verified>) -> Self {
         let (tx, rx) = mpsc::sync_channel::<Job>(QUEUED_MAX);
+        let taken = Arc::new(AtomicU64::new(0));
+        let counter = taken.clone();
         let thread = std::thread::Builder::new()
             .name("blazedb-verifier".into())
             .spawn(move || {
                 for job in rx {
+                    counter.fetch_add(1, Ordering::Relaxed);
                     let v = Verified {
                         peer: job.peer,
                         class: job.class,
@@ -88,18 +95,29 @@ impl Verifier {
         Verifier {
             tx: Some(tx),
             thread: Some(thread),
+            sent: 0,
+            taken,
         }
     }
 
     /// Queues a job; gives it back if the queue is full (or the thread is gone).
-    pub fn try_send(&self, job: Job) -> Option<Job> {
+    pub fn try_send(&mut self, job: Job) -> Option<Job> {
         match &self.tx {
             Some(tx) => match tx.try_send(job) {
-                Ok(()) => None,
+                Ok(()) => {
+                    self.sent += 1;
+                    None
+                }
                 Err(mpsc::TrySendError::Full(j) | mpsc::TrySendError::Disconnected(j)) => Some(j),
             },
             None => Some(job),
         }
+    }
+
+    /// Jobs queued and not yet taken by the thread (at most [`QUEUED_MAX`] + 1, as for the
+    /// committer).
+    pub fn depth(&self) -> u64 {
+        self.sent.saturating_sub(self.taken.load(Ordering::Relaxed))
     }
 }
 

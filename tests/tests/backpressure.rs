@@ -188,6 +188,16 @@ fn assert_bounded(q: &QueueDepths, when: &str) {
         q.materializer_jobs <= mat_cap && q.materializer_jobs_max <= mat_cap,
         "{when}: materializer queue beyond {mat_cap}: {q:?}"
     );
+    let commit_cap = blazedb_node::node::COMMIT_QUEUE_CAP as u64 + 1;
+    assert!(
+        q.commit_queue_max <= commit_cap,
+        "{when}: log committer queue beyond {commit_cap}: {q:?}"
+    );
+    let verify_cap = blazedb_node::node::VERIFY_QUEUE_CAP as u64 + 1;
+    assert!(
+        q.verify_queue_max <= verify_cap,
+        "{when}: verifier queue beyond {verify_cap}: {q:?}"
+    );
     assert!(
         q.sync_inflight_max <= SYNC_INFLIGHT_MAX as u64,
         "{when}: more than {SYNC_INFLIGHT_MAX} unanswered sync requests to one peer: {q:?}"
@@ -398,6 +408,13 @@ async fn a_writer_outpacing_the_link_is_slowed_not_buffered_and_b_converges() {
     let q = a.queues();
     assert_bounded(&q, "after draining");
     assert_eq!(a.counts().unwrap(), b.counts().unwrap(), "batches, records");
+    // B caught up through fetch answers of many batches: verified off its actor.
+    let qb = b.queues();
+    assert_bounded(&qb, "B after catching up");
+    assert!(
+        qb.verify_queue_max >= 1,
+        "no fetch answer went through the verifier: {qb:?}"
+    );
     let collections = [
         ("default", "probe"),
         ("default", "burst"),
