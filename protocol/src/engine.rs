@@ -1490,69 +1490,50 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         let empty = batches.is_empty();
         let mut first_seq = None;
         for item in batches {
-            let bytes = match item {
-                PreVerified::Raw(bytes) => bytes,
-                PreVerified::Verified(vb) => {
-                    if !self.accept_fetched(
-                        &peer,
-                        &ns,
-                        author,
-                        *vb,
-                        forward,
-                        now_ms,
-                        actions,
-                        &mut first_seq,
-                    ) {
-                        return;
+            let verified = match item {
+                PreVerified::Verified(vb) => Ok(*vb),
+                PreVerified::Invalid(e) => Err(e),
+                PreVerified::Raw(bytes) => {
+                    match self.lacks_dict(&bytes) {
+                        None => {}
+                        Some(Ok((r, h))) if h.ns == ns && h.author == author => {
+                            // Wait for the dictionary; the rest of the answer is dropped and
+                            // fetched again once it is here (this author's fetches pause).
+                            first_seq.get_or_insert(h.seq);
+                            let w = Waiting {
+                                peer: peer.clone(),
+                                ns: ns.clone(),
+                                bytes,
+                                gossip: false,
+                                forward,
+                            };
+                            self.wait_for_dict(r, w, now_ms, actions);
+                            let deadline = now_ms + self.cfg.fetch_timeout_ms;
+                            let st = self.namespaces.get_mut(&ns).expect("checked");
+                            st.dict_blocked.insert(author, (r, deadline));
+                            break;
+                        }
+                        Some(Ok(_)) => {
+                            self.stats.batches_rejected += 1;
+                            actions.push(Action::Reject {
+                                peer,
+                                reason: "batch outside the fetched chain".into(),
+                            });
+                            return;
+                        }
+                        Some(Err(e)) => {
+                            self.stats.batches_rejected += 1;
+                            actions.push(Action::Reject {
+                                peer,
+                                reason: e.to_string(),
+                            });
+                            return;
+                        }
                     }
-                    continue;
-                }
-                PreVerified::Invalid(e) => {
-                    self.stats.batches_rejected += 1;
-                    actions.push(Action::Reject {
-                        peer,
-                        reason: e.to_string(),
-                    });
-                    return;
+                    self.verify(bytes)
                 }
             };
-            match self.lacks_dict(&bytes) {
-                None => {}
-                Some(Ok((r, h))) if h.ns == ns && h.author == author => {
-                    // Wait for the dictionary; the rest of the answer is dropped and
-                    // fetched again once it is here (this author's fetches pause).
-                    first_seq.get_or_insert(h.seq);
-                    let w = Waiting {
-                        peer: peer.clone(),
-                        ns: ns.clone(),
-                        bytes,
-                        gossip: false,
-                        forward,
-                    };
-                    self.wait_for_dict(r, w, now_ms, actions);
-                    let deadline = now_ms + self.cfg.fetch_timeout_ms;
-                    let st = self.namespaces.get_mut(&ns).expect("checked");
-                    st.dict_blocked.insert(author, (r, deadline));
-                    break;
-                }
-                Some(Ok(_)) => {
-                    self.stats.batches_rejected += 1;
-                    actions.push(Action::Reject {
-                        peer,
-                        reason: "batch outside the fetched chain".into(),
-                    });
-                    return;
-                }
-                Some(Err(e)) => {
-                    self.stats.batches_rejected += 1;
-                    actions.push(Action::Reject {
-                        peer,
-                        reason: e.to_string(),
-                    });
-                    return;
-                }
-            }
-            let vb = match self.verify(bytes) {
+            let vb = match verified {
                 Ok(vb) => vb,
                 Err(e) => {
                     self.stats.batches_rejected += 1;
