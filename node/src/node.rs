@@ -440,6 +440,23 @@ struct PendingWrite {
     reply: oneshot::Sender<Result<WriteReceipt, NodeError>>,
 }
 
+/// What the actor, the handles and the committer share.
+pub(crate) struct Shared {
+    /// gossipsub's metrics (read-only after start).
+    registry: libp2p::metrics::Registry,
+    pub(crate) store: Arc<Store>,
+    pub(crate) mat: Arc<MatSync>,
+    pub(crate) keypair: Keypair,
+    namespaces: RwLock<BTreeSet<String>>,
+    data_dir: PathBuf,
+    changes: broadcast::Sender<Change>,
+    pub(crate) metrics: Metrics,
+    listen_addrs: watch::Receiver<Vec<Multiaddr>>,
+    /// Per namespace and author, the highest seq durable in the log (what the committer has
+    /// committed). Read without the actor ([`NodeHandle::durable_head`]).
+    pub(crate) durable: RwLock<HashMap<String, HashMap<[u8; 32], u64>>>,
+}
+
 impl Shared {
     /// Records batches as durable (called by the committer after each commit).
     pub(crate) fn mark_durable(&self, batches: &[VerifiedBatch]) {
@@ -467,22 +484,6 @@ impl Shared {
         let depth = sent.saturating_sub(self.mat.taken());
         m.mat_queue_max.fetch_max(depth, Ordering::Relaxed);
     }
-}
-
-pub(crate) struct Shared {
-    /// gossipsub's metrics (read-only after start).
-    registry: libp2p::metrics::Registry,
-    pub(crate) store: Arc<Store>,
-    pub(crate) mat: Arc<MatSync>,
-    pub(crate) keypair: Keypair,
-    namespaces: RwLock<BTreeSet<String>>,
-    data_dir: PathBuf,
-    changes: broadcast::Sender<Change>,
-    pub(crate) metrics: Metrics,
-    listen_addrs: watch::Receiver<Vec<Multiaddr>>,
-    /// Per namespace and author, the highest seq durable in the log (what the committer has
-    /// committed). Read without the actor ([`NodeHandle::durable_head`]).
-    pub(crate) durable: RwLock<HashMap<String, HashMap<[u8; 32], u64>>>,
 }
 
 /// A cloneable handle on a running node. The node stops when [`NodeHandle::shutdown`] is
