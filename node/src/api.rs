@@ -508,6 +508,13 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
     );
     metric(
         &mut out,
+        "gauge",
+        "blazedb_commit_groups_max",
+        "Most groups (local flushes, received-batch groups) one log commit has covered.",
+        m.commit_groups_max.load(Ordering::Relaxed),
+    );
+    metric(
+        &mut out,
         "counter",
         "blazedb_duplicate_batches_total",
         "Batches received that were already held.",

@@ -465,6 +465,18 @@ async fn a_writer_outpacing_the_link_is_slowed_not_buffered_and_b_converges() {
             "/metrics {name} = {got}, expected at least {v}"
         );
     }
+    // Exported too (may be 0 here: the threads can take each item as soon as it is queued).
+    for (name, v) in [
+        ("blazedb_commit_queue_depth_max", q.commit_queue_max),
+        ("blazedb_verify_queue_depth_max", q.verify_queue_max),
+        ("blazedb_commit_groups_max", 1),
+    ] {
+        let got: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics"));
+        assert!(got >= v, "/metrics {name} = {got}, expected at least {v}");
+    }
     eprintln!(
         "converged; A queues {q:?}; sampled max: commands {}, materializer jobs {}; \
          peak RSS {rss_peak:.0} MB (both nodes)",
