@@ -346,49 +346,57 @@ async fn corrupted_sync_batch_drops_the_peer() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_node(dir.path(), &[]).await.unwrap();
     let before = node.counts().unwrap();
-    let mut evil = net::build_swarm(
-        Keypair::generate().to_libp2p(),
-        false,
-        Default::default(),
-        Default::default(),
-    )
-    .unwrap();
-    evil.dial(node.listen_addrs()[0].clone()).unwrap();
-    let node_peer = node.peer_id();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let mut sent = false;
-    loop {
-        let ev = tokio::time::timeout_at(deadline, evil.select_next_some())
-            .await
-            .expect("attacker was never disconnected");
-        match ev {
-            SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == node_peer && !sent => {
-                let author = [0u8; 32];
-                let msg = SyncMessage::Batches {
-                    ns: "default".into(),
-                    author,
-                    batches: vec![serde_bytes::ByteBuf::from(tampered_batch())],
-                };
-                evil.behaviour_mut().sync.send_request(&node_peer, msg);
-                sent = true;
+    // One tampered batch (verified by the engine on the actor), then an answer of several
+    // (verified on the verifier's thread first): either way the sender is dropped.
+    for (round, n) in [1usize, 3].into_iter().enumerate() {
+        let mut evil = net::build_swarm(
+            Keypair::generate().to_libp2p(),
+            false,
+            Default::default(),
+            Default::default(),
+        )
+        .unwrap();
+        evil.dial(node.listen_addrs()[0].clone()).unwrap();
+        let node_peer = node.peer_id();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut sent = false;
+        loop {
+            let ev = tokio::time::timeout_at(deadline, evil.select_next_some())
+                .await
+                .expect("attacker was never disconnected");
+            match ev {
+                SwarmEvent::ConnectionEstablished { peer_id, .. }
+                    if peer_id == node_peer && !sent =>
+                {
+                    let author = [0u8; 32];
+                    let msg = SyncMessage::Batches {
+                        ns: "default".into(),
+                        author,
+                        batches: (0..n)
+                            .map(|_| serde_bytes::ByteBuf::from(tampered_batch()))
+                            .collect(),
+                    };
+                    evil.behaviour_mut().sync.send_request(&node_peer, msg);
+                    sent = true;
+                }
+                SwarmEvent::ConnectionClosed {
+                    peer_id,
+                    num_established: 0,
+                    ..
+                } if peer_id == node_peer && sent => {
+                    break;
+                }
+                _ => {}
             }
-            SwarmEvent::ConnectionClosed {
-                peer_id,
-                num_established: 0,
-                ..
-            } if peer_id == node_peer && sent => {
-                break;
-            }
-            _ => {}
         }
+        assert!(
+            node.metrics()
+                .peers_dropped
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > round as u64
+        );
+        assert_eq!(node.counts().unwrap(), before);
     }
-    assert!(
-        node.metrics()
-            .peers_dropped
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 1
-    );
-    assert_eq!(node.counts().unwrap(), before);
     // Still serving.
     node.put("default", "c", "k", obj(json!({"ok": true})))
         .await
