@@ -184,31 +184,41 @@ fn same_name(a: &str, b: &str) -> bool {
 }
 
 /// Encodes ops as a compact payload, appending to `out`. The ops are not checked here (the
-/// sealer checks them first); any op list encodes. One pass over the ops; the name table,
-/// which comes first in the payload, is written once the ops are known.
+/// sealer checks them first); any op list encodes. One pass over the ops, written straight
+/// into `out` behind a gap for the name table (which comes first in the payload and is known
+/// only at the end); the gap is as long as this thread's last name table, so a run of
+/// same-shaped batches never moves its ops (before, every batch was written to a scratch
+/// buffer and copied: ~20% of encoding workload W). A new shape moves them once.
 pub fn encode_ops(ops: &[Op], out: &mut Vec<u8>) {
     thread_local! {
-        /// Where the ops are written before the name table is known: kept between calls, so
-        /// a batch neither allocates nor faults in fresh pages for it.
-        static BODY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        /// The last payload's prefix length (array head and name table), and its bytes per op.
+        static LAST: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
     }
-    BODY.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut body) => {
-            body.clear();
-            encode_into(ops, &mut body, out);
-            if body.capacity() > SCRATCH_KEEP_BYTES {
-                *body = Vec::new();
-            }
-        }
-        // Only reachable re-entrantly, which encoding never is; stay correct regardless.
-        Err(_) => encode_into(ops, &mut Vec::new(), out),
-    })
+    let (gap, per_op) = LAST.get();
+    let start = out.len();
+    out.reserve(gap + ops.len().saturating_mul(per_op).min(SIZE_HINT_MAX) + 16);
+    out.resize(start + gap, 0);
+    let names = encode_body(ops, out);
+    let mut prefix = Vec::with_capacity(8 + names.iter().map(|n| n.len() + 2).sum::<usize>());
+    prefix.push(0x83);
+    head(&mut prefix, 4, names.len() as u64);
+    for n in &names {
+        tstr(&mut prefix, n);
+    }
+    if prefix.len() == gap {
+        out[start..start + gap].copy_from_slice(&prefix);
+    } else {
+        out.splice(start..start + gap, prefix.iter().copied());
+    }
+    let body = out.len() - start - prefix.len();
+    LAST.set((prefix.len(), body / ops.len().max(1) + 1));
 }
 
-/// The largest scratch buffer a thread keeps between batches.
-const SCRATCH_KEEP_BYTES: usize = 8 << 20;
+/// The most bytes reserved ahead from the last batch's size per op.
+const SIZE_HINT_MAX: usize = 8 << 20;
 
-fn encode_into(ops: &[Op], body: &mut Vec<u8>, out: &mut Vec<u8>) {
+/// Writes the ops (after the payload's name table, which this returns) to `body`.
+fn encode_body<'a>(ops: &'a [Op], body: &mut Vec<u8>) -> Vec<&'a str> {
     let mut names = Names {
         list: Vec::new(),
         map: None,
@@ -270,13 +280,7 @@ fn encode_into(ops: &[Op], body: &mut Vec<u8>, out: &mut Vec<u8>) {
             }
         }
     }
-    out.reserve(body.len() + 8 + names.list.iter().map(|n| n.len() + 2).sum::<usize>());
-    out.push(0x83);
-    head(out, 4, names.list.len() as u64);
-    for n in &names.list {
-        tstr(out, n);
-    }
-    out.extend_from_slice(body);
+    names.list
 }
 
 // ---------------------------------------------------------------------------------------
@@ -941,6 +945,48 @@ pub(crate) mod tests {
             names,
             ["age", "langs", "name", "neg", "nested", "none", "ok", "pi"]
         );
+    }
+
+    /// The name table's gap is sized from the thread's last batch: batches of changing
+    /// shapes (longer, shorter or no names than the last), appended after existing bytes,
+    /// encode exactly as a first batch on a fresh thread does.
+    #[test]
+    fn batches_of_changing_shapes_encode_alike_in_any_sequence() {
+        let shapes: Vec<Vec<Op>> = vec![
+            sample(),
+            vec![upsert("c", "k", 1, json!({"a": 1}))],
+            vec![upsert(
+                "a-much-longer-collection",
+                "k",
+                7,
+                json!({"x": "y", "zz": [1]}),
+            )],
+            vec![Op::Revoke {
+                token: "cd".repeat(32),
+                hlc: Hlc(3),
+            }],
+            Vec::new(),
+        ];
+        // Reference: each shape encoded first thing on a fresh thread.
+        let fresh: Vec<Vec<u8>> = shapes
+            .iter()
+            .map(|ops| {
+                let ops = ops.clone();
+                std::thread::spawn(move || enc(&ops)).join().unwrap()
+            })
+            .collect();
+        for order in [
+            [0, 1, 2, 3, 4, 0, 0, 2, 1, 1],
+            [4, 3, 2, 1, 0, 1, 2, 3, 4, 4],
+        ] {
+            for i in order {
+                let mut out = vec![0xAA; 3];
+                encode_ops(&shapes[i], &mut out);
+                assert_eq!(&out[..3], &[0xAA; 3], "bytes before the payload kept");
+                assert_eq!(&out[3..], fresh[i].as_slice(), "shape {i}");
+                assert_eq!(decode(&out[3..]).unwrap().to_ops(), shapes[i]);
+            }
+        }
     }
 
     /// A plain CBOR decoder reads the payload, and sees the documented layout.
