@@ -1909,16 +1909,10 @@ impl Actor {
                                 m.verify_queue_max.fetch_max(depth, Ordering::Relaxed);
                                 return Flow::Continue;
                             };
-                            // The queue is full: verified here, as before.
-                            let items = job.batches.into_iter().map(PreVerified::Raw).collect();
-                            return self.on_verified(Verified {
-                                peer,
-                                class,
-                                channel: job.channel,
-                                ns: job.ns,
-                                author: job.author,
-                                batches: items,
-                            });
+                            // The queue is full: verified by the engine, here, as before.
+                            return self.on_verified(
+                                job.map_batches(|b| b.into_iter().map(PreVerified::Raw).collect()),
+                            );
                         }
                         other => other,
                     };

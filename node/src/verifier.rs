@@ -25,37 +25,40 @@ use crate::net::{Ack, Class};
 /// Most answers waiting to be verified (beyond the one being verified).
 pub const QUEUED_MAX: usize = 4;
 
-/// An answer to verify.
-pub struct Job {
+/// A `Batches` request from a peer, its batches as `B`.
+pub struct Answer<B> {
     /// Who sent it.
     pub peer: PeerId,
     /// The traffic class it came on (its acknowledgement goes back on it).
     pub class: Class,
-    /// To acknowledge once handled.
+    /// To acknowledge once the engine has it.
     pub channel: ResponseChannel<Ack>,
-    /// Namespace and author of the chain it answers.
+    /// Namespace of the chain it answers.
     pub ns: String,
     /// Author of the chain.
     pub author: [u8; 32],
-    /// The batches, as received.
-    pub batches: Vec<Vec<u8>>,
+    /// The batches.
+    pub batches: Vec<B>,
 }
 
-/// A verified answer, for the engine.
-pub struct Verified {
-    /// Who sent it.
-    pub peer: PeerId,
-    /// The traffic class it came on.
-    pub class: Class,
-    /// To acknowledge.
-    pub channel: ResponseChannel<Ack>,
-    /// Namespace.
-    pub ns: String,
-    /// Author.
-    pub author: [u8; 32],
-    /// Its batches, verified ahead.
-    pub batches: Vec<PreVerified>,
+impl<B> Answer<B> {
+    /// The same answer with its batches turned into `C`s.
+    pub fn map_batches<C>(self, f: impl FnOnce(Vec<B>) -> Vec<C>) -> Answer<C> {
+        Answer {
+            peer: self.peer,
+            class: self.class,
+            channel: self.channel,
+            ns: self.ns,
+            author: self.author,
+            batches: f(self.batches),
+        }
+    }
 }
+
+/// An answer to verify: its batches as received.
+pub type Job = Answer<Vec<u8>>;
+/// A verified answer, for the engine.
+pub type Verified = Answer<PreVerified>;
 
 /// The verifier thread and its queue.
 pub struct Verifier {
@@ -78,15 +81,7 @@ impl Verifier {
             .spawn(move || {
                 for job in rx {
                     counter.fetch_add(1, Ordering::Relaxed);
-                    let v = Verified {
-                        peer: job.peer,
-                        class: job.class,
-                        channel: job.channel,
-                        ns: job.ns,
-                        author: job.author,
-                        batches: preverify(job.batches),
-                    };
-                    if done.send(v).is_err() {
+                    if done.send(job.map_batches(preverify)).is_err() {
                         break;
                     }
                 }

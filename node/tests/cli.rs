@@ -84,6 +84,20 @@ fn cli(api: &str, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `blazedb check` on a stopped node's data directory must pass.
+fn check_store(data: &std::path::Path, when: &str) {
+    let out = Command::new(BIN)
+        .args(["check", "--data"])
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "check {when}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn sigterm_and_wait(mut p: Proc) {
     let status = Command::new("kill")
         .arg("-TERM")
@@ -206,16 +220,7 @@ fn two_processes_replicate_through_the_api() {
 
     // The stores are consistent after the shutdown.
     for n in ["a", "b"] {
-        let out = Command::new(BIN)
-            .args(["check", "--data"])
-            .arg(dir.path().join(n))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "check {n}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        check_store(&dir.path().join(n), n);
     }
 }
 
@@ -321,14 +326,5 @@ fn acknowledged_writes_survive_sigkill() {
         );
     }
     sigterm_and_wait(node);
-    let out = Command::new(BIN)
-        .args(["check", "--data"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "check after SIGKILL: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    check_store(&data, "after SIGKILL");
 }

@@ -228,6 +228,18 @@ async fn http_bad_input_gets_json_errors_and_changes_nothing() {
     node.shutdown().await;
 }
 
+/// A real libp2p swarm with the node's behaviours, driven by hand by the test (an attacker,
+/// or a peer sending exactly what the test says).
+fn raw_peer(key: &Keypair) -> libp2p::Swarm<net::Behaviour> {
+    net::build_swarm(
+        key.to_libp2p(),
+        false,
+        Default::default(),
+        Default::default(),
+    )
+    .unwrap()
+}
+
 fn tampered_batch() -> Vec<u8> {
     let kp = Keypair::generate();
     let ops = vec![Op::Upsert {
@@ -273,13 +285,7 @@ async fn corrupted_gossip_drops_the_peer_and_stores_nothing() {
     let before = node.counts().unwrap();
 
     // The attacker: a real libp2p swarm with our behaviours, driven by hand.
-    let mut evil = net::build_swarm(
-        Keypair::generate().to_libp2p(),
-        false,
-        Default::default(),
-        Default::default(),
-    )
-    .unwrap();
+    let mut evil = raw_peer(&Keypair::generate());
     let topic = net::topic("default");
     evil.behaviour_mut().gossipsub.subscribe(&topic).unwrap();
     evil.dial(node.listen_addrs()[0].clone()).unwrap();
@@ -349,13 +355,7 @@ async fn corrupted_sync_batch_drops_the_peer() {
     // One tampered batch (verified by the engine on the actor), then an answer of several
     // (verified on the verifier's thread first): either way the sender is dropped.
     for (round, n) in [1usize, 3].into_iter().enumerate() {
-        let mut evil = net::build_swarm(
-            Keypair::generate().to_libp2p(),
-            false,
-            Default::default(),
-            Default::default(),
-        )
-        .unwrap();
+        let mut evil = raw_peer(&Keypair::generate());
         evil.dial(node.listen_addrs()[0].clone()).unwrap();
         let node_peer = node.peer_id();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -413,13 +413,7 @@ async fn send_raw_batches(
     author: [u8; 32],
     batches: Vec<Vec<u8>>,
 ) -> bool {
-    let mut peer = net::build_swarm(
-        key.to_libp2p(),
-        false,
-        Default::default(),
-        Default::default(),
-    )
-    .unwrap();
+    let mut peer = raw_peer(key);
     peer.dial(node.listen_addrs()[0].clone()).unwrap();
     let node_peer = node.peer_id();
     let mut sent = false;
