@@ -553,6 +553,11 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
             &m.dict_batches_sealed,
         ),
         (
+            "blazedb_fast_compressed_batches_total",
+            "Local batches whose large payload was compressed with the fast zstd level (the strong level gained too little on this data).",
+            &m.fast_compressed_sealed,
+        ),
+        (
             "blazedb_dict_batches_stored_total",
             "Batches stored (local and remote) that use a dictionary.",
             &m.dict_batches_stored,

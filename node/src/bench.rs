@@ -573,6 +573,30 @@ pub fn b4() -> Result<Vec<Row>> {
         ratio: None,
         baseline: None,
     }];
+    // What a node actually sends for 5k-op calls: the writer's adaptive effort (one probe of
+    // both levels, then the chosen one; see `blazedb_protocol::squeeze`).
+    let mut squeeze = blazedb_protocol::squeeze::Squeeze::adaptive();
+    let (mut bytes, mut strong_bytes, n) = (0usize, 0usize, 8usize);
+    for seq in 1..=n as u64 {
+        let ops = workload_w(&mut rng, W_BATCH_OPS, seq);
+        let pos = ChainPosition { seq: 1, prev: None };
+        let strong = batch::seal(&kp, DEFAULT_NAMESPACE, pos, ops.clone(), None)?;
+        let adaptive =
+            batch::seal_squeezed(&kp, DEFAULT_NAMESPACE, pos, ops, None, None, &mut squeeze)?;
+        bytes += adaptive.bytes.len();
+        strong_bytes += strong.bytes.len();
+    }
+    rows.push(Row {
+        id: "B4",
+        what: format!(
+            "same, as a node seals them (adaptive zstd effort: {} of {n} fast)",
+            squeeze.fast_batches()
+        ),
+        value: bytes as f64 / (n * W_BATCH_OPS) as f64,
+        unit: "B/op",
+        ratio: Some(bytes as f64 / strong_bytes as f64),
+        baseline: Some("zstd level 1 on the same batches".into()),
+    });
     let runs: [(&str, usize, usize); 4] = [
         ("workload W", 1, 20_000),
         ("workload W", 10, 4_000),

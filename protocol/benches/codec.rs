@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-use blazedb_protocol::{codec, Hlc, Op, Value};
+use blazedb_protocol::{codec, squeeze, Hlc, Op, Value};
 
 /// Workload W from a fixed-seed xorshift (the bench needs no RNG crate).
 fn workload(n: usize) -> Vec<Op> {
@@ -96,6 +96,21 @@ fn b1(c: &mut Criterion) {
         );
         g.bench_function(format!("zstd/level_{level}"), |b| {
             b.iter(|| zstd::bulk::compress(&compact, level).unwrap().len())
+        });
+    }
+    // What sealing runs: this thread's reused context, the strong and the fast level
+    // (negative levels with the literals still entropy-coded; see `squeeze`).
+    for (name, level) in [
+        ("strong", squeeze::STRONG_LEVEL),
+        ("fast", squeeze::FAST_LEVEL),
+    ] {
+        let z = squeeze::compress(&compact, level).unwrap();
+        eprintln!(
+            "seal zstd {name} (level {level}): {:.1} B/op",
+            z.len() as f64 / ops.len() as f64
+        );
+        g.bench_function(format!("zstd/seal_{name}"), |b| {
+            b.iter(|| squeeze::compress(&compact, level).unwrap().len())
         });
     }
     g.finish();

@@ -28,6 +28,7 @@ use crate::dict::{Dict, DictLookup, DictRef, NoDicts};
 use crate::hlc::Hlc;
 use crate::limits;
 use crate::op::{validate_namespace, Op, OpError};
+use crate::squeeze::Squeeze;
 
 /// Domain separation for batch signatures.
 pub const SIGNING_CONTEXT: &[u8] = b"blazedb/batch/v1\0";
@@ -121,9 +122,6 @@ pub const ENC_COMPACT_ZSTD_DICT: u8 = 4;
 pub const DICT_OPS_MAX: usize = 100;
 /// Payloads smaller than this are not worth compressing (without a dictionary).
 const COMPRESS_MIN_BYTES: usize = 512;
-/// zstd level used when sealing: level 1 compresses workload W as well as level 3 (78 B/op)
-/// at 1.35x the sealing speed (measured with `blazedb bench` B1/B4).
-const ZSTD_LEVEL: i32 = 1;
 
 /// Why a batch is not acceptable. Every variant is a reason to drop it and count it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -321,20 +319,35 @@ pub fn seal_with(
     cap: Option<&Chain>,
     dict: Option<&Dict>,
 ) -> Result<VerifiedBatch, BatchError> {
+    seal_squeezed(keypair, ns, pos, ops, cap, dict, &mut Squeeze::strong())
+}
+
+/// [`seal_with`], compressing a large payload as the writer's `squeeze` chooses (the fast
+/// or the strong zstd level, adapted to what the strong one gains on this namespace's data;
+/// see [`crate::squeeze`]). Readers decode either alike.
+pub fn seal_squeezed(
+    keypair: &Keypair,
+    ns: &str,
+    pos: ChainPosition,
+    ops: Vec<Op>,
+    cap: Option<&Chain>,
+    dict: Option<&Dict>,
+    squeeze: &mut Squeeze,
+) -> Result<VerifiedBatch, BatchError> {
     validate_namespace(ns)?;
     check_ops(&ops)?;
     let mut plain = Vec::new();
     crate::codec::encode_ops(&ops, &mut plain);
     let (mut payload, mut enc) = match plain.len() >= COMPRESS_MIN_BYTES {
-        true => match zstd::bulk::compress(&plain, ZSTD_LEVEL) {
-            Ok(z) if z.len() < plain.len() => (z, ENC_COMPACT_ZSTD),
+        true => match squeeze.compress(&plain) {
+            Some(z) if z.len() < plain.len() => (z, ENC_COMPACT_ZSTD),
             _ => (plain.clone(), ENC_COMPACT),
         },
         false => (plain.clone(), ENC_COMPACT),
     };
     let mut used = None;
     if let Some(d) = dict.filter(|_| ops.len() < DICT_OPS_MAX) {
-        if let Ok(z) = d.compress(&plain, ZSTD_LEVEL) {
+        if let Ok(z) = d.compress(&plain, crate::squeeze::STRONG_LEVEL) {
             if z.len() + DICT_HEADER_BYTES < payload.len() {
                 payload = z;
                 enc = ENC_COMPACT_ZSTD_DICT;
@@ -539,7 +552,7 @@ pub fn verify_with(bytes: Vec<u8>, dicts: &dyn DictLookup) -> Result<VerifiedBat
         }
         ENC_ZSTD | ENC_COMPACT_ZSTD => {
             // Bounded: a small payload must not inflate into gigabytes.
-            inflated = zstd::bulk::decompress(env.payload, limits::MAX_PAYLOAD_PLAIN_BYTES)
+            inflated = crate::squeeze::decompress(env.payload, limits::MAX_PAYLOAD_PLAIN_BYTES)
                 .map_err(|e| BatchError::Malformed(format!("payload: zstd: {e}")))?;
             &inflated
         }
@@ -603,6 +616,60 @@ pub fn verify_with(bytes: Vec<u8>, dicts: &dyn DictLookup) -> Result<VerifiedBat
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    /// Upserts shaped like workload W: three random-letter values of 8–64 bytes (little for
+    /// zstd's match finder to find).
+    fn letter_ops(n: u64, seed: u64) -> Vec<Op> {
+        let mut s = seed | 1;
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        (0..n)
+            .map(|i| {
+                let fields = ["a", "b", "c"].map(|f| {
+                    let len = 8 + next() % 57;
+                    let v: String = (0..len)
+                        .map(|_| (b'a' + (next() % 26) as u8) as char)
+                        .collect();
+                    (f.to_string(), serde_json::json!(v))
+                });
+                Op::Upsert {
+                    collection: "users".into(),
+                    key: format!("k{:07}", next() % 1_000_000),
+                    hlc: Hlc::new(1_000 + i, 0),
+                    fields: BTreeMap::from(fields),
+                }
+            })
+            .collect()
+    }
+
+    /// Whichever effort the writer's squeeze picks, the batch verifies to the same ops; on
+    /// random letters it settles on the fast level, and its payload stays within a few
+    /// percent of the strong one's.
+    #[test]
+    fn adaptive_effort_seals_batches_that_verify_alike() {
+        let kp = Keypair::from_seed([9; 32]);
+        let mut squeeze = Squeeze::adaptive();
+        let mut prev = None;
+        for seq in 1..=3u64 {
+            let ops = letter_ops(3_000, seq);
+            let pos = ChainPosition { seq, prev };
+            let b = seal_squeezed(&kp, "ns", pos, ops.clone(), None, None, &mut squeeze).unwrap();
+            let strong = seal(&kp, "ns", pos, ops.clone(), None).unwrap();
+            assert_eq!(b.header.enc, ENC_COMPACT_ZSTD);
+            assert!(b.bytes.len() * 100 <= strong.bytes.len() * 105);
+            let v = verify(b.bytes.clone()).unwrap();
+            assert_eq!(*v.ops, ops);
+            assert_eq!(v.id, b.id);
+            prev = Some(b.id);
+        }
+        assert!(!squeeze.is_strong());
+        // The first (a probe) keeps the smaller, strong frame; the next two are fast.
+        assert_eq!(squeeze.fast_batches(), 2);
+    }
 
     fn ops(n: u64) -> Vec<Op> {
         (0..n)

@@ -72,6 +72,7 @@ use crate::dict::{Dict, DictId, DictLookup, DictRef, DictSet};
 use crate::hlc::{Clock, Hlc};
 use crate::limits;
 use crate::op::Op;
+use crate::squeeze::Squeeze;
 
 /// Outcome of [`Engine::write_many`].
 #[derive(Debug)]
@@ -315,6 +316,9 @@ pub struct EngineStats {
     pub reads_refused: u64,
     /// Local batches sealed with a dictionary.
     pub dict_batches_sealed: u64,
+    /// Local batches whose large payload was compressed with the fast zstd level (the
+    /// strong one gained too little on this namespace's data; see [`crate::squeeze`]).
+    pub fast_compressed_sealed: u64,
     /// Batches stored (local and remote) whose payload uses a dictionary.
     pub dict_batches_stored: u64,
     /// Dictionaries received that we had asked for.
@@ -386,6 +390,8 @@ struct NsState<P> {
     /// Authors whose fetched batch waits for a dictionary: their fetches pause until it
     /// arrives or the deadline passes.
     dict_blocked: BTreeMap<[u8; 32], (DictRef, u64)>,
+    /// Our compression effort for large payloads written here.
+    squeeze: Squeeze,
 }
 
 impl<P> Default for NsState<P> {
@@ -403,6 +409,7 @@ impl<P> Default for NsState<P> {
             revocations: BTreeMap::new(),
             readers: BTreeMap::new(),
             dict_blocked: BTreeMap::new(),
+            squeeze: Squeeze::adaptive(),
         }
     }
 }
@@ -917,7 +924,13 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             Policy::Public => self.write_dicts.get(ns),
             Policy::Owned { .. } => None,
         };
-        let vb = match batch::seal_with(keypair, ns, pos, ops, cap.as_ref(), dict) {
+        let mut squeeze = state.squeeze;
+        let sealed = batch::seal_squeezed(keypair, ns, pos, ops, cap.as_ref(), dict, &mut squeeze);
+        if let Some(st) = self.namespaces.get_mut(ns) {
+            self.stats.fast_compressed_sealed += squeeze.fast_batches() - st.squeeze.fast_batches();
+            st.squeeze = squeeze;
+        }
+        let vb = match sealed {
             Ok(vb) => vb,
             Err(e) => {
                 self.clock = saved_clock;

@@ -28,6 +28,7 @@ pub mod merge;
 pub mod op;
 pub mod prune;
 pub mod record_codec;
+pub mod squeeze;
 
 pub use batch::{BatchError, BatchHeader, BatchId, VerifiedBatch};
 pub use dict::{Dict, DictId, DictLookup, DictRef, DictSet};
