@@ -332,10 +332,12 @@ pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
     let mut owned = Vec::new();
     let mut pair = Vec::new();
     let mut rss = Vec::new();
+    let mut cpus = Vec::new();
     for run in 0..runs {
-        let (rate, rss_growth) = b3_run(total_ops, run as u64, false).await?;
+        let (rate, rss_growth, cpu) = b3_run(total_ops, run as u64, false).await?;
         public.push(rate);
         rss.push(rss_growth);
+        cpus.push(cpu);
         owned.push(b3_run(total_ops, run as u64, true).await?.0);
         let sealed = crate::bench_gossip::sealed_w_batches(calls, run as u64)?;
         pair.push(crate::bench_gossip::gossipsub_pair_ops(&sealed, W_BATCH_OPS).await?);
@@ -381,7 +383,32 @@ pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
             ratio: None,
             baseline: Some("VmRSS sampled every 10 ms, minus the value before the run".into()),
         },
+        Row {
+            id: "B3",
+            what: "CPU per op, both nodes, public run (all threads, user + system)".into(),
+            value: median(cpus),
+            unit: "us/op",
+            ratio: None,
+            baseline: Some("process CPU time over the run / ops; 2 cores".into()),
+        },
     ])
+}
+
+/// CPU time this process has used so far, all threads, user and system, in seconds (from
+/// /proc/self/stat, in USER_HZ = 100 ticks; 0 where /proc is not available). Per-op CPU over a
+/// run is far steadier than wall-clock rates on a shared machine: it is what the builds of one
+/// session are compared by.
+pub(crate) fn cpu_secs() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces) in parentheses.
+            let rest = s.get(s.rfind(')')? + 2..)?;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .map_or(0.0, |ticks| ticks as f64 / 100.0)
 }
 
 /// Resident set size of this process, in bytes (0 where /proc is not available).
@@ -399,7 +426,7 @@ pub(crate) fn rss_bytes() -> u64 {
 /// One B2 run: a fresh node, `calls` 5k-op calls of workload W through the embedding API,
 /// `writers` calls in flight at a time (each call waits for durability). Returns (durable
 /// ops/s, readable ops/s, store growth MB/s, per-call latencies in ms).
-async fn b2_run(calls: usize, run: usize, writers: usize) -> Result<(f64, f64, f64, Vec<f64>)> {
+async fn b2_run(calls: usize, run: usize, writers: usize) -> Result<B2Run> {
     use futures::StreamExt;
     let dir = tempfile_dir()?;
     let node = Node::builder()
@@ -422,6 +449,7 @@ async fn b2_run(calls: usize, run: usize, writers: usize) -> Result<(f64, f64, f
     };
     let mut lat = Vec::with_capacity(calls);
     let t = Instant::now();
+    let cpu0 = cpu_secs();
     let mut inflight = futures::stream::FuturesUnordered::new();
     let mut it = batches.into_iter();
     for ops in it.by_ref().take(writers.max(1)) {
@@ -434,6 +462,7 @@ async fn b2_run(calls: usize, run: usize, writers: usize) -> Result<(f64, f64, f
         }
     }
     let secs = t.elapsed().as_secs_f64();
+    let cpu_us = (cpu_secs() - cpu0) * 1e6 / (calls * W_BATCH_OPS) as f64;
     // Until the records have caught up too (a read waits for them).
     let n2 = node.clone();
     tokio::task::spawn_blocking(move || n2.get(DEFAULT_NAMESPACE, "bench", "k0000000")).await??;
@@ -442,12 +471,27 @@ async fn b2_run(calls: usize, run: usize, writers: usize) -> Result<(f64, f64, f
     drop(node);
     let bytes = std::fs::metadata(crate::node::store_path(&dir.path().join("n")))?.len() as f64;
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    Ok((
-        (calls * W_BATCH_OPS) as f64 / secs,
+    Ok(B2Run {
+        rate: (calls * W_BATCH_OPS) as f64 / secs,
         readable,
-        bytes / secs / 1e6,
+        mb_s: bytes / secs / 1e6,
         lat,
-    ))
+        cpu_us,
+    })
+}
+
+/// What one B2 run measured.
+struct B2Run {
+    /// Durable ops/s.
+    rate: f64,
+    /// Ops/s until every op was readable.
+    readable: f64,
+    /// Store growth, MB/s.
+    mb_s: f64,
+    /// Per-call commit latency, ms, sorted.
+    lat: Vec<f64>,
+    /// Process CPU (all threads) per op until durable, µs.
+    cpu_us: f64,
 }
 
 /// Writers in flight in B2's concurrent variant (as several client connections would).
@@ -463,17 +507,21 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
         (vec![], vec![], vec![], vec![], vec![]);
     let mut readable = Vec::new();
     let (mut conc, mut conc_readable, mut conc_p50) = (vec![], vec![], vec![]);
+    let (mut cpus, mut conc_cpus) = (vec![], vec![]);
     for run in 0..runs {
-        let (rate, ready, mb, lat) = b2_run(calls, run, 1).await?;
-        rates.push(rate);
-        readable.push(ready);
-        mbs.push(mb);
+        let one = b2_run(calls, run, 1).await?;
+        let lat = &one.lat;
+        rates.push(one.rate);
+        readable.push(one.readable);
+        mbs.push(one.mb_s);
         p50s.push(lat[lat.len() / 2]);
         p99s.push(lat[(lat.len() * 99 / 100).min(lat.len() - 1)]);
-        let (rate, ready, _, lat) = b2_run(calls, run, B2_WRITERS).await?;
-        conc.push(rate);
-        conc_readable.push(ready);
-        conc_p50.push(lat[lat.len() / 2]);
+        cpus.push(one.cpu_us);
+        let four = b2_run(calls, run, B2_WRITERS).await?;
+        conc.push(four.rate);
+        conc_readable.push(four.readable);
+        conc_p50.push(four.lat[four.lat.len() / 2]);
+        conc_cpus.push(four.cpu_us);
 
         // Raw redb: the same number of sealed batches, one value each, durable commits.
         let dir = tempfile_dir()?;
@@ -542,6 +590,16 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
             format!("{B2_WRITERS} writers, commit latency p50"),
             median(conc_p50),
             "ms",
+        ),
+        row(
+            "CPU per op until durable, one writer (all threads, user + system)".into(),
+            median(cpus),
+            "us/op",
+        ),
+        row(
+            format!("CPU per op until durable, {B2_WRITERS} writers"),
+            median(conc_cpus),
+            "us/op",
         ),
     ])
 }
@@ -1000,7 +1058,7 @@ fn peak_rss_mb() -> f64 {
 
 /// One B3 run: ops/s from the first write at A until B durably holds every batch, and the
 /// growth of this process's peak RSS over the run, in MB.
-async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<(f64, f64)> {
+async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<(f64, f64, f64)> {
     use futures::StreamExt;
     use std::sync::atomic::Ordering::Relaxed;
     let calls = total_ops.div_ceil(W_BATCH_OPS).max(1);
@@ -1055,6 +1113,7 @@ async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<(f64, f64)> 
         })
     };
     let t = Instant::now();
+    let cpu0 = cpu_secs();
     // Several calls in flight, as several client connections would.
     let write = |ops: Vec<Op>| {
         let (a, ns) = (a.clone(), ns.clone());
@@ -1077,11 +1136,12 @@ async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<(f64, f64)> 
     })
     .await?;
     let rate = (calls * W_BATCH_OPS) as f64 / t.elapsed().as_secs_f64();
+    let cpu_us = (cpu_secs() - cpu0) * 1e6 / (calls * W_BATCH_OPS) as f64;
     sampler.abort();
     let rss_growth = rss_peak.load(Relaxed).saturating_sub(rss_start) as f64 / 1e6;
     a.shutdown().await;
     b.shutdown().await;
-    Ok((rate, rss_growth))
+    Ok((rate, rss_growth, cpu_us))
 }
 
 /// Raw loopback TCP: how many workload-W ops per second a plain socket moves when the ops are
