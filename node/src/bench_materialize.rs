@@ -73,16 +73,18 @@ pub fn b2m(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
         let keys_per_txn: Vec<Vec<Vec<u8>>> = batches
             .chunks(per_txn)
             .map(|chunk| {
-                let mut keys: Vec<Vec<u8>> = chunk
-                    .iter()
-                    .flat_map(|b| b.ops.iter())
-                    .map(|op| record_key(DEFAULT_NAMESPACE, op.collection(), op.key()))
-                    .collect();
+                let mut keys: Vec<Vec<u8>> = Vec::new();
+                for b in chunk {
+                    let view = b.ops.view()?;
+                    keys.extend(view.ops().iter().map(|op| {
+                        record_key(DEFAULT_NAMESPACE, view.collection(op), view.key(op))
+                    }));
+                }
                 keys.sort_unstable();
                 keys.dedup();
-                keys
+                Ok(keys)
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let rss_before = crate::bench::rss_bytes();
         let t = Instant::now();
         for b in batches {

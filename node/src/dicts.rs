@@ -14,7 +14,7 @@
 use std::collections::VecDeque;
 
 use blazedb_protocol::batch::DICT_OPS_MAX;
-use blazedb_protocol::{codec, limits, Dict, VerifiedBatch};
+use blazedb_protocol::{limits, Dict, VerifiedBatch};
 
 /// The training policy's bounds. Defaults: first dictionary after 256 small batches, a new
 /// one every 8,192, from at most the last 1,024 payloads / 1 MiB, 16 KiB each.
@@ -79,8 +79,7 @@ impl DictTrainer {
         if !self.policy.enabled || vb.ops.len() >= DICT_OPS_MAX {
             return;
         }
-        let mut plain = Vec::new();
-        codec::encode_ops(&vb.ops, &mut plain);
+        let plain = vb.ops.plain().to_vec();
         if plain.len() > self.policy.sample_bytes_max {
             return;
         }
@@ -212,7 +211,7 @@ mod tests {
         let d = t.train().unwrap();
         let kp = Keypair::from_seed([3; 32]);
         let pos = ChainPosition { seq: 1, prev: None };
-        let ops = batch_of(1, 9_999).ops.to_vec();
+        let ops = batch_of(1, 9_999).ops.to_vec().unwrap();
         let with = batch::seal_with(&kp, "default", pos, ops.clone(), None, Some(&d)).unwrap();
         let without = batch::seal(&kp, "default", pos, ops, None).unwrap();
         assert_eq!(with.header.enc, batch::ENC_COMPACT_ZSTD_DICT);

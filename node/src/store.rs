@@ -22,8 +22,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 
 use blazedb_protocol::batch::{BatchHeader, Envelope};
 use blazedb_protocol::capability::TokenId;
+use blazedb_protocol::codec::PayloadView;
 use blazedb_protocol::{
-    record_codec, BatchId, Dict, DictRef, DictSet, Hlc, Op, RecordState, VerifiedBatch,
+    record_codec, BatchId, Dict, DictRef, DictSet, Hlc, RecordState, VerifiedBatch,
 };
 
 /// Batch id (32 bytes) → envelope bytes.
@@ -156,24 +157,39 @@ struct Delta {
     /// (doubling, rehashing every key) moves and first-touches a sixth of the memory; in B3
     /// the materializer spent about half its time zeroing fresh pages, most of them the
     /// table's.
-    records: HashMap<Box<[u8]>, Box<RecordState>, foldhash::fast::RandomState>,
+    /// A state is held in its stored form ([`record_codec`]): one heap block per record
+    /// instead of ~8 (names, values, the field vector), written straight from the payload
+    /// for a record the delta does not hold yet, and written to the file as it is.
+    records: HashMap<Box<[u8]>, Box<[u8]>, foldhash::fast::RandomState>,
     /// Chain (`ns_len:u8 ns author:32`) → highest seq applied.
     applied: BTreeMap<Vec<u8>, u64>,
-    /// Approximate memory held, in bytes (ops' encoded sizes plus per-op overhead).
+    /// Approximate memory held, in bytes (keys and states plus per-record overhead).
     bytes: usize,
 }
 
-/// Per-op memory of a staged record beyond the op's encoded size (hash-map slot, key, the
-/// record's field vector and stamps, allocator slack), in bytes. Measured by B2m (mimalloc,
-/// 200k workload-W ops, a lower bound: staging reuses memory freed before it): the process
-/// grows by 179 bytes per staged op (431 before the map's keys and states were boxed, 808
-/// before records kept their fields in a sorted vector instead of a `BTreeMap`); with this
-/// overhead the estimate is ~670 bytes per W op. Kept high: the bound must hold on the
-/// allocator's worst day, not its average.
-const STAGED_OP_OVERHEAD_BYTES: usize = 512;
+impl Delta {
+    /// The state held for `rk`, decoded.
+    fn state(&self, rk: &[u8]) -> Result<Option<RecordState>, StoreError> {
+        self.records.get(rk).map(|b| decode_state(b)).transpose()
+    }
+}
+
+/// Per-record memory of the delta beyond its key's and its state's bytes (the hash-map slot,
+/// two heap blocks' headers and rounding, the table's spare capacity), in bytes. Kept high:
+/// the bound must hold on the allocator's worst day, not its average. B2m prints the
+/// estimate next to the process's measured growth per staged op.
+const STAGED_RECORD_OVERHEAD_BYTES: usize = 160;
 
 /// View table: `ns_len:u8 ns author:32` → highest seq applied to the records.
 pub const APPLIED: TableDefinition<'_, &[u8], u64> = TableDefinition::new("applied-v2");
+
+/// A batch's ops, read in place. Its payload decoded when the batch was verified; a failure
+/// here means memory or the code is wrong, reported as a damaged store, not a panic.
+fn ops_view(vb: &VerifiedBatch) -> Result<PayloadView<'_>, StoreError> {
+    vb.ops
+        .view()
+        .map_err(|e| StoreError::Corrupt(format!("batch {}: ops: {e}", vb.id)))
+}
 
 fn chain_prefix(ns: &str, author: &[u8; 32]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + ns.len() + 32 + 8);
@@ -412,15 +428,13 @@ impl Store {
                     &vb.id.0[..],
                 )?;
                 // Revocations count whether or not the batch is effective (see the engine).
-                for op in vb.ops.iter() {
-                    if let Op::Revoke { token, hlc } = op {
-                        if let Some(id) = TokenId::from_hex(token) {
-                            let k = revocation_key(ns, &id);
-                            let old = revocations.get(k.as_slice())?.map(|v| v.value());
-                            if old.is_none_or(|o| hlc.0 < o) {
-                                revocations.insert(k.as_slice(), hlc.0)?;
-                                revoked_by.insert(k.as_slice(), &vb.id.0[..])?;
-                            }
+                for (token, hlc) in vb.ops.revocations() {
+                    if let Some(id) = TokenId::from_hex(token) {
+                        let k = revocation_key(ns, &id);
+                        let old = revocations.get(k.as_slice())?.map(|v| v.value());
+                        if old.is_none_or(|o| hlc.0 < o) {
+                            revocations.insert(k.as_slice(), hlc.0)?;
+                            revoked_by.insert(k.as_slice(), &vb.id.0[..])?;
                         }
                     }
                 }
@@ -492,6 +506,10 @@ impl Store {
             let mut records = txn.open_table(RECORDS)?;
             let mut applied = txn.open_table(APPLIED)?;
             // Group the ops by record so each record is read and written once.
+            let views = batches
+                .iter()
+                .map(ops_view)
+                .collect::<Result<Vec<_>, _>>()?;
             let mut by_record: BTreeMap<Vec<u8>, Vec<(usize, usize)>> = BTreeMap::new();
             for (bi, vb) in batches.iter().enumerate() {
                 let ck = chain_prefix(&vb.header.ns, &vb.header.author);
@@ -505,9 +523,10 @@ impl Store {
                 if !vb.effective {
                     continue;
                 }
-                for (oi, op) in vb.ops.iter().enumerate() {
+                let view = &views[bi];
+                for (oi, op) in view.ops().iter().enumerate() {
                     by_record
-                        .entry(record_key(&vb.header.ns, op.collection(), op.key()))
+                        .entry(record_key(&vb.header.ns, view.collection(op), view.key(op)))
                         .or_default()
                         .push((bi, oi));
                 }
@@ -520,8 +539,8 @@ impl Store {
                     None => RecordState::default(),
                 };
                 for (bi, oi) in &ops {
-                    let vb = &batches[*bi];
-                    state.apply(&vb.ops[*oi], vb.header.author);
+                    let view = &views[*bi];
+                    state.apply_view(view, &view.ops()[*oi], batches[*bi].header.author);
                 }
                 records.insert(rk.as_slice(), encode_state(&state).as_slice())?;
                 if !want_changes {
@@ -530,14 +549,14 @@ impl Store {
                 let fields = state.visible();
                 for (bi, oi) in ops {
                     let vb = &batches[bi];
-                    let op = &vb.ops[oi];
+                    let (view, op) = (&views[bi], &views[bi].ops()[oi]);
                     let (author, batch) = names[bi]
                         .get_or_insert_with(|| (vb.author.to_did(), vb.id.to_hex()))
                         .clone();
                     changes.push(Change {
                         ns: vb.header.ns.clone(),
-                        collection: op.collection().to_string(),
-                        key: op.key().to_string(),
+                        collection: view.collection(op).to_string(),
+                        key: view.key(op).to_string(),
                         fields: fields.clone(),
                         author,
                         batch,
@@ -562,7 +581,7 @@ impl Store {
         let txn = self.view.begin_read()?;
         let applied_t = txn.open_table(APPLIED)?;
         let mut changes = Vec::new();
-        for mut vb in batches {
+        for vb in batches {
             let ck = chain_prefix(&vb.header.ns, &vb.header.author);
             let seq = vb.header.seq;
             let done = {
@@ -576,33 +595,39 @@ impl Store {
             if done.is_some_and(|d| d >= seq) {
                 continue; // already applied (replayed after a crash)
             }
-            // Moved into the delta when this is the last reference (the actor drops its
-            // receipt copy before the job is sent); copied otherwise.
-            let ops = Arc::try_unwrap(std::mem::take(&mut vb.ops)).unwrap_or_else(|s| (*s).clone());
+            // Read in place: names and values are copied only into the states they land in.
+            let view = ops_view(&vb)?;
             // (collection, key) of each op, for change events.
             let mut touched: Vec<(String, String, Vec<u8>)> = Vec::new();
             {
                 let mut staged = write(&self.staged);
                 staged.applied.insert(ck, seq);
                 if vb.effective {
-                    let mut rk = Vec::with_capacity(64);
-                    for op in ops {
+                    let (mut rk, mut buf) = (Vec::with_capacity(64), Vec::with_capacity(256));
+                    let author = &vb.header.author;
+                    for op in view.ops() {
+                        let (collection, key) = (view.collection(op), view.key(op));
                         rk.clear();
-                        write_record_key(&mut rk, &vb.header.ns, op.collection(), op.key());
-                        staged.bytes += op.approx_len() + STAGED_OP_OVERHEAD_BYTES;
+                        write_record_key(&mut rk, &vb.header.ns, collection, key);
                         if want_changes {
-                            touched.push((
-                                op.collection().to_string(),
-                                op.key().to_string(),
-                                rk.clone(),
-                            ));
+                            touched.push((collection.to_string(), key.to_string(), rk.clone()));
                         }
+                        buf.clear();
+                        let staged = &mut *staged;
                         match staged.records.get_mut(rk.as_slice()) {
-                            Some(state) => state.apply_owned(op, vb.header.author),
+                            Some(held) => {
+                                let mut state = decode_state(held)?;
+                                state.apply_view(&view, op, *author);
+                                record_codec::encode_state(&state, &mut buf);
+                                staged.bytes += buf.len().saturating_sub(held.len());
+                                *held = buf.as_slice().into();
+                            }
                             None => {
-                                let mut state = Box::<RecordState>::default();
-                                state.apply_owned(op, vb.header.author);
-                                staged.records.insert(rk.as_slice().into(), state);
+                                record_codec::encode_op_state(&view, op, author, &mut buf);
+                                staged.bytes += rk.len() + buf.len() + STAGED_RECORD_OVERHEAD_BYTES;
+                                staged
+                                    .records
+                                    .insert(rk.as_slice().into(), buf.as_slice().into());
                             }
                         }
                     }
@@ -674,7 +699,7 @@ impl Store {
             let mut applied = txn.open_table(APPLIED)?;
             let mut buf = Vec::with_capacity(512);
             // Key order: each B-tree page is visited once, in a sweep.
-            let mut keyed: Vec<(&[u8], &RecordState)> =
+            let mut keyed: Vec<(&[u8], &[u8])> =
                 delta.records.iter().map(|(k, v)| (&**k, &**v)).collect();
             keyed.sort_unstable_by(|a, b| a.0.cmp(b.0));
             let insert_first = self.flush_existing_pct.load(Ordering::Relaxed) < 50;
@@ -684,30 +709,31 @@ impl Store {
                 if insert_first {
                     // Mostly new records: write the delta's state as the record, and only if
                     // the key was there after all, merge with what it held and write again.
-                    record_codec::encode_state(d, &mut buf);
-                    let old = records
-                        .insert(rk, buf.as_slice())?
-                        .map(|v| v.value().to_vec());
+                    let old = records.insert(rk, d)?.map(|v| v.value().to_vec());
                     if let Some(old) = old {
                         existing += 1;
                         let mut state = decode_state(&old)?;
-                        state.merge(d);
-                        buf.clear();
+                        state.merge(&decode_state(d)?);
                         record_codec::encode_state(&state, &mut buf);
                         records.insert(rk, buf.as_slice())?;
                     }
                     continue;
                 }
-                match records.get(rk)? {
-                    Some(v) => {
+                let old = records
+                    .get(rk)?
+                    .map(|v| decode_state(v.value()))
+                    .transpose()?;
+                match old {
+                    Some(mut state) => {
                         existing += 1;
-                        let mut state = decode_state(v.value())?;
-                        state.merge(d);
+                        state.merge(&decode_state(d)?);
                         record_codec::encode_state(&state, &mut buf);
+                        records.insert(rk, buf.as_slice())?;
                     }
-                    None => record_codec::encode_state(d, &mut buf),
+                    None => {
+                        records.insert(rk, d)?;
+                    }
                 }
-                records.insert(rk, buf.as_slice())?;
             }
             let pct = (existing * 100 / delta.records.len().max(1)) as u32;
             self.flush_existing_pct.store(pct, Ordering::Relaxed);
@@ -781,22 +807,22 @@ impl Store {
     /// miss it, at worst sees it twice (a join is idempotent).
     fn record_state(&self, rk: &[u8]) -> Result<Option<RecordState>, StoreError> {
         let mut state: Option<RecordState> = None;
-        let mut join = |d: &RecordState| match &mut state {
-            Some(s) => s.merge(d),
-            None => state = Some(d.clone()),
+        let mut join = |d: RecordState| match &mut state {
+            Some(s) => s.merge(&d),
+            None => state = Some(d),
         };
-        if let Some(d) = read(&self.staged).records.get(rk) {
+        if let Some(d) = read(&self.staged).state(rk)? {
             join(d);
         }
         if let Some(f) = read(&self.flushing).as_ref() {
-            if let Some(d) = f.records.get(rk) {
+            if let Some(d) = f.state(rk)? {
                 join(d);
             }
         }
         let txn = self.view.begin_read()?;
         let records = txn.open_table(RECORDS)?;
         if let Some(v) = records.get(rk)? {
-            join(&decode_state(v.value())?);
+            join(decode_state(v.value())?);
         }
         Ok(state)
     }
@@ -841,21 +867,17 @@ impl Store {
             .collect();
         delta_keys.sort_unstable();
         delta_keys.dedup();
-        let joined = |k: &[u8], file: Option<RecordState>| -> Option<RecordState> {
+        let joined = |k: &[u8], file: Option<RecordState>| {
             let mut state = file;
-            for d in [
-                staged.records.get(k),
-                flushing.as_ref().and_then(|f| f.records.get(k)),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                match &mut state {
-                    Some(s) => s.merge(d),
-                    None => state = Some((**d).clone()),
+            for d in [Some(&*staged), flushing.as_deref()].into_iter().flatten() {
+                if let Some(d) = d.state(k)? {
+                    match &mut state {
+                        Some(s) => s.merge(&d),
+                        None => state = Some(d),
+                    }
                 }
             }
-            state
+            Ok::<_, StoreError>(state)
         };
         let mut out = Vec::new();
         let push = |out: &mut Vec<(String, Fields)>, k: &[u8], state: Option<RecordState>| {
@@ -882,7 +904,7 @@ impl Store {
                 (None, None) => break,
                 (Some(fk), Some(dk)) if *dk < fk.as_slice() => {
                     let dk = deltas.next().expect("peeked");
-                    push(&mut out, dk, joined(dk, None))?;
+                    push(&mut out, dk, joined(dk, None)?)?;
                 }
                 (Some(fk), dk) => {
                     let same = dk.is_some_and(|dk| *dk == fk.as_slice());
@@ -891,11 +913,11 @@ impl Store {
                     if same {
                         deltas.next();
                     }
-                    push(&mut out, &fk, joined(&fk, Some(decode_state(v.value())?)))?;
+                    push(&mut out, &fk, joined(&fk, Some(decode_state(v.value())?))?)?;
                 }
                 (None, Some(_)) => {
                     let dk = deltas.next().expect("peeked");
-                    push(&mut out, dk, joined(dk, None))?;
+                    push(&mut out, dk, joined(dk, None)?)?;
                 }
             }
         }
@@ -1068,11 +1090,12 @@ impl Store {
                     continue;
                 }
                 applied += 1;
-                for op in vb.ops.iter() {
+                let view = ops_view(&vb)?;
+                for op in view.ops() {
                     states
-                        .entry(record_key(ns, op.collection(), op.key()))
+                        .entry(record_key(ns, view.collection(op), view.key(op)))
                         .or_default()
-                        .apply(op, vb.header.author);
+                        .apply_view(&view, op, vb.header.author);
                 }
             }
             for (k, s) in states {

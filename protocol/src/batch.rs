@@ -17,12 +17,11 @@
 //! The bytes are kept as received: ids and signatures are over exact bytes, never over a
 //! re-encoding. Any CBOR decoder can read the envelope (it is plain CBOR).
 
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
 
 use blazedb_identity::{Keypair, PublicKey};
 
+use crate::batch_ops::BatchOps;
 use crate::capability::Chain;
 use crate::dict::{Dict, DictLookup, DictRef, NoDicts};
 use crate::hlc::Hlc;
@@ -167,9 +166,10 @@ pub struct VerifiedBatch {
     pub header: BatchHeader,
     /// Author key (parsed from the header).
     pub author: PublicKey,
-    /// The ops, in order; shared, so the copies a batch travels in (the store action, the
-    /// materializer's job, the writer's receipt, a simulator's nodes) never clone them.
-    pub ops: Arc<Vec<Op>>,
+    /// The ops, in order, as their validated compact payload (read through
+    /// [`BatchOps::view`]); shared, so the copies a batch travels in (the store action, the
+    /// materializer's job, the writer's receipt, a simulator's nodes) never copy them.
+    pub ops: BatchOps,
     /// The exact envelope bytes, as stored and sent.
     pub bytes: Vec<u8>,
     /// The author's capability chain, decoded and structurally verified (whether it
@@ -397,7 +397,7 @@ pub fn seal_squeezed(
         id: BatchId(*blake3::hash(&header_bytes).as_bytes()),
         header,
         author: keypair.public(),
-        ops: Arc::new(ops),
+        ops: BatchOps::from_encoded(&ops, plain),
         bytes,
         cap: cap.cloned(),
         effective: true,
@@ -562,37 +562,43 @@ pub fn verify_with(bytes: Vec<u8>, dicts: &dyn DictLookup) -> Result<VerifiedBat
             )))
         }
     };
-    let ops: Vec<Op> = if header.enc >= ENC_COMPACT {
-        // The compact decoder checks every op rule and the timestamp order itself.
-        let view = crate::codec::decode(plain).map_err(|e| match e {
-            crate::codec::CodecError::InvalidOp(e) => BatchError::InvalidOp(e),
-            crate::codec::CodecError::Unordered => {
-                BatchError::Inconsistent("op timestamps must strictly increase".into())
-            }
-            other => BatchError::Malformed(format!("payload: {other}")),
-        })?;
-        if view.is_empty() {
-            return Err(BatchError::Inconsistent(
-                "a batch holds at least one op".into(),
-            ));
-        }
-        view.to_ops()
+    let legacy;
+    let plain: &[u8] = if header.enc >= ENC_COMPACT {
+        plain
     } else {
+        // Read, no longer written: kept as the compact payload like every other batch.
         let ops: Vec<Op> = ciborium::from_reader(plain)
             .map_err(|e| BatchError::Malformed(format!("payload: {e}")))?;
         check_ops(&ops)?;
-        ops
+        let mut compact = Vec::new();
+        crate::codec::encode_ops(&ops, &mut compact);
+        legacy = compact;
+        &legacy
     };
-    if ops.len() != header.ops as usize {
+    // The compact decoder checks every op rule and the timestamp order itself.
+    let view = crate::codec::decode(plain).map_err(|e| match e {
+        crate::codec::CodecError::InvalidOp(e) => BatchError::InvalidOp(e),
+        crate::codec::CodecError::Unordered => {
+            BatchError::Inconsistent("op timestamps must strictly increase".into())
+        }
+        other => BatchError::Malformed(format!("payload: {other}")),
+    })?;
+    let (Some(first), Some(last)) = (view.ops().first(), view.ops().last()) else {
+        return Err(BatchError::Inconsistent(
+            "a batch holds at least one op".into(),
+        ));
+    };
+    if view.len() != header.ops as usize {
         return Err(BatchError::Inconsistent(
             "op count differs from header".into(),
         ));
     }
-    if ops[0].hlc() != header.hlc_min || ops[ops.len() - 1].hlc() != header.hlc_max {
+    if first.hlc() != header.hlc_min || last.hlc() != header.hlc_max {
         return Err(BatchError::Inconsistent(
             "HLC range differs from the ops".into(),
         ));
     }
+    let ops = BatchOps::from_view(&view, plain);
     let cap = match &header.cap {
         Some(c) => Some(
             Chain::decode(c).map_err(|e| BatchError::Inconsistent(format!("capability: {e}")))?,
@@ -604,7 +610,7 @@ pub fn verify_with(bytes: Vec<u8>, dicts: &dyn DictLookup) -> Result<VerifiedBat
         id,
         header,
         author,
-        ops: Arc::new(ops),
+        ops,
         bytes,
         cap,
         effective: true,
@@ -662,7 +668,7 @@ mod tests {
             assert_eq!(b.header.enc, ENC_COMPACT_ZSTD);
             assert!(b.bytes.len() * 100 <= strong.bytes.len() * 105);
             let v = verify(b.bytes.clone()).unwrap();
-            assert_eq!(*v.ops, ops);
+            assert_eq!(v.ops.to_vec().unwrap(), ops);
             assert_eq!(v.id, b.id);
             prev = Some(b.id);
         }
@@ -706,7 +712,10 @@ mod tests {
         assert_eq!(header.enc, ENC_COMPACT);
         let generic: ciborium::Value = ciborium::from_reader(&parts[2][..]).unwrap();
         assert_eq!(generic.as_array().unwrap()[2].as_array().unwrap().len(), 3);
-        assert_eq!(crate::codec::decode(&parts[2]).unwrap().to_ops(), *b.ops);
+        assert_eq!(
+            crate::codec::decode(&parts[2]).unwrap().to_ops(),
+            b.ops.to_vec().unwrap()
+        );
     }
 
     #[test]
@@ -715,7 +724,7 @@ mod tests {
         let b = seal(&kp, "default", first(), ops(300), None).unwrap();
         assert_eq!(b.header.enc, ENC_COMPACT_ZSTD);
         let mut plain = Vec::new();
-        crate::codec::encode_ops(&b.ops, &mut plain);
+        crate::codec::encode_ops(&b.ops.to_vec().unwrap(), &mut plain);
         let plain_len = plain.len();
         assert!(
             (b.header.payload_len as usize) < plain_len / 2,
@@ -787,7 +796,7 @@ mod tests {
     fn legacy_serde_payloads_still_verify() {
         let kp = Keypair::generate();
         let b = seal(&kp, "default", first(), ops(300), None).unwrap();
-        let legacy = to_cbor(&*b.ops);
+        let legacy = to_cbor(&b.ops.to_vec().unwrap());
         for (payload, enc) in [
             (legacy.clone(), ENC_CBOR),
             (zstd::bulk::compress(&legacy, 1).unwrap(), ENC_ZSTD),
@@ -797,7 +806,7 @@ mod tests {
         }
         // A compact payload labelled as legacy (and the reverse) is refused.
         let mut compact = Vec::new();
-        crate::codec::encode_ops(&b.ops, &mut compact);
+        crate::codec::encode_ops(&b.ops.to_vec().unwrap(), &mut compact);
         assert!(verify(resign(&kp, b.header.clone(), &compact, ENC_CBOR)).is_err());
         assert!(verify(resign(&kp, b.header.clone(), &legacy, ENC_COMPACT)).is_err());
         assert!(verify(resign(&kp, b.header.clone(), &compact, 9)).is_err());
@@ -854,9 +863,9 @@ mod tests {
             let b = seal(&kp, "default", first(), ops.clone(), None).unwrap();
             proptest::prop_assert!(b.header.enc == ENC_COMPACT || b.header.enc == ENC_COMPACT_ZSTD);
             let v = verify(b.bytes.clone()).unwrap();
-            proptest::prop_assert_eq!(&*v.ops, &ops);
+            proptest::prop_assert_eq!(&v.ops.to_vec().unwrap(), &ops);
             let legacy = resign(&kp, b.header.clone(), &to_cbor(&ops), ENC_CBOR);
-            proptest::prop_assert_eq!(&*verify(legacy).unwrap().ops, &ops);
+            proptest::prop_assert_eq!(&verify(legacy).unwrap().ops.to_vec().unwrap(), &ops);
         }
     }
 
@@ -913,7 +922,7 @@ mod tests {
             proptest::prop_assert_eq!(b.header.dict, Some(dict.dict_ref()));
             proptest::prop_assert_eq!(b.dict.as_ref(), Some(&dict));
             let v = verify_with(b.bytes.clone(), &set_of(&dict)).unwrap();
-            proptest::prop_assert_eq!(&*v.ops, &ops);
+            proptest::prop_assert_eq!(&v.ops.to_vec().unwrap(), &ops);
             proptest::prop_assert_eq!(&v, &b);
             proptest::prop_assert_eq!(
                 verify(b.bytes.clone()),

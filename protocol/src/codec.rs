@@ -300,6 +300,20 @@ impl ValueRef<'_> {
     }
 }
 
+/// Appends the canonical encoding of a validated raw value: exactly what [`value`] writes for
+/// `v.to_value()`, with text (the commonest value) copied instead of parsed into a `String`.
+pub(crate) fn value_ref(out: &mut Vec<u8>, v: ValueRef<'_>) {
+    let mut r = Reader { b: v.0, pos: 0 };
+    if let Ok((3, _, n)) = r.head() {
+        if let Some(text) = v.0.get(r.pos..).filter(|t| t.len() as u64 == n) {
+            head(out, 3, n);
+            out.extend_from_slice(text);
+            return;
+        }
+    }
+    value(out, &v.to_value());
+}
+
 /// Reads one CBOR value written by [`value`] from the front of `bytes`: the value and the
 /// number of bytes it took. Nesting deeper than [`limits::MAX_VALUE_DEPTH`] is refused, so
 /// damaged input cannot exhaust the stack.
@@ -402,6 +416,17 @@ impl<'a> PayloadView<'a> {
             | OpView::Delete { collection, .. }
             | OpView::CounterAdd { collection, .. } => self.name(*collection),
             OpView::Revoke { .. } => REVOCATIONS_COLLECTION,
+        }
+    }
+
+    /// The record key of an op (the token id for a revoke: its record in the revocations
+    /// collection).
+    pub fn key(&self, op: &OpView<'a>) -> &'a str {
+        match op {
+            OpView::Upsert { key, .. }
+            | OpView::Delete { key, .. }
+            | OpView::CounterAdd { key, .. } => key,
+            OpView::Revoke { token, .. } => token,
         }
     }
 
@@ -1198,6 +1223,27 @@ pub(crate) mod tests {
                     })
                     .collect()
             })
+    }
+
+    /// A raw value re-encodes canonically, whatever head length the writer chose.
+    #[test]
+    fn value_ref_writes_the_canonical_form() {
+        for (raw, canonical) in [
+            (
+                &[0x78, 3, b'a', b'b', b'c'][..],
+                &[0x63, b'a', b'b', b'c'][..],
+            ),
+            (&[0x63, b'a', b'b', b'c'], &[0x63, b'a', b'b', b'c']),
+            (&[0x19, 0, 5], &[5]),
+            (&[0x82, 0x01, 0x61, b'x'], &[0x82, 0x01, 0x61, b'x']),
+        ] {
+            let mut out = Vec::new();
+            value_ref(&mut out, ValueRef(raw));
+            assert_eq!(out, canonical);
+            let mut via_value = Vec::new();
+            value(&mut via_value, &ValueRef(raw).to_value());
+            assert_eq!(out, via_value);
+        }
     }
 
     proptest! {

@@ -2101,7 +2101,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
     /// Whether the batch's author may write it into `ns` (judged at the batch's own time).
     fn admit(&self, ns: &str, vb: &VerifiedBatch) -> Result<(), String> {
         let st = self.namespaces.get(ns).ok_or("unknown namespace")?;
-        let revokes = vb.ops.iter().any(|op| matches!(op, Op::Revoke { .. }));
+        let revokes = vb.ops.has_revokes();
         match &st.policy {
             Policy::Public => {
                 if revokes {
@@ -2125,12 +2125,12 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                         .authorizes(ns, author, need, at)
                         .map_err(|e| e.to_string())?;
                 }
-                for op in vb.ops.iter() {
-                    if !chain.covers(op.collection(), op.key()) {
+                let view = vb.ops.view().map_err(|e| e.to_string())?;
+                for op in view.ops() {
+                    let (collection, key) = (view.collection(op), view.key(op));
+                    if !chain.covers(collection, key) {
                         return Err(format!(
-                            "record {}/{} outside the capability's scope",
-                            op.collection(),
-                            op.key()
+                            "record {collection}/{key} outside the capability's scope"
                         ));
                     }
                 }
@@ -2293,15 +2293,13 @@ fn next_key(k: &[u8; 32]) -> [u8; 32] {
 /// Adds the batch's revocations (earliest time per token); true if anything was new or earlier.
 fn record_revocations(revocations: &mut BTreeMap<TokenId, Hlc>, vb: &VerifiedBatch) -> bool {
     let mut changed = false;
-    for op in vb.ops.iter() {
-        if let Op::Revoke { token, hlc } = op {
-            if let Some(id) = TokenId::from_hex(token) {
-                match revocations.get(&id) {
-                    Some(at) if *at <= *hlc => {}
-                    _ => {
-                        revocations.insert(id, *hlc);
-                        changed = true;
-                    }
+    for (token, hlc) in vb.ops.revocations() {
+        if let Some(id) = TokenId::from_hex(token) {
+            match revocations.get(&id) {
+                Some(at) if *at <= *hlc => {}
+                _ => {
+                    revocations.insert(id, *hlc);
+                    changed = true;
                 }
             }
         }

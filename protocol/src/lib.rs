@@ -17,6 +17,7 @@
 //! - [`limits`]: every maximum the protocol enforces.
 
 pub mod batch;
+pub mod batch_ops;
 pub mod capability;
 pub mod coalesce;
 pub mod codec;
@@ -31,6 +32,7 @@ pub mod record_codec;
 pub mod squeeze;
 
 pub use batch::{BatchError, BatchHeader, BatchId, VerifiedBatch};
+pub use batch_ops::BatchOps;
 pub use dict::{Dict, DictId, DictLookup, DictRef, DictSet};
 pub use engine::{
     preverify, Action, Engine, EngineConfig, GossipVerdict, PreVerified, SyncMessage, WriteMany,

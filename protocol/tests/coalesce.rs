@@ -28,7 +28,7 @@ fn upsert(key: &str, fields: &[(&str, i64)]) -> Op {
 fn apply(records: &mut Records, actions: &[Action<u32>]) {
     for a in actions {
         if let Action::Store(vb) = a {
-            for op in vb.ops.iter() {
+            for op in vb.ops.to_vec().unwrap().iter() {
                 records
                     .entry((op.collection().to_string(), op.key().to_string()))
                     .or_default()
@@ -149,7 +149,8 @@ fn an_out_of_scope_caller_fails_alone() {
     );
     assert_eq!(out.results[4], Ok(0));
     assert_eq!(out.batches.len(), 1);
-    let keys: Vec<&str> = out.batches[0].ops.iter().map(|o| o.key()).collect();
+    let ops = out.batches[0].ops.to_vec().unwrap();
+    let keys: Vec<&str> = ops.iter().map(|o| o.key()).collect();
     assert_eq!(keys, ["a", "b", "c", "d"]);
     let stores = out
         .actions

@@ -254,7 +254,7 @@ impl Net {
             seq == 1 || node.log.contains_key(&(author, seq - 1)),
             "engine {i} stored seq {seq} before its predecessor"
         );
-        for op in vb.ops.iter() {
+        for op in vb.ops.to_vec().unwrap().iter() {
             node.records
                 .entry((op.collection().to_string(), op.key().to_string()))
                 .or_default()
@@ -418,7 +418,7 @@ fn field(net: &Net, i: usize, key: &str, name: &str) -> Option<Value> {
 fn reference(batches: &[VerifiedBatch]) -> Records {
     let mut out = Records::new();
     for vb in batches.iter().rev() {
-        for op in vb.ops.iter() {
+        for op in vb.ops.to_vec().unwrap().iter() {
             out.entry((op.collection().to_string(), op.key().to_string()))
                 .or_default()
                 .apply(op, vb.header.author);

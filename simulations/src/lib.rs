@@ -604,11 +604,14 @@ impl Sim {
     fn store(&mut self, node: usize, vb: &VerifiedBatch) {
         let n = &mut self.nodes[node];
         n.log.insert((vb.header.author, vb.header.seq), vb.id);
-        for op in vb.ops.iter() {
+        // Verified on arrival: the payload decodes (a failure would be a codec bug, which
+        // the simulation exists to find).
+        let view = vb.ops.view().expect("a verified batch's payload decodes");
+        for op in view.ops() {
             n.records
-                .entry((op.collection().to_string(), op.key().to_string()))
+                .entry((view.collection(op).to_string(), view.key(op).to_string()))
                 .or_default()
-                .apply(op, vb.header.author);
+                .apply_view(&view, op, vb.header.author);
         }
         self.batches
             .entry(vb.id)
