@@ -173,7 +173,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 /// B1: batch codec, one core. The codec alone (compact encode; borrowed decode with every op
 /// check) against plain serde+ciborium on the same ops, then the whole batch path (seal:
 /// encode + zstd + blake3 + ed25519 sign; verify: inflate + decode + hash + strict signature +
-/// op checks + owned ops).
+/// op checks; the ops stay the validated payload, `BatchOps`).
 pub fn b1(runs: usize) -> Result<Vec<Row>> {
     use blazedb_protocol::codec;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
@@ -264,7 +264,7 @@ pub fn b1(runs: usize) -> Result<Vec<Row>> {
     Ok(vec![
         row("encode (compact codec), 5k-op batch", enc, "ops/s", se),
         row("decode (borrowed view, all op checks)", dec, "ops/s", sd),
-        row("decode to owned ops", dec_owned, "ops/s", sd),
+        row("decode to owned ops (tools, tests)", dec_owned, "ops/s", sd),
         row(
             "seal (encode + zstd-1 + blake3 + ed25519 sign)",
             seal,
@@ -278,7 +278,7 @@ pub fn b1(runs: usize) -> Result<Vec<Row>> {
             None,
         ),
         row(
-            "verify (inflate + decode + hash + strict sig + owned ops)",
+            "verify (inflate + decode + hash + strict sig; ops kept as payload)",
             verify,
             "ops/s",
             sd,
@@ -333,12 +333,15 @@ pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
     let mut pair = Vec::new();
     let mut rss = Vec::new();
     let mut cpus = Vec::new();
+    let mut owned_dups = Vec::new();
     for run in 0..runs {
-        let (rate, rss_growth, cpu) = b3_run(total_ops, run as u64, false).await?;
-        public.push(rate);
-        rss.push(rss_growth);
-        cpus.push(cpu);
-        owned.push(b3_run(total_ops, run as u64, true).await?.0);
+        let r = b3_run(total_ops, run as u64, false).await?;
+        public.push(r.rate);
+        rss.push(r.rss_growth_mb);
+        cpus.push(r.cpu_us_per_op);
+        let o = b3_run(total_ops, run as u64, true).await?;
+        owned.push(o.rate);
+        owned_dups.push(o.duplicates_per_batch);
         let sealed = crate::bench_gossip::sealed_w_batches(calls, run as u64)?;
         pair.push(crate::bench_gossip::gossipsub_pair_ops(&sealed, W_BATCH_OPS).await?);
     }
@@ -374,6 +377,14 @@ pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
             unit: "ops/s",
             ratio: Some(owned / public),
             baseline: Some("the public (gossiped) namespace above".into()),
+        },
+        Row {
+            id: "B3",
+            what: "owned run: batches B received twice (pushed and fetched), per batch".into(),
+            value: median(owned_dups),
+            unit: "copies",
+            ratio: None,
+            baseline: Some("B's duplicate count over the run / batches written".into()),
         },
         Row {
             id: "B3",
@@ -1058,7 +1069,16 @@ fn peak_rss_mb() -> f64 {
 
 /// One B3 run: ops/s from the first write at A until B durably holds every batch, and the
 /// growth of this process's peak RSS over the run, in MB.
-async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<(f64, f64, f64)> {
+/// One B3 run's figures.
+struct B3Run {
+    rate: f64,
+    rss_growth_mb: f64,
+    cpu_us_per_op: f64,
+    /// Batches B received again after holding them (pushed and fetched, or relayed back).
+    duplicates_per_batch: f64,
+}
+
+async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<B3Run> {
     use futures::StreamExt;
     use std::sync::atomic::Ordering::Relaxed;
     let calls = total_ops.div_ceil(W_BATCH_OPS).max(1);
@@ -1097,6 +1117,7 @@ async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<(f64, f64, f
         DEFAULT_NAMESPACE.to_string()
     };
     let base = b.metrics().remote_batches.load(Relaxed);
+    let dups_base = b.metrics().duplicates.load(Relaxed);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let batches: Vec<Vec<Op>> = (0..calls)
         .map(|_| workload_w(&mut rng, W_BATCH_OPS, 0))
@@ -1141,7 +1162,18 @@ async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<(f64, f64, f
     let rss_growth = rss_peak.load(Relaxed).saturating_sub(rss_start) as f64 / 1e6;
     a.shutdown().await;
     b.shutdown().await;
-    Ok((rate, rss_growth, cpu_us))
+    // After shutdown: copies still on the way when B completed count too.
+    let dups = b
+        .metrics()
+        .duplicates
+        .load(Relaxed)
+        .saturating_sub(dups_base);
+    Ok(B3Run {
+        rate,
+        rss_growth_mb: rss_growth,
+        cpu_us_per_op: cpu_us,
+        duplicates_per_batch: dups as f64 / calls as f64,
+    })
 }
 
 /// Raw loopback TCP: how many workload-W ops per second a plain socket moves when the ops are

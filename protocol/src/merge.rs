@@ -277,26 +277,6 @@ impl RecordState {
         self.compact();
     }
 
-    /// [`RecordState::apply`] taking the op by value: names and values move into the state
-    /// instead of being copied (the materializer owns the ops it applies).
-    pub fn apply_owned(&mut self, op: Op, author: [u8; 32]) {
-        let stamp = Stamp {
-            hlc: op.hlc(),
-            author,
-        };
-        match op {
-            Op::Upsert { fields, .. } => {
-                self.touched = max_opt(self.touched, Some(stamp));
-                self.fields.reserve(fields.len());
-                for (name, value) in fields {
-                    self.write_field(Cow::Owned(name), stamp, Cow::Owned(value));
-                }
-                self.compact();
-            }
-            other => self.apply(&other, author),
-        }
-    }
-
     /// [`RecordState::apply`] for an op read from a payload view (the materializer's way:
     /// received ops are never made owned): names and values become owned only here, once,
     /// as they are stored.
@@ -317,7 +297,8 @@ impl RecordState {
     }
 
     /// The last-writer-wins part of merging one written field. The name and the value are
-    /// made owned only when they are stored (borrowed by `apply`, moved in by `apply_owned`).
+    /// made owned only when they are stored (borrowed by `apply`, built from the payload by
+    /// `apply_view`).
     fn write_field(&mut self, name: Cow<'_, str>, stamp: Stamp, value: Cow<'_, Value>) {
         let f = self.fields.entry(name);
         let replace = match &f.lww {
@@ -508,17 +489,6 @@ mod tests {
                 applied.apply(op, *author);
                 merged.merge(&RecordState::from_op(op, *author));
                 prop_assert_eq!(&applied, &merged);
-            }
-        }
-
-        #[test]
-        fn apply_owned_is_apply(a in proptest::collection::vec(arb_op(), 0..10)) {
-            let mut by_ref = RecordState::default();
-            let mut owned = RecordState::default();
-            for (op, author) in &a {
-                by_ref.apply(op, *author);
-                owned.apply_owned(op.clone(), *author);
-                prop_assert_eq!(&by_ref, &owned);
             }
         }
 
