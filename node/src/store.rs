@@ -616,9 +616,14 @@ impl Store {
                         let staged = &mut *staged;
                         match staged.records.get_mut(rk.as_slice()) {
                             Some(held) => {
-                                let mut state = decode_state(held)?;
-                                state.apply_view(&view, op, *author);
-                                record_codec::encode_state(&state, &mut buf);
+                                if record_codec::dominated_by(held, &view, op) {
+                                    // A newer overwrite (or delete) of all of it: no decode.
+                                    record_codec::encode_op_state(&view, op, author, &mut buf);
+                                } else {
+                                    let mut state = decode_state(held)?;
+                                    state.apply_view(&view, op, *author);
+                                    record_codec::encode_state(&state, &mut buf);
+                                }
                                 staged.bytes += buf.len().saturating_sub(held.len());
                                 *held = buf.as_slice().into();
                             }

@@ -314,6 +314,14 @@ pub(crate) fn value_ref(out: &mut Vec<u8>, v: ValueRef<'_>) {
     value(out, &v.to_value());
 }
 
+/// The length of the CBOR value at the front of `bytes`, checked as a payload's values are
+/// (depth, UTF-8), without building it.
+pub(crate) fn value_len(bytes: &[u8]) -> Result<usize, CodecError> {
+    let mut r = Reader { b: bytes, pos: 0 };
+    check_value(&mut r, 0, "")?;
+    Ok(r.pos)
+}
+
 /// Reads one CBOR value written by [`value`] from the front of `bytes`: the value and the
 /// number of bytes it took. Nesting deeper than [`limits::MAX_VALUE_DEPTH`] is refused, so
 /// damaged input cannot exhaust the stack.
