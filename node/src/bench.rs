@@ -182,7 +182,7 @@ pub fn b1(runs: usize) -> Result<Vec<Row>> {
     let reps = 100;
     let n = (W_BATCH_OPS * reps) as f64;
     let rate = |t: Instant| n / t.elapsed().as_secs_f64();
-    let mut r: [Vec<f64>; 8] = Default::default();
+    let mut r: [Vec<f64>; 9] = Default::default();
     let (mut sealed_bpo, mut plain_bpo, mut serde_bpo) = (0.0, 0.0, 0.0);
     for _ in 0..runs {
         // Codec alone.
@@ -249,8 +249,13 @@ pub fn b1(runs: usize) -> Result<Vec<Row>> {
             std::hint::black_box(batch::verify(sealed.bytes.clone())?);
         }
         r[7].push(rate(t));
+        let t = Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(sealed.ops.view()?);
+        }
+        r[8].push(rate(t));
     }
-    let [enc, base_enc, dec, dec_owned, base_dec, seal, id, verify] = r.map(median);
+    let [enc, base_enc, dec, dec_owned, base_dec, seal, id, verify, reread] = r.map(median);
     let row = |what: &str, value: f64, unit: &'static str, base: Option<(f64, &str)>| Row {
         id: "B1",
         what: what.into(),
@@ -265,6 +270,12 @@ pub fn b1(runs: usize) -> Result<Vec<Row>> {
         row("encode (compact codec), 5k-op batch", enc, "ops/s", se),
         row("decode (borrowed view, all op checks)", dec, "ops/s", sd),
         row("decode to owned ops (tools, tests)", dec_owned, "ops/s", sd),
+        row(
+            "read a verified batch's ops again (BatchOps::view, as staging does)",
+            reread,
+            "ops/s",
+            sd,
+        ),
         row(
             "seal (encode + zstd-1 + blake3 + ed25519 sign)",
             seal,

@@ -750,6 +750,19 @@ fn parse_value(r: &mut Reader<'_>, depth: usize) -> Result<Value, CodecError> {
 /// from `bytes`. Checks every rule [`Op::validate`] checks, op count and strictly increasing
 /// timestamps; anything else is an error.
 pub fn decode(bytes: &[u8]) -> Result<PayloadView<'_>, CodecError> {
+    decode_as::<true>(bytes)
+}
+
+/// [`decode`] for a payload that already passed it (a verified batch's, read again by the
+/// materializer): the structure is still checked, so damaged bytes are an error and never a
+/// panic, but the op rules (names, keys, tokens, values' UTF-8, depth and size) are not
+/// checked again. Values are checked for what reading them needs.
+pub(crate) fn decode_checked_before(bytes: &[u8]) -> Result<PayloadView<'_>, CodecError> {
+    decode_as::<false>(bytes)
+}
+
+/// The decoder; `RULES` says whether the op rules are checked (see the two callers above).
+fn decode_as<const RULES: bool>(bytes: &[u8]) -> Result<PayloadView<'_>, CodecError> {
     let mut r = Reader { b: bytes, pos: 0 };
     if r.byte()? != 0x83 {
         return Err(CodecError::Malformed("payload is not a 3-element array"));
@@ -759,16 +772,21 @@ pub fn decode(bytes: &[u8]) -> Result<PayloadView<'_>, CodecError> {
     let mut names: Vec<&str> = Vec::with_capacity(n_names);
     for _ in 0..n_names {
         let n = r.text("names must be text")?;
-        crate::op::validate_field_name(n)?;
+        if RULES {
+            crate::op::validate_field_name(n)?;
+        }
         names.push(n);
     }
-    check_unique(&names)?;
     // Each name's position in name order: field order is then checked on integers.
-    let mut rank = vec![0u32; names.len()];
-    let mut by_name: Vec<u32> = (0..names.len() as u32).collect();
-    by_name.sort_unstable_by_key(|&i| names[i as usize]);
-    for (r, &i) in by_name.iter().enumerate() {
-        rank[i as usize] = r as u32;
+    let mut rank = Vec::new();
+    if RULES {
+        check_unique(&names)?;
+        rank = vec![0u32; names.len()];
+        let mut by_name: Vec<u32> = (0..names.len() as u32).collect();
+        by_name.sort_unstable_by_key(|&i| names[i as usize]);
+        for (r, &i) in by_name.iter().enumerate() {
+            rank[i as usize] = r as u32;
+        }
     }
     // Which names have been checked as collections (on first use as one).
     let mut checked = vec![false; names.len()];
@@ -798,14 +816,18 @@ pub fn decode(bytes: &[u8]) -> Result<PayloadView<'_>, CodecError> {
             let token = r.text("token must be text")?;
             let hlc = next_hlc(&mut r, &mut prev, i)?;
             let op = OpView::Revoke { token, hlc };
-            crate::op::validate_token_id(token)?;
+            if RULES {
+                crate::op::validate_token_id(token)?;
+            }
             ops.push(op);
             continue;
         }
         let coll = name_index(&mut r, &names)?;
-        check_collection(coll, &names, &mut checked)?;
         let key = r.text("key must be text")?;
-        check_key(key)?;
+        if RULES {
+            check_collection(coll, &names, &mut checked)?;
+            check_key(key)?;
+        }
         let hlc = next_hlc(&mut r, &mut prev, i)?;
         match kind {
             KIND_UPSERT => {
@@ -817,14 +839,18 @@ pub fn decode(bytes: &[u8]) -> Result<PayloadView<'_>, CodecError> {
                 let mut last: Option<u32> = None;
                 for _ in 0..n {
                     let f = name_index(&mut r, &names)?;
-                    if last.is_some_and(|l| l >= rank[f as usize]) {
-                        return Err(CodecError::Malformed("fields must be in name order"));
-                    }
-                    last = Some(rank[f as usize]);
                     let from = r.pos;
-                    let size = check_value(&mut r, 0, names[f as usize])?;
-                    if size > limits::MAX_VALUE_BYTES {
-                        return Err(too_big(names[f as usize], size));
+                    if RULES {
+                        if last.is_some_and(|l| l >= rank[f as usize]) {
+                            return Err(CodecError::Malformed("fields must be in name order"));
+                        }
+                        last = Some(rank[f as usize]);
+                        let size = check_value(&mut r, 0, names[f as usize])?;
+                        if size > limits::MAX_VALUE_BYTES {
+                            return Err(too_big(names[f as usize], size));
+                        }
+                    } else {
+                        skip_value(&mut r, 0)?;
                     }
                     fields.push((f, ValueRef(&bytes[from..r.pos])));
                 }
@@ -857,6 +883,34 @@ pub fn decode(bytes: &[u8]) -> Result<PayloadView<'_>, CodecError> {
         return Err(CodecError::Malformed("trailing bytes after payload"));
     }
     Ok(PayloadView { names, ops, fields })
+}
+
+/// Steps over one value, checking only its structure (lengths, nesting depth, known types).
+fn skip_value(r: &mut Reader<'_>, depth: usize) -> Result<(), CodecError> {
+    if depth > limits::MAX_VALUE_DEPTH {
+        return Err(CodecError::Malformed("value nested too deeply"));
+    }
+    let (major, ai, n) = r.head()?;
+    match major {
+        0 | 1 => {}
+        3 => {
+            r.take(usize::try_from(n).map_err(|_| TRUNCATED)?)?;
+        }
+        4 => {
+            for _ in 0..r.count(n, usize::MAX)? {
+                skip_value(r, depth + 1)?;
+            }
+        }
+        5 => {
+            for _ in 0..r.count(n, usize::MAX)? {
+                r.text("object keys must be text")?;
+                skip_value(r, depth + 1)?;
+            }
+        }
+        7 if matches!(ai, 20..=22 | 27) => {}
+        _ => return Err(CodecError::Malformed("unsupported value type")),
+    }
+    Ok(())
 }
 
 fn check_unique(names: &[&str]) -> Result<(), CodecError> {
@@ -1261,7 +1315,9 @@ pub(crate) mod tests {
             let ops: Vec<Op> = ops.into_iter().filter(|o| o.validate().is_ok()).collect();
             let bytes = enc(&ops);
             let view = decode(&bytes).unwrap();
-            prop_assert_eq!(view.to_ops(), ops);
+            prop_assert_eq!(&view.to_ops(), &ops);
+            // Read again without the rule checks: the same view.
+            prop_assert_eq!(decode_checked_before(&bytes).unwrap(), view);
         }
 
         /// Any valid payload is plain CBOR: ciborium reads it whole, with the same names.
@@ -1281,6 +1337,10 @@ pub(crate) mod tests {
             for (i, x) in flips {
                 let i = i % bytes.len();
                 bytes[i] ^= x.max(1);
+            }
+            // Damaged bytes read without the rule checks: an error or a view, never a panic.
+            if let Ok(view) = decode_checked_before(&bytes) {
+                let _ = view.to_ops();
             }
             if let Ok(view) = decode(&bytes) {
                 let owned = view.to_ops();
