@@ -191,6 +191,14 @@ fn ops_view(vb: &VerifiedBatch) -> Result<PayloadView<'_>, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("batch {}: ops: {e}", vb.id)))
 }
 
+/// The stored form of the join of two stored states, into `out`.
+fn join_states(file: &[u8], delta: &[u8], out: &mut Vec<u8>) -> Result<(), StoreError> {
+    let mut state = decode_state(file)?;
+    state.merge(&decode_state(delta)?);
+    record_codec::encode_state(&state, out);
+    Ok(())
+}
+
 fn chain_prefix(ns: &str, author: &[u8; 32]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + ns.len() + 32 + 8);
     k.push(ns.len() as u8);
@@ -717,22 +725,16 @@ impl Store {
                     let old = records.insert(rk, d)?.map(|v| v.value().to_vec());
                     if let Some(old) = old {
                         existing += 1;
-                        let mut state = decode_state(&old)?;
-                        state.merge(&decode_state(d)?);
-                        record_codec::encode_state(&state, &mut buf);
+                        join_states(&old, d, &mut buf)?;
                         records.insert(rk, buf.as_slice())?;
                     }
                     continue;
                 }
-                let old = records
-                    .get(rk)?
-                    .map(|v| decode_state(v.value()))
-                    .transpose()?;
+                let old = records.get(rk)?.map(|v| v.value().to_vec());
                 match old {
-                    Some(mut state) => {
+                    Some(old) => {
                         existing += 1;
-                        state.merge(&decode_state(d)?);
-                        record_codec::encode_state(&state, &mut buf);
+                        join_states(&old, d, &mut buf)?;
                         records.insert(rk, buf.as_slice())?;
                     }
                     None => {
