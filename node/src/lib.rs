@@ -22,6 +22,7 @@ pub mod bench_gossip;
 pub mod bench_handshake;
 pub mod bench_materialize;
 mod committer;
+mod delta_map;
 pub mod dicts;
 pub mod materializer;
 pub mod net;

@@ -29,8 +29,8 @@ use blazedb_crypto::{KxPolicy, LinkRegistry};
 use blazedb_identity::{Keypair, PublicKey};
 use blazedb_protocol::capability::{self, Chain, Rights, TokenId};
 use blazedb_protocol::{
-    limits, Action, BatchError, Engine, EngineConfig, GossipVerdict, Op, PreVerified, SyncMessage,
-    VerifiedBatch,
+    limits, Action, BatchError, CheckedOps, Engine, EngineConfig, GossipVerdict, Op, PreVerified,
+    SyncMessage, VerifiedBatch,
 };
 
 use crate::batcher::{Batcher, BatchingConfig, Decision};
@@ -434,9 +434,8 @@ enum Command {
 /// A write queued at the actor, waiting to be sealed.
 struct PendingWrite {
     ns: String,
-    ops: Vec<Op>,
-    /// Approximate encoded bytes of `ops`.
-    bytes: usize,
+    /// Checked on the caller's task (with their approximate encoded bytes).
+    ops: CheckedOps,
     /// When the caller queued it.
     at: tokio::time::Instant,
     reply: oneshot::Sender<Result<WriteReceipt, NodeError>>,
@@ -605,18 +604,14 @@ impl NodeHandle {
                 limits::MAX_OPS_PER_BATCH
             )));
         }
-        let mut bytes = 0;
-        for op in &ops {
-            bytes += op
-                .checked_len()
-                .map_err(|e| NodeError::Invalid(e.to_string()))?;
-        }
+        // Checked here, on the caller's task: a bad op is refused before anything is queued,
+        // and the actor, which every write passes through, does not walk the fields again.
+        let ops = CheckedOps::new(ops).map_err(|e| NodeError::Invalid(e.to_string()))?;
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Write(PendingWrite {
                 ns: ns.to_string(),
                 ops,
-                bytes,
                 at: tokio::time::Instant::now(),
                 reply,
             }))
@@ -1236,7 +1231,7 @@ impl Actor {
     fn queue_write(&mut self, w: PendingWrite) {
         let at_us = u64::try_from(w.at.saturating_duration_since(self.epoch).as_micros())
             .unwrap_or(u64::MAX);
-        self.batcher.arrive(at_us, w.ops.len(), w.bytes);
+        self.batcher.arrive(at_us, w.ops.len(), w.ops.bytes());
         self.pending.push(w);
     }
 
@@ -1359,7 +1354,9 @@ impl Actor {
                     rest.push((w.ops.len(), w.reply));
                     ops.push(w.ops);
                 }
-                let out = self.engine.write_many(&ns, &self.shared.keypair, ops, now);
+                let out = self
+                    .engine
+                    .write_many_checked(&ns, &self.shared.keypair, ops, now);
                 actions.extend(out.actions);
                 out.batches.iter().for_each(&mut count);
                 for ((n_ops, reply), res) in rest.into_iter().zip(out.results) {
@@ -1373,7 +1370,10 @@ impl Actor {
             } else {
                 for w in callers {
                     let n_ops = w.ops.len();
-                    match self.engine.write(&ns, &self.shared.keypair, w.ops, now) {
+                    match self
+                        .engine
+                        .write_checked(&ns, &self.shared.keypair, w.ops, now)
+                    {
                         Ok((vb, acts)) => {
                             actions.extend(acts);
                             count(&vb);

@@ -13,11 +13,12 @@
 //!
 //! Table names carry a version; `docs/design.md` gives the byte layout.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
+use crate::delta_map::{DeltaMap, Updated};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use blazedb_protocol::batch::{BatchHeader, Envelope};
@@ -149,18 +150,16 @@ pub struct Store {
 /// file's state joined with this delta is the record, and applying needs no read).
 #[derive(Default)]
 struct Delta {
-    /// Record key → join of the ops applied since the last flush. A hash map: staging is one
+    /// Record key → join of the ops applied since the last flush. A hash table: staging is one
     /// lookup per op (a B-tree of 200k keys was ~18 key comparisons, each a cache miss, half
     /// of staging's time); key order is needed only by the flush (sorted there, on the
-    /// flusher thread) and by `list` (the keys in range, collected and sorted).
-    /// Key and state are boxed, so a slot is 24 bytes instead of 144: growing the table
-    /// (doubling, rehashing every key) moves and first-touches a sixth of the memory; in B3
-    /// the materializer spent about half its time zeroing fresh pages, most of them the
-    /// table's.
+    /// flusher thread) and by `list` (the keys in range, collected and sorted). Each slot
+    /// keeps its key's hash and one block holding key and state ([`DeltaMap`]): growing the
+    /// table touches no key, and a record staged is hashed and allocated once.
     /// A state is held in its stored form ([`record_codec`]): one heap block per record
     /// instead of ~8 (names, values, the field vector), written straight from the payload
     /// for a record the delta does not hold yet, and written to the file as it is.
-    records: HashMap<Box<[u8]>, Box<[u8]>, foldhash::fast::RandomState>,
+    records: DeltaMap,
     /// Chain (`ns_len:u8 ns author:32`) → highest seq applied.
     applied: BTreeMap<Vec<u8>, u64>,
     /// Approximate memory held, in bytes (keys and states plus per-record overhead).
@@ -170,7 +169,7 @@ struct Delta {
 impl Delta {
     /// The state held for `rk`, decoded.
     fn state(&self, rk: &[u8]) -> Result<Option<RecordState>, StoreError> {
-        self.records.get(rk).map(|b| decode_state(b)).transpose()
+        self.records.get(rk).map(decode_state).transpose()
     }
 }
 
@@ -620,29 +619,25 @@ impl Store {
                         if want_changes {
                             touched.push((collection.to_string(), key.to_string(), rk.clone()));
                         }
-                        buf.clear();
                         let staged = &mut *staged;
-                        match staged.records.get_mut(rk.as_slice()) {
-                            Some(held) => {
-                                if record_codec::dominated_by(held, &view, op) {
-                                    // A newer overwrite (or delete) of all of it: no decode.
-                                    record_codec::encode_op_state(&view, op, author, &mut buf);
-                                } else {
+                        let updated = staged.records.update(&rk, &mut buf, |held, out| {
+                            match held {
+                                // A newer overwrite (or delete) of all of it: no decode.
+                                Some(held) if !record_codec::dominated_by(held, &view, op) => {
                                     let mut state = decode_state(held)?;
                                     state.apply_view(&view, op, *author);
-                                    record_codec::encode_state(&state, &mut buf);
+                                    record_codec::encode_state(&state, out);
                                 }
-                                staged.bytes += buf.len().saturating_sub(held.len());
-                                *held = buf.as_slice().into();
+                                _ => record_codec::encode_op_state(&view, op, author, out),
                             }
-                            None => {
-                                record_codec::encode_op_state(&view, op, author, &mut buf);
-                                staged.bytes += rk.len() + buf.len() + STAGED_RECORD_OVERHEAD_BYTES;
-                                staged
-                                    .records
-                                    .insert(rk.as_slice().into(), buf.as_slice().into());
+                            Ok::<(), StoreError>(())
+                        })?;
+                        staged.bytes += match updated {
+                            Updated::Replaced { old, new } => new.saturating_sub(old),
+                            Updated::Inserted { state_len } => {
+                                rk.len() + state_len + STAGED_RECORD_OVERHEAD_BYTES
                             }
-                        }
+                        };
                     }
                 }
             }
@@ -712,8 +707,7 @@ impl Store {
             let mut applied = txn.open_table(APPLIED)?;
             let mut buf = Vec::with_capacity(512);
             // Key order: each B-tree page is visited once, in a sweep.
-            let mut keyed: Vec<(&[u8], &[u8])> =
-                delta.records.iter().map(|(k, v)| (&**k, &**v)).collect();
+            let mut keyed: Vec<(&[u8], &[u8])> = delta.records.iter().collect();
             keyed.sort_unstable_by(|a, b| a.0.cmp(b.0));
             let insert_first = self.flush_existing_pct.load(Ordering::Relaxed) < 50;
             let mut existing = 0usize;
@@ -862,13 +856,11 @@ impl Store {
         let mut delta_keys: Vec<&[u8]> = staged
             .records
             .keys()
-            .map(|k| &**k)
             .filter(in_range)
             .chain(
                 flushing
                     .iter()
                     .flat_map(|f| f.records.keys())
-                    .map(|k| &**k)
                     .filter(in_range),
             )
             .collect();

@@ -336,6 +336,22 @@ pub fn seal_squeezed(
 ) -> Result<VerifiedBatch, BatchError> {
     validate_namespace(ns)?;
     check_ops(&ops)?;
+    seal_checked(keypair, ns, pos, ops, cap, dict, squeeze)
+}
+
+/// [`seal_squeezed`] of ops whose contents were checked ([`crate::CheckedOps`]): only their
+/// count and timestamp order are checked here.
+pub(crate) fn seal_checked(
+    keypair: &Keypair,
+    ns: &str,
+    pos: ChainPosition,
+    ops: Vec<Op>,
+    cap: Option<&Chain>,
+    dict: Option<&Dict>,
+    squeeze: &mut Squeeze,
+) -> Result<VerifiedBatch, BatchError> {
+    validate_namespace(ns)?;
+    check_op_order(&ops)?;
     let mut plain = Vec::new();
     crate::codec::encode_ops(&ops, &mut plain);
     let (mut payload, mut enc) = match plain.len() >= COMPRESS_MIN_BYTES {
@@ -405,8 +421,17 @@ pub fn seal_squeezed(
     })
 }
 
-/// Op-count and timestamp rules shared by sealing and verification.
+/// Op-count, timestamp and content rules shared by sealing and verification.
 fn check_ops(ops: &[Op]) -> Result<(), BatchError> {
+    check_op_order(ops)?;
+    for op in ops {
+        op.validate()?;
+    }
+    Ok(())
+}
+
+/// Op-count and timestamp rules.
+fn check_op_order(ops: &[Op]) -> Result<(), BatchError> {
     if ops.is_empty() {
         return Err(BatchError::Inconsistent(
             "a batch holds at least one op".into(),
@@ -425,9 +450,6 @@ fn check_ops(ops: &[Op]) -> Result<(), BatchError> {
                 "op timestamps must strictly increase".into(),
             ));
         }
-    }
-    for op in ops {
-        op.validate()?;
     }
     Ok(())
 }

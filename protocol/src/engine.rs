@@ -71,7 +71,7 @@ use crate::capability::{self, Chain, Rights, TokenId};
 use crate::dict::{Dict, DictId, DictLookup, DictRef, DictSet};
 use crate::hlc::{Clock, Hlc};
 use crate::limits;
-use crate::op::Op;
+use crate::op::{CheckedOps, Op};
 use crate::squeeze::Squeeze;
 
 /// Outcome of [`Engine::write_many`].
@@ -885,9 +885,22 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         &mut self,
         ns: &str,
         keypair: &Keypair,
-        mut ops: Vec<Op>,
+        ops: Vec<Op>,
         now_ms: u64,
     ) -> Result<(VerifiedBatch, Vec<Action<P>>), BatchError> {
+        self.write_checked(ns, keypair, CheckedOps::new(ops)?, now_ms)
+    }
+
+    /// [`Engine::write`] of ops the caller has already checked: their fields are not walked
+    /// again here (see [`CheckedOps`]).
+    pub fn write_checked(
+        &mut self,
+        ns: &str,
+        keypair: &Keypair,
+        ops: CheckedOps,
+        now_ms: u64,
+    ) -> Result<(VerifiedBatch, Vec<Action<P>>), BatchError> {
+        let mut ops = ops.into_ops();
         let state = self.namespaces.get(ns).ok_or_else(|| {
             BatchError::Inconsistent(format!("namespace {ns:?} has not been joined"))
         })?;
@@ -925,7 +938,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             Policy::Owned { .. } => None,
         };
         let mut squeeze = state.squeeze;
-        let sealed = batch::seal_squeezed(keypair, ns, pos, ops, cap.as_ref(), dict, &mut squeeze);
+        let sealed = batch::seal_checked(keypair, ns, pos, ops, cap.as_ref(), dict, &mut squeeze);
         if let Some(st) = self.namespaces.get_mut(ns) {
             self.stats.fast_compressed_sealed += squeeze.fast_batches() - st.squeeze.fast_batches();
             st.squeeze = squeeze;
@@ -980,6 +993,32 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         writes: Vec<Vec<Op>>,
         now_ms: u64,
     ) -> WriteMany<P> {
+        let writes = writes
+            .into_iter()
+            .map(|ops| CheckedOps::new(ops).map_err(BatchError::from))
+            .collect();
+        self.write_many_inner(ns, keypair, writes, now_ms)
+    }
+
+    /// [`Engine::write_many`] of ops each caller has already checked ([`CheckedOps`]).
+    pub fn write_many_checked(
+        &mut self,
+        ns: &str,
+        keypair: &Keypair,
+        writes: Vec<CheckedOps>,
+        now_ms: u64,
+    ) -> WriteMany<P> {
+        let writes = writes.into_iter().map(Ok).collect();
+        self.write_many_inner(ns, keypair, writes, now_ms)
+    }
+
+    fn write_many_inner(
+        &mut self,
+        ns: &str,
+        keypair: &Keypair,
+        writes: Vec<Result<CheckedOps, BatchError>>,
+        now_ms: u64,
+    ) -> WriteMany<P> {
         let mut out = WriteMany {
             batches: Vec::new(),
             results: Vec::with_capacity(writes.len()),
@@ -987,22 +1026,26 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         };
         let author = *keypair.public().as_bytes();
         // Per-caller checks; the callers that pass are planned into groups.
-        let mut ok: Vec<(usize, Vec<Op>)> = Vec::with_capacity(writes.len());
+        let mut ok: Vec<(usize, CheckedOps)> = Vec::with_capacity(writes.len());
         let mut sizes = Vec::with_capacity(writes.len());
         for (i, ops) in writes.into_iter().enumerate() {
-            out.results
-                .push(Err(BatchError::Inconsistent("not written".into())));
-            match self.check_write(ns, &author, &ops, now_ms) {
-                Ok(()) => {
+            let checked = ops.and_then(|ops| {
+                self.check_write(ns, &author, ops.ops(), now_ms)?;
+                Ok(ops)
+            });
+            match checked {
+                Ok(ops) => {
                     sizes.push(crate::coalesce::CallerSize {
                         ops: ops.len(),
-                        bytes: ops.iter().map(Op::approx_len).sum(),
+                        bytes: ops.bytes(),
                         alone: ops.len() > crate::coalesce::CALLER_OPS_MAX
-                            || ops.iter().any(|op| matches!(op, Op::Revoke { .. })),
+                            || ops.ops().iter().any(|op| matches!(op, Op::Revoke { .. })),
                     });
                     ok.push((i, ops));
+                    out.results
+                        .push(Err(BatchError::Inconsistent("not written".into())));
                 }
-                Err(e) => out.results[i] = Err(e),
+                Err(e) => out.results.push(Err(e)),
             }
         }
         let groups = crate::coalesce::plan(
@@ -1012,10 +1055,10 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         );
         let mut ok = ok.into_iter();
         for g in groups {
-            let members: Vec<(usize, Vec<Op>)> = ok.by_ref().take(g.len()).collect();
+            let members: Vec<(usize, CheckedOps)> = ok.by_ref().take(g.len()).collect();
             if members.len() > 1 {
-                let all: Vec<Op> = members.iter().flat_map(|(_, ops)| ops.clone()).collect();
-                if let Ok((vb, acts)) = self.write(ns, keypair, all, now_ms) {
+                let all = CheckedOps::concat(members.iter().map(|(_, ops)| ops));
+                if let Ok((vb, acts)) = self.write_checked(ns, keypair, all, now_ms) {
                     let b = out.batches.len();
                     out.batches.push(vb);
                     out.actions.extend(acts);
@@ -1028,7 +1071,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 // could not see): each caller alone gets exactly its own outcome.
             }
             for (i, ops) in members {
-                out.results[i] = match self.write(ns, keypair, ops, now_ms) {
+                out.results[i] = match self.write_checked(ns, keypair, ops, now_ms) {
                     Ok((vb, acts)) => {
                         out.batches.push(vb);
                         out.actions.extend(acts);

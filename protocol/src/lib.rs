@@ -39,7 +39,7 @@ pub use engine::{
 };
 pub use hlc::Hlc;
 pub use merge::{FieldMap, FieldState, RecordState, Stamp};
-pub use op::{Op, OpError, Value};
+pub use op::{CheckedOps, Op, OpError, Value};
 
 /// Encodes a sync message as CBOR.
 pub fn encode_message(msg: &SyncMessage) -> Vec<u8> {

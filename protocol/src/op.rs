@@ -319,6 +319,63 @@ fn validate_text(what: &'static str, s: &str, max: usize) -> Result<(), OpError>
     Ok(())
 }
 
+/// A writer's ops, each checked once by [`Op::checked_len`], with their summed approximate
+/// size. The engine seals these without walking every op's fields again (a node checks a
+/// call's ops on the caller's task, where a bad op gets its error before anything is queued;
+/// the actor, which every write passes through in turn, then only encodes them). Only the
+/// timestamps can change once checked, and no check depends on them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CheckedOps {
+    ops: Vec<Op>,
+    bytes: usize,
+}
+
+impl CheckedOps {
+    /// Checks every op; the first invalid one is the error.
+    pub fn new(ops: Vec<Op>) -> Result<Self, OpError> {
+        let mut bytes = 0usize;
+        for op in &ops {
+            bytes = bytes.saturating_add(op.checked_len()?);
+        }
+        Ok(Self { ops, bytes })
+    }
+
+    /// The ops.
+    pub fn ops(&self) -> &[Op] {
+        &self.ops
+    }
+
+    /// Number of ops.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether there are no ops.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Their approximate encoded size ([`Op::approx_len`] summed).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Several writers' checked ops, in order, as one.
+    pub fn concat<'a>(parts: impl IntoIterator<Item = &'a CheckedOps>) -> Self {
+        let mut out = Self::default();
+        for p in parts {
+            out.ops.extend_from_slice(&p.ops);
+            out.bytes = out.bytes.saturating_add(p.bytes);
+        }
+        out
+    }
+
+    /// The ops, for the engine to stamp and seal (stamping keeps them valid).
+    pub(crate) fn into_ops(self) -> Vec<Op> {
+        self.ops
+    }
+}
+
 /// Allowance in [`Op::approx_len`] for an op's tag, timestamp and framing.
 const OP_FIXED_BYTES: usize = 24;
 
@@ -470,5 +527,23 @@ mod tests {
         assert_eq!(bad.checked_len().map(drop), bad.validate());
         let good = upsert(json!({ "a": "xyz", "b": [1, 2] }));
         assert_eq!(good.checked_len(), Ok(good.approx_len()));
+    }
+
+    #[test]
+    fn checked_ops_refuse_any_invalid_op_and_sum_sizes() {
+        let good = upsert(json!({ "a": "xyz", "b": [1, 2] }));
+        let bad = upsert(json!({ "": 1 }));
+        let err = CheckedOps::new(vec![good.clone(), bad.clone(), good.clone()]);
+        assert_eq!(err, Err(bad.validate().unwrap_err()));
+        let ok = CheckedOps::new(vec![good.clone(), good.clone()]).unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!(ok.bytes(), 2 * good.approx_len());
+        let both = CheckedOps::concat([&ok, &ok]);
+        assert_eq!(
+            both.ops(),
+            &[good.clone(), good.clone(), good.clone(), good][..]
+        );
+        assert_eq!(both.bytes(), 2 * ok.bytes());
+        assert!(CheckedOps::new(Vec::new()).unwrap().is_empty());
     }
 }
