@@ -24,7 +24,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
-use blazedb_protocol::VerifiedBatch;
+use blazedb_protocol::{Op, VerifiedBatch};
 use tokio::sync::oneshot;
 
 use crate::materializer::Job;
@@ -36,11 +36,12 @@ pub const QUEUED_MAX: usize = 2;
 /// Most batch bytes committed in one transaction (several queued groups together).
 pub const COMMIT_BYTES_MAX: usize = 32 * 1024 * 1024;
 
-/// A writer waiting for its batch to be durable.
-pub type Reply = (
-    oneshot::Sender<Result<WriteReceipt, NodeError>>,
-    WriteReceipt,
-);
+/// What a writer is answered: the outcome, and its ops back (sealed, no longer needed), so
+/// that the writer's task frees what it allocated rather than the node's threads.
+pub type WriteAnswer = (Result<WriteReceipt, NodeError>, Vec<Op>);
+
+/// A writer waiting for its batch to be durable (with its spent ops, handed back then).
+pub type Reply = (oneshot::Sender<WriteAnswer>, WriteReceipt, Vec<Op>);
 
 /// Work for the committer, done in the order sent.
 pub enum Work {
@@ -198,8 +199,8 @@ fn run(
                 }
                 m.writes_acked
                     .fetch_add(replies.len() as u64, Ordering::Relaxed);
-                for (reply, receipt) in replies {
-                    let _ = reply.send(Ok(receipt));
+                for (reply, receipt, spent) in replies {
+                    let _ = reply.send((Ok(receipt), spent));
                 }
             }
             Err(e) => {
@@ -207,8 +208,8 @@ fn run(
                     tracing::error!("storing batches failed, stopping the node: {e}");
                     failed = Some(e.clone());
                 }
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(NodeError::Stopped));
+                for (reply, _, spent) in replies {
+                    let _ = reply.send((Err(NodeError::Stopped), spent));
                 }
             }
         }

@@ -34,7 +34,7 @@ use blazedb_protocol::{
 };
 
 use crate::batcher::{Batcher, BatchingConfig, Decision};
-use crate::committer::{Committer, Done, Reply, Work};
+use crate::committer::{Committer, Done, Reply, Work, WriteAnswer};
 use crate::dicts::{DictPolicy, DictTrainer};
 use crate::materializer::{self, Job, MatSync};
 use crate::net::{self, Ack, Behaviour, BehaviourEvent, Class};
@@ -438,7 +438,7 @@ struct PendingWrite {
     ops: CheckedOps,
     /// When the caller queued it.
     at: tokio::time::Instant,
-    reply: oneshot::Sender<Result<WriteReceipt, NodeError>>,
+    reply: oneshot::Sender<WriteAnswer>,
 }
 
 /// What the actor, the handles and the committer share.
@@ -617,7 +617,10 @@ impl NodeHandle {
             }))
             .await
             .map_err(|_| NodeError::Stopped)?;
-        rx.await.map_err(|_| NodeError::Stopped)?
+        // The ops come back with the answer and are freed here, on the writer's task.
+        let (answer, spent) = rx.await.map_err(|_| NodeError::Stopped)?;
+        drop(spent);
+        answer
     }
 
     /// Upserts fields of one record.
@@ -1323,7 +1326,8 @@ impl Actor {
             let callers = by_ns.remove(&ns).unwrap_or_default();
             if !self.engine.has_namespace(&ns) {
                 for w in callers {
-                    let _ = w.reply.send(Err(NodeError::UnknownNamespace(ns.clone())));
+                    let unknown = Err(NodeError::UnknownNamespace(ns.clone()));
+                    let _ = w.reply.send((unknown, w.ops.into_ops()));
                 }
                 continue;
             }
@@ -1359,28 +1363,31 @@ impl Actor {
                     .write_many_checked(&ns, &self.shared.keypair, ops, now);
                 actions.extend(out.actions);
                 out.batches.iter().for_each(&mut count);
-                for ((n_ops, reply), res) in rest.into_iter().zip(out.results) {
+                let answers = out.results.into_iter().zip(out.spent);
+                for ((n_ops, reply), (res, spent)) in rest.into_iter().zip(answers) {
+                    let spent = spent.into_ops();
                     match res {
-                        Ok(b) => replies.push((reply, receipt(&out.batches[b], n_ops))),
+                        Ok(b) => replies.push((reply, receipt(&out.batches[b], n_ops), spent)),
                         Err(e) => {
-                            let _ = reply.send(Err(write_error(e)));
+                            let _ = reply.send((Err(write_error(e)), spent));
                         }
                     }
                 }
             } else {
-                for w in callers {
+                for mut w in callers {
                     let n_ops = w.ops.len();
-                    match self
-                        .engine
-                        .write_checked(&ns, &self.shared.keypair, w.ops, now)
-                    {
+                    let sealed =
+                        self.engine
+                            .write_checked(&ns, &self.shared.keypair, &mut w.ops, now);
+                    let spent = w.ops.into_ops();
+                    match sealed {
                         Ok((vb, acts)) => {
                             actions.extend(acts);
                             count(&vb);
-                            replies.push((w.reply, receipt(&vb, n_ops)));
+                            replies.push((w.reply, receipt(&vb, n_ops), spent));
                         }
                         Err(e) => {
-                            let _ = w.reply.send(Err(write_error(e)));
+                            let _ = w.reply.send((Err(write_error(e)), spent));
                         }
                     }
                 }
@@ -1404,7 +1411,7 @@ impl Actor {
         m.local_bytes
             .fetch_add(sealed.iter().map(|s| s.2).sum(), Ordering::Relaxed);
         m.local_ops.fetch_add(
-            replies.iter().map(|(_, r)| r.ops as u64).sum(),
+            replies.iter().map(|(_, r, _)| r.ops as u64).sum(),
             Ordering::Relaxed,
         );
         // The committer answers the writers once their batches are durable.

@@ -336,7 +336,7 @@ pub fn seal_squeezed(
 ) -> Result<VerifiedBatch, BatchError> {
     validate_namespace(ns)?;
     check_ops(&ops)?;
-    seal_checked(keypair, ns, pos, ops, cap, dict, squeeze)
+    seal_checked(keypair, ns, pos, &ops, cap, dict, squeeze)
 }
 
 /// [`seal_squeezed`] of ops whose contents were checked ([`crate::CheckedOps`]): only their
@@ -345,15 +345,15 @@ pub(crate) fn seal_checked(
     keypair: &Keypair,
     ns: &str,
     pos: ChainPosition,
-    ops: Vec<Op>,
+    ops: &[Op],
     cap: Option<&Chain>,
     dict: Option<&Dict>,
     squeeze: &mut Squeeze,
 ) -> Result<VerifiedBatch, BatchError> {
     validate_namespace(ns)?;
-    check_op_order(&ops)?;
+    check_op_order(ops)?;
     let mut plain = Vec::new();
-    crate::codec::encode_ops(&ops, &mut plain);
+    crate::codec::encode_ops(ops, &mut plain);
     let (mut payload, mut enc) = match plain.len() >= COMPRESS_MIN_BYTES {
         true => match squeeze.compress(&plain) {
             Some(z) if z.len() < plain.len() => (z, ENC_COMPACT_ZSTD),
@@ -413,7 +413,7 @@ pub(crate) fn seal_checked(
         id: BatchId(*blake3::hash(&header_bytes).as_bytes()),
         header,
         author: keypair.public(),
-        ops: BatchOps::from_encoded(&ops, plain),
+        ops: BatchOps::from_encoded(ops, plain),
         bytes,
         cap: cap.cloned(),
         effective: true,

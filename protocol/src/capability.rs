@@ -587,11 +587,23 @@ impl Chain {
     pub fn covers(&self, collection: &str, key: &str) -> bool {
         match &self.leaf().body.prefix {
             None => true,
-            Some(p) => {
-                let path = format!("{collection}/{key}");
-                path.starts_with(p.as_str())
-            }
+            // Whether "collection/key" starts with `p`, without building the path.
+            Some(p) => match p.as_bytes().split_at_checked(collection.len()) {
+                None => collection.as_bytes().starts_with(p.as_bytes()),
+                Some((head, rest)) => {
+                    head == collection.as_bytes()
+                        && rest.split_first().is_none_or(|(slash, tail)| {
+                            *slash == b'/' && key.as_bytes().starts_with(tail)
+                        })
+                }
+            },
         }
+    }
+
+    /// Whether the holder's scope is the whole namespace (no prefix): then
+    /// [`Chain::covers`] holds for every record.
+    pub fn covers_everything(&self) -> bool {
+        self.leaf().body.prefix.is_none()
     }
 }
 
@@ -1345,6 +1357,28 @@ mod tests {
             let bytes = chain.encode();
             (chain, bytes)
         })
+    }
+
+    proptest! {
+        /// `covers` is exactly "collection/key starts with the prefix".
+        #[test]
+        fn covers_is_a_path_prefix_test(
+            collection in "[ab/]{0,4}",
+            key in "[ab/]{0,4}",
+            prefix in "[ab/]{0,6}",
+        ) {
+            let w = world();
+            let root = |prefix: Option<String>| {
+                Chain::issue_root(&w.owner, &w.ns, &w.admin.public(), Rights::Admin, prefix, 0, None, 1)
+            };
+            if let Ok(chain) = root(Some(prefix.clone())) {
+                let want = format!("{collection}/{key}").starts_with(prefix.as_str());
+                prop_assert_eq!(chain.covers(&collection, &key), want);
+                prop_assert!(!chain.covers_everything());
+            }
+            let whole = root(None).unwrap();
+            prop_assert!(whole.covers_everything() && whole.covers(&collection, &key));
+        }
     }
 
     proptest! {

@@ -83,6 +83,11 @@ pub struct WriteMany<P> {
     pub results: Vec<Result<usize, BatchError>>,
     /// Store, then publish, for every batch.
     pub actions: Vec<Action<P>>,
+    /// Per caller, in the order given: its ops after sealing (stamped, perhaps pruned), for
+    /// the caller to drop where it likes (empty where a caller's ops failed their checks).
+    /// The writers allocated them; freeing them on the writers' side keeps the engine's
+    /// thread, which every write passes through in turn, from paying for it.
+    pub spent: Vec<CheckedOps>,
 }
 
 /// Tunables of the engine. Defaults suit a LAN/WAN node; tests shrink the intervals.
@@ -888,19 +893,20 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         ops: Vec<Op>,
         now_ms: u64,
     ) -> Result<(VerifiedBatch, Vec<Action<P>>), BatchError> {
-        self.write_checked(ns, keypair, CheckedOps::new(ops)?, now_ms)
+        self.write_checked(ns, keypair, &mut CheckedOps::new(ops)?, now_ms)
     }
 
     /// [`Engine::write`] of ops the caller has already checked: their fields are not walked
-    /// again here (see [`CheckedOps`]).
+    /// again here (see [`CheckedOps`]). The ops are left in `ops`, stamped and perhaps
+    /// pruned, for the caller to drop.
     pub fn write_checked(
         &mut self,
         ns: &str,
         keypair: &Keypair,
-        ops: CheckedOps,
+        ops: &mut CheckedOps,
         now_ms: u64,
     ) -> Result<(VerifiedBatch, Vec<Action<P>>), BatchError> {
-        let mut ops = ops.into_ops();
+        let ops = ops.ops_mut();
         let state = self.namespaces.get(ns).ok_or_else(|| {
             BatchError::Inconsistent(format!("namespace {ns:?} has not been joined"))
         })?;
@@ -920,11 +926,11 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             None => ChainPosition { seq: 1, prev: None },
         };
         let saved_clock = self.clock.clone();
-        for op in &mut ops {
+        for op in ops.iter_mut() {
             op.set_hlc(self.clock.tick(now_ms));
         }
         // Drop what later ops of the same batch make invisible (exactly equivalent).
-        let ops = crate::prune::prune(ops);
+        crate::prune::prune(ops);
         let cap = match &state.policy {
             Policy::Owned { mine } if !capability::is_owner(ns, &author) => {
                 Some(mine.clone().ok_or_else(|| {
@@ -1023,6 +1029,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             batches: Vec::new(),
             results: Vec::with_capacity(writes.len()),
             actions: Vec::new(),
+            spent: Vec::with_capacity(writes.len()),
         };
         let author = *keypair.public().as_bytes();
         // Per-caller checks; the callers that pass are planned into groups.
@@ -1047,6 +1054,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 }
                 Err(e) => out.results.push(Err(e)),
             }
+            out.spent.push(CheckedOps::default());
         }
         let groups = crate::coalesce::plan(
             &sizes,
@@ -1057,21 +1065,23 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         for g in groups {
             let members: Vec<(usize, CheckedOps)> = ok.by_ref().take(g.len()).collect();
             if members.len() > 1 {
-                let all = CheckedOps::concat(members.iter().map(|(_, ops)| ops));
-                if let Ok((vb, acts)) = self.write_checked(ns, keypair, all, now_ms) {
+                // A copy: if the group does not seal, each caller is sealed alone.
+                let mut all = CheckedOps::concat(members.iter().map(|(_, ops)| ops));
+                if let Ok((vb, acts)) = self.write_checked(ns, keypair, &mut all, now_ms) {
                     let b = out.batches.len();
                     out.batches.push(vb);
                     out.actions.extend(acts);
-                    for (i, _) in &members {
-                        out.results[*i] = Ok(b);
+                    for (i, ops) in members {
+                        out.results[i] = Ok(b);
+                        out.spent[i] = ops;
                     }
                     continue;
                 }
                 // The group did not seal (a bound or a validity window the per-caller checks
                 // could not see): each caller alone gets exactly its own outcome.
             }
-            for (i, ops) in members {
-                out.results[i] = match self.write_checked(ns, keypair, ops, now_ms) {
+            for (i, mut ops) in members {
+                out.results[i] = match self.write_checked(ns, keypair, &mut ops, now_ms) {
                     Ok((vb, acts)) => {
                         out.batches.push(vb);
                         out.actions.extend(acts);
@@ -1079,6 +1089,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     }
                     Err(e) => Err(e),
                 };
+                out.spent[i] = ops;
             }
         }
         out
@@ -2167,6 +2178,9 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     chain
                         .authorizes(ns, author, need, at)
                         .map_err(|e| e.to_string())?;
+                }
+                if chain.covers_everything() {
+                    return Ok(());
                 }
                 let view = vb.ops.view().map_err(|e| e.to_string())?;
                 for op in view.ops() {

@@ -370,8 +370,14 @@ impl CheckedOps {
         out
     }
 
-    /// The ops, for the engine to stamp and seal (stamping keeps them valid).
-    pub(crate) fn into_ops(self) -> Vec<Op> {
+    /// The ops, for the engine to stamp and prune in place (both keep them valid; pruning
+    /// can only make [`CheckedOps::bytes`] an overestimate).
+    pub(crate) fn ops_mut(&mut self) -> &mut Vec<Op> {
+        &mut self.ops
+    }
+
+    /// The ops.
+    pub fn into_ops(self) -> Vec<Op> {
         self.ops
     }
 }

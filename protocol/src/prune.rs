@@ -12,41 +12,27 @@
 //! Ops are never combined into new ops with other timestamps (two upserts of different fields
 //! keep their own stamps), which is what keeps the result exactly equivalent.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
 
 use crate::op::Op;
 
-/// Removes dominated ops and fields. `ops` must be in timestamp order, as in a batch.
+/// Removes dominated ops and fields, in place. `ops` must be in timestamp order, as in a
+/// batch.
 ///
 /// Only an op on a record that the batch touches more than once can be dominated, so a
-/// first pass counts the records (borrowed, hashed) and ops on records touched once are
-/// kept as they are, without the walk's per-op allocations. A batch of distinct records (the
-/// common case under random keys) comes back untouched after that one pass.
-pub fn prune(ops: Vec<Op>) -> Vec<Op> {
-    let repeated = repeated_records(&ops);
-    if !repeated.iter().any(|r| *r) {
-        return ops;
-    }
-    walk(ops, &repeated)
-}
-
-/// Per op: whether its record is touched by another op of the batch too.
-fn repeated_records(ops: &[Op]) -> Vec<bool> {
-    let mut seen: HashMap<(&str, &str), u32, foldhash::fast::RandomState> =
-        HashMap::with_capacity_and_hasher(ops.len(), Default::default());
-    for op in ops {
-        *seen.entry((op.collection(), op.key())).or_default() += 1;
-    }
-    ops.iter()
-        .map(|op| {
-            seen.get(&(op.collection(), op.key()))
-                .is_some_and(|n| *n > 1)
-        })
-        .collect()
-}
-
-/// The backward walk over a batch; ops whose `repeated` flag is false are kept unexamined.
-fn walk(ops: Vec<Op>, repeated: &[bool]) -> Vec<Op> {
+/// first pass finds the records touched more than once (one hash of each op's record into a
+/// table of op indices), and only their ops are examined, walking backwards. A batch of
+/// distinct records (the common case under random keys) is left untouched after that one
+/// pass; otherwise the few ops that go are removed in place. Nothing is reallocated: a
+/// batch's worth of fresh memory per write (a new vector of ~5k ops) was mostly the
+/// kernel zeroing pages for it.
+pub fn prune(ops: &mut Vec<Op>) {
+    let Some(repeated) = repeated_records(ops) else {
+        return;
+    };
     // Walk backwards, remembering per record what later ops already cover.
     #[derive(Default)]
     struct Later {
@@ -54,58 +40,65 @@ fn walk(ops: Vec<Op>, repeated: &[bool]) -> Vec<Op> {
         written: BTreeSet<String>,
     }
     let mut later: BTreeMap<(String, String), Later> = BTreeMap::new();
-    let mut kept: Vec<Op> = Vec::with_capacity(ops.len());
-    for (op, repeated) in ops.into_iter().zip(repeated).rev() {
-        if !repeated {
-            kept.push(op);
+    let mut keep = vec![true; ops.len()];
+    for i in (0..ops.len()).rev() {
+        if !repeated[i] {
             continue;
         }
-        let rec = (op.collection().to_string(), op.key().to_string());
+        let rec = (ops[i].collection().to_string(), ops[i].key().to_string());
         let seen = later.entry(rec).or_default();
-        match op {
-            Op::Delete { .. } => {
-                if !seen.deleted {
-                    seen.deleted = true;
-                    kept.push(op);
-                }
-            }
-            Op::Upsert {
-                collection,
-                key,
-                hlc,
-                mut fields,
-            } => {
+        keep[i] = match &mut ops[i] {
+            Op::Delete { .. } => !std::mem::replace(&mut seen.deleted, true),
+            Op::Upsert { fields, .. } => {
                 if seen.deleted {
-                    continue;
-                }
-                let all = fields.len();
-                fields.retain(|f, _| !seen.written.contains(f));
-                // An upsert whose every field is overwritten later is invisible; an empty one
-                // written on purpose ({}: "the record exists") is kept unless a later write or
-                // delete of the record covers it.
-                let covered = all > 0 && fields.is_empty();
-                let empty_covered = all == 0 && !seen.written.is_empty();
-                seen.written.extend(fields.keys().cloned());
-                if !covered && !empty_covered {
-                    kept.push(Op::Upsert {
-                        collection,
-                        key,
-                        hlc,
-                        fields,
-                    });
+                    false
+                } else {
+                    let all = fields.len();
+                    fields.retain(|f, _| !seen.written.contains(f));
+                    // An upsert whose every field is overwritten later is invisible; an empty
+                    // one written on purpose ({}: "the record exists") is kept unless a later
+                    // write or delete of the record covers it.
+                    let covered = all > 0 && fields.is_empty();
+                    let empty_covered = all == 0 && !seen.written.is_empty();
+                    seen.written.extend(fields.keys().cloned());
+                    !covered && !empty_covered
                 }
             }
-            Op::CounterAdd { ref field, .. } => {
-                if seen.deleted || seen.written.contains(field) {
-                    continue;
-                }
-                kept.push(op);
+            Op::CounterAdd { field, .. } => !(seen.deleted || seen.written.contains(field)),
+            Op::Revoke { .. } => true,
+        };
+    }
+    let mut keep = keep.into_iter();
+    ops.retain(|_| keep.next().unwrap_or(true));
+}
+
+/// Per op, whether its record is touched by another op of the batch too; `None` if no record
+/// is touched twice.
+fn repeated_records(ops: &[Op]) -> Option<Vec<bool>> {
+    let hasher = foldhash::fast::RandomState::default();
+    let hash = |op: &Op| hasher.hash_one((op.collection(), op.key()));
+    // Index of the first op on each record (4 bytes a slot: the table of a 5k-op batch
+    // stays in cache, and a record's strings are compared only when the hash tags match).
+    let mut first: HashTable<u32> = HashTable::with_capacity(ops.len());
+    let mut repeated: Option<Vec<bool>> = None;
+    for (i, op) in ops.iter().enumerate() {
+        let same = |j: &u32| {
+            let o = &ops[*j as usize];
+            o.key() == op.key() && o.collection() == op.collection()
+        };
+        let h = hash(op);
+        match first.find(h, same) {
+            Some(&j) => {
+                let r = repeated.get_or_insert_with(|| vec![false; ops.len()]);
+                r[i] = true;
+                r[j as usize] = true;
             }
-            Op::Revoke { .. } => kept.push(op),
+            None => {
+                first.insert_unique(h, i as u32, |j| hash(&ops[*j as usize]));
+            }
         }
     }
-    kept.reverse();
-    kept
+    repeated
 }
 
 #[cfg(test)]
@@ -204,7 +197,8 @@ mod tests {
                 .map(|mut o| { let h = o.hlc(); o.set_hlc(Hlc(h.0 - 100 + shift * 2 + 95)); o })
                 .collect();
             let base = states(&other, them, &BTreeMap::new());
-            let pruned = prune(ops.clone());
+            let mut pruned = ops.clone();
+            prune(&mut pruned);
             prop_assert!(pruned.len() <= ops.len());
             prop_assert_eq!(states(&pruned, me, &base), states(&ops, me, &base));
             prop_assert_eq!(states(&pruned, me, &BTreeMap::new()), states(&ops, me, &BTreeMap::new()));
@@ -212,6 +206,19 @@ mod tests {
             for w in pruned.windows(2) {
                 prop_assert!(w[0].hlc() < w[1].hlc());
             }
+        }
+    }
+
+    proptest! {
+        /// The first pass flags exactly the ops whose record another op touches too.
+        #[test]
+        fn repeated_records_are_exact(ops in arb_ops()) {
+            let naive: Vec<bool> = ops
+                .iter()
+                .map(|a| ops.iter().filter(|b| (a.collection(), a.key()) == (b.collection(), b.key())).count() > 1)
+                .collect();
+            let want = naive.iter().any(|r| *r).then_some(naive);
+            prop_assert_eq!(repeated_records(&ops), want);
         }
     }
 
@@ -235,7 +242,8 @@ mod tests {
             del(4, "b"),
             up(5, "b", &["z"]),
         ];
-        let p = prune(ops);
+        let mut p = ops;
+        prune(&mut p);
         assert_eq!(
             p,
             vec![
