@@ -83,8 +83,9 @@ pub struct WriteMany<P> {
     pub results: Vec<Result<usize, BatchError>>,
     /// Store, then publish, for every batch.
     pub actions: Vec<Action<P>>,
-    /// Per caller, in the order given: its ops after sealing (stamped, perhaps pruned), for
-    /// the caller to drop where it likes (empty where a caller's ops failed their checks).
+    /// Per caller, in the order given: its ops, no longer needed once sealed (stamped and
+    /// perhaps pruned if sealed alone; as given if sealed in a group, which sealed a copy),
+    /// for the caller to drop where it likes (empty where a caller's ops failed their checks).
     /// The writers allocated them; freeing them on the writers' side keeps the engine's
     /// thread, which every write passes through in turn, from paying for it.
     pub spent: Vec<CheckedOps>,
