@@ -345,9 +345,12 @@ pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
     let mut rss = Vec::new();
     let mut cpus = Vec::new();
     let mut owned_dups = Vec::new();
+    let (mut readable, mut cpus_readable) = (Vec::new(), Vec::new());
     for run in 0..runs {
         let r = b3_run(total_ops, run as u64, false).await?;
         public.push(r.rate);
+        readable.push(r.readable);
+        cpus_readable.push(r.cpu_us_readable);
         rss.push(r.rss_growth_mb);
         cpus.push(r.cpu_us_per_op);
         let o = b3_run(total_ops, run as u64, true).await?;
@@ -383,6 +386,14 @@ pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
         },
         Row {
             id: "B3",
+            what: "same, until every op is readable at both nodes (records staged)".into(),
+            value: median(readable),
+            unit: "ops/s",
+            ratio: None,
+            baseline: None,
+        },
+        Row {
+            id: "B3",
             what: "same, owned namespace (capability-checked push, no gossip)".into(),
             value: owned,
             unit: "ops/s",
@@ -412,6 +423,14 @@ pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
             unit: "us/op",
             ratio: None,
             baseline: Some("process CPU time over the run / ops; 2 cores".into()),
+        },
+        Row {
+            id: "B3",
+            what: "CPU per op until readable at both nodes, public run".into(),
+            value: median(cpus_readable),
+            unit: "us/op",
+            ratio: None,
+            baseline: Some("as above, until both nodes' records hold every op".into()),
         },
     ])
 }
@@ -470,6 +489,9 @@ async fn b2_run(calls: usize, run: usize, writers: usize) -> Result<B2Run> {
         }
     };
     let mut lat = Vec::with_capacity(calls);
+    // Window markers: a profile recorded with `perf record -k CLOCK_REALTIME` lines up with
+    // these log lines' timestamps.
+    tracing::info!(writers, "bench window: B2 start");
     let t = Instant::now();
     let cpu0 = cpu_secs();
     let mut inflight = futures::stream::FuturesUnordered::new();
@@ -485,10 +507,12 @@ async fn b2_run(calls: usize, run: usize, writers: usize) -> Result<B2Run> {
     }
     let secs = t.elapsed().as_secs_f64();
     let cpu_us = (cpu_secs() - cpu0) * 1e6 / (calls * W_BATCH_OPS) as f64;
+    tracing::info!(writers, "bench window: B2 end");
     // Until the records have caught up too (a read waits for them).
     let n2 = node.clone();
     tokio::task::spawn_blocking(move || n2.get(DEFAULT_NAMESPACE, "bench", "k0000000")).await??;
     let readable = (calls * W_BATCH_OPS) as f64 / t.elapsed().as_secs_f64();
+    let cpu_us_readable = (cpu_secs() - cpu0) * 1e6 / (calls * W_BATCH_OPS) as f64;
     node.shutdown().await;
     drop(node);
     let bytes = std::fs::metadata(crate::node::store_path(&dir.path().join("n")))?.len() as f64;
@@ -499,6 +523,7 @@ async fn b2_run(calls: usize, run: usize, writers: usize) -> Result<B2Run> {
         mb_s: bytes / secs / 1e6,
         lat,
         cpu_us,
+        cpu_us_readable,
     })
 }
 
@@ -514,6 +539,9 @@ struct B2Run {
     lat: Vec<f64>,
     /// Process CPU (all threads) per op until durable, µs.
     cpu_us: f64,
+    /// Process CPU per op until every op was readable, µs (the records' staging is done by
+    /// then; their write into the view file comes later, off this figure).
+    cpu_us_readable: f64,
 }
 
 /// Writers in flight in B2's concurrent variant (as several client connections would).
@@ -530,6 +558,7 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
     let mut readable = Vec::new();
     let (mut conc, mut conc_readable, mut conc_p50) = (vec![], vec![], vec![]);
     let (mut cpus, mut conc_cpus) = (vec![], vec![]);
+    let (mut cpus_readable, mut conc_cpus_readable) = (vec![], vec![]);
     for run in 0..runs {
         let one = b2_run(calls, run, 1).await?;
         let lat = &one.lat;
@@ -539,11 +568,13 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
         p50s.push(lat[lat.len() / 2]);
         p99s.push(lat[(lat.len() * 99 / 100).min(lat.len() - 1)]);
         cpus.push(one.cpu_us);
+        cpus_readable.push(one.cpu_us_readable);
         let four = b2_run(calls, run, B2_WRITERS).await?;
         conc.push(four.rate);
         conc_readable.push(four.readable);
         conc_p50.push(four.lat[four.lat.len() / 2]);
         conc_cpus.push(four.cpu_us);
+        conc_cpus_readable.push(four.cpu_us_readable);
 
         // Raw redb: the same number of sealed batches, one value each, durable commits.
         let dir = tempfile_dir()?;
@@ -621,6 +652,16 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
         row(
             format!("CPU per op until durable, {B2_WRITERS} writers"),
             median(conc_cpus),
+            "us/op",
+        ),
+        row(
+            "CPU per op until readable, one writer (records staged too)".into(),
+            median(cpus_readable),
+            "us/op",
+        ),
+        row(
+            format!("CPU per op until readable, {B2_WRITERS} writers"),
+            median(conc_cpus_readable),
             "us/op",
         ),
     ])
@@ -1082,7 +1123,12 @@ fn peak_rss_mb() -> f64 {
 /// growth of this process's peak RSS over the run, in MB.
 /// One B3 run's figures.
 struct B3Run {
+    /// Ops/s until B's log held every batch (durable at B).
     rate: f64,
+    /// Ops/s until both nodes' records held every op (readable at A and B).
+    readable: f64,
+    /// Process CPU per op until readable at both, µs.
+    cpu_us_readable: f64,
     rss_growth_mb: f64,
     cpu_us_per_op: f64,
     /// Batches B received again after holding them (pushed and fetched, or relayed back).
@@ -1144,6 +1190,7 @@ async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<B3Run> {
             }
         })
     };
+    tracing::info!(owned, "bench window: B3 start");
     let t = Instant::now();
     let cpu0 = cpu_secs();
     // Several calls in flight, as several client connections would.
@@ -1169,6 +1216,14 @@ async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<B3Run> {
     .await?;
     let rate = (calls * W_BATCH_OPS) as f64 / t.elapsed().as_secs_f64();
     let cpu_us = (cpu_secs() - cpu0) * 1e6 / (calls * W_BATCH_OPS) as f64;
+    tracing::info!(owned, "bench window: B3 end");
+    // Until both nodes' records hold every op too (a read waits for what it follows).
+    for n in [&a, &b] {
+        let (n, ns) = (n.clone(), ns.clone());
+        tokio::task::spawn_blocking(move || n.get(&ns, "bench", "k0000000")).await??;
+    }
+    let readable = (calls * W_BATCH_OPS) as f64 / t.elapsed().as_secs_f64();
+    let cpu_us_readable = (cpu_secs() - cpu0) * 1e6 / (calls * W_BATCH_OPS) as f64;
     sampler.abort();
     let rss_growth = rss_peak.load(Relaxed).saturating_sub(rss_start) as f64 / 1e6;
     a.shutdown().await;
@@ -1181,6 +1236,8 @@ async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<B3Run> {
         .saturating_sub(dups_base);
     Ok(B3Run {
         rate,
+        readable,
+        cpu_us_readable,
         rss_growth_mb: rss_growth,
         cpu_us_per_op: cpu_us,
         duplicates_per_batch: dups as f64 / calls as f64,
