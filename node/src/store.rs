@@ -612,10 +612,18 @@ impl Store {
                 if vb.effective {
                     let (mut rk, mut buf) = (Vec::with_capacity(64), Vec::with_capacity(256));
                     let author = &vb.header.author;
+                    // The key's `ns collection` prefix is written again only when the
+                    // collection changes (batches mostly write runs of one collection).
+                    let (mut prefix_of, mut prefix_len) = (None, 0);
                     for op in view.ops() {
                         let (collection, key) = (view.collection(op), view.key(op));
-                        rk.clear();
-                        write_record_key(&mut rk, &vb.header.ns, collection, key);
+                        if prefix_of != Some(collection) {
+                            rk.clear();
+                            write_record_key(&mut rk, &vb.header.ns, collection, "");
+                            (prefix_of, prefix_len) = (Some(collection), rk.len());
+                        }
+                        rk.truncate(prefix_len);
+                        rk.extend_from_slice(key.as_bytes());
                         if want_changes {
                             touched.push((collection.to_string(), key.to_string(), rk.clone()));
                         }

@@ -303,6 +303,14 @@ impl ValueRef<'_> {
 /// Appends the canonical encoding of a validated raw value: exactly what [`value`] writes for
 /// `v.to_value()`, with text (the commonest value) copied instead of parsed into a `String`.
 pub(crate) fn value_ref(out: &mut Vec<u8>, v: ValueRef<'_>) {
+    // The commonest case, a text whose head is already the shortest one (what `head` writes):
+    // copied whole, head and all.
+    if let Some(len) = canonical_text_len(v.0) {
+        if len == v.0.len() {
+            out.extend_from_slice(v.0);
+            return;
+        }
+    }
     let mut r = Reader { b: v.0, pos: 0 };
     if let Ok((3, _, n)) = r.head() {
         if let Some(text) = v.0.get(r.pos..).filter(|t| t.len() as u64 == n) {
@@ -312,6 +320,28 @@ pub(crate) fn value_ref(out: &mut Vec<u8>, v: ValueRef<'_>) {
         }
     }
     value(out, &v.to_value());
+}
+
+/// The whole length (head and bytes) of the text at the front of `raw` if its head is the
+/// shortest form of its length (`None` for anything else: the caller takes the slow path).
+#[inline]
+fn canonical_text_len(raw: &[u8]) -> Option<usize> {
+    let (&b0, rest) = raw.split_first()?;
+    if b0 >> 5 != 3 {
+        return None;
+    }
+    match b0 & 0x1f {
+        n @ 0..=23 => Some(1 + usize::from(n)),
+        24 => rest
+            .first()
+            .filter(|&&n| n >= 24)
+            .map(|&n| 2 + usize::from(n)),
+        25 => {
+            let n = usize::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?));
+            (n > 0xff).then_some(3 + n)
+        }
+        _ => None,
+    }
 }
 
 /// The length of the CBOR value at the front of `bytes`, which was checked when it was
@@ -1309,6 +1339,27 @@ pub(crate) mod tests {
     }
 
     proptest! {
+        /// A text of any length, with its head written in any of the lengths CBOR allows,
+        /// re-encodes exactly as `value` writes it (the copy fast path and the slow path agree).
+        #[test]
+        fn value_ref_text_is_canonical(len in prop_oneof![0usize..30, 250usize..260, 65_530usize..65_540], wide in 0u8..4) {
+            let text = "x".repeat(len);
+            let mut raw = Vec::new();
+            let ai_min = match len { 0..=23 => 0, 24..=0xff => 1, 0x100..=0xffff => 2, _ => 3 };
+            match wide.max(ai_min) {
+                0 => raw.push(0x60 | len as u8),
+                1 => raw.extend_from_slice(&[0x78, len as u8]),
+                2 => { raw.push(0x79); raw.extend_from_slice(&(len as u16).to_be_bytes()); }
+                _ => { raw.push(0x7a); raw.extend_from_slice(&(len as u32).to_be_bytes()); }
+            }
+            raw.extend_from_slice(text.as_bytes());
+            let mut out = Vec::new();
+            value_ref(&mut out, ValueRef(&raw));
+            let mut want = Vec::new();
+            value(&mut want, &Value::String(text));
+            prop_assert_eq!(out, want);
+        }
+
         /// decode(encode(ops)) == ops, for every valid op list.
         #[test]
         fn roundtrip(ops in arb_ops()) {
