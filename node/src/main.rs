@@ -13,7 +13,8 @@ use blazedb_node::{api, bench, node, store::Store, Node, NodeConfig, DEFAULT_NAM
 
 /// mimalloc instead of glibc's malloc: ops are allocated on the actor's threads and freed on
 /// the materializer's, a pattern glibc serves poorly (its free-list consolidation was ~15% of
-/// B3's profile).
+/// B3's profile). Built with `no_thp` (node/Cargo.toml): no huge-page hint on its arenas, whose
+/// first-touch zeroing of whole 2 MiB pages was 41% of the B3 window (ARCHITECTURE.md).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
