@@ -184,7 +184,7 @@ pub const APPLIED: TableDefinition<'_, &[u8], u64> = TableDefinition::new("appli
 
 /// A batch's ops, read in place. Its payload decoded when the batch was verified; a failure
 /// here means memory or the code is wrong, reported as a damaged store, not a panic.
-fn ops_view(vb: &VerifiedBatch) -> Result<PayloadView<'_>, StoreError> {
+fn ops_view(vb: &VerifiedBatch) -> Result<&PayloadView<'_>, StoreError> {
     vb.ops
         .view()
         .map_err(|e| StoreError::Corrupt(format!("batch {}: ops: {e}", vb.id)))
@@ -631,12 +631,12 @@ impl Store {
                         let updated = staged.records.update(&rk, &mut buf, |held, out| {
                             match held {
                                 // A newer overwrite (or delete) of all of it: no decode.
-                                Some(held) if !record_codec::dominated_by(held, &view, op) => {
+                                Some(held) if !record_codec::dominated_by(held, view, op) => {
                                     let mut state = decode_state(held)?;
-                                    state.apply_view(&view, op, *author);
+                                    state.apply_view(view, op, *author);
                                     record_codec::encode_state(&state, out);
                                 }
-                                _ => record_codec::encode_op_state(&view, op, author, out),
+                                _ => record_codec::encode_op_state(view, op, author, out),
                             }
                             Ok::<(), StoreError>(())
                         })?;
@@ -1102,7 +1102,7 @@ impl Store {
                     states
                         .entry(record_key(ns, view.collection(op), view.key(op)))
                         .or_default()
-                        .apply_view(&view, op, vb.header.author);
+                        .apply_view(view, op, vb.header.author);
                 }
             }
             for (k, s) in states {

@@ -597,14 +597,16 @@ pub fn verify_with(bytes: Vec<u8>, dicts: &dyn DictLookup) -> Result<VerifiedBat
         legacy = compact;
         &legacy
     };
-    // The compact decoder checks every op rule and the timestamp order itself.
-    let view = crate::codec::decode(plain).map_err(|e| match e {
+    // The compact decoder checks every op rule and the timestamp order itself. The view is
+    // kept with the batch (readers do not decode it again).
+    let decoded = BatchOps::decode(plain.into(), crate::codec::decode).map_err(|e| match e {
         crate::codec::CodecError::InvalidOp(e) => BatchError::InvalidOp(e),
         crate::codec::CodecError::Unordered => {
             BatchError::Inconsistent("op timestamps must strictly increase".into())
         }
         other => BatchError::Malformed(format!("payload: {other}")),
     })?;
+    let view = decoded.get();
     let (Some(first), Some(last)) = (view.ops().first(), view.ops().last()) else {
         return Err(BatchError::Inconsistent(
             "a batch holds at least one op".into(),
@@ -620,7 +622,7 @@ pub fn verify_with(bytes: Vec<u8>, dicts: &dyn DictLookup) -> Result<VerifiedBat
             "HLC range differs from the ops".into(),
         ));
     }
-    let ops = BatchOps::from_view(&view, plain);
+    let ops = BatchOps::from_decoded(decoded);
     let cap = match &header.cap {
         Some(c) => Some(
             Chain::decode(c).map_err(|e| BatchError::Inconsistent(format!("capability: {e}")))?,

@@ -418,8 +418,10 @@ impl OpView<'_> {
     }
 }
 
-/// A decoded, fully validated compact payload borrowing from its bytes.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// A decoded, fully validated compact payload borrowing from its bytes. `Yokeable`: a
+/// [`crate::BatchOps`] keeps it next to the bytes it borrows from (`yoke`), so a payload is
+/// decoded once per process, not again by every reader.
+#[derive(Clone, Debug, Default, PartialEq, yoke::Yokeable)]
 pub struct PayloadView<'a> {
     names: Vec<&'a str>,
     ops: Vec<OpView<'a>>,

@@ -611,7 +611,7 @@ impl Sim {
             n.records
                 .entry((view.collection(op).to_string(), view.key(op).to_string()))
                 .or_default()
-                .apply_view(&view, op, vb.header.author);
+                .apply_view(view, op, vb.header.author);
         }
         self.batches
             .entry(vb.id)
