@@ -161,6 +161,13 @@ impl BatchOps {
             .ok_or(CodecError::Malformed("decoded view not kept"))
     }
 
+    /// Decodes the payload again without keeping the result (structure checked, op rules
+    /// not), returning the op count: what the first [`BatchOps::view`] of a batch sealed here
+    /// costs. For benchmarks; readers use `view`.
+    pub fn decode_uncached(&self) -> Result<usize, CodecError> {
+        codec::decode_checked_before(&self.plain).map(|v| v.len())
+    }
+
     /// The ops as owned values.
     pub fn to_vec(&self) -> Result<Vec<Op>, CodecError> {
         Ok(self.view()?.to_ops())
