@@ -336,7 +336,7 @@ pub fn seal_squeezed(
 ) -> Result<VerifiedBatch, BatchError> {
     validate_namespace(ns)?;
     check_ops(&ops)?;
-    seal_checked(keypair, ns, pos, &ops, cap, dict, squeeze)
+    seal_valid(keypair, ns, pos, &ops, cap, dict, squeeze)
 }
 
 /// [`seal_squeezed`] of ops whose contents were checked ([`crate::CheckedOps`]): only their
@@ -352,6 +352,20 @@ pub(crate) fn seal_checked(
 ) -> Result<VerifiedBatch, BatchError> {
     validate_namespace(ns)?;
     check_op_order(ops)?;
+    seal_valid(keypair, ns, pos, ops, cap, dict, squeeze)
+}
+
+/// Seals ops and a namespace that passed their checks (each entry point above checks what its
+/// callers have not: everything, or only the count and timestamp order).
+fn seal_valid(
+    keypair: &Keypair,
+    ns: &str,
+    pos: ChainPosition,
+    ops: &[Op],
+    cap: Option<&Chain>,
+    dict: Option<&Dict>,
+    squeeze: &mut Squeeze,
+) -> Result<VerifiedBatch, BatchError> {
     let mut plain = Vec::new();
     crate::codec::encode_ops(ops, &mut plain);
     let (mut payload, mut enc) = match plain.len() >= COMPRESS_MIN_BYTES {
