@@ -8,8 +8,12 @@
 //! unless it is `X25519MLKEM768` — on both the dialing and the listening side. The negotiated
 //! group of every accepted link is recorded in a [`LinkRegistry`] so the node can show it.
 //!
-//! It also never writes TLS secrets to a key-log file (libp2p-tls would, when
-//! `SSLKEYLOGFILE` is set).
+//! It builds its rustls configs itself, around libp2p's certificate format and checks
+//! (`libp2p::tls::certificate::generate` / `parse`: the same certificates, so stock libp2p TLS
+//! peers interoperate, tested both ways), for two reasons: it never writes TLS secrets to a
+//! key-log file (libp2p-tls would, when `SSLKEYLOGFILE` is set), and it orders the cipher
+//! suites for the CPU ([`cipher_suites`]: AES-GCM first where the CPU has AES instructions;
+//! libp2p-tls lists ChaCha20-Poly1305 first everywhere).
 //!
 //! No other security protocol should be offered next to this one: protocol negotiation
 //! (multistream-select) is unauthenticated, so offering Noise as well would let an active
@@ -134,14 +138,13 @@ impl PqTlsConfig {
         policy: KxPolicy,
         registry: LinkRegistry,
     ) -> Result<Self, LinkError> {
-        let mut server = libp2p::tls::make_server_config(keypair)?;
-        let mut client = libp2p::tls::make_client_config(keypair, None)?;
-        server.key_log = Arc::new(rustls::NoKeyLog);
-        client.key_log = Arc::new(rustls::NoKeyLog);
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.cipher_suites = cipher_suites();
+        let (server, client) = configs(keypair, Arc::new(provider), Arc::new(P2pVerifier))?;
         debug_assert_eq!(
             client.crypto_provider().kx_groups.first().map(|g| g.name()),
             Some(NamedGroup::X25519MLKEM768),
-            "libp2p-tls should offer the hybrid group first"
+            "aws-lc-rs should offer the hybrid group first"
         );
         Ok(Self {
             server: Arc::new(server),
@@ -156,31 +159,9 @@ impl PqTlsConfig {
     /// as dialer and as listener. For tests and interoperability checks; never used by a node.
     pub fn classical_only(keypair: &Keypair) -> Result<Self, LinkError> {
         let registry = LinkRegistry::default();
-        let (cert, key) = libp2p::tls::certificate::generate(keypair)?;
-        let provider = || {
-            let mut p = rustls::crypto::aws_lc_rs::default_provider();
-            p.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
-            Arc::new(p)
-        };
-        let err = |e: rustls::Error| LinkError::BadCertificate(e.to_string());
-        let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key).map_err(err)?;
-        let fixed = Arc::new(FixedCert(Arc::new(rustls::sign::CertifiedKey::new(
-            vec![cert],
-            signer,
-        ))));
-        let mut client = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(err)?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAny))
-            .with_client_cert_resolver(fixed.clone());
-        client.alpn_protocols = vec![b"libp2p".to_vec()];
-        let mut server = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(err)?
-            .with_client_cert_verifier(Arc::new(AcceptAny))
-            .with_cert_resolver(fixed);
-        server.alpn_protocols = vec![b"libp2p".to_vec()];
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+        let (server, client) = configs(keypair, Arc::new(provider), Arc::new(AcceptAny))?;
         Ok(Self {
             server: Arc::new(server),
             client: Arc::new(client),
@@ -300,8 +281,222 @@ where
     }
 }
 
-/// The classical test peer's one certificate (libp2p's self-signed certificate with its
-/// critical extension, which rustls' own certificate loading would refuse).
+/// TLS 1.3 cipher suites in the order this node prefers them: AES-GCM first where the CPU
+/// has AES and carry-less multiply instructions (there it costs a fraction of
+/// ChaCha20-Poly1305's CPU per byte: ~3% of all CPU in B3's replication before, when libp2p's
+/// ChaCha-first order was used), ChaCha20-Poly1305 first where it has not. A TLS 1.3 server
+/// picks the first suite of the client's list that it supports, so links this node dials
+/// use its order.
+pub fn cipher_suites() -> Vec<rustls::SupportedCipherSuite> {
+    use rustls::crypto::aws_lc_rs::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    if aes_hardware() {
+        vec![
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ]
+    } else {
+        vec![
+            TLS13_CHACHA20_POLY1305_SHA256,
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+        ]
+    }
+}
+
+/// Whether this CPU has instructions that make AES-GCM cheap.
+pub fn aes_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// A server and a client TLS 1.3 config for `keypair`: libp2p's self-signed certificate (the
+/// public key signed by the libp2p identity key in a critical extension), `provider`'s suites
+/// and groups, the ALPN libp2p uses, client certificates required, no key log.
+fn configs<V>(
+    keypair: &Keypair,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    verifier: Arc<V>,
+) -> Result<(rustls::ServerConfig, rustls::ClientConfig), LinkError>
+where
+    V: rustls::client::danger::ServerCertVerifier
+        + rustls::server::danger::ClientCertVerifier
+        + 'static,
+{
+    let (cert, key) = libp2p::tls::certificate::generate(keypair)?;
+    configs_with(cert, key, provider, verifier)
+}
+
+/// [`configs`] with a given certificate and its key.
+fn configs_with<V>(
+    cert: rustls::pki_types::CertificateDer<'static>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    verifier: Arc<V>,
+) -> Result<(rustls::ServerConfig, rustls::ClientConfig), LinkError>
+where
+    V: rustls::client::danger::ServerCertVerifier
+        + rustls::server::danger::ClientCertVerifier
+        + 'static,
+{
+    let err = |e: rustls::Error| LinkError::BadCertificate(e.to_string());
+    let signer = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key).map_err(err)?;
+    let fixed = Arc::new(FixedCert(Arc::new(rustls::sign::CertifiedKey::new(
+        vec![cert],
+        signer,
+    ))));
+    let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(err)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier.clone())
+        .with_client_cert_resolver(fixed.clone());
+    client.alpn_protocols = vec![b"libp2p".to_vec()];
+    let mut server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(err)?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(fixed);
+    server.alpn_protocols = vec![b"libp2p".to_vec()];
+    Ok((server, client))
+}
+
+/// The libp2p TLS certificate rules, on both ends (the libp2p TLS spec): exactly one
+/// certificate, which `libp2p::tls::certificate::parse` accepts (self-signed, within its
+/// validity period, with the critical extension carrying the libp2p public key and its
+/// signature over the certificate's key), and handshake signatures made by that
+/// certificate's key. The peer's identity is read from the certificate after the handshake
+/// ([`PqTlsConfig`]'s check); the swarm compares it with the peer it dialed.
+#[derive(Debug)]
+struct P2pVerifier;
+
+impl P2pVerifier {
+    fn certificate(
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+    ) -> Result<(), rustls::Error> {
+        if !intermediates.is_empty() {
+            return Err(rustls::Error::General(
+                "libp2p TLS requires exactly one certificate".into(),
+            ));
+        }
+        libp2p::tls::certificate::parse(end_entity)?;
+        Ok(())
+    }
+
+    fn signature(
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        libp2p::tls::certificate::parse(cert)?.verify_signature(
+            dss.scheme,
+            message,
+            dss.signature(),
+        )?;
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    /// The schemes libp2p certificates may use, elliptic curves first.
+    fn schemes() -> Vec<rustls::SignatureScheme> {
+        use rustls::SignatureScheme as S;
+        vec![
+            S::ECDSA_NISTP384_SHA384,
+            S::ECDSA_NISTP256_SHA256,
+            S::ED25519,
+            S::RSA_PSS_SHA512,
+            S::RSA_PSS_SHA384,
+            S::RSA_PSS_SHA256,
+            S::RSA_PKCS1_SHA512,
+            S::RSA_PKCS1_SHA384,
+            S::RSA_PKCS1_SHA256,
+        ]
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for P2pVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Self::certificate(end_entity, intermediates)?;
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Self::signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        Self::schemes()
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for P2pVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        Self::certificate(end_entity, intermediates)?;
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Self::signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        Self::schemes()
+    }
+}
+
+/// A config's one certificate (libp2p's self-signed certificate with its critical extension,
+/// which rustls' own certificate loading would refuse).
 #[derive(Debug)]
 struct FixedCert(Arc<rustls::sign::CertifiedKey>);
 
@@ -487,6 +682,110 @@ mod tests {
             reg.get(&kc.public().to_peer_id()).unwrap().key_exchange,
             "X25519"
         );
+    }
+
+    #[tokio::test]
+    async fn links_use_the_cipher_this_cpu_runs_cheapest() {
+        let (ks, kc) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let (server, client) = (strict(&ks), strict(&kc));
+        let (sreg, creg) = (server.registry().clone(), client.registry().clone());
+        let (s, c) = handshake(server, client).await;
+        let (s, c) = (s.unwrap(), c.unwrap());
+        let want = if aes_hardware() {
+            "TLS13_AES_128_GCM_SHA256"
+        } else {
+            "TLS13_CHACHA20_POLY1305_SHA256"
+        };
+        assert_eq!(sreg.get(&s).unwrap().cipher_suite, want);
+        assert_eq!(creg.get(&c).unwrap().cipher_suite, want);
+    }
+
+    /// A stock libp2p TLS peer (libp2p-tls's own configs and verifier) and a BlazeDB node
+    /// accept each other's certificates, in both directions, over the hybrid group.
+    #[tokio::test]
+    async fn stock_libp2p_tls_peers_interoperate() {
+        let (ks, kc) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        // Stock dialer, BlazeDB listener.
+        let server = strict(&ks);
+        let reg = server.registry().clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let srv = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            server.upgrade_inbound(TcpStream(s), "/tls/1.0.0").await
+        });
+        let c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (peer, _) = libp2p::tls::Config::new(&kc)
+            .unwrap()
+            .upgrade_outbound(TcpStream(c), "/tls/1.0.0")
+            .await
+            .unwrap();
+        assert_eq!(peer, ks.public().to_peer_id());
+        let (peer, _) = srv.await.unwrap().unwrap();
+        assert_eq!(peer, kc.public().to_peer_id());
+        assert_eq!(reg.get(&peer).unwrap().key_exchange, HYBRID_GROUP);
+
+        // BlazeDB dialer, stock listener.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stock = libp2p::tls::Config::new(&ks).unwrap();
+        let srv = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            stock.upgrade_inbound(TcpStream(s), "/tls/1.0.0").await
+        });
+        let client = strict(&kc);
+        let reg = client.registry().clone();
+        let c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (peer, _) = client
+            .upgrade_outbound(TcpStream(c), "/tls/1.0.0")
+            .await
+            .unwrap();
+        assert_eq!(peer, ks.public().to_peer_id());
+        assert_eq!(reg.get(&peer).unwrap().key_exchange, HYBRID_GROUP);
+        let (peer, _) = srv.await.unwrap().unwrap();
+        assert_eq!(peer, kc.public().to_peer_id());
+    }
+
+    /// A peer whose certificate's self-signature is damaged (its key and its libp2p extension
+    /// intact): whichever end it is, the handshake fails and nothing is recorded.
+    #[tokio::test]
+    async fn a_damaged_certificate_is_refused_on_both_ends() {
+        let damaged = |kp: &Keypair| {
+            let (cert, key) = libp2p::tls::certificate::generate(kp).unwrap();
+            let mut der = cert.to_vec();
+            let last = der.len() - 1;
+            der[last] ^= 0x01;
+            assert!(
+                libp2p::tls::certificate::parse(&rustls::pki_types::CertificateDer::from(
+                    der.clone()
+                ))
+                .is_err(),
+                "the damage should be detectable"
+            );
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            // The damaged peer itself accepts anything, so only the honest end can refuse.
+            let (server, client) =
+                configs_with(der.into(), key, provider, Arc::new(AcceptAny)).unwrap();
+            PqTlsConfig {
+                server: Arc::new(server),
+                client: Arc::new(client),
+                policy: KxPolicy::Strict,
+                registry: LinkRegistry::default(),
+                warn_classical: true,
+            }
+        };
+        let (ks, kc) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let honest = strict(&ks);
+        let reg = honest.registry().clone();
+        let (s, _) = handshake(honest, damaged(&kc)).await;
+        assert!(matches!(s, Err(LinkError::Handshake(_))), "{s:?}");
+        assert!(reg.get(&kc.public().to_peer_id()).is_none());
+
+        let honest = strict(&kc);
+        let reg = honest.registry().clone();
+        let (_, c) = handshake(damaged(&ks), honest).await;
+        assert!(matches!(c, Err(LinkError::Handshake(_))), "{c:?}");
+        assert!(reg.get(&ks.public().to_peer_id()).is_none());
     }
 
     #[test]

@@ -65,7 +65,7 @@ impl DeltaMap {
     /// The stored state held for `key`.
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
         let hash = self.hasher.hash_one(key);
-        self.table.find(hash, |s| s.key() == key).map(|s| s.state())
+        self.table.find(hash, matches(hash, key)).map(|s| s.state())
     }
 
     /// Sets `key`'s state to what `f` writes, given the state held (if any), with one lookup.
@@ -81,7 +81,7 @@ impl DeltaMap {
         let hash = self.hasher.hash_one(key);
         buf.clear();
         buf.extend_from_slice(key);
-        match self.table.find_mut(hash, |s| s.key() == key) {
+        match self.table.find_mut(hash, matches(hash, key)) {
             Some(slot) => {
                 let old = slot.block.len() - key.len();
                 f(Some(slot.state()), buf)?;
@@ -119,6 +119,12 @@ impl DeltaMap {
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.table.iter().map(|s| (s.key(), s.state()))
     }
+}
+
+/// Whether a slot holds `key`: its kept hash is compared first, so a slot whose 7-bit tag
+/// matched by chance is told apart without loading its block (a cache miss of its own).
+fn matches(hash: u64, key: &[u8]) -> impl Fn(&Slot) -> bool + '_ {
+    move |s| s.hash == hash && s.key() == key
 }
 
 #[cfg(test)]
