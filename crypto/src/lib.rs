@@ -140,7 +140,8 @@ impl PqTlsConfig {
     ) -> Result<Self, LinkError> {
         let mut provider = rustls::crypto::aws_lc_rs::default_provider();
         provider.cipher_suites = cipher_suites();
-        let (server, client) = configs(keypair, Arc::new(provider), Arc::new(P2pVerifier))?;
+        let (server, client) =
+            configs(keypair, Arc::new(provider), Arc::new(Verifier(Libp2pRules)))?;
         debug_assert_eq!(
             client.crypto_provider().kx_groups.first().map(|g| g.name()),
             Some(NamedGroup::X25519MLKEM768),
@@ -161,7 +162,7 @@ impl PqTlsConfig {
         let registry = LinkRegistry::default();
         let mut provider = rustls::crypto::aws_lc_rs::default_provider();
         provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
-        let (server, client) = configs(keypair, Arc::new(provider), Arc::new(AcceptAny))?;
+        let (server, client) = configs(keypair, Arc::new(provider), Arc::new(Verifier(AcceptAny)))?;
         Ok(Self {
             server: Arc::new(server),
             client: Arc::new(client),
@@ -375,6 +376,22 @@ where
     Ok((server, client))
 }
 
+/// What one end accepts of its peer's certificate and handshake signatures; [`Verifier`]
+/// applies the same rules as client and as server (rustls has one trait for each).
+trait CertRules: std::fmt::Debug + Send + Sync + 'static {
+    /// The peer's certificate chain.
+    fn certificate(
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+    ) -> Result<(), rustls::Error>;
+    /// A TLS 1.3 handshake signature by `cert`'s key.
+    fn signature(
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<(), rustls::Error>;
+}
+
 /// The libp2p TLS certificate rules, on both ends (the libp2p TLS spec): exactly one
 /// certificate, which `libp2p::tls::certificate::parse` accepts (self-signed, within its
 /// validity period, with the critical extension carrying the libp2p public key and its
@@ -382,9 +399,9 @@ where
 /// certificate's key. The peer's identity is read from the certificate after the handshake
 /// ([`PqTlsConfig`]'s check); the swarm compares it with the peer it dialed.
 #[derive(Debug)]
-struct P2pVerifier;
+struct Libp2pRules;
 
-impl P2pVerifier {
+impl CertRules for Libp2pRules {
     fn certificate(
         end_entity: &rustls::pki_types::CertificateDer<'_>,
         intermediates: &[rustls::pki_types::CertificateDer<'_>],
@@ -402,33 +419,63 @@ impl P2pVerifier {
         message: &[u8],
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+    ) -> Result<(), rustls::Error> {
         libp2p::tls::certificate::parse(cert)?.verify_signature(
             dss.scheme,
             message,
             dss.signature(),
         )?;
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    /// The schemes libp2p certificates may use, elliptic curves first.
-    fn schemes() -> Vec<rustls::SignatureScheme> {
-        use rustls::SignatureScheme as S;
-        vec![
-            S::ECDSA_NISTP384_SHA384,
-            S::ECDSA_NISTP256_SHA256,
-            S::ED25519,
-            S::RSA_PSS_SHA512,
-            S::RSA_PSS_SHA384,
-            S::RSA_PSS_SHA256,
-            S::RSA_PKCS1_SHA512,
-            S::RSA_PKCS1_SHA384,
-            S::RSA_PKCS1_SHA256,
-        ]
+        Ok(())
     }
 }
 
-impl rustls::client::danger::ServerCertVerifier for P2pVerifier {
+/// The rules of the classical test peer: anything goes (that peer exists to be refused, not
+/// to authenticate anyone).
+#[derive(Debug)]
+struct AcceptAny;
+
+impl CertRules for AcceptAny {
+    fn certificate(
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+    ) -> Result<(), rustls::Error> {
+        Ok(())
+    }
+
+    fn signature(
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<(), rustls::Error> {
+        Ok(())
+    }
+}
+
+/// A rustls certificate verifier for both ends applying `R`; TLS 1.2 is never offered.
+#[derive(Debug)]
+struct Verifier<R>(R);
+
+/// The schemes libp2p certificates may use, elliptic curves first.
+fn schemes() -> Vec<rustls::SignatureScheme> {
+    use rustls::SignatureScheme as S;
+    vec![
+        S::ECDSA_NISTP384_SHA384,
+        S::ECDSA_NISTP256_SHA256,
+        S::ED25519,
+        S::RSA_PSS_SHA512,
+        S::RSA_PSS_SHA384,
+        S::RSA_PSS_SHA256,
+        S::RSA_PKCS1_SHA512,
+        S::RSA_PKCS1_SHA384,
+        S::RSA_PKCS1_SHA256,
+    ]
+}
+
+fn no_tls12() -> rustls::Error {
+    rustls::Error::General("TLS 1.2 is not offered".into())
+}
+
+impl<R: CertRules> rustls::client::danger::ServerCertVerifier for Verifier<R> {
     fn verify_server_cert(
         &self,
         end_entity: &rustls::pki_types::CertificateDer<'_>,
@@ -437,7 +484,7 @@ impl rustls::client::danger::ServerCertVerifier for P2pVerifier {
         _: &[u8],
         _: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Self::certificate(end_entity, intermediates)?;
+        R::certificate(end_entity, intermediates)?;
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -446,7 +493,7 @@ impl rustls::client::danger::ServerCertVerifier for P2pVerifier {
         _: &rustls::pki_types::CertificateDer<'_>,
         _: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
+        Err(no_tls12())
     }
     fn verify_tls13_signature(
         &self,
@@ -454,14 +501,15 @@ impl rustls::client::danger::ServerCertVerifier for P2pVerifier {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Self::signature(message, cert, dss)
+        R::signature(message, cert, dss)?;
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        Self::schemes()
+        schemes()
     }
 }
 
-impl rustls::server::danger::ClientCertVerifier for P2pVerifier {
+impl<R: CertRules> rustls::server::danger::ClientCertVerifier for Verifier<R> {
     fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
         &[]
     }
@@ -471,7 +519,7 @@ impl rustls::server::danger::ClientCertVerifier for P2pVerifier {
         intermediates: &[rustls::pki_types::CertificateDer<'_>],
         _: rustls::pki_types::UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        Self::certificate(end_entity, intermediates)?;
+        R::certificate(end_entity, intermediates)?;
         Ok(rustls::server::danger::ClientCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -480,7 +528,7 @@ impl rustls::server::danger::ClientCertVerifier for P2pVerifier {
         _: &rustls::pki_types::CertificateDer<'_>,
         _: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
+        Err(no_tls12())
     }
     fn verify_tls13_signature(
         &self,
@@ -488,10 +536,11 @@ impl rustls::server::danger::ClientCertVerifier for P2pVerifier {
         cert: &rustls::pki_types::CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Self::signature(message, cert, dss)
+        R::signature(message, cert, dss)?;
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        Self::schemes()
+        schemes()
     }
 }
 
@@ -519,85 +568,6 @@ impl rustls::server::ResolvesServerCert for FixedCert {
         _: rustls::server::ClientHello<'_>,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         Some(self.0.clone())
-    }
-}
-
-/// Certificate verifier of the classical test peer: accepts any certificate (that peer exists
-/// to be refused, not to authenticate anyone).
-#[derive(Debug)]
-struct AcceptAny;
-
-fn schemes() -> Vec<rustls::SignatureScheme> {
-    vec![
-        rustls::SignatureScheme::ED25519,
-        rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
-        rustls::SignatureScheme::ECDSA_NISTP384_SHA384,
-        rustls::SignatureScheme::RSA_PSS_SHA256,
-    ]
-}
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        schemes()
-    }
-}
-
-impl rustls::server::danger::ClientCertVerifier for AcceptAny {
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        &[]
-    }
-    fn verify_client_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        Ok(rustls::server::danger::ClientCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not offered".into()))
-    }
-    fn verify_tls13_signature(
-        &self,
-        _: &[u8],
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        schemes()
     }
 }
 
@@ -765,7 +735,7 @@ mod tests {
             let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
             // The damaged peer itself accepts anything, so only the honest end can refuse.
             let (server, client) =
-                configs_with(der.into(), key, provider, Arc::new(AcceptAny)).unwrap();
+                configs_with(der.into(), key, provider, Arc::new(Verifier(AcceptAny))).unwrap();
             PqTlsConfig {
                 server: Arc::new(server),
                 client: Arc::new(client),
