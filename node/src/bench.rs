@@ -102,6 +102,79 @@ pub fn workload_w(rng: &mut impl Rng, n: usize, hlc_start: u64) -> Vec<Op> {
         .collect()
 }
 
+/// The machine a report was measured on, printed with it: figures from different machines
+/// (or different hours of one shared VM) are not comparable, so a report names its own.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    /// When the report was made (HTTP date, UTC).
+    pub date: String,
+    /// CPU model (`/proc/cpuinfo`), or "unknown".
+    pub cpu: String,
+    /// Logical CPUs this process may use.
+    pub logical_cpus: usize,
+    /// Total memory, GiB (`/proc/meminfo`), 0 if unknown.
+    pub memory_gib: f64,
+    /// Operating system and kernel release.
+    pub os: String,
+    /// Whether the CPU reports running under a hypervisor.
+    pub virtual_machine: bool,
+    /// Whether links prefer AES-GCM here (the CPU has AES instructions), else ChaCha20-Poly1305.
+    pub aes_links: bool,
+    /// This build's version.
+    pub blazedb: &'static str,
+}
+
+impl Machine {
+    /// Reads what this machine tells about itself.
+    pub fn detect() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let field = |name: &str| {
+            cpuinfo.lines().find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                (k.trim() == name).then(|| v.trim().to_string())
+            })
+        };
+        let memory_gib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                let line = m.lines().find(|l| l.starts_with("MemTotal:"))?.to_string();
+                line.split_whitespace().nth(1)?.parse::<f64>().ok()
+            })
+            .map_or(0.0, |kib| kib / (1024.0 * 1024.0));
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        Machine {
+            date: httpdate::fmt_http_date(std::time::SystemTime::now()),
+            cpu: field("model name").unwrap_or_else(|| "unknown".into()),
+            logical_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            memory_gib,
+            os: format!("{} {}", std::env::consts::OS, kernel.trim()),
+            virtual_machine: field("flags")
+                .is_some_and(|f| f.split_whitespace().any(|x| x == "hypervisor")),
+            aes_links: blazedb_crypto::aes_hardware(),
+            blazedb: env!("CARGO_PKG_VERSION"),
+        }
+    }
+
+    /// One line for the table's head.
+    fn line(&self) -> String {
+        format!(
+            "{}; {} x {} logical CPUs{}, {:.0} GiB, {}; links {}; blazedb {}",
+            self.date,
+            self.cpu,
+            self.logical_cpus,
+            if self.virtual_machine { " (VM)" } else { "" },
+            self.memory_gib,
+            self.os,
+            if self.aes_links {
+                "AES-128-GCM"
+            } else {
+                "ChaCha20-Poly1305"
+            },
+            self.blazedb
+        )
+    }
+}
+
 /// Median of a non-empty set of figures.
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
@@ -143,9 +216,17 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if args.only.iter().any(|b| b == "b6") {
         rows.extend(b6(args.catchup_ops, runs).await?);
     }
+    let machine = Machine::detect();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        let report = serde_json::json!({
+            "machine": machine,
+            "runs": runs,
+            "ops": args.ops,
+            "rows": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
+        println!("# {}; median of {runs} run(s)", machine.line());
         println!(
             "{:<4} {:<60} {:>14} {:<8} {:>8}  baseline",
             "id", "what", "value", "unit", "ratio"
@@ -1424,4 +1505,24 @@ pub async fn b5(n: usize, writes: usize) -> Result<Vec<Row>> {
             )),
         },
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Machine;
+
+    #[test]
+    fn a_report_names_its_machine() {
+        let m = Machine::detect();
+        assert!(m.logical_cpus >= 1);
+        assert!(m.date.ends_with("GMT"), "{}", m.date);
+        #[cfg(target_os = "linux")]
+        {
+            assert_ne!(m.cpu, "unknown");
+            assert!(m.memory_gib > 0.0);
+            assert!(m.os.starts_with("linux "), "{}", m.os);
+        }
+        let line = m.line();
+        assert!(line.contains(&m.cpu) && line.contains(m.blazedb), "{line}");
+    }
 }
