@@ -606,7 +606,10 @@ impl NodeHandle {
         }
         // Checked here, on the caller's task: a bad op is refused before anything is queued,
         // and the actor, which every write passes through, does not walk the fields again.
-        let ops = CheckedOps::new(ops).map_err(|e| NodeError::Invalid(e.to_string()))?;
+        // A call large enough to be sealed alone is pruned and encoded here too, while its
+        // ops are in this core's cache; the actor only stamps it.
+        let mut ops = CheckedOps::new(ops).map_err(|e| NodeError::Invalid(e.to_string()))?;
+        ops.encode_ahead();
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Write(PendingWrite {

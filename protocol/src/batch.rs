@@ -336,38 +336,47 @@ pub fn seal_squeezed(
 ) -> Result<VerifiedBatch, BatchError> {
     validate_namespace(ns)?;
     check_ops(&ops)?;
-    seal_valid(keypair, ns, pos, &ops, cap, dict, squeeze)
+    seal_valid(keypair, ns, pos, &ops, None, cap, dict, squeeze)
 }
 
 /// [`seal_squeezed`] of ops whose contents were checked ([`crate::CheckedOps`]): only their
-/// count and timestamp order are checked here.
+/// count and timestamp order are checked here. `plain`: their payload, if their writer
+/// encoded it ([`crate::CheckedOps::encode_ahead`]; it must be what encoding `ops` gives).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn seal_checked(
     keypair: &Keypair,
     ns: &str,
     pos: ChainPosition,
     ops: &[Op],
+    plain: Option<Vec<u8>>,
     cap: Option<&Chain>,
     dict: Option<&Dict>,
     squeeze: &mut Squeeze,
 ) -> Result<VerifiedBatch, BatchError> {
     validate_namespace(ns)?;
     check_op_order(ops)?;
-    seal_valid(keypair, ns, pos, ops, cap, dict, squeeze)
+    seal_valid(keypair, ns, pos, ops, plain, cap, dict, squeeze)
 }
 
 /// Seals ops and a namespace that passed their checks (each entry point above checks what its
-/// callers have not: everything, or only the count and timestamp order).
+/// callers have not: everything, or only the count and timestamp order), with their payload
+/// if it was encoded ahead (else encoded here).
+#[allow(clippy::too_many_arguments)]
 fn seal_valid(
     keypair: &Keypair,
     ns: &str,
     pos: ChainPosition,
     ops: &[Op],
+    plain: Option<Vec<u8>>,
     cap: Option<&Chain>,
     dict: Option<&Dict>,
     squeeze: &mut Squeeze,
 ) -> Result<VerifiedBatch, BatchError> {
-    let mut plain = Vec::new();
-    crate::codec::encode_ops(ops, &mut plain);
+    let plain = plain.unwrap_or_else(|| {
+        let mut plain = Vec::new();
+        crate::codec::encode_ops(ops, &mut plain);
+        plain
+    });
     let (mut payload, mut enc) = match plain.len() >= COMPRESS_MIN_BYTES {
         true => match squeeze.compress(&plain) {
             Some(z) if z.len() < plain.len() => (z, ENC_COMPACT_ZSTD),

@@ -188,8 +188,10 @@ fn same_name(a: &str, b: &str) -> bool {
 /// into `out` behind a gap for the name table (which comes first in the payload and is known
 /// only at the end); the gap is as long as this thread's last name table, so a run of
 /// same-shaped batches never moves its ops (before, every batch was written to a scratch
-/// buffer and copied: ~20% of encoding workload W). A new shape moves them once.
-pub fn encode_ops(ops: &[Op], out: &mut Vec<u8>) {
+/// buffer and copied: ~20% of encoding workload W). A new shape moves them once. Returns
+/// where, counted from the start of what it appended, the first op's timestamp (`hlc_base`)
+/// is written.
+pub fn encode_ops(ops: &[Op], out: &mut Vec<u8>) -> usize {
     thread_local! {
         /// The last payload's prefix length (array head and name table), and its bytes per op.
         static LAST: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
@@ -212,6 +214,7 @@ pub fn encode_ops(ops: &[Op], out: &mut Vec<u8>) {
     }
     let body = out.len() - start - prefix.len();
     LAST.set((prefix.len(), body / ops.len().max(1) + 1));
+    prefix.len()
 }
 
 /// The most bytes reserved ahead from the last batch's size per op.

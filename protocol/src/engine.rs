@@ -907,6 +907,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         ops: &mut CheckedOps,
         now_ms: u64,
     ) -> Result<(VerifiedBatch, Vec<Action<P>>), BatchError> {
+        let ahead = ops.take_ahead();
         let ops = ops.ops_mut();
         let state = self.namespaces.get(ns).ok_or_else(|| {
             BatchError::Inconsistent(format!("namespace {ns:?} has not been joined"))
@@ -927,11 +928,26 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             None => ChainPosition { seq: 1, prev: None },
         };
         let saved_clock = self.clock.clone();
-        for op in ops.iter_mut() {
-            op.set_hlc(self.clock.tick(now_ms));
+        // One tick per op written, then drop what later ops of the same batch make invisible
+        // (exactly equivalent). Ops encoded ahead by their writer were pruned there, carrying
+        // provisional stamps (see `CheckedOps::encode_ahead`): they take the stamps they
+        // would have had here, and their payload then needs only its first stamp written in.
+        let mut plain = None;
+        match ahead.filter(|a| a.fits(ops)) {
+            Some(a) => {
+                let first = self.clock.tick(now_ms);
+                for _ in 1..a.stamps() {
+                    self.clock.tick(now_ms);
+                }
+                plain = a.stamp(ops, first);
+            }
+            None => {
+                for op in ops.iter_mut() {
+                    op.set_hlc(self.clock.tick(now_ms));
+                }
+                crate::prune::prune(ops);
+            }
         }
-        // Drop what later ops of the same batch make invisible (exactly equivalent).
-        crate::prune::prune(ops);
         let cap = match &state.policy {
             Policy::Owned { mine } if !capability::is_owner(ns, &author) => {
                 Some(mine.clone().ok_or_else(|| {
@@ -945,7 +961,16 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             Policy::Owned { .. } => None,
         };
         let mut squeeze = state.squeeze;
-        let sealed = batch::seal_checked(keypair, ns, pos, ops, cap.as_ref(), dict, &mut squeeze);
+        let sealed = batch::seal_checked(
+            keypair,
+            ns,
+            pos,
+            ops,
+            plain,
+            cap.as_ref(),
+            dict,
+            &mut squeeze,
+        );
         if let Some(st) = self.namespaces.get_mut(ns) {
             self.stats.fast_compressed_sealed += squeeze.fast_batches() - st.squeeze.fast_batches();
             st.squeeze = squeeze;

@@ -14,8 +14,8 @@ use blazedb_identity::Keypair;
 use blazedb_protocol::batch::{self, BatchId, ChainPosition};
 use blazedb_protocol::dict::DictLookup;
 use blazedb_protocol::{
-    Action, Dict, DictSet, Engine, EngineConfig, GossipVerdict, Hlc, Op, RecordState, SyncMessage,
-    Value, VerifiedBatch,
+    Action, CheckedOps, Dict, DictSet, Engine, EngineConfig, GossipVerdict, Hlc, Op, RecordState,
+    SyncMessage, Value, VerifiedBatch,
 };
 use proptest::prelude::*;
 
@@ -1551,5 +1551,63 @@ proptest! {
             net.now_ms,
         );
         prop_assert_eq!(outcome(&net, 1, &raw), outcome(&net, 2, &pre));
+    }
+}
+
+/// An op of a wide random call: two-field and one-field upserts, deletes and counter adds
+/// over 300 records, so that a call of 257+ ops has records written several times over
+/// (pruning has work: whole ops and single fields dropped).
+fn op_wide(key: u16, kind: u8, val: i64) -> Op {
+    let key = format!("k{key}");
+    match kind {
+        0 => Op::Upsert {
+            collection: "c".into(),
+            key,
+            hlc: Hlc(0),
+            fields: [
+                ("a".to_string(), Value::from(val)),
+                ("b".into(), Value::from("x")),
+            ]
+            .into_iter()
+            .collect(),
+        },
+        1 => upsert(&key, "b", val),
+        2 => delete(&key),
+        _ => add(&key, "n", val),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Calls pruned and encoded on their writer's task (`CheckedOps::encode_ahead`) seal into
+    /// byte for byte the batches the engine seals from the same ops when it prunes and
+    /// encodes them itself, call after call of one chain — at a real clock (the payload's
+    /// first timestamp written in) and at a clock too small for its 9-byte form (the sealer
+    /// encodes the ops itself).
+    #[test]
+    fn calls_encoded_ahead_seal_the_same_batches(
+        calls in prop::collection::vec(
+            prop::collection::vec((0..300u16, 0..4u8, -5..5i64), 257..420),
+            1..4,
+        ),
+        now_ms in prop_oneof![Just(1_000u64), Just(1_800_000_000_000u64)],
+    ) {
+        let key = Keypair::from_seed([9; 32]);
+        let (mut here, mut ahead) = (Engine::<usize>::new(test_config()), Engine::<usize>::new(test_config()));
+        here.join(NS);
+        ahead.join(NS);
+        for (i, call) in calls.iter().enumerate() {
+            let ops: Vec<Op> = call.iter().map(|&(k, kind, v)| op_wide(k, kind, v)).collect();
+            let now = now_ms + i as u64;
+            let mut plain = CheckedOps::new(ops.clone()).unwrap();
+            let (a, _) = here.write_checked(NS, &key, &mut plain, now).unwrap();
+            let mut early = CheckedOps::new(ops).unwrap();
+            early.encode_ahead();
+            let (b, _) = ahead.write_checked(NS, &key, &mut early, now).unwrap();
+            prop_assert_eq!(a.id, b.id);
+            prop_assert_eq!(&a.bytes, &b.bytes);
+            prop_assert_eq!(plain.ops(), early.ops());
+        }
     }
 }
