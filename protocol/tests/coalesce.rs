@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use blazedb_identity::Keypair;
 use blazedb_protocol::capability::{namespace_id, Chain, Rights};
-use blazedb_protocol::{Action, BatchError, Engine, EngineConfig, Hlc, Op, RecordState, Value};
+use blazedb_protocol::{
+    Action, BatchError, CheckedOps, Engine, EngineConfig, Hlc, Op, RecordState, Value,
+};
 use proptest::prelude::*;
 
 const NS: &str = "default";
@@ -211,4 +213,50 @@ fn groups_respect_the_op_limit_and_keep_order() {
     }
     let total: usize = out.batches.iter().map(|b| b.ops.len()).sum();
     assert_eq!(total, 12_000);
+}
+
+/// A large call encoded ahead on its writer's task that pruning shrank to a size the planner
+/// groups with other callers: its payload is not used (the group is encoded as one), its
+/// provisional stamps are replaced, and the records read as on the plain path.
+#[test]
+fn a_call_encoded_ahead_then_grouped_is_sealed_like_any_other() {
+    let key = Keypair::from_seed([7; 32]);
+    let now = 1_800_000_000_000;
+    // 300 upserts of 100 records: pruned to 100 ops on the writer's task.
+    let big: Vec<Op> = (0..300)
+        .map(|i| upsert(&format!("k{}", i % 100), &[("x", i)]))
+        .collect();
+    let small = vec![upsert("z", &[("y", 1)])];
+    let mut early = CheckedOps::new(big.clone()).unwrap();
+    early.encode_ahead();
+    assert_eq!(early.len(), 100);
+
+    let mut ahead: Engine<u32> = Engine::new(EngineConfig::default());
+    ahead.join(NS);
+    let out = ahead.write_many_checked(
+        NS,
+        &key,
+        vec![early, CheckedOps::new(small.clone()).unwrap()],
+        now,
+    );
+    assert!(out.results.iter().all(|r| *r == Ok(0)), "{:?}", out.results);
+    assert_eq!(out.batches.len(), 1, "grouped");
+    let mut plain: Engine<u32> = Engine::new(EngineConfig::default());
+    plain.join(NS);
+    let out2 = plain.write_many(NS, &key, vec![big, small], now);
+    assert_eq!(out2.batches.len(), 2, "300 ops are sealed alone there");
+
+    let (mut a, mut b) = (Records::new(), Records::new());
+    apply(&mut a, &out.actions);
+    apply(&mut b, &out2.actions);
+    let visible =
+        |r: &Records| -> Vec<_> { r.iter().map(|(k, s)| (k.clone(), s.visible())).collect() };
+    assert_eq!(a.len(), 101);
+    assert_eq!(visible(&a), visible(&b));
+    // Real stamps, not provisional ones.
+    let hlc_max = out.batches[0].header.hlc_max;
+    assert!(
+        hlc_max.wall_ms() >= now && hlc_max.wall_ms() < now + 1_000,
+        "{hlc_max:?}"
+    );
 }
