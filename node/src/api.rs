@@ -352,7 +352,8 @@ enum ApiOp {
     Upsert {
         collection: String,
         key: String,
-        fields: Map<String, Value>,
+        /// Straight into the op's own map (a `serde_json::Map` was rebuilt into it per op).
+        fields: std::collections::BTreeMap<String, Value>,
     },
     Delete {
         collection: String,
@@ -402,7 +403,7 @@ async fn post_ops(
                 collection,
                 key,
                 hlc: Default::default(),
-                fields: fields.into_iter().collect(),
+                fields,
             },
             ApiOp::Delete { collection, key } => Op::Delete {
                 collection,
