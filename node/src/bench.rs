@@ -37,7 +37,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
     /// Which benchmarks (b1, b2, b3, b4, b5, b6, b7; parts of b2 alone: b2i ingest, b2m
-    /// materializer, b2s small writes).
+    /// materializer, b2h HTTP bulk ingest, b2s small writes).
     #[arg(long, value_delimiter = ',', default_value = "b1,b2,b3,b4,b5,b6,b7")]
     pub only: Vec<String>,
     /// Ops the catching-up node missed in B6.
@@ -195,6 +195,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     if args.only.iter().any(|b| b == "b2" || b == "b2i") {
         rows.extend(b2(args.ops, runs).await?);
+    }
+    if args.only.iter().any(|b| b == "b2" || b == "b2h") {
+        rows.extend(b2h(args.ops, runs).await?);
     }
     if args.only.iter().any(|b| b == "b2" || b == "b2s") {
         rows.extend(crate::bench_adaptive::b2s(runs).await?);
@@ -627,6 +630,165 @@ struct B2Run {
 
 /// Writers in flight in B2's concurrent variant (as several client connections would).
 pub const B2_WRITERS: usize = 4;
+
+/// The JSON body `POST /v1/ns/{ns}/ops` takes for `ops` (what a client in another language
+/// sends).
+fn ops_body(ops: &[Op]) -> Vec<u8> {
+    let ops: Vec<serde_json::Value> = ops
+        .iter()
+        .map(|op| match op {
+            Op::Upsert {
+                collection,
+                key,
+                fields,
+                ..
+            } => serde_json::json!({
+                "op": "upsert", "collection": collection, "key": key, "fields": fields,
+            }),
+            Op::Delete {
+                collection, key, ..
+            } => {
+                serde_json::json!({ "op": "delete", "collection": collection, "key": key })
+            }
+            Op::CounterAdd {
+                collection,
+                key,
+                field,
+                delta,
+                ..
+            } => serde_json::json!({
+                "op": "add", "collection": collection, "key": key, "field": field, "delta": delta,
+            }),
+            Op::Revoke { .. } => serde_json::Value::Null,
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({ "ops": ops })).expect("JSON of JSON values")
+}
+
+/// B2h: B2's ingest through the HTTP API (`POST /v1/ns/default/ops`, 5,000 workload-W ops as
+/// JSON per call, answered once durable), `writers` calls in flight. The bodies are made
+/// before the clock starts; the client (reqwest) runs in this process, so the CPU figure
+/// includes sending the requests and reading the answers.
+async fn b2h_run(calls: usize, run: usize, writers: usize) -> Result<B2Run> {
+    use futures::StreamExt;
+    let dir = tempfile_dir()?;
+    let node = Node::builder()
+        .data_dir(dir.path().join("n"))
+        .listen(vec!["/ip4/127.0.0.1/tcp/0".parse()?])
+        .mdns(false)
+        .spawn()
+        .await?;
+    let listener = crate::api::bind("127.0.0.1:0".parse()?).await?;
+    let url = format!(
+        "http://{}/v1/ns/{DEFAULT_NAMESPACE}/ops",
+        listener.local_addr()?
+    );
+    tokio::spawn(crate::api::serve(
+        node.clone(),
+        listener,
+        std::future::pending(),
+    ));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(300 + run as u64);
+    let bodies: Vec<Vec<u8>> = (0..calls)
+        .map(|_| ops_body(&workload_w(&mut rng, W_BATCH_OPS, 0)))
+        .collect();
+    let client = reqwest::Client::new();
+    let post = |body: Vec<u8>| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let c = Instant::now();
+            let resp = client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await?;
+            anyhow::ensure!(resp.status().is_success(), "POST ops: {}", resp.status());
+            Ok::<f64, anyhow::Error>(c.elapsed().as_secs_f64() * 1e3)
+        }
+    };
+    let mut lat = Vec::with_capacity(calls);
+    let t = Instant::now();
+    let cpu0 = cpu_secs();
+    let mut inflight = futures::stream::FuturesUnordered::new();
+    let mut it = bodies.into_iter();
+    for body in it.by_ref().take(writers.max(1)) {
+        inflight.push(post(body));
+    }
+    while let Some(res) = inflight.next().await {
+        lat.push(res?);
+        if let Some(body) = it.next() {
+            inflight.push(post(body));
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let cpu_us = (cpu_secs() - cpu0) * 1e6 / (calls * W_BATCH_OPS) as f64;
+    node.shutdown().await;
+    drop(node);
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    Ok(B2Run {
+        rate: (calls * W_BATCH_OPS) as f64 / secs,
+        readable: 0.0,
+        mb_s: 0.0,
+        lat,
+        cpu_us,
+        cpu_us_readable: cpu_us,
+    })
+}
+
+/// B2h: HTTP bulk ingest, one client and [`B2_WRITERS`] calls in flight, against the
+/// embedding API's figure for the same calls in the same run (one writer).
+pub async fn b2h(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
+    let calls = total_ops.div_ceil(W_BATCH_OPS).max(1);
+    let (mut one, mut four, mut api, mut p50, mut cpu) = (vec![], vec![], vec![], vec![], vec![]);
+    for run in 0..runs {
+        let r = b2h_run(calls, run, 1).await?;
+        one.push(r.rate);
+        p50.push(r.lat[r.lat.len() / 2]);
+        cpu.push(r.cpu_us);
+        four.push(b2h_run(calls, run, B2_WRITERS).await?.rate);
+        api.push(b2_run(calls, run, 1).await?.rate);
+    }
+    let (one, api, four) = (median(one), median(api), median(four));
+    Ok(vec![
+        Row {
+            id: "B2h",
+            what: format!(
+                "HTTP bulk ingest: POST /ops, 5k W ops as JSON per call, {total_ops} ops"
+            ),
+            value: one,
+            unit: "ops/s",
+            ratio: Some(one / api),
+            baseline: Some(format!(
+                "embedding API, same calls, one writer: {api:.0} ops/s"
+            )),
+        },
+        Row {
+            id: "B2h",
+            what: "same, call latency p50 (until durable)".into(),
+            value: median(p50),
+            unit: "ms",
+            ratio: None,
+            baseline: None,
+        },
+        Row {
+            id: "B2h",
+            what: format!("same, {B2_WRITERS} calls in flight"),
+            value: four,
+            unit: "ops/s",
+            ratio: Some(four / one),
+            baseline: Some("one call at a time".into()),
+        },
+        Row {
+            id: "B2h",
+            what: "CPU per op, one call at a time (server and client in this process)".into(),
+            value: median(cpu),
+            unit: "us/op",
+            ratio: None,
+            baseline: None,
+        },
+    ])
+}
 
 /// B2: local durable ingest through the embedding API, 5,000-op calls, one writer after
 /// another (each call waits for durability), vs raw redb storing the same batch bytes as one
