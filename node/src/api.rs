@@ -345,26 +345,66 @@ async fn list(
     Ok(Json(json!({ "records": records })))
 }
 
-/// One op of `POST /v1/ns/{ns}/ops`.
+/// One op of `POST /v1/ns/{ns}/ops`, read as one flat object, then checked for the fields
+/// its kind takes ([`ApiOp::into_op`]). (As an internally tagged enum, serde buffered every op
+/// into an intermediate tree of strings and read it a second time.)
 #[derive(Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
-enum ApiOp {
-    Upsert {
-        collection: String,
-        key: String,
-        /// Straight into the op's own map (a `serde_json::Map` was rebuilt into it per op).
-        fields: std::collections::BTreeMap<String, Value>,
-    },
-    Delete {
-        collection: String,
-        key: String,
-    },
-    Add {
-        collection: String,
-        key: String,
-        field: String,
-        delta: i64,
-    },
+#[serde(deny_unknown_fields)]
+struct ApiOp {
+    op: ApiOpKind,
+    collection: String,
+    key: String,
+    /// An upsert's fields, read straight into the op's own map.
+    #[serde(default)]
+    fields: Option<std::collections::BTreeMap<String, Value>>,
+    #[serde(default)]
+    field: Option<String>,
+    #[serde(default)]
+    delta: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ApiOpKind {
+    Upsert,
+    Delete,
+    Add,
+}
+
+impl ApiOp {
+    /// The op, if it has exactly the fields its kind takes (`i`: its place, for the error).
+    fn into_op(self, i: usize) -> Result<Op, String> {
+        let (collection, key, hlc) = (self.collection, self.key, Default::default());
+        match (self.op, self.fields, self.field, self.delta) {
+            (ApiOpKind::Upsert, Some(fields), None, None) => Ok(Op::Upsert {
+                collection,
+                key,
+                hlc,
+                fields,
+            }),
+            (ApiOpKind::Delete, None, None, None) => Ok(Op::Delete {
+                collection,
+                key,
+                hlc,
+            }),
+            (ApiOpKind::Add, None, Some(field), Some(delta)) => Ok(Op::CounterAdd {
+                collection,
+                key,
+                field,
+                delta,
+                hlc,
+            }),
+            (ApiOpKind::Upsert, ..) => Err(format!(
+                "op {i}: an upsert takes \"collection\", \"key\" and \"fields\" (an object)"
+            )),
+            (ApiOpKind::Delete, ..) => Err(format!(
+                "op {i}: a delete takes only \"collection\" and \"key\""
+            )),
+            (ApiOpKind::Add, ..) => Err(format!(
+                "op {i}: an add takes \"collection\", \"key\", \"field\" and \"delta\""
+            )),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -391,39 +431,13 @@ async fn post_ops(
             limits::MAX_OPS_PER_BATCH
         )));
     }
-    let ops: Vec<Op> = parsed
+    let ops = parsed
         .ops
         .into_iter()
-        .map(|o| match o {
-            ApiOp::Upsert {
-                collection,
-                key,
-                fields,
-            } => Op::Upsert {
-                collection,
-                key,
-                hlc: Default::default(),
-                fields,
-            },
-            ApiOp::Delete { collection, key } => Op::Delete {
-                collection,
-                key,
-                hlc: Default::default(),
-            },
-            ApiOp::Add {
-                collection,
-                key,
-                field,
-                delta,
-            } => Op::CounterAdd {
-                collection,
-                key,
-                field,
-                delta,
-                hlc: Default::default(),
-            },
-        })
-        .collect();
+        .enumerate()
+        .map(|(i, o)| o.into_op(i))
+        .collect::<Result<Vec<Op>, String>>()
+        .map_err(ApiError::bad_request)?;
     let receipt = node.write(&ns, ops).await?;
     Ok(Json(
         json!({ "ok": true, "batch": receipt.batch, "seq": receipt.seq, "ops": receipt.ops }),

@@ -148,6 +148,27 @@ async fn http_bad_input_gets_json_errors_and_changes_nothing() {
         "bad_request",
     )
     .await;
+    // Each kind takes exactly its own fields.
+    for wrong in [
+        json!({"op": "delete", "collection": "users", "key": "fine", "fields": {"a": 1}}),
+        json!({"op": "upsert", "collection": "users", "key": "fine"}),
+        json!({"op": "upsert", "collection": "users", "key": "fine", "fields": {"a": 1}, "delta": 1}),
+        json!({"op": "add", "collection": "users", "key": "fine", "field": "n"}),
+        json!({"op": "add", "collection": "users", "key": "fine", "delta": 1}),
+        json!({"op": "upsert", "collection": "users", "key": "fine", "fields": {"a": 1}, "x": 1}),
+        json!({"collection": "users", "key": "fine", "fields": {"a": 1}}),
+    ] {
+        let body = json!({"ops": [
+            {"op": "upsert", "collection": "users", "key": "fine", "fields": {"a": 1}},
+            wrong,
+        ]});
+        expect_error(
+            http.post(&ops).json(&body).send().await.unwrap(),
+            400,
+            "bad_request",
+        )
+        .await;
+    }
     let mixed = json!({"ops": [
         {"op": "upsert", "collection": "users", "key": "fine", "fields": {"a": 1}},
         {"op": "upsert", "collection": "users", "key": "", "fields": {"a": 1}},
