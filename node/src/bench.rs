@@ -552,7 +552,6 @@ pub(crate) fn rss_bytes() -> u64 {
 /// `writers` calls in flight at a time (each call waits for durability). Returns (durable
 /// ops/s, readable ops/s, store growth MB/s, per-call latencies in ms).
 async fn b2_run(calls: usize, run: usize, writers: usize) -> Result<B2Run> {
-    use futures::StreamExt;
     let dir = tempfile_dir()?;
     let node = Node::builder()
         .data_dir(dir.path().join("n"))
@@ -578,17 +577,7 @@ async fn b2_run(calls: usize, run: usize, writers: usize) -> Result<B2Run> {
     tracing::info!(writers, "bench window: B2 start");
     let t = Instant::now();
     let cpu0 = cpu_secs();
-    let mut inflight = futures::stream::FuturesUnordered::new();
-    let mut it = batches.into_iter();
-    for ops in it.by_ref().take(writers.max(1)) {
-        inflight.push(write(ops));
-    }
-    while let Some(res) = inflight.next().await {
-        lat.push(res?);
-        if let Some(ops) = it.next() {
-            inflight.push(write(ops));
-        }
-    }
+    in_flight(batches, writers, write, &mut lat).await?;
     let secs = t.elapsed().as_secs_f64();
     let cpu_us = (cpu_secs() - cpu0) * 1e6 / (calls * W_BATCH_OPS) as f64;
     tracing::info!(writers, "bench window: B2 end");
@@ -609,6 +598,33 @@ async fn b2_run(calls: usize, run: usize, writers: usize) -> Result<B2Run> {
         cpu_us,
         cpu_us_readable,
     })
+}
+
+/// Runs `call` on each item, `writers` at a time (a new one starts as one ends), pushing each
+/// call's result (its latency) to `lat`.
+async fn in_flight<T, F, Fut>(
+    items: Vec<T>,
+    writers: usize,
+    call: F,
+    lat: &mut Vec<f64>,
+) -> Result<()>
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = Result<f64>>,
+{
+    use futures::StreamExt;
+    let mut inflight = futures::stream::FuturesUnordered::new();
+    let mut it = items.into_iter();
+    for item in it.by_ref().take(writers.max(1)) {
+        inflight.push(call(item));
+    }
+    while let Some(res) = inflight.next().await {
+        lat.push(res?);
+        if let Some(item) = it.next() {
+            inflight.push(call(item));
+        }
+    }
+    Ok(())
 }
 
 /// What one B2 run measured.
@@ -670,7 +686,6 @@ fn ops_body(ops: &[Op]) -> Vec<u8> {
 /// before the clock starts; the client (reqwest) runs in this process, so the CPU figure
 /// includes sending the requests and reading the answers.
 async fn b2h_run(calls: usize, run: usize, writers: usize) -> Result<B2Run> {
-    use futures::StreamExt;
     let dir = tempfile_dir()?;
     let node = Node::builder()
         .data_dir(dir.path().join("n"))
@@ -710,17 +725,7 @@ async fn b2h_run(calls: usize, run: usize, writers: usize) -> Result<B2Run> {
     let mut lat = Vec::with_capacity(calls);
     let t = Instant::now();
     let cpu0 = cpu_secs();
-    let mut inflight = futures::stream::FuturesUnordered::new();
-    let mut it = bodies.into_iter();
-    for body in it.by_ref().take(writers.max(1)) {
-        inflight.push(post(body));
-    }
-    while let Some(res) = inflight.next().await {
-        lat.push(res?);
-        if let Some(body) = it.next() {
-            inflight.push(post(body));
-        }
-    }
+    in_flight(bodies, writers, post, &mut lat).await?;
     let secs = t.elapsed().as_secs_f64();
     let cpu_us = (cpu_secs() - cpu0) * 1e6 / (calls * W_BATCH_OPS) as f64;
     node.shutdown().await;
