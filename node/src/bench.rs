@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use blazedb_identity::Keypair;
 use blazedb_protocol::batch::{self, ChainPosition, Envelope};
-use blazedb_protocol::{Engine, EngineConfig, Hlc, Op};
+use blazedb_protocol::{Engine, EngineConfig, Hlc, Op, OpsBuilder};
 
 use crate::dicts::{DictPolicy, DictTrainer};
 use crate::node::{Node, NodeHandle, DEFAULT_NAMESPACE};
@@ -37,7 +37,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
     /// Which benchmarks (b1, b2, b3, b4, b5, b6, b7; parts of b2 alone: b2i ingest, b2m
-    /// materializer, b2h HTTP bulk ingest, b2s small writes).
+    /// materializer, b2b calls built in the window (owned ops vs OpsBuilder), b2h HTTP bulk
+    /// ingest, b2s small writes).
     #[arg(long, value_delimiter = ',', default_value = "b1,b2,b3,b4,b5,b6,b7")]
     pub only: Vec<String>,
     /// Ops the catching-up node missed in B6.
@@ -195,6 +196,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     if args.only.iter().any(|b| b == "b2" || b == "b2i") {
         rows.extend(b2(args.ops, runs).await?);
+    }
+    if args.only.iter().any(|b| b == "b2" || b == "b2b") {
+        rows.extend(b2b(args.ops, runs).await?);
     }
     if args.only.iter().any(|b| b == "b2" || b == "b2h") {
         rows.extend(b2h(args.ops, runs).await?);
@@ -553,12 +557,7 @@ pub(crate) fn rss_bytes() -> u64 {
 /// ops/s, readable ops/s, store growth MB/s, per-call latencies in ms).
 async fn b2_run(calls: usize, run: usize, writers: usize) -> Result<B2Run> {
     let dir = tempfile_dir()?;
-    let node = Node::builder()
-        .data_dir(dir.path().join("n"))
-        .listen(vec!["/ip4/127.0.0.1/tcp/0".parse()?])
-        .mdns(false)
-        .spawn()
-        .await?;
+    let node = ingest_node(dir.path()).await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(100 + run as u64);
     let batches: Vec<Vec<Op>> = (0..calls)
         .map(|_| workload_w(&mut rng, W_BATCH_OPS, 0))
@@ -571,33 +570,200 @@ async fn b2_run(calls: usize, run: usize, writers: usize) -> Result<B2Run> {
             Ok::<f64, anyhow::Error>(c.elapsed().as_secs_f64() * 1e3)
         }
     };
-    let mut lat = Vec::with_capacity(calls);
+    ingest_window(&node, dir.path(), batches, writers, write).await
+}
+
+/// A fresh node for an ingest run, its data in `dir`.
+async fn ingest_node(dir: &std::path::Path) -> Result<NodeHandle> {
+    Node::builder()
+        .data_dir(dir.join("n"))
+        .listen(vec!["/ip4/127.0.0.1/tcp/0".parse()?])
+        .mdns(false)
+        .spawn()
+        .await
+}
+
+/// Times `write` over `calls` of [`W_BATCH_OPS`] ops each, `writers` in flight, on `node`
+/// (data in `dir`): until durable, then until readable; then shuts the node down.
+async fn ingest_window<T, F, Fut>(
+    node: &NodeHandle,
+    dir: &std::path::Path,
+    calls: Vec<T>,
+    writers: usize,
+    write: F,
+) -> Result<B2Run>
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = Result<f64>>,
+{
+    let ops = (calls.len() * W_BATCH_OPS) as f64;
+    let mut lat = Vec::with_capacity(calls.len());
     // Window markers: a profile recorded with `perf record -k CLOCK_REALTIME` lines up with
     // these log lines' timestamps.
     tracing::info!(writers, "bench window: B2 start");
     let t = Instant::now();
     let cpu0 = cpu_secs();
-    in_flight(batches, writers, write, &mut lat).await?;
+    in_flight(calls, writers, write, &mut lat).await?;
     let secs = t.elapsed().as_secs_f64();
-    let cpu_us = (cpu_secs() - cpu0) * 1e6 / (calls * W_BATCH_OPS) as f64;
+    let cpu_us = (cpu_secs() - cpu0) * 1e6 / ops;
     tracing::info!(writers, "bench window: B2 end");
     // Until the records have caught up too (a read waits for them).
     let n2 = node.clone();
     tokio::task::spawn_blocking(move || n2.get(DEFAULT_NAMESPACE, "bench", "k0000000")).await??;
-    let readable = (calls * W_BATCH_OPS) as f64 / t.elapsed().as_secs_f64();
-    let cpu_us_readable = (cpu_secs() - cpu0) * 1e6 / (calls * W_BATCH_OPS) as f64;
-    node.shutdown().await;
-    drop(node);
-    let bytes = std::fs::metadata(crate::node::store_path(&dir.path().join("n")))?.len() as f64;
+    let readable = ops / t.elapsed().as_secs_f64();
+    let cpu_us_readable = (cpu_secs() - cpu0) * 1e6 / ops;
+    node.clone().shutdown().await;
+    let bytes = std::fs::metadata(crate::node::store_path(&dir.join("n")))?.len() as f64;
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     Ok(B2Run {
-        rate: (calls * W_BATCH_OPS) as f64 / secs,
+        rate: ops / secs,
         readable,
         mb_s: bytes / secs / 1e6,
         lat,
         cpu_us,
         cpu_us_readable,
     })
+}
+
+/// A workload-W op as an app holds it before writing: its own strings.
+struct RawOp {
+    key: String,
+    /// The three field values; `None` for a delete.
+    values: Option<[String; 3]>,
+}
+
+/// Workload W as [`RawOp`]s (the same ops [`workload_w`] draws from the same generator).
+fn workload_w_raw(rng: &mut impl Rng, n: usize) -> Vec<RawOp> {
+    workload_w(rng, n, 0)
+        .into_iter()
+        .map(|op| match op {
+            Op::Upsert { key, fields, .. } => {
+                let mut v = fields.into_values().map(|v| match v {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                });
+                let mut next = || v.next().unwrap_or_default();
+                RawOp {
+                    key,
+                    values: Some([next(), next(), next()]),
+                }
+            }
+            other => RawOp {
+                key: other.key().to_string(),
+                values: None,
+            },
+        })
+        .collect()
+}
+
+/// How a B2b call hands its ops to the node.
+#[derive(Clone, Copy, PartialEq)]
+enum CallForm {
+    /// `Vec<Op>` built from the app's strings, then `NodeHandle::write`.
+    Owned,
+    /// An `OpsBuilder` fed the app's strings, then `NodeHandle::write_built`.
+    Built,
+}
+
+/// One B2b run: B2's ingest with each call made from the app's own strings inside the
+/// window, in `form`.
+async fn b2b_run(calls: usize, run: usize, writers: usize, form: CallForm) -> Result<B2Run> {
+    let dir = tempfile_dir()?;
+    let node = ingest_node(dir.path()).await?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(100 + run as u64);
+    let raw: Vec<Vec<RawOp>> = (0..calls)
+        .map(|_| workload_w_raw(&mut rng, W_BATCH_OPS))
+        .collect();
+    let write = |call: Vec<RawOp>| {
+        let node = node.clone();
+        async move {
+            let c = Instant::now();
+            match form {
+                CallForm::Owned => {
+                    let ops = call
+                        .iter()
+                        .map(|r| match &r.values {
+                            Some(v) => Op::Upsert {
+                                collection: "bench".into(),
+                                key: r.key.clone(),
+                                hlc: Hlc(0),
+                                fields: ["a", "b", "c"]
+                                    .iter()
+                                    .zip(v)
+                                    .map(|(f, v)| (f.to_string(), v.as_str().into()))
+                                    .collect(),
+                            },
+                            None => Op::Delete {
+                                collection: "bench".into(),
+                                key: r.key.clone(),
+                                hlc: Hlc(0),
+                            },
+                        })
+                        .collect();
+                    node.write(DEFAULT_NAMESPACE, ops).await?;
+                }
+                CallForm::Built => {
+                    let mut b = OpsBuilder::with_capacity(call.len(), 128);
+                    for r in &call {
+                        match &r.values {
+                            Some([a, bv, cv]) => b.upsert(
+                                "bench",
+                                &r.key,
+                                &[("a", a.into()), ("b", bv.into()), ("c", cv.into())],
+                            )?,
+                            None => b.delete("bench", &r.key)?,
+                        }
+                    }
+                    node.write_built(DEFAULT_NAMESPACE, b).await?;
+                }
+            }
+            drop(call);
+            Ok::<f64, anyhow::Error>(c.elapsed().as_secs_f64() * 1e3)
+        }
+    };
+    ingest_window(&node, dir.path(), raw, writers, write).await
+}
+
+/// B2b: B2 with each call made inside the window from the app's own strings, as owned ops
+/// (`NodeHandle::write`) and built as a payload (`OpsBuilder`, `NodeHandle::write_built`),
+/// one writer and [`B2_WRITERS`], alternating in one process.
+pub async fn b2b(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
+    let calls = total_ops.div_ceil(W_BATCH_OPS).max(1);
+    let mut m: [[Vec<B2Run>; 2]; 2] = Default::default();
+    for run in 0..runs {
+        for (w, writers) in [1, B2_WRITERS].into_iter().enumerate() {
+            for (f, form) in [CallForm::Owned, CallForm::Built].into_iter().enumerate() {
+                m[w][f].push(b2b_run(calls, run, writers, form).await?);
+            }
+        }
+    }
+    let med = |runs: &[B2Run], f: fn(&B2Run) -> f64| median(runs.iter().map(f).collect());
+    let mut rows = Vec::new();
+    for (w, writers) in [1, B2_WRITERS].into_iter().enumerate() {
+        let owned = med(&m[w][0], |r| r.rate);
+        let built = med(&m[w][1], |r| r.rate);
+        rows.push(Row {
+            id: "B2b",
+            what: format!(
+                "durable ingest, calls built from the app's strings in the window with \
+                 OpsBuilder, {writers} writer(s), {total_ops} ops"
+            ),
+            value: built,
+            unit: "ops/s",
+            ratio: Some(built / owned),
+            baseline: Some(format!("Vec<Op> built in the window: {owned:.0} ops/s")),
+        });
+        let (co, cb) = (med(&m[w][0], |r| r.cpu_us), med(&m[w][1], |r| r.cpu_us));
+        rows.push(Row {
+            id: "B2b",
+            what: format!("same, CPU per op until durable, {writers} writer(s)"),
+            value: cb,
+            unit: "us/op",
+            ratio: Some(cb / co),
+            baseline: Some(format!("Vec<Op>: {co:.2} us/op")),
+        });
+    }
+    Ok(rows)
 }
 
 /// Runs `call` on each item, `writers` at a time (a new one starts as one ends), pushing each

@@ -32,6 +32,7 @@ pub mod store;
 mod verifier;
 
 pub use batcher::BatchingConfig;
+pub use blazedb_protocol::{FieldValue, OpsBuilder};
 pub use dicts::DictPolicy;
 pub use node::{
     Node, NodeBuilder, NodeConfig, NodeError, NodeHandle, QueueDepths, Status, WriteReceipt,

@@ -29,8 +29,8 @@ use blazedb_crypto::{KxPolicy, LinkRegistry};
 use blazedb_identity::{Keypair, PublicKey};
 use blazedb_protocol::capability::{self, Chain, Rights, TokenId};
 use blazedb_protocol::{
-    limits, Action, BatchError, CheckedOps, Engine, EngineConfig, GossipVerdict, Op, PreVerified,
-    SyncMessage, VerifiedBatch,
+    limits, Action, BatchError, CheckedOps, Engine, EngineConfig, GossipVerdict, Op, OpsBuilder,
+    PreVerified, SyncMessage, VerifiedBatch,
 };
 
 use crate::batcher::{Batcher, BatchingConfig, Decision};
@@ -610,6 +610,21 @@ impl NodeHandle {
         // ops are in this core's cache; the actor only stamps it.
         let mut ops = CheckedOps::new(ops).map_err(|e| NodeError::Invalid(e.to_string()))?;
         ops.encode_ahead();
+        self.write_checked(ns, ops).await
+    }
+
+    /// Writes a call built as a payload ([`OpsBuilder`]: checked and encoded as its ops
+    /// were added, no owned ops) to `ns` as one batch; returns once the batch is durable.
+    /// The batch is the one the same ops given to [`NodeHandle::write`] would make.
+    pub async fn write_built(&self, ns: &str, ops: OpsBuilder) -> Result<WriteReceipt, NodeError> {
+        self.check_ns(ns)?;
+        if ops.is_empty() {
+            return Err(NodeError::Invalid("no ops given".into()));
+        }
+        self.write_checked(ns, ops.into_checked()).await
+    }
+
+    async fn write_checked(&self, ns: &str, ops: CheckedOps) -> Result<WriteReceipt, NodeError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Write(PendingWrite {

@@ -336,47 +336,105 @@ pub fn seal_squeezed(
 ) -> Result<VerifiedBatch, BatchError> {
     validate_namespace(ns)?;
     check_ops(&ops)?;
-    seal_valid(keypair, ns, pos, &ops, None, cap, dict, squeeze)
+    seal_valid(keypair, ns, pos, &ops, cap, dict, squeeze)
 }
 
 /// [`seal_squeezed`] of ops whose contents were checked ([`crate::CheckedOps`]): only their
-/// count and timestamp order are checked here. `plain`: their payload, if their writer
-/// encoded it ([`crate::CheckedOps::encode_ahead`]; it must be what encoding `ops` gives).
+/// count and timestamp order are checked here.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn seal_checked(
     keypair: &Keypair,
     ns: &str,
     pos: ChainPosition,
     ops: &[Op],
-    plain: Option<Vec<u8>>,
     cap: Option<&Chain>,
     dict: Option<&Dict>,
     squeeze: &mut Squeeze,
 ) -> Result<VerifiedBatch, BatchError> {
     validate_namespace(ns)?;
     check_op_order(ops)?;
-    seal_valid(keypair, ns, pos, ops, plain, cap, dict, squeeze)
+    seal_valid(keypair, ns, pos, ops, cap, dict, squeeze)
+}
+
+/// A payload encoded ahead of sealing ([`crate::CheckedOps::encode_ahead`],
+/// [`crate::OpsBuilder`]), with what the header says of its ops. Its encoder made it from
+/// checked ops with strictly increasing stamps, `hlc_min` the first and `hlc_max` the last.
+pub(crate) struct PlainOps {
+    pub(crate) plain: Vec<u8>,
+    pub(crate) len: usize,
+    pub(crate) hlc_min: Hlc,
+    pub(crate) hlc_max: Hlc,
+}
+
+/// Seals a payload encoded ahead (no revocations among its ops: those are never encoded
+/// ahead).
+pub(crate) fn seal_plain(
+    keypair: &Keypair,
+    ns: &str,
+    pos: ChainPosition,
+    ops: PlainOps,
+    cap: Option<&Chain>,
+    dict: Option<&Dict>,
+    squeeze: &mut Squeeze,
+) -> Result<VerifiedBatch, BatchError> {
+    validate_namespace(ns)?;
+    if ops.len == 0 || ops.len > limits::MAX_OPS_PER_BATCH || ops.hlc_min > ops.hlc_max {
+        return Err(BatchError::Inconsistent(format!(
+            "a payload of {} ops encoded ahead does not fit a batch",
+            ops.len
+        )));
+    }
+    let revocations = Vec::new();
+    seal_payload(keypair, ns, pos, ops, revocations, cap, dict, squeeze)
 }
 
 /// Seals ops and a namespace that passed their checks (each entry point above checks what its
-/// callers have not: everything, or only the count and timestamp order), with their payload
-/// if it was encoded ahead (else encoded here).
-#[allow(clippy::too_many_arguments)]
+/// callers have not: everything, or only the count and timestamp order): encodes them here.
 fn seal_valid(
     keypair: &Keypair,
     ns: &str,
     pos: ChainPosition,
     ops: &[Op],
-    plain: Option<Vec<u8>>,
     cap: Option<&Chain>,
     dict: Option<&Dict>,
     squeeze: &mut Squeeze,
 ) -> Result<VerifiedBatch, BatchError> {
-    let plain = plain.unwrap_or_else(|| {
-        let mut plain = Vec::new();
-        crate::codec::encode_ops(ops, &mut plain);
-        plain
-    });
+    let mut plain = Vec::new();
+    crate::codec::encode_ops(ops, &mut plain);
+    let revocations = ops
+        .iter()
+        .filter_map(|o| match o {
+            Op::Revoke { token, hlc } => Some((token.clone(), *hlc)),
+            _ => None,
+        })
+        .collect();
+    let plain = PlainOps {
+        plain,
+        len: ops.len(),
+        hlc_min: ops[0].hlc(),
+        hlc_max: ops[ops.len() - 1].hlc(),
+    };
+    seal_payload(keypair, ns, pos, plain, revocations, cap, dict, squeeze)
+}
+
+/// Compresses, hashes, signs and frames a payload.
+#[allow(clippy::too_many_arguments)]
+fn seal_payload(
+    keypair: &Keypair,
+    ns: &str,
+    pos: ChainPosition,
+    ops: PlainOps,
+    revocations: Vec<(String, Hlc)>,
+    cap: Option<&Chain>,
+    dict: Option<&Dict>,
+    squeeze: &mut Squeeze,
+) -> Result<VerifiedBatch, BatchError> {
+    let PlainOps {
+        plain,
+        len,
+        hlc_min,
+        hlc_max,
+    } = ops;
     let (mut payload, mut enc) = match plain.len() >= COMPRESS_MIN_BYTES {
         true => match squeeze.compress(&plain) {
             Some(z) if z.len() < plain.len() => (z, ENC_COMPACT_ZSTD),
@@ -385,7 +443,7 @@ fn seal_valid(
         false => (plain.clone(), ENC_COMPACT),
     };
     let mut used = None;
-    if let Some(d) = dict.filter(|_| ops.len() < DICT_OPS_MAX) {
+    if let Some(d) = dict.filter(|_| len < DICT_OPS_MAX) {
         if let Ok(z) = d.compress(&plain, crate::squeeze::STRONG_LEVEL) {
             if z.len() + DICT_HEADER_BYTES < payload.len() {
                 payload = z;
@@ -404,9 +462,9 @@ fn seal_valid(
         author: *keypair.public().as_bytes(),
         seq: pos.seq,
         prev: pos.prev,
-        hlc_min: ops[0].hlc(),
-        hlc_max: ops[ops.len() - 1].hlc(),
-        ops: ops.len() as u32,
+        hlc_min,
+        hlc_max,
+        ops: len as u32,
         payload_len: u32::try_from(payload.len())
             .map_err(|_| BatchError::TooLarge(payload.len()))?,
         payload_hash,
@@ -436,7 +494,7 @@ fn seal_valid(
         id: BatchId(*blake3::hash(&header_bytes).as_bytes()),
         header,
         author: keypair.public(),
-        ops: BatchOps::from_encoded(ops, plain),
+        ops: BatchOps::from_encoded(len, revocations, plain),
         bytes,
         cap: cap.cloned(),
         effective: true,

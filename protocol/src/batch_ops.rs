@@ -100,20 +100,18 @@ impl BatchOps {
         }
     }
 
-    /// From ops just encoded into `plain` by [`codec::encode_ops`] (sealing: the ops were
-    /// checked; decoding is left to whoever reads the view, which still checks).
-    pub(crate) fn from_encoded(ops: &[Op], plain: Vec<u8>) -> Self {
+    /// From `len` ops just encoded into `plain` (sealing: the ops were checked; decoding is
+    /// left to whoever reads the view, which still checks), with their revocations.
+    pub(crate) fn from_encoded(
+        len: usize,
+        revocations: Vec<(String, Hlc)>,
+        plain: Vec<u8>,
+    ) -> Self {
         BatchOps {
             plain: plain.into(),
             decoded: Arc::new(OnceLock::new()),
-            len: ops.len(),
-            revocations: ops
-                .iter()
-                .filter_map(|o| match o {
-                    Op::Revoke { token, hlc } => Some((token.clone(), *hlc)),
-                    _ => None,
-                })
-                .collect(),
+            len,
+            revocations,
         }
     }
 
@@ -221,7 +219,8 @@ mod tests {
 
         let mut plain = Vec::new();
         codec::encode_ops(&ops, &mut plain);
-        let sealed = BatchOps::from_encoded(&ops, plain);
+        let revocations = vec![("00".repeat(32), Hlc(11))];
+        let sealed = BatchOps::from_encoded(ops.len(), revocations, plain);
         assert!(
             sealed.decoded.get().is_none(),
             "nothing decoded before it is read"
@@ -241,7 +240,7 @@ mod tests {
         let mut plain = Vec::new();
         codec::encode_ops(&ops, &mut plain);
         plain.truncate(plain.len() - 3);
-        let b = BatchOps::from_encoded(&ops, plain);
+        let b = BatchOps::from_encoded(ops.len(), Vec::new(), plain);
         assert!(b.view().is_err());
         assert!(b.view().is_err());
         assert!(b.decoded.get().is_none());

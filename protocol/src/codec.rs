@@ -57,7 +57,7 @@ pub enum CodecError {
 // ---------------------------------------------------------------------------------------
 
 #[inline(always)]
-fn head(out: &mut Vec<u8>, major: u8, n: u64) {
+pub(crate) fn head(out: &mut Vec<u8>, major: u8, n: u64) {
     let m = major << 5;
     if n < 24 {
         out.push(m | n as u8);
@@ -76,12 +76,12 @@ fn head(out: &mut Vec<u8>, major: u8, n: u64) {
 }
 
 #[inline(always)]
-fn tstr(out: &mut Vec<u8>, s: &str) {
+pub(crate) fn tstr(out: &mut Vec<u8>, s: &str) {
     head(out, 3, s.len() as u64);
     out.extend_from_slice(s.as_bytes());
 }
 
-fn int(out: &mut Vec<u8>, v: i64) {
+pub(crate) fn int(out: &mut Vec<u8>, v: i64) {
     if v >= 0 {
         head(out, 0, v as u64);
     } else {
@@ -918,6 +918,30 @@ fn decode_as<const RULES: bool>(bytes: &[u8]) -> Result<PayloadView<'_>, CodecEr
         return Err(CodecError::Malformed("trailing bytes after payload"));
     }
     Ok(PayloadView { names, ops, fields })
+}
+
+/// An encoded upsert's fields, its map starting at `at` in `bytes`: each field's name index
+/// and where its value's bytes are. For pruning ops encoded ahead ([`crate::OpsBuilder`]).
+pub(crate) fn upsert_fields(
+    bytes: &[u8],
+    at: usize,
+) -> Result<Vec<(u64, std::ops::Range<usize>)>, CodecError> {
+    let mut r = Reader { b: bytes, pos: at };
+    let n = r.expect(5, "fields must be a map")?;
+    let n = r.count(n, limits::MAX_FIELDS_PER_UPSERT)?;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let idx = r.uint("field name index")?;
+        let start = r.pos;
+        skip_value(&mut r, 0)?;
+        out.push((idx, start..r.pos));
+    }
+    Ok(out)
+}
+
+/// The unsigned integer at `at` in `bytes`.
+pub(crate) fn uint_at(bytes: &[u8], at: usize) -> Result<u64, CodecError> {
+    Reader { b: bytes, pos: at }.uint("an unsigned integer")
 }
 
 /// Steps over one value, checking only its structure (lengths, nesting depth, known types).

@@ -71,7 +71,7 @@ use crate::capability::{self, Chain, Rights, TokenId};
 use crate::dict::{Dict, DictId, DictLookup, DictRef, DictSet};
 use crate::hlc::{Clock, Hlc};
 use crate::limits;
-use crate::op::{CheckedOps, Op};
+use crate::op::{CheckedOps, Op, Stamped};
 use crate::squeeze::Squeeze;
 
 /// Outcome of [`Engine::write_many`].
@@ -908,14 +908,14 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         now_ms: u64,
     ) -> Result<(VerifiedBatch, Vec<Action<P>>), BatchError> {
         let ahead = ops.take_ahead();
+        let len = ops.len();
         let ops = ops.ops_mut();
         let state = self.namespaces.get(ns).ok_or_else(|| {
             BatchError::Inconsistent(format!("namespace {ns:?} has not been joined"))
         })?;
-        if ops.len() > limits::MAX_OPS_PER_BATCH {
+        if len > limits::MAX_OPS_PER_BATCH {
             return Err(BatchError::Inconsistent(format!(
-                "{} ops exceed the limit of {} per batch",
-                ops.len(),
+                "{len} ops exceed the limit of {} per batch",
                 limits::MAX_OPS_PER_BATCH
             )));
         }
@@ -932,22 +932,30 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         // (exactly equivalent). Ops encoded ahead by their writer were pruned there, carrying
         // provisional stamps (see `CheckedOps::encode_ahead`): they take the stamps they
         // would have had here, and their payload then needs only its first stamp written in.
-        let mut plain = None;
-        match ahead.filter(|a| a.fits(ops)) {
+        let stamped = match ahead {
             Some(a) => {
                 let first = self.clock.tick(now_ms);
                 for _ in 1..a.stamps() {
                     self.clock.tick(now_ms);
                 }
-                plain = a.stamp(ops, first);
+                match a.stamp(first) {
+                    Some(s) => s,
+                    None => {
+                        self.clock = saved_clock;
+                        return Err(BatchError::Inconsistent(
+                            "a payload encoded ahead does not decode".into(),
+                        ));
+                    }
+                }
             }
             None => {
                 for op in ops.iter_mut() {
                     op.set_hlc(self.clock.tick(now_ms));
                 }
                 crate::prune::prune(ops);
+                Stamped::Ops(Vec::new())
             }
-        }
+        };
         let cap = match &state.policy {
             Policy::Owned { mine } if !capability::is_owner(ns, &author) => {
                 Some(mine.clone().ok_or_else(|| {
@@ -961,16 +969,19 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             Policy::Owned { .. } => None,
         };
         let mut squeeze = state.squeeze;
-        let sealed = batch::seal_checked(
-            keypair,
-            ns,
-            pos,
-            ops,
-            plain,
-            cap.as_ref(),
-            dict,
-            &mut squeeze,
-        );
+        let sealed = match stamped {
+            Stamped::Plain(plain) => {
+                batch::seal_plain(keypair, ns, pos, plain, cap.as_ref(), dict, &mut squeeze)
+            }
+            Stamped::Ops(decoded) => {
+                let ops = if decoded.is_empty() {
+                    &ops[..]
+                } else {
+                    &decoded[..]
+                };
+                batch::seal_checked(keypair, ns, pos, ops, cap.as_ref(), dict, &mut squeeze)
+            }
+        };
         if let Some(st) = self.namespaces.get_mut(ns) {
             self.stats.fast_compressed_sealed += squeeze.fast_batches() - st.squeeze.fast_batches();
             st.squeeze = squeeze;
@@ -1063,7 +1074,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         let mut sizes = Vec::with_capacity(writes.len());
         for (i, ops) in writes.into_iter().enumerate() {
             let checked = ops.and_then(|ops| {
-                self.check_write(ns, &author, ops.ops(), now_ms)?;
+                self.check_write(ns, &author, &ops, now_ms)?;
                 Ok(ops)
             });
             match checked {
@@ -1071,8 +1082,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     sizes.push(crate::coalesce::CallerSize {
                         ops: ops.len(),
                         bytes: ops.bytes(),
-                        alone: ops.len() > crate::coalesce::CALLER_OPS_MAX
-                            || ops.ops().iter().any(|op| matches!(op, Op::Revoke { .. })),
+                        alone: ops.len() > crate::coalesce::CALLER_OPS_MAX || ops.has_revokes(),
                     });
                     ok.push((i, ops));
                     out.results
@@ -1129,7 +1139,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         &self,
         ns: &str,
         author: &[u8; 32],
-        ops: &[Op],
+        ops: &CheckedOps,
         now_ms: u64,
     ) -> Result<(), BatchError> {
         let st = self.namespaces.get(ns).ok_or_else(|| {
@@ -1147,7 +1157,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 limits::MAX_OPS_PER_BATCH
             )));
         }
-        let revokes = ops.iter().any(|op| matches!(op, Op::Revoke { .. }));
+        let revokes = ops.has_revokes();
         match &st.policy {
             Policy::Public if revokes => Err(BatchError::Unauthorized(
                 "revocation in a public namespace".into(),
@@ -1166,16 +1176,12 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 chain
                     .authorizes(ns, author, need, now_ms)
                     .map_err(|e| BatchError::Unauthorized(e.to_string()))?;
-                for op in ops {
-                    if !chain.covers(op.collection(), op.key()) {
-                        return Err(BatchError::Unauthorized(format!(
-                            "record {}/{} outside the capability's scope",
-                            op.collection(),
-                            op.key()
-                        )));
-                    }
+                match ops.record_outside(|c, k| chain.covers(c, k)) {
+                    Some((c, k)) => Err(BatchError::Unauthorized(format!(
+                        "record {c}/{k} outside the capability's scope"
+                    ))),
+                    None => Ok(()),
                 }
-                Ok(())
             }
         }
     }

@@ -18,6 +18,7 @@
 
 pub mod batch;
 pub mod batch_ops;
+pub mod build;
 pub mod capability;
 pub mod coalesce;
 pub mod codec;
@@ -33,6 +34,7 @@ pub mod squeeze;
 
 pub use batch::{BatchError, BatchHeader, BatchId, VerifiedBatch};
 pub use batch_ops::BatchOps;
+pub use build::{FieldValue, OpsBuilder};
 pub use dict::{Dict, DictId, DictLookup, DictRef, DictSet};
 pub use engine::{
     preverify, Action, Engine, EngineConfig, GossipVerdict, PreVerified, SyncMessage, WriteMany,

@@ -103,6 +103,12 @@ pub enum OpError {
         /// What is wrong.
         reason: String,
     },
+    /// More ops in one call than a batch holds.
+    #[error("too many ops in one call: the limit is {max}")]
+    TooManyOps {
+        /// The limit.
+        max: usize,
+    },
     /// An upsert with too many fields.
     #[error("too many fields: {count} > {max}", max = limits::MAX_FIELDS_PER_UPSERT)]
     TooManyFields {
@@ -324,11 +330,17 @@ fn validate_text(what: &'static str, s: &str, max: usize) -> Result<(), OpError>
 /// call's ops on the caller's task, where a bad op gets its error before anything is queued;
 /// the actor, which every write passes through in turn, then only encodes them). Only the
 /// timestamps can change once checked, and no check depends on them.
+///
+/// A large call may already be pruned and encoded ([`CheckedOps::encode_ahead`], or built
+/// as a payload by [`crate::OpsBuilder`]): then the engine never touches its ops, and the
+/// owned ops, if any, are only kept for their writer to free.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CheckedOps {
     ops: Vec<Op>,
+    /// Ops to seal: `ops.len()`, or the payload's count if encoded ahead.
+    len: usize,
     bytes: usize,
-    /// The ops pruned and encoded on their writer's task ([`CheckedOps::encode_ahead`]).
+    /// The ops pruned and encoded on their writer's task.
     ahead: Option<Ahead>,
 }
 
@@ -344,46 +356,77 @@ pub(crate) struct Ahead {
     base_at: usize,
     /// Ops in the call before pruning: the ticks it takes.
     stamps: usize,
+    /// Ops in the payload (after pruning).
+    count: usize,
+    /// Provisional indices (in the call) of the first and the last op in the payload.
+    first: u64,
+    last: u64,
 }
 
 /// The first provisional timestamp of a payload encoded ahead: at least 2^32, so its CBOR
 /// head has the 9-byte form that any real timestamp (milliseconds since 1970, shifted 16
 /// bits) has too.
-const AHEAD_BASE: u64 = 1 << 48;
+pub(crate) const AHEAD_BASE: u64 = 1 << 48;
+
+/// A payload encoded ahead, given its real stamps ([`Ahead::stamp`]).
+pub(crate) enum Stamped {
+    /// The payload, sealed as it is.
+    Plain(crate::batch::PlainOps),
+    /// The ops with their real stamps, for the sealer to encode (a clock too small for the
+    /// 9-byte form of the first stamp: near 1970, as in tests).
+    Ops(Vec<Op>),
+}
 
 impl Ahead {
+    /// `plain` holds `count` ops (of a call of `stamps`) with provisional stamps, the first
+    /// and last being [`AHEAD_BASE`] + `first` and + `last`, `hlc_base` written at `base_at`.
+    pub(crate) fn new(
+        plain: Vec<u8>,
+        base_at: usize,
+        stamps: usize,
+        count: usize,
+        first: u64,
+        last: u64,
+    ) -> Self {
+        Ahead {
+            plain,
+            base_at,
+            stamps,
+            count,
+            first,
+            last,
+        }
+    }
+
     /// Clock ticks the call takes (its ops before pruning).
     pub(crate) fn stamps(&self) -> usize {
         self.stamps
     }
 
-    /// Whether `ops` still carry the provisional stamps this payload was encoded with.
-    pub(crate) fn fits(&self, ops: &[Op]) -> bool {
-        !ops.is_empty()
-            && ops.iter().all(|op| {
-                op.hlc()
-                    .0
-                    .checked_sub(AHEAD_BASE)
-                    .is_some_and(|i| i < self.stamps as u64)
-            })
-    }
-
-    /// Gives `ops` (which [`Ahead::fits`]) their real stamps, the call's first being
-    /// `first`, and returns the payload with them: what encoding the stamped ops gives.
-    /// `None` if the first stamp does not have the 9-byte form (a clock near 1970, as in
-    /// tests): the ops are stamped all the same, and the sealer encodes them.
-    pub(crate) fn stamp(self, ops: &mut [Op], first: Hlc) -> Option<Vec<u8>> {
-        for op in ops.iter_mut() {
-            op.set_hlc(Hlc(first.0 + (op.hlc().0 - AHEAD_BASE)));
-        }
-        let base = ops.first()?.hlc().0;
+    /// Gives the payload its real stamps, the call's first being `first`: what encoding the
+    /// stamped ops gives. `None` if the payload does not decode (it always does: its encoder
+    /// made it from checked ops).
+    pub(crate) fn stamp(self, first: Hlc) -> Option<Stamped> {
+        let (min, max) = (first.0 + self.first, first.0 + self.last);
         let mut plain = self.plain;
-        let head = plain.get_mut(self.base_at..self.base_at + 9)?;
-        if base < 1 << 32 || head[0] != 0x1b {
-            return None;
+        match plain.get_mut(self.base_at..self.base_at + 9) {
+            Some(head) if min >= 1 << 32 && head[0] == 0x1b => {
+                head[1..].copy_from_slice(&min.to_be_bytes());
+                Some(Stamped::Plain(crate::batch::PlainOps {
+                    plain,
+                    len: self.count,
+                    hlc_min: Hlc(min),
+                    hlc_max: Hlc(max),
+                }))
+            }
+            _ => {
+                let mut ops = crate::codec::decode(&plain).ok()?.to_ops();
+                for op in ops.iter_mut() {
+                    op.set_hlc(Hlc(first.0 + (op.hlc().0 - AHEAD_BASE)));
+                }
+                Some(Stamped::Ops(ops))
+            }
         }
-        head[1..].copy_from_slice(&base.to_be_bytes());
-        Some(plain)
     }
 }
 
@@ -395,21 +438,33 @@ impl CheckedOps {
             bytes = bytes.saturating_add(op.checked_len()?);
         }
         Ok(Self {
+            len: ops.len(),
             ops,
             bytes,
             ahead: None,
         })
     }
 
+    /// A payload built ahead ([`crate::OpsBuilder`]), with no owned ops.
+    pub(crate) fn from_ahead(ahead: Ahead, bytes: usize) -> Self {
+        Self {
+            ops: Vec::new(),
+            len: ahead.count,
+            bytes,
+            ahead: Some(ahead),
+        }
+    }
+
     /// Prunes and encodes the ops here, on the caller's task, if they will be sealed as a
     /// batch of their own (more than [`crate::coalesce::CALLER_OPS_MAX`] ops, no revocation):
     /// the sealer, which every write passes through in turn, then only writes the first
-    /// timestamp into the payload. It used to walk every op again to encode it, long after
-    /// the writer last touched them (on workload W, ~110 ns per op, half of it cache misses).
-    /// The sealed batch is byte for byte the one the sealer would have made from the same
-    /// ops (property-tested); anything unexpected at sealing falls back to encoding there.
+    /// timestamp into the payload, and never walks the ops again (it used to encode them long
+    /// after the writer last touched them: on workload W, ~110 ns per op, half of it cache
+    /// misses). The sealed batch is byte for byte the one the sealer would have made from the
+    /// same ops (property-tested). The pruned ops stay here, for their writer to free.
     pub fn encode_ahead(&mut self) {
-        if self.ops.len() <= crate::coalesce::CALLER_OPS_MAX
+        if self.ahead.is_some()
+            || self.ops.len() <= crate::coalesce::CALLER_OPS_MAX
             || self.ops.iter().any(|op| matches!(op, Op::Revoke { .. }))
         {
             return;
@@ -421,11 +476,29 @@ impl CheckedOps {
         crate::prune::prune(&mut self.ops);
         let mut plain = Vec::new();
         let base_at = crate::codec::encode_ops(&self.ops, &mut plain);
-        self.ahead = Some(Ahead {
+        let index = |op: Option<&Op>| op.map_or(0, |op| op.hlc().0 - AHEAD_BASE);
+        self.len = self.ops.len();
+        self.ahead = Some(Ahead::new(
             plain,
             base_at,
             stamps,
-        });
+            self.ops.len(),
+            index(self.ops.first()),
+            index(self.ops.last()),
+        ));
+    }
+
+    /// A payload built ahead without owned ops ([`crate::OpsBuilder`]) as owned ops again
+    /// (with its provisional stamps), for the ordinary path.
+    pub(crate) fn decode_ahead(&mut self) {
+        if let Some(a) = self.ahead.take() {
+            if self.ops.is_empty() {
+                if let Ok(view) = crate::codec::decode(&a.plain) {
+                    self.ops = view.to_ops();
+                }
+            }
+            self.len = self.ops.len();
+        }
     }
 
     /// The payload encoded ahead, if any (taken: the ops are about to change).
@@ -433,19 +506,29 @@ impl CheckedOps {
         self.ahead.take()
     }
 
-    /// The ops.
+    /// Whether the ops were pruned and encoded ahead.
+    pub fn is_encoded_ahead(&self) -> bool {
+        self.ahead.is_some()
+    }
+
+    /// The owned ops: empty for a payload built ahead ([`crate::OpsBuilder`]).
     pub fn ops(&self) -> &[Op] {
         &self.ops
     }
 
-    /// Number of ops.
+    /// Number of ops (after pruning, if encoded ahead).
     pub fn len(&self) -> usize {
-        self.ops.len()
+        self.len
     }
 
     /// Whether there are no ops.
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        self.len == 0
+    }
+
+    /// Whether any op is a revocation (never, in a payload encoded ahead).
+    pub fn has_revokes(&self) -> bool {
+        self.ops.iter().any(|op| matches!(op, Op::Revoke { .. }))
     }
 
     /// Their approximate encoded size ([`Op::approx_len`] summed).
@@ -453,24 +536,51 @@ impl CheckedOps {
         self.bytes
     }
 
-    /// Several writers' checked ops, in order, as one.
-    /// (A payload encoded ahead is not carried over: the group is encoded as one.)
+    /// The first record (collection, key) that `inside` refuses, if any.
+    pub fn record_outside(&self, inside: impl Fn(&str, &str) -> bool) -> Option<(String, String)> {
+        let outside = |c: &str, k: &str| (!inside(c, k)).then(|| (c.to_string(), k.to_string()));
+        match (&self.ahead, self.ops.is_empty()) {
+            (Some(a), true) => match crate::codec::decode(&a.plain) {
+                Ok(view) => view
+                    .ops()
+                    .iter()
+                    .find_map(|op| outside(view.collection(op), view.key(op))),
+                Err(_) => Some(("?".into(), "?".into())),
+            },
+            _ => self
+                .ops
+                .iter()
+                .find_map(|op| outside(op.collection(), op.key())),
+        }
+    }
+
+    /// Several writers' checked ops, in order, as one. (A payload encoded ahead is not
+    /// carried over: the group is encoded as one. Calls encoded ahead are sealed alone, never
+    /// grouped; one built without owned ops is decoded here all the same.)
     pub fn concat<'a>(parts: impl IntoIterator<Item = &'a CheckedOps>) -> Self {
         let mut out = Self::default();
         for p in parts {
-            out.ops.extend_from_slice(&p.ops);
+            match (&p.ahead, p.ops.is_empty()) {
+                (Some(a), true) => {
+                    if let Ok(view) = crate::codec::decode(&a.plain) {
+                        out.ops.extend(view.to_ops());
+                    }
+                }
+                _ => out.ops.extend_from_slice(&p.ops),
+            }
             out.bytes = out.bytes.saturating_add(p.bytes);
         }
+        out.len = out.ops.len();
         out
     }
 
     /// The ops, for the engine to stamp and prune in place (both keep them valid; pruning
-    /// can only make [`CheckedOps::bytes`] an overestimate).
+    /// can only make [`CheckedOps::bytes`] an overestimate). Not for a call encoded ahead.
     pub(crate) fn ops_mut(&mut self) -> &mut Vec<Op> {
         &mut self.ops
     }
 
-    /// The ops.
+    /// The owned ops (none for a payload built ahead).
     pub fn into_ops(self) -> Vec<Op> {
         self.ops
     }
@@ -495,21 +605,26 @@ fn upsert_len<E>(
 }
 
 /// Checks a value's nesting and size; returns its approximate encoded size.
-fn validate_value(field: &str, v: &Value) -> Result<usize, OpError> {
+pub(crate) fn validate_value(field: &str, v: &Value) -> Result<usize, OpError> {
     let bytes = value_size(v, 0).map_err(|reason| OpError::InvalidValue {
         field: field.chars().take(80).collect(),
         reason,
     })?;
     if bytes > limits::MAX_VALUE_BYTES {
-        return Err(OpError::InvalidValue {
-            field: field.chars().take(80).collect(),
-            reason: format!(
-                "value of ~{bytes} bytes exceeds {} bytes",
-                limits::MAX_VALUE_BYTES
-            ),
-        });
+        return Err(value_too_big(field, bytes));
     }
     Ok(bytes)
+}
+
+/// The error for a value of about `bytes` bytes, over [`limits::MAX_VALUE_BYTES`].
+pub(crate) fn value_too_big(field: &str, bytes: usize) -> OpError {
+    OpError::InvalidValue {
+        field: field.chars().take(80).collect(),
+        reason: format!(
+            "value of ~{bytes} bytes exceeds {} bytes",
+            limits::MAX_VALUE_BYTES
+        ),
+    }
 }
 
 /// Approximate encoded size of a value, failing on excessive nesting.
@@ -575,11 +690,11 @@ mod tests {
     fn a_payload_encoded_ahead_takes_the_real_timestamps() {
         let mut checked = CheckedOps::new(many()).unwrap();
         checked.encode_ahead();
+        assert!(checked.is_encoded_ahead());
+        assert!(checked.len() < 300, "pruned first");
+        assert_eq!(checked.len(), checked.ops().len());
         let ahead = checked.take_ahead().expect("300 ops are encoded ahead");
         assert_eq!(ahead.stamps(), 300);
-        let ops = checked.into_ops();
-        assert!(ops.len() < 300, "pruned first");
-        assert!(ahead.fits(&ops));
 
         // What the sealer would do without it: stamp all 300, prune, encode.
         let first = Hlc::new(1_800_000_000_000, 7);
@@ -591,15 +706,25 @@ mod tests {
         let mut want = Vec::new();
         crate::codec::encode_ops(&all, &mut want);
 
-        let mut stamped = ops.clone();
-        assert_eq!(ahead.clone().stamp(&mut stamped, first), Some(want));
-        assert_eq!(stamped, all);
-        // Stamped ops no longer fit; a clock too small for the 9-byte form stamps the ops
-        // but leaves the encoding to the sealer.
-        assert!(!ahead.fits(&stamped));
-        let mut early = ops.clone();
-        assert_eq!(ahead.stamp(&mut early, Hlc(1 << 20)), None);
-        assert_eq!(early[0].hlc().0 - (1 << 20), ops[0].hlc().0 - AHEAD_BASE);
+        match ahead.clone().stamp(first) {
+            Some(Stamped::Plain(p)) => {
+                assert_eq!(p.plain, want);
+                assert_eq!(p.len, all.len());
+                assert_eq!(p.hlc_min, all[0].hlc());
+                assert_eq!(p.hlc_max, all[all.len() - 1].hlc());
+            }
+            _ => panic!("a real clock takes the payload as it is"),
+        }
+        // A clock too small for the 9-byte form gives the stamped ops to the sealer.
+        let early = Hlc(1 << 20);
+        let Some(Stamped::Ops(ops)) = ahead.stamp(early) else {
+            panic!("a tiny clock re-encodes");
+        };
+        let shifted: Vec<Hlc> = all
+            .iter()
+            .map(|o| Hlc(o.hlc().0 - first.0 + early.0))
+            .collect();
+        assert_eq!(ops.iter().map(Op::hlc).collect::<Vec<_>>(), shifted);
     }
 
     #[test]

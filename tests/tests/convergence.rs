@@ -84,3 +84,95 @@ async fn three_nodes_each_writing_converge() {
         n.shutdown().await;
     }
 }
+
+/// Calls built as payloads (`OpsBuilder`, `NodeHandle::write_built`) replicate like any
+/// other: A writes large calls whose records repeat (pruned as payloads) and a small one
+/// (grouped); B, over a real link, ends with A's records, and those are exactly what a third
+/// node that wrote the same ops as `Vec<Op>` holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_built_as_payloads_replicate_as_owned_ops_would() {
+    use blazedb_node::{FieldValue, OpsBuilder};
+    use blazedb_protocol::{Hlc, Op};
+
+    let dir = tempfile::tempdir().unwrap();
+    let a = start_node(&dir.path().join("a"), &[]).await.unwrap();
+    let b = start_node(&dir.path().join("b"), &[a.listen_addrs()[0].clone()])
+        .await
+        .unwrap();
+    let c = start_node(&dir.path().join("c"), &[]).await.unwrap();
+    wait_peers(&a, 1).await;
+
+    // (key, kind, value): upserts of one or two fields, deletes, counter adds, over few
+    // enough records that many repeat within a call.
+    let call = |seed: u64, n: u64| -> Vec<(String, u64, i64)> {
+        (0..n)
+            .map(|i| {
+                let x = (seed * 7919 + i * 104_729) % 1_000_003;
+                (format!("k{}", x % 400), x % 5, (x % 97) as i64)
+            })
+            .collect()
+    };
+    let calls = [call(1, 900), call(2, 40), call(3, 2_000)];
+    for ops in &calls {
+        let mut built = OpsBuilder::new();
+        let mut owned = Vec::new();
+        for (key, kind, v) in ops {
+            let hlc = Hlc(0);
+            let (collection, key) = ("items".to_string(), key.clone());
+            match kind {
+                0 | 1 => {
+                    let f = [("a", FieldValue::Int(*v)), ("b", FieldValue::Str("x"))];
+                    let fields = &f[..*kind as usize + 1];
+                    built.upsert(&collection, &key, fields).unwrap();
+                    let fields = [("a", json!(v)), ("b", json!("x"))][..*kind as usize + 1]
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), v.clone()))
+                        .collect();
+                    owned.push(Op::Upsert {
+                        collection,
+                        key,
+                        hlc,
+                        fields,
+                    });
+                }
+                2 => {
+                    built.delete(&collection, &key).unwrap();
+                    owned.push(Op::Delete {
+                        collection,
+                        key,
+                        hlc,
+                    });
+                }
+                _ => {
+                    built.add(&collection, &key, "n", *v).unwrap();
+                    owned.push(Op::CounterAdd {
+                        collection,
+                        key,
+                        hlc,
+                        field: "n".into(),
+                        delta: *v,
+                    });
+                }
+            }
+        }
+        let receipt = a.write_built("default", built).await.unwrap();
+        c.write("default", owned).await.unwrap();
+        assert!(receipt.ops <= ops.len());
+    }
+    assert!(
+        a.write_built("default", OpsBuilder::new()).await.is_err(),
+        "an empty call is refused"
+    );
+    eventually("A's batches at B", Duration::from_secs(30), || async {
+        let (batches, _) = b.counts().ok()?;
+        (batches == calls.len() as u64).then_some(())
+    })
+    .await;
+    let sa = snapshot(&a, "items");
+    assert!(sa.len() > 300, "most of the 400 records are live");
+    assert_eq!(sa, snapshot(&b, "items"), "B replicated A");
+    assert_eq!(sa, snapshot(&c, "items"), "the same ops as Vec<Op>");
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
