@@ -3,6 +3,7 @@
 //! Every error is a 4xx/5xx with a JSON body `{"error": {"code": "...", "message": "..."}}`.
 //! Writes answer only after the batch is durable. Bad input never reaches the store.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -24,7 +25,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamExt;
 
 use blazedb_protocol::capability::{Rights, TokenId};
-use blazedb_protocol::{limits, Op};
+use blazedb_protocol::{limits, FieldValue, OpsBuilder};
 
 use crate::node::{NodeError, NodeHandle};
 
@@ -345,20 +346,24 @@ async fn list(
     Ok(Json(json!({ "records": records })))
 }
 
-/// One op of `POST /v1/ns/{ns}/ops`, read as one flat object, then checked for the fields
-/// its kind takes ([`ApiOp::into_op`]). (As an internally tagged enum, serde buffered every op
-/// into an intermediate tree of strings and read it a second time.)
+/// One op of `POST /v1/ns/{ns}/ops`, read as one flat object borrowing its strings from the
+/// body, then checked for the fields its kind takes and added to the call's [`OpsBuilder`]
+/// ([`ApiOp::add_to`]): no owned op, no JSON tree of the values. (As an internally tagged
+/// enum, serde buffered every op into an intermediate tree of strings and read it a second
+/// time.)
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ApiOp {
+struct ApiOp<'a> {
     op: ApiOpKind,
-    collection: String,
-    key: String,
-    /// An upsert's fields, read straight into the op's own map.
-    #[serde(default)]
-    fields: Option<std::collections::BTreeMap<String, Value>>,
-    #[serde(default)]
-    field: Option<String>,
+    #[serde(borrow)]
+    collection: Cow<'a, str>,
+    #[serde(borrow)]
+    key: Cow<'a, str>,
+    /// An upsert's fields, as given.
+    #[serde(default, borrow)]
+    fields: Option<ApiFields<'a>>,
+    #[serde(default, borrow)]
+    field: Option<Cow<'a, str>>,
     #[serde(default)]
     delta: Option<i64>,
 }
@@ -371,46 +376,151 @@ enum ApiOpKind {
     Add,
 }
 
-impl ApiOp {
-    /// The op, if it has exactly the fields its kind takes (`i`: its place, for the error).
-    fn into_op(self, i: usize) -> Result<Op, String> {
-        let (collection, key, hlc) = (self.collection, self.key, Default::default());
-        match (self.op, self.fields, self.field, self.delta) {
-            (ApiOpKind::Upsert, Some(fields), None, None) => Ok(Op::Upsert {
-                collection,
-                key,
-                hlc,
-                fields,
-            }),
-            (ApiOpKind::Delete, None, None, None) => Ok(Op::Delete {
-                collection,
-                key,
-                hlc,
-            }),
-            (ApiOpKind::Add, None, Some(field), Some(delta)) => Ok(Op::CounterAdd {
-                collection,
-                key,
-                field,
-                delta,
-                hlc,
-            }),
-            (ApiOpKind::Upsert, ..) => Err(format!(
-                "op {i}: an upsert takes \"collection\", \"key\" and \"fields\" (an object)"
-            )),
-            (ApiOpKind::Delete, ..) => Err(format!(
-                "op {i}: a delete takes only \"collection\" and \"key\""
-            )),
-            (ApiOpKind::Add, ..) => Err(format!(
-                "op {i}: an add takes \"collection\", \"key\", \"field\" and \"delta\""
-            )),
+/// An upsert's fields in the order given (the builder sorts them and refuses a name given
+/// twice).
+struct ApiFields<'a>(Vec<(Cow<'a, str>, ApiValue<'a>)>);
+
+/// A field value: scalars and strings as they are (strings borrowed from the body unless
+/// escaped), arrays and objects as JSON values.
+enum ApiValue<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(Cow<'a, str>),
+    Json(Value),
+}
+
+impl ApiValue<'_> {
+    fn as_field(&self) -> FieldValue<'_> {
+        match self {
+            ApiValue::Null => FieldValue::Null,
+            ApiValue::Bool(b) => FieldValue::Bool(*b),
+            ApiValue::Int(i) => FieldValue::Int(*i),
+            ApiValue::Float(f) => FieldValue::Float(*f),
+            ApiValue::Str(s) => FieldValue::Str(s),
+            ApiValue::Json(v) => FieldValue::Json(v),
         }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for ApiFields<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Fields<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Fields<'a> {
+            type Value = ApiFields<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object of fields")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut m: M,
+            ) -> Result<Self::Value, M::Error> {
+                let mut out = Vec::with_capacity(m.size_hint().unwrap_or(4).min(64));
+                while let Some(name) = m.next_key::<Cow<'a, str>>()? {
+                    out.push((name, m.next_value::<ApiValue<'a>>()?));
+                }
+                Ok(ApiFields(out))
+            }
+        }
+        d.deserialize_map(Fields(std::marker::PhantomData))
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for ApiValue<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = ApiValue<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(ApiValue::Null)
+            }
+            fn visit_bool<E>(self, b: bool) -> Result<Self::Value, E> {
+                Ok(ApiValue::Bool(b))
+            }
+            fn visit_i64<E>(self, i: i64) -> Result<Self::Value, E> {
+                Ok(ApiValue::Int(i))
+            }
+            fn visit_u64<E>(self, u: u64) -> Result<Self::Value, E> {
+                Ok(match i64::try_from(u) {
+                    Ok(i) => ApiValue::Int(i),
+                    Err(_) => ApiValue::Json(Value::from(u)),
+                })
+            }
+            fn visit_f64<E>(self, f: f64) -> Result<Self::Value, E> {
+                Ok(ApiValue::Float(f))
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
+                Ok(ApiValue::Str(Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(ApiValue::Str(Cow::Owned(s.to_string())))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Self::Value, E> {
+                Ok(ApiValue::Str(Cow::Owned(s)))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                a: A,
+            ) -> Result<Self::Value, A::Error> {
+                let d = serde::de::value::SeqAccessDeserializer::new(a);
+                Ok(ApiValue::Json(Value::deserialize(d)?))
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                m: M,
+            ) -> Result<Self::Value, M::Error> {
+                let d = serde::de::value::MapAccessDeserializer::new(m);
+                Ok(ApiValue::Json(Value::deserialize(d)?))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+impl ApiOp<'_> {
+    /// Adds the op to `ops` if it has exactly the fields its kind takes and passes the op
+    /// rules (`i`: its place, for the error).
+    fn add_to(&self, ops: &mut OpsBuilder, i: usize) -> Result<(), String> {
+        let (collection, key) = (&*self.collection, &*self.key);
+        let added = match (&self.op, &self.fields, &self.field, self.delta) {
+            (ApiOpKind::Upsert, Some(fields), None, None) => {
+                let fields: Vec<(&str, FieldValue<'_>)> =
+                    fields.0.iter().map(|(n, v)| (&**n, v.as_field())).collect();
+                ops.upsert(collection, key, &fields)
+            }
+            (ApiOpKind::Delete, None, None, None) => ops.delete(collection, key),
+            (ApiOpKind::Add, None, Some(field), Some(delta)) => {
+                ops.add(collection, key, field, delta)
+            }
+            (ApiOpKind::Upsert, ..) => {
+                return Err(format!(
+                    "op {i}: an upsert takes \"collection\", \"key\" and \"fields\" (an object)"
+                ))
+            }
+            (ApiOpKind::Delete, ..) => {
+                return Err(format!(
+                    "op {i}: a delete takes only \"collection\" and \"key\""
+                ))
+            }
+            (ApiOpKind::Add, ..) => {
+                return Err(format!(
+                    "op {i}: an add takes \"collection\", \"key\", \"field\" and \"delta\""
+                ))
+            }
+        };
+        added.map_err(|e| format!("op {i}: {e}"))
     }
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct OpsBody {
-    ops: Vec<ApiOp>,
+struct OpsBody<'a> {
+    #[serde(borrow)]
+    ops: Vec<ApiOp<'a>>,
 }
 
 async fn post_ops(
@@ -419,7 +529,7 @@ async fn post_ops(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Json<Value>> {
     let body = body?;
-    let parsed: OpsBody = serde_json::from_slice(&body).map_err(|e| {
+    let parsed: OpsBody<'_> = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "body must be {{\"ops\": [{{\"op\": \"upsert\"|\"delete\"|\"add\", ...}}]}}: {e}"
         ))
@@ -431,14 +541,12 @@ async fn post_ops(
             limits::MAX_OPS_PER_BATCH
         )));
     }
-    let ops = parsed
-        .ops
-        .into_iter()
-        .enumerate()
-        .map(|(i, o)| o.into_op(i))
-        .collect::<Result<Vec<Op>, String>>()
-        .map_err(ApiError::bad_request)?;
-    let receipt = node.write(&ns, ops).await?;
+    let mut ops = OpsBuilder::with_capacity(parsed.ops.len(), 96);
+    for (i, op) in parsed.ops.iter().enumerate() {
+        op.add_to(&mut ops, i).map_err(ApiError::bad_request)?;
+    }
+    drop(parsed);
+    let receipt = node.write_built(&ns, ops).await?;
     Ok(Json(
         json!({ "ok": true, "batch": receipt.batch, "seq": receipt.seq, "ops": receipt.ops }),
     ))

@@ -157,6 +157,8 @@ async fn http_bad_input_gets_json_errors_and_changes_nothing() {
         json!({"op": "add", "collection": "users", "key": "fine", "delta": 1}),
         json!({"op": "upsert", "collection": "users", "key": "fine", "fields": {"a": 1}, "x": 1}),
         json!({"collection": "users", "key": "fine", "fields": {"a": 1}}),
+        json!({"op": "add", "collection": "users", "key": "fine", "field": "", "delta": 1}),
+        json!({"op": "upsert", "collection": "_reserved", "key": "fine", "fields": {}}),
     ] {
         let body = json!({"ops": [
             {"op": "upsert", "collection": "users", "key": "fine", "fields": {"a": 1}},
@@ -175,6 +177,20 @@ async fn http_bad_input_gets_json_errors_and_changes_nothing() {
     ]});
     expect_error(
         http.post(&ops).json(&mixed).send().await.unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
+    // A field given twice in one upsert is refused (not silently the last one).
+    expect_error(
+        http.post(&ops)
+            .header("content-type", "application/json")
+            .body(
+                r#"{"ops":[{"op":"upsert","collection":"users","key":"fine","fields":{"a":1,"a":2}}]}"#,
+            )
+            .send()
+            .await
+            .unwrap(),
         400,
         "bad_request",
     )
@@ -224,6 +240,10 @@ async fn http_bad_input_gets_json_errors_and_changes_nothing() {
     assert_eq!(got["fields"]["name"], "Ada");
     let good = json!({"ops": [
         {"op": "upsert", "collection": "users", "key": "bob", "fields": {"n": 1}},
+        {"op": "upsert", "collection": "users", "key": "eve", "fields": {
+            "quote": "say \"hi\"\n", "big": u64::MAX, "neg": -7, "f": 0.25, "no": null,
+            "t": true, "list": [1, "two", {"three": [3]}], "obj": {"k": "v"},
+        }},
         {"op": "add", "collection": "users", "key": "bob", "field": "n", "delta": 4},
         {"op": "delete", "collection": "users", "key": "ada"},
     ]});
@@ -234,6 +254,15 @@ async fn http_bad_input_gets_json_errors_and_changes_nothing() {
         5
     );
     assert!(node.get("default", "users", "ada").unwrap().is_none());
+    // Values read straight into the call's payload come back as they were sent.
+    let eve = Value::Object(node.get("default", "users", "eve").unwrap().unwrap());
+    assert_eq!(
+        eve,
+        json!({
+            "quote": "say \"hi\"\n", "big": u64::MAX, "neg": -7, "f": 0.25, "no": null,
+            "t": true, "list": [1, "two", {"three": [3]}], "obj": {"k": "v"},
+        })
+    );
     let metrics = http
         .get(format!("{base}/metrics"))
         .send()
