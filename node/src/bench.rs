@@ -452,7 +452,9 @@ pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
     Ok(vec![
         Row {
             id: "B3",
-            what: format!("2 nodes loopback TLS, A write -> durable at B, {total_ops} ops"),
+            what: format!(
+                "2 nodes loopback TLS, A write (OpsBuilder) -> durable at B, {total_ops} ops"
+            ),
             value: public,
             unit: "ops/s",
             ratio: Some(public / tcp),
@@ -553,24 +555,10 @@ pub(crate) fn rss_bytes() -> u64 {
 }
 
 /// One B2 run: a fresh node, `calls` 5k-op calls of workload W through the embedding API,
-/// `writers` calls in flight at a time (each call waits for durability). Returns (durable
-/// ops/s, readable ops/s, store growth MB/s, per-call latencies in ms).
+/// each built as a payload ([`OpsBuilder`]) from the app's strings inside the window, `writers`
+/// calls in flight at a time (each call waits for durability).
 async fn b2_run(calls: usize, run: usize, writers: usize) -> Result<B2Run> {
-    let dir = tempfile_dir()?;
-    let node = ingest_node(dir.path()).await?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(100 + run as u64);
-    let batches: Vec<Vec<Op>> = (0..calls)
-        .map(|_| workload_w(&mut rng, W_BATCH_OPS, 0))
-        .collect();
-    let write = |ops: Vec<Op>| {
-        let node = node.clone();
-        async move {
-            let c = Instant::now();
-            node.write(DEFAULT_NAMESPACE, ops).await?;
-            Ok::<f64, anyhow::Error>(c.elapsed().as_secs_f64() * 1e3)
-        }
-    };
-    ingest_window(&node, dir.path(), batches, writers, write).await
+    b2b_run(calls, run, writers, CallForm::Built).await
 }
 
 /// A fresh node for an ingest run, its data in `dir`.
@@ -656,6 +644,45 @@ fn workload_w_raw(rng: &mut impl Rng, n: usize) -> Vec<RawOp> {
         .collect()
 }
 
+/// A call of workload W as owned ops, made from the app's strings.
+fn owned_call(call: &[RawOp]) -> Vec<Op> {
+    call.iter()
+        .map(|r| match &r.values {
+            Some(v) => Op::Upsert {
+                collection: "bench".into(),
+                key: r.key.clone(),
+                hlc: Hlc(0),
+                fields: ["a", "b", "c"]
+                    .iter()
+                    .zip(v)
+                    .map(|(f, v)| (f.to_string(), v.as_str().into()))
+                    .collect(),
+            },
+            None => Op::Delete {
+                collection: "bench".into(),
+                key: r.key.clone(),
+                hlc: Hlc(0),
+            },
+        })
+        .collect()
+}
+
+/// A call of workload W built as a payload from the app's strings.
+fn built_call(call: &[RawOp]) -> Result<OpsBuilder> {
+    let mut b = OpsBuilder::with_capacity(call.len(), 128);
+    for r in call {
+        match &r.values {
+            Some([a, bv, cv]) => b.upsert(
+                "bench",
+                &r.key,
+                &[("a", a.into()), ("b", bv.into()), ("c", cv.into())],
+            )?,
+            None => b.delete("bench", &r.key)?,
+        }
+    }
+    Ok(b)
+}
+
 /// How a B2b call hands its ops to the node.
 #[derive(Clone, Copy, PartialEq)]
 enum CallForm {
@@ -679,44 +706,12 @@ async fn b2b_run(calls: usize, run: usize, writers: usize, form: CallForm) -> Re
         async move {
             let c = Instant::now();
             match form {
-                CallForm::Owned => {
-                    let ops = call
-                        .iter()
-                        .map(|r| match &r.values {
-                            Some(v) => Op::Upsert {
-                                collection: "bench".into(),
-                                key: r.key.clone(),
-                                hlc: Hlc(0),
-                                fields: ["a", "b", "c"]
-                                    .iter()
-                                    .zip(v)
-                                    .map(|(f, v)| (f.to_string(), v.as_str().into()))
-                                    .collect(),
-                            },
-                            None => Op::Delete {
-                                collection: "bench".into(),
-                                key: r.key.clone(),
-                                hlc: Hlc(0),
-                            },
-                        })
-                        .collect();
-                    node.write(DEFAULT_NAMESPACE, ops).await?;
-                }
+                CallForm::Owned => node.write(DEFAULT_NAMESPACE, owned_call(&call)).await?,
                 CallForm::Built => {
-                    let mut b = OpsBuilder::with_capacity(call.len(), 128);
-                    for r in &call {
-                        match &r.values {
-                            Some([a, bv, cv]) => b.upsert(
-                                "bench",
-                                &r.key,
-                                &[("a", a.into()), ("b", bv.into()), ("c", cv.into())],
-                            )?,
-                            None => b.delete("bench", &r.key)?,
-                        }
-                    }
-                    node.write_built(DEFAULT_NAMESPACE, b).await?;
+                    node.write_built(DEFAULT_NAMESPACE, built_call(&call)?)
+                        .await?
                 }
-            }
+            };
             drop(call);
             Ok::<f64, anyhow::Error>(c.elapsed().as_secs_f64() * 1e3)
         }
@@ -1030,7 +1025,7 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
     Ok(vec![
         Row {
             id: "B2",
-            what: format!("local durable ingest, 5k-op calls, {total_ops} ops"),
+            what: format!("local durable ingest, 5k-op calls built in the window (OpsBuilder), {total_ops} ops"),
             value: rate,
             unit: "ops/s",
             ratio: Some(rate / raw),
@@ -1596,8 +1591,8 @@ async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<B3Run> {
     let base = b.metrics().remote_batches.load(Relaxed);
     let dups_base = b.metrics().duplicates.load(Relaxed);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let batches: Vec<Vec<Op>> = (0..calls)
-        .map(|_| workload_w(&mut rng, W_BATCH_OPS, 0))
+    let batches: Vec<Vec<RawOp>> = (0..calls)
+        .map(|_| workload_w_raw(&mut rng, W_BATCH_OPS))
         .collect();
     let rss_start = rss_bytes();
     let rss_peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(rss_start));
@@ -1614,9 +1609,10 @@ async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<B3Run> {
     let t = Instant::now();
     let cpu0 = cpu_secs();
     // Several calls in flight, as several client connections would.
-    let write = |ops: Vec<Op>| {
+    // Each call built from the app's strings as it is written (OpsBuilder).
+    let write = |call: Vec<RawOp>| {
         let (a, ns) = (a.clone(), ns.clone());
-        async move { a.write(&ns, ops).await }
+        async move { anyhow::Ok(a.write_built(&ns, built_call(&call)?).await?) }
     };
     let mut inflight = futures::stream::FuturesUnordered::new();
     let mut it = batches.into_iter();
