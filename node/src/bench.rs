@@ -270,8 +270,9 @@ pub fn b1(runs: usize) -> Result<Vec<Row>> {
     let reps = 100;
     let n = (W_BATCH_OPS * reps) as f64;
     let rate = |t: Instant| n / t.elapsed().as_secs_f64();
-    let mut r: [Vec<f64>; 9] = Default::default();
+    let mut r: [Vec<f64>; 11] = Default::default();
     let (mut sealed_bpo, mut plain_bpo, mut serde_bpo) = (0.0, 0.0, 0.0);
+    let raw = workload_w_raw(&mut rand::rngs::StdRng::seed_from_u64(1), W_BATCH_OPS);
     for _ in 0..runs {
         // Codec alone.
         let mut compact = Vec::new();
@@ -342,8 +343,25 @@ pub fn b1(runs: usize) -> Result<Vec<Row>> {
             std::hint::black_box(sealed.ops.decode_uncached()?);
         }
         r[8].push(rate(t));
+
+        // A call from the app's strings to a payload ready to seal: built (checked and
+        // encoded as each op is added, then pruned as a payload), against owned ops made
+        // from the same strings, checked, pruned and encoded ahead.
+        let t = Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(built_call(&raw)?.into_checked());
+        }
+        r[9].push(rate(t));
+        let t = Instant::now();
+        for _ in 0..reps {
+            let mut c = blazedb_protocol::CheckedOps::new(owned_call(&raw))?;
+            c.encode_ahead();
+            std::hint::black_box(c);
+        }
+        r[10].push(rate(t));
     }
-    let [enc, base_enc, dec, dec_owned, base_dec, seal, id, verify, reread] = r.map(median);
+    let [enc, base_enc, dec, dec_owned, base_dec, seal, id, verify, reread, built, owned] =
+        r.map(median);
     let row = |what: &str, value: f64, unit: &'static str, base: Option<(f64, &str)>| Row {
         id: "B1",
         what: what.into(),
@@ -356,6 +374,12 @@ pub fn b1(runs: usize) -> Result<Vec<Row>> {
     let sd = Some((base_dec, "serde+ciborium decode"));
     Ok(vec![
         row("encode (compact codec), 5k-op batch", enc, "ops/s", se),
+        row(
+            "a call from the app's strings to a payload (OpsBuilder: check, encode, prune)",
+            built,
+            "ops/s",
+            Some((owned, "owned ops made, checked, pruned, encoded")),
+        ),
         row("decode (borrowed view, all op checks)", dec, "ops/s", sd),
         row("decode to owned ops (tools, tests)", dec_owned, "ops/s", sd),
         row(
