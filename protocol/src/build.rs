@@ -755,7 +755,6 @@ mod tests {
     /// An op of a random call: one of two collections, few keys (records repeat), up to 20
     /// field names (past the linear name search), fields in any order.
     fn arb_call() -> impl proptest::strategy::Strategy<Value = Vec<(u8, u8, u8, Vec<u8>, i64)>> {
-        use proptest::prelude::*;
         proptest::collection::vec(
             (
                 0..2u8,
