@@ -908,11 +908,13 @@ async fn b2h_run(calls: usize, run: usize, writers: usize) -> Result<HttpRun> {
         }
     };
     let mut lat = Vec::with_capacity(calls);
+    tracing::info!(writers, "bench window: B2h start");
     let t = Instant::now();
     let cpu0 = cpu_secs();
     in_flight(bodies, writers, post, &mut lat).await?;
     let secs = t.elapsed().as_secs_f64();
     let cpu_us = (cpu_secs() - cpu0) * 1e6 / (calls * W_BATCH_OPS) as f64;
+    tracing::info!(writers, "bench window: B2h end");
     node.shutdown().await;
     drop(node);
     Ok(HttpRun {

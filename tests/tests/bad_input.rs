@@ -181,6 +181,18 @@ async fn http_bad_input_gets_json_errors_and_changes_nothing() {
         "bad_request",
     )
     .await;
+    // A body that is not UTF-8.
+    expect_error(
+        http.post(&ops)
+            .header("content-type", "application/json")
+            .body(b"{\"ops\":[{\"op\":\"delete\",\"collection\":\"c\",\"key\":\"\xff\"}]}".to_vec())
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "bad_request",
+    )
+    .await;
     // A field given twice in one upsert is refused (not silently the last one).
     expect_error(
         http.post(&ops)
