@@ -19,7 +19,7 @@ use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
 
-use crate::codec::{head, int, tstr, value};
+use crate::codec::{head, int, same_name, tstr, value};
 use crate::limits;
 use crate::op::{
     self, validate_field_name, validate_key, validate_user_collection, Ahead, CheckedOps, Op,
@@ -98,6 +98,9 @@ impl<'a> From<&'a Value> for FieldValue<'a> {
 pub struct OpsBuilder {
     /// Collection and field names, in order of first use.
     names: Vec<String>,
+    /// Per name, the roles it was checked for ([`ROLE_COLLECTION`], [`ROLE_FIELD`]): a name
+    /// is checked once per role, not once per op.
+    roles: Vec<u8>,
     /// `names` by name, once there are more than [`LINEAR_MAX`].
     index: HashMap<String, u32>,
     /// Per position (collection, first field, ...), the index the previous op used there:
@@ -135,6 +138,30 @@ const ALONE: u32 = u32::MAX;
 const KIND_UPSERT: u8 = 0;
 const KIND_DELETE: u8 = 1;
 const KIND_ADD: u8 = 2;
+
+/// A name checked as a collection name.
+const ROLE_COLLECTION: u8 = 1;
+/// A name checked as a field name.
+const ROLE_FIELD: u8 = 2;
+
+/// The role of the name at `slot` of an op (0: its collection; then its fields).
+fn role(slot: usize) -> u8 {
+    match slot {
+        0 => ROLE_COLLECTION,
+        _ => ROLE_FIELD,
+    }
+}
+
+/// Whether `a` sorts before `b` (byte order, as `str`'s), without a call into `memcmp`:
+/// field names are a few bytes long.
+#[inline]
+fn name_lt(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    match a.iter().zip(b).find(|(x, y)| x != y) {
+        Some((x, y)) => x < y,
+        None => a.len() < b.len(),
+    }
+}
 
 /// Names looked up by a linear search up to this many.
 const LINEAR_MAX: usize = 16;
@@ -184,7 +211,7 @@ impl OpsBuilder {
         fields: &[(&str, FieldValue<'_>)],
     ) -> Result<(), OpError> {
         self.room()?;
-        validate_user_collection(collection)?;
+        self.check_collection(collection)?;
         validate_key(key)?;
         if fields.len() > limits::MAX_FIELDS_PER_UPSERT {
             return Err(OpError::TooManyFields {
@@ -192,7 +219,7 @@ impl OpsBuilder {
             });
         }
         // Encoded in name order, as decoding requires; most callers give them sorted.
-        let sorted = fields.windows(2).all(|w| w[0].0 < w[1].0);
+        let sorted = fields.windows(2).all(|w| name_lt(w[0].0, w[1].0));
         let mut order: Vec<usize> = Vec::new();
         if !sorted {
             order = (0..fields.len()).collect();
@@ -211,7 +238,9 @@ impl OpsBuilder {
         let mut len = collection.len() + key.len() + OP_FIXED_BYTES;
         for i in 0..fields.len() {
             let (name, v) = nth(i);
-            validate_field_name(name)?;
+            if !self.checked(i + 1, name) {
+                validate_field_name(name)?;
+            }
             len += name.len() + 2 + value_len(name, v)?;
         }
         self.body.extend_from_slice(&[0x85, 0]);
@@ -240,7 +269,7 @@ impl OpsBuilder {
     /// Deletes record `collection`/`key` (a tombstone hiding every field written before).
     pub fn delete(&mut self, collection: &str, key: &str) -> Result<(), OpError> {
         self.room()?;
-        validate_user_collection(collection)?;
+        self.check_collection(collection)?;
         validate_key(key)?;
         self.body.extend_from_slice(&[0x84, 1]);
         let rec = self.start(collection, key);
@@ -257,9 +286,11 @@ impl OpsBuilder {
         delta: i64,
     ) -> Result<(), OpError> {
         self.room()?;
-        validate_user_collection(collection)?;
+        self.check_collection(collection)?;
         validate_key(key)?;
-        validate_field_name(field)?;
+        if !self.checked(1, field) {
+            validate_field_name(field)?;
+        }
         self.body.extend_from_slice(&[0x86, 2]);
         let rec = self.start(collection, key);
         let idx = self.name(1, field);
@@ -346,11 +377,34 @@ impl OpsBuilder {
         self.bytes = self.bytes.saturating_add(len);
     }
 
-    /// The index of `name`, added if new; `slot` is its position in the op (for the hint).
+    /// Whether `name`, at `slot` of an op, is the name the previous op had there, already
+    /// checked for that role (then it needs no check).
+    fn checked(&self, slot: usize, name: &str) -> bool {
+        let h = self.hint[slot.min(7)] as usize;
+        self.names.get(h).is_some_and(|n| same_name(n, name)) && self.roles[h] & role(slot) != 0
+    }
+
+    /// Checks a collection name (unless the previous op's, checked already).
+    fn check_collection(&self, collection: &str) -> Result<(), OpError> {
+        match self.checked(0, collection) {
+            true => Ok(()),
+            false => validate_user_collection(collection),
+        }
+    }
+
+    /// The index of `name` (checked for its role by the caller), added if new; `slot` is its
+    /// position in the op (for the hint and the role).
     fn name(&mut self, slot: usize, name: &str) -> u32 {
+        let i = self.intern(slot, name);
+        self.roles[i as usize] |= role(slot);
+        i
+    }
+
+    /// The index of `name`, added if new (the hint of `slot` first, then a search).
+    fn intern(&mut self, slot: usize, name: &str) -> u32 {
         let slot = slot.min(7);
         let h = self.hint[slot] as usize;
-        if self.names.get(h).is_some_and(|n| n == name) {
+        if self.names.get(h).is_some_and(|n| same_name(n, name)) {
             return h as u32;
         }
         let found = match self.names.len() > LINEAR_MAX {
@@ -360,6 +414,7 @@ impl OpsBuilder {
         let i = found.unwrap_or_else(|| {
             let i = self.names.len() as u32;
             self.names.push(name.to_string());
+            self.roles.push(0);
             if self.names.len() > LINEAR_MAX {
                 if self.index.is_empty() {
                     self.index = self
@@ -613,6 +668,38 @@ mod tests {
             let mut b = OpsBuilder::new();
             assert_eq!(b.upsert("c", "k", &fields), op.validate());
         }
+    }
+
+    /// Names are checked once per role: a name that passed as a field name is still checked
+    /// as a collection name, in whatever order the two uses come.
+    #[test]
+    fn a_name_is_checked_for_each_role() {
+        let mut b = OpsBuilder::new();
+        b.upsert(
+            "c",
+            "k",
+            &[("_x", FieldValue::Null), ("x y", FieldValue::Null)],
+        )
+        .unwrap();
+        b.upsert(
+            "c",
+            "k2",
+            &[("_x", FieldValue::Null), ("x y", FieldValue::Null)],
+        )
+        .unwrap();
+        assert!(
+            b.upsert("_x", "k", &[]).is_err(),
+            "reserved as a collection"
+        );
+        assert!(
+            b.delete("x y", "k").is_err(),
+            "a space is no collection name"
+        );
+        b.add("c", "k", "_x", 1).unwrap();
+        assert!(b.add("x y", "k", "n", 1).is_err());
+        // And a collection name that comes back as a field is checked as one (it passes).
+        b.add("c", "k", "c", 1).unwrap();
+        assert_eq!(b.len(), 4);
     }
 
     #[test]

@@ -172,7 +172,7 @@ impl<'a> Names<'a> {
 /// String equality without a call into `memcmp`: names are a few bytes long, and comparing
 /// them was a quarter of encoding workload W through the library call.
 #[inline(always)]
-fn same_name(a: &str, b: &str) -> bool {
+pub(crate) fn same_name(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
         return false;

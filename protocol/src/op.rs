@@ -319,7 +319,12 @@ fn validate_text(what: &'static str, s: &str, max: usize) -> Result<(), OpError>
     if s.len() > max {
         return Err(name_error(what, s, format!("longer than {max} bytes")));
     }
-    if s.chars().any(char::is_control) {
+    // ASCII text (most keys) is checked a byte at a time; anything else by its chars.
+    let control = match s.is_ascii() {
+        true => s.bytes().any(|b| b < 0x20 || b == 0x7f),
+        false => s.chars().any(char::is_control),
+    };
+    if control {
         return Err(name_error(what, s, "control characters not allowed"));
     }
     Ok(())
