@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 
-use hashbrown::HashTable;
+use crate::prune::{Later, ALONE};
 
 use crate::codec::{head, int, same_name, tstr, value};
 use crate::limits;
@@ -131,9 +131,6 @@ impl Rec {
         (self.key_at + self.key_len) as usize
     }
 }
-
-/// No other op touches this op's record.
-const ALONE: u32 = u32::MAX;
 
 const KIND_UPSERT: u8 = 0;
 const KIND_DELETE: u8 = 1;
@@ -327,7 +324,14 @@ impl OpsBuilder {
             _ => (0, n as u32 - 1, n),
         };
         let (plain, base_at) = self.payload(count, first);
-        let ahead = Ahead::new(plain, base_at, n, count, first.into(), last.into());
+        let ahead = Ahead {
+            plain,
+            base_at,
+            stamps: n,
+            count,
+            first: first.into(),
+            last: last.into(),
+        };
         let mut checked = CheckedOps::from_ahead(ahead, bytes);
         if survivors.is_none() {
             checked.decode_ahead();
@@ -437,25 +441,12 @@ impl OpsBuilder {
     /// `None` if no record is touched twice.
     fn repeats(&self) -> Option<Vec<u32>> {
         let key = |r: &Rec| &self.body[r.key_at as usize..(r.key_at + r.key_len) as usize];
-        let mut seen: HashTable<u32> = HashTable::with_capacity(self.records.len());
-        let mut rep: Option<Vec<u32>> = None;
-        for (i, r) in self.records.iter().enumerate() {
-            let same = |j: &u32| {
-                let o = &self.records[*j as usize];
-                o.hash == r.hash && o.coll == r.coll && key(o) == key(r)
-            };
-            match seen.find(r.hash, same) {
-                Some(&j) => {
-                    let rep = rep.get_or_insert_with(|| vec![ALONE; self.records.len()]);
-                    rep[i] = j;
-                    rep[j as usize] = j;
-                }
-                None => {
-                    seen.insert_unique(r.hash, i as u32, |j| self.records[*j as usize].hash);
-                }
-            }
-        }
-        rep
+        let recs = &self.records;
+        crate::prune::repeats(
+            recs.len(),
+            |i| recs[i].hash,
+            |i, j| recs[i].coll == recs[j].coll && key(&recs[i]) == key(&recs[j]),
+        )
     }
 
     /// The body without the ops and fields that later ops on the same record make
@@ -463,13 +454,8 @@ impl OpsBuilder {
     /// `None` if the name table would change (a name no longer used, or first used later).
     /// `rep`: [`OpsBuilder::repeats`].
     fn pruned(&self, rep: &[u32]) -> Option<(Vec<u8>, Vec<u32>)> {
-        #[derive(Default)]
-        struct Later {
-            deleted: bool,
-            written: Vec<u64>,
-        }
         let n = self.records.len();
-        let mut later: HashMap<u32, Later> = HashMap::new();
+        let mut later: HashMap<u32, Later<u64>> = HashMap::new();
         let mut keep = vec![true; n];
         // Upserts that keep only some of their fields: (name index, value bytes) kept.
         let mut narrowed: HashMap<usize, Vec<(u64, std::ops::Range<usize>)>> = HashMap::new();
@@ -481,28 +467,21 @@ impl OpsBuilder {
             let seen = later.entry(rep[i]).or_default();
             let rest = rec.dh_at() + 1;
             keep[i] = match self.body[rec.at as usize + 1] {
-                KIND_DELETE => !std::mem::replace(&mut seen.deleted, true),
-                KIND_UPSERT if seen.deleted => false,
+                KIND_DELETE => seen.delete(),
                 KIND_UPSERT => {
                     let fields = crate::codec::upsert_fields(&self.body, rest).ok()?;
                     let all = fields.len();
                     let kept: Vec<_> = fields
                         .into_iter()
-                        .filter(|(f, _)| !seen.written.contains(f))
+                        .filter(|(f, _)| !seen.overwritten(f))
                         .collect();
-                    let covered = all > 0 && kept.is_empty();
-                    let empty_covered = all == 0 && !seen.written.is_empty();
-                    seen.written.extend(kept.iter().map(|(f, _)| *f));
-                    let visible = !covered && !empty_covered;
+                    let visible = seen.upsert(all, kept.iter().map(|(f, _)| *f));
                     if visible && kept.len() < all {
                         narrowed.insert(i, kept);
                     }
                     visible
                 }
-                _ => {
-                    let field = crate::codec::uint_at(&self.body, rest).ok()?;
-                    !(seen.deleted || seen.written.contains(&field))
-                }
+                _ => !seen.hides(&crate::codec::uint_at(&self.body, rest).ok()?),
             };
         }
         // The names the kept ops use, in order of first use, must be the table as it is.

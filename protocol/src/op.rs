@@ -357,15 +357,17 @@ pub struct CheckedOps {
 /// `base_at`) is left to write in.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Ahead {
-    plain: Vec<u8>,
-    base_at: usize,
+    /// The payload, `hlc_base` provisional.
+    pub(crate) plain: Vec<u8>,
+    /// Where `hlc_base` (its 9-byte CBOR head) is in `plain`.
+    pub(crate) base_at: usize,
     /// Ops in the call before pruning: the ticks it takes.
-    stamps: usize,
+    pub(crate) stamps: usize,
     /// Ops in the payload (after pruning).
-    count: usize,
+    pub(crate) count: usize,
     /// Provisional indices (in the call) of the first and the last op in the payload.
-    first: u64,
-    last: u64,
+    pub(crate) first: u64,
+    pub(crate) last: u64,
 }
 
 /// The first provisional timestamp of a payload encoded ahead: at least 2^32, so its CBOR
@@ -383,26 +385,6 @@ pub(crate) enum Stamped {
 }
 
 impl Ahead {
-    /// `plain` holds `count` ops (of a call of `stamps`) with provisional stamps, the first
-    /// and last being [`AHEAD_BASE`] + `first` and + `last`, `hlc_base` written at `base_at`.
-    pub(crate) fn new(
-        plain: Vec<u8>,
-        base_at: usize,
-        stamps: usize,
-        count: usize,
-        first: u64,
-        last: u64,
-    ) -> Self {
-        Ahead {
-            plain,
-            base_at,
-            stamps,
-            count,
-            first,
-            last,
-        }
-    }
-
     /// Clock ticks the call takes (its ops before pruning).
     pub(crate) fn stamps(&self) -> usize {
         self.stamps
@@ -483,14 +465,14 @@ impl CheckedOps {
         let base_at = crate::codec::encode_ops(&self.ops, &mut plain);
         let index = |op: Option<&Op>| op.map_or(0, |op| op.hlc().0 - AHEAD_BASE);
         self.len = self.ops.len();
-        self.ahead = Some(Ahead::new(
+        self.ahead = Some(Ahead {
             plain,
             base_at,
             stamps,
-            self.ops.len(),
-            index(self.ops.first()),
-            index(self.ops.last()),
-        ));
+            count: self.ops.len(),
+            first: index(self.ops.first()),
+            last: index(self.ops.last()),
+        });
     }
 
     /// A payload built ahead without owned ops ([`crate::OpsBuilder`]) as owned ops again

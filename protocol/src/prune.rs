@@ -12,7 +12,7 @@
 //! Ops are never combined into new ops with other timestamps (two upserts of different fields
 //! keep their own stamps), which is what keeps the result exactly equivalent.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
 use std::hash::BuildHasher;
 
 use hashbrown::HashTable;
@@ -30,41 +30,30 @@ use crate::op::Op;
 /// batch's worth of fresh memory per write (a new vector of ~5k ops) was mostly the
 /// kernel zeroing pages for it.
 pub fn prune(ops: &mut Vec<Op>) {
-    let Some(repeated) = repeated_records(ops) else {
+    let hasher = foldhash::fast::RandomState::default();
+    let hash = |i: usize| hasher.hash_one((ops[i].collection(), ops[i].key()));
+    let same = |i: usize, j: usize| {
+        ops[i].key() == ops[j].key() && ops[i].collection() == ops[j].collection()
+    };
+    let Some(rep) = repeats(ops.len(), hash, same) else {
         return;
     };
     // Walk backwards, remembering per record what later ops already cover.
-    #[derive(Default)]
-    struct Later {
-        deleted: bool,
-        written: BTreeSet<String>,
-    }
-    let mut later: BTreeMap<(String, String), Later> = BTreeMap::new();
+    let mut later: HashMap<u32, Later<String>> = HashMap::new();
     let mut keep = vec![true; ops.len()];
     for i in (0..ops.len()).rev() {
-        if !repeated[i] {
+        if rep[i] == ALONE {
             continue;
         }
-        let rec = (ops[i].collection().to_string(), ops[i].key().to_string());
-        let seen = later.entry(rec).or_default();
+        let seen = later.entry(rep[i]).or_default();
         keep[i] = match &mut ops[i] {
-            Op::Delete { .. } => !std::mem::replace(&mut seen.deleted, true),
+            Op::Delete { .. } => seen.delete(),
             Op::Upsert { fields, .. } => {
-                if seen.deleted {
-                    false
-                } else {
-                    let all = fields.len();
-                    fields.retain(|f, _| !seen.written.contains(f));
-                    // An upsert whose every field is overwritten later is invisible; an empty
-                    // one written on purpose ({}: "the record exists") is kept unless a later
-                    // write or delete of the record covers it.
-                    let covered = all > 0 && fields.is_empty();
-                    let empty_covered = all == 0 && !seen.written.is_empty();
-                    seen.written.extend(fields.keys().cloned());
-                    !covered && !empty_covered
-                }
+                let all = fields.len();
+                fields.retain(|f, _| !seen.overwritten(f));
+                seen.upsert(all, fields.keys().cloned())
             }
-            Op::CounterAdd { field, .. } => !(seen.deleted || seen.written.contains(field)),
+            Op::CounterAdd { field, .. } => !seen.hides(field),
             Op::Revoke { .. } => true,
         };
     }
@@ -72,33 +61,88 @@ pub fn prune(ops: &mut Vec<Op>) {
     ops.retain(|_| keep.next().unwrap_or(true));
 }
 
-/// Per op, whether its record is touched by another op of the batch too; `None` if no record
-/// is touched twice.
-fn repeated_records(ops: &[Op]) -> Option<Vec<bool>> {
-    let hasher = foldhash::fast::RandomState::default();
-    let hash = |op: &Op| hasher.hash_one((op.collection(), op.key()));
-    // Index of the first op on each record (4 bytes a slot: the table of a 5k-op batch
-    // stays in cache, and a record's strings are compared only when the hash tags match).
-    let mut first: HashTable<u32> = HashTable::with_capacity(ops.len());
-    let mut repeated: Option<Vec<bool>> = None;
-    for (i, op) in ops.iter().enumerate() {
-        let same = |j: &u32| {
-            let o = &ops[*j as usize];
-            o.key() == op.key() && o.collection() == op.collection()
-        };
-        let h = hash(op);
-        match first.find(h, same) {
+/// No other op of the batch touches this op's record ([`repeats`]).
+pub(crate) const ALONE: u32 = u32::MAX;
+
+/// Per op (of `n`), the index of the first op on its record if another op touches that
+/// record too, else [`ALONE`]; `None` if no record is touched twice. `hash(i)` is op `i`'s
+/// record's hash, `same(i, j)` whether ops `i` and `j` touch one record. (4 bytes a slot:
+/// the table of a 5k-op batch stays in cache, and records are compared only when the hash
+/// tags match.)
+pub(crate) fn repeats(
+    n: usize,
+    hash: impl Fn(usize) -> u64,
+    same: impl Fn(usize, usize) -> bool,
+) -> Option<Vec<u32>> {
+    let mut first: HashTable<u32> = HashTable::with_capacity(n);
+    let mut rep: Option<Vec<u32>> = None;
+    for i in 0..n {
+        let h = hash(i);
+        match first.find(h, |j| same(*j as usize, i)) {
             Some(&j) => {
-                let r = repeated.get_or_insert_with(|| vec![false; ops.len()]);
-                r[i] = true;
-                r[j as usize] = true;
+                let rep = rep.get_or_insert_with(|| vec![ALONE; n]);
+                rep[i] = j;
+                rep[j as usize] = j;
             }
             None => {
-                first.insert_unique(h, i as u32, |j| hash(&ops[*j as usize]));
+                first.insert_unique(h, i as u32, |j| hash(*j as usize));
             }
         }
     }
-    repeated
+    rep
+}
+
+/// What the later ops of a batch already cover on one record, for a walk backwards over its
+/// ops: the rules of the module doc in one place, for owned ops ([`prune`], fields named by
+/// `String`) and for encoded ones ([`crate::OpsBuilder`], fields named by name index).
+pub(crate) struct Later<K> {
+    deleted: bool,
+    written: BTreeSet<K>,
+}
+
+impl<K> Default for Later<K> {
+    fn default() -> Self {
+        Later {
+            deleted: false,
+            written: BTreeSet::new(),
+        }
+    }
+}
+
+impl<K: Ord> Later<K> {
+    /// A delete: visible unless a later delete covers it.
+    pub(crate) fn delete(&mut self) -> bool {
+        !std::mem::replace(&mut self.deleted, true)
+    }
+
+    /// Whether a later upsert sets `field` (an earlier upsert's value of it is hidden).
+    pub(crate) fn overwritten(&self, field: &K) -> bool {
+        self.written.contains(field)
+    }
+
+    /// Whether a later write or delete hides an earlier counter add to `field`.
+    pub(crate) fn hides(&self, field: &K) -> bool {
+        self.deleted || self.written.contains(field)
+    }
+
+    /// An upsert of `all` fields, of which `kept` are not [`Later::overwritten`]: whether it
+    /// stays visible. An upsert whose every field is overwritten later is invisible; an empty
+    /// one written on purpose (`{}`: "the record exists") is kept unless a later write or
+    /// delete of the record covers it.
+    pub(crate) fn upsert(&mut self, all: usize, kept: impl IntoIterator<Item = K>) -> bool {
+        if self.deleted {
+            return false;
+        }
+        let was_empty = self.written.is_empty();
+        let mut n = 0;
+        for k in kept {
+            self.written.insert(k);
+            n += 1;
+        }
+        let covered = all > 0 && n == 0;
+        let empty_covered = all == 0 && !was_empty;
+        !covered && !empty_covered
+    }
 }
 
 #[cfg(test)]
@@ -108,6 +152,7 @@ mod tests {
     use crate::merge::RecordState;
     use crate::op::Value;
     use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     fn arb_ops() -> impl Strategy<Value = Vec<Op>> {
         // Few keys, so records repeat; five, so some do not (the first pass's fast path).
@@ -210,15 +255,29 @@ mod tests {
     }
 
     proptest! {
-        /// The first pass flags exactly the ops whose record another op touches too.
+        /// The first pass maps exactly the ops whose record another op touches too, each to
+        /// the first op on its record.
         #[test]
-        fn repeated_records_are_exact(ops in arb_ops()) {
-            let naive: Vec<bool> = ops
+        fn repeats_are_exact(ops in arb_ops()) {
+            let rec = |o: &Op| (o.collection().to_string(), o.key().to_string());
+            let naive: Vec<u32> = ops
                 .iter()
-                .map(|a| ops.iter().filter(|b| (a.collection(), a.key()) == (b.collection(), b.key())).count() > 1)
+                .map(|a| {
+                    let same: Vec<usize> =
+                        (0..ops.len()).filter(|j| rec(&ops[*j]) == rec(a)).collect();
+                    match same.len() > 1 {
+                        true => same[0] as u32,
+                        false => ALONE,
+                    }
+                })
                 .collect();
-            let want = naive.iter().any(|r| *r).then_some(naive);
-            prop_assert_eq!(repeated_records(&ops), want);
+            let want = naive.iter().any(|r| *r != ALONE).then_some(naive);
+            let hash = |i: usize| {
+                let mut h = std::hash::DefaultHasher::new();
+                std::hash::Hash::hash(&rec(&ops[i]), &mut h);
+                std::hash::Hasher::finish(&h)
+            };
+            prop_assert_eq!(repeats(ops.len(), hash, |i, j| rec(&ops[i]) == rec(&ops[j])), want);
         }
     }
 
