@@ -939,7 +939,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     self.clock.tick(now_ms);
                 }
                 match a.stamp(first) {
-                    Some(s) => s,
+                    Some(s) => Some(s),
                     None => {
                         self.clock = saved_clock;
                         return Err(BatchError::Inconsistent(
@@ -953,7 +953,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     op.set_hlc(self.clock.tick(now_ms));
                 }
                 crate::prune::prune(ops);
-                Stamped::Ops(Vec::new())
+                None
             }
         };
         let cap = match &state.policy {
@@ -970,17 +970,13 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         };
         let mut squeeze = state.squeeze;
         let sealed = match stamped {
-            Stamped::Plain(plain) => {
+            Some(Stamped::Plain(plain)) => {
                 batch::seal_plain(keypair, ns, pos, plain, cap.as_ref(), dict, &mut squeeze)
             }
-            Stamped::Ops(decoded) => {
-                let ops = if decoded.is_empty() {
-                    &ops[..]
-                } else {
-                    &decoded[..]
-                };
-                batch::seal_checked(keypair, ns, pos, ops, cap.as_ref(), dict, &mut squeeze)
+            Some(Stamped::Ops(decoded)) => {
+                batch::seal_checked(keypair, ns, pos, &decoded, cap.as_ref(), dict, &mut squeeze)
             }
+            None => batch::seal_checked(keypair, ns, pos, ops, cap.as_ref(), dict, &mut squeeze),
         };
         if let Some(st) = self.namespaces.get_mut(ns) {
             self.stats.fast_compressed_sealed += squeeze.fast_batches() - st.squeeze.fast_batches();

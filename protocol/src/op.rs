@@ -513,9 +513,10 @@ impl CheckedOps {
         self.len == 0
     }
 
-    /// Whether any op is a revocation (never, in a payload encoded ahead).
+    /// Whether any op is a revocation (never in a call encoded ahead, whose owned ops, if
+    /// any, are then not walked again).
     pub fn has_revokes(&self) -> bool {
-        self.ops.iter().any(|op| matches!(op, Op::Revoke { .. }))
+        self.ahead.is_none() && self.ops.iter().any(|op| matches!(op, Op::Revoke { .. }))
     }
 
     /// Their approximate encoded size ([`Op::approx_len`] summed).
