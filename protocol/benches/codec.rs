@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-use blazedb_protocol::{codec, squeeze, Hlc, Op, Value};
+use blazedb_protocol::{codec, squeeze, CheckedOps, FieldValue, Hlc, Op, OpsBuilder, Value};
 
 /// Workload W from a fixed-seed xorshift (the bench needs no RNG crate).
 fn workload(n: usize) -> Vec<Op> {
@@ -69,6 +69,42 @@ fn b1(c: &mut Criterion) {
             out.clear();
             ciborium::into_writer(&ops, &mut out).unwrap();
             out.len()
+        })
+    });
+    // A call from the app's own data to a payload ready to seal: built (checked, encoded as
+    // each op is added, pruned as a payload) against owned ops made, checked, pruned and
+    // encoded ahead. The app's data here: each op's strings, borrowed from `ops`.
+    g.bench_function("call/ops_builder", |b| {
+        b.iter(|| {
+            let mut built = OpsBuilder::with_capacity(ops.len(), 128);
+            for op in &ops {
+                match op {
+                    Op::Upsert {
+                        collection,
+                        key,
+                        fields,
+                        ..
+                    } => {
+                        let f: Vec<(&str, FieldValue<'_>)> = fields
+                            .iter()
+                            .map(|(n, v)| (n.as_str(), FieldValue::Str(v.as_str().unwrap_or(""))))
+                            .collect();
+                        built.upsert(collection, key, &f).unwrap();
+                    }
+                    Op::Delete {
+                        collection, key, ..
+                    } => built.delete(collection, key).unwrap(),
+                    _ => unreachable!("W has upserts and deletes"),
+                }
+            }
+            built.into_checked().len()
+        })
+    });
+    g.bench_function("call/owned_ops", |b| {
+        b.iter(|| {
+            let mut checked = CheckedOps::new(ops.clone()).unwrap();
+            checked.encode_ahead();
+            checked.len()
         })
     });
     g.bench_function("decode/compact_view", |b| {
