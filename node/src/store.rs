@@ -14,8 +14,8 @@
 //! Table names carry a version; `docs/design.md` gives the byte layout.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::delta_map::{DeltaMap, Updated};
@@ -90,7 +90,8 @@ redb_from!(
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError
+    redb::CommitError,
+    redb::CursorError
 );
 
 /// A record's visible fields.
@@ -139,10 +140,6 @@ pub struct Store {
     /// A frozen delta being written into the view file ([`Store::flush_frozen`]); readers
     /// still consult it until that commit is done.
     flushing: RwLock<Option<Arc<Delta>>>,
-    /// Percentage of the last flush's records that the view file already held: below half,
-    /// the next flush inserts first and reads only on a collision (one B-tree walk per new
-    /// record instead of a lookup and an insert).
-    flush_existing_pct: AtomicU32,
 }
 
 /// Record changes held in memory between view flushes: per record, the join of the ops
@@ -360,7 +357,6 @@ impl Store {
             view,
             staged: RwLock::default(),
             flushing: RwLock::default(),
-            flush_existing_pct: AtomicU32::new(100),
         })
     }
 
@@ -714,38 +710,40 @@ impl Store {
             let mut records = txn.open_table(RECORDS)?;
             let mut applied = txn.open_table(APPLIED)?;
             let mut buf = Vec::with_capacity(512);
-            // Key order: each B-tree page is visited once, in a sweep.
+            // Key order: one sweep of a cursor over the records, from the first key the delta
+            // holds. Records between the delta's keys are stepped over (a leaf read each);
+            // a delta key the file holds is joined with it and put back in its place; a new
+            // one is inserted at the cursor. No record is looked up from the tree's root.
             let mut keyed: Vec<(&[u8], &[u8])> = delta.records.iter().collect();
             keyed.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            let insert_first = self.flush_existing_pct.load(Ordering::Relaxed) < 50;
-            let mut existing = 0usize;
-            for (rk, d) in keyed {
-                buf.clear();
-                if insert_first {
-                    // Mostly new records: write the delta's state as the record, and only if
-                    // the key was there after all, merge with what it held and write again.
-                    let old = records.insert(rk, d)?.map(|v| v.value().to_vec());
-                    if let Some(old) = old {
-                        existing += 1;
-                        join_states(&old, d, &mut buf)?;
-                        records.insert(rk, buf.as_slice())?;
+            if let Some((first, _)) = keyed.first() {
+                let mut cursor = records.lower_bound_mut(Bound::Included(*first))?;
+                for (rk, d) in keyed {
+                    let held = loop {
+                        let next = cursor.peek_next()?;
+                        match next.as_ref().map(|(k, _)| k.value().cmp(rk)) {
+                            Some(std::cmp::Ordering::Less) => {
+                                drop(next);
+                                cursor.next()?;
+                            }
+                            Some(std::cmp::Ordering::Equal) => {
+                                break next.map(|(_, v)| v.value().to_vec());
+                            }
+                            _ => break None,
+                        }
+                    };
+                    match held {
+                        Some(old) => {
+                            buf.clear();
+                            join_states(&old, d, &mut buf)?;
+                            cursor.remove_next()?;
+                            cursor.insert_before(rk, buf.as_slice())?;
+                        }
+                        None => cursor.insert_before(rk, d)?,
                     }
-                    continue;
                 }
-                let old = records.get(rk)?.map(|v| v.value().to_vec());
-                match old {
-                    Some(old) => {
-                        existing += 1;
-                        join_states(&old, d, &mut buf)?;
-                        records.insert(rk, buf.as_slice())?;
-                    }
-                    None => {
-                        records.insert(rk, d)?;
-                    }
-                }
+                cursor.close()?;
             }
-            let pct = (existing * 100 / delta.records.len().max(1)) as u32;
-            self.flush_existing_pct.store(pct, Ordering::Relaxed);
             for (ck, seq) in &delta.applied {
                 let old = applied.get(ck.as_slice())?.map(|v| v.value());
                 if old.is_none_or(|o| o < *seq) {
@@ -1343,6 +1341,69 @@ mod tests {
             );
             proptest::prop_assert!(reopened.unapplied(&reopened.heads().unwrap()).unwrap().is_empty());
         }
+    }
+
+    /// Flushes into a file of thousands of records over many B-tree pages (keys new, held,
+    /// and in between the delta's, deleted, merged) read exactly like direct application:
+    /// the sweep of the file's cursor steps, joins and inserts in the right places.
+    #[test]
+    fn flushes_into_a_large_file_equal_direct_application() {
+        let dir = tempfile::tempdir().unwrap();
+        let staged = Store::open(&dir.path().join("a").join("store.redb").tap_mkdir()).unwrap();
+        let direct = Store::open(&dir.path().join("b").join("store.redb").tap_mkdir()).unwrap();
+        let kp = Keypair::from_seed([9; 32]);
+        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
+        engine.join("default");
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |m: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % m
+        };
+        for round in 0..6 {
+            for _ in 0..4 {
+                let ops: Vec<Op> = (0..500)
+                    .map(|_| {
+                        // Long keys: few records per page, many pages.
+                        let key = format!("{:06}-{}", next(6_000), "p".repeat(40));
+                        let hlc = Hlc::ZERO;
+                        match next(10) {
+                            0 => Op::Delete {
+                                collection: "c".into(),
+                                key,
+                                hlc,
+                            },
+                            1 => Op::CounterAdd {
+                                collection: "c".into(),
+                                key,
+                                hlc,
+                                field: "n".into(),
+                                delta: 1,
+                            },
+                            _ => upsert(&key, next(100) as i64),
+                        }
+                    })
+                    .collect();
+                let (vb, _) = engine.write("default", &kp, ops, 1_000 + round).unwrap();
+                let batches = vec![vb];
+                staged.append_log(&batches).unwrap();
+                direct.write_batches(&batches).unwrap();
+                staged.stage(batches, false).unwrap();
+            }
+            assert!(staged.freeze());
+            assert!(staged.flush_frozen(false).unwrap() > 0);
+            assert_eq!(
+                staged.list("default", "c", "", 10_000).unwrap(),
+                direct.list("default", "c", "", 10_000).unwrap(),
+                "after flush {round}"
+            );
+        }
+        assert!(
+            direct.counts().unwrap().1 > 3_000,
+            "records over many pages"
+        );
+        assert_eq!(staged.counts().unwrap(), direct.counts().unwrap());
     }
 
     trait TapMkdir {
