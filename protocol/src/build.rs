@@ -160,6 +160,10 @@ fn name_lt(a: &str, b: &str) -> bool {
     }
 }
 
+/// The most bytes of encoded ops a call holds: a payload's limit, less room for its name
+/// table and head.
+const PAYLOAD_BODY_MAX: usize = limits::MAX_PAYLOAD_PLAIN_BYTES - 64 * 1024;
+
 /// Names looked up by a linear search up to this many.
 const LINEAR_MAX: usize = 16;
 
@@ -240,6 +244,7 @@ impl OpsBuilder {
             }
             len += name.len() + 2 + value_len(name, v)?;
         }
+        self.fits(len)?;
         self.body.extend_from_slice(&[0x85, 0]);
         let rec = self.start(collection, key);
         head(&mut self.body, 5, fields.len() as u64);
@@ -268,9 +273,11 @@ impl OpsBuilder {
         self.room()?;
         self.check_collection(collection)?;
         validate_key(key)?;
+        let len = collection.len() + key.len() + OP_FIXED_BYTES;
+        self.fits(len)?;
         self.body.extend_from_slice(&[0x84, 1]);
         let rec = self.start(collection, key);
-        self.finish_op(rec, collection.len() + key.len() + OP_FIXED_BYTES);
+        self.finish_op(rec, len);
         Ok(())
     }
 
@@ -288,12 +295,13 @@ impl OpsBuilder {
         if !self.checked(1, field) {
             validate_field_name(field)?;
         }
+        let len = collection.len() + key.len() + field.len() + OP_FIXED_BYTES + 9;
+        self.fits(len)?;
         self.body.extend_from_slice(&[0x86, 2]);
         let rec = self.start(collection, key);
         let idx = self.name(1, field);
         head(&mut self.body, 0, u64::from(idx));
         int(&mut self.body, delta);
-        let len = collection.len() + key.len() + field.len() + OP_FIXED_BYTES + 9;
         self.finish_op(rec, len);
         Ok(())
     }
@@ -373,6 +381,18 @@ impl OpsBuilder {
             coll,
             key_at,
             key_len: key.len() as u32,
+        }
+    }
+
+    /// Whether an op of about `len` bytes (an overestimate of its encoding) still fits the
+    /// payload a batch may hold: the builder's memory is bounded, and a call that could never
+    /// be sealed is refused op by op, early.
+    fn fits(&self, len: usize) -> Result<(), OpError> {
+        match self.body.len().saturating_add(len) <= PAYLOAD_BODY_MAX {
+            true => Ok(()),
+            false => Err(OpError::CallTooLarge {
+                max: limits::MAX_PAYLOAD_PLAIN_BYTES,
+            }),
         }
     }
 
@@ -679,6 +699,29 @@ mod tests {
         // And a collection name that comes back as a field is checked as one (it passes).
         b.add("c", "k", "c", 1).unwrap();
         assert_eq!(b.len(), 4);
+    }
+
+    /// A call is bounded in bytes too: ops that would take its payload past what a batch may
+    /// hold are refused (nothing of them kept), long before memory runs away.
+    #[test]
+    fn at_most_a_payload_of_bytes() {
+        let mut b = OpsBuilder::new();
+        let value = "v".repeat(60_000);
+        let mut added = 0;
+        let err = loop {
+            match b.upsert("c", &format!("k{added}"), &[("f", FieldValue::Str(&value))]) {
+                Ok(()) => added += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, OpError::CallTooLarge { .. }), "{err}");
+        assert!(
+            added > 200 && added < 300,
+            "~16 MiB of 60 kB values: {added}"
+        );
+        let body = b.body.len();
+        assert!(b.delete("c", &"k".repeat(256)).is_ok() || b.body.len() == body);
+        assert!(b.body.len() <= limits::MAX_PAYLOAD_PLAIN_BYTES);
     }
 
     #[test]

@@ -109,6 +109,12 @@ pub enum OpError {
         /// The limit.
         max: usize,
     },
+    /// A call's ops, encoded, would exceed what a batch's payload may hold.
+    #[error("a call's ops exceed {max} bytes encoded")]
+    CallTooLarge {
+        /// The limit.
+        max: usize,
+    },
     /// An upsert with too many fields.
     #[error("too many fields: {count} > {max}", max = limits::MAX_FIELDS_PER_UPSERT)]
     TooManyFields {
