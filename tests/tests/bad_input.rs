@@ -132,10 +132,13 @@ async fn http_bad_input_gets_json_errors_and_changes_nothing() {
     .await;
     // Bulk endpoint: wrong shape, unknown op, too many ops; one bad op fails the whole call.
     let ops = format!("{base}/v1/ns/default/ops");
-    // Raw bodies: not a list of ops, an unknown op, not UTF-8, a field given twice in one
-    // upsert (refused, not silently the last one).
-    let raw: [&[u8]; 4] = [
+    // Raw bodies: not a list of ops, no list, a field besides it, an unknown op, not UTF-8,
+    // a field given twice in one upsert (refused, not silently the last one).
+    let raw: [&[u8]; 7] = [
         br#"{"ops": 5}"#,
+        br#"{}"#,
+        br#"{"ops": [], "x": 1}"#,
+        br#"{"ops": [{"op": "delete", "collection": "c", "key": "k"}] trailing"#,
         br#"{"ops":[{"op":"explode","collection":"c","key":"k"}]}"#,
         b"{\"ops\":[{\"op\":\"delete\",\"collection\":\"c\",\"key\":\"\xff\"}]}",
         br#"{"ops":[{"op":"upsert","collection":"users","key":"fine","fields":{"a":1,"a":2}}]}"#,
