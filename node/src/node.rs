@@ -29,8 +29,8 @@ use blazedb_crypto::{KxPolicy, LinkRegistry};
 use blazedb_identity::{Keypair, PublicKey};
 use blazedb_protocol::capability::{self, Chain, Rights, TokenId};
 use blazedb_protocol::{
-    limits, Action, BatchError, CheckedOps, Engine, EngineConfig, GossipVerdict, Op, OpsBuilder,
-    PreVerified, SyncMessage, VerifiedBatch,
+    limits, squeeze, Action, BatchError, CheckedOps, Engine, EngineConfig, GossipVerdict, Op,
+    OpsBuilder, PreVerified, SyncMessage, VerifiedBatch,
 };
 
 use crate::batcher::{Batcher, BatchingConfig, Decision};
@@ -456,6 +456,9 @@ pub(crate) struct Shared {
     /// Per namespace and author, the highest seq durable in the log (what the committer has
     /// committed). Read without the actor ([`NodeHandle::durable_head`]).
     pub(crate) durable: RwLock<HashMap<String, HashMap<[u8; 32], u64>>>,
+    /// Per namespace, the zstd level the actor last chose for large batches: what writers
+    /// compress a call's ops ahead at (a stale level only means the actor compresses them).
+    levels: RwLock<HashMap<String, i32>>,
 }
 
 impl Shared {
@@ -624,7 +627,22 @@ impl NodeHandle {
         self.write_checked(ns, ops.into_checked()).await
     }
 
-    async fn write_checked(&self, ns: &str, ops: CheckedOps) -> Result<WriteReceipt, NodeError> {
+    async fn write_checked(
+        &self,
+        ns: &str,
+        mut ops: CheckedOps,
+    ) -> Result<WriteReceipt, NodeError> {
+        // The ops of a call sealed alone are compressed here too, in parallel with other
+        // writers; the actor only compresses the payload's head (the batch is the same).
+        if ops.is_encoded_ahead() {
+            let level = self
+                .shared
+                .levels
+                .read()
+                .ok()
+                .and_then(|l| l.get(ns).copied());
+            ops.compress_ahead(level.unwrap_or(squeeze::STRONG_LEVEL));
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Write(PendingWrite {
@@ -947,6 +965,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         keypair: keypair.clone(),
         namespaces: RwLock::new(namespaces),
         durable: RwLock::new(durable),
+        levels: RwLock::default(),
         data_dir: cfg.data_dir.clone(),
         changes,
         metrics: Metrics::default(),
@@ -1407,6 +1426,19 @@ impl Actor {
                         Err(e) => {
                             let _ = w.reply.send((Err(write_error(e)), spent));
                         }
+                    }
+                }
+            }
+            if let Some(level) = self.engine.squeeze_level(&ns) {
+                let known = self
+                    .shared
+                    .levels
+                    .read()
+                    .ok()
+                    .and_then(|l| l.get(&ns).copied());
+                if known != Some(level) {
+                    if let Ok(mut l) = self.shared.levels.write() {
+                        l.insert(ns.clone(), level);
                     }
                 }
             }

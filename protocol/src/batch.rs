@@ -121,6 +121,12 @@ pub const ENC_COMPACT_ZSTD_DICT: u8 = 4;
 pub const DICT_OPS_MAX: usize = 100;
 /// Payloads smaller than this are not worth compressing (without a dictionary).
 const COMPRESS_MIN_BYTES: usize = 512;
+/// Payloads of this many bytes or more are compressed as two zstd frames, the name table
+/// and first timestamp in one, the ops in the other (readers inflate concatenated frames as
+/// one payload): the ops frame of a call encoded ahead is then compressed on its writer's
+/// task, in parallel with other writers, instead of in the sealer every write passes through
+/// in turn ([`crate::squeeze::Squeeze::compress_split`]). Costs one frame header (~10 bytes).
+pub const SPLIT_MIN_BYTES: usize = 16 * 1024;
 
 /// Why a batch is not acceptable. Every variant is a reason to drop it and count it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -361,6 +367,10 @@ pub(crate) fn seal_checked(
 /// checked ops with strictly increasing stamps, `hlc_min` the first and `hlc_max` the last.
 pub(crate) struct PlainOps {
     pub(crate) plain: Vec<u8>,
+    /// Where the ops array starts in `plain` (after the name table and `hlc_base`).
+    pub(crate) split: usize,
+    /// The ops array compressed ahead by the payload's writer, if it was.
+    pub(crate) ahead: Option<crate::squeeze::Precompressed>,
     pub(crate) len: usize,
     pub(crate) hlc_min: Hlc,
     pub(crate) hlc_max: Hlc,
@@ -400,7 +410,7 @@ fn seal_valid(
     squeeze: &mut Squeeze,
 ) -> Result<VerifiedBatch, BatchError> {
     let mut plain = Vec::new();
-    crate::codec::encode_ops(ops, &mut plain);
+    let base_at = crate::codec::encode_ops(ops, &mut plain);
     let revocations = ops
         .iter()
         .filter_map(|o| match o {
@@ -409,7 +419,9 @@ fn seal_valid(
         })
         .collect();
     let plain = PlainOps {
+        split: crate::codec::ops_at(&plain, base_at),
         plain,
+        ahead: None,
         len: ops.len(),
         hlc_min: ops[0].hlc(),
         hlc_max: ops[ops.len() - 1].hlc(),
@@ -431,12 +443,19 @@ fn seal_payload(
 ) -> Result<VerifiedBatch, BatchError> {
     let PlainOps {
         plain,
+        split,
+        ahead,
         len,
         hlc_min,
         hlc_max,
     } = ops;
+    let compressed = match plain.len() {
+        n if n >= SPLIT_MIN_BYTES => squeeze.compress_split(&plain, split, ahead.as_ref()),
+        n if n >= COMPRESS_MIN_BYTES => squeeze.compress(&plain),
+        _ => None,
+    };
     let (mut payload, mut enc) = match plain.len() >= COMPRESS_MIN_BYTES {
-        true => match squeeze.compress(&plain) {
+        true => match compressed {
             Some(z) if z.len() < plain.len() => (z, ENC_COMPACT_ZSTD),
             _ => (plain.clone(), ENC_COMPACT),
         },

@@ -339,6 +339,7 @@ impl OpsBuilder {
             count,
             first: first.into(),
             last: last.into(),
+            compressed: None,
         };
         let mut checked = CheckedOps::from_ahead(ahead, bytes);
         if survivors.is_none() {

@@ -75,6 +75,19 @@ pub(crate) fn head(out: &mut Vec<u8>, major: u8, n: u64) {
     }
 }
 
+/// Where a payload's ops array starts, given where its `hlc_base` is (what
+/// [`encode_ops`] returns): past that unsigned integer's head.
+pub(crate) fn ops_at(plain: &[u8], base_at: usize) -> usize {
+    let len = match plain.get(base_at).map(|b| b & 0x1f) {
+        Some(0..=23) | None => 1,
+        Some(24) => 2,
+        Some(25) => 3,
+        Some(26) => 5,
+        Some(_) => 9,
+    };
+    (base_at + len).min(plain.len())
+}
+
 #[inline(always)]
 pub(crate) fn tstr(out: &mut Vec<u8>, s: &str) {
     head(out, 3, s.len() as u64);

@@ -593,6 +593,13 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         }
     }
 
+    /// The zstd level our next large batch in `ns` is compressed at unless it is probed
+    /// ([`Squeeze::level`]): what a writer compresses a call's ops ahead at
+    /// ([`CheckedOps::compress_ahead`]). `None` for a namespace not joined.
+    pub fn squeeze_level(&self, ns: &str) -> Option<i32> {
+        self.namespaces.get(ns).map(|s| s.squeeze.level())
+    }
+
     /// The dictionary our writes in `ns` try.
     pub fn write_dict(&self, ns: &str) -> Option<&Dict> {
         self.write_dicts.get(ns)

@@ -374,6 +374,9 @@ pub(crate) struct Ahead {
     /// Provisional indices (in the call) of the first and the last op in the payload.
     pub(crate) first: u64,
     pub(crate) last: u64,
+    /// The ops array (`plain[base_at + 9..]`, which stamping leaves as it is) compressed on
+    /// the writer's task ([`CheckedOps::compress_ahead`]).
+    pub(crate) compressed: Option<crate::squeeze::Precompressed>,
 }
 
 /// The first provisional timestamp of a payload encoded ahead: at least 2^32, so its CBOR
@@ -407,6 +410,8 @@ impl Ahead {
                 head[1..].copy_from_slice(&min.to_be_bytes());
                 Some(Stamped::Plain(crate::batch::PlainOps {
                     plain,
+                    split: self.base_at + 9,
+                    ahead: self.compressed,
                     len: self.count,
                     hlc_min: Hlc(min),
                     hlc_max: Hlc(max),
@@ -478,7 +483,23 @@ impl CheckedOps {
             count: self.ops.len(),
             first: index(self.ops.first()),
             last: index(self.ops.last()),
+            compressed: None,
         });
+    }
+
+    /// Compresses the ops of a payload encoded ahead at zstd `level` (what the namespace's
+    /// writer currently seals large payloads with: [`crate::squeeze::Squeeze::level`]), here
+    /// on the caller's task, so the sealer only compresses the payload's few-dozen-byte head.
+    /// Changes nothing in the batch that is sealed: the sealer uses this frame only if it
+    /// chose the same level, and compresses the ops itself otherwise. Does nothing for calls
+    /// not encoded ahead or too small to be compressed in two frames.
+    pub fn compress_ahead(&mut self, level: i32) {
+        if let Some(a) = self.ahead.as_mut() {
+            let body = a.plain.get(a.base_at + 9..).unwrap_or_default();
+            if a.compressed.is_none() && a.plain.len() >= crate::batch::SPLIT_MIN_BYTES {
+                a.compressed = crate::squeeze::Precompressed::new(body, level);
+            }
+        }
     }
 
     /// A payload built ahead without owned ops ([`crate::OpsBuilder`]) as owned ops again

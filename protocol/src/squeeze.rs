@@ -81,17 +81,55 @@ impl Squeeze {
         self.fast_batches
     }
 
+    /// The level the next large payload is compressed at unless it is probed: what a writer
+    /// compresses a body ahead at ([`Squeeze::compress_split`]).
+    pub fn level(&self) -> i32 {
+        match self.strong || !self.adaptive {
+            true => STRONG_LEVEL,
+            false => FAST_LEVEL,
+        }
+    }
+
     /// Compresses `plain` as this writer currently chooses; `None` if zstd failed (the
     /// caller then sends the payload uncompressed).
     pub fn compress(&mut self, plain: &[u8]) -> Option<Vec<u8>> {
-        if !self.adaptive || plain.len() < FAST_MIN_BYTES {
-            return compress(plain, STRONG_LEVEL);
+        self.choose(plain.len(), |level| compress(plain, level))
+    }
+
+    /// [`Squeeze::compress`] of a large payload as two zstd frames, one of `plain[..split]`
+    /// (a batch payload's name table and first timestamp, a few dozen bytes) and one of the
+    /// rest (its ops), which decode as one payload (zstd reads concatenated frames). The ops
+    /// frame may have been compressed ahead by the payload's writer (`ahead`, used if it was
+    /// compressed at the level chosen here): the result is the same either way, so who
+    /// compressed it never shows in the batch.
+    pub fn compress_split(
+        &mut self,
+        plain: &[u8],
+        split: usize,
+        ahead: Option<&Precompressed>,
+    ) -> Option<Vec<u8>> {
+        let (prefix, body) = plain.split_at(split.min(plain.len()));
+        self.choose(plain.len(), |level| {
+            let mut out = compress(prefix, level)?;
+            match ahead {
+                Some(a) if a.level == level => out.extend_from_slice(&a.frame),
+                _ => out.extend_from_slice(&compress(body, level)?),
+            }
+            Some(out)
+        })
+    }
+
+    /// Picks the level(s) for a payload of `len` bytes, compresses with `at`, and updates
+    /// the choice after a probe.
+    fn choose(&mut self, len: usize, at: impl Fn(i32) -> Option<Vec<u8>>) -> Option<Vec<u8>> {
+        if !self.adaptive || len < FAST_MIN_BYTES {
+            return at(STRONG_LEVEL);
         }
         if self.until_probe == 0 {
             self.until_probe = PROBE_EVERY - 1;
             self.probes += 1;
-            let fast = compress(plain, FAST_LEVEL);
-            let strong = compress(plain, STRONG_LEVEL);
+            let fast = at(FAST_LEVEL);
+            let strong = at(STRONG_LEVEL);
             return match (fast, strong) {
                 (Some(f), Some(s)) => {
                     let saved = f.len().saturating_sub(s.len());
@@ -108,12 +146,27 @@ impl Squeeze {
         }
         self.until_probe -= 1;
         match self.strong {
-            true => compress(plain, STRONG_LEVEL),
+            true => at(STRONG_LEVEL),
             false => {
                 self.fast_batches += 1;
-                compress(plain, FAST_LEVEL)
+                at(FAST_LEVEL)
             }
         }
+    }
+}
+
+/// A payload's ops compressed by its writer ahead of sealing, as one zstd frame at `level`
+/// ([`Squeeze::compress_split`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Precompressed {
+    level: i32,
+    frame: Vec<u8>,
+}
+
+impl Precompressed {
+    /// Compresses `body` at `level` (`None` if zstd failed).
+    pub fn new(body: &[u8], level: i32) -> Option<Self> {
+        compress(body, level).map(|frame| Self { level, frame })
     }
 }
 
@@ -151,14 +204,19 @@ pub fn compress(plain: &[u8], level: i32) -> Option<Vec<u8>> {
     })
 }
 
-/// Decompresses a zstd frame of at most `max` bytes with this thread's context.
-pub fn decompress(frame: &[u8], max: usize) -> std::io::Result<Vec<u8>> {
+/// Decompresses zstd frames (one or more, concatenated) of at most `max` bytes in all with
+/// this thread's context. The output is sized from zstd's bound on what the frames inflate
+/// to (exact when they declare their content sizes, as this crate's compressors' do), never
+/// beyond `max`: frames that inflate further fail.
+pub fn decompress(frames: &[u8], max: usize) -> std::io::Result<Vec<u8>> {
+    let capacity = zstd::zstd_safe::decompress_bound(frames)
+        .map_or(max, |bound| bound.min(max as u64) as usize);
     DECOMPRESSOR.with(|cell| {
         let mut d = cell.borrow_mut();
         if d.is_none() {
             *d = Some(zstd::bulk::Decompressor::new()?);
         }
-        d.as_mut().expect("just set").decompress(frame, max)
+        d.as_mut().expect("just set").decompress(frames, capacity)
     })
 }
 
@@ -247,5 +305,60 @@ mod tests {
         let fast = compress(&plain, FAST_LEVEL).unwrap();
         let got = Squeeze::adaptive().compress(&plain).unwrap();
         assert_eq!(got.len(), strong.len().min(fast.len()));
+    }
+
+    #[test]
+    fn split_payloads_inflate_to_the_whole() {
+        let plain = random_letters(100_000, 5);
+        for split in [0, 1, 37, 99_999, 100_000] {
+            let z = Squeeze::strong()
+                .compress_split(&plain, split, None)
+                .unwrap();
+            assert_eq!(
+                decompress(&z, plain.len()).unwrap(),
+                plain,
+                "split at {split}"
+            );
+            assert!(
+                decompress(&z, plain.len() - 1).is_err(),
+                "both frames count against the bound"
+            );
+        }
+    }
+
+    #[test]
+    fn a_body_compressed_ahead_changes_nothing_and_is_used_at_its_level() {
+        let plain = random_letters(200_000, 9);
+        let split = 40;
+        // Through a probe and the payloads after it (fast on random letters).
+        let (mut alone, mut strong_ahead, mut fast_ahead) = (
+            Squeeze::adaptive(),
+            Squeeze::adaptive(),
+            Squeeze::adaptive(),
+        );
+        for _ in 0..3 {
+            let want = alone.compress_split(&plain, split, None).unwrap();
+            for (s, level) in [
+                (&mut strong_ahead, STRONG_LEVEL),
+                (&mut fast_ahead, FAST_LEVEL),
+            ] {
+                let ahead = Precompressed::new(&plain[split..], level).unwrap();
+                assert_eq!(s.compress_split(&plain, split, Some(&ahead)).unwrap(), want);
+            }
+        }
+        // The frame given is the one used, at its level only.
+        let marker = Precompressed {
+            level: alone.level(),
+            frame: b"not zstd, but the sealer's to take".to_vec(),
+        };
+        let got = alone.compress_split(&plain, split, Some(&marker)).unwrap();
+        assert!(got.ends_with(&marker.frame));
+        let other = Precompressed {
+            level: STRONG_LEVEL + FAST_LEVEL - alone.level(),
+            ..marker.clone()
+        };
+        let got = alone.compress_split(&plain, split, Some(&other)).unwrap();
+        assert!(!got.ends_with(&other.frame));
+        assert_eq!(decompress(&got, plain.len()).unwrap(), plain);
     }
 }

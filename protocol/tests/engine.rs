@@ -14,8 +14,8 @@ use blazedb_identity::Keypair;
 use blazedb_protocol::batch::{self, BatchId, ChainPosition};
 use blazedb_protocol::dict::DictLookup;
 use blazedb_protocol::{
-    Action, CheckedOps, Dict, DictSet, Engine, EngineConfig, FieldValue, GossipVerdict, Hlc, Op,
-    OpsBuilder, RecordState, SyncMessage, Value, VerifiedBatch,
+    squeeze, Action, CheckedOps, Dict, DictSet, Engine, EngineConfig, FieldValue, GossipVerdict,
+    Hlc, Op, OpsBuilder, RecordState, SyncMessage, Value, VerifiedBatch,
 };
 use proptest::prelude::*;
 
@@ -1577,6 +1577,72 @@ fn op_wide(key: u16, kind: u8, val: i64) -> Op {
     }
 }
 
+/// Large calls of random letters (the fast zstd level wins the engine's probes there) seal
+/// the same batches whether their ops are compressed by the sealer or ahead, at the level the
+/// sealer is on or the other one, and the batches verify and decode to the calls' ops.
+#[test]
+fn large_calls_compressed_ahead_seal_the_same_batches() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut letters = |n: usize| -> String {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (b'a' + (seed % 26) as u8) as char
+            })
+            .collect()
+    };
+    let calls: Vec<Vec<Op>> = (0..40)
+        .map(|c| {
+            (0..1_000)
+                .map(|i| Op::Upsert {
+                    collection: "c".into(),
+                    key: format!("k{c}-{i}-{}", letters(8)),
+                    hlc: Hlc(0),
+                    fields: [("v".to_string(), Value::from(letters(60)))]
+                        .into_iter()
+                        .collect(),
+                })
+                .collect()
+        })
+        .collect();
+    let key = Keypair::from_seed([4; 32]);
+    let mut engines: Vec<Engine<usize>> = (0..3).map(|_| Engine::new(test_config())).collect();
+    let mut fast_taken = 0;
+    for e in engines.iter_mut() {
+        e.join(NS);
+    }
+    for (i, call) in calls.iter().enumerate() {
+        let now = 1_800_000_000_000 + i as u64;
+        let mut sealed = Vec::new();
+        for (e, level) in
+            engines
+                .iter_mut()
+                .zip([None, Some(squeeze::STRONG_LEVEL), Some(squeeze::FAST_LEVEL)])
+        {
+            let mut ops = CheckedOps::new(call.clone()).unwrap();
+            ops.encode_ahead();
+            assert!(ops.is_encoded_ahead());
+            if let Some(level) = level {
+                ops.compress_ahead(level);
+            }
+            if level == e.squeeze_level(NS) && level == Some(squeeze::FAST_LEVEL) {
+                fast_taken += 1;
+            }
+            sealed.push(e.write_checked(NS, &key, &mut ops, now).unwrap().0);
+        }
+        assert_eq!(sealed[0].bytes, sealed[1].bytes, "call {i}");
+        assert_eq!(sealed[0].bytes, sealed[2].bytes, "call {i}");
+        let back = batch::verify(sealed[2].bytes.clone()).unwrap();
+        assert_eq!(back.ops.to_vec().unwrap(), sealed[0].ops.to_vec().unwrap());
+    }
+    assert!(
+        fast_taken > 30,
+        "the fast level was chosen and its frames offered: {fast_taken}"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
@@ -1585,13 +1651,16 @@ proptest! {
     /// encodes them itself, call after call of one chain — at a real clock (the payload's
     /// first timestamp written in) and at a clock too small for its 9-byte form (the sealer
     /// encodes the ops itself).
+    /// Some are compressed ahead too (`CheckedOps::compress_ahead`, at either level: the
+    /// sealer takes the frame only at the level it chose).
     #[test]
     fn calls_encoded_ahead_seal_the_same_batches(
         calls in prop::collection::vec(
-            prop::collection::vec((0..300u16, 0..4u8, -5..5i64), 257..420),
+            prop::collection::vec((0..1200u16, 0..4u8, -5..5i64), 257..1300),
             1..4,
         ),
         now_ms in prop_oneof![Just(1_000u64), Just(1_800_000_000_000u64)],
+        level in prop_oneof![Just(None), Just(Some(squeeze::STRONG_LEVEL)), Just(Some(squeeze::FAST_LEVEL))],
     ) {
         let key = Keypair::from_seed([9; 32]);
         let (mut here, mut ahead) = (Engine::<usize>::new(test_config()), Engine::<usize>::new(test_config()));
@@ -1604,6 +1673,9 @@ proptest! {
             let (a, _) = here.write_checked(NS, &key, &mut plain, now).unwrap();
             let mut early = CheckedOps::new(ops).unwrap();
             early.encode_ahead();
+            if let Some(level) = level {
+                early.compress_ahead(level);
+            }
             let (b, _) = ahead.write_checked(NS, &key, &mut early, now).unwrap();
             prop_assert_eq!(a.id, b.id);
             prop_assert_eq!(&a.bytes, &b.bytes);
@@ -1655,6 +1727,7 @@ proptest! {
             }
             prop_assert_eq!(b.bytes(), CheckedOps::new(ops.clone()).unwrap().bytes());
             let mut checked = b.into_checked();
+            checked.compress_ahead(squeeze::STRONG_LEVEL);
             prop_assert_eq!(checked.len(), plain.len());
             let (z, _) = built.write_checked(NS, &key, &mut checked, now).unwrap();
             prop_assert_eq!(a.id, z.id);
