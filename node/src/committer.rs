@@ -9,11 +9,14 @@
 //!
 //! What must wait for durability still does, in order:
 //! - a writer's reply is sent by this thread after the commit that holds its batch;
-//! - the batches are handed to the materializer (in log order, with any `Rebuild` job queued
-//!   behind them) only once committed;
 //! - the actor runs everything else a group produced (publishing, relaying verdicts, answers
 //!   to peers, which may read what was just stored) only when this thread reports the group
-//!   durable ([`Done`]); actions produced while commits are in flight wait behind them.
+//!   durable ([`Done`]); actions produced while commits are in flight wait behind them;
+//! - the batches are handed to the materializer (in log order, with any `Rebuild` job queued
+//!   behind them) only once committed, after the replies and the report: a materializer
+//!   that is behind holds up the next commits (its queue is bounded), not the answers for
+//!   this one. A read after the reply still sees the write: the batches are counted as
+//!   submitted to the materializer before any reply, and reads wait for what was submitted.
 //!
 //! Bounded: at most [`QUEUED_MAX`] groups wait here (the actor blocks on a full queue, which
 //! backs pressure up to writers and peers, as an in-line commit did), and a transaction takes
@@ -182,6 +185,7 @@ fn run(
             Some(e) => Err(format!("an earlier commit failed: {e}")),
             None => shared.store.append_log(&batches).map_err(|e| e.to_string()),
         };
+        let mut to_mat = None;
         match &result {
             Ok(()) => {
                 let m = &shared.metrics;
@@ -192,16 +196,15 @@ fn run(
                 m.commit_groups_max
                     .fetch_max(commits as u64, Ordering::Relaxed);
                 shared.mark_durable(&batches);
+                // Counted as submitted before any writer hears back: a read after the reply
+                // waits for these batches to be applied (read-your-writes).
                 shared.mat.submitted(batches.len() as u64);
-                // Blocks while the materializer is its queue's length behind: backpressure.
-                if mat_tx.send(Job::Apply(batches)).is_ok() {
-                    shared.mat_handed_over();
-                }
                 m.writes_acked
                     .fetch_add(replies.len() as u64, Ordering::Relaxed);
                 for (reply, receipt, spent) in replies {
                     let _ = reply.send((Ok(receipt), spent));
                 }
+                to_mat = Some(batches);
             }
             Err(e) => {
                 if failed.is_none() {
@@ -213,9 +216,16 @@ fn run(
                 }
             }
         }
-        if done.send(Done { commits, result }).is_err() {
-            // The actor is gone; finish what is queued all the same (writers are waiting).
-            continue;
+        // The actor is gone if this fails; what is queued is finished all the same (writers
+        // are waiting).
+        let _ = done.send(Done { commits, result });
+        // Last: this blocks while the materializer is its queue's length behind
+        // (backpressure on the next commits, and through them on the actor), but the writers
+        // and the actor have already heard that these batches are durable.
+        if let Some(batches) = to_mat {
+            if mat_tx.send(Job::Apply(batches)).is_ok() {
+                shared.mat_handed_over();
+            }
         }
     }
 }
