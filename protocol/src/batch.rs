@@ -660,23 +660,20 @@ pub fn verify_with(bytes: Vec<u8>, dicts: &dyn DictLookup) -> Result<VerifiedBat
             Some(d.ok_or(BatchError::PayloadMismatch)?)
         }
     };
-    let inflated;
-    let plain: &[u8] = match header.enc {
-        ENC_CBOR | ENC_COMPACT => env.payload,
+    // The payload uncompressed, owned: it is kept with the batch as it is (no copy).
+    let plain: Vec<u8> = match header.enc {
+        ENC_CBOR | ENC_COMPACT => env.payload.to_vec(),
         ENC_COMPACT_ZSTD_DICT => {
             let d = dict
                 .as_ref()
                 .expect("check_header: enc 4 names a dictionary");
-            inflated = d
-                .decompress(env.payload, limits::MAX_PAYLOAD_PLAIN_BYTES)
-                .map_err(|e| BatchError::Malformed(format!("payload: zstd: {e}")))?;
-            &inflated
+            d.decompress(env.payload, limits::MAX_PAYLOAD_PLAIN_BYTES)
+                .map_err(|e| BatchError::Malformed(format!("payload: zstd: {e}")))?
         }
         ENC_ZSTD | ENC_COMPACT_ZSTD => {
             // Bounded: a small payload must not inflate into gigabytes.
-            inflated = crate::squeeze::decompress(env.payload, limits::MAX_PAYLOAD_PLAIN_BYTES)
-                .map_err(|e| BatchError::Malformed(format!("payload: zstd: {e}")))?;
-            &inflated
+            crate::squeeze::decompress(env.payload, limits::MAX_PAYLOAD_PLAIN_BYTES)
+                .map_err(|e| BatchError::Malformed(format!("payload: zstd: {e}")))?
         }
         other => {
             return Err(BatchError::Malformed(format!(
@@ -684,22 +681,20 @@ pub fn verify_with(bytes: Vec<u8>, dicts: &dyn DictLookup) -> Result<VerifiedBat
             )))
         }
     };
-    let legacy;
-    let plain: &[u8] = if header.enc >= ENC_COMPACT {
+    let plain = if header.enc >= ENC_COMPACT {
         plain
     } else {
         // Read, no longer written: kept as the compact payload like every other batch.
-        let ops: Vec<Op> = ciborium::from_reader(plain)
+        let ops: Vec<Op> = ciborium::from_reader(plain.as_slice())
             .map_err(|e| BatchError::Malformed(format!("payload: {e}")))?;
         check_ops(&ops)?;
         let mut compact = Vec::new();
         crate::codec::encode_ops(&ops, &mut compact);
-        legacy = compact;
-        &legacy
+        compact
     };
     // The compact decoder checks every op rule and the timestamp order itself. The view is
     // kept with the batch (readers do not decode it again).
-    let decoded = BatchOps::decode(plain.into(), crate::codec::decode).map_err(|e| match e {
+    let decoded = BatchOps::decode(std::sync::Arc::new(plain), crate::codec::decode).map_err(|e| match e {
         crate::codec::CodecError::InvalidOp(e) => BatchError::InvalidOp(e),
         crate::codec::CodecError::Unordered => {
             BatchError::Inconsistent("op timestamps must strictly increase".into())

@@ -23,13 +23,15 @@ use crate::hlc::Hlc;
 use crate::op::Op;
 
 /// A payload's ops decoded, kept with the bytes they borrow from.
-type Decoded = Yoke<PayloadView<'static>, Arc<[u8]>>;
+/// The bytes are a `Vec` behind the `Arc` (not an `Arc<[u8]>`, which a `Vec` becomes only by
+/// copying): a payload just encoded or inflated is kept where it was written.
+type Decoded = Yoke<PayloadView<'static>, Arc<Vec<u8>>>;
 
 /// The ops of a batch, in order, as the uncompressed compact payload ([`crate::codec`]).
 /// Cheap to clone (the bytes, and their decoded view, are shared).
 #[derive(Clone)]
 pub struct BatchOps {
-    plain: Arc<[u8]>,
+    plain: Arc<Vec<u8>>,
     /// The payload decoded: kept from verification (which decodes it anyway), or made by the
     /// first [`BatchOps::view`] for a batch sealed here. Staging used to decode every payload
     /// a second time (39% of its instructions, callgrind of B2m). Costs ~110 bytes per W op
@@ -66,7 +68,7 @@ impl BatchOps {
     pub fn from_ops(ops: &[Op]) -> Result<Self, CodecError> {
         let mut plain = Vec::new();
         codec::encode_ops(ops, &mut plain);
-        let decoded = Self::decode(plain.into(), codec::decode)?;
+        let decoded = Self::decode(Arc::new(plain), codec::decode)?;
         if decoded.get().len() != ops.len() {
             return Err(CodecError::Malformed("encoding lost ops"));
         }
@@ -75,7 +77,7 @@ impl BatchOps {
 
     /// Decodes `plain` with `decode` into a view kept with the bytes.
     pub(crate) fn decode(
-        plain: Arc<[u8]>,
+        plain: Arc<Vec<u8>>,
         decode: fn(&[u8]) -> Result<PayloadView<'_>, CodecError>,
     ) -> Result<Decoded, CodecError> {
         Yoke::try_attach_to_cart(plain, |b| decode(b))
@@ -108,7 +110,7 @@ impl BatchOps {
         plain: Vec<u8>,
     ) -> Self {
         BatchOps {
-            plain: plain.into(),
+            plain: Arc::new(plain),
             decoded: Arc::new(OnceLock::new()),
             len,
             revocations,
