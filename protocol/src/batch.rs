@@ -694,13 +694,15 @@ pub fn verify_with(bytes: Vec<u8>, dicts: &dyn DictLookup) -> Result<VerifiedBat
     };
     // The compact decoder checks every op rule and the timestamp order itself. The view is
     // kept with the batch (readers do not decode it again).
-    let decoded = BatchOps::decode(std::sync::Arc::new(plain), crate::codec::decode).map_err(|e| match e {
-        crate::codec::CodecError::InvalidOp(e) => BatchError::InvalidOp(e),
-        crate::codec::CodecError::Unordered => {
-            BatchError::Inconsistent("op timestamps must strictly increase".into())
-        }
-        other => BatchError::Malformed(format!("payload: {other}")),
-    })?;
+    let decoded = BatchOps::decode(std::sync::Arc::new(plain), crate::codec::decode).map_err(
+        |e| match e {
+            crate::codec::CodecError::InvalidOp(e) => BatchError::InvalidOp(e),
+            crate::codec::CodecError::Unordered => {
+                BatchError::Inconsistent("op timestamps must strictly increase".into())
+            }
+            other => BatchError::Malformed(format!("payload: {other}")),
+        },
+    )?;
     let view = decoded.get();
     let (Some(first), Some(last)) = (view.ops().first(), view.ops().last()) else {
         return Err(BatchError::Inconsistent(
