@@ -68,17 +68,46 @@ impl DeltaMap {
         self.table.find(hash, matches(hash, key)).map(|s| s.state())
     }
 
+    /// The hash `key` is filed under (for [`DeltaMap::touch`] and
+    /// [`DeltaMap::update_hashed`]).
+    pub fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// Reads what an update of the key hashed to `hash` will read (its slot's group and, if
+    /// held, the start of its block) without using it: called a few keys ahead of the
+    /// updates, so that their cache misses are in flight together instead of one after
+    /// another. Returns a byte of what it read, for the caller to fold into a
+    /// [`std::hint::black_box`] once (so the reads are not optimized away).
+    pub fn touch(&self, hash: u64) -> u8 {
+        self.table
+            .find(hash, |s| s.hash == hash)
+            .map_or(0, |s| s.block.first().copied().unwrap_or(0))
+    }
+
     /// Sets `key`'s state to what `f` writes, given the state held (if any), with one lookup.
     /// `f` appends the new state to the buffer it is given (which already holds the key: the
     /// block is then copied out once). If `f` fails, nothing changes.
+    #[cfg(test)]
     pub fn update<E>(
         &mut self,
         key: &[u8],
         buf: &mut Vec<u8>,
         f: impl FnOnce(Option<&[u8]>, &mut Vec<u8>) -> Result<(), E>,
     ) -> Result<Updated, E> {
-        let key_len = u32::try_from(key.len()).expect("record keys are bounded far below 4 GiB");
         let hash = self.hasher.hash_one(key);
+        self.update_hashed(hash, key, buf, f)
+    }
+
+    /// [`DeltaMap::update`] of a key whose [`DeltaMap::hash`] is `hash`.
+    pub fn update_hashed<E>(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        buf: &mut Vec<u8>,
+        f: impl FnOnce(Option<&[u8]>, &mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<Updated, E> {
+        let key_len = u32::try_from(key.len()).expect("record keys are bounded far below 4 GiB");
         buf.clear();
         buf.extend_from_slice(key);
         match self.table.find_mut(hash, matches(hash, key)) {
@@ -148,6 +177,8 @@ mod tests {
             for (k, state, fail) in ops {
                 let key = format!("key{k}").into_bytes();
                 let held = model.get(&key).cloned();
+                // Touching ahead reads without changing anything.
+                let _ = map.touch(map.hash(format!("key{}", k ^ 1).as_bytes()));
                 let r = map.update(&key, &mut buf, |old, out| {
                     prop_assert_eq!(old.map(<[u8]>::to_vec), held.clone());
                     if fail {

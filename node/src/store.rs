@@ -176,6 +176,12 @@ impl Delta {
 /// estimate next to the process's measured growth per staged op.
 const STAGED_RECORD_OVERHEAD_BYTES: usize = 160;
 
+/// How many ops ahead staging touches the delta's table ([`DeltaMap::touch`]). B2m staging
+/// 1M W ops (a table past the L3 cache), alternating runs: 16 ahead 1.87M / 1.74M / 1.76M /
+/// 1.97M / 1.70M / 1.87M ops/s against 1.46M / 1.66M / 1.49M / 1.39M / 1.39M / 1.44M
+/// without; 8 ahead in between, 32 like 16.
+const STAGE_AHEAD: usize = 16;
+
 /// View table: `ns_len:u8 ns author:32` → highest seq applied to the records.
 pub const APPLIED: TableDefinition<'_, &[u8], u64> = TableDefinition::new("applied-v2");
 
@@ -606,36 +612,60 @@ impl Store {
                 let mut staged = write(&self.staged);
                 staged.applied.insert(ck, seq);
                 if vb.effective {
-                    let (mut rk, mut buf) = (Vec::with_capacity(64), Vec::with_capacity(256));
+                    let buf = &mut Vec::with_capacity(256);
                     let author = &vb.header.author;
-                    // The key's `ns collection` prefix is written again only when the
-                    // collection changes (batches mostly write runs of one collection).
-                    let (mut prefix_of, mut prefix_len) = (None, 0);
-                    for op in view.ops() {
-                        let (collection, key) = (view.collection(op), view.key(op));
+                    let staged = &mut *staged;
+                    // Every op's record key and its hash first (one pass over the payload),
+                    // then the updates, each touching the table a few keys ahead
+                    // (`STAGE_AHEAD`) so that the cache misses of several records overlap
+                    // instead of being waited for one at a time. The key's `ns collection`
+                    // prefix is written again only when the collection changes.
+                    let ops = view.ops();
+                    let (mut keys, mut at) = (Vec::with_capacity(ops.len() * 32), Vec::new());
+                    at.reserve(ops.len());
+                    let (mut prefix_of, mut prefix) = (None, Vec::new());
+                    for op in ops {
+                        let collection = view.collection(op);
                         if prefix_of != Some(collection) {
-                            rk.clear();
-                            write_record_key(&mut rk, &vb.header.ns, collection, "");
-                            (prefix_of, prefix_len) = (Some(collection), rk.len());
+                            prefix.clear();
+                            write_record_key(&mut prefix, &vb.header.ns, collection, "");
+                            prefix_of = Some(collection);
                         }
-                        rk.truncate(prefix_len);
-                        rk.extend_from_slice(key.as_bytes());
+                        let start = keys.len();
+                        keys.extend_from_slice(&prefix);
+                        keys.extend_from_slice(view.key(op).as_bytes());
+                        let hash = staged.records.hash(&keys[start..]);
+                        at.push((hash, start, keys.len()));
+                    }
+                    let mut touched_bytes = 0u8;
+                    for &(hash, _, _) in at.iter().take(STAGE_AHEAD) {
+                        touched_bytes ^= staged.records.touch(hash);
+                    }
+                    for (i, (op, &(hash, start, end))) in ops.iter().zip(&at).enumerate() {
+                        if let Some(&(ahead, _, _)) = at.get(i + STAGE_AHEAD) {
+                            touched_bytes ^= staged.records.touch(ahead);
+                        }
+                        let rk = &keys[start..end];
                         if want_changes {
-                            touched.push((collection.to_string(), key.to_string(), rk.clone()));
+                            touched.push((
+                                view.collection(op).to_string(),
+                                view.key(op).to_string(),
+                                rk.to_vec(),
+                            ));
                         }
-                        let staged = &mut *staged;
-                        let updated = staged.records.update(&rk, &mut buf, |held, out| {
-                            match held {
-                                // A newer overwrite (or delete) of all of it: no decode.
-                                Some(held) if !record_codec::dominated_by(held, view, op) => {
-                                    let mut state = decode_state(held)?;
-                                    state.apply_view(view, op, *author);
-                                    record_codec::encode_state(&state, out);
+                        let updated =
+                            staged.records.update_hashed(hash, rk, buf, |held, out| {
+                                match held {
+                                    // A newer overwrite (or delete) of all of it: no decode.
+                                    Some(held) if !record_codec::dominated_by(held, view, op) => {
+                                        let mut state = decode_state(held)?;
+                                        state.apply_view(view, op, *author);
+                                        record_codec::encode_state(&state, out);
+                                    }
+                                    _ => record_codec::encode_op_state(view, op, author, out),
                                 }
-                                _ => record_codec::encode_op_state(view, op, author, out),
-                            }
-                            Ok::<(), StoreError>(())
-                        })?;
+                                Ok::<(), StoreError>(())
+                            })?;
                         staged.bytes += match updated {
                             Updated::Replaced { old, new } => new.saturating_sub(old),
                             Updated::Inserted { state_len } => {
@@ -643,6 +673,7 @@ impl Store {
                             }
                         };
                     }
+                    std::hint::black_box(touched_bytes);
                 }
             }
             if !touched.is_empty() {
