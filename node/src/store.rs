@@ -176,6 +176,34 @@ impl Delta {
 /// estimate next to the process's measured growth per staged op.
 const STAGED_RECORD_OVERHEAD_BYTES: usize = 160;
 
+/// The delta's records in key order. Keys live in their own heap blocks: a sort comparing
+/// them through their pointers misses the cache at nearly every comparison once the delta
+/// outgrows it (~20 comparisons per record for 10^6 records). So each record is sorted by the
+/// 8 bytes that follow the prefix every key shares (the namespace and collection, mostly),
+/// read once per key and held inline, as a big-endian integer (zero-padded: a key that ends
+/// sooner sorts first, as in byte order); only keys equal in those bytes are compared whole.
+fn sorted_records(records: &DeltaMap) -> Vec<(&[u8], &[u8])> {
+    let mut common: Option<&[u8]> = None;
+    for k in records.keys() {
+        let c = common.get_or_insert(k);
+        let n = c.iter().zip(k).take_while(|(a, b)| a == b).count();
+        *c = &c[..n];
+    }
+    let skip = common.map_or(0, <[u8]>::len);
+    let mut keyed: Vec<(u64, &[u8], &[u8])> = records
+        .iter()
+        .map(|(k, v)| {
+            let mut word = [0u8; 8];
+            let rest = &k[skip.min(k.len())..];
+            let n = rest.len().min(8);
+            word[..n].copy_from_slice(&rest[..n]);
+            (u64::from_be_bytes(word), k, v)
+        })
+        .collect();
+    keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+    keyed.into_iter().map(|(_, k, v)| (k, v)).collect()
+}
+
 /// How many ops ahead staging touches the delta's table ([`DeltaMap::touch`]). B2m staging
 /// 1M W ops (a table past the L3 cache), alternating runs: 16 ahead 1.87M / 1.74M / 1.76M /
 /// 1.97M / 1.70M / 1.87M ops/s against 1.46M / 1.66M / 1.49M / 1.39M / 1.39M / 1.44M
@@ -745,8 +773,13 @@ impl Store {
             // holds. Records between the delta's keys are stepped over (a leaf read each);
             // a delta key the file holds is joined with it and put back in its place; a new
             // one is inserted at the cursor. No record is looked up from the tree's root.
-            let mut keyed: Vec<(&[u8], &[u8])> = delta.records.iter().collect();
-            keyed.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            let sorting = std::time::Instant::now();
+            let keyed = sorted_records(&delta.records);
+            tracing::debug!(
+                records = keyed.len(),
+                ms = sorting.elapsed().as_secs_f64() * 1e3,
+                "view flush: delta sorted"
+            );
             if let Some((first, _)) = keyed.first() {
                 let mut cursor = records.lower_bound_mut(Bound::Included(*first))?;
                 for (rk, d) in keyed {
@@ -1258,6 +1291,37 @@ mod tests {
     use super::*;
     use blazedb_identity::Keypair;
     use blazedb_protocol::{Engine, EngineConfig, Op};
+
+    proptest::proptest! {
+        /// The delta's records come out in byte order of their keys, each with its state:
+        /// keys sharing long prefixes, equal in the 8 bytes after them, shorter than those 8
+        /// bytes, or holding zero bytes (which the padding must not confuse with an end).
+        #[test]
+        fn delta_records_sort_in_key_order(
+            shared in proptest::collection::vec(0u8..3, 0..20),
+            tails in proptest::collection::vec(proptest::collection::vec(0u8..3, 0..12), 1..200),
+        ) {
+            let mut map = DeltaMap::default();
+            let mut buf = Vec::new();
+            let mut want = std::collections::BTreeMap::new();
+            for (i, tail) in tails.iter().enumerate() {
+                let key = [shared.as_slice(), tail].concat();
+                let state = (i as u32).to_be_bytes();
+                map.update(&key, &mut buf, |_, out| {
+                    out.extend_from_slice(&state);
+                    Ok::<(), ()>(())
+                })
+                .unwrap();
+                want.insert(key, state.to_vec());
+            }
+            let got: Vec<(Vec<u8>, Vec<u8>)> = sorted_records(&map)
+                .into_iter()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect();
+            let want: Vec<(Vec<u8>, Vec<u8>)> = want.into_iter().collect();
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
 
     fn upsert(key: &str, v: i64) -> Op {
         Op::Upsert {
