@@ -462,6 +462,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The zstd level the actor last chose for large batches in `ns` ([`Shared::levels`]).
+    fn level(&self, ns: &str) -> Option<i32> {
+        self.levels.read().ok().and_then(|l| l.get(ns).copied())
+    }
+
     /// Records batches as durable (called by the committer after each commit).
     pub(crate) fn mark_durable(&self, batches: &[VerifiedBatch]) {
         let Ok(mut d) = self.durable.write() else {
@@ -635,12 +640,7 @@ impl NodeHandle {
         // The ops of a call sealed alone are compressed here too, in parallel with other
         // writers; the actor only compresses the payload's head (the batch is the same).
         if ops.is_encoded_ahead() {
-            let level = self
-                .shared
-                .levels
-                .read()
-                .ok()
-                .and_then(|l| l.get(ns).copied());
+            let level = self.shared.level(ns);
             ops.compress_ahead(level.unwrap_or(squeeze::STRONG_LEVEL));
         }
         let (reply, rx) = oneshot::channel();
@@ -1430,13 +1430,7 @@ impl Actor {
                 }
             }
             if let Some(level) = self.engine.squeeze_level(&ns) {
-                let known = self
-                    .shared
-                    .levels
-                    .read()
-                    .ok()
-                    .and_then(|l| l.get(&ns).copied());
-                if known != Some(level) {
+                if self.shared.level(&ns) != Some(level) {
                     if let Ok(mut l) = self.shared.levels.write() {
                         l.insert(ns.clone(), level);
                     }
