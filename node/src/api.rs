@@ -752,6 +752,11 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
             &m.fast_compressed_sealed,
         ),
         (
+            "blazedb_writer_compressed_batches_total",
+            "Local batches sealed with the ops frame their writer compressed ahead (on the writer's task, in parallel with other writers).",
+            &m.writer_compressed_sealed,
+        ),
+        (
             "blazedb_dict_batches_stored_total",
             "Batches stored (local and remote) that use a dictionary.",
             &m.dict_batches_stored,

@@ -371,6 +371,8 @@ pub struct Metrics {
     pub dict_batches_sealed: AtomicU64,
     /// Local batches whose large payload was compressed with the fast zstd level.
     pub fast_compressed_sealed: AtomicU64,
+    /// Local batches sealed with the ops frame their writer compressed ahead.
+    pub writer_compressed_sealed: AtomicU64,
     /// Batches stored (local and remote) that use a dictionary.
     pub dict_batches_stored: AtomicU64,
     /// Dictionaries received from peers (asked for: a batch named one we lacked).
@@ -1494,6 +1496,7 @@ impl Actor {
         let dict_stats = [
             (&m.dict_batches_sealed, stats.dict_batches_sealed),
             (&m.fast_compressed_sealed, stats.fast_compressed_sealed),
+            (&m.writer_compressed_sealed, stats.writer_compressed_sealed),
             (&m.dict_batches_stored, stats.dict_batches_stored),
             (&m.dicts_received, stats.dicts_received),
             (&m.dict_waits_dropped, stats.dict_waits_dropped),

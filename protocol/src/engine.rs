@@ -325,6 +325,9 @@ pub struct EngineStats {
     /// Local batches whose large payload was compressed with the fast zstd level (the
     /// strong one gained too little on this namespace's data; see [`crate::squeeze`]).
     pub fast_compressed_sealed: u64,
+    /// Local batches sealed with the ops frame their writer compressed ahead
+    /// ([`CheckedOps::compress_ahead`]; see [`crate::squeeze::Squeeze::compress_split`]).
+    pub writer_compressed_sealed: u64,
     /// Batches stored (local and remote) whose payload uses a dictionary.
     pub dict_batches_stored: u64,
     /// Dictionaries received that we had asked for.
@@ -987,6 +990,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         };
         if let Some(st) = self.namespaces.get_mut(ns) {
             self.stats.fast_compressed_sealed += squeeze.fast_batches() - st.squeeze.fast_batches();
+            self.stats.writer_compressed_sealed += squeeze.ahead_taken() - st.squeeze.ahead_taken();
             st.squeeze = squeeze;
         }
         let vb = match sealed {

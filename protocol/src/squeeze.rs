@@ -38,6 +38,7 @@ pub struct Squeeze {
     until_probe: u32,
     probes: u64,
     fast_batches: u64,
+    ahead_taken: u64,
 }
 
 impl Default for Squeeze {
@@ -55,6 +56,7 @@ impl Squeeze {
             until_probe: 0,
             probes: 0,
             fast_batches: 0,
+            ahead_taken: 0,
         }
     }
 
@@ -81,6 +83,12 @@ impl Squeeze {
         self.fast_batches
     }
 
+    /// Payloads sealed with an ops frame their writer compressed ahead
+    /// ([`Squeeze::compress_split`]).
+    pub fn ahead_taken(&self) -> u64 {
+        self.ahead_taken
+    }
+
     /// The level the next large payload is compressed at unless it is probed: what a writer
     /// compresses a body ahead at ([`Squeeze::compress_split`]).
     pub fn level(&self) -> i32 {
@@ -93,7 +101,7 @@ impl Squeeze {
     /// Compresses `plain` as this writer currently chooses; `None` if zstd failed (the
     /// caller then sends the payload uncompressed).
     pub fn compress(&mut self, plain: &[u8]) -> Option<Vec<u8>> {
-        self.choose(plain.len(), |level| compress(plain, level))
+        self.choose(plain.len(), |level| compress(plain, level)).0
     }
 
     /// [`Squeeze::compress`] of a large payload as two zstd frames, one of `plain[..split]`
@@ -109,21 +117,29 @@ impl Squeeze {
         ahead: Option<&Precompressed>,
     ) -> Option<Vec<u8>> {
         let (prefix, body) = plain.split_at(split.min(plain.len()));
-        self.choose(plain.len(), |level| {
+        let (out, level) = self.choose(plain.len(), |level| {
             let mut out = compress(prefix, level)?;
             match ahead {
                 Some(a) if a.level == level => out.extend_from_slice(&a.frame),
                 _ => out.extend_from_slice(&compress(body, level)?),
             }
             Some(out)
-        })
+        });
+        if out.is_some() && ahead.is_some_and(|a| a.level == level) {
+            self.ahead_taken += 1;
+        }
+        out
     }
 
     /// Picks the level(s) for a payload of `len` bytes, compresses with `at`, and updates
-    /// the choice after a probe.
-    fn choose(&mut self, len: usize, at: impl Fn(i32) -> Option<Vec<u8>>) -> Option<Vec<u8>> {
+    /// the choice after a probe. Returns the result and the level it was made at.
+    fn choose(
+        &mut self,
+        len: usize,
+        at: impl Fn(i32) -> Option<Vec<u8>>,
+    ) -> (Option<Vec<u8>>, i32) {
         if !self.adaptive || len < FAST_MIN_BYTES {
-            return at(STRONG_LEVEL);
+            return (at(STRONG_LEVEL), STRONG_LEVEL);
         }
         if self.until_probe == 0 {
             self.until_probe = PROBE_EVERY - 1;
@@ -135,21 +151,22 @@ impl Squeeze {
                     let saved = f.len().saturating_sub(s.len());
                     self.strong = saved * 100 >= f.len() * STRONG_GAIN_MIN_PCT;
                     if s.len() < f.len() {
-                        Some(s)
+                        (Some(s), STRONG_LEVEL)
                     } else {
                         self.fast_batches += 1;
-                        Some(f)
+                        (Some(f), FAST_LEVEL)
                     }
                 }
-                (f, s) => s.or(f),
+                (None, s) => (s, STRONG_LEVEL),
+                (f, None) => (f, FAST_LEVEL),
             };
         }
         self.until_probe -= 1;
         match self.strong {
-            true => at(STRONG_LEVEL),
+            true => (at(STRONG_LEVEL), STRONG_LEVEL),
             false => {
                 self.fast_batches += 1;
-                at(FAST_LEVEL)
+                (at(FAST_LEVEL), FAST_LEVEL)
             }
         }
     }
@@ -346,6 +363,11 @@ mod tests {
                 assert_eq!(s.compress_split(&plain, split, Some(&ahead)).unwrap(), want);
             }
         }
+        // Each payload was made at one level, offered ahead to exactly one of the two: the
+        // probe's smaller result, then the fast level it chose.
+        assert_eq!(alone.ahead_taken(), 0);
+        assert_eq!(strong_ahead.ahead_taken() + fast_ahead.ahead_taken(), 3);
+        assert!(fast_ahead.ahead_taken() >= 2);
         // The frame given is the one used, at its level only.
         let marker = Precompressed {
             level: alone.level(),

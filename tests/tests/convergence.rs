@@ -176,3 +176,61 @@ async fn calls_built_as_payloads_replicate_as_owned_ops_would() {
         n.shutdown().await;
     }
 }
+
+/// Large calls are compressed on their writers' tasks (the ops frame, at the level the node
+/// last chose) and the node seals them with those frames; the two-frame payloads verify and
+/// replicate over a real link. Long random-letter values make the fast zstd level win the
+/// node's probe (matches save too little), so every call after the first is taken only if
+/// the writer followed the level the node published after that probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_calls_compressed_by_their_writers_replicate() {
+    use blazedb_node::{FieldValue, OpsBuilder};
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let dir = tempfile::tempdir().unwrap();
+    let a = start_node(&dir.path().join("a"), &[]).await.unwrap();
+    let b = start_node(&dir.path().join("b"), &[a.listen_addrs()[0].clone()])
+        .await
+        .unwrap();
+    wait_peers(&a, 1).await;
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut letters = |n: usize| -> String {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (b'a' + (seed % 26) as u8) as char
+            })
+            .collect()
+    };
+    let calls = 4u64;
+    for _ in 0..calls {
+        let mut built = OpsBuilder::new();
+        for _ in 0..1_200 {
+            let (k, v) = (letters(16), letters(300));
+            built
+                .upsert("items", &k, &[("v", FieldValue::Str(&v))])
+                .unwrap();
+        }
+        a.write_built("default", built).await.unwrap();
+    }
+    let taken = || a.metrics().writer_compressed_sealed.load(Relaxed);
+    eventually("writers' frames taken", Duration::from_secs(10), || async {
+        (taken() >= calls - 2).then_some(())
+    })
+    .await;
+    assert!(taken() <= calls);
+    assert!(a.metrics().fast_compressed_sealed.load(Relaxed) >= calls - 2);
+    eventually("A's batches at B", Duration::from_secs(30), || async {
+        let (batches, _) = b.counts().ok()?;
+        (batches == calls).then_some(())
+    })
+    .await;
+    let sa = snapshot(&a, "items");
+    assert_eq!(sa.len(), (calls * 1_200) as usize);
+    assert_eq!(sa, snapshot(&b, "items"), "B replicated A");
+    for n in [a, b] {
+        n.shutdown().await;
+    }
+}
