@@ -1582,17 +1582,9 @@ fn op_wide(key: u16, kind: u8, val: i64) -> Op {
 /// sealer is on or the other one, and the batches verify and decode to the calls' ops.
 #[test]
 fn large_calls_compressed_ahead_seal_the_same_batches() {
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut letters = |n: usize| -> String {
-        (0..n)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                (b'a' + (seed % 26) as u8) as char
-            })
-            .collect()
-    };
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut letters = |n: usize| -> String { (0..n).map(|_| rng.gen_range('a'..='z')).collect() };
     let calls: Vec<Vec<Op>> = (0..40)
         .map(|c| {
             (0..1_000)

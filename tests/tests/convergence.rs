@@ -193,17 +193,9 @@ async fn large_calls_compressed_by_their_writers_replicate() {
         .await
         .unwrap();
     wait_peers(&a, 1).await;
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut letters = |n: usize| -> String {
-        (0..n)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                (b'a' + (seed % 26) as u8) as char
-            })
-            .collect()
-    };
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut letters = |n: usize| -> String { (0..n).map(|_| rng.gen_range('a'..='z')).collect() };
     let calls = 4u64;
     for _ in 0..calls {
         let mut built = OpsBuilder::new();
