@@ -1183,6 +1183,12 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 chain
                     .authorizes(ns, author, need, now_ms)
                     .map_err(|e| BatchError::Unauthorized(e.to_string()))?;
+                // A capability over the whole namespace covers every record: no need to read
+                // them (for a call encoded ahead that read is a decode of its payload, on the
+                // actor: 4% of B3's owned run).
+                if chain.covers_everything() {
+                    return Ok(());
+                }
                 match ops.record_outside(|c, k| chain.covers(c, k)) {
                     Some((c, k)) => Err(BatchError::Unauthorized(format!(
                         "record {c}/{k} outside the capability's scope"
