@@ -245,6 +245,16 @@ impl DeltaMap {
         self.slots.iter().filter(|s| s.block.is_some())
     }
 
+    /// Bytes asked of the allocator: the slots and every block (see
+    /// [`crate::store::Store::staged_heap_bytes`]).
+    pub fn heap_bytes(&self) -> usize {
+        self.slots.capacity() * std::mem::size_of::<Slot>()
+            + self
+                .held()
+                .map(|s| s.block.as_ref().map_or(0, |b| b.len()))
+                .sum::<usize>()
+    }
+
     /// Every record's key, in no particular order.
     pub fn keys(&self) -> impl Iterator<Item = &[u8]> {
         self.held().map(Slot::key)
@@ -307,6 +317,10 @@ mod tests {
             }
             prop_assert_eq!(map.len(), model.len());
             prop_assert_eq!(map.is_empty(), model.is_empty());
+            // Half full at most, and every block counted: key and state.
+            let blocks: usize = model.iter().map(|(k, v)| k.len() + v.len()).sum();
+            let slots = (map.heap_bytes() - blocks) / std::mem::size_of::<Slot>();
+            prop_assert!(slots >= 2 * model.len(), "{} slots for {} records", slots, model.len());
             for (k, v) in &model {
                 prop_assert_eq!(map.get(k), Some(v.as_slice()));
             }
