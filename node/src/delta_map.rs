@@ -158,7 +158,12 @@ impl DeltaMap {
     /// Prefetches the first slot a key of this hash may be in: called many ops ahead of its
     /// update (the address depends on the hash alone).
     pub fn prefetch_slot(&self, hash: u64) {
-        if let Some(s) = self.slots.get(self.home_or_zero(hash)) {
+        let home = self.home_or_zero(hash);
+        if let Some(s) = self.slots.get(home) {
+            prefetch((s as *const Slot).cast());
+        }
+        // The slot after it too (the next cache line for a home in a line's second half).
+        if let Some(s) = self.slots.get(home + 1) {
             prefetch((s as *const Slot).cast());
         }
     }
