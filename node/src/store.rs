@@ -1,9 +1,10 @@
 //! The redb stores: the change log (the truth) and the records derived from it.
 //!
 //! Two files, so that long record transactions never hold the log's write lock:
-//! - the **log** (`store.redb`): [`BATCHES`] (batch id ++ chunk index → envelope bytes, exactly
-//!   as signed and received, in pieces of [`LOG_CHUNK_BYTES`]), [`CHAINS`] (`ns_len:u8 ns author:32 seq:u64be` → batch id; each author's
-//!   chain per namespace, contiguous from seq 1), [`REVOCATIONS`], [`REVOKED_BY`],
+//! - the **log** (`store.redb`): [`BATCHES`] (batch id ++ piece index → envelope bytes, exactly
+//!   as signed and received, in pieces of at most [`LOG_CHUNK_BYTES`]), [`CHAINS`]
+//!   (`ns_len:u8 ns author:32 seq:u64be` → batch id; each author's chain per namespace,
+//!   contiguous from seq 1), [`REVOCATIONS`], [`REVOKED_BY`],
 //!   [`NAMESPACES`], [`META`] (`schema` = format version). Appended durably
 //!   ([`Store::append_log`]) before a write is acknowledged.
 //! - the **view** (`records.redb`): [`RECORDS`] (`ns_len:u8 ns coll_len:u8 coll key` → CBOR
@@ -43,10 +44,12 @@ const BATCHES_V1: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("batc
 /// transactions each, three alternating runs).
 pub const LOG_CHUNK_BYTES: usize = 32_000;
 
-/// The key of piece `chunk` of batch `id`.
+/// The key of piece `chunk` of batch `id` (an id of the wrong length, which only a damaged
+/// chain entry could give, makes a key that finds nothing).
 fn chunk_key(id: &[u8], chunk: u16) -> [u8; 34] {
     let mut k = [0u8; 34];
-    k[..32].copy_from_slice(&id[..32.min(id.len())]);
+    let n = id.len().min(32);
+    k[..n].copy_from_slice(&id[..n]);
     k[32..].copy_from_slice(&chunk.to_be_bytes());
     k
 }
@@ -85,6 +88,7 @@ pub(crate) fn batch_bytes(
     }
     Ok(out)
 }
+
 /// `ns_len:u8 ns author:32 seq:u64be` → batch id (32 bytes).
 pub const CHAINS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("chains-v1");
 /// `ns_len:u8 ns coll_len:u8 coll key` → `RecordState` in the compact layout of
@@ -230,7 +234,7 @@ impl Delta {
 /// slots at a load between 1/4 and 1/2: 64–128 bytes; the block's rounding by the
 /// allocator), in bytes. Kept high:
 /// the bound must hold on the allocator's worst day, not its average. B2m prints the
-/// estimate next to the process's measured growth per staged op.
+/// estimate next to the table's own bytes per staged op ([`Store::staged_heap_bytes`]).
 const STAGED_RECORD_OVERHEAD_BYTES: usize = 160;
 
 /// The delta's records in key order. Keys live in their own heap blocks: a sort comparing
