@@ -158,12 +158,11 @@ impl DeltaMap {
     /// Prefetches the first slot a key of this hash may be in: called many ops ahead of its
     /// update (the address depends on the hash alone).
     pub fn prefetch_slot(&self, hash: u64) {
-        let home = self.home_or_zero(hash);
-        if let Some(s) = self.slots.get(home) {
-            prefetch((s as *const Slot).cast());
+        if self.slots.is_empty() {
+            return;
         }
         // The slot after it too (the next cache line for a home in a line's second half).
-        if let Some(s) = self.slots.get(home + 1) {
+        for s in self.slots[self.home(hash)..].iter().take(2) {
             prefetch((s as *const Slot).cast());
         }
     }
@@ -183,14 +182,6 @@ impl DeltaMap {
                 return;
             }
             i = (i + 1) & mask;
-        }
-    }
-
-    fn home_or_zero(&self, hash: u64) -> usize {
-        if self.slots.is_empty() {
-            0
-        } else {
-            self.home(hash)
         }
     }
 
