@@ -231,8 +231,8 @@ impl Delta {
 }
 
 /// Per-record memory of the delta beyond its key's and its state's bytes (the table's 32-byte
-/// slots at a load between 1/4 and 1/2: 64–128 bytes; the block's rounding by the
-/// allocator), in bytes. Kept high:
+/// slots at a load between 1/4 and 1/2: 64–128 bytes; the unfilled tails of the blocks'
+/// chunks), in bytes. Kept high:
 /// the bound must hold on the allocator's worst day, not its average. B2m prints the
 /// estimate next to the table's own bytes per staged op ([`Store::staged_heap_bytes`]).
 const STAGED_RECORD_OVERHEAD_BYTES: usize = 160;
@@ -785,7 +785,9 @@ impl Store {
                                 Ok::<(), StoreError>(())
                             })?;
                         staged.bytes += match updated {
-                            Updated::Replaced { old, new } => new.saturating_sub(old),
+                            // A state that outgrew its block is written anew; the
+                            // old block stays until the delta is dropped, so it counts.
+                            Updated::Replaced { grown, .. } => grown,
                             Updated::Inserted { state_len } => {
                                 rk.len() + state_len + STAGED_RECORD_OVERHEAD_BYTES
                             }
