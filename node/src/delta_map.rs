@@ -21,7 +21,8 @@ use std::hash::BuildHasher;
 /// One record: its key's hash, and where its `key ++ state` block is in the arena. Plain
 /// integers, 32 bytes: two slots per cache line. `key_tag` is the key's length plus one; 0
 /// marks an empty slot.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
 struct Slot {
     hash: u64,
     key_tag: u32,
@@ -40,6 +41,64 @@ impl Slot {
 
     fn key_len(&self) -> usize {
         self.key_tag as usize - 1
+    }
+}
+
+/// A table's slots: on the heap while small; from [`MAPPED_MIN_BYTES`] on, an anonymous
+/// memory map (zero-filled by the kernel as it is first touched: all-zero slots are empty)
+/// with the transparent-huge-page hint. Staging touches the table at random, so with 4 KiB
+/// pages every lookup in a table of tens of MB also missed the TLB: perf of B3 at 1M ops put
+/// two thirds of `Store::stage`'s own samples on the slot prefetches, waiting for page
+/// walks. With 2 MiB pages the whole table is a few dozen TLB entries. (The hint is on
+/// this one map only: huge pages for all of mimalloc's memory cost far more in zeroing than
+/// they saved, see the `no_thp` decision.)
+enum Slots {
+    Heap(Vec<Slot>),
+    Mapped(memmap2::MmapMut),
+}
+
+/// The smallest table mapped with the huge-page hint (two huge pages).
+const MAPPED_MIN_BYTES: usize = 4 << 20;
+
+impl Slots {
+    /// `cap` empty slots.
+    fn new(cap: usize) -> Slots {
+        let bytes = cap * std::mem::size_of::<Slot>();
+        if bytes >= MAPPED_MIN_BYTES {
+            if let Ok(map) = memmap2::MmapOptions::new().len(bytes).map_anon() {
+                // A hint: where the kernel has no huge pages to give, 4 KiB pages it is.
+                #[cfg(target_os = "linux")]
+                let _ = map.advise(memmap2::Advice::HugePage);
+                return Slots::Mapped(map);
+            }
+        }
+        Slots::Heap(vec![Slot::default(); cap])
+    }
+}
+
+impl Default for Slots {
+    fn default() -> Slots {
+        Slots::Heap(Vec::new())
+    }
+}
+
+impl std::ops::Deref for Slots {
+    type Target = [Slot];
+
+    fn deref(&self) -> &[Slot] {
+        match self {
+            Slots::Heap(v) => v,
+            Slots::Mapped(m) => bytemuck::cast_slice(m),
+        }
+    }
+}
+
+impl std::ops::DerefMut for Slots {
+    fn deref_mut(&mut self) -> &mut [Slot] {
+        match self {
+            Slots::Heap(v) => v,
+            Slots::Mapped(m) => bytemuck::cast_slice_mut(m),
+        }
     }
 }
 
@@ -142,7 +201,7 @@ fn to_u32(n: usize) -> u32 {
 #[derive(Default)]
 pub(crate) struct DeltaMap {
     /// A power of two long (or empty), never more than half full.
-    slots: Vec<Slot>,
+    slots: Slots,
     len: usize,
     /// `64 - log2(slots.len())`: a hash's first slot is its top bits after a multiply.
     shift: u32,
@@ -204,10 +263,10 @@ impl DeltaMap {
     /// Moves every record into a table of `cap` slots, by the hashes they keep (no key or
     /// block is read).
     fn grow_to(&mut self, cap: usize) {
-        let old = std::mem::replace(&mut self.slots, vec![Slot::default(); cap]);
+        let old = std::mem::replace(&mut self.slots, Slots::new(cap));
         self.shift = 64 - cap.trailing_zeros();
         let mask = cap - 1;
-        for slot in old.into_iter().filter(|s| !s.is_empty()) {
+        for &slot in old.iter().filter(|s| !s.is_empty()) {
             let mut i = self.home(slot.hash);
             while !self.slots[i].is_empty() {
                 i = (i + 1) & mask;
@@ -364,7 +423,7 @@ impl DeltaMap {
     /// Bytes asked of the allocator: the slots and the blocks' chunks (see
     /// [`crate::store::Store::staged_heap_bytes`]).
     pub fn heap_bytes(&self) -> usize {
-        self.slots.capacity() * std::mem::size_of::<Slot>() + self.blocks.bytes
+        self.slots.len() * std::mem::size_of::<Slot>() + self.blocks.bytes
     }
 
     /// Every record's key, in no particular order.
@@ -427,6 +486,29 @@ mod tests {
         assert_eq!(map.blocks.chunks.iter().map(Vec::len).sum::<usize>(), used);
         assert_eq!(map.get(b"new"), Some(&[9u8; 100][..]));
         assert_eq!(map.get(b"hot"), Some(&[7u8; 113][..]));
+    }
+
+    /// A table past [`MAPPED_MIN_BYTES`] lives in a memory map: records survive the move into
+    /// it and every later doubling, and read back as written.
+    #[test]
+    fn large_tables_are_mapped_and_hold_every_record() {
+        let mut map = DeltaMap::default();
+        let buf = &mut Vec::new();
+        let n = 3 * MAPPED_MIN_BYTES / std::mem::size_of::<Slot>() / 4;
+        for i in 0..n {
+            map.update(format!("k{i}").as_bytes(), buf, |_, out| {
+                out.extend_from_slice(&(i as u64).to_le_bytes());
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        }
+        assert!(matches!(map.slots, Slots::Mapped(_)));
+        assert_eq!(map.len(), n);
+        for i in (0..n).step_by(97) {
+            let want = (i as u64).to_le_bytes();
+            assert_eq!(map.get(format!("k{i}").as_bytes()), Some(&want[..]));
+        }
+        assert_eq!(map.iter().count(), n);
     }
 
     fn map_len(map: &DeltaMap) -> usize {
