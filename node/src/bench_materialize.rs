@@ -160,7 +160,7 @@ pub fn b2m(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
             // Counted from the table itself: the process's growth (also shown) reads low
             // whenever the delta reuses memory the process already held (the batches freed
             // as they are staged, earlier runs), down to 0 at 1M ops.
-            what: "delta memory: table slots + record blocks per staged op (allocator rounding not counted)".into(),
+            what: "delta memory: table slots + the record blocks' chunks, per staged op".into(),
             value: median(heap),
             unit: "B/op",
             ratio: None,

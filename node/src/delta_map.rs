@@ -420,10 +420,13 @@ impl DeltaMap {
         self.slots.iter().filter(|s| !s.is_empty())
     }
 
-    /// Bytes asked of the allocator: the slots and the blocks' chunks (see
+    /// Bytes held: the slots, the blocks' chunks and the free lists (see
     /// [`crate::store::Store::staged_heap_bytes`]).
     pub fn heap_bytes(&self) -> usize {
-        self.slots.len() * std::mem::size_of::<Slot>() + self.blocks.bytes
+        let free: usize = self.blocks.free.iter().map(Vec::capacity).sum();
+        self.slots.len() * std::mem::size_of::<Slot>()
+            + self.blocks.bytes
+            + free * std::mem::size_of::<(u32, u32)>()
     }
 
     /// Every record's key, in no particular order.

@@ -818,9 +818,9 @@ impl Store {
         read(&self.staged).bytes
     }
 
-    /// The bytes the staged delta's record table has asked the allocator for: its slots and
-    /// every record's block (the allocator's rounding and headers not counted). A walk over
-    /// the table: for benchmarks and diagnostics, not the hot path.
+    /// The bytes the staged delta's record table holds: its slots and the chunks its records'
+    /// blocks live in (whole chunks, filled or not; the allocator's own overhead on those few
+    /// large allocations not counted). For benchmarks and diagnostics.
     pub fn staged_heap_bytes(&self) -> usize {
         read(&self.staged).records.heap_bytes()
     }
