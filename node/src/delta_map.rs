@@ -182,6 +182,12 @@ impl Arena {
         &self.chunks[s.chunk as usize][start..start + s.key_len() + s.state_len as usize]
     }
 
+    /// Prefetches the start of the block of `s`.
+    fn prefetch(&self, s: &Slot) {
+        let chunk = &self.chunks[s.chunk as usize];
+        prefetch(chunk.as_ptr().wrapping_add(s.offset as usize));
+    }
+
     /// Writes `data` over the block of `s` (which has the room).
     fn rewrite(&mut self, s: &Slot, data: &[u8]) {
         let start = s.offset as usize;
@@ -349,8 +355,7 @@ impl DeltaMap {
         while !self.slots[i].is_empty() {
             let s = &self.slots[i];
             if s.hash == hash {
-                let chunk = &self.blocks.chunks[s.chunk as usize];
-                prefetch(chunk.as_ptr().wrapping_add(s.offset as usize));
+                self.blocks.prefetch(s);
                 return;
             }
             i = (i + 1) & mask;
@@ -426,11 +431,12 @@ impl DeltaMap {
     /// per record once the delta outgrows the cache.
     fn held(&self) -> impl Iterator<Item = &Slot> {
         self.slots.iter().enumerate().filter_map(|(i, s)| {
-            if let Some(a) = self.slots.get(i + WALK_AHEAD_SLOTS) {
-                if !a.is_empty() {
-                    let chunk = &self.blocks.chunks[a.chunk as usize];
-                    prefetch(chunk.as_ptr().wrapping_add(a.offset as usize));
-                }
+            if let Some(a) = self
+                .slots
+                .get(i + WALK_AHEAD_SLOTS)
+                .filter(|a| !a.is_empty())
+            {
+                self.blocks.prefetch(a);
             }
             (!s.is_empty()).then_some(s)
         })

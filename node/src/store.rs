@@ -289,6 +289,13 @@ const SLOT_AHEAD: usize = 16;
 /// How many records ahead a flush prefetches the delta's keys (in the arena's staging order,
 /// not the key order the flush walks them in).
 const FLUSH_AHEAD_RECORDS: usize = 16;
+
+/// Prefetches the key [`FLUSH_AHEAD_RECORDS`] after the `i`th of a flush's sorted records.
+fn prefetch_key_ahead(keyed: &[(&[u8], &[u8])], i: usize) {
+    if let Some((rk, _)) = keyed.get(i + FLUSH_AHEAD_RECORDS) {
+        prefetch(rk.as_ptr());
+    }
+}
 const BLOCK_AHEAD: usize = 8;
 
 /// View table: `ns_len:u8 ns author:32` → highest seq applied to the records.
@@ -912,18 +919,11 @@ impl Store {
             if rewrite {
                 let mut fresh = txn.open_table(RECORDS_REWRITE)?;
                 let mut cursor = fresh.lower_bound_mut(Bound::<&[u8]>::Unbounded)?;
-                // The delta's records lie in its arena in staging order, not key order: each
-                // is prefetched `FLUSH_AHEAD_RECORDS` records before the merge reaches it.
-                for (rk, _) in keyed.iter().take(FLUSH_AHEAD_RECORDS) {
-                    prefetch(rk.as_ptr());
-                }
                 let mut deltas = keyed
                     .iter()
                     .enumerate()
                     .map(|(i, &record)| {
-                        if let Some((rk, _)) = keyed.get(i + FLUSH_AHEAD_RECORDS) {
-                            prefetch(rk.as_ptr());
-                        }
+                        prefetch_key_ahead(&keyed, i);
                         record
                     })
                     .peekable();
@@ -950,9 +950,7 @@ impl Store {
             } else if let Some((first, _)) = keyed.first() {
                 let mut cursor = records.lower_bound_mut(Bound::Included(*first))?;
                 for (i, &(rk, d)) in keyed.iter().enumerate() {
-                    if let Some((ahead, _)) = keyed.get(i + FLUSH_AHEAD_RECORDS) {
-                        prefetch(ahead.as_ptr());
-                    }
+                    prefetch_key_ahead(&keyed, i);
                     let held = loop {
                         let next = cursor.peek_next()?;
                         match next.as_ref().map(|(k, _)| k.value().cmp(rk)) {
