@@ -127,6 +127,8 @@ struct Arena {
 /// block larger than that gets a chunk of its own size).
 const CHUNK_MIN_BYTES: usize = 64 * 1024;
 const CHUNK_MAX_BYTES: usize = 2 * 1024 * 1024;
+/// Bytes per cache line (x86-64, most ARM cores).
+const CACHE_LINE: usize = 64;
 /// Blocks' rooms are multiples of this many bytes.
 const BLOCK_ALIGN: usize = 16;
 /// The largest room kept on a free list.
@@ -182,10 +184,19 @@ impl Arena {
         &self.chunks[s.chunk as usize][start..start + s.key_len() + s.state_len as usize]
     }
 
-    /// Prefetches the start of the block of `s`.
+    /// Prefetches every cache line of the block of `s` (a W record's block is ~200 bytes:
+    /// its state's names, stamps and values lie past the first line, and staging reads them
+    /// all before it rewrites them).
     fn prefetch(&self, s: &Slot) {
         let chunk = &self.chunks[s.chunk as usize];
-        prefetch(chunk.as_ptr().wrapping_add(s.offset as usize));
+        let start = chunk.as_ptr().wrapping_add(s.offset as usize);
+        let lead = start as usize % CACHE_LINE;
+        let end = lead + s.key_len() + s.state_len as usize;
+        let mut off = 0;
+        while off < end {
+            prefetch(start.wrapping_add(off).wrapping_sub(lead));
+            off += CACHE_LINE;
+        }
     }
 
     /// Writes `data` over the block of `s` (which has the room).
