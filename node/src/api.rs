@@ -748,7 +748,7 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
         ),
         (
             "blazedb_fast_compressed_batches_total",
-            "Local batches whose large payload was compressed with the fast zstd level (the strong level gained too little on this data).",
+            "Local batches whose large payload was compressed below the strong zstd level (the fast or the fastest: the matches the stronger levels find gained too little on this data).",
             &m.fast_compressed_sealed,
         ),
         (

@@ -134,11 +134,12 @@ fn b1(c: &mut Criterion) {
             b.iter(|| zstd::bulk::compress(&compact, level).unwrap().len())
         });
     }
-    // What sealing runs: this thread's reused context, the strong and the fast level
+    // What sealing runs: this thread's reused context, the strong, fast and fastest level
     // (negative levels with the literals still entropy-coded; see `squeeze`).
     for (name, level) in [
         ("strong", squeeze::STRONG_LEVEL),
         ("fast", squeeze::FAST_LEVEL),
+        ("fastest", squeeze::FASTEST_LEVEL),
     ] {
         let z = squeeze::compress(&compact, level).unwrap();
         eprintln!(

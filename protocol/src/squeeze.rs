@@ -2,15 +2,25 @@
 //!
 //! zstd level 1 spends most of its time looking for matches. On payloads with little
 //! repetition beyond single bytes (workload W: random-letter values; random identifiers) the
-//! matches it finds save ~2–3% over level -5 with the literals still entropy-coded, at about
-//! twice the CPU (5,000 W ops on the 2-vCPU machine, `cargo bench -p blazedb-protocol --bench
-//! codec -- zstd`: level 1 1.2–1.6 ms, 74.2 B/op; level -5 0.64–0.83 ms, 75.9 B/op; level -10
-//! 0.49 ms but 77.2 B/op, +4–9%, which was judged too many bytes). On text with repeated
-//! phrases the matches are most of the gain. So a writer tries both on one large payload in
-//! [`PROBE_EVERY`], keeps the smaller result, and seals the next ones with the strong level
-//! only if it saved at least [`STRONG_GAIN_MIN_PCT`] percent there.
+//! matches save a few percent at a large CPU cost; on text with repeated phrases they are
+//! most of the gain. Three efforts, 5,000 W ops on the 2-vCPU machine (`cargo bench -p
+//! blazedb-protocol --bench codec -- zstd/seal`, 2026-12-05, AMD EPYC host):
 //!
-//! Which level sealed a batch is invisible to readers: both are plain zstd frames (`enc` 3),
+//! | effort | level | time | W bytes/op |
+//! |---|---|---|---|
+//! | strong | 1 | 1.41 ms | 74.2 |
+//! | fast | -5 | 0.82 ms | 75.9 |
+//! | fastest | -20 | 0.56 ms | 77.5 |
+//!
+//! (Negative levels skip most match finding; literal compression is forced on, so they still
+//! Huffman-code the bytes: that is nearly all of W's gain. Levels below -20 save little more
+//! time: -50 is 77.7 B/op.) So a writer probes one large payload in [`PROBE_EVERY`]: it
+//! compresses it with the fastest and the fast effort, and with the strong one too only if the
+//! fast one saved at least [`STRONG_GAIN_MIN_PCT`] percent over the fastest; each step up is
+//! kept for the payloads until the next probe only if it saved that share over the step
+//! below. The probe keeps the smallest result.
+//!
+//! Which level sealed a batch is invisible to readers: all are plain zstd frames (`enc` 3),
 //! decoded alike; the batch id covers the bytes actually sent. The choice is deterministic
 //! (a counter, no clock), so the engine stays replayable.
 
@@ -21,7 +31,8 @@ use std::cell::RefCell;
 pub const FAST_MIN_BYTES: usize = 64 * 1024;
 /// One large payload in this many is compressed both ways to re-decide.
 pub const PROBE_EVERY: u32 = 32;
-/// The strong level is kept only if it saves at least this share of the fast size.
+/// A stronger effort is kept only if it saves at least this share of the size the effort
+/// below it made.
 pub const STRONG_GAIN_MIN_PCT: usize = 5;
 /// The strong level (match finding plus entropy coding): level 1 compresses workload W as
 /// well as level 3 at 1.35x the speed (measured with `blazedb bench` B1/B4).
@@ -29,15 +40,19 @@ pub const STRONG_LEVEL: i32 = 1;
 /// The fast level: zstd's negative levels skip most match finding; with literal
 /// compression forced on they still Huffman-code the bytes.
 pub const FAST_LEVEL: i32 = -5;
+/// The fastest level: even less match finding, the same entropy coding of the literals.
+pub const FASTEST_LEVEL: i32 = -20;
 
 /// A writer's running choice of compression effort for one namespace.
 #[derive(Clone, Copy, Debug)]
 pub struct Squeeze {
     adaptive: bool,
-    strong: bool,
+    /// The level large payloads are compressed at until the next probe.
+    level: i32,
     until_probe: u32,
     probes: u64,
     fast_batches: u64,
+    fastest_batches: u64,
     ahead_taken: u64,
 }
 
@@ -47,15 +62,21 @@ impl Default for Squeeze {
     }
 }
 
+/// Whether `stronger` saved at least [`STRONG_GAIN_MIN_PCT`] percent of `weaker`'s size.
+fn worth(weaker: &[u8], stronger: &[u8]) -> bool {
+    weaker.len().saturating_sub(stronger.len()) * 100 >= weaker.len() * STRONG_GAIN_MIN_PCT
+}
+
 impl Squeeze {
     /// Probes the first large payload, then one in [`PROBE_EVERY`].
     pub fn adaptive() -> Self {
         Self {
             adaptive: true,
-            strong: true,
+            level: STRONG_LEVEL,
             until_probe: 0,
             probes: 0,
             fast_batches: 0,
+            fastest_batches: 0,
             ahead_taken: 0,
         }
     }
@@ -70,17 +91,23 @@ impl Squeeze {
 
     /// Whether the latest decision is the strong level.
     pub fn is_strong(&self) -> bool {
-        self.strong
+        self.level() == STRONG_LEVEL
     }
 
-    /// Payloads compressed both ways so far.
+    /// Payloads compressed more than one way so far.
     pub fn probes(&self) -> u64 {
         self.probes
     }
 
-    /// Large payloads sealed with the fast level so far (probes included when fast won).
+    /// Large payloads sealed below the strong level so far (the fast or the fastest; probes
+    /// included when one of those won).
     pub fn fast_batches(&self) -> u64 {
         self.fast_batches
+    }
+
+    /// Large payloads sealed at the fastest level so far (part of [`Squeeze::fast_batches`]).
+    pub fn fastest_batches(&self) -> u64 {
+        self.fastest_batches
     }
 
     /// Payloads sealed with an ops frame their writer compressed ahead
@@ -92,9 +119,9 @@ impl Squeeze {
     /// The level the next large payload is compressed at unless it is probed: what a writer
     /// compresses a body ahead at ([`Squeeze::compress_split`]).
     pub fn level(&self) -> i32 {
-        match self.strong || !self.adaptive {
-            true => STRONG_LEVEL,
-            false => FAST_LEVEL,
+        match self.adaptive {
+            true => self.level,
+            false => STRONG_LEVEL,
         }
     }
 
@@ -141,33 +168,47 @@ impl Squeeze {
         if !self.adaptive || len < FAST_MIN_BYTES {
             return (at(STRONG_LEVEL), STRONG_LEVEL);
         }
-        if self.until_probe == 0 {
+        let made = if self.until_probe == 0 {
             self.until_probe = PROBE_EVERY - 1;
             self.probes += 1;
-            let fast = at(FAST_LEVEL);
-            let strong = at(STRONG_LEVEL);
-            return match (fast, strong) {
-                (Some(f), Some(s)) => {
-                    let saved = f.len().saturating_sub(s.len());
-                    self.strong = saved * 100 >= f.len() * STRONG_GAIN_MIN_PCT;
-                    if s.len() < f.len() {
-                        (Some(s), STRONG_LEVEL)
-                    } else {
-                        self.fast_batches += 1;
-                        (Some(f), FAST_LEVEL)
-                    }
-                }
-                (None, s) => (s, STRONG_LEVEL),
-                (f, None) => (f, FAST_LEVEL),
-            };
+            self.probe(&at)
+        } else {
+            self.until_probe -= 1;
+            (at(self.level), self.level)
+        };
+        if made.0.is_some() {
+            self.fast_batches += u64::from(made.1 < STRONG_LEVEL);
+            self.fastest_batches += u64::from(made.1 == FASTEST_LEVEL);
         }
-        self.until_probe -= 1;
-        match self.strong {
-            true => (at(STRONG_LEVEL), STRONG_LEVEL),
-            false => {
-                self.fast_batches += 1;
-                (at(FAST_LEVEL), FAST_LEVEL)
+        made
+    }
+
+    /// Compresses with the fastest and the fast level, and the strong one too if the fast
+    /// one was worth it; sets the level for the payloads until the next probe, and returns
+    /// the smallest result. (A level whose compression failed is not chosen.)
+    fn probe(&mut self, at: &impl Fn(i32) -> Option<Vec<u8>>) -> (Option<Vec<u8>>, i32) {
+        let mut made: Vec<(Vec<u8>, i32)> = Vec::with_capacity(3);
+        let fastest = at(FASTEST_LEVEL);
+        let fast = at(FAST_LEVEL);
+        self.level = match (&fastest, &fast) {
+            (Some(a), Some(b)) if !worth(a, b) => FASTEST_LEVEL,
+            (Some(_), None) => FASTEST_LEVEL,
+            _ => FAST_LEVEL,
+        };
+        made.extend(fastest.map(|f| (f, FASTEST_LEVEL)));
+        if self.level == FAST_LEVEL {
+            let strong = at(STRONG_LEVEL);
+            if let Some(s) = &strong {
+                if fast.as_ref().is_none_or(|f| worth(f, s)) {
+                    self.level = STRONG_LEVEL;
+                }
             }
+            made.extend(strong.map(|s| (s, STRONG_LEVEL)));
+        }
+        made.extend(fast.map(|f| (f, FAST_LEVEL)));
+        match made.into_iter().min_by_key(|(f, _)| f.len()) {
+            Some((f, level)) => (Some(f), level),
+            None => (None, self.level),
         }
     }
 }
@@ -271,9 +312,9 @@ mod tests {
     }
 
     #[test]
-    fn both_levels_round_trip() {
+    fn every_level_round_trips() {
         let plain = random_letters(200_000, 7);
-        for level in [STRONG_LEVEL, FAST_LEVEL] {
+        for level in [STRONG_LEVEL, FAST_LEVEL, FASTEST_LEVEL] {
             let z = compress(&plain, level).unwrap();
             assert!(z.len() < plain.len(), "level {level} still entropy-codes");
             assert_eq!(decompress(&z, plain.len()).unwrap(), plain);
@@ -281,16 +322,53 @@ mod tests {
     }
 
     #[test]
-    fn random_letters_go_fast_and_repetition_stays_strong() {
+    fn random_letters_go_fastest_and_repetition_stays_strong() {
         let mut s = Squeeze::adaptive();
         s.compress(&random_letters(200_000, 1)).unwrap();
-        assert!(!s.is_strong(), "matches save little on random letters");
+        assert_eq!(
+            s.level(),
+            FASTEST_LEVEL,
+            "matches save little on random letters"
+        );
+        assert!(!s.is_strong());
         let mut s = Squeeze::adaptive();
         s.compress(&repetitive(200_000)).unwrap();
         assert!(
             s.is_strong(),
             "matches are most of the gain on repeated text"
         );
+    }
+
+    #[test]
+    fn each_step_up_must_save_its_share() {
+        // Random letters with a repeated phrase every so often: some matches, few.
+        let mut plain = random_letters(300_000, 11);
+        let phrase = b"{\"status\":\"active\",\"region\":\"eu-west-1\"} ";
+        for at in (0..plain.len() - 64).step_by(4096) {
+            plain[at..at + phrase.len()].copy_from_slice(phrase);
+        }
+        let sizes: Vec<usize> = [FASTEST_LEVEL, FAST_LEVEL, STRONG_LEVEL]
+            .iter()
+            .map(|&l| compress(&plain, l).unwrap().len())
+            .collect();
+        let worth = |weaker: usize, stronger: usize| {
+            weaker.saturating_sub(stronger) * 100 >= weaker * STRONG_GAIN_MIN_PCT
+        };
+        let want = if !worth(sizes[0], sizes[1]) {
+            FASTEST_LEVEL
+        } else if worth(sizes[1], sizes[2]) {
+            STRONG_LEVEL
+        } else {
+            FAST_LEVEL
+        };
+        let mut s = Squeeze::adaptive();
+        let got = s.compress(&plain).unwrap();
+        assert_eq!(s.level(), want, "sizes {sizes:?}");
+        let smallest = match want {
+            FASTEST_LEVEL => sizes[0].min(sizes[1]),
+            _ => *sizes.iter().min().unwrap(),
+        };
+        assert_eq!(got.len(), smallest);
     }
 
     #[test]
@@ -318,10 +396,12 @@ mod tests {
     #[test]
     fn a_probe_keeps_the_smaller_frame() {
         let plain = repetitive(300_000);
-        let strong = compress(&plain, STRONG_LEVEL).unwrap();
-        let fast = compress(&plain, FAST_LEVEL).unwrap();
+        let smallest = [STRONG_LEVEL, FAST_LEVEL, FASTEST_LEVEL]
+            .iter()
+            .map(|&l| compress(&plain, l).unwrap().len())
+            .min();
         let got = Squeeze::adaptive().compress(&plain).unwrap();
-        assert_eq!(got.len(), strong.len().min(fast.len()));
+        assert_eq!(Some(got.len()), smallest);
     }
 
     #[test]
@@ -347,27 +427,23 @@ mod tests {
     fn a_body_compressed_ahead_changes_nothing_and_is_used_at_its_level() {
         let plain = random_letters(200_000, 9);
         let split = 40;
-        // Through a probe and the payloads after it (fast on random letters).
-        let (mut alone, mut strong_ahead, mut fast_ahead) = (
-            Squeeze::adaptive(),
-            Squeeze::adaptive(),
-            Squeeze::adaptive(),
-        );
+        let levels = [STRONG_LEVEL, FAST_LEVEL, FASTEST_LEVEL];
+        // Through a probe and the payloads after it (the fastest level on random letters).
+        let mut alone = Squeeze::adaptive();
+        let mut offered = [Squeeze::adaptive(); 3];
         for _ in 0..3 {
             let want = alone.compress_split(&plain, split, None).unwrap();
-            for (s, level) in [
-                (&mut strong_ahead, STRONG_LEVEL),
-                (&mut fast_ahead, FAST_LEVEL),
-            ] {
+            for (s, level) in offered.iter_mut().zip(levels) {
                 let ahead = Precompressed::new(&plain[split..], level).unwrap();
                 assert_eq!(s.compress_split(&plain, split, Some(&ahead)).unwrap(), want);
             }
         }
-        // Each payload was made at one level, offered ahead to exactly one of the two: the
-        // probe's smaller result, then the fast level it chose.
+        // Each payload was made at one level, offered ahead to exactly one of the three: the
+        // probe's smallest result, then the fastest level it chose.
         assert_eq!(alone.ahead_taken(), 0);
-        assert_eq!(strong_ahead.ahead_taken() + fast_ahead.ahead_taken(), 3);
-        assert!(fast_ahead.ahead_taken() >= 2);
+        let taken: Vec<u64> = offered.iter().map(Squeeze::ahead_taken).collect();
+        assert_eq!(taken.iter().sum::<u64>(), 3, "{taken:?}");
+        assert!(taken[2] >= 2, "{taken:?}");
         // The frame given is the one used, at its level only.
         let marker = Precompressed {
             level: alone.level(),
@@ -376,7 +452,7 @@ mod tests {
         let got = alone.compress_split(&plain, split, Some(&marker)).unwrap();
         assert!(got.ends_with(&marker.frame));
         let other = Precompressed {
-            level: STRONG_LEVEL + FAST_LEVEL - alone.level(),
+            level: STRONG_LEVEL,
             ..marker.clone()
         };
         let got = alone.compress_split(&plain, split, Some(&other)).unwrap();
