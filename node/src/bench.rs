@@ -1033,7 +1033,7 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
         let t = Instant::now();
         for i in 0..calls as u64 {
             let txn = db.begin_write()?;
-            txn.open_table(T)?.insert(i, sealed.bytes.as_slice())?;
+            txn.open_table(T)?.insert(i, &sealed.bytes[..])?;
             txn.commit()?;
         }
         raw_rates.push((calls * W_BATCH_OPS) as f64 / t.elapsed().as_secs_f64());

@@ -57,7 +57,7 @@ pub fn sealed_w_batches(calls: usize, seed: u64) -> Result<Vec<Vec<u8>>> {
             let (vb, _) = engine
                 .write(DEFAULT_NAMESPACE, &kp, ops, now_ms)
                 .context("sealing a workload-W batch")?;
-            Ok(vb.bytes)
+            Ok(vb.bytes.to_vec())
         })
         .collect()
 }

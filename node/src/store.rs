@@ -561,7 +561,7 @@ impl Store {
             let mut dicts = txn.open_table(DICTS)?;
             for vb in batches {
                 let ns = &vb.header.ns;
-                put_batch(&mut batch_t, &vb.id.0[..], vb.bytes.as_slice())?;
+                put_batch(&mut batch_t, &vb.id.0[..], &vb.bytes[..])?;
                 // Every dictionary a stored batch names is stored with it (to serve it and
                 // to verify the batch again).
                 if let Some(d) = &vb.dict {
@@ -1955,7 +1955,7 @@ mod tests {
             {
                 let mut old = txn.open_table(BATCHES_V1).unwrap();
                 for vb in &stored {
-                    old.insert(&vb.id.0[..], vb.bytes.as_slice()).unwrap();
+                    old.insert(&vb.id.0[..], &vb.bytes[..]).unwrap();
                 }
                 txn.open_table(META)
                     .unwrap()

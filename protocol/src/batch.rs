@@ -176,8 +176,9 @@ pub struct VerifiedBatch {
     /// [`BatchOps::view`]); shared, so the copies a batch travels in (the store action, the
     /// materializer's job, the writer's receipt, a simulator's nodes) never copy them.
     pub ops: BatchOps,
-    /// The exact envelope bytes, as stored and sent.
-    pub bytes: Vec<u8>,
+    /// The exact envelope bytes, as stored and sent; shared (cloning a batch, or handing
+    /// its bytes to the store and to gossip, copies no payload).
+    pub bytes: bytes::Bytes,
     /// The author's capability chain, decoded and structurally verified (whether it
     /// authorizes this batch is the engine's judgement: it knows the namespace's policy).
     pub cap: Option<Chain>,
@@ -514,7 +515,7 @@ fn seal_payload(
         header,
         author: keypair.public(),
         ops: BatchOps::from_encoded(len, revocations, plain),
-        bytes,
+        bytes: bytes.into(),
         cap: cap.cloned(),
         effective: true,
         dict: used,
@@ -588,7 +589,7 @@ fn check_header(h: &BatchHeader) -> Result<(), BatchError> {
 /// op limits and timestamp consistency. Does not check the chain (see the engine). Payloads
 /// compressed with a dictionary (`enc` 4) fail with [`BatchError::MissingDict`]: use
 /// [`verify_with`].
-pub fn verify(bytes: Vec<u8>) -> Result<VerifiedBatch, BatchError> {
+pub fn verify(bytes: impl Into<bytes::Bytes>) -> Result<VerifiedBatch, BatchError> {
     verify_with(bytes, &NoDicts)
 }
 
@@ -634,7 +635,11 @@ pub fn named_dict(bytes: &[u8]) -> Option<DictRef> {
 /// [`verify`], finding the dictionaries of `enc` 4 payloads in `dicts`. Fails with
 /// [`BatchError::MissingDict`] (after the signature checked out) when none of the held
 /// candidates is the payload's dictionary.
-pub fn verify_with(bytes: Vec<u8>, dicts: &dyn DictLookup) -> Result<VerifiedBatch, BatchError> {
+pub fn verify_with(
+    bytes: impl Into<bytes::Bytes>,
+    dicts: &dyn DictLookup,
+) -> Result<VerifiedBatch, BatchError> {
+    let bytes: bytes::Bytes = bytes.into();
     let (header, author) = verify_header(&bytes)?;
     let env = Envelope::parse(&bytes)?;
     if env.payload.len() != header.payload_len as usize {
@@ -1173,12 +1178,12 @@ mod tests {
         let b = seal(&kp, "default", first(), ops(5), None).unwrap();
         // Flip every byte position in turn: no single-byte change may verify.
         for i in 0..b.bytes.len() {
-            let mut t = b.bytes.clone();
+            let mut t = b.bytes.to_vec();
             t[i] ^= 0x01;
             assert!(verify(t).is_err(), "flip at {i} accepted");
         }
         assert!(verify(b.bytes[..b.bytes.len() - 1].to_vec()).is_err());
-        let mut longer = b.bytes.clone();
+        let mut longer = b.bytes.to_vec();
         longer.push(0);
         assert!(verify(longer).is_err());
     }

@@ -234,8 +234,8 @@ pub enum Action<P> {
         ns: String,
         /// Batch id (gossip message id).
         id: BatchId,
-        /// Envelope bytes.
-        bytes: Vec<u8>,
+        /// Envelope bytes (shared with the stored batch).
+        bytes: bytes::Bytes,
     },
     /// Read `author`'s batches `from_seq..` (at most `limit`) from the store and send them to
     /// `peer` as [`SyncMessage::Batches`].

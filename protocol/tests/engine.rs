@@ -206,7 +206,7 @@ impl Net {
                             .filter(|p| *p != i && self.linked(i, *p))
                             .collect();
                         for p in peers {
-                            self.send(i, p, Wire::Gossip(bytes.clone()));
+                            self.send(i, p, Wire::Gossip(bytes.to_vec()));
                         }
                     }
                 }
@@ -224,7 +224,7 @@ impl Net {
                         .take(limit as usize)
                         .take(self.serve_cap.unwrap_or(usize::MAX))
                         .filter(|(_, b)| until.is_none_or(|u| b.header.hlc_max < u))
-                        .map(|(_, b)| serde_bytes::ByteBuf::from(b.bytes.clone()))
+                        .map(|(_, b)| serde_bytes::ByteBuf::from(b.bytes.to_vec()))
                         .collect();
                     let msg = SyncMessage::Batches {
                         ns,
@@ -556,20 +556,20 @@ fn out_of_order_gossip_is_buffered_then_stored_in_order() {
     let author = net.author(0);
 
     assert_eq!(
-        net.gossip_direct(0, 1, b[2].bytes.clone()),
+        net.gossip_direct(0, 1, b[2].bytes.to_vec()),
         GossipVerdict::Accept
     );
     assert!(net.nodes[1].log.is_empty(), "seq 3 stored before 1 and 2");
     assert!(net.vector(1).is_empty());
 
-    net.gossip_direct(0, 1, b[0].bytes.clone());
+    net.gossip_direct(0, 1, b[0].bytes.to_vec());
     assert_eq!(net.nodes[1].stored_order, vec![(author, 1)]);
     // A second copy of the buffered batch is a duplicate, not news to relay.
     assert_eq!(
-        net.gossip_direct(0, 1, b[2].bytes.clone()),
+        net.gossip_direct(0, 1, b[2].bytes.to_vec()),
         GossipVerdict::Ignore
     );
-    net.gossip_direct(0, 1, b[1].bytes.clone());
+    net.gossip_direct(0, 1, b[1].bytes.to_vec());
     assert_eq!(
         net.nodes[1].stored_order,
         vec![(author, 1), (author, 2), (author, 3)]
@@ -580,7 +580,7 @@ fn out_of_order_gossip_is_buffered_then_stored_in_order() {
     assert_eq!(net.nodes[1].engine.stats().batches_stored, 3);
 
     assert_eq!(
-        net.gossip_direct(0, 1, b[2].bytes.clone()),
+        net.gossip_direct(0, 1, b[2].bytes.to_vec()),
         GossipVerdict::Ignore
     );
     assert_eq!(net.nodes[1].engine.stats().batches_duplicate, 2);
@@ -597,7 +597,7 @@ fn gossip_gap_is_fetched_from_the_relaying_peer() {
     net.nodes[0].engine.peer_up(1, net.now_ms);
     net.nodes[1].engine.peer_up(0, net.now_ms);
     assert_eq!(
-        net.gossip_direct(0, 1, b[4].bytes.clone()),
+        net.gossip_direct(0, 1, b[4].bytes.to_vec()),
         GossipVerdict::Accept
     );
     assert_eq!(
@@ -624,7 +624,7 @@ fn empty_fetch_answer_does_not_refetch_from_the_same_peer() {
     net.run_idle();
     // Engine 2 gets seq 3 "relayed" by engine 1, which holds nothing.
     assert_eq!(
-        net.gossip_direct(1, 2, b[2].bytes.clone()),
+        net.gossip_direct(1, 2, b[2].bytes.to_vec()),
         GossipVerdict::Accept
     );
     net.run_idle(); // panics on a message storm
@@ -667,7 +667,7 @@ fn invalid_batches_are_rejected_and_duplicates_ignored() {
 
     // The genuine batch is then accepted.
     assert_eq!(
-        net.gossip_direct(writer, 1, b1.bytes.clone()),
+        net.gossip_direct(writer, 1, b1.bytes.to_vec()),
         GossipVerdict::Accept
     );
     assert_eq!(net.vector(1)[&author], 1);
@@ -683,11 +683,11 @@ fn invalid_batches_are_rejected_and_duplicates_ignored() {
     let broken =
         batch::seal(&net.nodes[writer].key, NS, forged_prev, vec![op], None).expect("sealed");
     assert!(
-        batch::verify(broken.bytes.clone()).is_ok(),
+        batch::verify(broken.bytes.to_vec()).is_ok(),
         "signature is valid"
     );
     assert!(matches!(
-        net.gossip_direct(writer, 1, broken.bytes.clone()),
+        net.gossip_direct(writer, 1, broken.bytes.to_vec()),
         GossipVerdict::Reject(r) if r.contains("broken chain")
     ));
     let acts = net.nodes[1].engine.handle_message(
@@ -713,14 +713,14 @@ fn invalid_batches_are_rejected_and_duplicates_ignored() {
     )
     .expect("sealed");
     assert!(matches!(
-        net.gossip_direct(writer, 1, fork.bytes.clone()),
+        net.gossip_direct(writer, 1, fork.bytes.to_vec()),
         GossipVerdict::Reject(r) if r.contains("equivocation")
     ));
 
     // Replays: ignored, counted, not punished, not stored again.
     let dup_before = net.nodes[1].engine.stats().batches_duplicate;
     assert_eq!(
-        net.gossip_direct(writer, 1, b1.bytes.clone()),
+        net.gossip_direct(writer, 1, b1.bytes.to_vec()),
         GossipVerdict::Ignore
     );
     let acts =
@@ -761,16 +761,16 @@ fn broken_link_waiting_in_the_buffer_is_dropped_when_the_gap_fills() {
     .expect("sealed");
     // Without seq 1 the engine cannot tell: the forged seq 2 is buffered...
     assert_eq!(
-        net.gossip_direct(0, 1, broken.bytes.clone()),
+        net.gossip_direct(0, 1, broken.bytes.to_vec()),
         GossipVerdict::Accept
     );
     // ...and dropped, not stored, once seq 1 shows the link is wrong.
-    net.gossip_direct(0, 1, b1.bytes.clone());
+    net.gossip_direct(0, 1, b1.bytes.to_vec());
     assert_eq!(net.nodes[1].stored_order, vec![(author, 1)]);
     assert_eq!(net.nodes[1].engine.stats().batches_rejected, 1);
     // The genuine seq 2 still gets in.
     assert_eq!(
-        net.gossip_direct(0, 1, b2.bytes.clone()),
+        net.gossip_direct(0, 1, b2.bytes.to_vec()),
         GossipVerdict::Accept
     );
     net.assert_converged(&[0, 1]);
@@ -860,7 +860,7 @@ fn gossip_in_any_order(writes: Vec<(usize, u8, u8, i64)>, order: Vec<usize>) {
     for &k in &order {
         let (w, vb) = &written[k % written.len()];
         for r in 3..5 {
-            let verdict = net.gossip_direct(*w, r, vb.bytes.clone());
+            let verdict = net.gossip_direct(*w, r, vb.bytes.to_vec());
             assert!(!matches!(verdict, GossipVerdict::Reject(_)), "{verdict:?}");
         }
     }
@@ -1465,7 +1465,7 @@ fn dict_requests_per_peer_are_bounded() {
         let b = batch::seal_with(&kp, NS, pos, vec![op], None, Some(&d)).unwrap();
         assert!(b.dict.is_some());
         prev = Some(b.id);
-        let (verdict, acts) = e.handle_gossip(1, NS, b.bytes, 0);
+        let (verdict, acts) = e.handle_gossip(1, NS, b.bytes.to_vec(), 0);
         assert_eq!(verdict, GossipVerdict::Ignore);
         sent += acts
             .iter()
@@ -1522,7 +1522,7 @@ proptest! {
             .collect();
         let mut answer: Vec<Vec<u8>> = order
             .iter()
-            .map(|&k| batches[k % n].bytes.clone())
+            .map(|&k| batches[k % n].bytes.to_vec())
             .collect();
         if let Some(t) = tamper_at {
             let t = t % answer.len();
@@ -1628,7 +1628,7 @@ fn large_calls_compressed_ahead_seal_the_same_batches() {
         assert_eq!(sealed[0].bytes, sealed[1].bytes, "call {i}");
         assert_eq!(sealed[0].bytes, sealed[2].bytes, "call {i}");
         assert_eq!(sealed[0].bytes, sealed[3].bytes, "call {i}");
-        let back = batch::verify(sealed[3].bytes.clone()).unwrap();
+        let back = batch::verify(sealed[3].bytes.to_vec()).unwrap();
         assert_eq!(back.ops.to_vec().unwrap(), sealed[0].ops.to_vec().unwrap());
     }
     assert!(

@@ -300,7 +300,8 @@ fn tampered_batch() -> Vec<u8> {
         None,
     )
     .unwrap()
-    .bytes;
+    .bytes
+    .to_vec();
     let last = bytes.len() - 2;
     bytes[last] ^= 0x55; // inside the payload: hash no longer matches
     bytes
@@ -535,7 +536,8 @@ async fn invalid_batches_from_a_peer_are_rejected_and_counted() {
             None,
         )
         .unwrap()
-        .bytes;
+        .bytes
+        .to_vec();
         // Overwrite the author key inside the header bytes with the victim's.
         let pos = b
             .windows(32)
@@ -555,7 +557,8 @@ async fn invalid_batches_from_a_peer_are_rejected_and_counted() {
         None,
     )
     .unwrap()
-    .bytes;
+    .bytes
+    .to_vec();
     let oversize = {
         // An envelope announcing a 5 MiB payload, beyond the 4 MiB batch limit.
         let mut v = vec![0x83, 0x40, 0x40, 0x5a];
@@ -566,7 +569,7 @@ async fn invalid_batches_from_a_peer_are_rejected_and_counted() {
 
     for (what, batches) in [
         ("forged signature", vec![forged]),
-        ("wrong chain", vec![first.bytes.clone(), wrong_link]),
+        ("wrong chain", vec![first.bytes.to_vec(), wrong_link]),
         ("oversize", vec![oversize]),
     ] {
         let before = node.counts().unwrap();
@@ -591,7 +594,8 @@ async fn invalid_batches_from_a_peer_are_rejected_and_counted() {
     // Replay: the same valid batch again is a duplicate, not an offence.
     let dups = node.metrics().duplicates.load(Relaxed);
     let engine_dups_before = node.counts().unwrap();
-    let dropped = send_raw_batches(&node, &Keypair::generate(), a, vec![first.bytes.clone()]).await;
+    let dropped =
+        send_raw_batches(&node, &Keypair::generate(), a, vec![first.bytes.to_vec()]).await;
     assert!(!dropped, "a replayed valid batch got its sender dropped");
     assert_eq!(node.counts().unwrap(), engine_dups_before);
     assert!(
