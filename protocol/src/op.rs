@@ -325,12 +325,10 @@ fn validate_text(what: &'static str, s: &str, max: usize) -> Result<(), OpError>
     if s.len() > max {
         return Err(name_error(what, s, format!("longer than {max} bytes")));
     }
-    // ASCII text (most keys) is checked a byte at a time; anything else by its chars.
-    let control = match s.is_ascii() {
-        true => s.bytes().any(|b| b < 0x20 || b == 0x7f),
-        false => s.chars().any(char::is_control),
-    };
-    if control {
+    // Printable ASCII (most keys) passes in one loop over the bytes; anything else is checked
+    // by its chars (for ASCII, `char::is_control` is exactly 0x00–0x1f and 0x7f).
+    let printable = s.bytes().all(|b| (0x20..0x7f).contains(&b));
+    if !printable && s.chars().any(char::is_control) {
         return Err(name_error(what, s, "control characters not allowed"));
     }
     Ok(())
@@ -794,6 +792,13 @@ mod tests {
         assert!(validate_key("any key: ünïcode").is_ok());
         assert!(validate_key("bad\nkey").is_err());
         assert!(validate_key(&"k".repeat(257)).is_err());
+        // Control characters, ASCII or not, wherever they are; printable edges pass.
+        for bad in ["\0", "a\u{1f}", "\u{7f}b", "x\u{85}", "ü\ty"] {
+            assert!(validate_key(bad).is_err(), "{bad:?}");
+        }
+        for good in [" ", "~", "k0000001", "\u{a0}é"] {
+            assert!(validate_key(good).is_ok(), "{good:?}");
+        }
     }
 
     #[test]
