@@ -44,16 +44,16 @@ impl Slot {
     }
 }
 
-/// Zero-filled memory for `T`s: on the heap while small; from [`MAPPED_MIN_BYTES`] on, an
-/// anonymous memory map (zero-filled by the kernel as it is first touched: for the table,
-/// all-zero slots are empty) with the transparent-huge-page hint. Staging touches the table
-/// and the records' blocks at random, so with 4 KiB pages every lookup in tens of MB also
-/// missed the TLB: perf of B3 at 1M ops put two thirds of `Store::stage`'s own samples on the
-/// slot prefetches, waiting for page walks. With 2 MiB pages the whole table is a few dozen
-/// TLB entries. (The hint is on these maps only: huge pages for all of mimalloc's memory cost
-/// far more in zeroing than they saved, see the `no_thp` decision.)
-enum Zeroed<T> {
-    Heap(Vec<T>),
+/// A table's slots: on the heap while small; from [`MAPPED_MIN_BYTES`] on, an anonymous
+/// memory map (zero-filled by the kernel as it is first touched: all-zero slots are empty)
+/// with the transparent-huge-page hint. Staging touches the table at random, so with 4 KiB
+/// pages every lookup in a table of tens of MB also missed the TLB: perf of B3 at 1M ops put
+/// two thirds of `Store::stage`'s own samples on the slot prefetches, waiting for page
+/// walks. With 2 MiB pages the whole table is a few dozen TLB entries. (The hint is on
+/// this one map only: huge pages for all of mimalloc's memory cost far more in zeroing than
+/// they saved, see the `no_thp` decision.)
+enum Slots {
+    Heap(Vec<Slot>),
     Mapped(memmap2::MmapMut),
 }
 
@@ -61,69 +61,61 @@ enum Zeroed<T> {
 /// records' blocks, in slots (about half of them held).
 const WALK_AHEAD_SLOTS: usize = 32;
 
-/// The smallest table or chunk mapped with the huge-page hint (two huge pages: the kernel
-/// places a map of whole huge pages on a huge-page boundary).
+/// The smallest table mapped with the huge-page hint (two huge pages).
 const MAPPED_MIN_BYTES: usize = 4 << 20;
 
-impl<T: bytemuck::Pod> Zeroed<T> {
-    /// `n` all-zero `T`s.
-    fn new(n: usize) -> Zeroed<T> {
-        let bytes = n * std::mem::size_of::<T>();
+impl Slots {
+    /// `cap` empty slots.
+    fn new(cap: usize) -> Slots {
+        let bytes = cap * std::mem::size_of::<Slot>();
         if bytes >= MAPPED_MIN_BYTES {
             if let Ok(map) = memmap2::MmapOptions::new().len(bytes).map_anon() {
                 // A hint: where the kernel has no huge pages to give, 4 KiB pages it is.
                 #[cfg(target_os = "linux")]
                 let _ = map.advise(memmap2::Advice::HugePage);
-                return Zeroed::Mapped(map);
+                return Slots::Mapped(map);
             }
         }
-        Zeroed::Heap(vec![T::zeroed(); n])
+        Slots::Heap(vec![Slot::default(); cap])
     }
 }
 
-impl<T> Default for Zeroed<T> {
-    fn default() -> Zeroed<T> {
-        Zeroed::Heap(Vec::new())
+impl Default for Slots {
+    fn default() -> Slots {
+        Slots::Heap(Vec::new())
     }
 }
 
-impl<T: bytemuck::Pod> std::ops::Deref for Zeroed<T> {
-    type Target = [T];
+impl std::ops::Deref for Slots {
+    type Target = [Slot];
 
-    fn deref(&self) -> &[T] {
+    fn deref(&self) -> &[Slot] {
         match self {
-            Zeroed::Heap(v) => v,
-            Zeroed::Mapped(m) => bytemuck::cast_slice(m),
+            Slots::Heap(v) => v,
+            Slots::Mapped(m) => bytemuck::cast_slice(m),
         }
     }
 }
 
-impl<T: bytemuck::Pod> std::ops::DerefMut for Zeroed<T> {
-    fn deref_mut(&mut self) -> &mut [T] {
+impl std::ops::DerefMut for Slots {
+    fn deref_mut(&mut self) -> &mut [Slot] {
         match self {
-            Zeroed::Heap(v) => v,
-            Zeroed::Mapped(m) => bytemuck::cast_slice_mut(m),
+            Slots::Heap(v) => v,
+            Slots::Mapped(m) => bytemuck::cast_slice_mut(m),
         }
     }
-}
-
-/// One chunk of an [`Arena`]: its memory, filled from the start up to `used`.
-struct Chunk {
-    mem: Zeroed<u8>,
-    used: usize,
 }
 
 /// The blocks of one delta, in chunks that are never moved or freed until the delta is dropped
-/// (the largest ones mapped with huge pages, as the table is: staging reads the blocks in as
-/// random an order as the slots). A block's room is its length
+/// (each chunk is a `Vec` filled only up to its first capacity). A block's room is its length
 /// rounded up to [`BLOCK_ALIGN`]; a block given up (its record's state outgrew it) goes to the
 /// free list of its room and is reused by the next block of that room, so a delta whose
 /// records keep changing size (workload W: three values of 8–64 random bytes replaced
 /// together) does not fill its chunks with dead blocks.
 #[derive(Default)]
 struct Arena {
-    chunks: Vec<Chunk>,
-    /// Sum of the chunks' sizes.
+    chunks: Vec<Vec<u8>>,
+    /// Sum of the chunks' capacities.
     bytes: usize,
     /// Free blocks (chunk, offset) by room / [`BLOCK_ALIGN`] (rooms up to
     /// [`FREE_LIST_ROOM_MAX`]; a larger block given up stays unused until the delta is
@@ -134,7 +126,7 @@ struct Arena {
 /// The first chunk's size; each next one is twice the last, up to [`CHUNK_MAX_BYTES`] (a
 /// block larger than that gets a chunk of its own size).
 const CHUNK_MIN_BYTES: usize = 64 * 1024;
-const CHUNK_MAX_BYTES: usize = MAPPED_MIN_BYTES;
+const CHUNK_MAX_BYTES: usize = 2 * 1024 * 1024;
 /// Bytes per cache line (x86-64, most ARM cores).
 const CACHE_LINE: usize = 64;
 /// Blocks' rooms are multiples of this many bytes.
@@ -154,27 +146,24 @@ impl Arena {
         let room = Self::room_for(data.len());
         if let Some((chunk, offset)) = self.free.get_mut(room / BLOCK_ALIGN).and_then(Vec::pop) {
             let start = offset as usize;
-            self.chunks[chunk as usize].mem[start..start + data.len()].copy_from_slice(data);
+            self.chunks[chunk as usize][start..start + data.len()].copy_from_slice(data);
             return (chunk, offset, to_u32(room), 0);
         }
         let fits = self
             .chunks
             .last()
-            .is_some_and(|c| c.mem.len() - c.used >= room);
+            .is_some_and(|c| c.capacity() - c.len() >= room);
         if !fits {
-            let size = CHUNK_MIN_BYTES << self.chunks.len().min(6);
-            let size = size.min(CHUNK_MAX_BYTES).max(room);
-            self.chunks.push(Chunk {
-                mem: Zeroed::new(size),
-                used: 0,
-            });
-            self.bytes += size;
+            let size = CHUNK_MIN_BYTES << self.chunks.len().min(5);
+            let cap = size.min(CHUNK_MAX_BYTES).max(room);
+            self.chunks.push(Vec::with_capacity(cap));
+            self.bytes += cap;
         }
         let chunk = self.chunks.len() - 1;
         let c = &mut self.chunks[chunk];
-        let offset = c.used;
-        c.mem[offset..offset + data.len()].copy_from_slice(data);
-        c.used += room;
+        let offset = c.len();
+        c.extend_from_slice(data);
+        c.resize(offset + room, 0);
         (to_u32(chunk), to_u32(offset), to_u32(room), room)
     }
 
@@ -192,17 +181,15 @@ impl Arena {
 
     fn block(&self, s: &Slot) -> &[u8] {
         let start = s.offset as usize;
-        &self.chunks[s.chunk as usize].mem[start..start + s.key_len() + s.state_len as usize]
+        &self.chunks[s.chunk as usize][start..start + s.key_len() + s.state_len as usize]
     }
 
     /// Prefetches every cache line of the block of `s` (a W record's block is ~200 bytes:
     /// its state's names, stamps and values lie past the first line, and staging reads them
     /// all before it rewrites them).
     fn prefetch(&self, s: &Slot) {
-        let start = self.chunks[s.chunk as usize]
-            .mem
-            .as_ptr()
-            .wrapping_add(s.offset as usize);
+        let chunk = &self.chunks[s.chunk as usize];
+        let start = chunk.as_ptr().wrapping_add(s.offset as usize);
         let lead = start as usize % CACHE_LINE;
         let end = lead + s.key_len() + s.state_len as usize;
         let mut off = 0;
@@ -215,7 +202,7 @@ impl Arena {
     /// Writes `data` over the block of `s` (which has the room).
     fn rewrite(&mut self, s: &Slot, data: &[u8]) {
         let start = s.offset as usize;
-        self.chunks[s.chunk as usize].mem[start..start + data.len()].copy_from_slice(data);
+        self.chunks[s.chunk as usize][start..start + data.len()].copy_from_slice(data);
     }
 }
 
@@ -235,7 +222,7 @@ fn to_u32(n: usize) -> u32 {
 #[derive(Default)]
 pub(crate) struct DeltaMap {
     /// A power of two long (or empty), never more than half full.
-    slots: Zeroed<Slot>,
+    slots: Slots,
     len: usize,
     /// `64 - log2(slots.len())`: a hash's first slot is its top bits after a multiply.
     shift: u32,
@@ -297,7 +284,7 @@ impl DeltaMap {
     /// Moves every record into a table of `cap` slots, by the hashes they keep (no key or
     /// block is read).
     fn grow_to(&mut self, cap: usize) {
-        let old = std::mem::replace(&mut self.slots, Zeroed::new(cap));
+        let old = std::mem::replace(&mut self.slots, Slots::new(cap));
         self.shift = 64 - cap.trailing_zeros();
         let mask = cap - 1;
         for &slot in old.iter().filter(|s| !s.is_empty()) {
@@ -526,43 +513,35 @@ mod tests {
         );
         assert_eq!(map.get(b"hot"), Some(&[7u8; 113][..]));
         // ... and taken by the next block of its room: nothing more is taken from the chunks.
-        let used = map.blocks.chunks.iter().map(|c| c.used).sum::<usize>();
+        let used = map.blocks.chunks.iter().map(Vec::len).sum::<usize>();
         map.update(b"new", buf, |_, out| {
             out.resize(out.len() + 100, 9);
             Ok::<(), ()>(())
         })
         .unwrap();
-        assert_eq!(
-            map.blocks.chunks.iter().map(|c| c.used).sum::<usize>(),
-            used
-        );
+        assert_eq!(map.blocks.chunks.iter().map(Vec::len).sum::<usize>(), used);
         assert_eq!(map.get(b"new"), Some(&[9u8; 100][..]));
         assert_eq!(map.get(b"hot"), Some(&[7u8; 113][..]));
     }
 
-    /// A table past [`MAPPED_MIN_BYTES`] lives in a memory map, and so do the arena's chunks
-    /// once they reach that size: records survive the move into it and every later doubling,
-    /// and read back as written.
+    /// A table past [`MAPPED_MIN_BYTES`] lives in a memory map: records survive the move into
+    /// it and every later doubling, and read back as written.
     #[test]
     fn large_tables_are_mapped_and_hold_every_record() {
         let mut map = DeltaMap::default();
         let buf = &mut Vec::new();
         let n = 3 * MAPPED_MIN_BYTES / std::mem::size_of::<Slot>() / 4;
         for i in 0..n {
-            // 64-byte states: ~8 MB of blocks, past the chunks' doublings to the largest.
             map.update(format!("k{i}").as_bytes(), buf, |_, out| {
-                out.extend_from_slice(&(i as u64).to_le_bytes().repeat(8));
+                out.extend_from_slice(&(i as u64).to_le_bytes());
                 Ok::<(), ()>(())
             })
             .unwrap();
         }
-        assert!(matches!(map.slots, Zeroed::Mapped(_)));
-        let chunks = &map.blocks.chunks;
-        assert!(matches!(chunks[0].mem, Zeroed::Heap(_)));
-        assert!(matches!(chunks.last().unwrap().mem, Zeroed::Mapped(_)));
+        assert!(matches!(map.slots, Slots::Mapped(_)));
         assert_eq!(map.len(), n);
         for i in (0..n).step_by(97) {
-            let want = (i as u64).to_le_bytes().repeat(8);
+            let want = (i as u64).to_le_bytes();
             assert_eq!(map.get(format!("k{i}").as_bytes()), Some(&want[..]));
         }
         assert_eq!(map.iter().count(), n);
