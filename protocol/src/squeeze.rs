@@ -29,7 +29,7 @@ use std::cell::RefCell;
 /// Payloads smaller than this are always compressed with the strong level (their CPU cost
 /// is small in absolute terms; a 1,000-op batch of W is ~118 KB).
 pub const FAST_MIN_BYTES: usize = 64 * 1024;
-/// One large payload in this many is compressed both ways to re-decide.
+/// One large payload in this many is compressed at two or three levels to re-decide.
 pub const PROBE_EVERY: u32 = 32;
 /// A stronger effort is kept only if it saves at least this share of the size the effort
 /// below it made.

@@ -1577,9 +1577,10 @@ fn op_wide(key: u16, kind: u8, val: i64) -> Op {
     }
 }
 
-/// Large calls of random letters (a level below the strong one wins the engine's probes there) seal
-/// the same batches whether their ops are compressed by the sealer or ahead, at the level the
-/// sealer is on or another one, and the batches verify and decode to the calls' ops.
+/// Large calls of random letters (a level below the strong one wins the engine's probes
+/// there) seal the same batches whether their ops are compressed by the sealer or ahead, at
+/// the level the sealer is on or another one, and the batches verify and decode to the calls'
+/// ops.
 #[test]
 fn large_calls_compressed_ahead_seal_the_same_batches() {
     use rand::{Rng, SeedableRng};

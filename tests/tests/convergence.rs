@@ -180,8 +180,8 @@ async fn calls_built_as_payloads_replicate_as_owned_ops_would() {
 /// Large calls are compressed on their writers' tasks (the ops frame, at the level the node
 /// last chose) and the node seals them with those frames; the two-frame payloads verify and
 /// replicate over a real link. Long random-letter values make a level below the strong one
-/// win the node's probe (matches save too little), so every call after the first is taken only if
-/// the writer followed the level the node published after that probe.
+/// win the node's probe (matches save too little), so every call after the first is taken
+/// only if the writer followed the level the node published after that probe.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_calls_compressed_by_their_writers_replicate() {
     use blazedb_node::{FieldValue, OpsBuilder};
