@@ -311,18 +311,19 @@ impl OpsBuilder {
     /// other callers' ([`crate::coalesce::CALLER_OPS_MAX`] ops or fewer) is decoded into owned
     /// ops for the ordinary path, and so is the rare call whose pruning leaves a name unused
     /// or first used later (its name table would change).
-    pub fn into_checked(mut self) -> CheckedOps {
+    pub fn into_checked(self) -> CheckedOps {
         let n = self.records.len();
         if n == 0 {
             return CheckedOps::default();
         }
         let bytes = self.bytes;
         let mut survivors = None;
+        let mut pruned = None;
         if n > crate::coalesce::CALLER_OPS_MAX {
             survivors = match self.repeats() {
                 None => Some(None),
-                Some(rep) => self.pruned(&rep).map(|(body, kept)| {
-                    self.body = body;
+                Some(rep) => self.pruned(&rep).map(|(plain, base_at, kept)| {
+                    pruned = Some((plain, base_at));
                     Some(kept)
                 }),
             };
@@ -331,7 +332,10 @@ impl OpsBuilder {
             Some(Some(kept)) => (kept[0], kept[kept.len() - 1], kept.len()),
             _ => (0, n as u32 - 1, n),
         };
-        let (plain, base_at) = self.payload(count, first);
+        let (plain, base_at) = match pruned {
+            Some(p) => p,
+            None => self.payload(count, first),
+        };
         let ahead = Ahead {
             plain,
             base_at,
@@ -470,11 +474,13 @@ impl OpsBuilder {
         )
     }
 
-    /// The body without the ops and fields that later ops on the same record make
-    /// invisible (the rules of [`crate::prune::prune`]), and the indices of the ops kept;
-    /// `None` if the name table would change (a name no longer used, or first used later).
-    /// `rep`: [`OpsBuilder::repeats`].
-    fn pruned(&self, rep: &[u32]) -> Option<(Vec<u8>, Vec<u32>)> {
+    /// The payload ([`OpsBuilder::payload`]) without the ops and fields that later ops on
+    /// the same record make invisible (the rules of [`crate::prune::prune`]), where its
+    /// `hlc_base` is, and the indices of the ops kept; `None` if the name table would change
+    /// (a name no longer used, or first used later). `rep`: [`OpsBuilder::repeats`]. The
+    /// kept ops are written straight after the payload's head: one copy of the body, not
+    /// two (a pruned body, then the payload around it).
+    fn pruned(&self, rep: &[u32]) -> Option<(Vec<u8>, usize, Vec<u32>)> {
         let n = self.records.len();
         let mut later: HashMap<u32, Later<u64>> = HashMap::new();
         let mut keep = vec![true; n];
@@ -513,8 +519,10 @@ impl OpsBuilder {
             }
             idx < *next
         };
-        let mut body = Vec::with_capacity(self.body.len());
-        let mut kept_ops = Vec::with_capacity(n);
+        let count = keep.iter().filter(|k| **k).count();
+        let first = keep.iter().position(|k| *k)?;
+        let (mut body, base_at) = self.payload_head(count, first as u32, self.body.len());
+        let mut kept_ops = Vec::with_capacity(count);
         for i in (0..n).filter(|i| keep[*i]) {
             let rec = self.records[i];
             let end = self
@@ -566,14 +574,22 @@ impl OpsBuilder {
             }
             kept_ops.push(i as u32);
         }
-        (next_name == self.names.len() as u64).then_some((body, kept_ops))
+        (next_name == self.names.len() as u64).then_some((body, base_at, kept_ops))
     }
 
     /// The payload (`[names, hlc_base, ops]` of `count` ops, the first being the call's op
     /// `first`, with provisional timestamps) and where its `hlc_base` is.
     fn payload(self, count: usize, first: u32) -> (Vec<u8>, usize) {
+        let (mut out, base_at) = self.payload_head(count, first, self.body.len());
+        out.extend_from_slice(&self.body);
+        (out, base_at)
+    }
+
+    /// The payload's head (names, `hlc_base`, the ops array's length), with room for `body`
+    /// more bytes, and where its `hlc_base` is.
+    fn payload_head(&self, count: usize, first: u32, body: usize) -> (Vec<u8>, usize) {
         let names_len: usize = self.names.iter().map(|n| n.len() + 9).sum();
-        let mut out = Vec::with_capacity(names_len + 32 + self.body.len());
+        let mut out = Vec::with_capacity(names_len + 32 + body);
         out.push(0x83);
         head(&mut out, 4, self.names.len() as u64);
         for n in &self.names {
@@ -582,7 +598,6 @@ impl OpsBuilder {
         let base_at = out.len();
         head(&mut out, 0, AHEAD_BASE + u64::from(first));
         head(&mut out, 4, count as u64);
-        out.extend_from_slice(&self.body);
         (out, base_at)
     }
 }
