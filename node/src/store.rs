@@ -309,8 +309,14 @@ fn ops_view(vb: &VerifiedBatch) -> Result<&PayloadView<'_>, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("batch {}: ops: {e}", vb.id)))
 }
 
-/// The stored form of the join of two stored states, into `out`.
+/// The stored form of the join of two stored states, into `out`. Where the delta's state
+/// absorbs the file's (a newer overwrite or delete: [`record_codec::absorbs`]), it is the
+/// join, and neither is decoded.
 fn join_states(file: &[u8], delta: &[u8], out: &mut Vec<u8>) -> Result<(), StoreError> {
+    if record_codec::absorbs(delta, file) {
+        out.extend_from_slice(delta);
+        return Ok(());
+    }
     let mut state = decode_state(file)?;
     state.merge(&decode_state(delta)?);
     record_codec::encode_state(&state, out);
@@ -891,6 +897,7 @@ impl Store {
         let Some(delta) = read(&self.flushing).clone() else {
             return Ok(0);
         };
+        let started = std::time::Instant::now();
         let mut txn = self.view.begin_write()?;
         if !durable {
             txn.set_durability(redb::Durability::None)
@@ -990,6 +997,12 @@ impl Store {
             rewrite
         };
         txn.commit()?;
+        tracing::debug!(
+            records = delta.records.len(),
+            rewrite,
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "view flush: committed"
+        );
         if rewrite {
             self.rewrites
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
