@@ -456,6 +456,7 @@ pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
     let mut pair = Vec::new();
     let mut rss = Vec::new();
     let mut cpus = Vec::new();
+    let mut faults = Vec::new();
     let mut owned_dups = Vec::new();
     let (mut readable, mut cpus_readable) = (Vec::new(), Vec::new());
     for run in 0..runs {
@@ -465,6 +466,7 @@ pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
         cpus_readable.push(r.cpu_us_readable);
         rss.push(r.rss_growth_mb);
         cpus.push(r.cpu_us_per_op);
+        faults.push(r.faults_per_kop);
         let o = b3_run(total_ops, run as u64, true).await?;
         owned.push(o.rate);
         owned_dups.push(o.duplicates_per_batch);
@@ -546,6 +548,14 @@ pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
             ratio: None,
             baseline: Some("as above, until both nodes' records hold every op".into()),
         },
+        Row {
+            id: "B3",
+            what: "page faults per 1,000 ops, both nodes, public run (minor, all threads)".into(),
+            value: median(faults),
+            unit: "faults",
+            ratio: None,
+            baseline: Some("fresh memory touched: dear on this VM (README)".into()),
+        },
     ])
 }
 
@@ -554,16 +564,30 @@ pub async fn b3(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
 /// run is far steadier than wall-clock rates on a shared machine: it is what the builds of one
 /// session are compared by.
 pub(crate) fn cpu_secs() -> f64 {
-    std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| {
-            // Fields after the command name (which may hold spaces) in parentheses.
-            let rest = s.get(s.rfind(')')? + 2..)?;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .map_or(0.0, |ticks| ticks as f64 / 100.0)
+    // utime and stime are fields 14 and 15 of the line.
+    proc_stat_sum(&[14, 15]).map_or(0.0, |ticks| ticks as f64 / 100.0)
+}
+
+/// Minor page faults of this process so far (all threads; 0 where /proc is not available).
+/// On the project's VM a page the process touches for the first time can cost ~3–10 µs (the
+/// host may have to fault it in again: README, "Measuring on this VM"), so faults per op say
+/// how much of a run's CPU went to fresh memory.
+pub(crate) fn minor_faults() -> u64 {
+    // minflt is field 10 of the line.
+    proc_stat_sum(&[10]).unwrap_or(0)
+}
+
+/// The sum of the given (1-based) numeric fields of `/proc/self/stat`.
+fn proc_stat_sum(fields: &[usize]) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (field 2, which may hold spaces) in parentheses; the
+    // first of them is field 3.
+    let rest = s.get(s.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    fields
+        .iter()
+        .map(|&n| f.get(n.checked_sub(3)?)?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Resident set size of this process, in bytes (0 where /proc is not available).
@@ -614,10 +638,11 @@ where
     // these log lines' timestamps.
     tracing::info!(writers, "bench window: B2 start");
     let t = Instant::now();
-    let cpu0 = cpu_secs();
+    let (cpu0, faults0) = (cpu_secs(), minor_faults());
     in_flight(calls, writers, write, &mut lat).await?;
     let secs = t.elapsed().as_secs_f64();
     let cpu_us = (cpu_secs() - cpu0) * 1e6 / ops;
+    let faults_per_kop = minor_faults().saturating_sub(faults0) as f64 * 1e3 / ops;
     tracing::info!(writers, "bench window: B2 end");
     // Until the records have caught up too (a read waits for them).
     let n2 = node.clone();
@@ -634,6 +659,7 @@ where
         lat,
         cpu_us,
         cpu_us_readable,
+        faults_per_kop,
     })
 }
 
@@ -827,6 +853,8 @@ struct B2Run {
     /// Process CPU per op until every op was readable, µs (the records' staging is done by
     /// then; their write into the view file comes later, off this figure).
     cpu_us_readable: f64,
+    /// Minor page faults (all threads) per 1,000 ops until durable.
+    faults_per_kop: f64,
 }
 
 /// Writers in flight in B2's concurrent variant (as several client connections would).
@@ -1000,6 +1028,7 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
     let (mut conc, mut conc_readable, mut conc_p50) = (vec![], vec![], vec![]);
     let (mut cpus, mut conc_cpus) = (vec![], vec![]);
     let (mut cpus_readable, mut conc_cpus_readable) = (vec![], vec![]);
+    let (mut faults, mut conc_faults) = (vec![], vec![]);
     for run in 0..runs {
         let one = b2_run(calls, run, 1).await?;
         let lat = &one.lat;
@@ -1010,12 +1039,14 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
         p99s.push(lat[(lat.len() * 99 / 100).min(lat.len() - 1)]);
         cpus.push(one.cpu_us);
         cpus_readable.push(one.cpu_us_readable);
+        faults.push(one.faults_per_kop);
         let four = b2_run(calls, run, B2_WRITERS).await?;
         conc.push(four.rate);
         conc_readable.push(four.readable);
         conc_p50.push(four.lat[four.lat.len() / 2]);
         conc_cpus.push(four.cpu_us);
         conc_cpus_readable.push(four.cpu_us_readable);
+        conc_faults.push(four.faults_per_kop);
 
         // Raw redb: the same number of sealed batches, one value each, durable commits.
         let dir = tempfile_dir()?;
@@ -1104,6 +1135,16 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
             format!("CPU per op until readable, {B2_WRITERS} writers"),
             median(conc_cpus_readable),
             "us/op",
+        ),
+        row(
+            "page faults per 1,000 ops until durable, one writer (minor, all threads)".into(),
+            median(faults),
+            "faults",
+        ),
+        row(
+            format!("page faults per 1,000 ops until durable, {B2_WRITERS} writers"),
+            median(conc_faults),
+            "faults",
         ),
     ])
 }
@@ -1573,6 +1614,8 @@ struct B3Run {
     cpu_us_readable: f64,
     rss_growth_mb: f64,
     cpu_us_per_op: f64,
+    /// Minor page faults (all threads, both nodes) per 1,000 ops until durable at B.
+    faults_per_kop: f64,
     /// Batches B received again after holding them (pushed and fetched, or relayed back).
     duplicates_per_batch: f64,
 }
@@ -1634,7 +1677,7 @@ async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<B3Run> {
     };
     tracing::info!(owned, "bench window: B3 start");
     let t = Instant::now();
-    let cpu0 = cpu_secs();
+    let (cpu0, faults0) = (cpu_secs(), minor_faults());
     // Several calls in flight, as several client connections would.
     // Each call built from the app's strings as it is written (OpsBuilder).
     let write = |call: Vec<RawOp>| {
@@ -1659,6 +1702,8 @@ async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<B3Run> {
     .await?;
     let rate = (calls * W_BATCH_OPS) as f64 / t.elapsed().as_secs_f64();
     let cpu_us = (cpu_secs() - cpu0) * 1e6 / (calls * W_BATCH_OPS) as f64;
+    let faults_per_kop =
+        minor_faults().saturating_sub(faults0) as f64 * 1e3 / (calls * W_BATCH_OPS) as f64;
     tracing::info!(owned, "bench window: B3 end");
     // Until both nodes' records hold every op too (a read waits for what it follows).
     for n in [&a, &b] {
@@ -1683,6 +1728,7 @@ async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<B3Run> {
         cpu_us_readable,
         rss_growth_mb: rss_growth,
         cpu_us_per_op: cpu_us,
+        faults_per_kop,
         duplicates_per_batch: dups as f64 / calls as f64,
     })
 }
@@ -1886,5 +1932,28 @@ mod tests {
         }
         let line = m.line();
         assert!(line.contains(&m.cpu) && line.contains(m.blazedb), "{line}");
+    }
+
+    /// The counters read from /proc/self/stat move with what the process does: touching
+    /// 32 MiB of fresh memory faults pages in, and spinning uses CPU time.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn page_faults_and_cpu_are_read_from_proc() {
+        let (faults0, cpu0) = (super::minor_faults(), super::cpu_secs());
+        assert!(faults0 > 0, "a running process has faulted pages in");
+        let mut fresh = vec![0u8; 32 << 20];
+        for page in fresh.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        std::hint::black_box(&fresh);
+        assert!(
+            super::minor_faults() >= faults0 + 1_000,
+            "8,192 pages touched"
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while super::cpu_secs() < cpu0 + 0.05 {
+            assert!(std::time::Instant::now() < deadline, "CPU time never moved");
+            std::hint::black_box((0..10_000u64).sum::<u64>());
+        }
     }
 }
