@@ -329,11 +329,11 @@ impl DeltaMap {
     /// the distance from it, at the very start of the table) or wrap past the end are set
     /// aside and put back last, into the finished table.
     fn grow_to(&mut self, cap: usize) {
-        let held = self.slots.len();
+        let old_len = self.slots.len();
         self.slots.grow(cap);
         self.shift = 64 - cap.trailing_zeros();
         let mut aside = Vec::new();
-        for i in (0..held).rev() {
+        for i in (0..old_len).rev() {
             let slot = std::mem::take(&mut self.slots[i]);
             if slot.is_empty() {
                 continue;

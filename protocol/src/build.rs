@@ -521,7 +521,7 @@ impl OpsBuilder {
         };
         let count = keep.iter().filter(|k| **k).count();
         let first = keep.iter().position(|k| *k)?;
-        let (mut body, base_at) = self.payload_head(count, first as u32, self.body.len());
+        let (mut out, base_at) = self.payload_head(count, first as u32, self.body.len());
         let mut kept_ops = Vec::with_capacity(count);
         for i in (0..n).filter(|i| keep[*i]) {
             let rec = self.records[i];
@@ -532,19 +532,19 @@ impl OpsBuilder {
             if !used(&mut next_name, u64::from(rec.coll)) {
                 return None;
             }
-            body.extend_from_slice(&self.body[rec.at as usize..rec.dh_at()]);
+            out.extend_from_slice(&self.body[rec.at as usize..rec.dh_at()]);
             let dh = kept_ops.last().map_or(0, |p| (i as u32 - p) as u64);
-            head(&mut body, 0, dh);
+            head(&mut out, 0, dh);
             let rest = rec.dh_at() + 1;
             match (narrowed.get(&i), self.body[rec.at as usize + 1]) {
                 (Some(fields), _) => {
-                    head(&mut body, 5, fields.len() as u64);
+                    head(&mut out, 5, fields.len() as u64);
                     for (f, v) in fields {
                         if !used(&mut next_name, *f) {
                             return None;
                         }
-                        head(&mut body, 0, *f);
-                        body.extend_from_slice(&self.body[v.clone()]);
+                        head(&mut out, 0, *f);
+                        out.extend_from_slice(&self.body[v.clone()]);
                     }
                 }
                 (None, KIND_UPSERT) => {
@@ -559,7 +559,7 @@ impl OpsBuilder {
                             return None;
                         }
                     }
-                    body.extend_from_slice(&self.body[rest..end]);
+                    out.extend_from_slice(&self.body[rest..end]);
                 }
                 (None, KIND_ADD) => {
                     if !used(
@@ -568,13 +568,13 @@ impl OpsBuilder {
                     ) {
                         return None;
                     }
-                    body.extend_from_slice(&self.body[rest..end]);
+                    out.extend_from_slice(&self.body[rest..end]);
                 }
-                (None, _) => body.extend_from_slice(&self.body[rest..end]),
+                (None, _) => out.extend_from_slice(&self.body[rest..end]),
             }
             kept_ops.push(i as u32);
         }
-        (next_name == self.names.len() as u64).then_some((body, base_at, kept_ops))
+        (next_name == self.names.len() as u64).then_some((out, base_at, kept_ops))
     }
 
     /// The payload (`[names, hlc_base, ops]` of `count` ops, the first being the call's op
