@@ -43,6 +43,10 @@ use crate::verifier::{self, Verified, Verifier};
 
 /// Capacity of the command channel into the actor.
 pub const COMMAND_CAP: usize = 256;
+/// Batches from this size on are not handed to gossipsub when no peer is subscribed to
+/// their namespace (its copies of them would be for nothing; smaller ones are cheaper to
+/// hand over than to check).
+const PUBLISH_CHECK_MIN_BYTES: usize = 64 * 1024;
 /// Waits for more writes shorter than this are spent yielding to the writers' tasks rather
 /// than on a timer (tokio's timers have millisecond resolution).
 const SPIN_WAIT_MAX: Duration = Duration::from_millis(1);
@@ -1606,15 +1610,18 @@ impl Actor {
                 Action::Publish { ns, bytes, .. } => {
                     let topic = net::topic(&ns);
                     // No peer subscribed (a node alone, or none in this namespace): gossipsub
-                    // would copy the batch twice (~375 KB each for a 5k-op call, 1% of B2)
-                    // only to answer `NoPeersSubscribedToTopic`, caching nothing.
-                    let hash = topic.hash();
-                    let gossip = &self.swarm.behaviour().gossipsub;
-                    if !gossip
-                        .all_peers()
-                        .any(|(_, topics)| topics.contains(&&hash))
-                    {
-                        continue;
+                    // would copy a large batch twice (~375 KB each for a 5k-op call, 1% of
+                    // B2) only to answer `NoPeersSubscribedToTopic`, caching nothing. Looked
+                    // for only where those copies outweigh a walk over the peers.
+                    if bytes.len() >= PUBLISH_CHECK_MIN_BYTES {
+                        let hash = topic.hash();
+                        let gossip = &self.swarm.behaviour().gossipsub;
+                        if !gossip
+                            .all_peers()
+                            .any(|(_, topics)| topics.contains(&&hash))
+                        {
+                            continue;
+                        }
                     }
                     match self.swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
                         Ok(_) => {}
