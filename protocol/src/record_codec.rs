@@ -153,55 +153,29 @@ pub fn encode_op_state(
 /// `RecordState::apply`.
 pub fn dominated_by(state: &[u8], view: &PayloadView<'_>, op: &OpView<'_>) -> bool {
     let (hlc, upsert) = match op {
-        OpView::Upsert { hlc, .. } => (*hlc, true),
-        OpView::Delete { hlc, .. } => (*hlc, false),
+        OpView::Upsert { hlc, .. } => (hlc.0, true),
+        OpView::Delete { hlc, .. } => (hlc.0, false),
         _ => return false,
     };
     let mut names = view.fields(op).map(|(n, _)| n).peekable();
-    let mut r = R { b: state, pos: 0 };
+    let older = |t: Option<u64>| t.is_none_or(|t| t < hlc);
     let mut scan = || -> Result<bool, StateError> {
-        if r.byte()? != STATE_FORMAT {
+        let mut r = R { b: state, pos: 0 };
+        let (deleted, touched) = r.head_times()?;
+        if (upsert && deleted.is_some()) || !older(deleted) || !older(touched) {
             return Ok(false);
         }
-        let flags = r.byte()?;
-        if flags & !(HAS_DELETED | HAS_TOUCHED) != 0 || (upsert && flags & HAS_DELETED != 0) {
-            return Ok(false);
-        }
-        for _ in 0..(flags & HAS_DELETED != 0) as u8 + (flags & HAS_TOUCHED != 0) as u8 {
-            if r.raw_stamp()?.0 >= hlc.0 {
-                return Ok(false);
-            }
-        }
-        let n_authors = r.count()?;
-        r.take(n_authors.checked_mul(32).ok_or(TRUNC)?)?;
         for _ in 0..r.count()? {
-            let len = r.count()?;
-            let name = r.take(len)?;
+            let f = r.field_times()?;
             // Every field the state holds must be one the upsert writes (both in name order).
             if upsert {
-                while names.next_if(|n| n.as_bytes() < name).is_some() {}
-                if names.next_if(|n| n.as_bytes() == name).is_none() {
+                while names.next_if(|n| n.as_bytes() < f.name).is_some() {}
+                if names.next_if(|n| n.as_bytes() == f.name).is_none() {
                     return Ok(false);
                 }
             }
-            let fflags = r.byte()?;
-            if fflags & !(HAS_LWW | HAS_ADDS) != 0 || (upsert && fflags & HAS_ADDS != 0) {
+            if (upsert && f.adds.is_some()) || !older(f.lww) || !older(f.adds) {
                 return Ok(false);
-            }
-            if fflags & HAS_LWW != 0 {
-                if r.raw_stamp()?.0 >= hlc.0 {
-                    return Ok(false);
-                }
-                let used = codec::value_len(&r.b[r.pos..]).map_err(|_| TRUNC)?;
-                r.pos += used;
-            }
-            if fflags & HAS_ADDS != 0 {
-                for _ in 0..r.count()? {
-                    if r.raw_stamp()?.0 >= hlc.0 {
-                        return Ok(false);
-                    }
-                    r.varint()?;
-                }
             }
         }
         Ok(r.pos == r.b.len())
@@ -218,42 +192,12 @@ pub fn dominated_by(state: &[u8], view: &PayloadView<'_>, op: &OpView<'_>) -> bo
 /// case nearly always. A damaged state is never absorbed (the caller's decode then reports
 /// it). Property-tested against decode, merge and encode.
 pub fn absorbs(delta: &[u8], file: &[u8]) -> bool {
-    /// `delta`'s tombstone and last-write times, and its fields' names and last writes'
-    /// times.
-    type Times<'a> = (Option<u64>, Option<u64>, Vec<(&'a [u8], Option<u64>)>);
-    let read_delta = || -> Result<Times<'_>, StateError> {
+    let read_delta = || -> Result<_, StateError> {
         let mut r = R { b: delta, pos: 0 };
-        if r.byte()? != STATE_FORMAT {
-            return Err(StateError("unknown format"));
-        }
-        let flags = r.byte()?;
-        let deleted = (flags & HAS_DELETED != 0)
-            .then(|| r.raw_stamp().map(|s| s.0))
-            .transpose()?;
-        let touched = (flags & HAS_TOUCHED != 0)
-            .then(|| r.raw_stamp().map(|s| s.0))
-            .transpose()?;
-        let n_authors = r.count()?;
-        r.take(n_authors.checked_mul(32).ok_or(TRUNC)?)?;
-        let n = r.count()?;
-        let mut fields = Vec::with_capacity(n);
-        for _ in 0..n {
-            let len = r.count()?;
-            let name = r.take(len)?;
-            let fflags = r.byte()?;
-            let mut lww = None;
-            if fflags & HAS_LWW != 0 {
-                lww = Some(r.raw_stamp()?.0);
-                r.pos += codec::value_len(&r.b[r.pos..]).map_err(|_| TRUNC)?;
-            }
-            if fflags & HAS_ADDS != 0 {
-                for _ in 0..r.count()? {
-                    r.raw_stamp()?;
-                    r.varint()?;
-                }
-            }
-            fields.push((name, lww));
-        }
+        let (deleted, touched) = r.head_times()?;
+        let fields = (0..r.count()?)
+            .map(|_| r.field_times())
+            .collect::<Result<Vec<_>, _>>()?;
         Ok((deleted, touched, fields))
     };
     let Ok((deleted, touched, fields)) = read_delta() else {
@@ -261,50 +205,42 @@ pub fn absorbs(delta: &[u8], file: &[u8]) -> bool {
     };
     // A stamp of `file` is absorbed by a newer one of its kind in `delta`, or by a newer
     // tombstone there (the join's compaction drops what a tombstone covers).
-    let older = |hlc: u64, than: Option<u64>| {
-        than.is_some_and(|t| hlc < t) || deleted.is_some_and(|d| hlc < d)
+    let older = |t: u64, than: Option<u64>| {
+        than.is_some_and(|than| t < than) || deleted.is_some_and(|d| t < d)
     };
     let scan = || -> Result<bool, StateError> {
         let mut r = R { b: file, pos: 0 };
-        if r.byte()? != STATE_FORMAT {
-            return Ok(false);
-        }
-        let flags = r.byte()?;
-        if flags & !(HAS_DELETED | HAS_TOUCHED) != 0 {
-            return Ok(false);
-        }
-        if flags & HAS_DELETED != 0
-            && !deleted.is_some_and(|d| r.raw_stamp().is_ok_and(|s| s.0 < d))
+        let (file_deleted, file_touched) = r.head_times()?;
+        if file_deleted.is_some_and(|f| deleted.is_none_or(|d| f >= d))
+            || file_touched.is_some_and(|t| !older(t, touched))
         {
             return Ok(false);
         }
-        if flags & HAS_TOUCHED != 0 && !older(r.raw_stamp()?.0, touched) {
-            return Ok(false);
-        }
-        let n_authors = r.count()?;
-        r.take(n_authors.checked_mul(32).ok_or(TRUNC)?)?;
         let mut theirs = fields.iter().peekable();
         for _ in 0..r.count()? {
-            let len = r.count()?;
-            let name = r.take(len)?;
-            let fflags = r.byte()?;
-            if fflags != HAS_LWW {
-                return Ok(false); // counter adds, or nothing written: the full join
-            }
-            let hlc = r.raw_stamp()?.0;
-            r.pos += codec::value_len(&r.b[r.pos..]).map_err(|_| TRUNC)?;
+            let f = r.field_times()?;
+            // Counter adds, or nothing written: the full join.
+            let Some(lww) = f.lww.filter(|_| f.adds.is_none()) else {
+                return Ok(false);
+            };
             // Both field lists are in name order.
-            while theirs.next_if(|(n, _)| *n < name).is_some() {}
-            let same = theirs
-                .next_if(|(n, _)| *n == name)
-                .and_then(|(_, lww)| *lww);
-            if !older(hlc, same) {
+            while theirs.next_if(|d| d.name < f.name).is_some() {}
+            let same = theirs.next_if(|d| d.name == f.name).and_then(|d| d.lww);
+            if !older(lww, same) {
                 return Ok(false);
             }
         }
         Ok(r.pos == r.b.len())
     };
     scan().unwrap_or(false)
+}
+
+/// One field of a stored state as [`R::field_times`] reads it: its name, its last write's
+/// time and its latest counter add's time.
+struct FieldTimes<'a> {
+    name: &'a [u8],
+    lww: Option<u64>,
+    adds: Option<u64>,
 }
 
 /// Reads a state written by [`encode_state`].
@@ -445,6 +381,47 @@ impl<'a> R<'a> {
     fn raw_stamp(&mut self) -> Result<(u64, u64), StateError> {
         let hlc = u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| TRUNC)?);
         Ok((hlc, self.varint()?))
+    }
+
+    /// A state's head, for comparing times without decoding: its tombstone's and last
+    /// write's times; the author table is stepped over (the field count is next).
+    fn head_times(&mut self) -> Result<(Option<u64>, Option<u64>), StateError> {
+        if self.byte()? != STATE_FORMAT {
+            return Err(StateError("unknown format"));
+        }
+        let flags = self.byte()?;
+        if flags & !(HAS_DELETED | HAS_TOUCHED) != 0 {
+            return Err(StateError("unknown flags"));
+        }
+        let mut time = |has: bool| has.then(|| self.raw_stamp().map(|s| s.0)).transpose();
+        let deleted = time(flags & HAS_DELETED != 0)?;
+        let touched = time(flags & HAS_TOUCHED != 0)?;
+        let n_authors = self.count()?;
+        self.take(n_authors.checked_mul(32).ok_or(TRUNC)?)?;
+        Ok((deleted, touched))
+    }
+
+    /// One field, for comparing times without decoding: its value and adds stepped over.
+    fn field_times(&mut self) -> Result<FieldTimes<'a>, StateError> {
+        let len = self.count()?;
+        let name = self.take(len)?;
+        let fflags = self.byte()?;
+        if fflags & !(HAS_LWW | HAS_ADDS) != 0 {
+            return Err(StateError("unknown field flags"));
+        }
+        let mut lww = None;
+        if fflags & HAS_LWW != 0 {
+            lww = Some(self.raw_stamp()?.0);
+            self.pos += codec::value_len(&self.b[self.pos..]).map_err(|_| TRUNC)?;
+        }
+        let mut adds = None;
+        if fflags & HAS_ADDS != 0 {
+            for _ in 0..self.count()? {
+                adds = adds.max(Some(self.raw_stamp()?.0));
+                self.varint()?;
+            }
+        }
+        Ok(FieldTimes { name, lww, adds })
     }
 }
 
