@@ -480,6 +480,48 @@ mod tests {
         })
     }
 
+    /// An op at the same time as a stamp in the state does not dominate it: which one wins
+    /// is the authors' order, which `dominated_by` does not look at.
+    #[test]
+    fn equal_times_are_never_dominated() {
+        let upsert = |hlc: u64| Op::Upsert {
+            collection: "c".into(),
+            key: "k".into(),
+            hlc: Hlc(hlc),
+            fields: BTreeMap::from([("a".to_string(), Value::from(1))]),
+        };
+        let delete = |hlc: u64| Op::Delete {
+            collection: "c".into(),
+            key: "k".into(),
+            hlc: Hlc(hlc),
+        };
+        for (held, op) in [
+            (upsert(10), upsert(10)),
+            (upsert(10), delete(10)),
+            (delete(10), delete(10)),
+        ] {
+            let mut stored = Vec::new();
+            encode_state(&RecordState::from_op(&held, [9; 32]), &mut stored);
+            let mut plain = Vec::new();
+            codec::encode_ops(std::slice::from_ref(&op), &mut plain);
+            let view = codec::decode(&plain).unwrap();
+            assert!(
+                !dominated_by(&stored, &view, &view.ops()[0]),
+                "{held:?} by {op:?}"
+            );
+            // One tick later, it does (a delete over anything; an upsert over an upsert).
+            let mut later = Vec::new();
+            let op = match op {
+                Op::Upsert { .. } => upsert(11),
+                _ => delete(11),
+            };
+            codec::encode_ops(std::slice::from_ref(&op), &mut later);
+            let view = codec::decode(&later).unwrap();
+            let want = !matches!((&held, &op), (Op::Delete { .. }, Op::Upsert { .. }));
+            assert_eq!(dominated_by(&stored, &view, &view.ops()[0]), want);
+        }
+    }
+
     /// Stamps of the same time by different authors are not absorbed either way: which one
     /// wins is the author's order, which `absorbs` does not look at.
     #[test]
