@@ -15,6 +15,11 @@
 //! - New batches are pushed by gossip. A gossiped batch that extends its author's chain is
 //!   stored at once; one that skips ahead is buffered (bounded) while the gap is fetched from
 //!   the peer that sent it.
+//! - Large batches (`push_min_bytes`, 64 KiB) go around gossip: the writer pushes each
+//!   (`Batches`) to a few peers holding the namespace (`push_fanout`) and sends the others an
+//!   `Announce` (author, seq); a peer that stores one from a `Batches` message announces its new
+//!   head to the peers not known to hold it. A peer told of a seq it lacks fetches it as below,
+//!   so each body crosses each link at most about once, and never through gossip's copies.
 //! - On connect, and every `anti_entropy_interval_ms`, peers exchange `Have` (their vectors).
 //!   For every author a peer has more of, we send `Fetch { from_seq, limit }`: up to
 //!   `fetch_stripes` fetches ("stripes") in flight per (namespace, author) at disjoint seq
@@ -120,6 +125,14 @@ pub struct EngineConfig {
     pub max_dict_waiting: usize,
     /// Most dictionary requests outstanding to one peer.
     pub max_dict_requests_per_peer: usize,
+    /// Public namespaces: a batch of this many envelope bytes or more goes around gossip. Written
+    /// here, it is pushed (`Batches`) to at most [`EngineConfig::push_fanout`] of the peers
+    /// holding the namespace and announced (`Announce`) to the others; received from a peer,
+    /// it is announced to the peers not known to hold it, which fetch it. `usize::MAX`: every
+    /// batch is gossiped.
+    pub push_min_bytes: usize,
+    /// Most peers a large batch written here is pushed to (the others are told by `Announce`).
+    pub push_fanout: usize,
 }
 
 impl Default for EngineConfig {
@@ -136,6 +149,8 @@ impl Default for EngineConfig {
             max_dicts_held: 1_024,
             max_dict_waiting: 64,
             max_dict_requests_per_peer: 4,
+            push_min_bytes: limits::PUSH_MIN_BYTES,
+            push_fanout: 6,
         }
     }
 }
@@ -199,6 +214,17 @@ pub enum SyncMessage {
         author: [u8; 32],
         /// Envelope bytes of each batch.
         batches: Vec<serde_bytes::ByteBuf>,
+    },
+    /// "I hold `author`'s chain in `ns` up to `seq`" (public namespaces: a large batch stored
+    /// here, which the receiver fetches if it lacks it). Adds to what a `Have` said.
+    Announce {
+        /// Namespace.
+        ns: String,
+        /// Author key.
+        #[serde(with = "serde_bytes")]
+        author: [u8; 32],
+        /// Highest contiguous seq held.
+        seq: u64,
     },
     /// "Send me the dictionaries with these refs" (named by batches of `ns` you sent me).
     FetchDicts {
@@ -1021,7 +1047,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         if vb.dict.is_some() {
             self.stats.dict_batches_sealed += 1;
         }
-        if !self.is_owned(ns) {
+        if !self.is_owned(ns) && !self.push_large(ns, &vb, &mut actions) {
             actions.push(Action::Publish {
                 ns: ns.to_string(),
                 id: vb.id,
@@ -1283,6 +1309,25 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     self.schedule(&ns, *author, Some(&peer), None, 1, now_ms, &mut actions);
                 }
                 for author in behind {
+                    let max = u32::MAX;
+                    self.schedule(&ns, author, Some(&peer), None, max, now_ms, &mut actions);
+                }
+            }
+            SyncMessage::Announce { ns, author, seq } => {
+                let Some(st) = self.namespaces.get_mut(&ns) else {
+                    return actions;
+                };
+                let theirs = st.peer_heads.entry(peer.clone()).or_default();
+                if theirs.len() >= limits::MAX_HAVE_AUTHORS && !theirs.contains_key(&author) {
+                    actions.push(Action::Reject {
+                        peer,
+                        reason: "announces too many authors".into(),
+                    });
+                    return actions;
+                }
+                let known = theirs.entry(author).or_insert(0);
+                *known = (*known).max(seq);
+                if seq > st.heads.get(&author).map_or(0, |h| h.seq) {
                     let max = u32::MAX;
                     self.schedule(&ns, author, Some(&peer), None, max, now_ms, &mut actions);
                 }
@@ -1574,7 +1619,8 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         true
     }
 
-    /// A `Batches` message: a fetch answer (or a push in an owned namespace).
+    /// A `Batches` message: a fetch answer, or a push (owned namespaces; large batches in
+    /// public ones).
     fn on_batches(
         &mut self,
         peer: P,
@@ -1594,6 +1640,9 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         let Some(st) = self.namespaces.get(&ns) else {
             return;
         };
+        let head_before = st.heads.get(&author).map_or(0, |h| h.seq);
+        let public = !st.owned();
+        let mut large = false;
         // An answer to our fetch is not passed on; a push (owned namespaces) is.
         let forward = !st
             .fetches
@@ -1656,6 +1705,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     return;
                 }
             };
+            large |= vb.bytes.len() >= self.cfg.push_min_bytes;
             if !self.accept_fetched(
                 &peer,
                 &ns,
@@ -1707,6 +1757,10 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             // Keep going while the peer is known to have more.
             let max = u32::MAX;
             self.schedule(&ns, author, Some(&peer), None, max, now_ms, actions);
+        }
+        let st = self.namespaces.get(&ns).expect("checked");
+        if public && large && st.heads.get(&author).is_some_and(|h| h.seq > head_before) {
+            self.announce_head(&ns, author, &peer, actions);
         }
         // A slot to this peer is free again: authors held back may go now.
         self.retry_wanting(now_ms, actions);
@@ -2186,6 +2240,78 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
     }
 
     /// Ingests a batch from a local write (`from` = None) or gossip.
+    /// A large batch written here in a public namespace goes around gossip: pushed to at most
+    /// `push_fanout` of the peers holding `ns` (which ones turns with the seq, to spread the
+    /// uploads), announced to the others. False (gossip it) if it is small or no peer is known
+    /// to hold `ns` yet (a peer that says it does later learns our heads from our `Have`).
+    fn push_large(&self, ns: &str, vb: &VerifiedBatch, out: &mut Vec<Action<P>>) -> bool {
+        if vb.bytes.len() < self.cfg.push_min_bytes {
+            return false;
+        }
+        let Some(st) = self.namespaces.get(ns) else {
+            return false;
+        };
+        let holders: Vec<&P> = st.peer_heads.keys().collect();
+        if holders.is_empty() {
+            return false;
+        }
+        let start = (vb.header.seq % holders.len() as u64) as usize;
+        let (author, seq) = (vb.header.author, vb.header.seq);
+        for (i, p) in holders
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(holders.len())
+            .enumerate()
+        {
+            let msg = if i < self.cfg.push_fanout {
+                SyncMessage::Batches {
+                    ns: ns.to_string(),
+                    author,
+                    batches: vec![serde_bytes::ByteBuf::from(vb.bytes.to_vec())],
+                }
+            } else {
+                SyncMessage::Announce {
+                    ns: ns.to_string(),
+                    author,
+                    seq,
+                }
+            };
+            out.push(Action::Send {
+                peer: (*p).clone(),
+                msg,
+            });
+        }
+        true
+    }
+
+    /// After a `Batches` message from `from` in a public namespace that stored a large batch
+    /// ([`EngineConfig::push_min_bytes`]): our new head of `author` is announced to every other
+    /// peer holding `ns` that is not known to hold it, so it spreads past one hop (each peer
+    /// fetches the body once, from whoever told it first, instead of receiving it from every
+    /// neighbour).
+    fn announce_head(&self, ns: &str, author: [u8; 32], from: &P, out: &mut Vec<Action<P>>) {
+        let Some(st) = self.namespaces.get(ns) else {
+            return;
+        };
+        let Some(seq) = st.heads.get(&author).map(|h| h.seq) else {
+            return;
+        };
+        for (p, theirs) in &st.peer_heads {
+            if p == from || theirs.get(&author).is_some_and(|s| *s >= seq) {
+                continue;
+            }
+            out.push(Action::Send {
+                peer: p.clone(),
+                msg: SyncMessage::Announce {
+                    ns: ns.to_string(),
+                    author,
+                    seq,
+                },
+            });
+        }
+    }
+
     fn ingest(
         &mut self,
         ns: &str,

@@ -33,3 +33,8 @@ pub const MAX_PAYLOAD_PLAIN_BYTES: usize = 16 * 1024 * 1024;
 pub const MAX_DICT_BYTES: usize = 16 * 1024;
 /// Most dictionaries asked for or carried in one sync message.
 pub const MAX_DICTS_PER_MESSAGE: usize = 8;
+
+/// Envelope bytes from which a public namespace's batch goes around gossip (pushed and
+/// announced over sync streams, see `EngineConfig::push_min_bytes`): gossipsub copies each
+/// message several times on the way out and in, which is most of its cost for large ones.
+pub const PUSH_MIN_BYTES: usize = 64 * 1024;

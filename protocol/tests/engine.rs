@@ -1735,3 +1735,163 @@ proptest! {
         }
     }
 }
+
+/// A call whose batch is at least `push_min_bytes` (64 KiB) even compressed: `n` upserts of
+/// 64 hex digits of blake3 each (`tag` makes calls differ).
+fn large_call(tag: u64, n: u64) -> Vec<Op> {
+    (0..n)
+        .map(|i| {
+            let v = blake3::hash(&(tag * 1_000_000 + i).to_le_bytes())
+                .to_hex()
+                .to_string();
+            upsert(&format!("r{tag}-{i}"), "v", v)
+        })
+        .collect()
+}
+
+/// Sends and publishes in `actions`: (peers sent `Batches`, peers sent `Announce`, publishes).
+fn pushes(actions: &[Action<usize>]) -> (Vec<usize>, Vec<usize>, usize) {
+    let (mut pushed, mut told, mut published) = (Vec::new(), Vec::new(), 0);
+    for a in actions {
+        match a {
+            Action::Send {
+                peer,
+                msg: SyncMessage::Batches { .. },
+            } => pushed.push(*peer),
+            Action::Send {
+                peer,
+                msg: SyncMessage::Announce { .. },
+            } => told.push(*peer),
+            Action::Publish { .. } => published += 1,
+            _ => {}
+        }
+    }
+    (pushed, told, published)
+}
+
+/// A large batch written in a public namespace is pushed to `push_fanout` peers and announced
+/// to the others, never gossiped; the announced peers fetch it once each, from one announcer,
+/// and every engine converges with no gossip at all. A small one is still gossiped.
+#[test]
+fn large_batches_are_pushed_and_announced_instead_of_gossiped() {
+    let cfg = EngineConfig {
+        push_fanout: 2,
+        ..test_config()
+    };
+    let mut net = Net::new(5, cfg);
+    net.gossip = false;
+    net.connect_all();
+    net.run_idle();
+
+    net.now_ms += 1;
+    let key = net.nodes[0].key.clone();
+    let (small, acts) = net.nodes[0]
+        .engine
+        .write(NS, &key, vec![upsert("k", "f", 1)], net.now_ms)
+        .unwrap();
+    assert!(small.bytes.len() < 1024);
+    assert_eq!(
+        pushes(&acts),
+        (vec![], vec![], 1),
+        "a small batch is gossiped"
+    );
+    net.apply(0, acts);
+
+    net.now_ms += 1;
+    let (big, acts) = net.nodes[0]
+        .engine
+        .write(NS, &key, large_call(1, 3_000), net.now_ms)
+        .unwrap();
+    assert!(big.bytes.len() >= blazedb_protocol::limits::PUSH_MIN_BYTES);
+    let (mut pushed, mut told, published) = pushes(&acts);
+    assert_eq!(published, 0, "a large batch is not gossiped");
+    assert_eq!(pushed.len(), 2, "pushed to push_fanout peers");
+    pushed.append(&mut told);
+    pushed.sort();
+    assert_eq!(
+        pushed,
+        vec![1, 2, 3, 4],
+        "every other peer is pushed to or told"
+    );
+    net.apply(0, acts);
+    net.run_idle();
+
+    // Everyone holds both batches before any anti-entropy round: the pushed engines fetched
+    // the gap (the small batch, which nobody gossiped here) from the writer, the announced
+    // ones fetched seq 1 onwards from one announcer. One fetch per engine, no duplicates.
+    assert!(net.rejects.is_empty(), "rejects: {:?}", net.rejects);
+    for i in 1..5 {
+        assert_eq!(net.vector(i).get(&net.author(0)), Some(&2), "engine {i}");
+    }
+    let mut fetching: Vec<usize> = net.fetches.iter().map(|(from, ..)| *from).collect();
+    fetching.sort();
+    assert_eq!(fetching, vec![1, 2, 3, 4], "fetches: {:?}", net.fetches);
+    for i in 0..5 {
+        assert_eq!(
+            net.nodes[i].engine.stats().batches_duplicate,
+            0,
+            "engine {i}"
+        );
+    }
+    net.advance(3_000);
+    net.assert_converged(&[0, 1, 2, 3, 4]);
+}
+
+/// Large batches cross a line of peers (0 – 1 – 2 – 3) without gossip and before any
+/// anti-entropy round: each hop announces what it stored to the next, which fetches it.
+#[test]
+fn large_batches_cross_a_line_of_peers_by_announcements() {
+    let mut net = Net::new(4, test_config());
+    net.gossip = false;
+    for i in 0..3 {
+        net.connect(i, i + 1);
+    }
+    net.run_idle();
+    for tag in 0..3 {
+        net.write(0, large_call(tag, 3_000));
+    }
+    // No time passes for ticks: only pushes, announcements and the fetches they start.
+    net.run_idle();
+    assert!(net.rejects.is_empty(), "rejects: {:?}", net.rejects);
+    for i in 1..4 {
+        assert_eq!(net.vector(i).get(&net.author(0)), Some(&3), "engine {i}");
+    }
+    net.assert_converged(&[0, 1, 2, 3]);
+    for i in 0..4 {
+        assert_eq!(
+            net.nodes[i].engine.stats().batches_duplicate,
+            0,
+            "engine {i}"
+        );
+    }
+}
+
+/// An `Announce` adds to what a peer is known to hold, within the same bound as `Have`: a
+/// peer announcing more authors than a `Have` may carry is dropped.
+#[test]
+fn announcing_too_many_authors_drops_the_peer() {
+    let mut e = Engine::<usize>::new(test_config());
+    e.join(NS);
+    let mut rejected = None;
+    for i in 0..=blazedb_protocol::limits::MAX_HAVE_AUTHORS as u64 {
+        let mut author = [0u8; 32];
+        author[..8].copy_from_slice(&i.to_le_bytes());
+        let msg = SyncMessage::Announce {
+            ns: NS.into(),
+            author,
+            seq: 0,
+        };
+        let acts = e.handle_message(7, msg, 1_000);
+        if acts
+            .iter()
+            .any(|a| matches!(a, Action::Reject { peer: 7, .. }))
+        {
+            rejected = Some(i);
+            break;
+        }
+    }
+    assert_eq!(
+        rejected,
+        Some(blazedb_protocol::limits::MAX_HAVE_AUTHORS as u64)
+    );
+}

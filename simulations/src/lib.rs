@@ -299,7 +299,7 @@ fn fnv(h: &mut u64, data: &[u8]) {
 fn sync_size(m: &SyncMessage) -> u64 {
     match m {
         SyncMessage::Have { heads, .. } => 16 + 40 * heads.len() as u64,
-        SyncMessage::Fetch { .. } => 64,
+        SyncMessage::Fetch { .. } | SyncMessage::Announce { .. } => 64,
         SyncMessage::Present { chain, .. } => 16 + chain.len() as u64,
         SyncMessage::Revoked { batches, .. } | SyncMessage::Batches { batches, .. } => {
             48 + batches.iter().map(|b| b.len() as u64).sum::<u64>()

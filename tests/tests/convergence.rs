@@ -226,3 +226,79 @@ async fn large_calls_compressed_by_their_writers_replicate() {
         n.shutdown().await;
     }
 }
+
+/// Large batches in a public namespace go around gossipsub: A pushes each to B over a sync
+/// stream, B announces it to C, C fetches it from B (A – B – C in a line). No gossip message
+/// carries them (gossip still carries small writes), and all three end identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_batches_travel_around_gossip_over_a_line_of_nodes() {
+    use blazedb_node::{FieldValue, OpsBuilder};
+    use rand::{Rng, SeedableRng};
+
+    let dir = tempfile::tempdir().unwrap();
+    let a = start_node(&dir.path().join("a"), &[]).await.unwrap();
+    let b = start_node(&dir.path().join("b"), &[a.listen_addrs()[0].clone()])
+        .await
+        .unwrap();
+    let c = start_node(&dir.path().join("c"), &[b.listen_addrs()[0].clone()])
+        .await
+        .unwrap();
+    wait_peers(&b, 2).await;
+    // Gossip is live from A through B to C: a small write reaches C as a gossip message.
+    let mut probe = 0u64;
+    eventually("a gossiped probe at C", Duration::from_secs(30), || {
+        probe += 1;
+        let (a, c) = (a.clone(), c.clone());
+        async move {
+            let fields = obj(json!({"n": probe}));
+            a.put("default", "probe", &format!("p{probe}"), fields)
+                .await
+                .unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(1);
+            while std::time::Instant::now() < deadline {
+                if c.gossip_received().1 > 0 {
+                    return Some(());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            None
+        }
+    })
+    .await;
+    let gossip_before = [b.gossip_received().1, c.gossip_received().1];
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let mut letters = |n: usize| -> String { (0..n).map(|_| rng.gen_range('a'..='z')).collect() };
+    let calls = 3;
+    for _ in 0..calls {
+        let mut built = OpsBuilder::new();
+        for _ in 0..1_200 {
+            let (k, v) = (letters(16), letters(300));
+            built
+                .upsert("large", &k, &[("v", FieldValue::Str(&v))])
+                .unwrap();
+        }
+        a.write_built("default", built).await.unwrap();
+    }
+    let (a_batches, _) = a.counts().unwrap();
+    eventually("A's batches at C", Duration::from_secs(30), || async {
+        let (batches, _) = c.counts().ok()?;
+        (batches == a_batches).then_some(())
+    })
+    .await;
+    let sa = snapshot(&a, "large");
+    assert_eq!(sa.len(), 3 * 1_200);
+    assert_eq!(sa, snapshot(&b, "large"), "B replicated A");
+    assert_eq!(sa, snapshot(&c, "large"), "C replicated A");
+    // Earlier probes that missed the mesh may still come through gossip's IHAVE/IWANT.
+    for (n, before) in [&b, &c].into_iter().zip(gossip_before) {
+        let new = n.gossip_received().1 - before;
+        assert!(
+            new < probe,
+            "{new} new gossip messages after {probe} probes: large batches went by gossip"
+        );
+    }
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
