@@ -38,7 +38,7 @@ pub struct BenchArgs {
     pub runs: usize,
     /// Which benchmarks (b1, b2, b3, b4, b5, b6, b7; parts of b2 alone: b2i ingest, b2m
     /// materializer, b2b calls built in the window (owned ops vs OpsBuilder), b2h HTTP bulk
-    /// ingest, b2s small writes).
+    /// ingest, b2s small writes; b5l the bulk writes of b5 alone).
     #[arg(long, value_delimiter = ',', default_value = "b1,b2,b3,b4,b5,b6,b7")]
     pub only: Vec<String>,
     /// Ops the catching-up node missed in B6.
@@ -216,6 +216,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         for n in [10, 50, 100] {
             rows.extend(b5(n, 20).await?);
         }
+    }
+    if args.only.iter().any(|b| b == "b5" || b == "b5l") {
+        rows.extend(b5_large(10, 10).await?);
     }
     if args.only.iter().any(|b| b == "b7") {
         rows.extend(crate::bench_handshake::b7(runs).await?);
@@ -1822,21 +1825,24 @@ impl Drop for TempDir {
     }
 }
 
-/// B5 (real tier): `n` real nodes in this process on loopback (each dials its predecessor and
-/// one random earlier node), one writer; per write, the time until every node holds it, and
-/// gossip duplicates per batch. The same N in the simulator is printed alongside.
-pub async fn b5(n: usize, writes: usize) -> Result<Vec<Row>> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let dir = tempfile_dir()?;
+/// `n` real nodes in this process on loopback, each dialing its predecessor and one random
+/// earlier node (seeded), with engine settings `engine`; returned once every node has a peer
+/// and gossipsub's meshes had a few heartbeats to form. Also returns the edges.
+async fn b5_mesh(
+    dir: &std::path::Path,
+    n: usize,
+    engine: EngineConfig,
+) -> Result<(Vec<NodeHandle>, Vec<(usize, usize)>)> {
     let lo: libp2p::Multiaddr = "/ip4/127.0.0.1/tcp/0".parse()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     let mut nodes: Vec<NodeHandle> = Vec::new();
     let mut edges = Vec::new();
     for i in 0..n {
         let mut builder = Node::builder()
-            .data_dir(dir.path().join(format!("n{i}")))
+            .data_dir(dir.join(format!("n{i}")))
             .listen(vec![lo.clone()])
-            .mdns(false);
+            .mdns(false)
+            .engine(engine.clone());
         if i > 0 {
             builder = builder.bootstrap(nodes[i - 1].listen_addrs()[0].clone());
             edges.push((i, i - 1));
@@ -1848,7 +1854,6 @@ pub async fn b5(n: usize, writes: usize) -> Result<Vec<Row>> {
         }
         nodes.push(builder.spawn().await?);
     }
-    // Let connections and gossipsub meshes form (a few heartbeats).
     let deadline = Instant::now() + Duration::from_secs(60);
     for node in &nodes {
         while node.status().await?.peers.is_empty() {
@@ -1856,7 +1861,18 @@ pub async fn b5(n: usize, writes: usize) -> Result<Vec<Row>> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    // Let gossipsub's meshes form (a few heartbeats).
     tokio::time::sleep(Duration::from_secs(3)).await;
+    Ok((nodes, edges))
+}
+
+/// B5 (real tier): `n` real nodes in this process on loopback (see [`b5_mesh`]), one writer;
+/// per write, the time until every node holds it, and gossip duplicates per batch. The same
+/// N in the simulator is printed alongside.
+pub async fn b5(n: usize, writes: usize) -> Result<Vec<Row>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile_dir()?;
+    let (nodes, edges) = b5_mesh(dir.path(), n, EngineConfig::default()).await?;
     // Wire duplicates: gossip copies received minus those that were new.
     let wire = |nodes: &[NodeHandle]| -> u64 {
         nodes
@@ -1934,6 +1950,125 @@ pub async fn b5(n: usize, writes: usize) -> Result<Vec<Row>> {
     ])
 }
 
+/// Bytes received on the loopback interface so far (every node of a bench mesh talks over
+/// it; TLS and framing included), from /proc/net/dev.
+fn loopback_rx_bytes() -> u64 {
+    std::fs::read_to_string("/proc/net/dev")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.trim_start().starts_with("lo:"))
+                .and_then(|l| l.split(':').nth(1)?.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// One B5L mesh run's figures.
+struct LargeMeshRun {
+    /// Milliseconds from each write until every node held it, sorted.
+    lat_ms: Vec<f64>,
+    /// Loopback bytes over the writes / (batch bytes written × (n − 1)).
+    wire_ratio: f64,
+    /// Batches that reached an engine again after it held them, per batch written.
+    engine_dups: f64,
+}
+
+async fn b5_large_run(n: usize, writes: usize, engine: EngineConfig) -> Result<LargeMeshRun> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let dir = tempfile_dir()?;
+    let (nodes, _) = b5_mesh(dir.path(), n, engine).await?;
+    let engine_dups = |nodes: &[NodeHandle]| -> u64 {
+        nodes
+            .iter()
+            .map(|x| x.metrics().duplicates.load(Relaxed))
+            .sum()
+    };
+    let mut wrng = rand::rngs::StdRng::seed_from_u64(56);
+    let calls: Vec<Vec<RawOp>> = (0..writes)
+        .map(|_| workload_w_raw(&mut wrng, W_BATCH_OPS))
+        .collect();
+    let (rx0, dups0) = (loopback_rx_bytes(), engine_dups(&nodes));
+    let bytes0 = nodes[0].metrics().local_bytes.load(Relaxed);
+    let mut lat = Vec::new();
+    for (k, call) in calls.iter().enumerate() {
+        let t = Instant::now();
+        nodes[0]
+            .write_built(DEFAULT_NAMESPACE, built_call(call)?)
+            .await?;
+        let want = (k + 1) as u64;
+        for node in &nodes[1..] {
+            wait_for(
+                "every node to hold the write",
+                Duration::from_secs(60),
+                || node.metrics().remote_batches.load(Relaxed) >= want,
+            )
+            .await?;
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    // Late copies still in flight when the last node got the batch: give them a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let written = nodes[0].metrics().local_bytes.load(Relaxed) - bytes0;
+    let wire = loopback_rx_bytes().saturating_sub(rx0);
+    let dups = engine_dups(&nodes) - dups0;
+    for node in &nodes {
+        node.shutdown().await;
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    Ok(LargeMeshRun {
+        lat_ms: lat,
+        wire_ratio: wire as f64 / (written as f64 * (n - 1) as f64).max(1.0),
+        engine_dups: dups as f64 / writes as f64,
+    })
+}
+
+/// B5L: bulk writes (5k workload-W ops, ~375 KB each) from one node of an `n`-node mesh:
+/// pushed and announced around gossip (the default), against the same writes gossiped
+/// (`push_min_bytes` = `usize::MAX`) on the same graph in the same run.
+pub async fn b5_large(n: usize, writes: usize) -> Result<Vec<Row>> {
+    let pushed = b5_large_run(n, writes, EngineConfig::default()).await?;
+    let gossiped = b5_large_run(
+        n,
+        writes,
+        EngineConfig {
+            push_min_bytes: usize::MAX,
+            ..EngineConfig::default()
+        },
+    )
+    .await?;
+    let p50 = |l: &[f64]| l[(l.len() - 1) / 2];
+    let max = |l: &[f64]| l[l.len() - 1];
+    Ok(vec![
+        Row {
+            id: "B5L",
+            what: format!(
+                "{n} real nodes, 5k-op writes (pushed, announced): held by all, p50 (ms)"
+            ),
+            value: p50(&pushed.lat_ms),
+            unit: "ms",
+            ratio: Some(p50(&pushed.lat_ms) / p50(&gossiped.lat_ms)),
+            baseline: Some(format!(
+                "max {:.1} ms; gossiped: p50 {:.1} ms, max {:.1} ms",
+                max(&pushed.lat_ms),
+                p50(&gossiped.lat_ms),
+                max(&gossiped.lat_ms)
+            )),
+        },
+        Row {
+            id: "B5L",
+            what: format!("{n} real nodes, 5k-op writes: loopback bytes / (batch x (n-1))"),
+            value: pushed.wire_ratio,
+            unit: "x",
+            ratio: Some(pushed.wire_ratio / gossiped.wire_ratio),
+            baseline: Some(format!(
+                "gossiped: {:.2}x; copies reaching an engine twice, per batch: {:.1} pushed, \
+                 {:.1} gossiped",
+                gossiped.wire_ratio, pushed.engine_dups, gossiped.engine_dups
+            )),
+        },
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::Machine;
@@ -1974,5 +2109,31 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "CPU time never moved");
             std::hint::black_box((0..10_000u64).sum::<u64>());
         }
+    }
+
+    /// B5L's wire figure: the loopback counter grows by at least the bytes sent over it.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn loopback_bytes_count_what_crosses_loopback() {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let before = super::loopback_rx_bytes();
+        let sent = 4 * 1024 * 1024;
+        let reader = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).unwrap();
+            buf.len()
+        });
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.write_all(&vec![7u8; sent]).unwrap();
+        drop(c);
+        assert_eq!(reader.join().unwrap(), sent);
+        let grown = super::loopback_rx_bytes() - before;
+        assert!(
+            grown >= sent as u64,
+            "loopback grew {grown} bytes for {sent} sent"
+        );
     }
 }
