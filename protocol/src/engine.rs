@@ -16,9 +16,10 @@
 //!   stored at once; one that skips ahead is buffered (bounded) while the gap is fetched from
 //!   the peer that sent it.
 //! - Large batches (`push_min_bytes`, 64 KiB) go around gossip: the writer pushes each
-//!   (`Batches`) to a few peers holding the namespace (`push_fanout`) and sends the others an
-//!   `Announce` (author, seq); a peer that stores one from a `Batches` message announces its new
-//!   head to the peers not known to hold it. A peer told of a seq it lacks fetches it as below,
+//!   (`Batches`) to a few peers holding the namespace (`push_fanout`) and, `announce_delay_ms`
+//!   later, sends the others it has not heard from an `Announce` (author, seq); a peer that
+//!   stores one from a `Batches` message announces its new head at once to the peers not known
+//!   to hold it. A peer told of a seq it lacks fetches it as below,
 //!   so each body crosses each link at most about once, and never through gossip's copies.
 //! - On connect, and every `anti_entropy_interval_ms`, peers exchange `Have` (their vectors).
 //!   For every author a peer has more of, we send `Fetch { from_seq, limit }`: up to
@@ -133,6 +134,10 @@ pub struct EngineConfig {
     pub push_min_bytes: usize,
     /// Most peers a large batch written here is pushed to (the others are told by `Announce`).
     pub push_fanout: usize,
+    /// How long the writer waits before announcing a large batch to the peers it did not push
+    /// it to: meanwhile the pushed peers announce it, so most fetch it from them rather than
+    /// all from the writer (whose upload would grow with its number of peers, not the fanout).
+    pub announce_delay_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -151,6 +156,7 @@ impl Default for EngineConfig {
             max_dict_requests_per_peer: 4,
             push_min_bytes: limits::PUSH_MIN_BYTES,
             push_fanout: 6,
+            announce_delay_ms: 100,
         }
     }
 }
@@ -546,6 +552,22 @@ pub struct Engine<P> {
     dict_waiting: BTreeMap<DictRef, Vec<Waiting<P>>>,
     dict_waiting_count: usize,
     dict_waiting_bytes: usize,
+    /// Announcements of large batches written here, due at a time (in due order), at most
+    /// [`LATE_ANNOUNCES_MAX`].
+    late_announces: std::collections::VecDeque<LateAnnounce<P>>,
+}
+
+/// Most announcements waiting for their time (past it they go at once).
+const LATE_ANNOUNCES_MAX: usize = 4_096;
+
+/// An `Announce` the writer sends later (see [`EngineConfig::announce_delay_ms`]).
+#[derive(Debug)]
+struct LateAnnounce<P> {
+    due_ms: u64,
+    peer: P,
+    ns: String,
+    author: [u8; 32],
+    seq: u64,
 }
 
 /// One batch of a `Batches` message as the shell hands it to
@@ -604,6 +626,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             dict_waiting: BTreeMap::new(),
             dict_waiting_count: 0,
             dict_waiting_bytes: 0,
+            late_announces: std::collections::VecDeque::new(),
         }
     }
 
@@ -1047,7 +1070,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         if vb.dict.is_some() {
             self.stats.dict_batches_sealed += 1;
         }
-        if !self.is_owned(ns) && !self.push_large(ns, &vb, &mut actions) {
+        if !self.is_owned(ns) && !self.push_large(ns, &vb, now_ms, &mut actions) {
             actions.push(Action::Publish {
                 ns: ns.to_string(),
                 id: vb.id,
@@ -1642,7 +1665,15 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         };
         let head_before = st.heads.get(&author).map_or(0, |h| h.seq);
         let public = !st.owned();
+        // Whether a large batch is stored here: one of the message's, or one of the buffer's
+        // that they let through.
         let mut large = false;
+        let buffered_large: Vec<u64> = st
+            .pending
+            .range((author, 0)..=(author, u64::MAX))
+            .filter(|(_, vb)| vb.bytes.len() >= self.cfg.push_min_bytes)
+            .map(|((_, seq), _)| *seq)
+            .collect();
         // An answer to our fetch is not passed on; a push (owned namespaces) is.
         let forward = !st
             .fetches
@@ -1759,7 +1790,9 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             self.schedule(&ns, author, Some(&peer), None, max, now_ms, actions);
         }
         let st = self.namespaces.get(&ns).expect("checked");
-        if public && large && st.heads.get(&author).is_some_and(|h| h.seq > head_before) {
+        let head_after = st.heads.get(&author).map_or(0, |h| h.seq);
+        large |= buffered_large.iter().any(|seq| *seq <= head_after);
+        if public && large && head_after > head_before {
             self.announce_head(&ns, author, &peer, actions);
         }
         // A slot to this peer is free again: authors held back may go now.
@@ -1931,6 +1964,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         }
         self.expire_dicts(now_ms, None, &mut actions);
         self.retry_wanting(now_ms, &mut actions);
+        self.send_late_announces(now_ms, &mut actions);
         actions
     }
 
@@ -1946,8 +1980,10 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             .min()
             .unwrap_or(u64::MAX);
         let dicts = self.dict_requests.values().map(|q| q.deadline_ms).min();
+        let late = self.late_announces.front().map(|a| a.due_ms);
         fetch
             .min(dicts.unwrap_or(u64::MAX))
+            .min(late.unwrap_or(u64::MAX))
             .min(self.next_anti_entropy_ms)
     }
 
@@ -2240,11 +2276,19 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
     }
 
     /// Ingests a batch from a local write (`from` = None) or gossip.
-    /// A large batch written here in a public namespace goes around gossip: pushed to at most
-    /// `push_fanout` of the peers holding `ns` (which ones turns with the seq, to spread the
-    /// uploads), announced to the others. False (gossip it) if it is small or no peer is known
-    /// to hold `ns` yet (a peer that says it does later learns our heads from our `Have`).
-    fn push_large(&self, ns: &str, vb: &VerifiedBatch, out: &mut Vec<Action<P>>) -> bool {
+    /// A large batch written here in a public namespace goes around gossip: pushed now to at
+    /// most `push_fanout` of the peers holding `ns` (which ones turns with the seq, to spread
+    /// the uploads), announced to the others after `announce_delay_ms` (by then most have
+    /// heard of it from the pushed peers, see [`EngineConfig::announce_delay_ms`]). False
+    /// (gossip it) if it is small or no peer is known to hold `ns` yet (a peer that says it
+    /// does later learns our heads from our `Have`).
+    fn push_large(
+        &mut self,
+        ns: &str,
+        vb: &VerifiedBatch,
+        now_ms: u64,
+        out: &mut Vec<Action<P>>,
+    ) -> bool {
         if vb.bytes.len() < self.cfg.push_min_bytes {
             return false;
         }
@@ -2257,32 +2301,67 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         }
         let start = (vb.header.seq % holders.len() as u64) as usize;
         let (author, seq) = (vb.header.author, vb.header.seq);
-        for (i, p) in holders
-            .iter()
-            .cycle()
-            .skip(start)
-            .take(holders.len())
-            .enumerate()
-        {
-            let msg = if i < self.cfg.push_fanout {
-                SyncMessage::Batches {
-                    ns: ns.to_string(),
-                    author,
-                    batches: vec![serde_bytes::ByteBuf::from(vb.bytes.to_vec())],
-                }
-            } else {
-                SyncMessage::Announce {
+        let rotated = holders.iter().cycle().skip(start).take(holders.len());
+        for (i, p) in rotated.enumerate() {
+            if i < self.cfg.push_fanout {
+                out.push(Action::Send {
+                    peer: (*p).clone(),
+                    msg: SyncMessage::Batches {
+                        ns: ns.to_string(),
+                        author,
+                        batches: vec![serde_bytes::ByteBuf::from(vb.bytes.to_vec())],
+                    },
+                });
+            } else if self.late_announces.len() < LATE_ANNOUNCES_MAX {
+                self.late_announces.push_back(LateAnnounce {
+                    due_ms: now_ms + self.cfg.announce_delay_ms,
+                    peer: (*p).clone(),
                     ns: ns.to_string(),
                     author,
                     seq,
-                }
-            };
-            out.push(Action::Send {
-                peer: (*p).clone(),
-                msg,
-            });
+                });
+            } else {
+                out.push(Action::Send {
+                    peer: (*p).clone(),
+                    msg: SyncMessage::Announce {
+                        ns: ns.to_string(),
+                        author,
+                        seq,
+                    },
+                });
+            }
         }
         true
+    }
+
+    /// Sends the late announcements that are due, except to peers gone or known to hold the
+    /// batch by now.
+    fn send_late_announces(&mut self, now_ms: u64, out: &mut Vec<Action<P>>) {
+        while self
+            .late_announces
+            .front()
+            .is_some_and(|a| a.due_ms <= now_ms)
+        {
+            let a = self.late_announces.pop_front().expect("checked");
+            let Some(theirs) = self
+                .namespaces
+                .get(&a.ns)
+                .and_then(|st| st.peer_heads.get(&a.peer))
+            else {
+                continue;
+            };
+            if theirs.get(&a.author).is_some_and(|s| *s >= a.seq) {
+                continue;
+            }
+            out.push(Action::Send {
+                peer: a.peer,
+                msg: SyncMessage::Announce {
+                    ns: a.ns,
+                    author: a.author,
+                    seq: a.seq,
+                },
+            });
+        }
     }
 
     /// After a `Batches` message from `from` in a public namespace that stored a large batch

@@ -1769,9 +1769,11 @@ fn pushes(actions: &[Action<usize>]) -> (Vec<usize>, Vec<usize>, usize) {
     (pushed, told, published)
 }
 
-/// A large batch written in a public namespace is pushed to `push_fanout` peers and announced
-/// to the others, never gossiped; the announced peers fetch it once each, from one announcer,
-/// and every engine converges with no gossip at all. A small one is still gossiped.
+/// A large batch written in a public namespace is pushed to `push_fanout` peers at once,
+/// never gossiped; the others (here connected to the pushed ones) hear of it from them and
+/// fetch it from them, not from the writer, before the writer's own announcement is due;
+/// every engine holds it with no gossip at all, without duplicates. A small one is still
+/// gossiped.
 #[test]
 fn large_batches_are_pushed_and_announced_instead_of_gossiped() {
     let cfg = EngineConfig {
@@ -1785,6 +1787,57 @@ fn large_batches_are_pushed_and_announced_instead_of_gossiped() {
 
     net.now_ms += 1;
     let key = net.nodes[0].key.clone();
+    let (big, acts) = net.nodes[0]
+        .engine
+        .write(NS, &key, large_call(1, 3_000), net.now_ms)
+        .unwrap();
+    assert!(big.bytes.len() >= blazedb_protocol::limits::PUSH_MIN_BYTES);
+    let (pushed, told, published) = pushes(&acts);
+    assert_eq!(published, 0, "a large batch is not gossiped");
+    assert_eq!(pushed.len(), 2, "pushed to push_fanout peers");
+    assert!(told.is_empty(), "the others are told later: {told:?}");
+    net.apply(0, acts);
+    // No tick: only the pushes and what they set off.
+    net.run_idle();
+
+    // Everyone holds it: the engines not pushed to fetched it from a pushed one that
+    // announced it, once each; no duplicates.
+    assert!(net.rejects.is_empty(), "rejects: {:?}", net.rejects);
+    for i in 1..5 {
+        assert_eq!(net.vector(i).get(&net.author(0)), Some(&1), "engine {i}");
+    }
+    let mut fetching: Vec<(usize, usize)> = net
+        .fetches
+        .iter()
+        .map(|(from, to, ..)| (*from, *to))
+        .collect();
+    fetching.sort();
+    assert_eq!(fetching.len(), 2, "fetches: {:?}", net.fetches);
+    for (from, to) in fetching {
+        assert!(!pushed.contains(&from), "pushed engine {from} fetched");
+        assert!(
+            pushed.contains(&to),
+            "engine {from} fetched from {to}, not a pushed peer"
+        );
+    }
+    for i in 0..5 {
+        assert_eq!(
+            net.nodes[i].engine.stats().batches_duplicate,
+            0,
+            "engine {i}"
+        );
+    }
+    // The writer's announcements fall due: the peers it did not push to told it they hold
+    // the batch (announcing it onward), so none is sent.
+    let due = net.now_ms + 1_000;
+    let acts = net.nodes[0].engine.tick(due);
+    assert_eq!(pushes(&acts), (vec![], vec![], 0), "{acts:?}");
+    net.now_ms = due;
+    net.apply(0, acts);
+    net.run_idle();
+
+    // A small batch is gossiped as before.
+    net.now_ms += 1;
     let (small, acts) = net.nodes[0]
         .engine
         .write(NS, &key, vec![upsert("k", "f", 1)], net.now_ms)
@@ -1795,46 +1848,49 @@ fn large_batches_are_pushed_and_announced_instead_of_gossiped() {
         (vec![], vec![], 1),
         "a small batch is gossiped"
     );
-    net.apply(0, acts);
-
-    net.now_ms += 1;
-    let (big, acts) = net.nodes[0]
-        .engine
-        .write(NS, &key, large_call(1, 3_000), net.now_ms)
-        .unwrap();
-    assert!(big.bytes.len() >= blazedb_protocol::limits::PUSH_MIN_BYTES);
-    let (mut pushed, mut told, published) = pushes(&acts);
-    assert_eq!(published, 0, "a large batch is not gossiped");
-    assert_eq!(pushed.len(), 2, "pushed to push_fanout peers");
-    pushed.append(&mut told);
-    pushed.sort();
-    assert_eq!(
-        pushed,
-        vec![1, 2, 3, 4],
-        "every other peer is pushed to or told"
-    );
+    net.gossip = true;
     net.apply(0, acts);
     net.run_idle();
-
-    // Everyone holds both batches before any anti-entropy round: the pushed engines fetched
-    // the gap (the small batch, which nobody gossiped here) from the writer, the announced
-    // ones fetched seq 1 onwards from one announcer. One fetch per engine, no duplicates.
-    assert!(net.rejects.is_empty(), "rejects: {:?}", net.rejects);
-    for i in 1..5 {
-        assert_eq!(net.vector(i).get(&net.author(0)), Some(&2), "engine {i}");
-    }
-    let mut fetching: Vec<usize> = net.fetches.iter().map(|(from, ..)| *from).collect();
-    fetching.sort();
-    assert_eq!(fetching, vec![1, 2, 3, 4], "fetches: {:?}", net.fetches);
-    for i in 0..5 {
-        assert_eq!(
-            net.nodes[i].engine.stats().batches_duplicate,
-            0,
-            "engine {i}"
-        );
-    }
-    net.advance(3_000);
     net.assert_converged(&[0, 1, 2, 3, 4]);
+}
+
+/// A peer connected only to the writer (a star around it, fanout 1) is not pushed to and
+/// hears from no one else: the writer's own announcement reaches it after
+/// `announce_delay_ms`, at a tick, and it fetches the batch from the writer.
+#[test]
+fn a_peer_only_the_writer_reaches_gets_its_late_announcement() {
+    let cfg = EngineConfig {
+        push_fanout: 1,
+        announce_delay_ms: 300,
+        ..test_config()
+    };
+    let mut net = Net::new(3, cfg);
+    net.gossip = false;
+    net.connect(0, 1);
+    net.connect(0, 2);
+    net.run_idle();
+    // The first anti-entropy round goes by (the next is a second away).
+    net.advance(100);
+    net.write(0, large_call(2, 3_000));
+    net.run_idle();
+    let holding = |net: &Net| {
+        (1..3)
+            .filter(|i| net.vector(*i).contains_key(&net.author(0)))
+            .count()
+    };
+    assert_eq!(
+        holding(&net),
+        1,
+        "only the pushed peer holds it before the delay"
+    );
+    assert!(net.nodes[0].engine.next_deadline_ms() <= net.now_ms + 300);
+    net.advance(200);
+    assert_eq!(holding(&net), 1, "announced before announce_delay_ms");
+    // Due at the write + 300 ms: sent at the next tick, then announce, fetch, answer.
+    net.advance(300);
+    assert_eq!(holding(&net), 2, "the late announcement never came");
+    assert!(net.rejects.is_empty(), "rejects: {:?}", net.rejects);
+    net.assert_converged(&[0, 1, 2]);
 }
 
 /// Large batches cross a line of peers (0 – 1 – 2 – 3) without gossip and before any
