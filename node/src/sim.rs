@@ -11,7 +11,7 @@ use blazedb_sim::{check_invariants, run, SimConfig, SimReport};
 #[derive(clap::Args, Clone, Debug)]
 pub struct SimArgs {
     /// A shipped scenario (lan-50, wan-1000, partition-heal-200, churn-500, game-lobby-64,
-    /// mesh-10k) or the path of a scenario file (TOML, fields of `SimConfig`).
+    /// mesh-10k, bulk-200) or the path of a scenario file (TOML, fields of `SimConfig`).
     #[arg(default_value = "lan-50")]
     pub scenario: String,
     /// Seed (first seed when sweeping).
@@ -63,6 +63,10 @@ pub const SCENARIOS: &[(&str, &str)] = &[
     (
         "mesh-10k",
         include_str!("../../simulations/scenarios/mesh-10k.toml"),
+    ),
+    (
+        "bulk-200",
+        include_str!("../../simulations/scenarios/bulk-200.toml"),
     ),
 ];
 

@@ -128,9 +128,9 @@ pub struct EngineConfig {
     pub max_dict_requests_per_peer: usize,
     /// Public namespaces: a batch of this many envelope bytes or more goes around gossip. Written
     /// here, it is pushed (`Batches`) to at most [`EngineConfig::push_fanout`] of the peers
-    /// holding the namespace and announced (`Announce`) to the others; received from a peer,
-    /// it is announced to the peers not known to hold it, which fetch it. `usize::MAX`: every
-    /// batch is gossiped.
+    /// holding the namespace and announced (`Announce`) to the others after
+    /// [`EngineConfig::announce_delay_ms`]; received from a peer, it is announced at once to
+    /// the peers not known to hold it, which fetch it. `usize::MAX`: every batch is gossiped.
     pub push_min_bytes: usize,
     /// Most peers a large batch written here is pushed to (the others are told by `Announce`).
     pub push_fanout: usize,

@@ -1951,3 +1951,30 @@ fn announcing_too_many_authors_drops_the_peer() {
         Some(blazedb_protocol::limits::MAX_HAVE_AUTHORS as u64)
     );
 }
+
+/// The wire form of `Announce` (CBOR, as the node's request-response codec writes it through
+/// serde) is pinned: a renamed field or variant would break peers and shows up here.
+#[test]
+fn announce_has_a_pinned_cbor_form() {
+    let msg = SyncMessage::Announce {
+        ns: "default".into(),
+        author: [0xab; 32],
+        seq: 300,
+    };
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&msg, &mut bytes).unwrap();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let want = format!(
+        "a1{}a3{}{}{}58 20{}{}19012c",
+        "68416e6e6f756e6365", // "Announce"
+        "626e73",             // "ns"
+        "6764656661756c74",   // "default"
+        "66617574686f72",     // "author"
+        "ab".repeat(32),
+        "63736571", // "seq"
+    )
+    .replace(' ', "");
+    assert_eq!(hex, want);
+    let back: SyncMessage = ciborium::from_reader(bytes.as_slice()).unwrap();
+    assert_eq!(back, msg);
+}
