@@ -19,8 +19,8 @@
 //!   (`Batches`) to a few peers holding the namespace (`push_fanout`) and, `announce_delay_ms`
 //!   later, sends the others it has not heard from an `Announce` (author, seq); a peer that
 //!   stores one from a `Batches` message announces its new head at once to the peers not known
-//!   to hold it. A peer told of a seq it lacks fetches it as below,
-//!   so each body crosses each link at most about once, and never through gossip's copies.
+//!   to hold it. A peer told of a seq it lacks fetches it as below, so each body crosses each
+//!   link about once, and never through gossip's copies.
 //! - On connect, and every `anti_entropy_interval_ms`, peers exchange `Have` (their vectors).
 //!   For every author a peer has more of, we send `Fetch { from_seq, limit }`: up to
 //!   `fetch_stripes` fetches ("stripes") in flight per (namespace, author) at disjoint seq
@@ -1674,7 +1674,8 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             .filter(|(_, vb)| vb.bytes.len() >= self.cfg.push_min_bytes)
             .map(|((_, seq), _)| *seq)
             .collect();
-        // An answer to our fetch is not passed on; a push (owned namespaces) is.
+        // An answer to our fetch is not pushed on (in public namespaces a large batch from it
+        // is announced below); a push in an owned namespace is.
         let forward = !st
             .fetches
             .range((author, 0)..=(author, u64::MAX))
@@ -2275,7 +2276,6 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         }
     }
 
-    /// Ingests a batch from a local write (`from` = None) or gossip.
     /// A large batch written here in a public namespace goes around gossip: pushed now to at
     /// most `push_fanout` of the peers holding `ns` (which ones turns with the seq, to spread
     /// the uploads), announced to the others after `announce_delay_ms` (by then most have
@@ -2391,6 +2391,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         }
     }
 
+    /// Ingests a batch from a local write (`from` = None) or gossip.
     fn ingest(
         &mut self,
         ns: &str,
