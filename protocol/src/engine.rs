@@ -15,12 +15,15 @@
 //! - New batches are pushed by gossip. A gossiped batch that extends its author's chain is
 //!   stored at once; one that skips ahead is buffered (bounded) while the gap is fetched from
 //!   the peer that sent it.
-//! - Large batches (`push_min_bytes`, 64 KiB) go around gossip: the writer pushes each
-//!   (`Batches`) to a few peers holding the namespace (`push_fanout`) and, `announce_delay_ms`
-//!   later, sends the others it has not heard from an `Announce` (author, seq); a peer that
-//!   stores one from a `Batches` message announces its new head at once to the peers not known
-//!   to hold it. A peer told of a seq it lacks fetches it as below, so each body crosses each
-//!   link about once, and never through gossip's copies.
+//! - Large batches (`push_min_bytes`, 64 KiB) go around gossip, along a tree in the manner of
+//!   Plumtree (Leitão et al., "Epidemic Broadcast Trees", SRDS 2007): a node that stores one
+//!   from a `Batches` message (or writes one) pushes it at once to its peers on the tree and
+//!   announces it (`Announce`: author, seq) `announce_delay_ms` later to its other peers that
+//!   have not told it they hold it. Every link starts on the tree; a peer pushed a large batch
+//!   it already holds answers `Prune` (the link leaves the tree, both ways), so after the first
+//!   batch floods, each later one reaches each node about once. A peer told of a seq it lacks
+//!   fetches it as below, and if it had pruned that link it `Graft`s it back: the tree mends
+//!   where it broke.
 //! - On connect, and every `anti_entropy_interval_ms`, peers exchange `Have` (their vectors).
 //!   For every author a peer has more of, we send `Fetch { from_seq, limit }`: up to
 //!   `fetch_stripes` fetches ("stripes") in flight per (namespace, author) at disjoint seq
@@ -126,17 +129,16 @@ pub struct EngineConfig {
     pub max_dict_waiting: usize,
     /// Most dictionary requests outstanding to one peer.
     pub max_dict_requests_per_peer: usize,
-    /// Public namespaces: a batch of this many envelope bytes or more goes around gossip. Written
-    /// here, it is pushed (`Batches`) to at most [`EngineConfig::push_fanout`] of the peers
-    /// holding the namespace and announced (`Announce`) to the others after
-    /// [`EngineConfig::announce_delay_ms`]; received from a peer, it is announced at once to
-    /// the peers not known to hold it, which fetch it. `usize::MAX`: every batch is gossiped.
+    /// Public namespaces: a batch of this many envelope bytes or more goes around gossip,
+    /// pushed (`Batches`) along a tree of links and announced (`Announce`) over the others
+    /// (see the module doc). `usize::MAX`: every batch is gossiped.
     pub push_min_bytes: usize,
-    /// Most peers a large batch written here is pushed to (the others are told by `Announce`).
+    /// Most peers one node pushes a large batch to (its tree links first; the others are
+    /// told by `Announce`).
     pub push_fanout: usize,
-    /// How long the writer waits before announcing a large batch to the peers it did not push
-    /// it to: meanwhile the pushed peers announce it, so most fetch it from them rather than
-    /// all from the writer (whose upload would grow with its number of peers, not the fanout).
+    /// How long a node waits before announcing a large batch to the peers it did not push it
+    /// to: meanwhile the tree usually brings it to them, so they neither fetch it nor all
+    /// fetch it from the writer (whose upload would grow with its number of peers).
     pub announce_delay_ms: u64,
 }
 
@@ -222,7 +224,8 @@ pub enum SyncMessage {
         batches: Vec<serde_bytes::ByteBuf>,
     },
     /// "I hold `author`'s chain in `ns` up to `seq`" (public namespaces: a large batch stored
-    /// here, which the receiver fetches if it lacks it). Adds to what a `Have` said.
+    /// here and not pushed to the receiver, which fetches it if it lacks it). Adds to what a
+    /// `Have` said.
     Announce {
         /// Namespace.
         ns: String,
@@ -231,6 +234,18 @@ pub enum SyncMessage {
         author: [u8; 32],
         /// Highest contiguous seq held.
         seq: u64,
+    },
+    /// "A large batch of `ns` you pushed me I held already: announce them to me instead"
+    /// (the link leaves the tree large batches are pushed along, both ways).
+    Prune {
+        /// Namespace.
+        ns: String,
+    },
+    /// "I had to fetch a large batch of `ns` you announced: push them to me again" (the link
+    /// joins the tree, both ways).
+    Graft {
+        /// Namespace.
+        ns: String,
     },
     /// "Send me the dictionaries with these refs" (named by batches of `ns` you sent me).
     FetchDicts {
@@ -425,6 +440,9 @@ struct NsState<P> {
     /// Running estimate of one batch's envelope size here (0 = none seen yet).
     batch_bytes_est: usize,
     peer_heads: BTreeMap<P, BTreeMap<[u8; 32], u64>>,
+    /// Public namespaces: peers whose link is off the tree large batches are pushed along
+    /// (`Prune`d, either way): they are told by a late `Announce` instead.
+    lazy: BTreeSet<P>,
     revocations: BTreeMap<TokenId, Hlc>,
     /// Owned namespaces: peers allowed to read, with the chain that allows them.
     readers: BTreeMap<P, Chain>,
@@ -447,6 +465,7 @@ impl<P> Default for NsState<P> {
             wanting_cursor: [0; 32],
             batch_bytes_est: 0,
             peer_heads: BTreeMap::new(),
+            lazy: BTreeSet::new(),
             revocations: BTreeMap::new(),
             readers: BTreeMap::new(),
             dict_blocked: BTreeMap::new(),
@@ -1279,6 +1298,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         for ns in names {
             let st = self.namespaces.get_mut(&ns).expect("listed");
             st.peer_heads.remove(peer);
+            st.lazy.remove(peer);
             st.readers.remove(peer);
             let orphaned: Vec<([u8; 32], u64)> = st
                 .fetches
@@ -1334,6 +1354,18 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 for author in behind {
                     let max = u32::MAX;
                     self.schedule(&ns, author, Some(&peer), None, max, now_ms, &mut actions);
+                }
+            }
+            SyncMessage::Prune { ns } => {
+                if let Some(st) = self.namespaces.get_mut(&ns) {
+                    if st.peer_heads.contains_key(&peer) {
+                        st.lazy.insert(peer);
+                    }
+                }
+            }
+            SyncMessage::Graft { ns } => {
+                if let Some(st) = self.namespaces.get_mut(&ns) {
+                    st.lazy.remove(&peer);
                 }
             }
             SyncMessage::Announce { ns, author, seq } => {
@@ -1608,7 +1640,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
     }
 
     /// One fetched (or pushed) batch, verified, checked against the chain it was asked for
-    /// and ingested. False if the peer was rejected (the rest of its message is dropped).
+    /// and ingested. `None` if the peer was rejected (the rest of its message is dropped).
     #[allow(clippy::too_many_arguments)]
     fn accept_fetched(
         &mut self,
@@ -1620,14 +1652,14 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         now_ms: u64,
         actions: &mut Vec<Action<P>>,
         first_seq: &mut Option<u64>,
-    ) -> bool {
+    ) -> Option<Ingest> {
         if vb.header.ns != ns || vb.header.author != author {
             self.stats.batches_rejected += 1;
             actions.push(Action::Reject {
                 peer: peer.clone(),
                 reason: "batch outside the fetched chain".into(),
             });
-            return false;
+            return None;
         }
         first_seq.get_or_insert(vb.header.seq);
         let from = if forward { Some(peer) } else { None };
@@ -1637,9 +1669,9 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 peer: peer.clone(),
                 reason,
             });
-            return false;
+            return None;
         }
-        true
+        Some(res)
     }
 
     /// A `Batches` message: a fetch answer, or a push (owned namespaces; large batches in
@@ -1668,6 +1700,10 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         // Whether a large batch is stored here: one of the message's, or one of the buffer's
         // that they let through.
         let mut large = false;
+        // Large batches stored from this message (pushed on along the tree), and whether a
+        // large one pushed to us was one we held (the link then leaves the tree).
+        let mut fresh: Vec<bytes::Bytes> = Vec::new();
+        let mut pushed_twice = false;
         let buffered_large: Vec<u64> = st
             .pending
             .range((author, 0)..=(author, u64::MAX))
@@ -1737,8 +1773,10 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     return;
                 }
             };
-            large |= vb.bytes.len() >= self.cfg.push_min_bytes;
-            if !self.accept_fetched(
+            let is_large = vb.bytes.len() >= self.cfg.push_min_bytes;
+            large |= is_large;
+            let bytes = is_large.then(|| vb.bytes.clone());
+            match self.accept_fetched(
                 &peer,
                 &ns,
                 author,
@@ -1748,7 +1786,10 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 actions,
                 &mut first_seq,
             ) {
-                return;
+                None => return,
+                Some(Ingest::Stored) => fresh.extend(bytes),
+                Some(Ingest::Duplicate) => pushed_twice |= is_large && forward,
+                Some(_) => {}
             }
         }
         // Which stripe this answers (the message does not say): a non-empty answer,
@@ -1790,11 +1831,24 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             let max = u32::MAX;
             self.schedule(&ns, author, Some(&peer), None, max, now_ms, actions);
         }
-        let st = self.namespaces.get(&ns).expect("checked");
+        let st = self.namespaces.get_mut(&ns).expect("checked");
         let head_after = st.heads.get(&author).map_or(0, |h| h.seq);
         large |= buffered_large.iter().any(|seq| *seq <= head_after);
+        if public && pushed_twice && st.lazy.insert(peer.clone()) {
+            actions.push(Action::Send {
+                peer: peer.clone(),
+                msg: SyncMessage::Prune { ns: ns.clone() },
+            });
+        }
+        if public && !forward && !fresh.is_empty() && st.lazy.remove(&peer) {
+            // We had to fetch it: the tree did not bring it here in time.
+            actions.push(Action::Send {
+                peer: peer.clone(),
+                msg: SyncMessage::Graft { ns: ns.clone() },
+            });
+        }
         if public && large && head_after > head_before {
-            self.announce_head(&ns, author, &peer, actions);
+            self.relay_large(&ns, author, &peer, fresh, now_ms, actions);
         }
         // A slot to this peer is free again: authors held back may go now.
         self.retry_wanting(now_ms, actions);
@@ -2277,11 +2331,10 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
     }
 
     /// A large batch written here in a public namespace goes around gossip: pushed now to at
-    /// most `push_fanout` of the peers holding `ns` (which ones turns with the seq, to spread
-    /// the uploads), announced to the others after `announce_delay_ms` (by then most have
-    /// heard of it from the pushed peers, see [`EngineConfig::announce_delay_ms`]). False
-    /// (gossip it) if it is small or no peer is known to hold `ns` yet (a peer that says it
-    /// does later learns our heads from our `Have`).
+    /// most `push_fanout` of the peers holding `ns` on the tree (which ones turns with the
+    /// seq), announced to the others after `announce_delay_ms` (by then most have it from
+    /// the tree). False (gossip it) if it is small or no peer is known to hold `ns` yet (a
+    /// peer that says it does later learns our heads from our `Have`).
     fn push_large(
         &mut self,
         ns: &str,
@@ -2295,40 +2348,29 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         let Some(st) = self.namespaces.get(ns) else {
             return false;
         };
-        let holders: Vec<&P> = st.peer_heads.keys().collect();
-        if holders.is_empty() {
+        if st.peer_heads.is_empty() {
             return false;
         }
-        let start = (vb.header.seq % holders.len() as u64) as usize;
+        // Tree peers first (which of them turns with the seq), then the pruned ones.
+        let (eager, lazy): (Vec<&P>, Vec<&P>) =
+            st.peer_heads.keys().partition(|p| !st.lazy.contains(*p));
+        let start = (vb.header.seq % eager.len().max(1) as u64) as usize;
+        let rotated = eager.iter().cycle().skip(start).take(eager.len());
+        let order: Vec<P> = rotated.chain(lazy.iter()).map(|p| (*p).clone()).collect();
+        let pushes = eager.len().min(self.cfg.push_fanout);
         let (author, seq) = (vb.header.author, vb.header.seq);
-        let rotated = holders.iter().cycle().skip(start).take(holders.len());
-        for (i, p) in rotated.enumerate() {
-            if i < self.cfg.push_fanout {
+        for (i, p) in order.into_iter().enumerate() {
+            if i < pushes {
                 out.push(Action::Send {
-                    peer: (*p).clone(),
+                    peer: p,
                     msg: SyncMessage::Batches {
                         ns: ns.to_string(),
                         author,
                         batches: vec![serde_bytes::ByteBuf::from(vb.bytes.to_vec())],
                     },
                 });
-            } else if self.late_announces.len() < LATE_ANNOUNCES_MAX {
-                self.late_announces.push_back(LateAnnounce {
-                    due_ms: now_ms + self.cfg.announce_delay_ms,
-                    peer: (*p).clone(),
-                    ns: ns.to_string(),
-                    author,
-                    seq,
-                });
             } else {
-                out.push(Action::Send {
-                    peer: (*p).clone(),
-                    msg: SyncMessage::Announce {
-                        ns: ns.to_string(),
-                        author,
-                        seq,
-                    },
-                });
+                self.announce_later(p, ns, author, seq, now_ms, out);
             }
         }
         true
@@ -2364,24 +2406,86 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         }
     }
 
-    /// After a `Batches` message from `from` in a public namespace that stored a large batch
-    /// ([`EngineConfig::push_min_bytes`]): our new head of `author` is announced to every other
-    /// peer holding `ns` that is not known to hold it, so it spreads past one hop (each peer
-    /// fetches the body once, from whoever told it first, instead of receiving it from every
-    /// neighbour).
-    fn announce_head(&self, ns: &str, author: [u8; 32], from: &P, out: &mut Vec<Action<P>>) {
+    /// After a `Batches` message from `from` in a public namespace that stored large batches
+    /// ([`EngineConfig::push_min_bytes`]): `fresh` (those of the message) are pushed on to the
+    /// peers on the tree (not `Prune`d; at most `push_fanout`), and our new head of `author` is
+    /// announced to the others after `announce_delay_ms` (by then the tree has usually brought
+    /// it to them; one that still lacks it fetches it and `Graft`s the link). Peers known to
+    /// hold it, and `from`, get nothing. Large batches stored only from our buffer (`fresh`
+    /// empty) are announced to the tree peers at once.
+    fn relay_large(
+        &mut self,
+        ns: &str,
+        author: [u8; 32],
+        from: &P,
+        fresh: Vec<bytes::Bytes>,
+        now_ms: u64,
+        out: &mut Vec<Action<P>>,
+    ) {
         let Some(st) = self.namespaces.get(ns) else {
             return;
         };
         let Some(seq) = st.heads.get(&author).map(|h| h.seq) else {
             return;
         };
+        let mut eager = 0;
+        let mut late = Vec::new();
         for (p, theirs) in &st.peer_heads {
             if p == from || theirs.get(&author).is_some_and(|s| *s >= seq) {
                 continue;
             }
+            if st.lazy.contains(p) || eager >= self.cfg.push_fanout {
+                late.push(p.clone());
+                continue;
+            }
+            eager += 1;
+            let msg = match fresh.is_empty() {
+                false => SyncMessage::Batches {
+                    ns: ns.to_string(),
+                    author,
+                    batches: fresh
+                        .iter()
+                        .map(|b| serde_bytes::ByteBuf::from(b.to_vec()))
+                        .collect(),
+                },
+                true => SyncMessage::Announce {
+                    ns: ns.to_string(),
+                    author,
+                    seq,
+                },
+            };
             out.push(Action::Send {
                 peer: p.clone(),
+                msg,
+            });
+        }
+        for p in late {
+            self.announce_later(p, ns, author, seq, now_ms, out);
+        }
+    }
+
+    /// Queues an `Announce` to `peer` for `announce_delay_ms` from now (see
+    /// [`Engine::send_late_announces`]); sent at once if the queue is full.
+    fn announce_later(
+        &mut self,
+        peer: P,
+        ns: &str,
+        author: [u8; 32],
+        seq: u64,
+        now_ms: u64,
+        out: &mut Vec<Action<P>>,
+    ) {
+        if self.late_announces.len() < LATE_ANNOUNCES_MAX {
+            self.late_announces.push_back(LateAnnounce {
+                due_ms: now_ms + self.cfg.announce_delay_ms,
+                peer,
+                ns: ns.to_string(),
+                author,
+                seq,
+            });
+        } else {
+            out.push(Action::Send {
+                peer,
                 msg: SyncMessage::Announce {
                     ns: ns.to_string(),
                     author,

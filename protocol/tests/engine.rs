@@ -1769,21 +1769,22 @@ fn pushes(actions: &[Action<usize>]) -> (Vec<usize>, Vec<usize>, usize) {
     (pushed, told, published)
 }
 
-/// A large batch written in a public namespace is pushed to `push_fanout` peers at once,
-/// never gossiped; the others (here connected to the pushed ones) hear of it from them and
-/// fetch it from them, not from the writer, before the writer's own announcement is due;
-/// every engine holds it with no gossip at all, without duplicates. A small one is still
+/// Large batches in a public namespace are pushed along a tree, never gossiped. The first
+/// floods the links (every engine pushes it on) and each engine that receives it twice
+/// `Prune`s that link; the next ones, from the same writer or another, then reach every
+/// engine with no copy received twice and no fetch, before any tick. A small batch is still
 /// gossiped.
 #[test]
-fn large_batches_are_pushed_and_announced_instead_of_gossiped() {
-    let cfg = EngineConfig {
-        push_fanout: 2,
-        ..test_config()
-    };
-    let mut net = Net::new(5, cfg);
+fn large_batches_are_pushed_along_a_tree_instead_of_gossiped() {
+    let mut net = Net::new(5, test_config());
     net.gossip = false;
     net.connect_all();
     net.run_idle();
+    let dups = |net: &Net| -> u64 {
+        (0..5)
+            .map(|i| net.nodes[i].engine.stats().batches_duplicate)
+            .sum()
+    };
 
     net.now_ms += 1;
     let key = net.nodes[0].key.clone();
@@ -1792,49 +1793,38 @@ fn large_batches_are_pushed_and_announced_instead_of_gossiped() {
         .write(NS, &key, large_call(1, 3_000), net.now_ms)
         .unwrap();
     assert!(big.bytes.len() >= blazedb_protocol::limits::PUSH_MIN_BYTES);
-    let (pushed, told, published) = pushes(&acts);
+    let (mut pushed, told, published) = pushes(&acts);
     assert_eq!(published, 0, "a large batch is not gossiped");
-    assert_eq!(pushed.len(), 2, "pushed to push_fanout peers");
-    assert!(told.is_empty(), "the others are told later: {told:?}");
+    pushed.sort();
+    assert_eq!(pushed, vec![1, 2, 3, 4], "pushed to every peer at first");
+    assert!(told.is_empty(), "{told:?}");
     net.apply(0, acts);
     // No tick: only the pushes and what they set off.
     net.run_idle();
-
-    // Everyone holds it: the engines not pushed to fetched it from a pushed one that
-    // announced it, once each; no duplicates.
     assert!(net.rejects.is_empty(), "rejects: {:?}", net.rejects);
     for i in 1..5 {
         assert_eq!(net.vector(i).get(&net.author(0)), Some(&1), "engine {i}");
     }
-    let mut fetching: Vec<(usize, usize)> = net
-        .fetches
-        .iter()
-        .map(|(from, to, ..)| (*from, *to))
-        .collect();
-    fetching.sort();
-    assert_eq!(fetching.len(), 2, "fetches: {:?}", net.fetches);
-    for (from, to) in fetching {
-        assert!(!pushed.contains(&from), "pushed engine {from} fetched");
-        assert!(
-            pushed.contains(&to),
-            "engine {from} fetched from {to}, not a pushed peer"
-        );
-    }
-    for i in 0..5 {
-        assert_eq!(
-            net.nodes[i].engine.stats().batches_duplicate,
-            0,
-            "engine {i}"
-        );
-    }
-    // The writer's announcements fall due: the peers it did not push to told it they hold
-    // the batch (announcing it onward), so none is sent.
-    let due = net.now_ms + 1_000;
-    let acts = net.nodes[0].engine.tick(due);
-    assert_eq!(pushes(&acts), (vec![], vec![], 0), "{acts:?}");
-    net.now_ms = due;
-    net.apply(0, acts);
+    let flood = dups(&net);
+    assert!(flood > 0, "the first large batch floods the links");
+
+    // The tree carries the next ones: from the same writer, then from another engine.
+    net.write(0, large_call(2, 3_000));
+    net.write(2, large_call(3, 3_000));
     net.run_idle();
+    for i in 0..5 {
+        assert_eq!(net.vector(i).get(&net.author(0)), Some(&2), "engine {i}");
+        assert_eq!(net.vector(i).get(&net.author(2)), Some(&1), "engine {i}");
+    }
+    assert_eq!(
+        dups(&net),
+        flood,
+        "a copy received twice after the tree formed"
+    );
+    assert!(net.fetches.is_empty(), "fetches: {:?}", net.fetches);
+    // The late announcements over the pruned links go out and change nothing.
+    net.advance(1_000);
+    assert!(net.fetches.is_empty(), "fetches: {:?}", net.fetches);
 
     // A small batch is gossiped as before.
     net.now_ms += 1;
@@ -1852,6 +1842,47 @@ fn large_batches_are_pushed_and_announced_instead_of_gossiped() {
     net.apply(0, acts);
     net.run_idle();
     net.assert_converged(&[0, 1, 2, 3, 4]);
+}
+
+/// When the tree breaks, a pruned link carries the batch: its late announcement makes the
+/// engine cut off fetch it, and `Graft` the link back into the tree, so the next large batch
+/// is pushed to it with no announcement or fetch.
+#[test]
+fn a_pruned_link_is_grafted_back_when_the_tree_breaks() {
+    let mut net = Net::new(3, test_config());
+    net.gossip = false;
+    net.connect_all();
+    net.run_idle();
+    net.advance(100);
+    // The first batch floods; 1 and 2 each receive it twice and prune the link between them.
+    net.write(0, large_call(1, 3_000));
+    net.run_idle();
+    // The tree (0 – 1, 0 – 2) loses 0 – 2: only the pruned link 1 – 2 reaches 2.
+    net.disconnect(0, 2);
+    net.write(0, large_call(2, 3_000));
+    net.run_idle();
+    assert_eq!(
+        net.vector(2).get(&net.author(0)),
+        Some(&1),
+        "pushed over a pruned link"
+    );
+    net.advance(400);
+    assert_eq!(
+        net.vector(2).get(&net.author(0)),
+        Some(&2),
+        "never announced"
+    );
+    assert_eq!(net.fetches.len(), 1, "fetches: {:?}", net.fetches);
+    // Grafted: the next one is pushed from 1 to 2 at once.
+    net.write(0, large_call(3, 3_000));
+    net.run_idle();
+    assert_eq!(
+        net.vector(2).get(&net.author(0)),
+        Some(&3),
+        "the link was not grafted"
+    );
+    assert_eq!(net.fetches.len(), 1, "fetches: {:?}", net.fetches);
+    assert!(net.rejects.is_empty(), "rejects: {:?}", net.rejects);
 }
 
 /// A peer connected only to the writer (a star around it, fanout 1) is not pushed to and
@@ -1894,9 +1925,9 @@ fn a_peer_only_the_writer_reaches_gets_its_late_announcement() {
 }
 
 /// Large batches cross a line of peers (0 – 1 – 2 – 3) without gossip and before any
-/// anti-entropy round: each hop announces what it stored to the next, which fetches it.
+/// anti-entropy round: each hop pushes what it stored on to the next.
 #[test]
-fn large_batches_cross_a_line_of_peers_by_announcements() {
+fn large_batches_cross_a_line_of_peers() {
     let mut net = Net::new(4, test_config());
     net.gossip = false;
     for i in 0..3 {
@@ -1906,12 +1937,13 @@ fn large_batches_cross_a_line_of_peers_by_announcements() {
     for tag in 0..3 {
         net.write(0, large_call(tag, 3_000));
     }
-    // No time passes for ticks: only pushes, announcements and the fetches they start.
+    // No time passes for ticks: only the pushes.
     net.run_idle();
     assert!(net.rejects.is_empty(), "rejects: {:?}", net.rejects);
     for i in 1..4 {
         assert_eq!(net.vector(i).get(&net.author(0)), Some(&3), "engine {i}");
     }
+    assert!(net.fetches.is_empty(), "fetches: {:?}", net.fetches);
     net.assert_converged(&[0, 1, 2, 3]);
     for i in 0..4 {
         assert_eq!(

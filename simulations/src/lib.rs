@@ -322,6 +322,7 @@ fn sync_size(m: &SyncMessage) -> u64 {
     match m {
         SyncMessage::Have { heads, .. } => 16 + 40 * heads.len() as u64,
         SyncMessage::Fetch { .. } | SyncMessage::Announce { .. } => 64,
+        SyncMessage::Prune { .. } | SyncMessage::Graft { .. } => 16,
         SyncMessage::Present { chain, .. } => 16 + chain.len() as u64,
         SyncMessage::Revoked { batches, .. } | SyncMessage::Batches { batches, .. } => {
             48 + batches.iter().map(|b| b.len() as u64).sum::<u64>()

@@ -228,8 +228,8 @@ async fn large_calls_compressed_by_their_writers_replicate() {
 }
 
 /// Large batches in a public namespace go around gossipsub: A pushes each to B over a sync
-/// stream, B announces it to C, C fetches it from B (A – B – C in a line). No gossip message
-/// carries them (gossip still carries small writes), and all three end identical.
+/// stream, B pushes it on to C (A – B – C in a line: every link on the push tree). No gossip
+/// message carries them (gossip still carries small writes), and all three end identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_batches_travel_around_gossip_over_a_line_of_nodes() {
     use blazedb_node::{FieldValue, OpsBuilder};
