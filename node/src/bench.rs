@@ -1866,11 +1866,33 @@ async fn b5_mesh(
     Ok((nodes, edges))
 }
 
+/// Waits until each of `nodes` holds `want` batches from others (B5's "held by all").
+async fn every_node_holds(nodes: &[NodeHandle], want: u64) -> Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    for node in nodes {
+        wait_for(
+            "every node to hold the write",
+            Duration::from_secs(60),
+            || node.metrics().remote_batches.load(Relaxed) >= want,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Copies of batches they held that reached the engines of `nodes` (gossip, pushes, fetches).
+fn duplicates_received(nodes: &[NodeHandle]) -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    nodes
+        .iter()
+        .map(|x| x.metrics().duplicates.load(Relaxed))
+        .sum()
+}
+
 /// B5 (real tier): `n` real nodes in this process on loopback (see [`b5_mesh`]), one writer;
 /// per write, the time until every node holds it, and gossip duplicates per batch. The same
 /// N in the simulator is printed alongside.
 pub async fn b5(n: usize, writes: usize) -> Result<Vec<Row>> {
-    use std::sync::atomic::Ordering::Relaxed;
     let dir = tempfile_dir()?;
     let (nodes, edges) = b5_mesh(dir.path(), n, EngineConfig::default()).await?;
     // Wire duplicates: gossip copies received minus those that were new.
@@ -1883,13 +1905,7 @@ pub async fn b5(n: usize, writes: usize) -> Result<Vec<Row>> {
             })
             .sum()
     };
-    let engine_dups = |nodes: &[NodeHandle]| -> u64 {
-        nodes
-            .iter()
-            .map(|x| x.metrics().duplicates.load(Relaxed))
-            .sum()
-    };
-    let (wire0, dups0) = (wire(&nodes), engine_dups(&nodes));
+    let (wire0, dups0) = (wire(&nodes), duplicates_received(&nodes));
     let mut lat = Vec::new();
     let mut wrng = rand::rngs::StdRng::seed_from_u64(55);
     for k in 0..writes {
@@ -1897,21 +1913,13 @@ pub async fn b5(n: usize, writes: usize) -> Result<Vec<Row>> {
         nodes[0]
             .write(DEFAULT_NAMESPACE, workload_w(&mut wrng, 100, 0))
             .await?;
-        let want = (k + 1) as u64;
-        for node in &nodes[1..] {
-            wait_for(
-                "every node to hold the write",
-                Duration::from_secs(60),
-                || node.metrics().remote_batches.load(Relaxed) >= want,
-            )
-            .await?;
-        }
+        every_node_holds(&nodes[1..], (k + 1) as u64).await?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);
     }
     // Late copies still in flight when the last node got the batch: give them a moment.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let wire_dups = (wire(&nodes) - wire0) as f64 / writes as f64;
-    let engine_dups = (engine_dups(&nodes) - dups0) as f64 / writes as f64;
+    let engine_dups = (duplicates_received(&nodes) - dups0) as f64 / writes as f64;
     for node in &nodes {
         node.shutdown().await;
     }
@@ -1977,17 +1985,11 @@ async fn b5_large_run(n: usize, writes: usize, engine: EngineConfig) -> Result<L
     use std::sync::atomic::Ordering::Relaxed;
     let dir = tempfile_dir()?;
     let (nodes, _) = b5_mesh(dir.path(), n, engine).await?;
-    let engine_dups = |nodes: &[NodeHandle]| -> u64 {
-        nodes
-            .iter()
-            .map(|x| x.metrics().duplicates.load(Relaxed))
-            .sum()
-    };
     let mut wrng = rand::rngs::StdRng::seed_from_u64(56);
     let calls: Vec<Vec<RawOp>> = (0..writes)
         .map(|_| workload_w_raw(&mut wrng, W_BATCH_OPS))
         .collect();
-    let (rx0, dups0) = (loopback_rx_bytes(), engine_dups(&nodes));
+    let (rx0, dups0) = (loopback_rx_bytes(), duplicates_received(&nodes));
     let bytes0 = nodes[0].metrics().local_bytes.load(Relaxed);
     let mut lat = Vec::new();
     for (k, call) in calls.iter().enumerate() {
@@ -1995,22 +1997,14 @@ async fn b5_large_run(n: usize, writes: usize, engine: EngineConfig) -> Result<L
         nodes[0]
             .write_built(DEFAULT_NAMESPACE, built_call(call)?)
             .await?;
-        let want = (k + 1) as u64;
-        for node in &nodes[1..] {
-            wait_for(
-                "every node to hold the write",
-                Duration::from_secs(60),
-                || node.metrics().remote_batches.load(Relaxed) >= want,
-            )
-            .await?;
-        }
+        every_node_holds(&nodes[1..], (k + 1) as u64).await?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);
     }
     // Late copies still in flight when the last node got the batch: give them a moment.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let written = nodes[0].metrics().local_bytes.load(Relaxed) - bytes0;
     let wire = loopback_rx_bytes().saturating_sub(rx0);
-    let dups = engine_dups(&nodes) - dups0;
+    let dups = duplicates_received(&nodes) - dups0;
     for node in &nodes {
         node.shutdown().await;
     }

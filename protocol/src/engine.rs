@@ -1710,8 +1710,8 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
             .filter(|(_, vb)| vb.bytes.len() >= self.cfg.push_min_bytes)
             .map(|((_, seq), _)| *seq)
             .collect();
-        // An answer to our fetch is not pushed on (in public namespaces a large batch from it
-        // is announced below); a push in an owned namespace is.
+        // An answer to our fetch is not forwarded to readers, a push in an owned namespace is;
+        // in public namespaces a large batch from either goes on along the push tree (below).
         let forward = !st
             .fetches
             .range((author, 0)..=(author, u64::MAX))
