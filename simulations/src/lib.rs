@@ -101,7 +101,7 @@ pub struct SimConfig {
     /// whose batches do not compress away, so large ones go around gossip as on real nodes.
     pub value_bytes: usize,
     /// Gossip every batch, large ones too (the engine's `push_min_bytes` at `usize::MAX`): the
-    /// baseline for the push-and-announce path.
+    /// baseline for the push tree.
     pub gossip_large: bool,
 }
 
