@@ -1022,7 +1022,11 @@ fn next_hlc(r: &mut Reader<'_>, prev: &mut u64, i: usize) -> Result<Hlc, CodecEr
     if i > 0 && dh == 0 {
         return Err(CodecError::Unordered);
     }
-    *prev = prev.checked_add(dh).ok_or(CodecError::Unordered)?;
+    // (A match, not `ok_or`: see [`truncated`].)
+    *prev = match prev.checked_add(dh) {
+        Some(h) => h,
+        None => return Err(CodecError::Unordered),
+    };
     Ok(Hlc(*prev))
 }
 
