@@ -38,3 +38,8 @@ pub const MAX_DICTS_PER_MESSAGE: usize = 8;
 /// announced over sync streams, see `EngineConfig::push_min_bytes`): gossipsub copies each
 /// message several times on the way out and in, which is most of its cost for large ones.
 pub const PUSH_MIN_BYTES: usize = 64 * 1024;
+
+/// Authors per namespace whose push tree an engine keeps (the links it or its peers
+/// `Prune`d for that author's large batches). Past it, prunes for further authors are not
+/// kept: their batches go on over every link (more copies, never fewer deliveries).
+pub const MAX_TREE_AUTHORS: usize = 4_096;

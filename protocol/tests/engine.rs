@@ -1769,11 +1769,12 @@ fn pushes(actions: &[Action<usize>]) -> (Vec<usize>, Vec<usize>, usize) {
     (pushed, told, published)
 }
 
-/// Large batches in a public namespace are pushed along a tree, never gossiped. The first
-/// floods the links (every engine pushes it on) and each engine that receives it twice
-/// `Prune`s that link; the next ones, from the same writer or another, then reach every
-/// engine with no copy received twice and no fetch, before any tick. A small batch is still
-/// gossiped.
+/// Large batches in a public namespace are pushed along a tree per author, never gossiped.
+/// An author's first floods the links (every engine pushes it on) and each engine that
+/// receives it twice `Prune`s that link for that author; the author's next ones then reach
+/// every engine with no copy received twice and no fetch, before any tick. Another author's
+/// first floods again (its own tree), and then both trees carry their authors' batches. A
+/// small batch is still gossiped.
 #[test]
 fn large_batches_are_pushed_along_a_tree_instead_of_gossiped() {
     let mut net = Net::new(5, test_config());
@@ -1808,18 +1809,34 @@ fn large_batches_are_pushed_along_a_tree_instead_of_gossiped() {
     let flood = dups(&net);
     assert!(flood > 0, "the first large batch floods the links");
 
-    // The tree carries the next ones: from the same writer, then from another engine.
+    // The writer's tree carries its next one.
     net.write(0, large_call(2, 3_000));
-    net.write(2, large_call(3, 3_000));
     net.run_idle();
     for i in 0..5 {
         assert_eq!(net.vector(i).get(&net.author(0)), Some(&2), "engine {i}");
-        assert_eq!(net.vector(i).get(&net.author(2)), Some(&1), "engine {i}");
     }
     assert_eq!(
         dups(&net),
         flood,
         "a copy received twice after the tree formed"
+    );
+    // Another writer's first large batch floods its own tree; then its next one, and the
+    // first writer's, each reach every engine once.
+    net.write(2, large_call(3, 3_000));
+    net.run_idle();
+    let second_flood = dups(&net);
+    assert!(second_flood > flood, "each author's tree forms by a flood");
+    net.write(2, large_call(4, 3_000));
+    net.write(0, large_call(5, 3_000));
+    net.run_idle();
+    for i in 0..5 {
+        assert_eq!(net.vector(i).get(&net.author(0)), Some(&3), "engine {i}");
+        assert_eq!(net.vector(i).get(&net.author(2)), Some(&2), "engine {i}");
+    }
+    assert_eq!(
+        dups(&net),
+        second_flood,
+        "a copy received twice after both trees formed"
     );
     assert!(net.fetches.is_empty(), "fetches: {:?}", net.fetches);
     // The late announcements over the pruned links go out and change nothing.
@@ -2009,4 +2026,40 @@ fn announce_has_a_pinned_cbor_form() {
     assert_eq!(hex, want);
     let back: SyncMessage = ciborium::from_reader(bytes.as_slice()).unwrap();
     assert_eq!(back, msg);
+}
+
+/// `Prune` and `Graft` name the author whose push tree they change (pinned wire form, as for
+/// `Announce`).
+#[test]
+fn prune_and_graft_have_a_pinned_cbor_form() {
+    for (msg, name) in [
+        (
+            SyncMessage::Prune {
+                ns: "default".into(),
+                author: [0xab; 32],
+            },
+            "655072756e65", // "Prune"
+        ),
+        (
+            SyncMessage::Graft {
+                ns: "default".into(),
+                author: [0xab; 32],
+            },
+            "654772616674", // "Graft"
+        ),
+    ] {
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&msg, &mut bytes).unwrap();
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let want = format!(
+            "a1{name}a2{}{}{}5820{}",
+            "626e73",           // "ns"
+            "6764656661756c74", // "default"
+            "66617574686f72",   // "author"
+            "ab".repeat(32),
+        );
+        assert_eq!(hex, want);
+        let back: SyncMessage = ciborium::from_reader(bytes.as_slice()).unwrap();
+        assert_eq!(back, msg);
+    }
 }
