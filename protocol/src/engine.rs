@@ -2791,3 +2791,38 @@ fn check_link(head: Option<Head>, vb: &VerifiedBatch) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn author(i: usize) -> [u8; 32] {
+        let mut a = [0u8; 32];
+        a[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        a
+    }
+
+    /// The push trees kept per namespace are bounded: a prune for an author past
+    /// `MAX_TREE_AUTHORS` is not kept (that author's batches go on over every link), a kept
+    /// author's tree still takes more links, and a graft that empties an author's set drops
+    /// it, which makes room for another.
+    #[test]
+    fn push_trees_are_bounded_per_namespace() {
+        let max = limits::MAX_TREE_AUTHORS;
+        let mut st = NsState::<u32>::default();
+        for i in 0..max {
+            assert!(st.prune(author(i), 1));
+        }
+        assert!(!st.prune(author(max), 1), "a tree past the bound was kept");
+        assert!(!st.is_lazy(&author(max), &1));
+        assert!(st.prune(author(0), 2));
+        assert!(st.is_lazy(&author(0), &2));
+        assert!(!st.prune(author(0), 2), "pruned twice");
+        assert!(st.graft(&author(0), &1));
+        assert!(st.graft(&author(0), &2));
+        assert!(!st.graft(&author(0), &2), "grafted twice");
+        assert_eq!(st.lazy.len(), max - 1);
+        assert!(st.prune(author(max), 1));
+        assert!(st.is_lazy(&author(max), &1));
+    }
+}
