@@ -453,8 +453,11 @@ struct NsState<P> {
     peer_heads: BTreeMap<P, BTreeMap<[u8; 32], u64>>,
     /// Public namespaces, per author: peers whose link is off the tree that author's large
     /// batches are pushed along (`Prune`d, either way): they are told by a late `Announce`
-    /// instead. At most [`limits::MAX_TREE_AUTHORS`] authors; empty sets are not kept.
-    lazy: BTreeMap<[u8; 32], BTreeSet<P>>,
+    /// instead. At most [`limits::MAX_TREE_AUTHORS`] authors (the least recently pruned one
+    /// makes room); empty sets are not kept.
+    lazy: BTreeMap<[u8; 32], OffTree<P>>,
+    /// Prunes counted so far: the order of [`OffTree::pruned_at`].
+    prunes: u64,
     revocations: BTreeMap<TokenId, Hlc>,
     /// Owned namespaces: peers allowed to read, with the chain that allows them.
     readers: BTreeMap<P, Chain>,
@@ -465,28 +468,48 @@ struct NsState<P> {
     squeeze: Squeeze,
 }
 
+/// The links off one author's push tree, and when one was last taken off.
+#[derive(Debug)]
+struct OffTree<P> {
+    peers: BTreeSet<P>,
+    /// [`NsState::prunes`] at the latest prune.
+    pruned_at: u64,
+}
+
 impl<P: Ord> NsState<P> {
     /// Whether `peer`'s link is off `author`'s push tree.
     fn is_lazy(&self, author: &[u8; 32], peer: &P) -> bool {
-        self.lazy.get(author).is_some_and(|s| s.contains(peer))
+        self.lazy
+            .get(author)
+            .is_some_and(|t| t.peers.contains(peer))
     }
 
-    /// Takes `peer`'s link off `author`'s push tree; false if it was off already or the
-    /// trees of [`limits::MAX_TREE_AUTHORS`] other authors are kept.
+    /// Takes `peer`'s link off `author`'s push tree; false if it was off already. A new
+    /// author past [`limits::MAX_TREE_AUTHORS`] takes the place of the one pruned least
+    /// recently (whose tree is forgotten: its next large batch floods and prunes again).
     fn prune(&mut self, author: [u8; 32], peer: P) -> bool {
+        self.prunes += 1;
         if !self.lazy.contains_key(&author) && self.lazy.len() >= limits::MAX_TREE_AUTHORS {
-            return false;
+            let oldest = self.lazy.iter().min_by_key(|(_, t)| t.pruned_at);
+            if let Some(oldest) = oldest.map(|(a, _)| *a) {
+                self.lazy.remove(&oldest);
+            }
         }
-        self.lazy.entry(author).or_default().insert(peer)
+        let tree = self.lazy.entry(author).or_insert_with(|| OffTree {
+            peers: BTreeSet::new(),
+            pruned_at: 0,
+        });
+        tree.pruned_at = self.prunes;
+        tree.peers.insert(peer)
     }
 
     /// Puts `peer`'s link back on `author`'s push tree; false if it was on it.
     fn graft(&mut self, author: &[u8; 32], peer: &P) -> bool {
-        let Some(peers) = self.lazy.get_mut(author) else {
+        let Some(tree) = self.lazy.get_mut(author) else {
             return false;
         };
-        let was = peers.remove(peer);
-        if peers.is_empty() {
+        let was = tree.peers.remove(peer);
+        if tree.peers.is_empty() {
             self.lazy.remove(author);
         }
         was
@@ -506,6 +529,7 @@ impl<P> Default for NsState<P> {
             batch_bytes_est: 0,
             peer_heads: BTreeMap::new(),
             lazy: BTreeMap::new(),
+            prunes: 0,
             revocations: BTreeMap::new(),
             readers: BTreeMap::new(),
             dict_blocked: BTreeMap::new(),
@@ -1338,9 +1362,9 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
         for ns in names {
             let st = self.namespaces.get_mut(&ns).expect("listed");
             st.peer_heads.remove(peer);
-            st.lazy.retain(|_, peers| {
-                peers.remove(peer);
-                !peers.is_empty()
+            st.lazy.retain(|_, tree| {
+                tree.peers.remove(peer);
+                !tree.peers.is_empty()
             });
             st.readers.remove(peer);
             let orphaned: Vec<([u8; 32], u64)> = st
@@ -2802,10 +2826,9 @@ mod tests {
         a
     }
 
-    /// The push trees kept per namespace are bounded: a prune for an author past
-    /// `MAX_TREE_AUTHORS` is not kept (that author's batches go on over every link), a kept
-    /// author's tree still takes more links, and a graft that empties an author's set drops
-    /// it, which makes room for another.
+    /// The push trees kept per namespace are bounded: past `MAX_TREE_AUTHORS`, a new
+    /// author's prune takes the place of the author pruned least recently; a graft that
+    /// empties an author's set drops it.
     #[test]
     fn push_trees_are_bounded_per_namespace() {
         let max = limits::MAX_TREE_AUTHORS;
@@ -2813,16 +2836,23 @@ mod tests {
         for i in 0..max {
             assert!(st.prune(author(i), 1));
         }
-        assert!(!st.prune(author(max), 1), "a tree past the bound was kept");
-        assert!(!st.is_lazy(&author(max), &1));
+        // Author 0 is pruned again (most recent now); author 1 is the least recent.
         assert!(st.prune(author(0), 2));
-        assert!(st.is_lazy(&author(0), &2));
         assert!(!st.prune(author(0), 2), "pruned twice");
+        assert!(st.prune(author(max), 1));
+        assert_eq!(st.lazy.len(), max, "the bound");
+        assert!(
+            st.is_lazy(&author(max), &1),
+            "the new author's tree was not kept"
+        );
+        assert!(
+            !st.is_lazy(&author(1), &1),
+            "the least recent tree was not the one dropped"
+        );
+        assert!(st.is_lazy(&author(0), &1) && st.is_lazy(&author(2), &1));
         assert!(st.graft(&author(0), &1));
         assert!(st.graft(&author(0), &2));
         assert!(!st.graft(&author(0), &2), "grafted twice");
-        assert_eq!(st.lazy.len(), max - 1);
-        assert!(st.prune(author(max), 1));
-        assert!(st.is_lazy(&author(max), &1));
+        assert!(!st.lazy.contains_key(&author(0)), "an emptied set was kept");
     }
 }

@@ -40,6 +40,7 @@ pub const MAX_DICTS_PER_MESSAGE: usize = 8;
 pub const PUSH_MIN_BYTES: usize = 64 * 1024;
 
 /// Authors per namespace whose push tree an engine keeps (the links it or its peers
-/// `Prune`d for that author's large batches). Past it, prunes for further authors are not
-/// kept: their batches go on over every link (more copies, never fewer deliveries).
+/// `Prune`d for that author's large batches). Past it, a new author's tree replaces the one
+/// pruned least recently, whose next large batch goes over every link again and re-forms it
+/// (more copies, never fewer deliveries).
 pub const MAX_TREE_AUTHORS: usize = 4_096;
