@@ -568,14 +568,14 @@ fn truncated() -> CodecError {
 }
 
 impl<'a> Reader<'a> {
-    #[inline]
+    #[inline(always)]
     fn byte(&mut self) -> Result<u8, CodecError> {
         let v = *self.b.get(self.pos).ok_or_else(truncated)?;
         self.pos += 1;
         Ok(v)
     }
 
-    #[inline]
+    #[inline(always)]
     fn take(&mut self, n: usize) -> Result<&'a [u8], CodecError> {
         let end = self.pos.checked_add(n).ok_or_else(truncated)?;
         let s = self.b.get(self.pos..end).ok_or_else(truncated)?;
@@ -585,7 +585,7 @@ impl<'a> Reader<'a> {
 
     /// Reads an initial byte and its argument: (major type, additional info, argument).
     /// Indefinite lengths and reserved values are refused.
-    #[inline]
+    #[inline(always)]
     fn head(&mut self) -> Result<(u8, u8, u64), CodecError> {
         let ib = self.byte()?;
         let (major, ai) = (ib >> 5, ib & 0x1f);
@@ -604,7 +604,7 @@ impl<'a> Reader<'a> {
         Ok((major, ai, n))
     }
 
-    #[inline]
+    #[inline(always)]
     fn expect(&mut self, major: u8, what: &'static str) -> Result<u64, CodecError> {
         match self.head()? {
             (m, _, n) if m == major => Ok(n),
@@ -612,12 +612,12 @@ impl<'a> Reader<'a> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn uint(&mut self, what: &'static str) -> Result<u64, CodecError> {
         self.expect(0, what)
     }
 
-    #[inline]
+    #[inline(always)]
     fn text(&mut self, what: &'static str) -> Result<&'a str, CodecError> {
         let n = self.expect(3, what)?;
         let n = usize::try_from(n).map_err(|_| TRUNCATED)?;
@@ -1030,7 +1030,7 @@ fn next_hlc(r: &mut Reader<'_>, prev: &mut u64, i: usize) -> Result<Hlc, CodecEr
     Ok(Hlc(*prev))
 }
 
-#[inline]
+#[inline(always)]
 fn name_index(r: &mut Reader<'_>, names: &[&str]) -> Result<u32, CodecError> {
     let i = r.uint("name index must be an unsigned integer")?;
     if i >= names.len() as u64 {
