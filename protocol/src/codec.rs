@@ -632,6 +632,26 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(bytes).map_err(|_| CodecError::Malformed("text is not UTF-8"))
     }
 
+    /// Steps over the next value if it is a text of at most 255 bytes (the commonest value)
+    /// and says whether it did: the decoder's structure-only mode then skips the call into
+    /// [`skip_value`] for it.
+    #[inline(always)]
+    fn skip_short_text(&mut self) -> Result<bool, CodecError> {
+        let Some(&ib) = self.b.get(self.pos) else {
+            return Ok(false);
+        };
+        if ib >> 5 != 3 || ib & 0x1f > 24 {
+            return Ok(false);
+        }
+        self.pos += 1;
+        let n = match ib & 0x1f {
+            24 => usize::from(self.byte()?),
+            n => usize::from(n),
+        };
+        self.take(n)?;
+        Ok(true)
+    }
+
     fn i64(&mut self, what: &'static str) -> Result<i64, CodecError> {
         match self.head()? {
             (0, _, n) => i64::try_from(n).map_err(|_| CodecError::Malformed("integer overflow")),
@@ -912,7 +932,7 @@ fn decode_as<const RULES: bool>(bytes: &[u8]) -> Result<PayloadView<'_>, CodecEr
                         if size > limits::MAX_VALUE_BYTES {
                             return Err(too_big(names[f as usize], size));
                         }
-                    } else {
+                    } else if !r.skip_short_text()? {
                         skip_value(&mut r, 0)?;
                     }
                     fields.push((f, ValueRef(&bytes[from..r.pos])));
