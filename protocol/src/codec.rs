@@ -1524,6 +1524,32 @@ pub(crate) mod tests {
         }
     }
 
+    /// The structure-only decode steps over texts of every head size alike (in line up to 255
+    /// bytes, through `skip_value` past it): each field's value is exactly its encoded bytes,
+    /// and a payload cut inside the text is refused, as by the full decode.
+    #[test]
+    fn structure_only_decode_steps_over_texts_of_every_length() {
+        for len in [0usize, 1, 23, 24, 200, 255, 256, 1_000, 60_000] {
+            // [names=["c","f","g"], base=1, ops=[[0, 0, "k", 0, {1: <text>, 2: 7}]]]
+            let mut p = vec![0x83, 0x83, 0x61, b'c', 0x61, b'f', 0x61, b'g', 0x01, 0x81];
+            p.extend_from_slice(&[0x85, 0x00, 0x00, 0x61, b'k', 0x00, 0xa2, 0x01]);
+            let start = p.len();
+            head(&mut p, 3, len as u64);
+            p.extend(std::iter::repeat_n(b'x', len));
+            let text = p[start..].to_vec();
+            p.extend_from_slice(&[0x02, 0x07]);
+            for d in [decode, decode_checked_before] {
+                let view = d(&p).unwrap_or_else(|e| panic!("len {len}: {e}"));
+                let fields: Vec<_> = view.fields(&view.ops()[0]).collect();
+                assert_eq!(fields.len(), 2, "len {len}");
+                assert_eq!(fields[0].1 .0, &text[..], "len {len}");
+                assert_eq!(fields[1].1 .0, &[0x07][..], "len {len}");
+                let cut = &p[..start + text.len() - 1];
+                assert!(d(cut).is_err(), "len {len}: a cut text was read");
+            }
+        }
+    }
+
     /// Keys and names take the ASCII fast path to `&str`: a key or name that is not UTF-8
     /// (a high byte at any position, short and long) is refused by both decoders, and one
     /// that is UTF-8 but not ASCII is read back exactly.
