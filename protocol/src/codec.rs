@@ -632,24 +632,24 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(bytes).map_err(|_| CodecError::Malformed("text is not UTF-8"))
     }
 
-    /// Steps over the next value if it is a text of at most 255 bytes (the commonest value)
-    /// and says whether it did: the decoder's structure-only mode then skips the call into
-    /// [`skip_value`] for it.
+    /// Reads the next value if it is a text of at most 255 bytes (the commonest value) and
+    /// returns its bytes (not checked as UTF-8); `None`, reading nothing, for any other value.
+    /// The fast path of [`check_value`] and of the structure-only decode (which then skips
+    /// the call into [`skip_value`]).
     #[inline(always)]
-    fn skip_short_text(&mut self) -> Result<bool, CodecError> {
+    fn short_text(&mut self) -> Result<Option<&'a [u8]>, CodecError> {
         let Some(&ib) = self.b.get(self.pos) else {
-            return Ok(false);
+            return Ok(None);
         };
         if ib >> 5 != 3 || ib & 0x1f > 24 {
-            return Ok(false);
+            return Ok(None);
         }
         self.pos += 1;
         let n = match ib & 0x1f {
             24 => usize::from(self.byte()?),
             n => usize::from(n),
         };
-        self.take(n)?;
-        Ok(true)
+        self.take(n).map(Some)
     }
 
     fn i64(&mut self, what: &'static str) -> Result<i64, CodecError> {
@@ -720,16 +720,9 @@ fn check_value(r: &mut Reader<'_>, depth: usize, field: &str) -> Result<usize, C
         ));
     }
     // Fast path: a text of at most 255 bytes, the commonest value.
-    if let Some(&ib) = r.b.get(r.pos) {
-        if ib >> 5 == 3 && ib & 0x1f <= 24 {
-            let n = match ib & 0x1f {
-                24 => usize::from(*r.b.get(r.pos + 1).ok_or_else(truncated)?),
-                n => usize::from(n),
-            };
-            r.pos += if ib & 0x1f == 24 { 2 } else { 1 };
-            check_utf8(r.take(n)?)?;
-            return Ok(n + 5);
-        }
+    if let Some(text) = r.short_text()? {
+        check_utf8(text)?;
+        return Ok(text.len() + 5);
     }
     let (major, ai, n) = r.head()?;
     Ok(match major {
@@ -932,7 +925,7 @@ fn decode_as<const RULES: bool>(bytes: &[u8]) -> Result<PayloadView<'_>, CodecEr
                         if size > limits::MAX_VALUE_BYTES {
                             return Err(too_big(names[f as usize], size));
                         }
-                    } else if !r.skip_short_text()? {
+                    } else if r.short_text()?.is_none() {
                         skip_value(&mut r, 0)?;
                     }
                     fields.push((f, ValueRef(&bytes[from..r.pos])));
