@@ -16,7 +16,8 @@
 //!   behind them) only once committed, after the replies and the report: a materializer
 //!   that is behind holds up the next commits (its queue is bounded), not the answers for
 //!   this one. A read after the reply still sees the write: the batches are counted as
-//!   submitted to the materializer before any reply, and reads wait for what was submitted.
+//!   submitted to the materializer before their commit (so before any reply, and before any
+//!   reader can see them in the log), and reads wait for what was submitted.
 //!
 //! Bounded: at most [`QUEUED_MAX`] groups wait here (the actor blocks on a full queue, which
 //! backs pressure up to writers and peers, as an in-line commit did), and a transaction takes
@@ -183,7 +184,19 @@ fn run(
         }
         let result = match &failed {
             Some(e) => Err(format!("an earlier commit failed: {e}")),
-            None => shared.store.append_log(&batches).map_err(|e| e.to_string()),
+            None => {
+                // Counted as submitted before the commit makes them visible: a read that sees
+                // these batches in the log (`counts`, a peer's answer) and then reads records
+                // waits for them to be applied. Counted after the commit, a reader could
+                // slip between the two and miss the records of batches it had just counted.
+                shared.mat.submitted(batches.len() as u64);
+                let r = shared.store.append_log(&batches).map_err(|e| e.to_string());
+                if let Err(e) = &r {
+                    // Never applied: readers waiting for them hear why instead of timing out.
+                    shared.mat.fail(format!("storing batches failed: {e}"));
+                }
+                r
+            }
         };
         let mut to_mat = None;
         match &result {
@@ -196,9 +209,6 @@ fn run(
                 m.commit_groups_max
                     .fetch_max(commits as u64, Ordering::Relaxed);
                 shared.mark_durable(&batches);
-                // Counted as submitted before any writer hears back: a read after the reply
-                // waits for these batches to be applied (read-your-writes).
-                shared.mat.submitted(batches.len() as u64);
                 m.writes_acked
                     .fetch_add(replies.len() as u64, Ordering::Relaxed);
                 for (reply, receipt, spent) in replies {

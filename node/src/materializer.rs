@@ -97,7 +97,9 @@ impl MatSync {
         self.cv.notify_all();
     }
 
-    fn fail(&self, e: String) {
+    /// Records that some submitted batches will never be applied: readers waiting for them
+    /// get this error.
+    pub(crate) fn fail(&self, e: String) {
         if let Ok(mut s) = self.state.lock() {
             s.failed = Some(e);
         }
