@@ -302,3 +302,56 @@ async fn large_batches_travel_around_gossip_over_a_line_of_nodes() {
         n.shutdown().await;
     }
 }
+
+/// What a reader has counted in the log, it then finds in the records: while one task
+/// writes single-record batches, a reader that counts the node's batches and then lists
+/// its records always finds at least one record per batch counted. (A batch used to be
+/// counted as handed to the materializer only after its commit, so a reader that saw it in
+/// the log could list the records before they held it: CI once caught a replica's records
+/// a batch short of the batches it had just counted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_hold_every_batch_a_reader_has_counted() {
+    const WRITES: u64 = 1_500;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start_node(&dir.path().join("a"), &[]).await.unwrap();
+    let (base, _) = a.counts().unwrap();
+    let writer = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            for i in 0..WRITES {
+                a.put(
+                    "default",
+                    "items",
+                    &format!("k{i:05}"),
+                    obj(json!({ "i": i })),
+                )
+                .await
+                .unwrap();
+            }
+        })
+    };
+    let reader = {
+        let a = a.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut reads = 0u64;
+            loop {
+                let (batches, _) = a.counts().unwrap();
+                let held = a.list("default", "items", "", 100_000).unwrap().len() as u64;
+                reads += 1;
+                // Every batch holds one new record (or several puts grouped: more).
+                assert!(
+                    held >= batches - base,
+                    "read {reads}: {} batches counted, {held} records listed",
+                    batches - base
+                );
+                if held >= WRITES {
+                    return reads;
+                }
+            }
+        })
+    };
+    writer.await.unwrap();
+    let reads = reader.await.unwrap();
+    assert!(reads > 1, "the reader read while the writer wrote");
+    a.shutdown().await;
+}
