@@ -1387,6 +1387,7 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
     for stripes in stripes_list {
         let (mut secs_v, mut first_v, mut ratio_v) = (vec![], vec![], vec![]);
         let (mut live_p50_v, mut live_max_v, mut rss_v) = (vec![], vec![], vec![]);
+        let mut rss_growth_v = vec![];
         for run in 0..runs {
             let dir = tempfile_dir()?;
             let lo: libp2p::Multiaddr = "/ip4/127.0.0.1/tcp/0".parse()?;
@@ -1435,6 +1436,7 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
             .await?;
             let served_before = a.metrics().served_bytes.load(Relaxed);
             reset_peak_rss();
+            let rss_before_mb = rss_bytes() as f64 / (1024.0 * 1024.0);
             let t = Instant::now();
             let b = Node::builder()
                 .data_dir(dir.path().join("b"))
@@ -1523,6 +1525,7 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
             secs_v.push(done_at.unwrap_or_default());
             first_v.push(first.unwrap_or_default());
             rss_v.push(peak_rss_mb());
+            rss_growth_v.push(peak_rss_mb() - rss_before_mb);
             let missing = a.metrics().local_bytes.load(Relaxed) as f64;
             let served = (a.metrics().served_bytes.load(Relaxed) - served_before) as f64;
             ratio_v.push(served / missing);
@@ -1591,7 +1594,11 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
                 value: med(rss_v),
                 unit: "MB",
                 ratio: None,
-                baseline: None,
+                baseline: Some(format!(
+                    "grown {:.0} MB from the start of the catch-up until B's log held every \
+                     batch (the rest is A's and C's, from writing the ops before)",
+                    med(rss_growth_v)
+                )),
             },
         ]);
         if !with_live {
