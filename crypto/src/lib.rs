@@ -120,6 +120,36 @@ pub enum LinkError {
     },
 }
 
+/// Seeds AWS-LC's random generator on a background thread, once per process, so that the
+/// first TLS handshake does not wait for it. AWS-LC seeds its generator from CPU jitter
+/// entropy at its first use, ~35–45 ms of computation on the 2-vCPU machine (perf of a fresh
+/// node: `jent_*` functions were nearly all of its samples until its first link was up). Done
+/// in line, that first use was the first handshake: a fresh node's first link, and the first
+/// link a node that had not yet handshaken accepted, each waited for it. A node calls this
+/// first thing when it starts, so the seeding overlaps opening its store. Later calls do
+/// nothing; a handshake that starts before the seeding ends waits for the rest of it, as it
+/// did before.
+pub fn warm_up() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let seed = || {
+            let mut byte = [0u8; 1];
+            // The result does not matter here: a generator that cannot seed fails the
+            // handshakes that need it, with their own errors.
+            let _ = rustls::crypto::aws_lc_rs::default_provider()
+                .secure_random
+                .fill(&mut byte);
+        };
+        if std::thread::Builder::new()
+            .name("blazedb-rng-seed".into())
+            .spawn(seed)
+            .is_err()
+        {
+            seed();
+        }
+    });
+}
+
 /// libp2p TLS 1.3 security upgrade that enforces a [`KxPolicy`].
 #[derive(Clone)]
 pub struct PqTlsConfig {

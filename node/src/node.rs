@@ -846,6 +846,8 @@ pub fn store_path(data_dir: &Path) -> PathBuf {
 
 async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     use anyhow::Context;
+    // The links' random generator seeds itself while the store opens (once per process).
+    blazedb_crypto::warm_up();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
     let keypair = Keypair::load_or_create(&key_path(&cfg.data_dir))?;
