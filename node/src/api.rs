@@ -675,6 +675,13 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
     metric(
         &mut out,
         "counter",
+        "blazedb_dials_total",
+        "Outgoing dials started (bootstrap peers and their redials, mDNS finds, dial commands).",
+        m.dials.load(Ordering::Relaxed),
+    );
+    metric(
+        &mut out,
+        "counter",
         "blazedb_remote_batches_total",
         "Batches stored from peers.",
         m.remote_batches.load(Ordering::Relaxed),

@@ -80,6 +80,8 @@ const BULK_INFLIGHT_MAX: usize = 4;
 const BULK_QUEUE_MAX: usize = 256;
 /// The public namespace every node joins unless told not to.
 pub const DEFAULT_NAMESPACE: &str = "default";
+/// How often bootstrap peers that are not connected are dialed again.
+const REDIAL_EVERY: Duration = Duration::from_secs(3);
 
 /// Errors seen by users of the node.
 #[derive(Debug, thiserror::Error)]
@@ -356,6 +358,9 @@ pub struct Metrics {
     pub gossip_dropped: AtomicU64,
     /// Highest depth of the command channel seen by the actor (≤ [`COMMAND_CAP`]).
     pub commands_max: AtomicU64,
+    /// Outgoing dials started (bootstrap peers at start and their redials, mDNS finds, dial
+    /// commands).
+    pub dials: AtomicU64,
     /// Jobs handed to the materializer.
     pub mat_jobs_sent: AtomicU64,
     /// Highest materializer queue depth seen: jobs handed over and not yet picked up
@@ -939,7 +944,9 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             _ => {}
         }
     }
+    let mut dials = 0;
     for addr in &cfg.bootstrap {
+        dials += 1;
         if let Err(e) = swarm.dial(addr.clone()) {
             warn!(%addr, "dialing bootstrap peer: {e}");
         }
@@ -976,7 +983,10 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         levels: RwLock::default(),
         data_dir: cfg.data_dir.clone(),
         changes,
-        metrics: Metrics::default(),
+        metrics: Metrics {
+            dials: AtomicU64::new(dials),
+            ..Metrics::default()
+        },
         listen_addrs: listen_rx,
     });
     let (done_tx, commit_done) = mpsc::unbounded_channel();
@@ -1113,7 +1123,11 @@ impl Actor {
     async fn run(mut self) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut redial = tokio::time::interval(Duration::from_secs(3));
+        // First tick one period from now: the bootstrap peers were dialed at start, and an
+        // immediate tick dialed each again while that first dial was still connecting (two
+        // connections, two handshakes, per bootstrap peer).
+        let mut redial =
+            tokio::time::interval_at(tokio::time::Instant::now() + REDIAL_EVERY, REDIAL_EVERY);
         redial.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let stop_reply = loop {
             let deadline = self.batch_deadline;
@@ -1204,6 +1218,7 @@ impl Actor {
     fn redial_bootstrap(&mut self) {
         for addr in &self.bootstrap {
             if !self.connected.values().any(|a| a == addr) {
+                self.shared.metrics.dials.fetch_add(1, Ordering::Relaxed);
                 let _ = self.swarm.dial(addr.clone());
             }
         }
@@ -1250,6 +1265,7 @@ impl Actor {
                 Flow::Continue
             }
             Command::Dial { addr, reply } => {
+                self.shared.metrics.dials.fetch_add(1, Ordering::Relaxed);
                 let res = self
                     .swarm
                     .dial(addr)
@@ -1895,6 +1911,7 @@ impl Actor {
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
                     if !self.swarm.is_connected(&peer) {
+                        self.shared.metrics.dials.fetch_add(1, Ordering::Relaxed);
                         let _ = self.swarm.dial(addr);
                     }
                 }

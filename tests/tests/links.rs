@@ -31,6 +31,12 @@ async fn nodes_report_the_hybrid_key_exchange() {
         );
         assert_eq!(s.peers[0].security, "TLSv1_3");
     }
+    // One dial, so one link and one handshake, for the one bootstrap address: the redial
+    // timer used to fire at once and dial again while the first dial was connecting.
+    let dials =
+        |n: &blazedb_node::NodeHandle| n.metrics().dials.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(dials(&b), 1, "B dialed its bootstrap peer once");
+    assert_eq!(dials(&a), 0, "A dialed no one");
     a.shutdown().await;
     b.shutdown().await;
 }
