@@ -1111,6 +1111,7 @@ struct ServeRequest {
     author: [u8; 32],
     from_seq: u64,
     limit: u32,
+    max_bytes: Option<u32>,
     until: Option<blazedb_protocol::Hlc>,
 }
 
@@ -1664,6 +1665,7 @@ impl Actor {
                     author,
                     from_seq,
                     limit,
+                    max_bytes,
                     until,
                 } => {
                     let req = ServeRequest {
@@ -1671,6 +1673,7 @@ impl Actor {
                         author,
                         from_seq,
                         limit,
+                        max_bytes,
                         until,
                     };
                     let m = &self.shared.metrics;
@@ -1772,10 +1775,12 @@ impl Actor {
             author,
             from_seq,
             limit,
+            max_bytes,
             until,
         } = req;
         let store = &self.shared.store;
-        match store.chain_range(&ns, &author, from_seq, limit, SERVE_MAX_BYTES, until) {
+        let max_bytes = max_bytes.map_or(SERVE_MAX_BYTES, |b| SERVE_MAX_BYTES.min(b as usize));
+        match store.chain_range(&ns, &author, from_seq, limit, max_bytes, until) {
             Ok(batches) => {
                 let n: usize = batches.iter().map(Vec::len).sum();
                 self.shared

@@ -199,6 +199,11 @@ pub enum SyncMessage {
         from_seq: u64,
         /// Most batches wanted.
         limit: u32,
+        /// Most bytes wanted (at least one batch is always sent); `None`: the server's own
+        /// cap. Absent from the encoding when `None`, so peers that predate it read it as
+        /// before.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_bytes: Option<u32>,
     },
     /// "This is my capability for `ns`" (owned namespaces): the receiver serves us if it
     /// grants `Read` to our key.
@@ -308,6 +313,8 @@ pub enum Action<P> {
         from_seq: u64,
         /// Most batches.
         limit: u32,
+        /// Most bytes (at least one batch); `None`: the shell's own cap.
+        max_bytes: Option<u32>,
         /// Serve only batches whose last timestamp is before this (the peer's capability was
         /// revoked then); `None` = no limit.
         until: Option<Hlc>,
@@ -1461,6 +1468,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 author,
                 from_seq,
                 limit,
+                max_bytes,
             } => {
                 let Some(st) = self.namespaces.get(&ns) else {
                     return actions;
@@ -1492,6 +1500,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                         author,
                         from_seq,
                         limit,
+                        max_bytes,
                     });
                 } else {
                     actions.push(Action::Send {
@@ -2333,6 +2342,14 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                 free_batches -= n;
                 free_bytes -= n * est;
             }
+            // No batch of this namespace seen yet (a fresh node catching up): the first
+            // window of each author asks for at most `FIRST_FETCH_BYTES`. Large batches then
+            // come one in the first answer, after one batch's transfer instead of a whole
+            // window's (~8 MB: 60-100 ms on loopback, seconds on a slow link), so the first
+            // missing batch is stored that much sooner, and that answer tells the batch size
+            // that opens the other stripes (held back until a size is known) at full
+            // windows. Small batches still come a whole window at a time.
+            let max_bytes = (est == 0 && s == ours + 1).then_some(limits::FIRST_FETCH_BYTES);
             let to = s + n - 1;
             st.fetches.insert(
                 (author, s),
@@ -2352,6 +2369,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     author,
                     from_seq: s,
                     limit: n.min(u64::from(u32::MAX)) as u32,
+                    max_bytes,
                 },
             });
             stripes += 1;

@@ -44,3 +44,8 @@ pub const PUSH_MIN_BYTES: usize = 64 * 1024;
 /// pruned least recently, whose next large batch goes over every link again and re-forms it
 /// (more copies, never fewer deliveries).
 pub const MAX_TREE_AUTHORS: usize = 4_096;
+
+/// Most bytes a node asks for in its first fetch of an author's chain while it has seen no
+/// batch of the namespace (see the engine's fetch scheduling): one large batch, or many
+/// small ones.
+pub const FIRST_FETCH_BYTES: u32 = 256 * 1024;

@@ -69,6 +69,8 @@ struct Net {
     rejects: Vec<(usize, usize, String)>,
     /// (from, to, from_seq, limit) of every fetch put on the wire.
     fetches: Vec<(usize, usize, u64, u32)>,
+    /// The byte cap of each of those fetches, in the same order.
+    fetch_caps: Vec<Option<u32>>,
     /// Sync messages delivered.
     sync_delivered: u64,
     /// Most batches in one `Serve` answer (a peer capping its answers by bytes).
@@ -132,6 +134,7 @@ impl Net {
             deaf_to_fetch: BTreeSet::new(),
             rejects: Vec::new(),
             fetches: Vec::new(),
+            fetch_caps: Vec::new(),
             sync_delivered: 0,
             serve_cap: None,
             max_in_flight: BTreeMap::new(),
@@ -177,10 +180,14 @@ impl Net {
             return;
         }
         if let Wire::Sync(SyncMessage::Fetch {
-            from_seq, limit, ..
+            from_seq,
+            limit,
+            max_bytes,
+            ..
         }) = &wire
         {
             self.fetches.push((from, to, *from_seq, *limit));
+            self.fetch_caps.push(*max_bytes);
             let n = self.nodes[from].engine.fetches_in_flight(&to);
             let max = self.max_in_flight.entry((from, to)).or_insert(0);
             *max = (*max).max(n);
@@ -216,14 +223,23 @@ impl Net {
                     author,
                     from_seq,
                     limit,
+                    max_bytes,
                     until,
                 } => {
+                    // As a node serves: at most `max_bytes`, but at least one batch.
+                    let cap = max_bytes.map_or(usize::MAX, |b| b as usize);
+                    let mut bytes = 0usize;
                     let batches = self.nodes[i]
                         .log
                         .range((author, from_seq)..=(author, u64::MAX))
                         .take(limit as usize)
                         .take(self.serve_cap.unwrap_or(usize::MAX))
                         .filter(|(_, b)| until.is_none_or(|u| b.header.hlc_max < u))
+                        .take_while(|(_, b)| {
+                            let first = bytes == 0;
+                            bytes += b.bytes.len();
+                            first || bytes <= cap
+                        })
                         .map(|(_, b)| serde_bytes::ByteBuf::from(b.bytes.to_vec()))
                         .collect();
                     let msg = SyncMessage::Batches {
@@ -1034,6 +1050,61 @@ fn first_missing_batch_is_asked_for_in_the_first_round_trip() {
     );
     net.run_idle();
     net.assert_converged(&[0, 2]);
+}
+
+/// A node that has seen no batch of a namespace caps its first fetch of each chain at
+/// `FIRST_FETCH_BYTES`: with large batches (~340 KB here) the first answer is one batch,
+/// stored after one batch's transfer instead of a whole window's, and the windows after it,
+/// on several stripes, are whole again. (Small batches fit many to the cap: the striped
+/// tests above get theirs a full window at a time, as before.)
+#[test]
+fn a_fresh_nodes_first_fetch_is_capped_in_bytes() {
+    use blazedb_protocol::limits::FIRST_FETCH_BYTES;
+    let mut net = Net::with_configs(vec![test_config(), test_config(), striped(4, 16)]);
+    net.connect(0, 1);
+    let mut seed = 7u64;
+    let mut letters = |n: usize| -> String {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (b'a' + (seed % 26) as u8) as char
+            })
+            .collect()
+    };
+    for b in 0..20 {
+        let ops = (0..8)
+            .map(|i| upsert(&format!("k{b}-{i}"), "v", letters(60_000)))
+            .collect();
+        net.write(0, ops);
+    }
+    net.run_idle();
+    net.assert_converged(&[0, 1]);
+    net.gossip = false;
+    net.connect(2, 0);
+    let haves: Vec<Packet> = net.queue.drain(..).collect();
+    for p in haves {
+        net.deliver(p);
+    }
+    assert_eq!(net.fetches, vec![(2, 0, 1, 16)], "{:?}", net.fetches);
+    assert_eq!(net.fetch_caps, vec![Some(FIRST_FETCH_BYTES)]);
+    // The fetch reaches 0, its answer reaches 2.
+    for _ in 0..2 {
+        let layer: Vec<Packet> = net.queue.drain(..).collect();
+        for p in layer {
+            net.deliver(p);
+        }
+    }
+    let author = net.author(0);
+    assert_eq!(net.vector(2).get(&author), Some(&1), "one batch came first");
+    // Then whole windows, uncapped, on several stripes at once.
+    let later = &net.fetch_caps[1..];
+    assert!(later.len() >= 2, "{:?}", net.fetches);
+    assert!(later.iter().all(Option::is_none), "{later:?}");
+    net.run_idle();
+    net.assert_converged(&[0, 1, 2]);
+    assert_eq!(net.nodes[2].engine.stats().batches_duplicate, 0);
 }
 
 #[test]
@@ -2063,4 +2134,55 @@ fn prune_and_graft_have_a_pinned_cbor_form() {
         );
         assert_pinned_cbor(&msg, &want);
     }
+}
+
+/// A `Fetch` without a byte cap is written exactly as before the cap existed (four fields), so
+/// peers that predate it read it; one with a cap adds `max_bytes`, and peers that predate it
+/// skip the unknown field and read the rest.
+#[test]
+fn fetch_without_a_byte_cap_keeps_its_pinned_cbor_form() {
+    let fetch = |max_bytes| SyncMessage::Fetch {
+        ns: "default".into(),
+        author: [0xab; 32],
+        from_seq: 1,
+        limit: 16,
+        max_bytes,
+    };
+    let want = format!(
+        "a1{}a4{}{}{}5820{}{}01{}10",
+        "654665746368",     // "Fetch"
+        "626e73",           // "ns"
+        "6764656661756c74", // "default"
+        "66617574686f72",   // "author"
+        "ab".repeat(32),
+        "6866726f6d5f736571", // "from_seq"
+        "656c696d6974",       // "limit"
+    );
+    assert_pinned_cbor(&fetch(None), &want);
+    let capped = fetch(Some(262_144));
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&capped, &mut bytes).unwrap();
+    let back: SyncMessage = ciborium::from_reader(bytes.as_slice()).unwrap();
+    assert_eq!(back, capped);
+    // What a peer without the field reads it as: the same fetch, uncapped.
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    enum Old {
+        Fetch {
+            ns: String,
+            #[serde(with = "serde_bytes")]
+            author: [u8; 32],
+            from_seq: u64,
+            limit: u32,
+        },
+    }
+    let old: Old = ciborium::from_reader(bytes.as_slice()).unwrap();
+    assert_eq!(
+        old,
+        Old::Fetch {
+            ns: "default".into(),
+            author: [0xab; 32],
+            from_seq: 1,
+            limit: 16
+        }
+    );
 }

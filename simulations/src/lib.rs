@@ -601,13 +601,23 @@ impl Sim {
                     author,
                     from_seq,
                     limit,
+                    max_bytes,
                     ..
                 } => {
+                    // As a node serves: at most `max_bytes`, but at least one batch.
+                    let cap = max_bytes.map_or(usize::MAX, |b| b as usize);
+                    let mut bytes = 0usize;
                     let batches: Vec<serde_bytes::ByteBuf> = self.nodes[node]
                         .log
                         .range((author, from_seq)..=(author, u64::MAX))
                         .take(limit as usize)
-                        .map(|(_, id)| serde_bytes::ByteBuf::from(self.batches[id].bytes.clone()))
+                        .map(|(_, id)| &self.batches[id].bytes)
+                        .take_while(|b| {
+                            let first = bytes == 0;
+                            bytes += b.len();
+                            first || bytes <= cap
+                        })
+                        .map(|b| serde_bytes::ByteBuf::from(b.clone()))
                         .collect();
                     let msg = SyncMessage::Batches {
                         ns: NS.into(),

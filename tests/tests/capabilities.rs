@@ -205,6 +205,7 @@ async fn a_peer_without_capability_receives_nothing() {
                         author: me,
                         from_seq: 1,
                         limit: 10,
+                        max_bytes: None,
                     },
                     SyncMessage::Have {
                         ns: ns.clone(),
