@@ -31,7 +31,9 @@
 //!   ranges, spread over the peers that hold them, each at most `fetch_window` batches (and
 //!   about `fetch_window_bytes`), re-issued on answer until caught up, and re-routed one by
 //!   one to another peer on timeout or disconnect. The first stripe always starts at the first
-//!   missing seq, so it is requested in the first round trip; the others land in the bounded
+//!   missing seq, so it is requested in the first round trip (capped at
+//!   [`limits::FIRST_FETCH_BYTES`] while no batch size is known, so that a large first batch
+//!   is not held back by a whole window behind it); the others land in the bounded
 //!   out-of-order buffer, and are only requested while the buffer has room for them (counted in
 //!   batches and, by the batch sizes seen, in bytes). At most `max_fetches_per_peer` fetches
 //!   are in flight to one peer; what that holds back is retried as fetches complete.
