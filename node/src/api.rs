@@ -675,6 +675,13 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
     metric(
         &mut out,
         "counter",
+        "blazedb_pending_dropped_total",
+        "Out-of-order batches dropped because the buffer was full (fetched again later).",
+        m.pending_dropped.load(Ordering::Relaxed),
+    );
+    metric(
+        &mut out,
+        "counter",
         "blazedb_dials_total",
         "Outgoing dials started (bootstrap peers and their redials, mDNS finds, dial commands).",
         m.dials.load(Ordering::Relaxed),

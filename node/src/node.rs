@@ -336,6 +336,9 @@ pub struct Metrics {
     pub commit_groups_max: AtomicU64,
     /// Duplicate batches received (gossip, pushes, fetch answers, replays).
     pub duplicates: AtomicU64,
+    /// Out-of-order batches dropped because the engine's buffer was full (fetched again
+    /// later: wasted transfer).
+    pub pending_dropped: AtomicU64,
     /// Batches stored but ineffective (revoked capability).
     pub ineffective: AtomicU64,
     /// Pushes to slow readers dropped (they catch up by fetching).
@@ -1516,6 +1519,8 @@ impl Actor {
             .store(stats.batches_duplicate, Ordering::Relaxed);
         m.ineffective
             .store(stats.batches_ineffective, Ordering::Relaxed);
+        m.pending_dropped
+            .store(stats.pending_dropped, Ordering::Relaxed);
         let dict_stats = [
             (&m.dict_batches_sealed, stats.dict_batches_sealed),
             (&m.fast_compressed_sealed, stats.fast_compressed_sealed),
