@@ -947,9 +947,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             _ => {}
         }
     }
-    let mut dials = 0;
     for addr in &cfg.bootstrap {
-        dials += 1;
         if let Err(e) = swarm.dial(addr.clone()) {
             warn!(%addr, "dialing bootstrap peer: {e}");
         }
@@ -987,7 +985,8 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         data_dir: cfg.data_dir.clone(),
         changes,
         metrics: Metrics {
-            dials: AtomicU64::new(dials),
+            // Every bootstrap address was dialed above.
+            dials: AtomicU64::new(cfg.bootstrap.len() as u64),
             ..Metrics::default()
         },
         listen_addrs: listen_rx,
