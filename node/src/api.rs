@@ -679,6 +679,21 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
         "Out-of-order batches dropped because the buffer was full (fetched again later).",
         m.pending_dropped.load(Ordering::Relaxed),
     );
+    let (flushes, flushed) = node.view_flushes();
+    metric(
+        &mut out,
+        "counter",
+        "blazedb_view_flushes_total",
+        "Record deltas written into the view file (each one transaction).",
+        flushes,
+    );
+    metric(
+        &mut out,
+        "counter",
+        "blazedb_view_records_flushed_total",
+        "Records written into the view file by those flushes.",
+        flushed,
+    );
     metric(
         &mut out,
         "counter",

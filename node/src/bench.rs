@@ -38,7 +38,8 @@ pub struct BenchArgs {
     pub runs: usize,
     /// Which benchmarks (b1, b2, b3, b4, b5, b6, b7; parts of b2 alone: b2i ingest, b2m
     /// materializer, b2b calls built in the window (owned ops vs OpsBuilder), b2h HTTP bulk
-    /// ingest, b2s small writes; b5l the bulk writes of b5 alone).
+    /// ingest, b2l sustained ingest (4M ops), b2s small writes; b5l the bulk writes of b5
+    /// alone).
     #[arg(long, value_delimiter = ',', default_value = "b1,b2,b3,b4,b5,b6,b7")]
     pub only: Vec<String>,
     /// Ops the catching-up node missed in B6.
@@ -202,6 +203,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     }
     if args.only.iter().any(|b| b == "b2" || b == "b2h") {
         rows.extend(b2h(args.ops, runs).await?);
+    }
+    if args.only.iter().any(|b| b == "b2" || b == "b2l") {
+        rows.extend(b2l(runs).await?);
     }
     if args.only.iter().any(|b| b == "b2" || b == "b2s") {
         rows.extend(crate::bench_adaptive::b2s(runs).await?);
@@ -656,10 +660,13 @@ where
     tracing::info!(writers, "bench window: B2 start");
     let t = Instant::now();
     let (cpu0, faults0) = (cpu_secs(), minor_faults());
+    let flushes0 = node.view_flushes();
     in_flight(calls, writers, write, &mut lat).await?;
     let secs = t.elapsed().as_secs_f64();
     let cpu_us = (cpu_secs() - cpu0) * 1e6 / ops;
     let faults_per_kop = minor_faults().saturating_sub(faults0) as f64 * 1e3 / ops;
+    let flushes = node.view_flushes();
+    let flushes = (flushes.0 - flushes0.0, flushes.1 - flushes0.1);
     tracing::info!(writers, "bench window: B2 end");
     // Until the records have caught up too (a read waits for them).
     let n2 = node.clone();
@@ -677,6 +684,7 @@ where
         cpu_us,
         cpu_us_readable,
         faults_per_kop,
+        flushes,
     })
 }
 
@@ -872,6 +880,8 @@ struct B2Run {
     cpu_us_readable: f64,
     /// Minor page faults (all threads) per 1,000 ops until durable.
     faults_per_kop: f64,
+    /// View flushes committed in the window, and the records they wrote.
+    flushes: (u64, u64),
 }
 
 /// Writers in flight in B2's concurrent variant (as several client connections would).
@@ -1162,6 +1172,65 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
             format!("page faults per 1,000 ops until durable, {B2_WRITERS} writers"),
             median(conc_faults),
             "faults",
+        ),
+    ])
+}
+
+/// Ops written in B2l: four times workload W's key space, so that the staged delta is
+/// frozen and written into the view file several times inside the window.
+pub const B2L_OPS: usize = 4_000_000;
+
+/// B2l: B2's ingest sustained ([`B2L_OPS`], [`B2_WRITERS`] writers): long enough that the
+/// records' delta is written into the view file (a whole-file merge at workload W's key
+/// space, on the flusher thread) inside the window, which B2's 200k-op window never sees.
+/// Its in-run baseline is the same ingest at 200k ops, run first in the same process.
+pub async fn b2l(runs: usize) -> Result<Vec<Row>> {
+    let (mut rates, mut readable, mut cpus, mut bursts) = (vec![], vec![], vec![], vec![]);
+    let (mut flushes, mut flushed_per_op) = (vec![], vec![]);
+    for run in 0..runs {
+        bursts.push(b2_run(200_000 / W_BATCH_OPS, run, B2_WRITERS).await?.rate);
+        let long = b2_run(B2L_OPS / W_BATCH_OPS, run, B2_WRITERS).await?;
+        rates.push(long.rate);
+        readable.push(long.readable);
+        cpus.push(long.cpu_us);
+        flushes.push(long.flushes.0 as f64);
+        flushed_per_op.push(long.flushes.1 as f64 / B2L_OPS as f64);
+    }
+    let (rate, burst) = (median(rates), median(bursts));
+    let row = |what: String, value: f64, unit: &'static str| Row {
+        id: "B2l",
+        what,
+        value,
+        unit,
+        ratio: None,
+        baseline: None,
+    };
+    Ok(vec![
+        Row {
+            id: "B2l",
+            what: format!(
+                "sustained durable ingest, {B2_WRITERS} writers, {B2L_OPS} ops (view flushes in the window)"
+            ),
+            value: rate,
+            unit: "ops/s",
+            ratio: Some(rate / burst),
+            baseline: Some(format!("the same ingest at 200k ops: {burst:.0} ops/s")),
+        },
+        row("same, until every op is readable".into(), median(readable), "ops/s"),
+        row(
+            "CPU per op until durable (all threads, the flusher's included)".into(),
+            median(cpus),
+            "us/op",
+        ),
+        row(
+            "view flushes committed in the window".into(),
+            median(flushes),
+            "flushes",
+        ),
+        row(
+            "records written into the view file per op ingested".into(),
+            median(flushed_per_op),
+            "records/op",
         ),
     ])
 }

@@ -545,6 +545,12 @@ impl NodeHandle {
         &self.shared.metrics
     }
 
+    /// View flushes committed since the node started, and the records they wrote
+    /// ([`Store::view_flushes`]).
+    pub fn view_flushes(&self) -> (u64, u64) {
+        self.shared.store.view_flushes()
+    }
+
     /// gossipsub's own metrics, in Prometheus text format.
     pub fn gossip_metrics_text(&self) -> String {
         let mut out = String::new();

@@ -215,6 +215,9 @@ pub struct Store {
     flushing: RwLock<Option<Arc<Delta>>>,
     /// View flushes that rewrote the records' table whole (see [`REWRITE_DELTA_FRACTION`]).
     rewrites: std::sync::atomic::AtomicU64,
+    /// View flushes committed, and the records they wrote ([`Store::view_flushes`]).
+    flushes: std::sync::atomic::AtomicU64,
+    flushed_records: std::sync::atomic::AtomicU64,
 }
 
 /// Record changes held in memory between view flushes: per record, the join of the ops
@@ -505,6 +508,8 @@ impl Store {
             staged: RwLock::default(),
             flushing: RwLock::default(),
             rewrites: Default::default(),
+            flushes: Default::default(),
+            flushed_records: Default::default(),
         })
     }
 
@@ -852,6 +857,16 @@ impl Store {
         self.rewrites.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// View flushes committed so far, and the records they wrote (a record written by two
+    /// flushes counts twice): what sustained ingest pays to keep the view file current.
+    pub fn view_flushes(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.flushes.load(Relaxed),
+            self.flushed_records.load(Relaxed),
+        )
+    }
+
     /// Approximate memory held by the staged delta, in bytes.
     pub fn staged_bytes(&self) -> usize {
         read(&self.staged).bytes
@@ -1003,9 +1018,14 @@ impl Store {
             ms = started.elapsed().as_secs_f64() * 1e3,
             "view flush: committed"
         );
-        if rewrite {
-            self.rewrites
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            if rewrite {
+                self.rewrites.fetch_add(1, Relaxed);
+            }
+            self.flushes.fetch_add(1, Relaxed);
+            self.flushed_records
+                .fetch_add(delta.records.len() as u64, Relaxed);
         }
         *write(&self.flushing) = None;
         Ok(delta.records.len())

@@ -51,6 +51,27 @@ pub async fn start_node(dir: &Path, bootstrap: &[Multiaddr]) -> anyhow::Result<N
     b.spawn().await
 }
 
+/// A counter from a `/metrics` text (panics naming it if it is missing).
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
+/// Serves `node`'s HTTP API on a loopback port; returns its base URL.
+pub async fn serve_api(node: &NodeHandle) -> String {
+    let listener = blazedb_node::api::bind("127.0.0.1:0".parse().expect("valid address"))
+        .await
+        .expect("binding a loopback port");
+    let base = format!("http://{}", listener.local_addr().expect("bound address"));
+    tokio::spawn(blazedb_node::api::serve(
+        node.clone(),
+        listener,
+        std::future::pending(),
+    ));
+    base
+}
+
 /// Polls `check` until it returns `Some`, or fails after `timeout` naming `what`.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where

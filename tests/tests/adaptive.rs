@@ -4,24 +4,10 @@
 
 use std::time::Duration;
 
-use blazedb_node::{api, NodeError, NodeHandle};
+use blazedb_node::NodeError;
 use blazedb_protocol::capability::Rights;
-use blazedb_tests::{eventually, obj, snapshot, start_node, wait_peers};
+use blazedb_tests::{eventually, metric, obj, serve_api, snapshot, start_node, wait_peers};
 use serde_json::json;
-
-/// A counter from `/metrics`.
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
-}
-
-async fn serve_api(node: &NodeHandle) -> String {
-    let listener = api::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(api::serve(node.clone(), listener, std::future::pending()));
-    base
-}
 
 /// 64 HTTP clients PUT single-op records concurrently; one more client sends a revocation
 /// to the public namespace (forbidden) in the middle of it.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use blazedb_tests::{eventually, obj, snapshot, start_node, wait_peers};
+use blazedb_tests::{eventually, metric, obj, serve_api, snapshot, start_node, wait_peers};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,4 +128,40 @@ async fn durable_heads_follow_the_log_and_survive_restart() {
     assert_eq!(b.durable_head("default", &a_key), Some(last));
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// Staged records reach the view file once the node is idle, and that is counted: the
+/// node's flush counters and `/metrics` (what an operator watches to see what sustained
+/// ingest pays to keep the view file current) both name the flush and its records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_node_flushes_its_records_into_the_view_file_and_counts_it() {
+    const RECORDS: u64 = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start_node(&dir.path().join("a"), &[]).await.unwrap();
+    let (flushes_before, records_before) = a.view_flushes();
+    for i in 0..RECORDS {
+        a.put(
+            "default",
+            "flush",
+            &format!("k{i:03}"),
+            obj(json!({"i": i})),
+        )
+        .await
+        .unwrap();
+    }
+    let (flushes, records) = eventually("a flush of the records", Duration::from_secs(30), || {
+        let (f, r) = a.view_flushes();
+        async move { (f > flushes_before && r >= records_before + RECORDS).then_some((f, r)) }
+    })
+    .await;
+    let base = serve_api(&a).await;
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metric(&text, "blazedb_view_flushes_total") >= flushes);
+    assert!(metric(&text, "blazedb_view_records_flushed_total") >= records);
+    a.shutdown().await;
 }
