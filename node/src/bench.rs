@@ -42,6 +42,13 @@ pub struct BenchArgs {
     /// alone).
     #[arg(long, value_delimiter = ',', default_value = "b1,b2,b3,b4,b5,b6,b7")]
     pub only: Vec<String>,
+    /// Ops written in B2l (sustained ingest).
+    #[arg(long, default_value_t = 4_000_000)]
+    pub b2l_ops: usize,
+    /// B2l's key space (records the ops' keys are drawn from): W's 1M by default; a larger
+    /// one makes a dataset that keeps growing.
+    #[arg(long, default_value_t = W_KEYS)]
+    pub b2l_keys: u64,
     /// Ops the catching-up node missed in B6.
     #[arg(long, default_value_t = 1_000_000)]
     pub catchup_ops: usize,
@@ -72,9 +79,15 @@ pub const W_KEYS: u64 = 1_000_000;
 /// Workload W: uniformly random keys over 1M records, 3 fields per upsert, values of 8–64
 /// bytes, 10% deletes.
 pub fn workload_w(rng: &mut impl Rng, n: usize, hlc_start: u64) -> Vec<Op> {
+    workload_w_over(rng, n, hlc_start, W_KEYS)
+}
+
+/// [`workload_w`] with its keys drawn from `keys` records instead of [`W_KEYS`] (B2l's
+/// growing dataset).
+fn workload_w_over(rng: &mut impl Rng, n: usize, hlc_start: u64, keys: u64) -> Vec<Op> {
     (0..n)
         .map(|i| {
-            let key = format!("k{:07}", rng.gen_range(0..W_KEYS));
+            let key = format!("k{:07}", rng.gen_range(0..keys));
             let hlc = Hlc(hlc_start + i as u64);
             if rng.gen_range(0..10) == 0 {
                 Op::Delete {
@@ -205,7 +218,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         rows.extend(b2h(args.ops, runs).await?);
     }
     if args.only.iter().any(|b| b == "b2" || b == "b2l") {
-        rows.extend(b2l(runs).await?);
+        rows.extend(b2l(args.b2l_ops, args.b2l_keys, runs).await?);
     }
     if args.only.iter().any(|b| b == "b2" || b == "b2s") {
         rows.extend(crate::bench_adaptive::b2s(runs).await?);
@@ -627,7 +640,7 @@ pub(crate) fn rss_bytes() -> u64 {
 /// each built as a payload ([`OpsBuilder`]) from the app's strings inside the window, `writers`
 /// calls in flight at a time (each call waits for durability).
 async fn b2_run(calls: usize, run: usize, writers: usize) -> Result<B2Run> {
-    b2b_run(calls, run, writers, CallForm::Built).await
+    b2b_run(calls, run, writers, CallForm::Built, W_KEYS).await
 }
 
 /// A fresh node for an ingest run, its data in `dir`.
@@ -697,7 +710,12 @@ struct RawOp {
 
 /// Workload W as [`RawOp`]s (the same ops [`workload_w`] draws from the same generator).
 fn workload_w_raw(rng: &mut impl Rng, n: usize) -> Vec<RawOp> {
-    workload_w(rng, n, 0)
+    workload_w_raw_over(rng, n, W_KEYS)
+}
+
+/// [`workload_w_raw`] over `keys` records.
+fn workload_w_raw_over(rng: &mut impl Rng, n: usize, keys: u64) -> Vec<RawOp> {
+    workload_w_over(rng, n, 0, keys)
         .into_iter()
         .map(|op| match op {
             Op::Upsert { key, fields, .. } => {
@@ -769,12 +787,18 @@ enum CallForm {
 
 /// One B2b run: B2's ingest with each call made from the app's own strings inside the
 /// window, in `form`.
-async fn b2b_run(calls: usize, run: usize, writers: usize, form: CallForm) -> Result<B2Run> {
+async fn b2b_run(
+    calls: usize,
+    run: usize,
+    writers: usize,
+    form: CallForm,
+    keys: u64,
+) -> Result<B2Run> {
     let dir = tempfile_dir()?;
     let node = ingest_node(dir.path()).await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(100 + run as u64);
     let raw: Vec<Vec<RawOp>> = (0..calls)
-        .map(|_| workload_w_raw(&mut rng, W_BATCH_OPS))
+        .map(|_| workload_w_raw_over(&mut rng, W_BATCH_OPS, keys))
         .collect();
     let write = |call: Vec<RawOp>| {
         let node = node.clone();
@@ -803,7 +827,7 @@ pub async fn b2b(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
     for run in 0..runs {
         for (w, writers) in [1, B2_WRITERS].into_iter().enumerate() {
             for (f, form) in [CallForm::Owned, CallForm::Built].into_iter().enumerate() {
-                m[w][f].push(b2b_run(calls, run, writers, form).await?);
+                m[w][f].push(b2b_run(calls, run, writers, form, W_KEYS).await?);
             }
         }
     }
@@ -1176,25 +1200,32 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
     ])
 }
 
-/// Ops written in B2l: four times workload W's key space, so that the staged delta is
-/// frozen and written into the view file several times inside the window.
-pub const B2L_OPS: usize = 4_000_000;
-
-/// B2l: B2's ingest sustained ([`B2L_OPS`], [`B2_WRITERS`] writers): long enough that the
-/// records' delta is written into the view file (a whole-file merge at workload W's key
-/// space, on the flusher thread) inside the window, which B2's 200k-op window never sees.
-/// Its in-run baseline is the same ingest at 200k ops, run first in the same process.
-pub async fn b2l(runs: usize) -> Result<Vec<Row>> {
+/// B2l: B2's ingest sustained (`ops`, default four times workload W's key space,
+/// [`B2_WRITERS`] writers): long enough that the records' delta is written into the view
+/// file (a whole-file merge at workload W's key space, on the flusher thread) inside the
+/// window, which B2's 200k-op window never sees. `keys` is the key space (W's 1M by default;
+/// a larger one is a dataset that keeps growing, whose flushes grow with it). Its in-run
+/// baseline is the same ingest at 200k ops, run first in the same process.
+pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
     let (mut rates, mut readable, mut cpus, mut bursts) = (vec![], vec![], vec![], vec![]);
     let (mut flushes, mut flushed_per_op) = (vec![], vec![]);
+    let calls = ops.div_ceil(W_BATCH_OPS).max(1);
+    let ops = calls * W_BATCH_OPS;
     for run in 0..runs {
-        bursts.push(b2_run(200_000 / W_BATCH_OPS, run, B2_WRITERS).await?.rate);
-        let long = b2_run(B2L_OPS / W_BATCH_OPS, run, B2_WRITERS).await?;
+        let burst = b2b_run(
+            200_000 / W_BATCH_OPS,
+            run,
+            B2_WRITERS,
+            CallForm::Built,
+            keys,
+        );
+        bursts.push(burst.await?.rate);
+        let long = b2b_run(calls, run, B2_WRITERS, CallForm::Built, keys).await?;
         rates.push(long.rate);
         readable.push(long.readable);
         cpus.push(long.cpu_us);
         flushes.push(long.flushes.0 as f64);
-        flushed_per_op.push(long.flushes.1 as f64 / B2L_OPS as f64);
+        flushed_per_op.push(long.flushes.1 as f64 / ops as f64);
     }
     let (rate, burst) = (median(rates), median(bursts));
     let row = |what: String, value: f64, unit: &'static str| Row {
@@ -1209,7 +1240,7 @@ pub async fn b2l(runs: usize) -> Result<Vec<Row>> {
         Row {
             id: "B2l",
             what: format!(
-                "sustained durable ingest, {B2_WRITERS} writers, {B2L_OPS} ops (view flushes in the window)"
+                "sustained durable ingest, {B2_WRITERS} writers, {ops} ops over {keys} keys (view flushes in the window)"
             ),
             value: rate,
             unit: "ops/s",
