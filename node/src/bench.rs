@@ -686,6 +686,12 @@ where
     tokio::task::spawn_blocking(move || n2.get(DEFAULT_NAMESPACE, "bench", "k0000000")).await??;
     let readable = ops / t.elapsed().as_secs_f64();
     let cpu_us_readable = (cpu_secs() - cpu0) * 1e6 / ops;
+    // What a `/metrics` scrape pays for its record count right after the window, with the
+    // records' delta as full as the window left it.
+    let n2 = node.clone();
+    let counted = Instant::now();
+    tokio::task::spawn_blocking(move || n2.counts()).await??;
+    let counts_ms = counted.elapsed().as_secs_f64() * 1e3;
     node.clone().shutdown().await;
     let bytes = std::fs::metadata(crate::node::store_path(&dir.join("n")))?.len() as f64;
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
@@ -698,6 +704,7 @@ where
         cpu_us_readable,
         faults_per_kop,
         flushes,
+        counts_ms,
     })
 }
 
@@ -906,6 +913,8 @@ struct B2Run {
     faults_per_kop: f64,
     /// View flushes committed in the window, and the records they wrote.
     flushes: (u64, u64),
+    /// Time to count the node's batches and records right after the window (ms).
+    counts_ms: f64,
 }
 
 /// Writers in flight in B2's concurrent variant (as several client connections would).
@@ -1208,7 +1217,7 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
 /// baseline is the same ingest at 200k ops, run first in the same process.
 pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
     let (mut rates, mut readable, mut cpus, mut bursts) = (vec![], vec![], vec![], vec![]);
-    let (mut flushes, mut flushed_per_op) = (vec![], vec![]);
+    let (mut flushes, mut flushed_per_op, mut counts_ms) = (vec![], vec![], vec![]);
     let calls = ops.div_ceil(W_BATCH_OPS).max(1);
     let ops = calls * W_BATCH_OPS;
     for run in 0..runs {
@@ -1226,6 +1235,7 @@ pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
         cpus.push(long.cpu_us);
         flushes.push(long.flushes.0 as f64);
         flushed_per_op.push(long.flushes.1 as f64 / ops as f64);
+        counts_ms.push(long.counts_ms);
     }
     let (rate, burst) = (median(rates), median(bursts));
     let row = |what: String, value: f64, unit: &'static str| Row {
@@ -1262,6 +1272,11 @@ pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
             "records written into the view file per op ingested".into(),
             median(flushed_per_op),
             "records/op",
+        ),
+        row(
+            "counting batches and records (as /metrics does) right after the window".into(),
+            median(counts_ms),
+            "ms",
         ),
     ])
 }

@@ -112,6 +112,9 @@ const RECORDS_REWRITE: TableDefinition<'_, &[u8], &[u8]> =
 /// file's last key (appends: time series, sequential ids) are cheap to splice however many,
 /// and do not count: a delta of only those never rewrites the file.
 const REWRITE_DELTA_FRACTION: u64 = 10;
+/// [`Store::counts`] walks the file's keys in order instead of looking each delta key up when
+/// the delta holds at least this fraction (1/n) of as many keys as the file.
+const COUNT_WALK_FRACTION: u64 = 8;
 /// The view tables of earlier versions (serde/CBOR record states): dropped at open, after
 /// which every logged batch counts as unapplied and is applied again (the view is derived).
 const OLD_VIEW_TABLES: [&str; 2] = ["records-v1", "applied-v1"];
@@ -268,25 +271,34 @@ const STAGED_RECORD_OVERHEAD_BYTES: usize = 160;
 /// read once per key and held inline, as a big-endian integer (zero-padded: a key that ends
 /// sooner sorts first, as in byte order); only keys equal in those bytes are compared whole.
 fn sorted_records(records: &DeltaMap) -> Vec<(&[u8], &[u8])> {
+    let skip = common_prefix_len(records.keys());
+    let mut keyed: Vec<(u64, &[u8], &[u8])> = records
+        .iter()
+        .map(|(k, v)| (sort_word(k, skip), k, v))
+        .collect();
+    keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+    keyed.into_iter().map(|(_, k, v)| (k, v)).collect()
+}
+
+/// The length of the prefix all `keys` share (0 for none).
+fn common_prefix_len<'k>(keys: impl Iterator<Item = &'k [u8]>) -> usize {
     let mut common: Option<&[u8]> = None;
-    for k in records.keys() {
+    for k in keys {
         let c = common.get_or_insert(k);
         let n = c.iter().zip(k).take_while(|(a, b)| a == b).count();
         *c = &c[..n];
     }
-    let skip = common.map_or(0, <[u8]>::len);
-    let mut keyed: Vec<(u64, &[u8], &[u8])> = records
-        .iter()
-        .map(|(k, v)| {
-            let mut word = [0u8; 8];
-            let rest = &k[skip.min(k.len())..];
-            let n = rest.len().min(8);
-            word[..n].copy_from_slice(&rest[..n]);
-            (u64::from_be_bytes(word), k, v)
-        })
-        .collect();
-    keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
-    keyed.into_iter().map(|(_, k, v)| (k, v)).collect()
+    common.map_or(0, <[u8]>::len)
+}
+
+/// The 8 bytes of `key` after its first `skip`, as a big-endian integer, zero-padded: keys
+/// sharing those `skip` bytes sort in this integer's order where it differs.
+fn sort_word(key: &[u8], skip: usize) -> u64 {
+    let mut word = [0u8; 8];
+    let rest = &key[skip.min(key.len())..];
+    let n = rest.len().min(8);
+    word[..n].copy_from_slice(&rest[..n]);
+    u64::from_be_bytes(word)
 }
 
 /// How many ops ahead staging prefetches a record's first slot in the delta's table
@@ -1399,27 +1411,62 @@ impl Store {
         // One chain entry per batch held (the log keeps each batch in pieces).
         let batches = self.db.begin_read()?.open_table(CHAINS)?.len()?;
         // Records in the file, plus those only staged or being flushed so far. The file
-        // snapshot and the delta keys are taken together; the lookups run after the locks are
-        // released, so a metrics scrape never holds up staging.
-        let (txn, in_memory) = {
+        // snapshot and the delta keys are taken together (copied into one buffer); the file
+        // is searched after the locks are released, so a metrics scrape never holds up
+        // staging.
+        let (txn, buf, mut spans) = {
             let staged = read(&self.staged);
             let flushing = read(&self.flushing);
             let txn = self.view.begin_read()?;
-            let mut keys: Vec<Vec<u8>> = staged
+            let (mut buf, mut spans) = (Vec::new(), Vec::new());
+            for k in staged
                 .records
                 .keys()
                 .chain(flushing.iter().flat_map(|f| f.records.keys()))
-                .map(|k| k.to_vec())
-                .collect();
-            keys.sort_unstable();
-            keys.dedup();
-            (txn, keys)
+            {
+                spans.push((buf.len(), buf.len() + k.len()));
+                buf.extend_from_slice(k);
+            }
+            (txn, buf, spans)
         };
+        let key = |&(a, b): &(usize, usize)| &buf[a..b];
+        // Sorted as a flush sorts its records ([`sorted_records`]): by the 8 bytes after the
+        // shared prefix, held inline, and whole keys only where those are equal (sorting the
+        // spans by their bytes alone was ~40% of a count).
+        let skip = common_prefix_len(spans.iter().map(key));
+        let mut worded: Vec<(u64, (usize, usize))> = spans
+            .drain(..)
+            .map(|span| (sort_word(key(&span), skip), span))
+            .collect();
+        worded.sort_unstable_by(|x, y| x.0.cmp(&y.0).then_with(|| key(&x.1).cmp(key(&y.1))));
+        spans.extend(worded.into_iter().map(|(_, span)| span));
+        spans.dedup_by(|x, y| key(x) == key(y));
         let table = txn.open_table(RECORDS)?;
-        let mut records = table.len()?;
-        for k in in_memory {
-            if table.get(k.as_slice())?.is_none() {
-                records += 1;
+        let file = table.len()?;
+        let mut records = file;
+        match spans.first() {
+            // Many delta keys next to the file: one ordered walk over the file's keys from
+            // the first of them, joined with the sorted delta keys (a lookup from the root
+            // per key cost ~1.4 µs: a /metrics scrape with a 600k-record delta took ~0.9 s).
+            Some(first) if spans.len() as u64 * COUNT_WALK_FRACTION >= file => {
+                let mut held = table.range(key(first)..)?;
+                let mut next = held.next().transpose()?;
+                for span in &spans {
+                    let k = key(span);
+                    while next.as_ref().is_some_and(|(fk, _)| fk.value() < k) {
+                        next = held.next().transpose()?;
+                    }
+                    if !next.as_ref().is_some_and(|(fk, _)| fk.value() == k) {
+                        records += 1;
+                    }
+                }
+            }
+            _ => {
+                for span in &spans {
+                    if table.get(key(span))?.is_none() {
+                        records += 1;
+                    }
+                }
             }
         }
         Ok((batches, records))
@@ -1707,6 +1754,13 @@ mod tests {
                 direct.write_batches(&batches).unwrap();
                 staged.stage(batches, false).unwrap();
             }
+            // Counted with the delta still in memory: by a walk over the file's keys when the
+            // delta is large next to it (even rounds), by lookups otherwise.
+            assert_eq!(
+                staged.counts().unwrap(),
+                direct.counts().unwrap(),
+                "staged, round {round}"
+            );
             assert!(staged.freeze());
             assert!(staged.flush_frozen(false).unwrap() > 0);
             assert_eq!(
