@@ -1456,7 +1456,7 @@ impl Store {
                     while next.as_ref().is_some_and(|(fk, _)| fk.value() < k) {
                         next = held.next().transpose()?;
                     }
-                    if !next.as_ref().is_some_and(|(fk, _)| fk.value() == k) {
+                    if next.as_ref().is_none_or(|(fk, _)| fk.value() != k) {
                         records += 1;
                     }
                 }
