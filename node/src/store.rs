@@ -1446,8 +1446,9 @@ impl Store {
         let mut records = file;
         match spans.first() {
             // Many delta keys next to the file: one ordered walk over the file's keys from
-            // the first of them, joined with the sorted delta keys (a lookup from the root
-            // per key cost ~1.4 µs: a /metrics scrape with a 600k-record delta took ~0.9 s).
+            // the first of them, joined with the sorted delta keys, instead of a lookup from
+            // the root per key (with the bytewise sort, a count right after B2l's window,
+            // ~1M delta keys and a 630k-record file, took 0.9–1.5 s; now 0.5–0.8 s).
             Some(first) if spans.len() as u64 * COUNT_WALK_FRACTION >= file => {
                 let mut held = table.range(key(first)..)?;
                 let mut next = held.next().transpose()?;
