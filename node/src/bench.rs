@@ -71,6 +71,20 @@ pub struct Row {
     pub baseline: Option<String>,
 }
 
+impl Row {
+    /// A row with no baseline.
+    fn plain(id: &'static str, what: String, value: f64, unit: &'static str) -> Row {
+        Row {
+            id,
+            what,
+            value,
+            unit,
+            ratio: None,
+            baseline: None,
+        }
+    }
+}
+
 /// Ops per client call in workload W.
 pub const W_BATCH_OPS: usize = 5_000;
 /// Records in workload W's key space.
@@ -1131,14 +1145,7 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
     }
     let (rate, raw) = (median(rates), median(raw_rates));
     let conc = median(conc);
-    let row = |what: String, value: f64, unit: &'static str| Row {
-        id: "B2",
-        what,
-        value,
-        unit,
-        ratio: None,
-        baseline: None,
-    };
+    let row = |what: String, value: f64, unit: &'static str| Row::plain("B2", what, value, unit);
     Ok(vec![
         Row {
             id: "B2",
@@ -1238,14 +1245,7 @@ pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
         counts_ms.push(long.counts_ms);
     }
     let (rate, burst) = (median(rates), median(bursts));
-    let row = |what: String, value: f64, unit: &'static str| Row {
-        id: "B2l",
-        what,
-        value,
-        unit,
-        ratio: None,
-        baseline: None,
-    };
+    let row = |what: String, value: f64, unit: &'static str| Row::plain("B2l", what, value, unit);
     Ok(vec![
         Row {
             id: "B2l",
