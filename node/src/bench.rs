@@ -46,7 +46,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 4_000_000)]
     pub b2l_ops: usize,
     /// B2l's key space (records the ops' keys are drawn from): W's 1M by default; a larger
-    /// one makes a dataset that keeps growing.
+    /// one makes a dataset that keeps growing; 0 makes every key new and larger than all
+    /// before it (appends, as a time series writes).
     #[arg(long, default_value_t = W_KEYS)]
     pub b2l_keys: u64,
     /// Ops the catching-up node missed in B6.
@@ -93,15 +94,19 @@ pub const W_KEYS: u64 = 1_000_000;
 /// Workload W: uniformly random keys over 1M records, 3 fields per upsert, values of 8–64
 /// bytes, 10% deletes.
 pub fn workload_w(rng: &mut impl Rng, n: usize, hlc_start: u64) -> Vec<Op> {
-    workload_w_over(rng, n, hlc_start, W_KEYS)
+    workload_w_over(rng, n, hlc_start, W_KEYS, 0)
 }
 
 /// [`workload_w`] with its keys drawn from `keys` records instead of [`W_KEYS`] (B2l's
-/// growing dataset).
-fn workload_w_over(rng: &mut impl Rng, n: usize, hlc_start: u64, keys: u64) -> Vec<Op> {
+/// growing dataset), or, for `keys` 0, increasing from `first` (appends: each op a new key,
+/// after every key before it).
+fn workload_w_over(rng: &mut impl Rng, n: usize, hlc_start: u64, keys: u64, first: u64) -> Vec<Op> {
     (0..n)
         .map(|i| {
-            let key = format!("k{:07}", rng.gen_range(0..keys));
+            let key = match keys {
+                0 => format!("k{:012}", first + i as u64),
+                _ => format!("k{:07}", rng.gen_range(0..keys)),
+            };
             let hlc = Hlc(hlc_start + i as u64);
             if rng.gen_range(0..10) == 0 {
                 Op::Delete {
@@ -731,12 +736,12 @@ struct RawOp {
 
 /// Workload W as [`RawOp`]s (the same ops [`workload_w`] draws from the same generator).
 fn workload_w_raw(rng: &mut impl Rng, n: usize) -> Vec<RawOp> {
-    workload_w_raw_over(rng, n, W_KEYS)
+    workload_w_raw_over(rng, n, W_KEYS, 0)
 }
 
-/// [`workload_w_raw`] over `keys` records.
-fn workload_w_raw_over(rng: &mut impl Rng, n: usize, keys: u64) -> Vec<RawOp> {
-    workload_w_over(rng, n, 0, keys)
+/// [`workload_w_raw`] over `keys` records (0: increasing keys from `first`).
+fn workload_w_raw_over(rng: &mut impl Rng, n: usize, keys: u64, first: u64) -> Vec<RawOp> {
+    workload_w_over(rng, n, 0, keys, first)
         .into_iter()
         .map(|op| match op {
             Op::Upsert { key, fields, .. } => {
@@ -819,7 +824,7 @@ async fn b2b_run(
     let node = ingest_node(dir.path()).await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(100 + run as u64);
     let raw: Vec<Vec<RawOp>> = (0..calls)
-        .map(|_| workload_w_raw_over(&mut rng, W_BATCH_OPS, keys))
+        .map(|c| workload_w_raw_over(&mut rng, W_BATCH_OPS, keys, (c * W_BATCH_OPS) as u64))
         .collect();
     let write = |call: Vec<RawOp>| {
         let node = node.clone();
@@ -1245,12 +1250,16 @@ pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
         counts_ms.push(long.counts_ms);
     }
     let (rate, burst) = (median(rates), median(bursts));
+    let space = match keys {
+        0 => "on increasing keys (appends)".to_string(),
+        _ => format!("over {keys} keys"),
+    };
     let row = |what: String, value: f64, unit: &'static str| Row::plain("B2l", what, value, unit);
     Ok(vec![
         Row {
             id: "B2l",
             what: format!(
-                "sustained durable ingest, {B2_WRITERS} writers, {ops} ops over {keys} keys (view flushes in the window)"
+                "sustained durable ingest, {B2_WRITERS} writers, {ops} ops {space} (view flushes in the window)"
             ),
             value: rate,
             unit: "ops/s",
