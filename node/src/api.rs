@@ -694,6 +694,21 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
         "Records written into the view file by those flushes.",
         flushed,
     );
+    let (runs, rewrites) = node.view_flush_kinds();
+    metric(
+        &mut out,
+        "counter",
+        "blazedb_view_runs_written_total",
+        "View flushes that wrote their delta as a sorted run beside the records' table.",
+        runs,
+    );
+    metric(
+        &mut out,
+        "counter",
+        "blazedb_view_rewrites_total",
+        "View flushes that rewrote the records' table whole, folding the runs into it.",
+        rewrites,
+    );
     metric(
         &mut out,
         "counter",

@@ -692,13 +692,15 @@ where
     tracing::info!(writers, "bench window: B2 start");
     let t = Instant::now();
     let (cpu0, faults0) = (cpu_secs(), minor_faults());
-    let flushes0 = node.view_flushes();
+    let (flushes0, kinds0) = (node.view_flushes(), node.view_flush_kinds());
     in_flight(calls, writers, write, &mut lat).await?;
     let secs = t.elapsed().as_secs_f64();
     let cpu_us = (cpu_secs() - cpu0) * 1e6 / ops;
     let faults_per_kop = minor_faults().saturating_sub(faults0) as f64 * 1e3 / ops;
     let flushes = node.view_flushes();
     let flushes = (flushes.0 - flushes0.0, flushes.1 - flushes0.1);
+    let kinds = node.view_flush_kinds();
+    let kinds = (kinds.0 - kinds0.0, kinds.1 - kinds0.1);
     tracing::info!(writers, "bench window: B2 end");
     // Until the records have caught up too (a read waits for them).
     let n2 = node.clone();
@@ -723,6 +725,7 @@ where
         cpu_us_readable,
         faults_per_kop,
         flushes,
+        kinds,
         counts_ms,
     })
 }
@@ -932,6 +935,9 @@ struct B2Run {
     faults_per_kop: f64,
     /// View flushes committed in the window, and the records they wrote.
     flushes: (u64, u64),
+    /// Of those, the flushes written as sorted runs, and those that rewrote the records'
+    /// table whole.
+    kinds: (u64, u64),
     /// Time to count the node's batches and records right after the window (ms).
     counts_ms: f64,
 }
@@ -1230,6 +1236,7 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
 pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
     let (mut rates, mut readable, mut cpus, mut bursts) = (vec![], vec![], vec![], vec![]);
     let (mut flushes, mut flushed_per_op, mut counts_ms) = (vec![], vec![], vec![]);
+    let (mut as_runs, mut rewrites) = (vec![], vec![]);
     let calls = ops.div_ceil(W_BATCH_OPS).max(1);
     let ops = calls * W_BATCH_OPS;
     for run in 0..runs {
@@ -1246,6 +1253,8 @@ pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
         readable.push(long.readable);
         cpus.push(long.cpu_us);
         flushes.push(long.flushes.0 as f64);
+        as_runs.push(long.kinds.0 as f64);
+        rewrites.push(long.kinds.1 as f64);
         flushed_per_op.push(long.flushes.1 as f64 / ops as f64);
         counts_ms.push(long.counts_ms);
     }
@@ -1275,6 +1284,16 @@ pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
         row(
             "view flushes committed in the window".into(),
             median(flushes),
+            "flushes",
+        ),
+        row(
+            "of those, written as a sorted run beside the records' table".into(),
+            median(as_runs),
+            "flushes",
+        ),
+        row(
+            "of those, rewriting the records' table whole (the runs folded in)".into(),
+            median(rewrites),
             "flushes",
         ),
         row(

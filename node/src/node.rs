@@ -551,6 +551,14 @@ impl NodeHandle {
         self.shared.store.view_flushes()
     }
 
+    /// View flushes since the node started that wrote their delta as a sorted run beside the
+    /// records' table, and those that rewrote the table whole (folding the runs in): the
+    /// rest spliced their delta into the table ([`Store::flush_frozen`]).
+    pub fn view_flush_kinds(&self) -> (u64, u64) {
+        let store = &self.shared.store;
+        (store.view_runs_written(), store.view_rewrites())
+    }
+
     /// gossipsub's own metrics, in Prometheus text format.
     pub fn gossip_metrics_text(&self) -> String {
         let mut out = String::new();

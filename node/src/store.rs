@@ -8,9 +8,12 @@
 //!   [`NAMESPACES`], [`META`] (`schema` = format version). Appended durably
 //!   ([`Store::append_log`]) before a write is acknowledged.
 //! - the **view** (`records.redb`): [`RECORDS`] (`ns_len:u8 ns coll_len:u8 coll key` → CBOR
-//!   [`RecordState`], the join of every effective op in the log) and [`APPLIED`] (per chain,
-//!   the highest seq applied), updated together by [`Store::apply`]. Derived: it can lag the
-//!   log (see `materializer`), and [`Store::rebuild_records`] recomputes it from the log.
+//!   [`RecordState`], the join of every effective op in the log), up to [`MAX_RUNS`] sorted
+//!   runs beside it ([`RUNS`], listed in [`RUN_LIST`]: deltas a flush appended instead of
+//!   rewriting a large table; a record is the join of its states in all of them) and
+//!   [`APPLIED`] (per chain, the highest seq applied), updated together by [`Store::apply`]
+//!   and [`Store::flush_frozen`]. Derived: it can lag the log (see `materializer`), and
+//!   [`Store::rebuild_records`] recomputes it from the log.
 //!
 //! Table names carry a version; `docs/design.md` gives the byte layout.
 
@@ -223,6 +226,8 @@ pub struct Store {
     flushing: RwLock<Option<Arc<Delta>>>,
     /// View flushes that rewrote the records' table whole (see [`REWRITE_DELTA_FRACTION`]).
     rewrites: std::sync::atomic::AtomicU64,
+    /// View flushes that wrote their delta as a run beside the records' table ([`RUNS`]).
+    runs_written: std::sync::atomic::AtomicU64,
     /// View flushes committed, and the records they wrote ([`Store::view_flushes`]).
     flushes: std::sync::atomic::AtomicU64,
     flushed_records: std::sync::atomic::AtomicU64,
@@ -318,8 +323,249 @@ fn prefetch_key_ahead(keyed: &[(&[u8], &[u8])], i: usize) {
 }
 const BLOCK_AHEAD: usize = 8;
 
-/// View table: `ns_len:u8 ns author:32` → highest seq applied to the records.
-pub const APPLIED: TableDefinition<'_, &[u8], u64> = TableDefinition::new("applied-v2");
+/// View table: `ns_len:u8 ns author:32` → highest seq applied to the records (in [`RECORDS`]
+/// and [`RUNS`] together). Named `-v3` since the runs: a binary that predates them finds no
+/// watermark of its own name, so it applies the whole log again into [`RECORDS`] (a join, so
+/// that is the full record) instead of reading records that miss what the runs hold.
+pub const APPLIED: TableDefinition<'_, &[u8], u64> = TableDefinition::new("applied-v3");
+/// The watermark's name before the runs; taken over (by maximum per chain) and dropped at open.
+const APPLIED_V2: TableDefinition<'_, &[u8], u64> = TableDefinition::new("applied-v2");
+
+/// View table: sorted runs of records that flushes wrote beside [`RECORDS`] instead of
+/// rewriting it (`run:u32be ++ record key` → stored state: the join of the ops that flush's
+/// delta held for the record). A record is the join of its states in [`RECORDS`] and in every
+/// run (a join is idempotent, so a record held in several places reads right whatever the
+/// order). Written by [`Store::flush_frozen`], folded back into [`RECORDS`] by a rewrite.
+pub const RUNS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("records-runs-v1");
+/// View table: run id → records written into that run. Ids increase; [`RUNS`] holds nothing
+/// of a run not listed here (both change in one transaction).
+pub const RUN_LIST: TableDefinition<'_, u32, u64> = TableDefinition::new("records-run-list-v1");
+/// The most runs held beside [`RECORDS`]: a read looks a record up in each, so this bounds a
+/// `get` to 1 + 8 lookups in the file. A flush that would make one more rewrites instead.
+const MAX_RUNS: usize = 8;
+
+/// A delta with fewer keys among the table's than this, and fewer than a tenth of the
+/// table's records ([`REWRITE_DELTA_FRACTION`]), is spliced into the table; more are written
+/// as a run. A splice writes a whole leaf (4 KiB, ~18 W records) again for each record it
+/// puts among the file's, so a run is far cheaper for random keys: splicing 380k into a file
+/// of 12M took 21 s (B2l over 10^9 keys), a run of 1.5M takes 2–5 s. Below this the leaves a
+/// splice writes are few (≤ 16 MiB), and a run would only add a level to every read.
+const RUN_MIN_RECORDS: u64 = 4_096;
+
+/// How a flush writes a delta of `delta` records, `interleaved` of them among the records'
+/// table's `file_len` (not past its last key), beside `runs` (oldest first).
+///
+/// Appends and small deltas splice. Otherwise the delta becomes a run, absorbing the newest
+/// runs that are no larger than what it has absorbed so far (a binary counter: run sizes
+/// fall from oldest to newest, a record is rewritten about log2(file / delta) times, and the
+/// runs stay few); if that takes in every run and reaches the table's size, or the runs
+/// would number more than [`MAX_RUNS`], the table is rewritten with all of them instead.
+fn flush_mode(runs: &[(u32, u64)], delta: u64, interleaved: u64, file_len: u64) -> FlushMode {
+    if interleaved == 0
+        || (interleaved < RUN_MIN_RECORDS && interleaved * REWRITE_DELTA_FRACTION < file_len)
+    {
+        return FlushMode::Splice;
+    }
+    let (mut size, mut absorb) = (delta, 0);
+    while let Some(&(_, n)) = runs.len().checked_sub(absorb + 1).map(|i| &runs[i]) {
+        if n > size {
+            break;
+        }
+        size += n;
+        absorb += 1;
+    }
+    if (absorb == runs.len() && size >= file_len) || runs.len() - absorb + 1 > MAX_RUNS {
+        FlushMode::Rewrite
+    } else {
+        FlushMode::Run { absorb }
+    }
+}
+
+/// How a flush writes its delta into the view file ([`Store::flush_frozen`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FlushMode {
+    /// Into the records' table, by a cursor's sweep.
+    Splice,
+    /// As a run of its own ([`RUNS`]), merged with the newest `absorb` runs (which go).
+    Run { absorb: usize },
+    /// The records' table, the runs and the delta merged into a fresh table.
+    Rewrite,
+}
+
+/// `run:u32be ++ rk` into `out`.
+fn run_key(run: u32, rk: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&run.to_be_bytes());
+    out.extend_from_slice(rk);
+}
+
+/// The runs listed in a view snapshot: (id, records written), oldest first.
+fn run_list(table: &impl ReadableTable<u32, u64>) -> Result<Vec<(u32, u64)>, StoreError> {
+    let mut out = Vec::new();
+    for entry in table.iter()? {
+        let (id, n) = entry?;
+        out.push((id.value(), n.value()));
+    }
+    Ok(out)
+}
+
+type Guard<'a> = redb::AccessGuard<'a, &'static [u8]>;
+
+/// One sorted source of stored record states in the view file, over a key range: [`RECORDS`]
+/// or one run (whose keys carry the run's 4-byte id first, skipped here).
+struct Level<'a> {
+    range: redb::Range<'a, &'static [u8], &'static [u8]>,
+    skip: usize,
+    head: Option<(Guard<'a>, Guard<'a>)>,
+}
+
+impl<'a> Level<'a> {
+    fn new(
+        mut range: redb::Range<'a, &'static [u8], &'static [u8]>,
+        skip: usize,
+    ) -> Result<Self, StoreError> {
+        let head = range.next().transpose()?;
+        Ok(Self { range, skip, head })
+    }
+
+    /// The record key at the head, if any.
+    fn key(&self) -> Option<&[u8]> {
+        self.head.as_ref().map(|(k, _)| &k.value()[self.skip..])
+    }
+
+    fn state(&self) -> &[u8] {
+        self.head.as_ref().map_or(&[], |(_, v)| v.value())
+    }
+
+    fn advance(&mut self) -> Result<(), StoreError> {
+        self.head = self.range.next().transpose()?;
+        Ok(())
+    }
+}
+
+/// The view file's levels over record keys from `start` (up to `end`, exclusive, if any):
+/// [`RECORDS`] first, then each run in `runs`, oldest first.
+fn levels<'t>(
+    records: &'t impl ReadableTable<&'static [u8], &'static [u8]>,
+    run_table: &'t impl ReadableTable<&'static [u8], &'static [u8]>,
+    runs: &[(u32, u64)],
+    start: &[u8],
+    end: Option<&[u8]>,
+) -> Result<Vec<Level<'t>>, StoreError> {
+    let mut out = Vec::with_capacity(runs.len() + 1);
+    out.push(Level::new(
+        match end {
+            Some(end) => records.range(start..end)?,
+            None => records.range(start..)?,
+        },
+        0,
+    )?);
+    out.extend(run_levels(run_table, runs, start, end)?);
+    Ok(out)
+}
+
+/// The levels of the runs in `runs` alone (see [`levels`]), oldest first.
+fn run_levels<'t>(
+    run_table: &'t impl ReadableTable<&'static [u8], &'static [u8]>,
+    runs: &[(u32, u64)],
+    start: &[u8],
+    end: Option<&[u8]>,
+) -> Result<Vec<Level<'t>>, StoreError> {
+    let mut out = Vec::with_capacity(runs.len());
+    for &(id, _) in runs {
+        let (mut lo, mut hi) = (Vec::new(), Vec::new());
+        run_key(id, start, &mut lo);
+        let range = match (end, id.checked_add(1)) {
+            (Some(end), _) => {
+                run_key(id, end, &mut hi);
+                run_table.range(lo.as_slice()..hi.as_slice())?
+            }
+            (None, Some(next)) => {
+                run_key(next, &[], &mut hi);
+                run_table.range(lo.as_slice()..hi.as_slice())?
+            }
+            (None, None) => run_table.range(lo.as_slice()..)?,
+        };
+        out.push(Level::new(range, 4)?);
+    }
+    Ok(out)
+}
+
+/// Walks `levels` and the sorted, distinct keys of `extra` together in key order, calling `f`
+/// once per distinct key with the states held for it (the levels' in their order, then
+/// `extra`'s if it has one). Stops early when `f` returns false.
+fn walk_levels<'s>(
+    levels: &mut [Level<'_>],
+    extra: impl Iterator<Item = (&'s [u8], Option<&'s [u8]>)>,
+    mut f: impl FnMut(&[u8], &[&[u8]]) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    const MOST: usize = MAX_RUNS + 1;
+    if levels.len() > MOST {
+        return Err(StoreError::Corrupt(format!(
+            "{} runs listed, at most {MAX_RUNS} are written",
+            levels.len() - 1
+        )));
+    }
+    let mut extra = extra.peekable();
+    loop {
+        let from_extra = extra.peek().copied();
+        let mut min = from_extra.map(|(k, _)| k);
+        for l in levels.iter() {
+            if let Some(k) = l.key() {
+                if min.is_none_or(|m| k < m) {
+                    min = Some(k);
+                }
+            }
+        }
+        let Some(min) = min else { return Ok(()) };
+        let mut states: [&[u8]; MOST + 1] = [&[]; MOST + 1];
+        let (mut n, mut hit) = (0, [false; MOST]);
+        for (i, l) in levels.iter().enumerate() {
+            if l.key() == Some(min) {
+                states[n] = l.state();
+                n += 1;
+                hit[i] = true;
+            }
+        }
+        let extra_hit = from_extra.is_some_and(|(k, _)| k == min);
+        if let Some((_, Some(state))) = from_extra.filter(|_| extra_hit) {
+            states[n] = state;
+            n += 1;
+        }
+        if !f(min, &states[..n])? {
+            return Ok(());
+        }
+        for (l, _) in levels.iter_mut().zip(hit).filter(|(_, hit)| *hit) {
+            l.advance()?;
+        }
+        if extra_hit {
+            extra.next();
+        }
+    }
+}
+
+/// The stored join of `states` (at least one): the state itself if only one, else into `out`
+/// (`tmp` is scratch).
+fn join_all<'o>(
+    states: &[&'o [u8]],
+    out: &'o mut Vec<u8>,
+    tmp: &mut Vec<u8>,
+) -> Result<&'o [u8], StoreError> {
+    match states {
+        [] => Ok(&[]),
+        [one] => Ok(one),
+        [first, rest @ ..] => {
+            out.clear();
+            out.extend_from_slice(first);
+            for s in rest {
+                tmp.clear();
+                join_states(out, s, tmp)?;
+                std::mem::swap(out, tmp);
+            }
+            Ok(out.as_slice())
+        }
+    }
+}
 
 /// A batch's ops, read in place. Its payload decoded when the batch was verified; a failure
 /// here means memory or the code is wrong, reported as a damaged store, not a panic.
@@ -517,7 +763,23 @@ impl Store {
             }
         }
         txn.open_table(RECORDS)?;
-        txn.open_table(APPLIED)?;
+        {
+            let mut applied = txn.open_table(APPLIED)?;
+            // A view file from before the runs: its watermark is taken over. One written by
+            // such a binary after ours (it applied the whole log again into RECORDS) is too:
+            // the higher seq per chain holds, and what our runs hold is joined on read.
+            let old = txn.open_table(APPLIED_V2)?;
+            for entry in old.iter()? {
+                let (ck, seq) = entry?;
+                let (ck, seq) = (ck.value(), seq.value());
+                if applied.get(ck)?.is_none_or(|v| v.value() < seq) {
+                    applied.insert(ck, seq)?;
+                }
+            }
+        }
+        txn.delete_table(APPLIED_V2).map_err(redb::Error::from)?;
+        txn.open_table(RUNS)?;
+        txn.open_table(RUN_LIST)?;
         txn.commit()?;
         Ok(Self {
             db,
@@ -525,6 +787,7 @@ impl Store {
             staged: RwLock::default(),
             flushing: RwLock::default(),
             rewrites: Default::default(),
+            runs_written: Default::default(),
             flushes: Default::default(),
             flushed_records: Default::default(),
         })
@@ -679,6 +942,11 @@ impl Store {
         {
             let mut records = txn.open_table(RECORDS)?;
             let mut applied = txn.open_table(APPLIED)?;
+            // The runs are left as they are (a record is the join of every level), but a
+            // change event carries the whole record, so they are read for it.
+            let run_table = txn.open_table(RUNS)?;
+            let runs = run_list(&txn.open_table(RUN_LIST)?)?;
+            let mut run_rk = Vec::new();
             // Group the ops by record so each record is read and written once.
             let views = batches
                 .iter()
@@ -720,7 +988,18 @@ impl Store {
                 if !want_changes {
                     continue;
                 }
-                let fields = state.visible();
+                let fields = if runs.is_empty() {
+                    state.visible()
+                } else {
+                    let mut whole = state.clone();
+                    for &(id, _) in &runs {
+                        run_key(id, &rk, &mut run_rk);
+                        if let Some(v) = run_table.get(run_rk.as_slice())? {
+                            whole.merge(&decode_state(v.value())?);
+                        }
+                    }
+                    whole.visible()
+                };
                 for (bi, oi) in ops {
                     let vb = &batches[bi];
                     let (view, op) = (&views[bi], &views[bi].ops()[oi]);
@@ -874,6 +1153,11 @@ impl Store {
         self.rewrites.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// View flushes so far that wrote their delta as a run beside the records' table.
+    pub fn view_runs_written(&self) -> u64 {
+        self.runs_written.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// View flushes committed so far, and the records they wrote (a record written by two
     /// flushes counts twice): what sustained ingest pays to keep the view file current.
     pub fn view_flushes(&self) -> (u64, u64) {
@@ -935,17 +1219,24 @@ impl Store {
             txn.set_durability(redb::Durability::None)
                 .map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
         }
-        let rewrite = {
+        let mode = {
             let mut records = txn.open_table(RECORDS)?;
             let mut applied = txn.open_table(APPLIED)?;
+            let mut run_table = txn.open_table(RUNS)?;
+            let mut run_index = txn.open_table(RUN_LIST)?;
+            let runs = run_list(&run_index)?;
             let mut buf = Vec::with_capacity(512);
-            // Key order, both ways. A delta large next to the file rewrites the table whole
-            // ([`REWRITE_DELTA_FRACTION`]): the file's records and the delta's merged in one
-            // pass into a fresh table, renamed over the old one. Otherwise one sweep of a
-            // cursor over the records, from the first key the delta holds: records between
-            // the delta's keys are stepped over (a leaf read each); a delta key the file holds
-            // is joined with it and put back in its place; a new one is inserted at the
-            // cursor. No record is looked up from the tree's root.
+            // Key order, every way. A delta large next to the file ([`REWRITE_DELTA_FRACTION`])
+            // is written as a sorted run of its own beside the records' table ([`RUNS`]: one
+            // append of its records, whatever the file's size), while the runs together hold
+            // no more records than the table and number fewer than [`MAX_RUNS`]; past that,
+            // the table is rewritten whole: the file's records, every run's and the delta's
+            // merged in one pass into a fresh table, renamed over the old one, the runs
+            // dropped. Otherwise one sweep of a cursor over the records, from the first key
+            // the delta holds: records between the delta's keys are stepped over (a leaf
+            // read each); a delta key the file holds is joined with it and put back in its
+            // place; a new one is inserted at the cursor. No record is looked up from the
+            // tree's root.
             let sorting = std::time::Instant::now();
             let keyed = sorted_records(&delta.records);
             tracing::debug!(
@@ -961,67 +1252,104 @@ impl Store {
                 }
                 None => 0,
             };
-            let rewrite =
-                interleaved > 0 && interleaved as u64 * REWRITE_DELTA_FRACTION >= file_len;
-            if rewrite {
-                let mut fresh = txn.open_table(RECORDS_REWRITE)?;
-                let mut cursor = fresh.lower_bound_mut(Bound::<&[u8]>::Unbounded)?;
-                let mut deltas = keyed
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &record)| {
+            let mode = flush_mode(&runs, keyed.len() as u64, interleaved as u64, file_len);
+            match mode {
+                FlushMode::Rewrite => {
+                    let mut fresh = txn.open_table(RECORDS_REWRITE)?;
+                    let mut cursor = fresh.lower_bound_mut(Bound::<&[u8]>::Unbounded)?;
+                    let mut levels = levels(&records, &run_table, &runs, &[], None)?;
+                    let deltas = keyed.iter().enumerate().map(|(i, &(rk, d))| {
                         prefetch_key_ahead(&keyed, i);
-                        record
-                    })
-                    .peekable();
-                for entry in records.iter()? {
-                    let (k, v) = entry?;
-                    let k = k.value();
-                    // The delta's keys before this record are new records.
-                    while let Some((rk, d)) = deltas.next_if(|(rk, _)| *rk < k) {
-                        cursor.insert_before(rk, d)?;
-                    }
-                    match deltas.next_if(|(rk, _)| *rk == k) {
-                        Some((_, d)) => {
-                            buf.clear();
-                            join_states(v.value(), d, &mut buf)?;
-                            cursor.insert_before(k, buf.as_slice())?;
+                        (rk, Some(d))
+                    });
+                    let mut tmp = Vec::with_capacity(512);
+                    walk_levels(&mut levels, deltas, |k, states| {
+                        cursor.insert_before(k, join_all(states, &mut buf, &mut tmp)?)?;
+                        Ok(true)
+                    })?;
+                    drop(levels);
+                    cursor.close()?;
+                }
+                FlushMode::Run { absorb } => {
+                    let id = runs.last().map_or(1, |&(id, _)| id + 1);
+                    let mut key = Vec::with_capacity(256);
+                    run_key(id, &[], &mut key);
+                    // Past every key of the table: the run is appended.
+                    let mut cursor = run_table.lower_bound_mut(Bound::Included(key.as_slice()))?;
+                    let absorbed = &runs[runs.len() - absorb..];
+                    let mut written = keyed.len() as u64;
+                    if absorbed.is_empty() {
+                        for (i, &(rk, d)) in keyed.iter().enumerate() {
+                            prefetch_key_ahead(&keyed, i);
+                            run_key(id, rk, &mut key);
+                            cursor.insert_before(key.as_slice(), d)?;
                         }
-                        None => cursor.insert_before(k, v.value())?,
+                    } else {
+                        // The runs it absorbs are read from a snapshot of the file as this
+                        // transaction found it (no other write can commit meanwhile: redb
+                        // has one writer at a time), while the new run is written.
+                        let snapshot = self.view.begin_read()?;
+                        let held = snapshot.open_table(RUNS)?;
+                        let mut levels = run_levels(&held, absorbed, &[], None)?;
+                        let deltas = keyed.iter().enumerate().map(|(i, &(rk, d))| {
+                            prefetch_key_ahead(&keyed, i);
+                            (rk, Some(d))
+                        });
+                        let (mut tmp, mut n) = (Vec::with_capacity(512), 0u64);
+                        walk_levels(&mut levels, deltas, |k, states| {
+                            run_key(id, k, &mut key);
+                            cursor.insert_before(
+                                key.as_slice(),
+                                join_all(states, &mut buf, &mut tmp)?,
+                            )?;
+                            n += 1;
+                            Ok(true)
+                        })?;
+                        written = n;
                     }
+                    cursor.close()?;
+                    if let Some(&(first, _)) = absorbed.first() {
+                        let (mut lo, mut hi) = (Vec::new(), Vec::new());
+                        run_key(first, &[], &mut lo);
+                        run_key(id, &[], &mut hi);
+                        run_table.retain_in(lo.as_slice()..hi.as_slice(), |_, _| false)?;
+                        for &(old, _) in absorbed {
+                            run_index.remove(old)?;
+                        }
+                    }
+                    run_index.insert(id, written)?;
                 }
-                for (rk, d) in deltas {
-                    cursor.insert_before(rk, d)?;
-                }
-                cursor.close()?;
-            } else if let Some((first, _)) = keyed.first() {
-                let mut cursor = records.lower_bound_mut(Bound::Included(*first))?;
-                for (i, &(rk, d)) in keyed.iter().enumerate() {
-                    prefetch_key_ahead(&keyed, i);
-                    let held = loop {
-                        let next = cursor.peek_next()?;
-                        match next.as_ref().map(|(k, _)| k.value().cmp(rk)) {
-                            Some(std::cmp::Ordering::Less) => {
-                                drop(next);
-                                cursor.next()?;
+                FlushMode::Splice => {
+                    if let Some((first, _)) = keyed.first() {
+                        let mut cursor = records.lower_bound_mut(Bound::Included(*first))?;
+                        for (i, &(rk, d)) in keyed.iter().enumerate() {
+                            prefetch_key_ahead(&keyed, i);
+                            let held = loop {
+                                let next = cursor.peek_next()?;
+                                match next.as_ref().map(|(k, _)| k.value().cmp(rk)) {
+                                    Some(std::cmp::Ordering::Less) => {
+                                        drop(next);
+                                        cursor.next()?;
+                                    }
+                                    Some(std::cmp::Ordering::Equal) => {
+                                        break next.map(|(_, v)| v.value().to_vec());
+                                    }
+                                    _ => break None,
+                                }
+                            };
+                            match held {
+                                Some(old) => {
+                                    buf.clear();
+                                    join_states(&old, d, &mut buf)?;
+                                    cursor.remove_next()?;
+                                    cursor.insert_before(rk, buf.as_slice())?;
+                                }
+                                None => cursor.insert_before(rk, d)?,
                             }
-                            Some(std::cmp::Ordering::Equal) => {
-                                break next.map(|(_, v)| v.value().to_vec());
-                            }
-                            _ => break None,
                         }
-                    };
-                    match held {
-                        Some(old) => {
-                            buf.clear();
-                            join_states(&old, d, &mut buf)?;
-                            cursor.remove_next()?;
-                            cursor.insert_before(rk, buf.as_slice())?;
-                        }
-                        None => cursor.insert_before(rk, d)?,
+                        cursor.close()?;
                     }
                 }
-                cursor.close()?;
             }
             for (ck, seq) in &delta.applied {
                 let old = applied.get(ck.as_slice())?.map(|v| v.value());
@@ -1029,25 +1357,32 @@ impl Store {
                     applied.insert(ck.as_slice(), *seq)?;
                 }
             }
-            if rewrite {
+            if mode == FlushMode::Rewrite {
                 drop(records);
+                drop(run_table);
                 txn.delete_table(RECORDS)?;
                 txn.rename_table(RECORDS_REWRITE, RECORDS)?;
+                // Dropped whole (freeing its pages at once) and made again, empty.
+                txn.delete_table(RUNS)?;
+                txn.open_table(RUNS)?;
+                run_index.retain(|_, _| false)?;
             }
-            rewrite
+            mode
         };
         txn.commit()?;
         tracing::debug!(
             records = delta.records.len(),
-            rewrite,
+            ?mode,
             ms = started.elapsed().as_secs_f64() * 1e3,
             "view flush: committed"
         );
         {
             use std::sync::atomic::Ordering::Relaxed;
-            if rewrite {
-                self.rewrites.fetch_add(1, Relaxed);
-            }
+            match mode {
+                FlushMode::Rewrite => self.rewrites.fetch_add(1, Relaxed),
+                FlushMode::Run { .. } => self.runs_written.fetch_add(1, Relaxed),
+                FlushMode::Splice => 0,
+            };
             self.flushes.fetch_add(1, Relaxed);
             self.flushed_records
                 .fetch_add(delta.records.len() as u64, Relaxed);
@@ -1082,15 +1417,17 @@ impl Store {
         Ok(out)
     }
 
-    /// Records in the view and the bytes of their stored states.
+    /// Stored record states in the view file (the records' table and the runs: a record held
+    /// in several counts once for each) and their bytes.
     pub fn view_size(&self) -> Result<(u64, u64), StoreError> {
         let txn = self.view.begin_read()?;
-        let records = txn.open_table(RECORDS)?;
         let (mut n, mut bytes) = (0u64, 0u64);
-        for entry in records.iter()? {
-            let (_, v) = entry?;
-            n += 1;
-            bytes += v.value().len() as u64;
+        for table in [RECORDS, RUNS] {
+            for entry in txn.open_table(table)?.iter()? {
+                let (_, v) = entry?;
+                n += 1;
+                bytes += v.value().len() as u64;
+            }
         }
         Ok((n, bytes))
     }
@@ -1131,6 +1468,17 @@ impl Store {
         if let Some(v) = records.get(rk)? {
             join(decode_state(v.value())?);
         }
+        let runs = run_list(&txn.open_table(RUN_LIST)?)?;
+        if !runs.is_empty() {
+            let run_table = txn.open_table(RUNS)?;
+            let mut key = Vec::with_capacity(4 + rk.len());
+            for (id, _) in runs {
+                run_key(id, rk, &mut key);
+                if let Some(v) = run_table.get(key.as_slice())? {
+                    join(decode_state(v.value())?);
+                }
+            }
+        }
         Ok(state)
     }
 
@@ -1148,14 +1496,16 @@ impl Store {
         let flushing = read(&self.flushing);
         let txn = self.view.begin_read()?;
         let records = txn.open_table(RECORDS)?;
+        let run_table = txn.open_table(RUNS)?;
+        let runs = run_list(&txn.open_table(RUN_LIST)?)?;
         let coll = collection_prefix(ns, collection);
         let mut start = coll.clone();
         start.extend_from_slice(prefix.as_bytes());
         let end = prefix_end(&start);
-        let range = match &end {
-            Some(end) => records.range(start.as_slice()..end.as_slice())?,
-            None => records.range(start.as_slice()..)?,
-        };
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
         // Keys of the two deltas in the range, in order (a bounded set: deltas are bounded).
         let in_range =
             |k: &&[u8]| *k >= start.as_slice() && end.as_ref().is_none_or(|e| *k < e.as_slice());
@@ -1172,60 +1522,37 @@ impl Store {
             .collect();
         delta_keys.sort_unstable();
         delta_keys.dedup();
-        let joined = |k: &[u8], file: Option<RecordState>| {
-            let mut state = file;
-            for d in [Some(&*staged), flushing.as_deref()].into_iter().flatten() {
-                if let Some(d) = d.state(k)? {
+        // The file's levels (records, then runs) and the delta keys merged in key order; each
+        // record is the join of what every level and both deltas hold for it.
+        let mut levels = levels(&records, &run_table, &runs, &start, end.as_deref())?;
+        walk_levels(
+            &mut levels,
+            delta_keys.into_iter().map(|k| (k, None)),
+            |k, states| {
+                let mut state: Option<RecordState> = None;
+                let deltas = [Some(&*staged), flushing.as_deref()];
+                let held = states.iter().map(|s| decode_state(s)).chain(
+                    deltas
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|d| d.state(k).transpose()),
+                );
+                for d in held {
+                    let d = d?;
                     match &mut state {
                         Some(s) => s.merge(&d),
                         None => state = Some(d),
                     }
                 }
-            }
-            Ok::<_, StoreError>(state)
-        };
-        let mut out = Vec::new();
-        let push = |out: &mut Vec<(String, Fields)>, k: &[u8], state: Option<RecordState>| {
-            if let Some(fields) = state.and_then(|s| s.visible()) {
-                let key = std::str::from_utf8(&k[coll.len()..])
-                    .map_err(|_| StoreError::Corrupt("record key".into()))?
-                    .to_string();
-                out.push((key, fields));
-            }
-            Ok::<(), StoreError>(())
-        };
-        let mut deltas = delta_keys.into_iter().peekable();
-        let mut file = range.peekable();
-        while out.len() < limit {
-            let file_key: Option<Vec<u8>> = match file.peek() {
-                Some(Ok((k, _))) => Some(k.value().to_vec()),
-                Some(Err(_)) => match file.next() {
-                    Some(Err(e)) => return Err(e.into()),
-                    _ => None,
-                },
-                None => None,
-            };
-            match (file_key, deltas.peek()) {
-                (None, None) => break,
-                (Some(fk), Some(dk)) if *dk < fk.as_slice() => {
-                    let dk = deltas.next().expect("peeked");
-                    push(&mut out, dk, joined(dk, None)?)?;
+                if let Some(fields) = state.and_then(|s| s.visible()) {
+                    let key = std::str::from_utf8(&k[coll.len()..])
+                        .map_err(|_| StoreError::Corrupt("record key".into()))?
+                        .to_string();
+                    out.push((key, fields));
                 }
-                (Some(fk), dk) => {
-                    let same = dk.is_some_and(|dk| *dk == fk.as_slice());
-                    let Some(entry) = file.next() else { break };
-                    let (_, v) = entry?;
-                    if same {
-                        deltas.next();
-                    }
-                    push(&mut out, &fk, joined(&fk, Some(decode_state(v.value())?))?)?;
-                }
-                (None, Some(_)) => {
-                    let dk = deltas.next().expect("peeked");
-                    push(&mut out, dk, joined(dk, None)?)?;
-                }
-            }
-        }
+                Ok(out.len() < limit)
+            },
+        )?;
         Ok(out)
     }
 
@@ -1366,6 +1693,10 @@ impl Store {
             let end = prefix_end(&prefix);
             let mut records = txn.open_table(RECORDS)?;
             records.retain(|k, _| !k.starts_with(&prefix))?;
+            // The namespace's states in the runs go too (the counts in the run list then
+            // overstate the runs: a rewrite comes sooner, nothing else).
+            txn.open_table(RUNS)?
+                .retain(|k, _| !k.get(4..).is_some_and(|rk| rk.starts_with(&prefix)))?;
             let mut applied_t = txn.open_table(APPLIED)?;
             let dicts = self.dicts()?;
             let chains = rtxn.open_table(CHAINS)?;
@@ -1442,6 +1773,19 @@ impl Store {
         spans.extend(worded.into_iter().map(|(_, span)| span));
         spans.dedup_by(|x, y| key(x) == key(y));
         let table = txn.open_table(RECORDS)?;
+        let runs = run_list(&txn.open_table(RUN_LIST)?)?;
+        if !runs.is_empty() {
+            // A record may be held by the table, by several runs and by the delta: the
+            // distinct keys of all of them, in one ordered walk.
+            let run_table = txn.open_table(RUNS)?;
+            let mut levels = levels(&table, &run_table, &runs, &[], None)?;
+            let mut records = 0u64;
+            walk_levels(&mut levels, spans.iter().map(|s| (key(s), None)), |_, _| {
+                records += 1;
+                Ok(true)
+            })?;
+            return Ok((batches, records));
+        }
         let file = table.len()?;
         let mut records = file;
         match spans.first() {
@@ -1540,6 +1884,8 @@ impl Store {
             // Records of namespaces without any batch left are stale too.
             let txn = self.view.begin_write()?;
             txn.open_table(RECORDS)?.retain(|_, _| false)?;
+            txn.open_table(RUNS)?.retain(|_, _| false)?;
+            txn.open_table(RUN_LIST)?.retain(|_, _| false)?;
             txn.open_table(APPLIED)?.retain(|_, _| false)?;
             txn.commit()?;
         }
@@ -1705,8 +2051,9 @@ mod tests {
 
     /// Flushes into a file of thousands of records over many B-tree pages (keys new, held,
     /// and in between the delta's, deleted, merged) read exactly like direct application,
-    /// both ways a flush writes: the sweep of the file's cursor steps, joins and inserts in
-    /// the right places, and a whole rewrite of the table merges the file and the delta.
+    /// every way a flush writes: the sweep of the file's cursor steps, joins and inserts in
+    /// the right places; a delta written as a run beside the table is joined on every read
+    /// (get, list, counts); a whole rewrite merges the table, the runs and the delta.
     #[test]
     fn flushes_into_a_large_file_equal_direct_application() {
         let dir = tempfile::tempdir().unwrap();
@@ -1722,10 +2069,11 @@ mod tests {
             x ^= x << 17;
             x % m
         };
-        for round in 0..8 {
-            // Even rounds stage a delta as large as a good part of the file (the table is
+        for round in 0..16 {
+            // Even rounds stage a delta as large as a good part of the file (written as a
+            // run, until the runs hold as many records as the table: then the table is
             // rewritten whole), odd rounds a small one (spliced in with the cursor).
-            let (calls, per_call) = if round % 2 == 0 { (4, 500) } else { (1, 60) };
+            let (calls, per_call) = if round % 2 == 0 { (2, 500) } else { (1, 60) };
             for _ in 0..calls {
                 let ops: Vec<Op> = (0..per_call)
                     .map(|_| {
@@ -1769,17 +2117,27 @@ mod tests {
                 direct.list("default", "c", "", 10_000).unwrap(),
                 "after flush {round}"
             );
+            assert_eq!(staged.counts().unwrap(), direct.counts().unwrap());
+            for _ in 0..50 {
+                let key = format!("{:06}-{}", next(6_000), "p".repeat(40));
+                assert_eq!(
+                    staged.get("default", "c", &key).unwrap(),
+                    direct.get("default", "c", &key).unwrap(),
+                    "{key} after flush {round}"
+                );
+            }
         }
         assert!(
             direct.counts().unwrap().1 > 3_000,
             "records over many pages"
         );
         assert_eq!(staged.counts().unwrap(), direct.counts().unwrap());
-        // Both ways were taken: the rewrites (round 0 lands in an empty file, so splices).
+        // Every way was taken (round 0 lands in an empty file, so splices): runs, up to three
+        // at a time beside the table, and a rewrite folding them in.
         assert_eq!(
-            staged.view_rewrites(),
-            3,
-            "rounds 2, 4 and 6 rewrote the table"
+            (staged.view_runs_written(), staged.view_rewrites()),
+            (6, 1),
+            "runs written and rewrites"
         );
         // A delta of new keys past the file's last one (appends), as many as half the file's
         // records: spliced at the end, not rewritten, and still equal.
@@ -1794,13 +2152,221 @@ mod tests {
         staged.stage(batches, false).unwrap();
         assert!(staged.freeze());
         staged.flush_frozen(false).unwrap();
-        assert_eq!(staged.view_rewrites(), 3, "the appends were spliced");
+        assert_eq!(
+            (staged.view_runs_written(), staged.view_rewrites()),
+            (6, 1),
+            "the appends were spliced"
+        );
         assert_eq!(
             staged.list("default", "c", "", 100_000).unwrap(),
             direct.list("default", "c", "", 100_000).unwrap(),
             "after the appends"
         );
         assert_eq!(staged.counts().unwrap(), direct.counts().unwrap());
+    }
+
+    /// The flush's choice: appends and small deltas splice; a delta among the table's keys
+    /// becomes a run that absorbs the newest runs no larger than what it has taken in (a
+    /// binary counter); all of them reaching the table's size, or a ninth run, rewrite.
+    #[test]
+    fn flush_mode_splices_small_deltas_counts_runs_in_binary_and_caps_them() {
+        use FlushMode::*;
+        let m = flush_mode;
+        // Appends, and a small delta among a large table's keys, splice.
+        assert_eq!(m(&[], 1_000_000, 0, 5_000_000), Splice);
+        assert_eq!(m(&[], 3_000, 3_000, 5_000_000), Splice);
+        // Dense next to a small table (a tenth of it), or many keys: a run.
+        assert_eq!(m(&[], 100, 100, 1_000), Run { absorb: 0 });
+        assert_eq!(m(&[], 5_000, 5_000, 5_000_000), Run { absorb: 0 });
+        // Runs as a binary counter: 1 + 1 = 2, then 2 and 1, then 1 + 1 + 2 = 4.
+        let f = 100_000_000;
+        assert_eq!(
+            m(&[(1, 1_000_000)], 1_000_000, 1_000_000, f),
+            Run { absorb: 1 }
+        );
+        assert_eq!(
+            m(&[(2, 2_000_000)], 1_000_000, 1_000_000, f),
+            Run { absorb: 0 }
+        );
+        assert_eq!(
+            m(&[(2, 2_000_000), (3, 1_000_000)], 1_000_000, 1_000_000, f),
+            Run { absorb: 2 }
+        );
+        // Everything merged reaching the table's size: a rewrite; short of it, a run.
+        let runs = [(1, 4_000_000), (2, 2_000_000), (3, 1_000_000)];
+        assert_eq!(m(&runs, 1_000_000, 1_000_000, 8_000_000), Rewrite);
+        assert_eq!(m(&runs, 1_000_000, 1_000_000, 8_000_001), Run { absorb: 3 });
+        // Eight runs that absorb nothing: the ninth is a rewrite.
+        let eight: Vec<(u32, u64)> = (1..=8).map(|i| (i, 100 - u64::from(i))).collect();
+        assert_eq!(m(&eight[..7], 10, 10, 50), Run { absorb: 0 });
+        assert_eq!(m(&eight, 10, 10, 50), Rewrite);
+    }
+
+    /// Runs beside the table: written by dense deltas, nine of them (none absorbing another:
+    /// each smaller than the one before) make the ninth flush a rewrite that folds them into
+    /// the table. Every read joins them right throughout, and after reopening.
+    #[test]
+    fn runs_are_capped_and_folded_into_the_table_by_a_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a").join("store.redb").tap_mkdir();
+        let mut staged = Store::open(&path).unwrap();
+        let direct = Store::open(&dir.path().join("b").join("store.redb").tap_mkdir()).unwrap();
+        let kp = Keypair::from_seed([5; 32]);
+        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
+        engine.join("default");
+        let mut now = 1_000;
+        let mut write = |staged: &Store, ops: Vec<Op>| {
+            now += 1;
+            let (vb, _) = engine.write("default", &kp, ops, now).unwrap();
+            let batches = vec![vb];
+            staged.append_log(&batches).unwrap();
+            direct.write_batches(&batches).unwrap();
+            staged.stage(batches, false).unwrap();
+            assert!(staged.freeze());
+            staged.flush_frozen(false).unwrap();
+        };
+        // 1,000 records, keys 0, 10, 20, ...: spliced into the empty table.
+        write(
+            &staged,
+            (0..1_000)
+                .map(|i| upsert(&format!("{:05}", i * 10), i))
+                .collect(),
+        );
+        // Nine deltas among the table's keys, each dense (≥ 100 records next to 1,000) and
+        // smaller than the one before: new keys, and a delete and a counter on keys the table
+        // holds.
+        let sizes = [400i64, 350, 300, 250, 200, 180, 160, 140, 120];
+        for (d, &size) in (1i64..).zip(&sizes) {
+            let mut ops: Vec<Op> = (0..size)
+                .map(|i| upsert(&format!("{:05}", i * 20 + d), d * 1_000 + i))
+                .collect();
+            ops.push(Op::Delete {
+                collection: "c".into(),
+                key: format!("{:05}", d * 30),
+                hlc: Hlc::ZERO,
+            });
+            ops.push(Op::CounterAdd {
+                collection: "c".into(),
+                key: format!("{:05}", d * 20),
+                hlc: Hlc::ZERO,
+                field: "n".into(),
+                delta: d,
+            });
+            write(&staged, ops);
+            // (The counters are the process's: the store is reopened after the eighth.)
+            let want = if d <= MAX_RUNS as i64 {
+                (d as u64, 0)
+            } else {
+                (0, 1)
+            };
+            assert_eq!(
+                (staged.view_runs_written(), staged.view_rewrites()),
+                want,
+                "runs written and rewrites after delta {d}"
+            );
+            assert_eq!(staged.counts().unwrap(), direct.counts().unwrap());
+            assert_eq!(
+                staged.list("default", "c", "", 10_000).unwrap(),
+                direct.list("default", "c", "", 10_000).unwrap(),
+                "delta {d}"
+            );
+            for key in [
+                "00000", "00020", "00030", "00041", "00181", "07981", "09990",
+            ] {
+                assert_eq!(
+                    staged.get("default", "c", key).unwrap(),
+                    direct.get("default", "c", key).unwrap(),
+                    "{key} after delta {d}"
+                );
+            }
+            if d == MAX_RUNS as i64 {
+                // Eight runs beside the table, and reopened: the same records.
+                let in_runs: i64 = sizes[..MAX_RUNS].iter().map(|n| n + 2).sum();
+                assert_eq!(staged.view_size().unwrap().0, 1_000 + in_runs as u64);
+                drop(staged);
+                staged = Store::open(&path).unwrap();
+            }
+        }
+        let table = staged.view_size().unwrap().0;
+        assert_eq!(table, direct.counts().unwrap().1, "all in the table");
+        // Two deltas of 400 keys each, 200 shared: the second absorbs the first's run (as
+        // large as itself), so one run of 600 records is left beside the table, not two.
+        for (d, keys) in [(10, 0..400), (11, 200..600)] {
+            write(
+                &staged,
+                keys.map(|i| upsert(&format!("{:05}", i * 10 + 5), d * 1_000 + i))
+                    .collect(),
+            );
+            assert_eq!(staged.counts().unwrap(), direct.counts().unwrap());
+            assert_eq!(
+                staged.list("default", "c", "", 10_000).unwrap(),
+                direct.list("default", "c", "", 10_000).unwrap(),
+                "delta {d}"
+            );
+            for key in ["00005", "01995", "02005", "03995", "04005", "05995"] {
+                assert_eq!(
+                    staged.get("default", "c", key).unwrap(),
+                    direct.get("default", "c", key).unwrap(),
+                    "{key} after delta {d}"
+                );
+            }
+        }
+        assert_eq!((staged.view_runs_written(), staged.view_rewrites()), (2, 1));
+        assert_eq!(staged.view_size().unwrap().0, table + 600, "one merged run");
+        drop(staged);
+        let reopened = Store::open(&path).unwrap();
+        assert_eq!(
+            reopened.list("default", "c", "", 10_000).unwrap(),
+            direct.list("default", "c", "", 10_000).unwrap()
+        );
+    }
+
+    /// A view file from before the runs keeps its watermark (`applied-v2`, taken over by
+    /// `applied-v3` at open), so nothing is applied again; the old table is gone afterwards.
+    #[test]
+    fn a_view_file_from_before_the_runs_keeps_its_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let kp = Keypair::from_seed([3; 32]);
+        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
+        engine.join("default");
+        let store = Store::open(&path).unwrap();
+        for t in 0..3 {
+            let (vb, _) = engine
+                .write(
+                    "default",
+                    &kp,
+                    vec![upsert(&format!("k{t}"), t)],
+                    1_000 + t as u64,
+                )
+                .unwrap();
+            store.write_batches(&[vb]).unwrap();
+        }
+        let want = store.list("default", "c", "", 100).unwrap();
+        drop(store);
+        // Made old: the watermark moved under its earlier name.
+        {
+            let view = Database::create(dir.path().join("records.redb")).unwrap();
+            let txn = view.begin_write().unwrap();
+            {
+                let new = txn.open_table(APPLIED).unwrap();
+                let mut old = txn.open_table(APPLIED_V2).unwrap();
+                for entry in new.iter().unwrap() {
+                    let (ck, seq) = entry.unwrap();
+                    old.insert(ck.value(), seq.value()).unwrap();
+                }
+            }
+            txn.delete_table(APPLIED).unwrap();
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert!(store.unapplied(&store.heads().unwrap()).unwrap().is_empty());
+        assert_eq!(store.list("default", "c", "", 100).unwrap(), want);
+        let txn = store.view.begin_read().unwrap();
+        assert!(
+            txn.open_table(APPLIED_V2).is_err(),
+            "the old table is dropped"
+        );
     }
 
     trait TapMkdir {
