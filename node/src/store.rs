@@ -231,6 +231,9 @@ pub struct Store {
     /// View flushes committed, and the records they wrote ([`Store::view_flushes`]).
     flushes: std::sync::atomic::AtomicU64,
     flushed_records: std::sync::atomic::AtomicU64,
+    /// The distinct records of the view file (table and runs) at one generation of it
+    /// ([`VIEW_META`]): counting them walks every level, once per generation.
+    file_records: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 /// Record changes held in memory between view flushes: per record, the join of the ops
@@ -390,6 +393,20 @@ enum FlushMode {
     Run { absorb: usize },
     /// The records' table, the runs and the delta merged into a fresh table.
     Rewrite,
+}
+
+/// View table: `generation` → a number every write transaction of the view file raises
+/// ([`bump_generation`]), so that something computed from one snapshot of the file (the
+/// records it holds across the table and the runs: [`Store::counts`]) can be kept for as
+/// long as the file is unchanged, and told apart from any later snapshot's.
+pub const VIEW_META: TableDefinition<'_, &str, u64> = TableDefinition::new("view-meta-v1");
+
+/// Raises the view file's generation ([`VIEW_META`]) in `txn`.
+fn bump_generation(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut meta = txn.open_table(VIEW_META)?;
+    let next = meta.get("generation")?.map_or(0, |v| v.value()) + 1;
+    meta.insert("generation", next)?;
+    Ok(())
 }
 
 /// `run:u32be ++ rk` into `out`.
@@ -780,6 +797,7 @@ impl Store {
         txn.delete_table(APPLIED_V2).map_err(redb::Error::from)?;
         txn.open_table(RUNS)?;
         txn.open_table(RUN_LIST)?;
+        bump_generation(&txn)?;
         txn.commit()?;
         Ok(Self {
             db,
@@ -790,6 +808,7 @@ impl Store {
             runs_written: Default::default(),
             flushes: Default::default(),
             flushed_records: Default::default(),
+            file_records: Default::default(),
         })
     }
 
@@ -1017,6 +1036,7 @@ impl Store {
                 }
             }
         }
+        bump_generation(&txn)?;
         txn.commit()?;
         Ok(changes)
     }
@@ -1369,6 +1389,7 @@ impl Store {
             }
             mode
         };
+        bump_generation(&txn)?;
         txn.commit()?;
         tracing::debug!(
             records = delta.records.len(),
@@ -1733,6 +1754,7 @@ impl Store {
                 records.insert(k.as_slice(), encode_state(&s).as_slice())?;
             }
         }
+        bump_generation(&txn)?;
         txn.commit()?;
         Ok((applied, skipped))
     }
@@ -1775,15 +1797,53 @@ impl Store {
         let table = txn.open_table(RECORDS)?;
         let runs = run_list(&txn.open_table(RUN_LIST)?)?;
         if !runs.is_empty() {
-            // A record may be held by the table, by several runs and by the delta: the
-            // distinct keys of all of them, in one ordered walk.
+            // A record may be held by the table, by several runs and by the delta. The file's
+            // distinct records are counted by one ordered walk over every level, kept for as
+            // long as the file is unchanged (its generation); a delta key adds a record if no
+            // level holds it. Many delta keys next to the file are joined with that walk
+            // instead of looked up one by one.
+            let generation = txn
+                .open_table(VIEW_META)?
+                .get("generation")?
+                .map_or(0, |v| v.value());
             let run_table = txn.open_table(RUNS)?;
-            let mut levels = levels(&table, &run_table, &runs, &[], None)?;
-            let mut records = 0u64;
-            walk_levels(&mut levels, spans.iter().map(|s| (key(s), None)), |_, _| {
+            let held = *self.file_records.lock().unwrap_or_else(|e| e.into_inner());
+            let in_file: u64 = table.len()? + runs.iter().map(|&(_, n)| n).sum::<u64>();
+            let walk_all = spans.len() as u64 * COUNT_WALK_FRACTION >= in_file;
+            let file_records = match held {
+                Some((g, n)) if g == generation && !walk_all => n,
+                _ => {
+                    let mut levels = levels(&table, &run_table, &runs, &[], None)?;
+                    let delta = spans.iter().map(|s| (key(s), None)).filter(|_| walk_all);
+                    let (mut file, mut all) = (0u64, 0u64);
+                    walk_levels(&mut levels, delta, |_, states| {
+                        file += u64::from(!states.is_empty());
+                        all += 1;
+                        Ok(true)
+                    })?;
+                    *self.file_records.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((generation, file));
+                    if walk_all {
+                        return Ok((batches, all));
+                    }
+                    file
+                }
+            };
+            let mut records = file_records;
+            let mut rk = Vec::new();
+            'keys: for span in &spans {
+                let k = key(span);
+                if table.get(k)?.is_some() {
+                    continue;
+                }
+                for &(id, _) in &runs {
+                    run_key(id, k, &mut rk);
+                    if run_table.get(rk.as_slice())?.is_some() {
+                        continue 'keys;
+                    }
+                }
                 records += 1;
-                Ok(true)
-            })?;
+            }
             return Ok((batches, records));
         }
         let file = table.len()?;
@@ -1887,6 +1947,7 @@ impl Store {
             txn.open_table(RUNS)?.retain(|_, _| false)?;
             txn.open_table(RUN_LIST)?.retain(|_, _| false)?;
             txn.open_table(APPLIED)?.retain(|_, _| false)?;
+            bump_generation(&txn)?;
             txn.commit()?;
         }
         for ns in names {
@@ -2215,15 +2276,18 @@ mod tests {
         let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
         engine.join("default");
         let mut now = 1_000;
-        let mut write = |staged: &Store, ops: Vec<Op>| {
+        // Staged, and flushed if `flush`.
+        let mut write = |staged: &Store, ops: Vec<Op>, flush: bool| {
             now += 1;
             let (vb, _) = engine.write("default", &kp, ops, now).unwrap();
             let batches = vec![vb];
             staged.append_log(&batches).unwrap();
             direct.write_batches(&batches).unwrap();
             staged.stage(batches, false).unwrap();
-            assert!(staged.freeze());
-            staged.flush_frozen(false).unwrap();
+            if flush {
+                assert!(staged.freeze());
+                staged.flush_frozen(false).unwrap();
+            }
         };
         // 1,000 records, keys 0, 10, 20, ...: spliced into the empty table.
         write(
@@ -2231,6 +2295,7 @@ mod tests {
             (0..1_000)
                 .map(|i| upsert(&format!("{:05}", i * 10), i))
                 .collect(),
+            true,
         );
         // Nine deltas among the table's keys, each dense (≥ 100 records next to 1,000) and
         // smaller than the one before: new keys, and a delete and a counter on keys the table
@@ -2252,7 +2317,7 @@ mod tests {
                 field: "n".into(),
                 delta: d,
             });
-            write(&staged, ops);
+            write(&staged, ops, true);
             // (The counters are the process's: the store is reopened after the eighth.)
             let want = if d <= MAX_RUNS as i64 {
                 (d as u64, 0)
@@ -2279,14 +2344,55 @@ mod tests {
                     "{key} after delta {d}"
                 );
             }
+            // A small delta left staged (a new key, one the table holds, a counter the
+            // delta's run holds),
+            // counted twice: the file's part is kept between counts of one generation of the
+            // file, and the delta's keys are looked up in every level.
+            let small = vec![
+                upsert(&format!("{:05}", 9_000 + d), 1),
+                upsert("00010", d),
+                Op::CounterAdd {
+                    collection: "c".into(),
+                    key: format!("{:05}", d * 20),
+                    hlc: Hlc::ZERO,
+                    field: "n".into(),
+                    delta: 1,
+                },
+            ];
+            write(&staged, small, false);
+            for _ in 0..2 {
+                assert_eq!(
+                    staged.counts().unwrap(),
+                    direct.counts().unwrap(),
+                    "delta {d}"
+                );
+            }
             if d == MAX_RUNS as i64 {
-                // Eight runs beside the table, and reopened: the same records.
+                // Eight runs beside the table (each after the first also holding the three
+                // records of the small delta before it), and reopened: the same records.
                 let in_runs: i64 = sizes[..MAX_RUNS].iter().map(|n| n + 2).sum();
-                assert_eq!(staged.view_size().unwrap().0, 1_000 + in_runs as u64);
+                let in_runs = in_runs as u64 + 3 * (MAX_RUNS as u64 - 1);
+                assert_eq!(staged.view_size().unwrap().0, 1_000 + in_runs);
                 drop(staged);
                 staged = Store::open(&path).unwrap();
+                // The small delta staged before was lost with the process: applied from the
+                // log again, straight into the table, as a node does at start.
+                let behind = staged.unapplied(&staged.heads().unwrap()).unwrap();
+                assert_eq!(behind.len(), 1);
+                let changes = staged.apply(&behind, false).unwrap();
+                // A change carries the whole record, runs included: the counter on "00160"
+                // is 8 in the eighth run, and 9 with this op.
+                let whole = |k: &str| staged.get("default", "c", k).unwrap();
+                for c in &changes {
+                    assert_eq!(c.fields, whole(&c.key), "{}", c.key);
+                }
+                let counter = whole("00160").and_then(|f| f.get("n").cloned());
+                assert_eq!(counter, Some(serde_json::json!(9)));
             }
         }
+        // The last small delta flushed (spliced: a few keys), then all is in the table.
+        assert!(staged.freeze());
+        staged.flush_frozen(false).unwrap();
         let table = staged.view_size().unwrap().0;
         assert_eq!(table, direct.counts().unwrap().1, "all in the table");
         // Two deltas of 400 keys each, 200 shared: the second absorbs the first's run (as
@@ -2296,6 +2402,7 @@ mod tests {
                 &staged,
                 keys.map(|i| upsert(&format!("{:05}", i * 10 + 5), d * 1_000 + i))
                     .collect(),
+                true,
             );
             assert_eq!(staged.counts().unwrap(), direct.counts().unwrap());
             assert_eq!(
