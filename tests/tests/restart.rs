@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use blazedb_protocol::{Hlc, Op};
 use blazedb_tests::{eventually, metric, obj, serve_api, snapshot, start_node, wait_peers};
 use serde_json::json;
 
@@ -163,5 +164,81 @@ async fn an_idle_node_flushes_its_records_into_the_view_file_and_counts_it() {
         .unwrap();
     assert!(metric(&text, "blazedb_view_flushes_total") >= flushes);
     assert!(metric(&text, "blazedb_view_records_flushed_total") >= records);
+    a.shutdown().await;
+}
+
+/// Records written among many the view file holds reach it as a sorted run beside its
+/// records' table (not by rewriting or splicing the table), `/metrics` counts that, and after
+/// a restart every record reads as written: the run is joined on every read (`get`, `list`,
+/// the record count).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_written_among_held_ones_become_a_run_and_read_right_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a");
+    let a = start_node(&path, &[]).await.unwrap();
+    let up = |key: String, v: u64| Op::Upsert {
+        collection: "runs".into(),
+        key,
+        hlc: Hlc::ZERO,
+        fields: [("v".to_string(), json!(v))].into_iter().collect(),
+    };
+    // 2,000 records, keys 0, 10, 20, ...: the first flush writes them into the empty table.
+    let table: Vec<Op> = (0..2_000u64)
+        .map(|i| up(format!("{:06}", i * 10), i))
+        .collect();
+    a.write("default", table).await.unwrap();
+    let (_, flushed) = a.view_flushes();
+    eventually("the first flush", Duration::from_secs(30), || {
+        let (_, records) = a.view_flushes();
+        async move { (records >= flushed + 2_000).then_some(()) }
+    })
+    .await;
+    // 500 new keys among them and 100 overwrites: dense next to the table (600 of 2,000).
+    let mut delta: Vec<Op> = (0..500u64)
+        .map(|i| up(format!("{:06}", i * 40 + 5), 10_000 + i))
+        .collect();
+    delta.extend((0..100u64).map(|i| up(format!("{:06}", i * 20), 20_000 + i)));
+    a.write("default", delta).await.unwrap();
+    eventually("a run", Duration::from_secs(30), || {
+        let (runs, _) = a.view_flush_kinds();
+        async move { (runs >= 1).then_some(()) }
+    })
+    .await;
+    // The API served until this check is done: its handle would keep the store open.
+    let listener = blazedb_node::api::bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(blazedb_node::api::serve(a.clone(), listener, async {
+        let _ = stopped.await;
+    }));
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metric(&text, "blazedb_view_runs_written_total") >= 1);
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+    let listed = a.list("default", "runs", "", 10_000).unwrap();
+    assert_eq!(listed.len(), 2_500);
+    let counts = a.counts().unwrap();
+    a.shutdown().await;
+    drop(a);
+
+    let a = start_node(&path, &[]).await.unwrap();
+    assert_eq!(a.list("default", "runs", "", 10_000).unwrap(), listed);
+    assert_eq!(a.counts().unwrap(), counts);
+    let v = |key: &str| {
+        a.get("default", "runs", key)
+            .unwrap()
+            .map(|f| f["v"].clone())
+    };
+    assert_eq!(v("000020"), Some(json!(20_001)), "overwritten, in the run");
+    assert_eq!(v("000030"), Some(json!(3)), "only in the table");
+    assert_eq!(v("000045"), Some(json!(10_001)), "only in the run");
+    assert_eq!(v("000046"), None);
     a.shutdown().await;
 }
