@@ -680,6 +680,7 @@ async fn ingest_window<T, F, Fut>(
     calls: Vec<T>,
     writers: usize,
     write: F,
+    keys: u64,
 ) -> Result<B2Run>
 where
     F: Fn(T) -> Fut,
@@ -713,6 +714,23 @@ where
     let counted = Instant::now();
     tokio::task::spawn_blocking(move || n2.counts()).await??;
     let counts_ms = counted.elapsed().as_secs_f64() * 1e3;
+    // What a read pays right after the window: random keys of the calls' key space (with
+    // W's, nearly all held; with a larger one, mostly not: every level is looked in).
+    let n2 = node.clone();
+    let ops_written = ops as u64;
+    let gets_us = tokio::task::spawn_blocking(move || {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let t = Instant::now();
+        for _ in 0..GETS_AFTER_WINDOW {
+            let key = match keys {
+                0 => format!("k{:012}", rng.gen_range(0..ops_written)),
+                _ => format!("k{:07}", rng.gen_range(0..keys)),
+            };
+            n2.get(DEFAULT_NAMESPACE, "bench", &key)?;
+        }
+        Ok::<f64, anyhow::Error>(t.elapsed().as_secs_f64() * 1e6 / GETS_AFTER_WINDOW as f64)
+    })
+    .await??;
     node.clone().shutdown().await;
     let bytes = std::fs::metadata(crate::node::store_path(&dir.join("n")))?.len() as f64;
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
@@ -727,6 +745,7 @@ where
         flushes,
         kinds,
         counts_ms,
+        gets_us,
     })
 }
 
@@ -844,7 +863,7 @@ async fn b2b_run(
             Ok::<f64, anyhow::Error>(c.elapsed().as_secs_f64() * 1e3)
         }
     };
-    ingest_window(&node, dir.path(), raw, writers, write).await
+    ingest_window(&node, dir.path(), raw, writers, write, keys).await
 }
 
 /// B2b: B2 with each call made inside the window from the app's own strings, as owned ops
@@ -940,7 +959,12 @@ struct B2Run {
     kinds: (u64, u64),
     /// Time to count the node's batches and records right after the window (ms).
     counts_ms: f64,
+    /// Time per `get` of a random key of the key space right after the window (µs).
+    gets_us: f64,
 }
+
+/// Gets timed right after each B2 window ([`B2Run::gets_us`]).
+const GETS_AFTER_WINDOW: usize = 20_000;
 
 /// Writers in flight in B2's concurrent variant (as several client connections would).
 pub const B2_WRITERS: usize = 4;
@@ -1236,7 +1260,7 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
 pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
     let (mut rates, mut readable, mut cpus, mut bursts) = (vec![], vec![], vec![], vec![]);
     let (mut flushes, mut flushed_per_op, mut counts_ms) = (vec![], vec![], vec![]);
-    let (mut as_runs, mut rewrites) = (vec![], vec![]);
+    let (mut as_runs, mut rewrites, mut gets_us) = (vec![], vec![], vec![]);
     let calls = ops.div_ceil(W_BATCH_OPS).max(1);
     let ops = calls * W_BATCH_OPS;
     for run in 0..runs {
@@ -1257,6 +1281,7 @@ pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
         rewrites.push(long.kinds.1 as f64);
         flushed_per_op.push(long.flushes.1 as f64 / ops as f64);
         counts_ms.push(long.counts_ms);
+        gets_us.push(long.gets_us);
     }
     let (rate, burst) = (median(rates), median(bursts));
     let space = match keys {
@@ -1305,6 +1330,13 @@ pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
             "counting batches and records (as /metrics does) right after the window".into(),
             median(counts_ms),
             "ms",
+        ),
+        row(
+            format!(
+                "a get of a random key of the key space right after the window (mean of {GETS_AFTER_WINDOW}: delta, runs and table joined)"
+            ),
+            median(gets_us),
+            "us",
         ),
     ])
 }
