@@ -416,6 +416,23 @@ fn run_key(run: u32, rk: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(rk);
 }
 
+/// Calls `f` with the state each of `runs` holds for the record `rk` (oldest run first).
+fn run_states(
+    run_table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    runs: &[(u32, u64)],
+    rk: &[u8],
+    mut f: impl FnMut(&[u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut key = Vec::with_capacity(4 + rk.len());
+    for &(id, _) in runs {
+        run_key(id, rk, &mut key);
+        if let Some(v) = run_table.get(key.as_slice())? {
+            f(v.value())?;
+        }
+    }
+    Ok(())
+}
+
 /// The runs listed in a view snapshot: (id, records written), oldest first.
 fn run_list(table: &impl ReadableTable<u32, u64>) -> Result<Vec<(u32, u64)>, StoreError> {
     let mut out = Vec::new();
@@ -797,6 +814,7 @@ impl Store {
         txn.delete_table(APPLIED_V2).map_err(redb::Error::from)?;
         txn.open_table(RUNS)?;
         txn.open_table(RUN_LIST)?;
+        // (Also makes the generation's table, which every count opens.)
         bump_generation(&txn)?;
         txn.commit()?;
         Ok(Self {
@@ -965,7 +983,6 @@ impl Store {
             // change event carries the whole record, so they are read for it.
             let run_table = txn.open_table(RUNS)?;
             let runs = run_list(&txn.open_table(RUN_LIST)?)?;
-            let mut run_rk = Vec::new();
             // Group the ops by record so each record is read and written once.
             let views = batches
                 .iter()
@@ -1011,12 +1028,10 @@ impl Store {
                     state.visible()
                 } else {
                     let mut whole = state.clone();
-                    for &(id, _) in &runs {
-                        run_key(id, &rk, &mut run_rk);
-                        if let Some(v) = run_table.get(run_rk.as_slice())? {
-                            whole.merge(&decode_state(v.value())?);
-                        }
-                    }
+                    run_states(&run_table, &runs, &rk, |held| {
+                        whole.merge(&decode_state(held)?);
+                        Ok(())
+                    })?;
                     whole.visible()
                 };
                 for (bi, oi) in ops {
@@ -1296,37 +1311,26 @@ impl Store {
                     run_key(id, &[], &mut key);
                     // Past every key of the table: the run is appended.
                     let mut cursor = run_table.lower_bound_mut(Bound::Included(key.as_slice()))?;
+                    // The runs it absorbs (none, mostly) are read from a snapshot of the
+                    // file as this transaction found it (no other write can commit meanwhile:
+                    // redb has one writer at a time), while the new run is written.
                     let absorbed = &runs[runs.len() - absorb..];
-                    let mut written = keyed.len() as u64;
-                    if absorbed.is_empty() {
-                        for (i, &(rk, d)) in keyed.iter().enumerate() {
-                            prefetch_key_ahead(&keyed, i);
-                            run_key(id, rk, &mut key);
-                            cursor.insert_before(key.as_slice(), d)?;
-                        }
-                    } else {
-                        // The runs it absorbs are read from a snapshot of the file as this
-                        // transaction found it (no other write can commit meanwhile: redb
-                        // has one writer at a time), while the new run is written.
-                        let snapshot = self.view.begin_read()?;
-                        let held = snapshot.open_table(RUNS)?;
-                        let mut levels = run_levels(&held, absorbed, &[], None)?;
-                        let deltas = keyed.iter().enumerate().map(|(i, &(rk, d))| {
-                            prefetch_key_ahead(&keyed, i);
-                            (rk, Some(d))
-                        });
-                        let (mut tmp, mut n) = (Vec::with_capacity(512), 0u64);
-                        walk_levels(&mut levels, deltas, |k, states| {
-                            run_key(id, k, &mut key);
-                            cursor.insert_before(
-                                key.as_slice(),
-                                join_all(states, &mut buf, &mut tmp)?,
-                            )?;
-                            n += 1;
-                            Ok(true)
-                        })?;
-                        written = n;
-                    }
+                    let snapshot = self.view.begin_read()?;
+                    let held = snapshot.open_table(RUNS)?;
+                    let mut levels = run_levels(&held, absorbed, &[], None)?;
+                    let deltas = keyed.iter().enumerate().map(|(i, &(rk, d))| {
+                        prefetch_key_ahead(&keyed, i);
+                        (rk, Some(d))
+                    });
+                    let (mut tmp, mut written) = (Vec::with_capacity(512), 0u64);
+                    walk_levels(&mut levels, deltas, |k, states| {
+                        run_key(id, k, &mut key);
+                        cursor
+                            .insert_before(key.as_slice(), join_all(states, &mut buf, &mut tmp)?)?;
+                        written += 1;
+                        Ok(true)
+                    })?;
+                    drop(levels);
                     cursor.close()?;
                     if let Some(&(first, _)) = absorbed.first() {
                         let (mut lo, mut hi) = (Vec::new(), Vec::new());
@@ -1491,14 +1495,10 @@ impl Store {
         }
         let runs = run_list(&txn.open_table(RUN_LIST)?)?;
         if !runs.is_empty() {
-            let run_table = txn.open_table(RUNS)?;
-            let mut key = Vec::with_capacity(4 + rk.len());
-            for (id, _) in runs {
-                run_key(id, rk, &mut key);
-                if let Some(v) = run_table.get(key.as_slice())? {
-                    join(decode_state(v.value())?);
-                }
-            }
+            run_states(&txn.open_table(RUNS)?, &runs, rk, |held| {
+                join(decode_state(held)?);
+                Ok(())
+            })?;
         }
         Ok(state)
     }
@@ -1830,19 +1830,16 @@ impl Store {
                 }
             };
             let mut records = file_records;
-            let mut rk = Vec::new();
-            'keys: for span in &spans {
+            for span in &spans {
                 let k = key(span);
-                if table.get(k)?.is_some() {
-                    continue;
+                let mut held = table.get(k)?.is_some();
+                if !held {
+                    run_states(&run_table, &runs, k, |_| {
+                        held = true;
+                        Ok(())
+                    })?;
                 }
-                for &(id, _) in &runs {
-                    run_key(id, k, &mut rk);
-                    if run_table.get(rk.as_slice())?.is_some() {
-                        continue 'keys;
-                    }
-                }
-                records += 1;
+                records += u64::from(!held);
             }
             return Ok((batches, records));
         }
