@@ -395,6 +395,10 @@ async fn run(cli: Cli) -> Result<()> {
             let store = open_existing(&data)?;
             let n = store.check()?;
             println!("ok: {n} batches verified, chains contiguous");
+            let (table, runs, in_runs) = store.check_view().context(
+                "the view (records derived from the log) is damaged: `blazedb repair` rebuilds it",
+            )?;
+            println!("ok: view: {table} records in the table, {in_runs} in {runs} runs beside it, all decode");
             Ok(())
         }
         Cmd::Repair { data } => {

@@ -1921,6 +1921,53 @@ impl Store {
         Ok(n)
     }
 
+    /// Verifies the view file: every stored record state decodes, in the records' table and
+    /// in the runs; every run's records belong to a listed run, and no run holds more than
+    /// its list entry says was written into it; at most [`MAX_RUNS`] runs. Returns (states
+    /// in the table, runs, states in the runs). (Damage here is repaired by
+    /// [`Store::rebuild_records`]: the view is derived from the log.)
+    pub fn check_view(&self) -> Result<(u64, usize, u64), StoreError> {
+        let txn = self.view.begin_read()?;
+        let mut table = 0u64;
+        for entry in txn.open_table(RECORDS)?.iter()? {
+            let (_, v) = entry?;
+            decode_state(v.value())?;
+            table += 1;
+        }
+        let runs = run_list(&txn.open_table(RUN_LIST)?)?;
+        if runs.len() > MAX_RUNS {
+            return Err(StoreError::Corrupt(format!(
+                "{} runs listed, at most {MAX_RUNS} are written",
+                runs.len()
+            )));
+        }
+        let mut held = vec![0u64; runs.len()];
+        for entry in txn.open_table(RUNS)?.iter()? {
+            let (k, v) = entry?;
+            let id = k
+                .value()
+                .get(..4)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(u32::from_be_bytes);
+            let i = runs
+                .iter()
+                .position(|&(run, _)| Some(run) == id)
+                .ok_or_else(|| {
+                    StoreError::Corrupt(format!("a record of run {id:?}, not listed"))
+                })?;
+            decode_state(v.value())?;
+            held[i] += 1;
+        }
+        for (&(id, written), &n) in runs.iter().zip(&held) {
+            if n > written {
+                return Err(StoreError::Corrupt(format!(
+                    "run {id} holds {n} records, {written} were written"
+                )));
+            }
+        }
+        Ok((table, runs.len(), held.iter().sum()))
+    }
+
     /// Recomputes every record from the log (the log is the truth), namespace by namespace,
     /// honouring revocations. Returns the number of records afterwards.
     pub fn rebuild_records(&self) -> Result<u64, StoreError> {
@@ -2370,6 +2417,8 @@ mod tests {
                 let in_runs: i64 = sizes[..MAX_RUNS].iter().map(|n| n + 2).sum();
                 let in_runs = in_runs as u64 + 3 * (MAX_RUNS as u64 - 1);
                 assert_eq!(staged.view_size().unwrap().0, 1_000 + in_runs);
+                let (table, runs, in_run_states) = staged.check_view().unwrap();
+                assert_eq!((table + in_run_states, runs), (1_000 + in_runs, MAX_RUNS));
                 drop(staged);
                 staged = Store::open(&path).unwrap();
                 // The small delta staged before was lost with the process: applied from the
@@ -2417,6 +2466,41 @@ mod tests {
         }
         assert_eq!((staged.view_runs_written(), staged.view_rewrites()), (2, 1));
         assert_eq!(staged.view_size().unwrap().0, table + 600, "one merged run");
+        assert_eq!(staged.check_view().unwrap(), (table, 1, 600));
+        // A record of a run not listed (as a damaged file could hold) fails the check, and
+        // so does a listed run's record whose state does not decode.
+        let listed = {
+            let txn = staged.view.begin_read().unwrap();
+            run_list(&txn.open_table(RUN_LIST).unwrap()).unwrap()[0].0
+        };
+        let mut held = Vec::new();
+        run_key(listed, &record_key("default", "c", "00005"), &mut held);
+        let (mut unlisted, stored) = (Vec::new(), {
+            let txn = staged.view.begin_read().unwrap();
+            let runs = txn.open_table(RUNS).unwrap();
+            runs.get(held.as_slice()).unwrap().unwrap().value().to_vec()
+        });
+        run_key(listed + 1, b"zz", &mut unlisted);
+        // Each damage made, checked, and undone (the unlisted record removed, the state put
+        // back).
+        let put = |key: &[u8], state: Option<&[u8]>| {
+            let txn = staged.view.begin_write().unwrap();
+            {
+                let mut runs = txn.open_table(RUNS).unwrap();
+                match state {
+                    Some(state) => runs.insert(key, state).unwrap(),
+                    None => runs.remove(key).unwrap(),
+                };
+            }
+            txn.commit().unwrap();
+        };
+        put(&unlisted, Some(&stored));
+        assert!(staged.check_view().is_err(), "a run not listed");
+        put(&unlisted, None);
+        put(&held, Some(b"?"));
+        assert!(staged.check_view().is_err(), "a state that does not decode");
+        put(&held, Some(&stored));
+        assert!(staged.check_view().is_ok());
         drop(staged);
         let reopened = Store::open(&path).unwrap();
         assert_eq!(
