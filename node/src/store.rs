@@ -1953,7 +1953,10 @@ impl Store {
                 .iter()
                 .position(|&(run, _)| Some(run) == id)
                 .ok_or_else(|| {
-                    StoreError::Corrupt(format!("a record of run {id:?}, not listed"))
+                    StoreError::Corrupt(match id {
+                        Some(id) => format!("a record of run {id}, which is not listed"),
+                        None => "a record of the runs without a run id".into(),
+                    })
                 })?;
             decode_state(v.value())?;
             held[i] += 1;
