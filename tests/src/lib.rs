@@ -58,6 +58,16 @@ pub fn metric(text: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name} missing from /metrics"))
 }
 
+/// The text of `GET {base}/metrics` (`base`: an API's URL, as [`serve_api`] returns).
+pub async fn scrape_metrics(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("/metrics body")
+}
+
 /// Serves `node`'s HTTP API on a loopback port; returns its base URL.
 pub async fn serve_api(node: &NodeHandle) -> String {
     let listener = blazedb_node::api::bind("127.0.0.1:0".parse().expect("valid address"))

@@ -26,7 +26,7 @@ use blazedb_node::node::{COMMAND_CAP, SYNC_INFLIGHT_MAX};
 use blazedb_node::{materializer, net, NodeHandle, QueueDepths};
 use blazedb_protocol::capability::Rights;
 use blazedb_protocol::Op;
-use blazedb_tests::{eventually, obj, start_node, wait_peers};
+use blazedb_tests::{eventually, obj, scrape_metrics, start_node, wait_peers};
 use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
 use serde_json::json;
@@ -440,12 +440,7 @@ async fn a_writer_outpacing_the_link_is_slowed_not_buffered_and_b_converges() {
         listener,
         std::future::pending(),
     ));
-    let text = reqwest::get(format!("http://{api}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape_metrics(&format!("http://{api}")).await;
     for (name, v) in [
         ("blazedb_command_queue_depth_max", q.commands_max),
         (

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use blazedb_protocol::{Hlc, Op};
-use blazedb_tests::{eventually, metric, obj, serve_api, snapshot, start_node, wait_peers};
+use blazedb_tests::{
+    eventually, metric, obj, scrape_metrics, serve_api, snapshot, start_node, wait_peers,
+};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,12 +158,7 @@ async fn an_idle_node_flushes_its_records_into_the_view_file_and_counts_it() {
     })
     .await;
     let base = serve_api(&a).await;
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape_metrics(&base).await;
     assert!(metric(&text, "blazedb_view_flushes_total") >= flushes);
     assert!(metric(&text, "blazedb_view_records_flushed_total") >= records);
     a.shutdown().await;
@@ -213,12 +210,7 @@ async fn records_written_among_held_ones_become_a_run_and_read_right_after_a_res
     let server = tokio::spawn(blazedb_node::api::serve(a.clone(), listener, async {
         let _ = stopped.await;
     }));
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = scrape_metrics(&base).await;
     assert!(metric(&text, "blazedb_view_runs_written_total") >= 1);
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
