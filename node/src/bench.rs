@@ -97,16 +97,22 @@ pub fn workload_w(rng: &mut impl Rng, n: usize, hlc_start: u64) -> Vec<Op> {
     workload_w_over(rng, n, hlc_start, W_KEYS, 0)
 }
 
+/// A workload-W key: drawn from `keys` records, or for `keys` 0 the `nth` of increasing keys
+/// (`rng` untouched then).
+fn w_key(rng: &mut impl Rng, keys: u64, nth: u64) -> String {
+    match keys {
+        0 => format!("k{nth:012}"),
+        _ => format!("k{:07}", rng.gen_range(0..keys)),
+    }
+}
+
 /// [`workload_w`] with its keys drawn from `keys` records instead of [`W_KEYS`] (B2l's
 /// growing dataset), or, for `keys` 0, increasing from `first` (appends: each op a new key,
 /// after every key before it).
 fn workload_w_over(rng: &mut impl Rng, n: usize, hlc_start: u64, keys: u64, first: u64) -> Vec<Op> {
     (0..n)
         .map(|i| {
-            let key = match keys {
-                0 => format!("k{:012}", first + i as u64),
-                _ => format!("k{:07}", rng.gen_range(0..keys)),
-            };
+            let key = w_key(rng, keys, first + i as u64);
             let hlc = Hlc(hlc_start + i as u64);
             if rng.gen_range(0..10) == 0 {
                 Op::Delete {
@@ -722,11 +728,8 @@ where
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let t = Instant::now();
         for _ in 0..GETS_AFTER_WINDOW {
-            let key = match keys {
-                0 => format!("k{:012}", rng.gen_range(0..ops_written)),
-                _ => format!("k{:07}", rng.gen_range(0..keys)),
-            };
-            n2.get(DEFAULT_NAMESPACE, "bench", &key)?;
+            let nth = rng.gen_range(0..ops_written);
+            n2.get(DEFAULT_NAMESPACE, "bench", &w_key(&mut rng, keys, nth))?;
         }
         Ok::<f64, anyhow::Error>(t.elapsed().as_secs_f64() * 1e6 / GETS_AFTER_WINDOW as f64)
     })
