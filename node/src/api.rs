@@ -652,7 +652,7 @@ fn metric(out: &mut String, kind: &str, name: &str, help: &str, v: u64) {
 async fn metrics(State(node): State<NodeHandle>) -> Response {
     let m = node.metrics();
     let n = node.clone();
-    let (batches, records) = tokio::task::spawn_blocking(move || n.counts())
+    let (batches, records) = tokio::task::spawn_blocking(move || n.counts_bounded())
         .await
         .ok()
         .and_then(|r| r.ok())
@@ -928,7 +928,7 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
         &mut out,
         "gauge",
         "blazedb_stored_records",
-        "Records in the store.",
+        "Records in the store (counted again once the last count is ten times its own cost old).",
         records,
     );
     out.push_str(&node.gossip_metrics_text());

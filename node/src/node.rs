@@ -842,6 +842,14 @@ impl NodeHandle {
         Ok(self.shared.store.counts()?)
     }
 
+    /// (batches, records) held in the store, for callers that ask often (`/metrics`): the
+    /// record count is taken again only once the last one is ten times its own cost old
+    /// ([`crate::store::Store::counts_bounded`]), and does not wait for the records to catch up with the
+    /// log. [`NodeHandle::counts`] is exact.
+    pub fn counts_bounded(&self) -> Result<(u64, u64), NodeError> {
+        Ok(self.shared.store.counts_bounded()?)
+    }
+
     /// Stops the node and waits until it has stopped.
     pub async fn shutdown(&self) {
         let (reply, rx) = oneshot::channel();

@@ -234,6 +234,27 @@ pub struct Store {
     /// The distinct records of the view file (table and runs) at one generation of it
     /// ([`VIEW_META`]): counting them walks every level, once per generation.
     file_records: std::sync::Mutex<Option<(u64, u64)>>,
+    /// The last count [`Store::counts_bounded`] took, and one count at a time.
+    bounded_count: std::sync::Mutex<Option<TakenCount>>,
+    counting: std::sync::Mutex<()>,
+}
+
+/// A record count and what it cost ([`Store::counts_bounded`]).
+#[derive(Clone, Copy, Debug)]
+struct TakenCount {
+    records: u64,
+    at: std::time::Instant,
+    took: std::time::Duration,
+}
+
+/// [`Store::counts_bounded`] takes a new record count once the last one is older than this
+/// many times what it took: counting then costs at most about a tenth of one core, however
+/// often it is asked for.
+const COUNT_COST_SHARE: u32 = 10;
+
+/// Whether a count taken `age` ago that took `took` is due again ([`COUNT_COST_SHARE`]).
+fn count_due(age: std::time::Duration, took: std::time::Duration) -> bool {
+    age >= took.saturating_mul(COUNT_COST_SHARE)
 }
 
 /// Record changes held in memory between view flushes: per record, the join of the ops
@@ -827,6 +848,8 @@ impl Store {
             flushes: Default::default(),
             flushed_records: Default::default(),
             file_records: Default::default(),
+            bounded_count: Default::default(),
+            counting: Default::default(),
         })
     }
 
@@ -1874,6 +1897,47 @@ impl Store {
         Ok((batches, records))
     }
 
+    /// Counts as [`Store::counts`] takes them, for callers that may ask often (`/metrics`):
+    /// the batches are counted every time (one table length), the records only once the
+    /// last record count is older than [`COUNT_COST_SHARE`] times what it took, and by one
+    /// caller at a time; otherwise the last one is returned. Counting records is a lookup per
+    /// staged key, and with runs beside the records' table a walk over the file whenever it
+    /// changed (seconds at millions of records, O(records) under sustained ingest), so this
+    /// bounds what scrapes cost: at most about a tenth of one core, and a count at most ten
+    /// times its own cost old. A small store's count takes well under a millisecond, so it
+    /// is exact on every scrape.
+    pub fn counts_bounded(&self) -> Result<(u64, u64), StoreError> {
+        let last = || *self.bounded_count.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = |c: &TakenCount| !count_due(c.at.elapsed(), c.took);
+        let with_batches = |c: TakenCount| -> Result<(u64, u64), StoreError> {
+            Ok((self.db.begin_read()?.open_table(CHAINS)?.len()?, c.records))
+        };
+        if let Some(c) = last().filter(fresh) {
+            return with_batches(c);
+        }
+        let _one = match self.counting.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::WouldBlock) => match last() {
+                // Another caller is counting: the last count stands until it is done.
+                Some(c) => return with_batches(c),
+                None => self.counting.lock().unwrap_or_else(|e| e.into_inner()),
+            },
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+        };
+        // Whoever held the lock may have just counted.
+        if let Some(c) = last().filter(fresh) {
+            return with_batches(c);
+        }
+        let started = std::time::Instant::now();
+        let (batches, records) = self.counts()?;
+        *self.bounded_count.lock().unwrap_or_else(|e| e.into_inner()) = Some(TakenCount {
+            records,
+            at: std::time::Instant::now(),
+            took: started.elapsed(),
+        });
+        Ok((batches, records))
+    }
+
     /// Verifies the whole log: every batch re-verified (hash, signature, ops), every chain
     /// contiguous from 1 with matching `prev` links. Returns the number of batches checked.
     pub fn check(&self) -> Result<u64, StoreError> {
@@ -2663,6 +2727,60 @@ mod tests {
             .unwrap();
         assert_eq!(range.len(), 4);
         assert_eq!(range[0], stored[1].bytes);
+    }
+
+    /// `/metrics`' count: the batches always counted, the records again only once the last
+    /// count is ten times its cost old, and then exactly.
+    #[test]
+    fn a_bounded_count_is_taken_again_only_when_due() {
+        use std::time::Duration;
+        assert!(!count_due(
+            Duration::from_millis(99),
+            Duration::from_millis(10)
+        ));
+        assert!(count_due(
+            Duration::from_millis(100),
+            Duration::from_millis(10)
+        ));
+        assert!(count_due(Duration::ZERO, Duration::ZERO));
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store.redb")).unwrap();
+        let kp = Keypair::generate();
+        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
+        engine.join("default");
+        let mut write = |i: i64| {
+            let (vb, _) = engine
+                .write("default", &kp, vec![upsert(&format!("k{i}"), i)], 1_000)
+                .unwrap();
+            store.write_batches(&[vb]).unwrap();
+        };
+        write(0);
+        assert_eq!(store.counts_bounded().unwrap(), (1, 1));
+        // The last count as if it had taken an hour: not due, so it stands, while the
+        // batches are counted afresh.
+        let expensive = |records| TakenCount {
+            records,
+            at: std::time::Instant::now(),
+            took: Duration::from_secs(3600),
+        };
+        *store.bounded_count.lock().unwrap() = Some(expensive(1));
+        write(1);
+        write(2);
+        assert_eq!(store.counts().unwrap(), (3, 3));
+        assert_eq!(store.counts_bounded().unwrap(), (3, 1));
+        // While another caller counts, the last count is returned at once.
+        *store.bounded_count.lock().unwrap() = Some(TakenCount {
+            took: Duration::ZERO,
+            ..expensive(1)
+        });
+        {
+            let _busy = store.counting.lock().unwrap();
+            assert_eq!(store.counts_bounded().unwrap(), (3, 1));
+        }
+        // Due: counted again, exactly, and kept.
+        assert_eq!(store.counts_bounded().unwrap(), (3, 3));
+        assert_eq!(store.bounded_count.lock().unwrap().unwrap().records, 3);
     }
 
     /// A crash between the durable log append and the (non-durable) record update leaves the
