@@ -27,6 +27,7 @@ pub mod dicts;
 pub mod materializer;
 pub mod net;
 pub mod node;
+mod run_filter;
 pub mod sim;
 pub mod store;
 mod verifier;

@@ -23,6 +23,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use crate::delta_map::{prefetch, DeltaMap, Updated};
+use crate::run_filter::RunFilter;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use blazedb_protocol::batch::{BatchHeader, Envelope};
@@ -234,6 +235,12 @@ pub struct Store {
     /// The distinct records of the view file (table and runs) at one generation of it
     /// ([`VIEW_META`]): counting them walks every level, once per generation.
     file_records: std::sync::Mutex<Option<(u64, u64)>>,
+    /// Run id → its Bloom filter (`None`: the run has none stored; a read looks in it),
+    /// loaded from [`RUN_FILTERS`] once per process. Ids are never reused in one view file
+    /// (`next-run` in [`VIEW_META`]), so an entry never stands for another run.
+    run_filters: std::sync::Mutex<std::collections::HashMap<u32, Option<Arc<RunFilter>>>>,
+    /// Lookups into runs made by reads ([`Store::get`]), for tests.
+    run_probes: std::sync::atomic::AtomicU64,
     /// The last count [`Store::counts_bounded`] took, and one count at a time.
     bounded_count: std::sync::Mutex<Option<TakenCount>>,
     counting: std::sync::Mutex<()>,
@@ -422,12 +429,34 @@ enum FlushMode {
 /// long as the file is unchanged, and told apart from any later snapshot's.
 pub const VIEW_META: TableDefinition<'_, &str, u64> = TableDefinition::new("view-meta-v1");
 
-/// Raises the view file's generation ([`VIEW_META`]) in `txn`.
+/// Raises the view file's generation ([`VIEW_META`]) in `txn`, and records that the run
+/// filters were kept up to date up to it (`filters-at`): a binary that predates the filters
+/// raises the generation without that, and [`Store::open`] then drops every filter (it may
+/// have rewritten or absorbed the runs they were made for, and reused their ids).
 fn bump_generation(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     let mut meta = txn.open_table(VIEW_META)?;
     let next = meta.get("generation")?.map_or(0, |v| v.value()) + 1;
     meta.insert("generation", next)?;
+    meta.insert("filters-at", next)?;
     Ok(())
+}
+
+/// View table: run id → the run's Bloom filter ([`RunFilter`]'s stored form), written in
+/// the transaction that writes the run and removed with it. A run without one (or with one
+/// that does not decode) is looked in on every read.
+pub const RUN_FILTERS: TableDefinition<'_, u32, &[u8]> =
+    TableDefinition::new("records-run-filter-v1");
+
+/// The runs of one view snapshot: (id, records written), oldest first, and each one's filter.
+struct Runs {
+    list: Vec<(u32, u64)>,
+    filters: Vec<Option<Arc<RunFilter>>>,
+}
+
+impl Runs {
+    fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
 }
 
 /// `run:u32be ++ rk` into `out`.
@@ -437,21 +466,27 @@ fn run_key(run: u32, rk: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(rk);
 }
 
-/// Calls `f` with the state each of `runs` holds for the record `rk` (oldest run first).
+/// Calls `f` with the state each of `runs` holds for the record `rk` (oldest run first),
+/// looking only in runs whose filter may hold it. Returns the runs looked in.
 fn run_states(
     run_table: &impl ReadableTable<&'static [u8], &'static [u8]>,
-    runs: &[(u32, u64)],
+    runs: &Runs,
     rk: &[u8],
     mut f: impl FnMut(&[u8]) -> Result<(), StoreError>,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
     let mut key = Vec::with_capacity(4 + rk.len());
-    for &(id, _) in runs {
+    let mut probes = 0;
+    for (&(id, _), filter) in runs.list.iter().zip(&runs.filters) {
+        if filter.as_ref().is_some_and(|f| !f.may_hold(rk)) {
+            continue;
+        }
+        probes += 1;
         run_key(id, rk, &mut key);
         if let Some(v) = run_table.get(key.as_slice())? {
             f(v.value())?;
         }
     }
-    Ok(())
+    Ok(probes)
 }
 
 /// The runs listed in a view snapshot: (id, records written), oldest first.
@@ -835,6 +870,23 @@ impl Store {
         txn.delete_table(APPLIED_V2).map_err(redb::Error::from)?;
         txn.open_table(RUNS)?;
         txn.open_table(RUN_LIST)?;
+        {
+            // Written by a binary that predates the run filters since our last write (it
+            // raised the generation without `filters-at`): its runs may be other ones under
+            // the same ids, so every filter goes and those runs are looked in on every read
+            // until they are absorbed or folded.
+            let meta = txn.open_table(VIEW_META)?;
+            let at = |k| -> Result<Option<u64>, StoreError> { Ok(meta.get(k)?.map(|v| v.value())) };
+            if at("generation")? != at("filters-at")? {
+                drop(meta);
+                if txn.delete_table(RUN_FILTERS).map_err(redb::Error::from)? {
+                    tracing::info!(
+                        "run filters dropped: the view file was written by an older binary"
+                    );
+                }
+            }
+        }
+        txn.open_table(RUN_FILTERS)?;
         // (Also makes the generation's table, which every count opens.)
         bump_generation(&txn)?;
         txn.commit()?;
@@ -849,6 +901,8 @@ impl Store {
             flushed_records: Default::default(),
             file_records: Default::default(),
             bounded_count: Default::default(),
+            run_filters: Default::default(),
+            run_probes: Default::default(),
             counting: Default::default(),
         })
     }
@@ -1005,7 +1059,7 @@ impl Store {
             // The runs are left as they are (a record is the join of every level), but a
             // change event carries the whole record, so they are read for it.
             let run_table = txn.open_table(RUNS)?;
-            let runs = run_list(&txn.open_table(RUN_LIST)?)?;
+            let runs = self.runs(&txn.open_table(RUN_LIST)?, &txn.open_table(RUN_FILTERS)?)?;
             // Group the ops by record so each record is read and written once.
             let views = batches
                 .iter()
@@ -1277,11 +1331,13 @@ impl Store {
             txn.set_durability(redb::Durability::None)
                 .map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
         }
+        let mut new_run = None;
         let mode = {
             let mut records = txn.open_table(RECORDS)?;
             let mut applied = txn.open_table(APPLIED)?;
             let mut run_table = txn.open_table(RUNS)?;
             let mut run_index = txn.open_table(RUN_LIST)?;
+            let mut filter_table = txn.open_table(RUN_FILTERS)?;
             let runs = run_list(&run_index)?;
             let mut buf = Vec::with_capacity(512);
             // Key order, every way. A delta large next to the file ([`REWRITE_DELTA_FRACTION`])
@@ -1329,7 +1385,19 @@ impl Store {
                     cursor.close()?;
                 }
                 FlushMode::Run { absorb } => {
-                    let id = runs.last().map_or(1, |&(id, _)| id + 1);
+                    // Ids are never reused in a file (so a filter held in memory for one
+                    // never stands for another run), not even after a rewrite.
+                    let mut meta = txn.open_table(VIEW_META)?;
+                    let id = runs.last().map_or(1, |&(id, _)| id + 1).max(
+                        meta.get("next-run")?
+                            .map_or(1, |v| u32::try_from(v.value()).unwrap_or(u32::MAX)),
+                    );
+                    meta.insert("next-run", u64::from(id) + 1)?;
+                    drop(meta);
+                    let absorbed = &runs[runs.len() - absorb..];
+                    let mut filter = RunFilter::with_capacity(
+                        keyed.len() as u64 + absorbed.iter().map(|&(_, n)| n).sum::<u64>(),
+                    );
                     let mut key = Vec::with_capacity(256);
                     run_key(id, &[], &mut key);
                     // Past every key of the table: the run is appended.
@@ -1337,7 +1405,6 @@ impl Store {
                     // The runs it absorbs (none, mostly) are read from a snapshot of the
                     // file as this transaction found it (no other write can commit meanwhile:
                     // redb has one writer at a time), while the new run is written.
-                    let absorbed = &runs[runs.len() - absorb..];
                     let snapshot = self.view.begin_read()?;
                     let held = snapshot.open_table(RUNS)?;
                     let mut levels = run_levels(&held, absorbed, &[], None)?;
@@ -1347,6 +1414,7 @@ impl Store {
                     });
                     let (mut tmp, mut written) = (Vec::with_capacity(512), 0u64);
                     walk_levels(&mut levels, deltas, |k, states| {
+                        filter.insert(k);
                         run_key(id, k, &mut key);
                         cursor
                             .insert_before(key.as_slice(), join_all(states, &mut buf, &mut tmp)?)?;
@@ -1362,9 +1430,12 @@ impl Store {
                         run_table.retain_in(lo.as_slice()..hi.as_slice(), |_, _| false)?;
                         for &(old, _) in absorbed {
                             run_index.remove(old)?;
+                            filter_table.remove(old)?;
                         }
                     }
                     run_index.insert(id, written)?;
+                    filter_table.insert(id, filter.encode().as_slice())?;
+                    new_run = Some((id, Arc::new(filter)));
                 }
                 FlushMode::Splice => {
                     if let Some((first, _)) = keyed.first() {
@@ -1413,6 +1484,7 @@ impl Store {
                 txn.delete_table(RUNS)?;
                 txn.open_table(RUNS)?;
                 run_index.retain(|_, _| false)?;
+                filter_table.retain(|_, _| false)?;
             }
             mode
         };
@@ -1424,6 +1496,15 @@ impl Store {
             ms = started.elapsed().as_secs_f64() * 1e3,
             "view flush: committed"
         );
+        {
+            let mut filters = self.run_filters.lock().unwrap_or_else(|e| e.into_inner());
+            if mode == FlushMode::Rewrite {
+                filters.clear();
+            }
+            if let Some((id, filter)) = new_run {
+                filters.insert(id, Some(filter));
+            }
+        }
         {
             use std::sync::atomic::Ordering::Relaxed;
             match mode {
@@ -1516,12 +1597,14 @@ impl Store {
         if let Some(v) = records.get(rk)? {
             join(decode_state(v.value())?);
         }
-        let runs = run_list(&txn.open_table(RUN_LIST)?)?;
+        let runs = self.runs(&txn.open_table(RUN_LIST)?, &txn.open_table(RUN_FILTERS)?)?;
         if !runs.is_empty() {
-            run_states(&txn.open_table(RUNS)?, &runs, rk, |held| {
+            let probes = run_states(&txn.open_table(RUNS)?, &runs, rk, |held| {
                 join(decode_state(held)?);
                 Ok(())
             })?;
+            self.run_probes
+                .fetch_add(probes, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(state)
     }
@@ -1782,6 +1865,37 @@ impl Store {
         Ok((applied, skipped))
     }
 
+    /// The runs a view snapshot lists (`list`), with their filters: from memory, or read
+    /// from the snapshot's `filters` once per run and process.
+    fn runs(
+        &self,
+        list: &impl ReadableTable<u32, u64>,
+        filters: &impl ReadableTable<u32, &'static [u8]>,
+    ) -> Result<Runs, StoreError> {
+        let list = run_list(list)?;
+        let mut cache = self.run_filters.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::with_capacity(list.len());
+        for &(id, _) in &list {
+            let filter = match cache.get(&id) {
+                Some(f) => f.clone(),
+                None => {
+                    let f = filters
+                        .get(id)?
+                        .and_then(|v| RunFilter::decode(v.value()))
+                        .map(Arc::new);
+                    if cache.len() >= 2 * MAX_RUNS {
+                        // Runs absorbed or folded since: gone from every later snapshot.
+                        cache.retain(|held, _| list.iter().any(|&(id, _)| id == *held));
+                    }
+                    cache.insert(id, f.clone());
+                    f
+                }
+            };
+            out.push(filter);
+        }
+        Ok(Runs { list, filters: out })
+    }
+
     /// Counts: (batches, records).
     pub fn counts(&self) -> Result<(u64, u64), StoreError> {
         // One chain entry per batch held (the log keeps each batch in pieces).
@@ -1818,7 +1932,7 @@ impl Store {
         spans.extend(worded.into_iter().map(|(_, span)| span));
         spans.dedup_by(|x, y| key(x) == key(y));
         let table = txn.open_table(RECORDS)?;
-        let runs = run_list(&txn.open_table(RUN_LIST)?)?;
+        let runs = self.runs(&txn.open_table(RUN_LIST)?, &txn.open_table(RUN_FILTERS)?)?;
         if !runs.is_empty() {
             // A record may be held by the table, by several runs and by the delta. The file's
             // distinct records are counted by one ordered walk over every level, kept for as
@@ -1831,12 +1945,12 @@ impl Store {
                 .map_or(0, |v| v.value());
             let run_table = txn.open_table(RUNS)?;
             let held = *self.file_records.lock().unwrap_or_else(|e| e.into_inner());
-            let in_file: u64 = table.len()? + runs.iter().map(|&(_, n)| n).sum::<u64>();
+            let in_file: u64 = table.len()? + runs.list.iter().map(|&(_, n)| n).sum::<u64>();
             let walk_all = spans.len() as u64 * COUNT_WALK_FRACTION >= in_file;
             let file_records = match held {
                 Some((g, n)) if g == generation && !walk_all => n,
                 _ => {
-                    let mut levels = levels(&table, &run_table, &runs, &[], None)?;
+                    let mut levels = levels(&table, &run_table, &runs.list, &[], None)?;
                     let delta = spans.iter().map(|s| (key(s), None)).filter(|_| walk_all);
                     let (mut file, mut all) = (0u64, 0u64);
                     walk_levels(&mut levels, delta, |_, states| {
@@ -2005,6 +2119,18 @@ impl Store {
                 runs.len()
             )));
         }
+        // Every filter stored is a listed run's, reads back, and holds each of its keys.
+        let mut filters: Vec<Option<RunFilter>> = vec![None; runs.len()];
+        for entry in txn.open_table(RUN_FILTERS)?.iter()? {
+            let (id, bytes) = entry?;
+            let id = id.value();
+            let i = runs.iter().position(|&(run, _)| run == id).ok_or_else(|| {
+                StoreError::Corrupt(format!("a filter of run {id}, which is not listed"))
+            })?;
+            filters[i] = Some(RunFilter::decode(bytes.value()).ok_or_else(|| {
+                StoreError::Corrupt(format!("run {id}'s filter does not read back"))
+            })?);
+        }
         let mut held = vec![0u64; runs.len()];
         for entry in txn.open_table(RUNS)?.iter()? {
             let (k, v) = entry?;
@@ -2023,6 +2149,15 @@ impl Store {
                     })
                 })?;
             decode_state(v.value())?;
+            if filters[i]
+                .as_ref()
+                .is_some_and(|f| !f.may_hold(&k.value()[4..]))
+            {
+                return Err(StoreError::Corrupt(format!(
+                    "run {} holds a record its filter does not",
+                    runs[i].0
+                )));
+            }
             held[i] += 1;
         }
         for (&(id, written), &n) in runs.iter().zip(&held) {
@@ -2540,6 +2675,9 @@ mod tests {
             let txn = staged.view.begin_read().unwrap();
             run_list(&txn.open_table(RUN_LIST).unwrap()).unwrap()[0].0
         };
+        // Ids go on from the eight runs before the rewrite (a run's filter held in memory
+        // must never stand for another run).
+        assert!(listed > MAX_RUNS as u32, "run id {listed} reused");
         let mut held = Vec::new();
         run_key(listed, &record_key("default", "c", "00005"), &mut held);
         let (mut unlisted, stored) = (Vec::new(), {
@@ -2574,6 +2712,115 @@ mod tests {
             reopened.list("default", "c", "", 10_000).unwrap(),
             direct.list("default", "c", "", 10_000).unwrap()
         );
+    }
+
+    /// Each run is written with a Bloom filter, stored beside it: a get of a key no run
+    /// holds looks in (nearly) none of them, before and after a restart, and no key a run
+    /// holds is missed. A file written by a binary that predates the filters since (it may
+    /// have made other runs under the same ids) has every filter dropped at open.
+    #[test]
+    fn run_filters_spare_gets_the_runs_and_go_when_an_older_binary_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a").join("store.redb").tap_mkdir();
+        let mut staged = Store::open(&path).unwrap();
+        let direct = Store::open(&dir.path().join("b").join("store.redb").tap_mkdir()).unwrap();
+        let kp = Keypair::from_seed([6; 32]);
+        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
+        engine.join("default");
+        let mut now = 1_000;
+        let mut write = |staged: &Store, ops: Vec<Op>| {
+            now += 1;
+            let (vb, _) = engine.write("default", &kp, ops, now).unwrap();
+            let batches = vec![vb];
+            staged.append_log(&batches).unwrap();
+            direct.write_batches(&batches).unwrap();
+            staged.stage(batches, false).unwrap();
+            assert!(staged.freeze());
+            staged.flush_frozen(false).unwrap();
+        };
+        write(
+            &staged,
+            (0..1_000)
+                .map(|i| upsert(&format!("{:05}", i * 10), i))
+                .collect(),
+        );
+        // Three dense deltas among the table's keys, each smaller than the last: three runs.
+        for (d, size) in [(1i64, 400i64), (2, 300), (3, 200)] {
+            write(
+                &staged,
+                (0..size)
+                    .map(|i| upsert(&format!("{:05}", i * 20 + d), d * 1_000 + i))
+                    .collect(),
+            );
+        }
+        assert_eq!(staged.check_view().unwrap().1, 3);
+        let stored_filters = |store: &Store| {
+            let txn = store.view.begin_read().unwrap();
+            let t = txn.open_table(RUN_FILTERS).unwrap();
+            t.len().unwrap()
+        };
+        assert_eq!(stored_filters(&staged), 3);
+        let every_key: Vec<String> = (0..10_000).map(|i| format!("{i:05}")).collect();
+        let same_as_direct = |store: &Store, when: &str| {
+            for k in &every_key {
+                assert_eq!(
+                    store.get("default", "c", k).unwrap(),
+                    direct.get("default", "c", k).unwrap(),
+                    "{k} {when}"
+                );
+            }
+        };
+        // Run lookups made by 1,000 gets of keys no level holds.
+        let absent_probes = |store: &Store| {
+            let before = store.run_probes.load(std::sync::atomic::Ordering::Relaxed);
+            for i in 0..1_000 {
+                assert!(store.get("default", "c", &format!("x{i}")).unwrap().is_none());
+            }
+            store.run_probes.load(std::sync::atomic::Ordering::Relaxed) - before
+        };
+        same_as_direct(&staged, "with filters");
+        let probes = absent_probes(&staged);
+        assert!(probes < 100, "{probes} run lookups for 3,000 (get, run) pairs");
+        drop(staged);
+        staged = Store::open(&path).unwrap();
+        same_as_direct(&staged, "reopened");
+        let probes = absent_probes(&staged);
+        assert!(probes < 100, "{probes} run lookups after a restart");
+        // An older binary's write: the generation raised without `filters-at`, and (as if it
+        // had folded the runs and made others under the same ids) the newest run's filter
+        // now stands for nothing it holds.
+        drop(staged);
+        {
+            let view = Database::builder()
+                .create(path.with_file_name("records.redb"))
+                .unwrap();
+            let txn = view.begin_write().unwrap();
+            {
+                let mut meta = txn.open_table(VIEW_META).unwrap();
+                let g = meta.get("generation").unwrap().unwrap().value();
+                meta.insert("generation", g + 1).unwrap();
+                let mut filters = txn.open_table(RUN_FILTERS).unwrap();
+                let newest = filters.last().unwrap().unwrap().0.value();
+                filters
+                    .insert(newest, RunFilter::with_capacity(1).encode().as_slice())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        staged = Store::open(&path).unwrap();
+        assert_eq!(stored_filters(&staged), 0, "filters dropped at open");
+        same_as_direct(&staged, "after an older binary wrote");
+        assert_eq!(absent_probes(&staged), 3_000, "no filter: every run looked in");
+        // The next run has a filter again, under a new id.
+        write(
+            &staged,
+            (0..150)
+                .map(|i| upsert(&format!("{:05}", i * 20 + 7), i))
+                .collect(),
+        );
+        assert_eq!(stored_filters(&staged), 1);
+        same_as_direct(&staged, "after a run with a filter");
+        assert!(staged.check_view().is_ok());
     }
 
     /// A view file from before the runs keeps its watermark (`applied-v2`, taken over by
