@@ -722,6 +722,7 @@ where
     let counts_ms = counted.elapsed().as_secs_f64() * 1e3;
     // What a read pays right after the window: random keys of the calls' key space (with
     // W's, nearly all held; with a larger one, mostly not: every level is looked in).
+    let runs_held = node.view_runs_held()? as f64;
     let n2 = node.clone();
     let ops_written = ops as u64;
     let gets_us = tokio::task::spawn_blocking(move || {
@@ -749,6 +750,7 @@ where
         kinds,
         counts_ms,
         gets_us,
+        runs_held,
     })
 }
 
@@ -964,6 +966,8 @@ struct B2Run {
     counts_ms: f64,
     /// Time per `get` of a random key of the key space right after the window (µs).
     gets_us: f64,
+    /// Runs beside the records' table when those gets ran.
+    runs_held: f64,
 }
 
 /// Gets timed right after each B2 window ([`B2Run::gets_us`]).
@@ -1264,6 +1268,7 @@ pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
     let (mut rates, mut readable, mut cpus, mut bursts) = (vec![], vec![], vec![], vec![]);
     let (mut flushes, mut flushed_per_op, mut counts_ms) = (vec![], vec![], vec![]);
     let (mut as_runs, mut rewrites, mut gets_us) = (vec![], vec![], vec![]);
+    let mut runs_held = vec![];
     let calls = ops.div_ceil(W_BATCH_OPS).max(1);
     let ops = calls * W_BATCH_OPS;
     for run in 0..runs {
@@ -1285,6 +1290,7 @@ pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
         flushed_per_op.push(long.flushes.1 as f64 / ops as f64);
         counts_ms.push(long.counts_ms);
         gets_us.push(long.gets_us);
+        runs_held.push(long.runs_held);
     }
     let (rate, burst) = (median(rates), median(bursts));
     let space = match keys {
@@ -1340,6 +1346,11 @@ pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
             ),
             median(gets_us),
             "us",
+        ),
+        row(
+            "runs beside the records' table when those gets ran".into(),
+            median(runs_held),
+            "runs",
         ),
     ])
 }

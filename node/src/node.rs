@@ -559,6 +559,12 @@ impl NodeHandle {
         (store.view_runs_written(), store.view_rewrites())
     }
 
+    /// Sorted runs held beside the view's records' table now (a read looks in each whose
+    /// filter may hold its key).
+    pub fn view_runs_held(&self) -> Result<usize, NodeError> {
+        Ok(self.shared.store.view_runs_held()?)
+    }
+
     /// gossipsub's own metrics, in Prometheus text format.
     pub fn gossip_metrics_text(&self) -> String {
         let mut out = String::new();

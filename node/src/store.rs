@@ -1896,6 +1896,12 @@ impl Store {
         Ok(Runs { list, filters: out })
     }
 
+    /// Runs listed beside the records' table now.
+    pub fn view_runs_held(&self) -> Result<usize, StoreError> {
+        let txn = self.view.begin_read()?;
+        Ok(run_list(&txn.open_table(RUN_LIST)?)?.len())
+    }
+
     /// Counts: (batches, records).
     pub fn counts(&self) -> Result<(u64, u64), StoreError> {
         // One chain entry per batch held (the log keeps each batch in pieces).
