@@ -2659,16 +2659,11 @@ mod tests {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
         /// Staging into the in-memory delta, freezing and flushing at arbitrary points reads
         /// exactly like applying every batch straight to the view file — after every step
-        /// (get, list with and without a limit, counts) and after reopening. Folds take
-        /// slices of `slice` records, so most span several flushes.
+        /// (get, list with and without a limit, counts) and after reopening.
         #[test]
-        fn staged_frozen_and_flushed_reads_equal_direct_application(
-            steps in arb_steps(),
-            slice in 1u64..8,
-        ) {
+        fn staged_frozen_and_flushed_reads_equal_direct_application(steps in arb_steps()) {
             let dir = tempfile::tempdir().unwrap();
             let staged = Store::open(&dir.path().join("a").join("store.redb").tap_mkdir()).unwrap();
-            staged.fold_slice.store(slice, std::sync::atomic::Ordering::Relaxed);
             let direct = Store::open(&dir.path().join("b").join("store.redb").tap_mkdir()).unwrap();
             let kp = Keypair::from_seed([7; 32]);
             let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
@@ -2687,7 +2682,6 @@ mod tests {
                     Step::Flush => {
                         staged.flush_frozen(false).unwrap();
                         frozen = false;
-                        staged.check_view().unwrap();
                     }
                 }
                 for k in 0..12 {
@@ -3078,132 +3072,6 @@ mod tests {
             reopened.list("default", "c", "", 10_000).unwrap(),
             direct.list("default", "c", "", 10_000).unwrap()
         );
-    }
-
-    /// A fold larger than a slice spans several flushes: every read is right throughout
-    /// (gets, list, counts, the view's check), runs are written meanwhile, the fold goes on
-    /// after a restart, ops applied while it runs (a restart's catch-up, with change events)
-    /// land where the fold keeps them, and it ends with everything in the table.
-    #[test]
-    fn a_fold_spans_flushes_reads_right_throughout_and_survives_a_restart() {
-        use std::sync::atomic::Ordering::Relaxed;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a").join("store.redb").tap_mkdir();
-        let mut staged = Store::open(&path).unwrap();
-        staged.fold_slice.store(200, Relaxed);
-        let direct = Store::open(&dir.path().join("b").join("store.redb").tap_mkdir()).unwrap();
-        let kp = Keypair::from_seed([8; 32]);
-        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
-        engine.join("default");
-        let mut now = 1_000;
-        let mut make = |ops: Vec<Op>| {
-            now += 1;
-            let (vb, _) = engine.write("default", &kp, ops, now).unwrap();
-            direct.write_batches(std::slice::from_ref(&vb)).unwrap();
-            vb
-        };
-        let flush = |staged: &Store, vb: VerifiedBatch| {
-            staged.append_log(std::slice::from_ref(&vb)).unwrap();
-            staged.stage(vec![vb], false).unwrap();
-            assert!(staged.freeze());
-            staged.flush_frozen(false).unwrap();
-        };
-        let fold_of = |store: &Store| {
-            let txn = store.view.begin_read().unwrap();
-            fold_state(
-                &txn.open_table(VIEW_META).unwrap(),
-                &txn.open_table(FOLD_META).unwrap(),
-            )
-            .unwrap()
-        };
-        let same = |staged: &Store, when: &str| {
-            for i in 0..1_200 {
-                let k = format!("{:05}", i * 5);
-                assert_eq!(
-                    staged.get("default", "c", &k).unwrap(),
-                    direct.get("default", "c", &k).unwrap(),
-                    "{k} {when}"
-                );
-            }
-            assert_eq!(
-                staged.list("default", "c", "", 10_000).unwrap(),
-                direct.list("default", "c", "", 10_000).unwrap(),
-                "{when}"
-            );
-            assert_eq!(staged.counts().unwrap(), direct.counts().unwrap(), "{when}");
-            staged.check_view().unwrap();
-        };
-        flush(
-            &staged,
-            make(
-                (0..1_000)
-                    .map(|i| upsert(&format!("{:05}", i * 5), i))
-                    .collect(),
-            ),
-        );
-        let (mut folding_flushes, mut restarted) = (0, false);
-        for d in 1..40i64 {
-            // Dense deltas over the table's keys: overwrites, new keys, a counter.
-            let mut ops: Vec<Op> = (0..150)
-                .map(|i| upsert(&format!("{:05}", (i * 37 + d * 11) % 6_000), d * 1_000 + i))
-                .collect();
-            ops.push(Op::CounterAdd {
-                collection: "c".into(),
-                key: format!("{:05}", d * 5),
-                hlc: Hlc::ZERO,
-                field: "n".into(),
-                delta: d,
-            });
-            let before = fold_of(&staged);
-            flush(&staged, make(ops));
-            let after = fold_of(&staged);
-            same(&staged, &format!("after delta {d} ({after:?})"));
-            if let (Some(b), Some(a)) = (&before, &after) {
-                assert_eq!(b.last, a.last, "one fold");
-                assert!(a.cursor > b.cursor, "the fold moves on");
-                folding_flushes += 1;
-            }
-            if after.is_some() && !restarted {
-                // A restart mid-fold, with one batch logged but not applied: the catch-up
-                // applies it while the fold runs, its change events carry whole records.
-                restarted = true;
-                let behind = make(
-                    (0..100)
-                        .map(|i| upsert(&format!("{:05}", i * 55), -i))
-                        .collect(),
-                );
-                staged.append_log(std::slice::from_ref(&behind)).unwrap();
-                drop(staged);
-                staged = Store::open(&path).unwrap();
-                staged.fold_slice.store(200, Relaxed);
-                assert_eq!(fold_of(&staged), after, "the fold is kept");
-                let behind = staged.unapplied(&staged.heads().unwrap()).unwrap();
-                assert_eq!(behind.len(), 1);
-                let changes = staged.apply(&behind, false).unwrap();
-                assert_eq!(changes.len(), 100);
-                for c in &changes {
-                    assert_eq!(c.fields, staged.get("default", "c", &c.key).unwrap());
-                }
-                same(&staged, "after a restart mid-fold");
-            }
-            if folding_flushes > 0 && after.is_none() {
-                break;
-            }
-        }
-        assert!(
-            folding_flushes >= 2,
-            "{folding_flushes} flushes went on with a fold"
-        );
-        assert!(restarted);
-        assert!(fold_of(&staged).is_none(), "the fold ended");
-        assert!(staged.view_rewrites() >= 1);
-        assert!(
-            staged.view_runs_written() >= 1,
-            "runs written during the fold"
-        );
-        let txn = staged.view.begin_read().unwrap();
-        assert!(txn.open_table(FOLD_RECORDS).unwrap().is_empty().unwrap());
-        assert!(txn.open_table(RUNS_FOLDING).unwrap().is_empty().unwrap());
     }
 
     /// Each run is written with a Bloom filter, stored beside it: a get of a key no run
