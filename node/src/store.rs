@@ -98,18 +98,10 @@ pub const CHAINS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("chai
 /// `ns_len:u8 ns coll_len:u8 coll key` → `RecordState` in the compact layout of
 /// [`blazedb_protocol::record_codec`].
 pub const RECORDS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("records-v2");
-/// View table: while a fold runs ([`Fold`]), the records' table being made: for every key
-/// before the fold's cursor, the join of what [`RECORDS`] and the folding runs hold, written
-/// in key order a slice per flush; renamed over [`RECORDS`] when the fold is done, empty
-/// otherwise. (The rewrite before the folds used `records-v2-rewrite`, renamed in the
-/// transaction that made it, so no file holds one.)
-const FOLD_RECORDS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("records-v2-fold");
-/// View table: while a fold runs, the runs it folds (ids up to [`Fold::last`]), keyed as in
-/// [`RUNS`]; dropped whole when the fold is done.
-pub const RUNS_FOLDING: TableDefinition<'_, &[u8], &[u8]> =
-    TableDefinition::new("records-runs-folding-v1");
-/// View table: `cursor` → the first record key a running fold has not folded yet.
-const FOLD_META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("view-fold-v1");
+/// View table: the records rewritten whole by a flush ([`Store::flush_frozen`]), renamed to
+/// [`RECORDS`] in the same transaction (so it never outlives one).
+const RECORDS_REWRITE: TableDefinition<'_, &[u8], &[u8]> =
+    TableDefinition::new("records-v2-rewrite");
 
 /// A flush rewrites the records' table whole, in one ordered pass, when the delta's keys
 /// that fall among the file's (not past its last key) number at least this fraction (1/n) of
@@ -247,8 +239,6 @@ pub struct Store {
     /// loaded from [`RUN_FILTERS`] once per process. Ids are never reused in one view file
     /// (`next-run` in [`VIEW_META`]), so an entry never stands for another run.
     run_filters: std::sync::Mutex<std::collections::HashMap<u32, Option<Arc<RunFilter>>>>,
-    /// The fewest records a fold's slice takes ([`FOLD_SLICE_MIN`]; tests lower it).
-    fold_slice: std::sync::atomic::AtomicU64,
     /// Lookups into runs made by reads ([`Store::get`]), for tests.
     run_probes: std::sync::atomic::AtomicU64,
     /// The last count [`Store::counts_bounded`] took, and one count at a time.
@@ -364,17 +354,13 @@ fn prefetch_key_ahead(keyed: &[(&[u8], &[u8])], i: usize) {
 }
 const BLOCK_AHEAD: usize = 8;
 
-/// View table: `ns_len:u8 ns author:32` → highest seq applied to the records (in [`RECORDS`],
-/// the runs and a running fold's tables together). Renamed whenever records move to a place
-/// an older binary does not read: `-v3` since the runs, `-v4` since the folds. A binary that
-/// predates them finds no watermark of its own name, so it applies the whole log again into
-/// [`RECORDS`] (a join, so that is the full record) instead of reading records that miss
-/// what the runs or a fold hold.
-pub const APPLIED: TableDefinition<'_, &[u8], u64> = TableDefinition::new("applied-v4");
-/// The watermark's names before the runs and before the folds; taken over (by maximum per
-/// chain) and dropped at open.
+/// View table: `ns_len:u8 ns author:32` → highest seq applied to the records (in [`RECORDS`]
+/// and [`RUNS`] together). Named `-v3` since the runs: a binary that predates them finds no
+/// watermark of its own name, so it applies the whole log again into [`RECORDS`] (a join, so
+/// that is the full record) instead of reading records that miss what the runs hold.
+pub const APPLIED: TableDefinition<'_, &[u8], u64> = TableDefinition::new("applied-v3");
+/// The watermark's name before the runs; taken over (by maximum per chain) and dropped at open.
 const APPLIED_V2: TableDefinition<'_, &[u8], u64> = TableDefinition::new("applied-v2");
-const APPLIED_V3: TableDefinition<'_, &[u8], u64> = TableDefinition::new("applied-v3");
 
 /// View table: sorted runs of records that flushes wrote beside [`RECORDS`] instead of
 /// rewriting it (`run:u32be ++ record key` → stored state: the join of the ops that flush's
@@ -385,13 +371,6 @@ pub const RUNS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("record
 /// View table: run id → records written into that run. Ids increase; [`RUNS`] holds nothing
 /// of a run not listed here (both change in one transaction).
 pub const RUN_LIST: TableDefinition<'_, u32, u64> = TableDefinition::new("records-run-list-v1");
-/// The fewest records a fold writes per flush ([`Fold`]): a file of at most this many
-/// records (the table, the runs and the delta) is folded in the flush that begins it. A
-/// slice of W's records takes ~2 s at ~2 µs per record; a larger file is folded in slices of
-/// at least this over several flushes, so no flush holds staging up for the ~12–24 s a fold
-/// of 5–11M records took in one.
-const FOLD_SLICE_MIN: u64 = 1_000_000;
-
 /// The most runs held beside [`RECORDS`]: a read looks a record up in each, so this bounds a
 /// `get` to 1 + 8 lookups in the file. A flush that would make one more rewrites instead.
 const MAX_RUNS: usize = 8;
@@ -418,17 +397,6 @@ fn flush_mode(runs: &[(u32, u64)], delta: u64, interleaved: u64, file_len: u64) 
     {
         return FlushMode::Splice;
     }
-    let (absorb, size) = absorb_count(runs, delta);
-    if (absorb == runs.len() && size >= file_len) || runs.len() - absorb + 1 > MAX_RUNS {
-        FlushMode::Rewrite
-    } else {
-        FlushMode::Run { absorb }
-    }
-}
-
-/// How many of the newest `runs` a run of `delta` records absorbs (each no larger than what
-/// it has taken in so far: a binary counter), and the records it then holds at most.
-fn absorb_count(runs: &[(u32, u64)], delta: u64) -> (usize, u64) {
     let (mut size, mut absorb) = (delta, 0);
     while let Some(&(_, n)) = runs.len().checked_sub(absorb + 1).map(|i| &runs[i]) {
         if n > size {
@@ -437,53 +405,11 @@ fn absorb_count(runs: &[(u32, u64)], delta: u64) -> (usize, u64) {
         size += n;
         absorb += 1;
     }
-    (absorb, size)
-}
-
-/// The id of a new run, past every listed run's and every id used before in this file
-/// (`next-run` in [`VIEW_META`]): an id never stands for two runs, so a filter held in
-/// memory for one never answers for another.
-fn next_run_id(txn: &redb::WriteTransaction, runs: &[(u32, u64)]) -> Result<u32, StoreError> {
-    let mut meta = txn.open_table(VIEW_META)?;
-    let id = runs.last().map_or(1, |&(id, _)| id + 1).max(
-        meta.get("next-run")?
-            .map_or(1, |v| u32::try_from(v.value()).unwrap_or(u32::MAX)),
-    );
-    meta.insert("next-run", u64::from(id) + 1)?;
-    Ok(id)
-}
-
-/// Writes run `id` into `table` ([`RUNS`] or [`RUNS_FOLDING`]), listed and with its filter
-/// stored: the join of `levels` (runs it absorbs) and `deltas`, in key order, appended past
-/// every run before it. `capacity` is the most records it can hold (to size the filter).
-/// Returns the filter.
-fn write_run<'s>(
-    txn: &redb::WriteTransaction,
-    table: TableDefinition<'_, &[u8], &[u8]>,
-    id: u32,
-    mut levels: Vec<Level<'_>>,
-    deltas: impl Iterator<Item = (&'s [u8], Option<&'s [u8]>)>,
-    capacity: u64,
-) -> Result<RunFilter, StoreError> {
-    let mut filter = RunFilter::with_capacity(capacity);
-    let mut run_table = txn.open_table(table)?;
-    let mut key = Vec::with_capacity(256);
-    run_key(id, &[], &mut key);
-    let mut cursor = run_table.lower_bound_mut(Bound::Included(key.as_slice()))?;
-    let (mut buf, mut tmp, mut written) = (Vec::with_capacity(512), Vec::new(), 0u64);
-    walk_levels(&mut levels, deltas, |k, states| {
-        filter.insert(k);
-        run_key(id, k, &mut key);
-        cursor.insert_before(key.as_slice(), join_all(states, &mut buf, &mut tmp)?)?;
-        written += 1;
-        Ok(true)
-    })?;
-    drop(levels);
-    cursor.close()?;
-    txn.open_table(RUN_LIST)?.insert(id, written)?;
-    txn.open_table(RUN_FILTERS)?
-        .insert(id, filter.encode().as_slice())?;
-    Ok(filter)
+    if (absorb == runs.len() && size >= file_len) || runs.len() - absorb + 1 > MAX_RUNS {
+        FlushMode::Rewrite
+    } else {
+        FlushMode::Run { absorb }
+    }
 }
 
 /// How a flush writes its delta into the view file ([`Store::flush_frozen`]).
@@ -527,107 +453,6 @@ struct Runs {
     filters: Vec<Option<Arc<RunFilter>>>,
 }
 
-/// A fold in progress: the records' table and the runs up to `last` (in [`RUNS_FOLDING`])
-/// being merged, in key order, a slice per flush, into [`FOLD_RECORDS`], which then
-/// replaces [`RECORDS`]. Every key before `cursor` has been folded. Kept in [`VIEW_META`]
-/// (`fold-last`, `folded`) and [`FOLD_META`] (`cursor`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Fold {
-    /// The newest run folded (runs written during the fold have larger ids).
-    last: u32,
-    /// The first record key not folded yet.
-    cursor: Vec<u8>,
-    /// Records written into [`FOLD_RECORDS`] so far.
-    folded: u64,
-}
-
-/// The fold in progress in a view snapshot, if any.
-fn fold_state(
-    meta: &impl ReadableTable<&'static str, u64>,
-    fold: &impl ReadableTable<&'static str, &'static [u8]>,
-) -> Result<Option<Fold>, StoreError> {
-    let Some(last) = meta.get("fold-last")?.map(|v| v.value()).filter(|&l| l > 0) else {
-        return Ok(None);
-    };
-    Ok(Some(Fold {
-        last: u32::try_from(last).map_err(|_| StoreError::Corrupt("fold-last".into()))?,
-        cursor: fold
-            .get("cursor")?
-            .map(|v| v.value().to_vec())
-            .unwrap_or_default(),
-        folded: meta.get("folded")?.map_or(0, |v| v.value()),
-    }))
-}
-
-/// The two tables that hold runs: [`RUNS`], and [`RUNS_FOLDING`] for the runs a fold is
-/// folding (ids up to `fold_last`; 0 when no fold runs, as run ids start at 1).
-struct RunTables<'a, T> {
-    runs: &'a T,
-    folding: &'a T,
-    fold_last: u32,
-}
-
-type ReadTable = redb::ReadOnlyTable<&'static [u8], &'static [u8]>;
-
-/// What one read snapshot of the view file holds records in ([`Store::snapshot`]).
-struct Snapshot {
-    records: ReadTable,
-    fold: ReadTable,
-    runs: ReadTable,
-    folding: ReadTable,
-    fold_last: u32,
-    run_list: Runs,
-}
-
-impl Snapshot {
-    fn run_tables(&self) -> RunTables<'_, ReadTable> {
-        RunTables {
-            runs: &self.runs,
-            folding: &self.folding,
-            fold_last: self.fold_last,
-        }
-    }
-
-    /// Every level from `start` (to `end`, exclusive): both tables, then the runs.
-    fn levels(&self, start: &[u8], end: Option<&[u8]>) -> Result<Vec<Level<'_>>, StoreError> {
-        levels(
-            &[&self.records, &self.fold],
-            &self.run_tables(),
-            &self.run_list.list,
-            start,
-            end,
-        )
-    }
-
-    /// Calls `f` with each state a level holds for `rk`; returns the runs looked in.
-    fn states(
-        &self,
-        rk: &[u8],
-        mut f: impl FnMut(&[u8]) -> Result<(), StoreError>,
-    ) -> Result<u64, StoreError> {
-        for table in [&self.records, &self.fold] {
-            if let Some(v) = table.get(rk)? {
-                f(v.value())?;
-            }
-        }
-        if self.run_list.is_empty() {
-            return Ok(0);
-        }
-        run_states(&self.run_tables(), &self.run_list, rk, f)
-    }
-}
-
-impl<'a, T> RunTables<'a, T> {
-    /// The table run `id` is in.
-    fn of(&self, id: u32) -> &'a T {
-        if id <= self.fold_last {
-            self.folding
-        } else {
-            self.runs
-        }
-    }
-}
-
 impl Runs {
     fn is_empty(&self) -> bool {
         self.list.is_empty()
@@ -643,8 +468,8 @@ fn run_key(run: u32, rk: &[u8], out: &mut Vec<u8>) {
 
 /// Calls `f` with the state each of `runs` holds for the record `rk` (oldest run first),
 /// looking only in runs whose filter may hold it. Returns the runs looked in.
-fn run_states<T: ReadableTable<&'static [u8], &'static [u8]>>(
-    tables: &RunTables<'_, T>,
+fn run_states(
+    run_table: &impl ReadableTable<&'static [u8], &'static [u8]>,
     runs: &Runs,
     rk: &[u8],
     mut f: impl FnMut(&[u8]) -> Result<(), StoreError>,
@@ -657,7 +482,7 @@ fn run_states<T: ReadableTable<&'static [u8], &'static [u8]>>(
         }
         probes += 1;
         run_key(id, rk, &mut key);
-        if let Some(v) = tables.of(id).get(key.as_slice())? {
+        if let Some(v) = run_table.get(key.as_slice())? {
             f(v.value())?;
         }
     }
@@ -709,39 +534,35 @@ impl<'a> Level<'a> {
 }
 
 /// The view file's levels over record keys from `start` (up to `end`, exclusive, if any):
-/// each table of `tables` ([`RECORDS`], and [`FOLD_RECORDS`] where a fold may run), then
-/// each run in `runs`, oldest first.
-fn levels<'t, T: ReadableTable<&'static [u8], &'static [u8]>>(
-    tables: &[&'t T],
-    run_tables: &RunTables<'t, T>,
+/// [`RECORDS`] first, then each run in `runs`, oldest first.
+fn levels<'t>(
+    records: &'t impl ReadableTable<&'static [u8], &'static [u8]>,
+    run_table: &'t impl ReadableTable<&'static [u8], &'static [u8]>,
     runs: &[(u32, u64)],
     start: &[u8],
     end: Option<&[u8]>,
 ) -> Result<Vec<Level<'t>>, StoreError> {
-    let mut out = Vec::with_capacity(runs.len() + tables.len());
-    for records in tables {
-        out.push(Level::new(
-            match end {
-                Some(end) => records.range(start..end)?,
-                None => records.range(start..)?,
-            },
-            0,
-        )?);
-    }
-    out.extend(run_levels(run_tables, runs, start, end)?);
+    let mut out = Vec::with_capacity(runs.len() + 1);
+    out.push(Level::new(
+        match end {
+            Some(end) => records.range(start..end)?,
+            None => records.range(start..)?,
+        },
+        0,
+    )?);
+    out.extend(run_levels(run_table, runs, start, end)?);
     Ok(out)
 }
 
 /// The levels of the runs in `runs` alone (see [`levels`]), oldest first.
-fn run_levels<'t, T: ReadableTable<&'static [u8], &'static [u8]>>(
-    run_tables: &RunTables<'t, T>,
+fn run_levels<'t>(
+    run_table: &'t impl ReadableTable<&'static [u8], &'static [u8]>,
     runs: &[(u32, u64)],
     start: &[u8],
     end: Option<&[u8]>,
 ) -> Result<Vec<Level<'t>>, StoreError> {
     let mut out = Vec::with_capacity(runs.len());
     for &(id, _) in runs {
-        let run_table = run_tables.of(id);
         let (mut lo, mut hi) = (Vec::new(), Vec::new());
         run_key(id, start, &mut lo);
         let range = match (end, id.checked_add(1)) {
@@ -768,13 +589,11 @@ fn walk_levels<'s>(
     extra: impl Iterator<Item = (&'s [u8], Option<&'s [u8]>)>,
     mut f: impl FnMut(&[u8], &[&[u8]]) -> Result<bool, StoreError>,
 ) -> Result<(), StoreError> {
-    // The two tables, the runs being folded (at most one more than the most runs) and those
-    // written during the fold.
-    const MOST: usize = 2 + 2 * MAX_RUNS + 1;
+    const MOST: usize = MAX_RUNS + 1;
     if levels.len() > MOST {
         return Err(StoreError::Corrupt(format!(
-            "{} levels of records, at most {MOST} are written",
-            levels.len()
+            "{} runs listed, at most {MAX_RUNS} are written",
+            levels.len() - 1
         )));
     }
     let mut extra = extra.peekable();
@@ -1039,52 +858,34 @@ impl Store {
             // A view file from before the runs: its watermark is taken over. One written by
             // such a binary after ours (it applied the whole log again into RECORDS) is too:
             // the higher seq per chain holds, and what our runs hold is joined on read.
-            for old in [APPLIED_V2, APPLIED_V3] {
-                let old = txn.open_table(old)?;
-                for entry in old.iter()? {
-                    let (ck, seq) = entry?;
-                    let (ck, seq) = (ck.value(), seq.value());
-                    if applied.get(ck)?.is_none_or(|v| v.value() < seq) {
-                        applied.insert(ck, seq)?;
-                    }
+            let old = txn.open_table(APPLIED_V2)?;
+            for entry in old.iter()? {
+                let (ck, seq) = entry?;
+                let (ck, seq) = (ck.value(), seq.value());
+                if applied.get(ck)?.is_none_or(|v| v.value() < seq) {
+                    applied.insert(ck, seq)?;
                 }
             }
         }
-        for old in [APPLIED_V2, APPLIED_V3] {
-            txn.delete_table(old).map_err(redb::Error::from)?;
-        }
+        txn.delete_table(APPLIED_V2).map_err(redb::Error::from)?;
         txn.open_table(RUNS)?;
         txn.open_table(RUN_LIST)?;
         {
-            // Written by a binary that predates the run filters and the folds since our last
-            // write (it raised the generation without `filters-at`). Its runs may be other
-            // ones under the same ids, so every filter goes and those runs are looked in on
-            // every read until they are absorbed or folded. A fold it found running it did
-            // not read; it applied the whole log again into the records' table instead (no
-            // watermark of its name), so that table holds everything the fold's tables did:
-            // they go, and the runs it was folding are left listed and empty.
+            // Written by a binary that predates the run filters since our last write (it
+            // raised the generation without `filters-at`): its runs may be other ones under
+            // the same ids, so every filter goes and those runs are looked in on every read
+            // until they are absorbed or folded.
             let meta = txn.open_table(VIEW_META)?;
             let at = |k| -> Result<Option<u64>, StoreError> { Ok(meta.get(k)?.map(|v| v.value())) };
             if at("generation")? != at("filters-at")? {
                 drop(meta);
-                let mut dropped = txn.delete_table(RUN_FILTERS).map_err(redb::Error::from)?;
-                for table in [FOLD_RECORDS, RUNS_FOLDING] {
-                    dropped |= txn.delete_table(table).map_err(redb::Error::from)?;
-                }
-                txn.open_table(FOLD_META)?.retain(|_, _| false)?;
-                let mut meta = txn.open_table(VIEW_META)?;
-                meta.remove("fold-last")?;
-                meta.remove("folded")?;
-                if dropped {
+                if txn.delete_table(RUN_FILTERS).map_err(redb::Error::from)? {
                     tracing::info!(
-                        "run filters and any fold dropped: the view file was written by an older binary"
+                        "run filters dropped: the view file was written by an older binary"
                     );
                 }
             }
         }
-        txn.open_table(FOLD_RECORDS)?;
-        txn.open_table(RUNS_FOLDING)?;
-        txn.open_table(FOLD_META)?;
         txn.open_table(RUN_FILTERS)?;
         // (Also makes the generation's table, which every count opens.)
         bump_generation(&txn)?;
@@ -1101,7 +902,6 @@ impl Store {
             file_records: Default::default(),
             bounded_count: Default::default(),
             run_filters: Default::default(),
-            fold_slice: FOLD_SLICE_MIN.into(),
             run_probes: Default::default(),
             counting: Default::default(),
         })
@@ -1255,20 +1055,10 @@ impl Store {
         let mut changes = Vec::new();
         {
             let mut records = txn.open_table(RECORDS)?;
-            // While a fold runs, a record before its cursor is in the table being made: it
-            // is read and written there (what goes into the old table before the cursor is
-            // dropped with it when the fold is done).
-            let mut fold_records = txn.open_table(FOLD_RECORDS)?;
-            let fold = fold_state(&txn.open_table(VIEW_META)?, &txn.open_table(FOLD_META)?)?;
             let mut applied = txn.open_table(APPLIED)?;
             // The runs are left as they are (a record is the join of every level), but a
             // change event carries the whole record, so they are read for it.
-            let (run_table, folding) = (txn.open_table(RUNS)?, txn.open_table(RUNS_FOLDING)?);
-            let run_tables = RunTables {
-                runs: &run_table,
-                folding: &folding,
-                fold_last: fold.as_ref().map_or(0, |f| f.last),
-            };
+            let run_table = txn.open_table(RUNS)?;
             let runs = self.runs(&txn.open_table(RUN_LIST)?, &txn.open_table(RUN_FILTERS)?)?;
             // Group the ops by record so each record is read and written once.
             let views = batches
@@ -1299,10 +1089,6 @@ impl Store {
             // Each batch's author DID and id in text, made once per batch, not per op.
             let mut names: Vec<Option<(String, String)>> = vec![None; batches.len()];
             for (rk, ops) in by_record {
-                let records = match &fold {
-                    Some(f) if rk < f.cursor => &mut fold_records,
-                    _ => &mut records,
-                };
                 let mut state = match records.get(rk.as_slice())? {
                     Some(v) => decode_state(v.value())?,
                     None => RecordState::default(),
@@ -1319,7 +1105,7 @@ impl Store {
                     state.visible()
                 } else {
                     let mut whole = state.clone();
-                    run_states(&run_tables, &runs, &rk, |held| {
+                    run_states(&run_table, &runs, &rk, |held| {
                         whole.merge(&decode_state(held)?);
                         Ok(())
                     })?;
@@ -1535,20 +1321,6 @@ impl Store {
     /// each read once, joined with its delta, written once; watermarks advanced), then drops
     /// it. `durable` fsyncs the commit (otherwise redb's `Durability::None`: after a crash the
     /// watermark tells [`Store::unapplied`] what to apply again). Returns the records written.
-    ///
-    /// Key order, every way. A delta large next to the file ([`REWRITE_DELTA_FRACTION`]) is
-    /// written as a sorted run of its own beside the records' table ([`RUNS`]: one append of
-    /// its records, whatever the file's size), while the runs together hold no more records
-    /// than the table and number fewer than [`MAX_RUNS`]. Past that, the table and the runs
-    /// are *folded* into a fresh table ([`Fold`]): merged in key order into
-    /// [`FOLD_RECORDS`], a slice per flush, which replaces the table when the last slice is
-    /// written. A slice is at least [`FOLD_SLICE_MIN`] records, and large enough that the
-    /// fold ends before the runs written meanwhile (every delta, during a fold) would exceed
-    /// [`MAX_RUNS`]; a file that small is folded in one flush, the delta with it. Otherwise
-    /// the delta is spliced: one sweep of a cursor over the records, from the first key the
-    /// delta holds: records between the delta's keys are stepped over (a leaf read each); a
-    /// delta key the file holds is joined with it and put back in its place; a new one is
-    /// inserted at the cursor. No record is looked up from the tree's root.
     pub fn flush_frozen(&self, durable: bool) -> Result<usize, StoreError> {
         let Some(delta) = read(&self.flushing).clone() else {
             return Ok(0);
@@ -1559,181 +1331,187 @@ impl Store {
             txn.set_durability(redb::Durability::None)
                 .map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
         }
-        let sorting = std::time::Instant::now();
-        let keyed = sorted_records(&delta.records);
-        tracing::debug!(
-            records = keyed.len(),
-            ms = sorting.elapsed().as_secs_f64() * 1e3,
-            "view flush: delta sorted"
-        );
-        let deltas = || {
-            keyed.iter().enumerate().map(|(i, &(rk, d))| {
-                prefetch_key_ahead(&keyed, i);
-                (rk, Some(d))
-            })
-        };
-        let mut fold = fold_state(&txn.open_table(VIEW_META)?, &txn.open_table(FOLD_META)?)?;
-        let runs = run_list(&txn.open_table(RUN_LIST)?)?;
-        let mode = match &fold {
-            // During a fold every delta is a run (the table is not written), absorbing the
-            // newest runs written since the fold began as the binary counter says.
-            Some(f) if !keyed.is_empty() => {
-                let since: Vec<_> = runs.iter().filter(|r| r.0 > f.last).copied().collect();
-                FlushMode::Run {
-                    absorb: absorb_count(&since, keyed.len() as u64).0,
+        let mut new_run = None;
+        let mode = {
+            let mut records = txn.open_table(RECORDS)?;
+            let mut applied = txn.open_table(APPLIED)?;
+            let mut run_table = txn.open_table(RUNS)?;
+            let mut run_index = txn.open_table(RUN_LIST)?;
+            let mut filter_table = txn.open_table(RUN_FILTERS)?;
+            let runs = run_list(&run_index)?;
+            let mut buf = Vec::with_capacity(512);
+            // Key order, every way. A delta large next to the file ([`REWRITE_DELTA_FRACTION`])
+            // is written as a sorted run of its own beside the records' table ([`RUNS`]: one
+            // append of its records, whatever the file's size), while the runs together hold
+            // no more records than the table and number fewer than [`MAX_RUNS`]; past that,
+            // the table is rewritten whole: the file's records, every run's and the delta's
+            // merged in one pass into a fresh table, renamed over the old one, the runs
+            // dropped. Otherwise one sweep of a cursor over the records, from the first key
+            // the delta holds: records between the delta's keys are stepped over (a leaf
+            // read each); a delta key the file holds is joined with it and put back in its
+            // place; a new one is inserted at the cursor. No record is looked up from the
+            // tree's root.
+            let sorting = std::time::Instant::now();
+            let keyed = sorted_records(&delta.records);
+            tracing::debug!(
+                records = keyed.len(),
+                ms = sorting.elapsed().as_secs_f64() * 1e3,
+                "view flush: delta sorted"
+            );
+            let file_len = records.len()?;
+            let interleaved = match records.last()? {
+                Some((last, _)) => {
+                    let last = last.value();
+                    keyed.partition_point(|(rk, _)| *rk <= last)
                 }
-            }
-            Some(_) => FlushMode::Splice,
-            None => {
-                let records = txn.open_table(RECORDS)?;
-                let file_len = records.len()?;
-                let interleaved = match records.last()? {
-                    Some((last, _)) => {
-                        let last = last.value();
-                        keyed.partition_point(|(rk, _)| *rk <= last)
-                    }
-                    None => 0,
-                };
-                flush_mode(&runs, keyed.len() as u64, interleaved as u64, file_len)
-            }
-        };
-        let (mut buf, mut tmp) = (Vec::with_capacity(512), Vec::with_capacity(512));
-        let mut new_runs = Vec::new();
-        // Whether this flush's delta is merged by the fold itself (a fold done in one flush).
-        let mut delta_in_fold = false;
-        match mode {
-            FlushMode::Run { absorb } => {
-                let id = next_run_id(&txn, &runs)?;
-                let absorbed = &runs[runs.len() - absorb..];
-                // The runs it absorbs (none, mostly) are read from a snapshot of the file as
-                // this transaction found it (no other write can commit meanwhile: redb has one
-                // writer at a time), while the new run is written.
-                let snapshot = self.view.begin_read()?;
-                let held = snapshot.open_table(RUNS)?;
-                let held = RunTables {
-                    runs: &held,
-                    folding: &held,
-                    fold_last: 0,
-                };
-                let levels = run_levels(&held, absorbed, &[], None)?;
-                let capacity = keyed.len() as u64 + absorbed.iter().map(|&(_, n)| n).sum::<u64>();
-                let filter = write_run(&txn, RUNS, id, levels, deltas(), capacity)?;
-                if let Some(&(first, _)) = absorbed.first() {
-                    let (mut lo, mut hi) = (Vec::new(), Vec::new());
-                    run_key(first, &[], &mut lo);
-                    run_key(id, &[], &mut hi);
-                    txn.open_table(RUNS)?
-                        .retain_in(lo.as_slice()..hi.as_slice(), |_, _| false)?;
-                    let (mut list, mut filters) =
-                        (txn.open_table(RUN_LIST)?, txn.open_table(RUN_FILTERS)?);
-                    for &(old, _) in absorbed {
-                        list.remove(old)?;
-                        filters.remove(old)?;
-                    }
-                }
-                new_runs.push((id, filter));
-            }
-            FlushMode::Rewrite => {
-                // A fold begins: every run moves to the folding runs' table (a rename).
-                txn.delete_table(RUNS_FOLDING).map_err(redb::Error::from)?;
-                txn.rename_table(RUNS, RUNS_FOLDING)
-                    .map_err(redb::Error::from)?;
-                txn.open_table(RUNS)?;
-                let file = txn.open_table(RECORDS)?.len()?;
-                let total = file + runs.iter().map(|&(_, n)| n).sum::<u64>() + keyed.len() as u64;
-                let mut last = runs.last().map_or(0, |&(id, _)| id);
-                if total > self.fold_slice_min(total, MAX_RUNS) {
-                    // Not in one flush: the delta is kept as one more run being folded.
-                    let id = next_run_id(&txn, &runs)?;
-                    let filter = write_run(
-                        &txn,
-                        RUNS_FOLDING,
-                        id,
-                        Vec::new(),
-                        deltas(),
-                        keyed.len() as u64,
-                    )?;
-                    new_runs.push((id, filter));
-                    last = id;
-                } else {
-                    delta_in_fold = true;
-                }
-                fold = Some(Fold {
-                    last,
-                    cursor: Vec::new(),
-                    folded: 0,
-                });
-            }
-            FlushMode::Splice => {
-                if let Some((first, _)) = keyed.first() {
-                    let mut records = txn.open_table(RECORDS)?;
-                    let mut cursor = records.lower_bound_mut(Bound::Included(*first))?;
-                    for (i, &(rk, d)) in keyed.iter().enumerate() {
+                None => 0,
+            };
+            let mode = flush_mode(&runs, keyed.len() as u64, interleaved as u64, file_len);
+            match mode {
+                FlushMode::Rewrite => {
+                    let mut fresh = txn.open_table(RECORDS_REWRITE)?;
+                    let mut cursor = fresh.lower_bound_mut(Bound::<&[u8]>::Unbounded)?;
+                    let mut levels = levels(&records, &run_table, &runs, &[], None)?;
+                    let deltas = keyed.iter().enumerate().map(|(i, &(rk, d))| {
                         prefetch_key_ahead(&keyed, i);
-                        let held = loop {
-                            let next = cursor.peek_next()?;
-                            match next.as_ref().map(|(k, _)| k.value().cmp(rk)) {
-                                Some(std::cmp::Ordering::Less) => {
-                                    drop(next);
-                                    cursor.next()?;
-                                }
-                                Some(std::cmp::Ordering::Equal) => {
-                                    break next.map(|(_, v)| v.value().to_vec());
-                                }
-                                _ => break None,
-                            }
-                        };
-                        match held {
-                            Some(old) => {
-                                buf.clear();
-                                join_states(&old, d, &mut buf)?;
-                                cursor.remove_next()?;
-                                cursor.insert_before(rk, buf.as_slice())?;
-                            }
-                            None => cursor.insert_before(rk, d)?,
-                        }
-                    }
+                        (rk, Some(d))
+                    });
+                    let mut tmp = Vec::with_capacity(512);
+                    walk_levels(&mut levels, deltas, |k, states| {
+                        cursor.insert_before(k, join_all(states, &mut buf, &mut tmp)?)?;
+                        Ok(true)
+                    })?;
+                    drop(levels);
                     cursor.close()?;
                 }
+                FlushMode::Run { absorb } => {
+                    // Ids are never reused in a file (so a filter held in memory for one
+                    // never stands for another run), not even after a rewrite.
+                    let mut meta = txn.open_table(VIEW_META)?;
+                    let id = runs.last().map_or(1, |&(id, _)| id + 1).max(
+                        meta.get("next-run")?
+                            .map_or(1, |v| u32::try_from(v.value()).unwrap_or(u32::MAX)),
+                    );
+                    meta.insert("next-run", u64::from(id) + 1)?;
+                    drop(meta);
+                    let absorbed = &runs[runs.len() - absorb..];
+                    let mut filter = RunFilter::with_capacity(
+                        keyed.len() as u64 + absorbed.iter().map(|&(_, n)| n).sum::<u64>(),
+                    );
+                    let mut key = Vec::with_capacity(256);
+                    run_key(id, &[], &mut key);
+                    // Past every key of the table: the run is appended.
+                    let mut cursor = run_table.lower_bound_mut(Bound::Included(key.as_slice()))?;
+                    // The runs it absorbs (none, mostly) are read from a snapshot of the
+                    // file as this transaction found it (no other write can commit meanwhile:
+                    // redb has one writer at a time), while the new run is written.
+                    let snapshot = self.view.begin_read()?;
+                    let held = snapshot.open_table(RUNS)?;
+                    let mut levels = run_levels(&held, absorbed, &[], None)?;
+                    let deltas = keyed.iter().enumerate().map(|(i, &(rk, d))| {
+                        prefetch_key_ahead(&keyed, i);
+                        (rk, Some(d))
+                    });
+                    let (mut tmp, mut written) = (Vec::with_capacity(512), 0u64);
+                    walk_levels(&mut levels, deltas, |k, states| {
+                        filter.insert(k);
+                        run_key(id, k, &mut key);
+                        cursor
+                            .insert_before(key.as_slice(), join_all(states, &mut buf, &mut tmp)?)?;
+                        written += 1;
+                        Ok(true)
+                    })?;
+                    drop(levels);
+                    cursor.close()?;
+                    if let Some(&(first, _)) = absorbed.first() {
+                        let (mut lo, mut hi) = (Vec::new(), Vec::new());
+                        run_key(first, &[], &mut lo);
+                        run_key(id, &[], &mut hi);
+                        run_table.retain_in(lo.as_slice()..hi.as_slice(), |_, _| false)?;
+                        for &(old, _) in absorbed {
+                            run_index.remove(old)?;
+                            filter_table.remove(old)?;
+                        }
+                    }
+                    run_index.insert(id, written)?;
+                    filter_table.insert(id, filter.encode().as_slice())?;
+                    new_run = Some((id, Arc::new(filter)));
+                }
+                FlushMode::Splice => {
+                    if let Some((first, _)) = keyed.first() {
+                        let mut cursor = records.lower_bound_mut(Bound::Included(*first))?;
+                        for (i, &(rk, d)) in keyed.iter().enumerate() {
+                            prefetch_key_ahead(&keyed, i);
+                            let held = loop {
+                                let next = cursor.peek_next()?;
+                                match next.as_ref().map(|(k, _)| k.value().cmp(rk)) {
+                                    Some(std::cmp::Ordering::Less) => {
+                                        drop(next);
+                                        cursor.next()?;
+                                    }
+                                    Some(std::cmp::Ordering::Equal) => {
+                                        break next.map(|(_, v)| v.value().to_vec());
+                                    }
+                                    _ => break None,
+                                }
+                            };
+                            match held {
+                                Some(old) => {
+                                    buf.clear();
+                                    join_states(&old, d, &mut buf)?;
+                                    cursor.remove_next()?;
+                                    cursor.insert_before(rk, buf.as_slice())?;
+                                }
+                                None => cursor.insert_before(rk, d)?,
+                            }
+                        }
+                        cursor.close()?;
+                    }
+                }
             }
-        }
-        {
-            let mut applied = txn.open_table(APPLIED)?;
             for (ck, seq) in &delta.applied {
                 let old = applied.get(ck.as_slice())?.map(|v| v.value());
                 if old.is_none_or(|o| o < *seq) {
                     applied.insert(ck.as_slice(), *seq)?;
                 }
             }
-        }
-        let mut fold_done = false;
-        if let Some(f) = &mut fold {
-            let extra = deltas().filter(|_| delta_in_fold);
-            fold_done = self.fold_slice(&txn, f, extra, delta_in_fold, &mut buf, &mut tmp)?;
-        }
+            if mode == FlushMode::Rewrite {
+                drop(records);
+                drop(run_table);
+                txn.delete_table(RECORDS)?;
+                txn.rename_table(RECORDS_REWRITE, RECORDS)?;
+                // Dropped whole (freeing its pages at once) and made again, empty.
+                txn.delete_table(RUNS)?;
+                txn.open_table(RUNS)?;
+                run_index.retain(|_, _| false)?;
+                filter_table.retain(|_, _| false)?;
+            }
+            mode
+        };
         bump_generation(&txn)?;
         txn.commit()?;
         tracing::debug!(
             records = delta.records.len(),
             ?mode,
-            fold = ?fold.as_ref().map(|f| (f.last, f.folded, fold_done)),
             ms = started.elapsed().as_secs_f64() * 1e3,
             "view flush: committed"
         );
         {
             let mut filters = self.run_filters.lock().unwrap_or_else(|e| e.into_inner());
-            for (id, filter) in new_runs {
-                filters.insert(id, Some(Arc::new(filter)));
+            if mode == FlushMode::Rewrite {
+                filters.clear();
+            }
+            if let Some((id, filter)) = new_run {
+                filters.insert(id, Some(filter));
             }
         }
         {
             use std::sync::atomic::Ordering::Relaxed;
-            if matches!(mode, FlushMode::Run { .. }) {
-                self.runs_written.fetch_add(1, Relaxed);
-            }
-            if fold_done {
-                self.rewrites.fetch_add(1, Relaxed);
-            }
+            match mode {
+                FlushMode::Rewrite => self.rewrites.fetch_add(1, Relaxed),
+                FlushMode::Run { .. } => self.runs_written.fetch_add(1, Relaxed),
+                FlushMode::Splice => 0,
+            };
             self.flushes.fetch_add(1, Relaxed);
             self.flushed_records
                 .fetch_add(delta.records.len() as u64, Relaxed);
@@ -1742,95 +1520,6 @@ impl Store {
         Ok(delta.records.len())
     }
 
-    /// The records a fold's slice takes, `total` records being folded and `slots` more runs
-    /// allowed before it must be done: at least [`FOLD_SLICE_MIN`] (a test may lower it),
-    /// and enough that the fold ends within `slots` flushes.
-    fn fold_slice_min(&self, total: u64, slots: usize) -> u64 {
-        let least = self.fold_slice.load(std::sync::atomic::Ordering::Relaxed);
-        match slots {
-            0 => u64::MAX,
-            n => least.max(total.div_ceil(n as u64)),
-        }
-    }
-
-    /// Writes the next slice of the fold `f` in `txn` (with `extra`, sorted, merged in too),
-    /// or all of it if `whole`: the join of what the records' table and the folding runs
-    /// hold for each key from the cursor on, appended to [`FOLD_RECORDS`]. When that reaches
-    /// the last key the fold is done: the fresh table replaces the records' table, the
-    /// folding runs go. Returns whether it is done.
-    fn fold_slice<'s>(
-        &self,
-        txn: &redb::WriteTransaction,
-        f: &mut Fold,
-        extra: impl Iterator<Item = (&'s [u8], Option<&'s [u8]>)>,
-        whole: bool,
-        buf: &mut Vec<u8>,
-        tmp: &mut Vec<u8>,
-    ) -> Result<bool, StoreError> {
-        let runs = run_list(&txn.open_table(RUN_LIST)?)?;
-        let (folding, since): (Vec<_>, Vec<_>) = runs.iter().partition(|r| r.0 <= f.last);
-        let next = {
-            let records = txn.open_table(RECORDS)?;
-            let folding_table = txn.open_table(RUNS_FOLDING)?;
-            let total = records.len()? + folding.iter().map(|&(_, n)| n).sum::<u64>();
-            let limit = match whole {
-                true => u64::MAX,
-                false => self.fold_slice_min(
-                    total.saturating_sub(f.folded),
-                    MAX_RUNS.saturating_sub(since.len()),
-                ),
-            };
-            let tables = RunTables {
-                runs: &folding_table,
-                folding: &folding_table,
-                fold_last: f.last,
-            };
-            let mut levels = levels(&[&records], &tables, &folding, &f.cursor, None)?;
-            let mut fresh = txn.open_table(FOLD_RECORDS)?;
-            // Every key it holds is before the cursor: this appends.
-            let mut cursor = fresh.lower_bound_mut(Bound::Included(f.cursor.as_slice()))?;
-            let (mut n, mut next) = (0u64, None);
-            walk_levels(&mut levels, extra, |k, states| {
-                cursor.insert_before(k, join_all(states, buf, tmp)?)?;
-                n += 1;
-                if n >= limit {
-                    // The least key after `k`.
-                    next = Some([k, &[0]].concat());
-                    return Ok(false);
-                }
-                Ok(true)
-            })?;
-            drop(levels);
-            cursor.close()?;
-            f.folded += n;
-            next
-        };
-        let mut meta = txn.open_table(VIEW_META)?;
-        let mut fold_meta = txn.open_table(FOLD_META)?;
-        if let Some(next) = next {
-            f.cursor = next;
-            meta.insert("fold-last", u64::from(f.last))?;
-            meta.insert("folded", f.folded)?;
-            fold_meta.insert("cursor", f.cursor.as_slice())?;
-            return Ok(false);
-        }
-        meta.remove("fold-last")?;
-        meta.remove("folded")?;
-        fold_meta.remove("cursor")?;
-        txn.delete_table(RECORDS).map_err(redb::Error::from)?;
-        txn.rename_table(FOLD_RECORDS, RECORDS)
-            .map_err(redb::Error::from)?;
-        txn.open_table(FOLD_RECORDS)?;
-        // Dropped whole (freeing its pages at once) and made again, empty.
-        txn.delete_table(RUNS_FOLDING).map_err(redb::Error::from)?;
-        txn.open_table(RUNS_FOLDING)?;
-        let (mut list, mut filters) = (txn.open_table(RUN_LIST)?, txn.open_table(RUN_FILTERS)?);
-        for &(id, _) in &folding {
-            list.remove(id)?;
-            filters.remove(id)?;
-        }
-        Ok(true)
-    }
     /// Logged batches not yet applied to the records (after a crash or restart), verified,
     /// in chain order, with their effectiveness under the namespace's revocations.
     /// `heads` are the log's chain heads ([`Store::heads`]; start-up already has them).
@@ -1862,7 +1551,7 @@ impl Store {
     pub fn view_size(&self) -> Result<(u64, u64), StoreError> {
         let txn = self.view.begin_read()?;
         let (mut n, mut bytes) = (0u64, 0u64);
-        for table in [RECORDS, FOLD_RECORDS, RUNS, RUNS_FOLDING] {
+        for table in [RECORDS, RUNS] {
             for entry in txn.open_table(table)?.iter()? {
                 let (_, v) = entry?;
                 n += 1;
@@ -1903,13 +1592,20 @@ impl Store {
                 join(d);
             }
         }
-        let snapshot = self.snapshot(&self.view.begin_read()?)?;
-        let probes = snapshot.states(rk, |held| {
-            join(decode_state(held)?);
-            Ok(())
-        })?;
-        self.run_probes
-            .fetch_add(probes, std::sync::atomic::Ordering::Relaxed);
+        let txn = self.view.begin_read()?;
+        let records = txn.open_table(RECORDS)?;
+        if let Some(v) = records.get(rk)? {
+            join(decode_state(v.value())?);
+        }
+        let runs = self.runs(&txn.open_table(RUN_LIST)?, &txn.open_table(RUN_FILTERS)?)?;
+        if !runs.is_empty() {
+            let probes = run_states(&txn.open_table(RUNS)?, &runs, rk, |held| {
+                join(decode_state(held)?);
+                Ok(())
+            })?;
+            self.run_probes
+                .fetch_add(probes, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(state)
     }
 
@@ -1925,7 +1621,10 @@ impl Store {
         // Same order as `record_state`: staged, flushing, file (guards held for the listing).
         let staged = read(&self.staged);
         let flushing = read(&self.flushing);
-        let snapshot = self.snapshot(&self.view.begin_read()?)?;
+        let txn = self.view.begin_read()?;
+        let records = txn.open_table(RECORDS)?;
+        let run_table = txn.open_table(RUNS)?;
+        let runs = run_list(&txn.open_table(RUN_LIST)?)?;
         let coll = collection_prefix(ns, collection);
         let mut start = coll.clone();
         start.extend_from_slice(prefix.as_bytes());
@@ -1952,7 +1651,7 @@ impl Store {
         delta_keys.dedup();
         // The file's levels (records, then runs) and the delta keys merged in key order; each
         // record is the join of what every level and both deltas hold for it.
-        let mut levels = snapshot.levels(&start, end.as_deref())?;
+        let mut levels = levels(&records, &run_table, &runs, &start, end.as_deref())?;
         walk_levels(
             &mut levels,
             delta_keys.into_iter().map(|k| (k, None)),
@@ -2121,15 +1820,10 @@ impl Store {
             let end = prefix_end(&prefix);
             let mut records = txn.open_table(RECORDS)?;
             records.retain(|k, _| !k.starts_with(&prefix))?;
-            txn.open_table(FOLD_RECORDS)?
-                .retain(|k, _| !k.starts_with(&prefix))?;
             // The namespace's states in the runs go too (the counts in the run list then
-            // overstate the runs: a fold comes sooner, nothing else; their filters then say
-            // "maybe" of keys they no longer hold, which costs a lookup, nothing else).
-            for runs in [RUNS, RUNS_FOLDING] {
-                txn.open_table(runs)?
-                    .retain(|k, _| !k.get(4..).is_some_and(|rk| rk.starts_with(&prefix)))?;
-            }
+            // overstate the runs: a rewrite comes sooner, nothing else).
+            txn.open_table(RUNS)?
+                .retain(|k, _| !k.get(4..).is_some_and(|rk| rk.starts_with(&prefix)))?;
             let mut applied_t = txn.open_table(APPLIED)?;
             let dicts = self.dicts()?;
             let chains = rtxn.open_table(CHAINS)?;
@@ -2169,20 +1863,6 @@ impl Store {
         bump_generation(&txn)?;
         txn.commit()?;
         Ok((applied, skipped))
-    }
-
-    /// The tables, runs and fold of a read snapshot of the view file.
-    fn snapshot(&self, txn: &redb::ReadTransaction) -> Result<Snapshot, StoreError> {
-        let fold_last = fold_state(&txn.open_table(VIEW_META)?, &txn.open_table(FOLD_META)?)?
-            .map_or(0, |f| f.last);
-        Ok(Snapshot {
-            records: txn.open_table(RECORDS)?,
-            fold: txn.open_table(FOLD_RECORDS)?,
-            runs: txn.open_table(RUNS)?,
-            folding: txn.open_table(RUNS_FOLDING)?,
-            fold_last,
-            run_list: self.runs(&txn.open_table(RUN_LIST)?, &txn.open_table(RUN_FILTERS)?)?,
-        })
     }
 
     /// The runs a view snapshot lists (`list`), with their filters: from memory, or read
@@ -2257,9 +1937,9 @@ impl Store {
         worded.sort_unstable_by(|x, y| x.0.cmp(&y.0).then_with(|| key(&x.1).cmp(key(&y.1))));
         spans.extend(worded.into_iter().map(|(_, span)| span));
         spans.dedup_by(|x, y| key(x) == key(y));
-        let snapshot = self.snapshot(&txn)?;
-        let table = &snapshot.records;
-        if !snapshot.run_list.is_empty() || !snapshot.fold.is_empty()? {
+        let table = txn.open_table(RECORDS)?;
+        let runs = self.runs(&txn.open_table(RUN_LIST)?, &txn.open_table(RUN_FILTERS)?)?;
+        if !runs.is_empty() {
             // A record may be held by the table, by several runs and by the delta. The file's
             // distinct records are counted by one ordered walk over every level, kept for as
             // long as the file is unchanged (its generation); a delta key adds a record if no
@@ -2269,15 +1949,14 @@ impl Store {
                 .open_table(VIEW_META)?
                 .get("generation")?
                 .map_or(0, |v| v.value());
+            let run_table = txn.open_table(RUNS)?;
             let held = *self.file_records.lock().unwrap_or_else(|e| e.into_inner());
-            let in_file: u64 = table.len()?
-                + snapshot.fold.len()?
-                + snapshot.run_list.list.iter().map(|&(_, n)| n).sum::<u64>();
+            let in_file: u64 = table.len()? + runs.list.iter().map(|&(_, n)| n).sum::<u64>();
             let walk_all = spans.len() as u64 * COUNT_WALK_FRACTION >= in_file;
             let file_records = match held {
                 Some((g, n)) if g == generation && !walk_all => n,
                 _ => {
-                    let mut levels = snapshot.levels(&[], None)?;
+                    let mut levels = levels(&table, &run_table, &runs.list, &[], None)?;
                     let delta = spans.iter().map(|s| (key(s), None)).filter(|_| walk_all);
                     let (mut file, mut all) = (0u64, 0u64);
                     walk_levels(&mut levels, delta, |_, states| {
@@ -2295,11 +1974,14 @@ impl Store {
             };
             let mut records = file_records;
             for span in &spans {
-                let mut held = false;
-                snapshot.states(key(span), |_| {
-                    held = true;
-                    Ok(())
-                })?;
+                let k = key(span);
+                let mut held = table.get(k)?.is_some();
+                if !held {
+                    run_states(&run_table, &runs, k, |_| {
+                        held = true;
+                        Ok(())
+                    })?;
+                }
                 records += u64::from(!held);
             }
             return Ok((batches, records));
@@ -2423,43 +2105,23 @@ impl Store {
         Ok(n)
     }
 
-    /// Verifies the view file: every stored record state decodes, in the records' table (and
-    /// the one a fold is making, whose keys all lie before its cursor) and in the runs; every
-    /// run's records belong to a listed run, in the table its id says (being folded or not),
-    /// and no run holds more than its list entry says was written into it, nor a key its
-    /// filter does not; at most [`MAX_RUNS`] runs (and the runs being folded: at most one
-    /// more). Returns (states in the tables, runs, states in the runs). (Damage here is repaired by
+    /// Verifies the view file: every stored record state decodes, in the records' table and
+    /// in the runs; every run's records belong to a listed run, and no run holds more than
+    /// its list entry says was written into it; at most [`MAX_RUNS`] runs. Returns (states
+    /// in the table, runs, states in the runs). (Damage here is repaired by
     /// [`Store::rebuild_records`]: the view is derived from the log.)
     pub fn check_view(&self) -> Result<(u64, usize, u64), StoreError> {
         let txn = self.view.begin_read()?;
-        let fold = fold_state(&txn.open_table(VIEW_META)?, &txn.open_table(FOLD_META)?)?;
         let mut table = 0u64;
         for entry in txn.open_table(RECORDS)?.iter()? {
             let (_, v) = entry?;
             decode_state(v.value())?;
             table += 1;
         }
-        // The table a fold is making holds only keys before its cursor (none without a fold).
-        for entry in txn.open_table(FOLD_RECORDS)?.iter()? {
-            let (k, v) = entry?;
-            if fold
-                .as_ref()
-                .is_none_or(|f| k.value() >= f.cursor.as_slice())
-            {
-                return Err(StoreError::Corrupt(
-                    "a folded record at or past the fold's cursor".into(),
-                ));
-            }
-            decode_state(v.value())?;
-            table += 1;
-        }
         let runs = run_list(&txn.open_table(RUN_LIST)?)?;
-        let fold_last = fold.as_ref().map_or(0, |f| f.last);
-        let folding = runs.iter().filter(|&&(id, _)| id <= fold_last).count();
-        if runs.len() - folding > MAX_RUNS || folding > MAX_RUNS + 1 {
+        if runs.len() > MAX_RUNS {
             return Err(StoreError::Corrupt(format!(
-                "{} runs listed ({folding} of them being folded), at most {MAX_RUNS} are written \
-                 (and one more folded)",
+                "{} runs listed, at most {MAX_RUNS} are written",
                 runs.len()
             )));
         }
@@ -2476,25 +2138,13 @@ impl Store {
             })?);
         }
         let mut held = vec![0u64; runs.len()];
-        let (in_runs, in_folding) = (txn.open_table(RUNS)?, txn.open_table(RUNS_FOLDING)?);
-        for (entry, folded) in in_runs
-            .iter()?
-            .map(|e| (e, false))
-            .chain(in_folding.iter()?.map(|e| (e, true)))
-        {
+        for entry in txn.open_table(RUNS)?.iter()? {
             let (k, v) = entry?;
             let id = k
                 .value()
                 .get(..4)
                 .and_then(|b| <[u8; 4]>::try_from(b).ok())
                 .map(u32::from_be_bytes);
-            if id.is_some_and(|id| (id <= fold_last) != folded) {
-                return Err(StoreError::Corrupt(format!(
-                    "a record of run {} in the wrong table (runs up to {fold_last} are being \
-                     folded)",
-                    id.unwrap_or(0)
-                )));
-            }
             let i = runs
                 .iter()
                 .position(|&(run, _)| Some(run) == id)
@@ -2545,13 +2195,9 @@ impl Store {
         {
             // Records of namespaces without any batch left are stale too.
             let txn = self.view.begin_write()?;
-            for table in [RECORDS, FOLD_RECORDS, RUNS, RUNS_FOLDING] {
-                txn.open_table(table)?.retain(|_, _| false)?;
-            }
+            txn.open_table(RECORDS)?.retain(|_, _| false)?;
+            txn.open_table(RUNS)?.retain(|_, _| false)?;
             txn.open_table(RUN_LIST)?.retain(|_, _| false)?;
-            txn.open_table(RUN_FILTERS)?.retain(|_, _| false)?;
-            txn.open_table(FOLD_META)?.retain(|_, _| false)?;
-            txn.open_table(VIEW_META)?.remove("fold-last")?;
             txn.open_table(APPLIED)?.retain(|_, _| false)?;
             bump_generation(&txn)?;
             txn.commit()?;
@@ -3134,19 +2780,13 @@ mod tests {
         let absent_probes = |store: &Store| {
             let before = store.run_probes.load(std::sync::atomic::Ordering::Relaxed);
             for i in 0..1_000 {
-                assert!(store
-                    .get("default", "c", &format!("x{i}"))
-                    .unwrap()
-                    .is_none());
+                assert!(store.get("default", "c", &format!("x{i}")).unwrap().is_none());
             }
             store.run_probes.load(std::sync::atomic::Ordering::Relaxed) - before
         };
         same_as_direct(&staged, "with filters");
         let probes = absent_probes(&staged);
-        assert!(
-            probes < 100,
-            "{probes} run lookups for 3,000 (get, run) pairs"
-        );
+        assert!(probes < 100, "{probes} run lookups for 3,000 (get, run) pairs");
         drop(staged);
         staged = Store::open(&path).unwrap();
         same_as_direct(&staged, "reopened");
@@ -3176,11 +2816,7 @@ mod tests {
         staged = Store::open(&path).unwrap();
         assert_eq!(stored_filters(&staged), 0, "filters dropped at open");
         same_as_direct(&staged, "after an older binary wrote");
-        assert_eq!(
-            absent_probes(&staged),
-            3_000,
-            "no filter: every run looked in"
-        );
+        assert_eq!(absent_probes(&staged), 3_000, "no filter: every run looked in");
         // The next run has a filter again, under a new id.
         write(
             &staged,
