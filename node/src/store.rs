@@ -2198,6 +2198,7 @@ impl Store {
             txn.open_table(RECORDS)?.retain(|_, _| false)?;
             txn.open_table(RUNS)?.retain(|_, _| false)?;
             txn.open_table(RUN_LIST)?.retain(|_, _| false)?;
+            txn.open_table(RUN_FILTERS)?.retain(|_, _| false)?;
             txn.open_table(APPLIED)?.retain(|_, _| false)?;
             bump_generation(&txn)?;
             txn.commit()?;
@@ -2328,6 +2329,7 @@ mod tests {
                     Step::Flush => {
                         staged.flush_frozen(false).unwrap();
                         frozen = false;
+                        staged.check_view().unwrap();
                     }
                 }
                 for k in 0..12 {
@@ -2780,13 +2782,19 @@ mod tests {
         let absent_probes = |store: &Store| {
             let before = store.run_probes.load(std::sync::atomic::Ordering::Relaxed);
             for i in 0..1_000 {
-                assert!(store.get("default", "c", &format!("x{i}")).unwrap().is_none());
+                assert!(store
+                    .get("default", "c", &format!("x{i}"))
+                    .unwrap()
+                    .is_none());
             }
             store.run_probes.load(std::sync::atomic::Ordering::Relaxed) - before
         };
         same_as_direct(&staged, "with filters");
         let probes = absent_probes(&staged);
-        assert!(probes < 100, "{probes} run lookups for 3,000 (get, run) pairs");
+        assert!(
+            probes < 100,
+            "{probes} run lookups for 3,000 (get, run) pairs"
+        );
         drop(staged);
         staged = Store::open(&path).unwrap();
         same_as_direct(&staged, "reopened");
@@ -2816,7 +2824,11 @@ mod tests {
         staged = Store::open(&path).unwrap();
         assert_eq!(stored_filters(&staged), 0, "filters dropped at open");
         same_as_direct(&staged, "after an older binary wrote");
-        assert_eq!(absent_probes(&staged), 3_000, "no filter: every run looked in");
+        assert_eq!(
+            absent_probes(&staged),
+            3_000,
+            "no filter: every run looked in"
+        );
         // The next run has a filter again, under a new id.
         write(
             &staged,
@@ -2827,6 +2839,11 @@ mod tests {
         assert_eq!(stored_filters(&staged), 1);
         same_as_direct(&staged, "after a run with a filter");
         assert!(staged.check_view().is_ok());
+        // Repair rebuilds the records into the table: no run is left, nor any filter.
+        staged.rebuild_records().unwrap();
+        assert_eq!(stored_filters(&staged), 0);
+        assert_eq!(staged.check_view().unwrap().1, 0);
+        same_as_direct(&staged, "after a repair");
     }
 
     /// A view file from before the runs keeps its watermark (`applied-v2`, taken over by
