@@ -2525,26 +2525,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a").join("store.redb").tap_mkdir();
         let mut staged = Store::open(&path).unwrap();
-        let direct = Store::open(&dir.path().join("b").join("store.redb").tap_mkdir()).unwrap();
-        let kp = Keypair::from_seed([5; 32]);
-        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
-        engine.join("default");
-        let mut now = 1_000;
-        // Staged, and flushed if `flush`.
-        let mut write = |staged: &Store, ops: Vec<Op>, flush: bool| {
-            now += 1;
-            let (vb, _) = engine.write("default", &kp, ops, now).unwrap();
-            let batches = vec![vb];
-            staged.append_log(&batches).unwrap();
-            direct.write_batches(&batches).unwrap();
-            staged.stage(batches, false).unwrap();
-            if flush {
-                assert!(staged.freeze());
-                staged.flush_frozen(false).unwrap();
-            }
-        };
+        let mut twin = Twin::new(&dir.path().join("b").join("store.redb"), 5);
         // 1,000 records, keys 0, 10, 20, ...: spliced into the empty table.
-        write(
+        twin.write(
             &staged,
             (0..1_000)
                 .map(|i| upsert(&format!("{:05}", i * 10), i))
@@ -2571,7 +2554,7 @@ mod tests {
                 field: "n".into(),
                 delta: d,
             });
-            write(&staged, ops, true);
+            twin.write(&staged, ops, true);
             // (The counters are the process's: the store is reopened after the eighth.)
             let want = if d <= MAX_RUNS as i64 {
                 (d as u64, 0)
@@ -2583,10 +2566,10 @@ mod tests {
                 want,
                 "runs written and rewrites after delta {d}"
             );
-            assert_eq!(staged.counts().unwrap(), direct.counts().unwrap());
+            assert_eq!(staged.counts().unwrap(), twin.direct.counts().unwrap());
             assert_eq!(
                 staged.list("default", "c", "", 10_000).unwrap(),
-                direct.list("default", "c", "", 10_000).unwrap(),
+                twin.direct.list("default", "c", "", 10_000).unwrap(),
                 "delta {d}"
             );
             for key in [
@@ -2594,7 +2577,7 @@ mod tests {
             ] {
                 assert_eq!(
                     staged.get("default", "c", key).unwrap(),
-                    direct.get("default", "c", key).unwrap(),
+                    twin.direct.get("default", "c", key).unwrap(),
                     "{key} after delta {d}"
                 );
             }
@@ -2613,11 +2596,11 @@ mod tests {
                     delta: 1,
                 },
             ];
-            write(&staged, small, false);
+            twin.write(&staged, small, false);
             for _ in 0..2 {
                 assert_eq!(
                     staged.counts().unwrap(),
-                    direct.counts().unwrap(),
+                    twin.direct.counts().unwrap(),
                     "delta {d}"
                 );
             }
@@ -2650,26 +2633,26 @@ mod tests {
         assert!(staged.freeze());
         staged.flush_frozen(false).unwrap();
         let table = staged.view_size().unwrap().0;
-        assert_eq!(table, direct.counts().unwrap().1, "all in the table");
+        assert_eq!(table, twin.direct.counts().unwrap().1, "all in the table");
         // Two deltas of 400 keys each, 200 shared: the second absorbs the first's run (as
         // large as itself), so one run of 600 records is left beside the table, not two.
         for (d, keys) in [(10, 0..400), (11, 200..600)] {
-            write(
+            twin.write(
                 &staged,
                 keys.map(|i| upsert(&format!("{:05}", i * 10 + 5), d * 1_000 + i))
                     .collect(),
                 true,
             );
-            assert_eq!(staged.counts().unwrap(), direct.counts().unwrap());
+            assert_eq!(staged.counts().unwrap(), twin.direct.counts().unwrap());
             assert_eq!(
                 staged.list("default", "c", "", 10_000).unwrap(),
-                direct.list("default", "c", "", 10_000).unwrap(),
+                twin.direct.list("default", "c", "", 10_000).unwrap(),
                 "delta {d}"
             );
             for key in ["00005", "01995", "02005", "03995", "04005", "05995"] {
                 assert_eq!(
                     staged.get("default", "c", key).unwrap(),
-                    direct.get("default", "c", key).unwrap(),
+                    twin.direct.get("default", "c", key).unwrap(),
                     "{key} after delta {d}"
                 );
             }
@@ -2718,7 +2701,7 @@ mod tests {
         let reopened = Store::open(&path).unwrap();
         assert_eq!(
             reopened.list("default", "c", "", 10_000).unwrap(),
-            direct.list("default", "c", "", 10_000).unwrap()
+            twin.direct.list("default", "c", "", 10_000).unwrap()
         );
     }
 
@@ -2731,22 +2714,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a").join("store.redb").tap_mkdir();
         let mut staged = Store::open(&path).unwrap();
-        let direct = Store::open(&dir.path().join("b").join("store.redb").tap_mkdir()).unwrap();
-        let kp = Keypair::from_seed([6; 32]);
-        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
-        engine.join("default");
-        let mut now = 1_000;
-        let mut write = |staged: &Store, ops: Vec<Op>| {
-            now += 1;
-            let (vb, _) = engine.write("default", &kp, ops, now).unwrap();
-            let batches = vec![vb];
-            staged.append_log(&batches).unwrap();
-            direct.write_batches(&batches).unwrap();
-            staged.stage(batches, false).unwrap();
-            assert!(staged.freeze());
-            staged.flush_frozen(false).unwrap();
-        };
-        write(
+        let mut twin = Twin::new(&dir.path().join("b").join("store.redb"), 6);
+        twin.flushed(
             &staged,
             (0..1_000)
                 .map(|i| upsert(&format!("{:05}", i * 10), i))
@@ -2754,7 +2723,7 @@ mod tests {
         );
         // Three dense deltas among the table's keys, each smaller than the last: three runs.
         for (d, size) in [(1i64, 400i64), (2, 300), (3, 200)] {
-            write(
+            twin.flushed(
                 &staged,
                 (0..size)
                     .map(|i| upsert(&format!("{:05}", i * 20 + d), d * 1_000 + i))
@@ -2769,7 +2738,7 @@ mod tests {
         };
         assert_eq!(stored_filters(&staged), 3);
         let every_key: Vec<String> = (0..10_000).map(|i| format!("{i:05}")).collect();
-        let same_as_direct = |store: &Store, when: &str| {
+        let same_as_direct = |store: &Store, direct: &Store, when: &str| {
             for k in &every_key {
                 assert_eq!(
                     store.get("default", "c", k).unwrap(),
@@ -2789,7 +2758,7 @@ mod tests {
             }
             store.run_probes.load(std::sync::atomic::Ordering::Relaxed) - before
         };
-        same_as_direct(&staged, "with filters");
+        same_as_direct(&staged, &twin.direct, "with filters");
         let probes = absent_probes(&staged);
         assert!(
             probes < 100,
@@ -2797,7 +2766,7 @@ mod tests {
         );
         drop(staged);
         staged = Store::open(&path).unwrap();
-        same_as_direct(&staged, "reopened");
+        same_as_direct(&staged, &twin.direct, "reopened");
         let probes = absent_probes(&staged);
         assert!(probes < 100, "{probes} run lookups after a restart");
         // An older binary's write: the generation raised without `filters-at`, and (as if it
@@ -2823,27 +2792,27 @@ mod tests {
         }
         staged = Store::open(&path).unwrap();
         assert_eq!(stored_filters(&staged), 0, "filters dropped at open");
-        same_as_direct(&staged, "after an older binary wrote");
+        same_as_direct(&staged, &twin.direct, "after an older binary wrote");
         assert_eq!(
             absent_probes(&staged),
             3_000,
             "no filter: every run looked in"
         );
         // The next run has a filter again, under a new id.
-        write(
+        twin.flushed(
             &staged,
             (0..150)
                 .map(|i| upsert(&format!("{:05}", i * 20 + 7), i))
                 .collect(),
         );
         assert_eq!(stored_filters(&staged), 1);
-        same_as_direct(&staged, "after a run with a filter");
+        same_as_direct(&staged, &twin.direct, "after a run with a filter");
         assert!(staged.check_view().is_ok());
         // Repair rebuilds the records into the table: no run is left, nor any filter.
         staged.rebuild_records().unwrap();
         assert_eq!(stored_filters(&staged), 0);
         assert_eq!(staged.check_view().unwrap().1, 0);
-        same_as_direct(&staged, "after a repair");
+        same_as_direct(&staged, &twin.direct, "after a repair");
     }
 
     /// A view file from before the runs keeps its watermark (`applied-v2`, taken over by
@@ -2892,6 +2861,51 @@ mod tests {
             txn.open_table(APPLIED_V2).is_err(),
             "the old table is dropped"
         );
+    }
+
+    /// A store staged, frozen and flushed by hand is compared with one every batch is applied
+    /// to straight away (`direct`); both are given the same batches by one author.
+    struct Twin {
+        direct: Store,
+        engine: Engine<u32>,
+        kp: Keypair,
+        now: u64,
+    }
+
+    impl Twin {
+        fn new(direct: &Path, seed: u8) -> Self {
+            let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
+            engine.join("default");
+            Twin {
+                direct: Store::open(&direct.to_path_buf().tap_mkdir()).unwrap(),
+                engine,
+                kp: Keypair::from_seed([seed; 32]),
+                now: 1_000,
+            }
+        }
+
+        /// `ops` as one batch: logged and staged in `staged` (and flushed if `flush`),
+        /// applied to `direct`.
+        fn write(&mut self, staged: &Store, ops: Vec<Op>, flush: bool) {
+            self.now += 1;
+            let (vb, _) = self
+                .engine
+                .write("default", &self.kp, ops, self.now)
+                .unwrap();
+            let batches = vec![vb];
+            staged.append_log(&batches).unwrap();
+            self.direct.write_batches(&batches).unwrap();
+            staged.stage(batches, false).unwrap();
+            if flush {
+                assert!(staged.freeze());
+                staged.flush_frozen(false).unwrap();
+            }
+        }
+
+        /// [`Twin::write`], flushed.
+        fn flushed(&mut self, staged: &Store, ops: Vec<Op>) {
+            self.write(staged, ops, true);
+        }
     }
 
     trait TapMkdir {
