@@ -704,6 +704,13 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
     );
     metric(
         &mut out,
+        "gauge",
+        "blazedb_view_runs",
+        "Sorted runs held beside the records' table now (a read looks in each whose Bloom filter may hold its key).",
+        node.view_runs_held().unwrap_or(0) as u64,
+    );
+    metric(
+        &mut out,
         "counter",
         "blazedb_view_rewrites_total",
         "View flushes that rewrote the records' table whole, folding the runs into it.",

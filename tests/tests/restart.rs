@@ -212,6 +212,8 @@ async fn records_written_among_held_ones_become_a_run_and_read_right_after_a_res
     }));
     let text = scrape_metrics(&base).await;
     assert!(metric(&text, "blazedb_view_runs_written_total") >= 1);
+    assert!(metric(&text, "blazedb_view_runs") >= 1);
+    assert_eq!(metric(&text, "blazedb_stored_records"), 2_500);
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
     let listed = a.list("default", "runs", "", 10_000).unwrap();
