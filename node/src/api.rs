@@ -711,6 +711,13 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
     );
     metric(
         &mut out,
+        "gauge",
+        "blazedb_view_run_filter_bytes",
+        "Bytes of the runs' Bloom filters held in memory (10 bits per record in a run).",
+        node.run_filter_bytes(),
+    );
+    metric(
+        &mut out,
         "counter",
         "blazedb_view_rewrites_total",
         "View flushes that rewrote the records' table whole, folding the runs into it.",

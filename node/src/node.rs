@@ -565,6 +565,11 @@ impl NodeHandle {
         Ok(self.shared.store.view_runs_held()?)
     }
 
+    /// Bytes of the runs' Bloom filters held in memory.
+    pub fn run_filter_bytes(&self) -> u64 {
+        self.shared.store.run_filter_bytes()
+    }
+
     /// gossipsub's own metrics, in Prometheus text format.
     pub fn gossip_metrics_text(&self) -> String {
         let mut out = String::new();

@@ -83,6 +83,11 @@ impl RunFilter {
         block.iter().zip(Self::mask(x)).all(|(w, m)| w & m == m)
     }
 
+    /// Bytes of memory the filter's blocks take.
+    pub fn bytes(&self) -> usize {
+        self.blocks.len() * 32
+    }
+
     /// The stored form.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(5 + self.blocks.len() * 32);

@@ -213,6 +213,8 @@ async fn records_written_among_held_ones_become_a_run_and_read_right_after_a_res
     let text = scrape_metrics(&base).await;
     assert!(metric(&text, "blazedb_view_runs_written_total") >= 1);
     assert!(metric(&text, "blazedb_view_runs") >= 1);
+    // At least the 600-record run's filter: 10 bits per record, in 32-byte blocks.
+    assert!(metric(&text, "blazedb_view_run_filter_bytes") >= 600 * 10 / 8);
     assert_eq!(metric(&text, "blazedb_stored_records"), 2_500);
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
