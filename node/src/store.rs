@@ -2704,6 +2704,30 @@ mod tests {
         assert!(staged.check_view().is_err(), "a state that does not decode");
         put(&held, Some(&stored));
         assert!(staged.check_view().is_ok());
+        // A filter that does not hold its run's keys, or does not read back, fails it too.
+        let put_filter = |filter: &[u8]| {
+            let txn = staged.view.begin_write().unwrap();
+            let old = {
+                let mut filters = txn.open_table(RUN_FILTERS).unwrap();
+                let old = filters.get(listed).unwrap().unwrap().value().to_vec();
+                filters.insert(listed, filter).unwrap();
+                old
+            };
+            txn.commit().unwrap();
+            old
+        };
+        let kept = put_filter(&RunFilter::with_capacity(1).encode());
+        assert!(
+            staged.check_view().is_err(),
+            "a filter missing its run's keys"
+        );
+        put_filter(b"?");
+        assert!(
+            staged.check_view().is_err(),
+            "a filter that does not read back"
+        );
+        put_filter(&kept);
+        assert!(staged.check_view().is_ok());
         drop(staged);
         let reopened = Store::open(&path).unwrap();
         assert_eq!(
