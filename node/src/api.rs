@@ -694,7 +694,7 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
         "Records written into the view file by those flushes.",
         flushed,
     );
-    let (runs, rewrites) = node.view_flush_kinds();
+    let (runs, folds) = node.view_flush_kinds();
     metric(
         &mut out,
         "counter",
@@ -719,9 +719,9 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
     metric(
         &mut out,
         "counter",
-        "blazedb_view_rewrites_total",
-        "View flushes that rewrote the records' table whole, folding the runs into it.",
-        rewrites,
+        "blazedb_view_folds_total",
+        "View flushes that folded a slice of the key space (the runs' records there, and the delta's) into the records' table.",
+        folds,
     );
     metric(
         &mut out,

@@ -960,8 +960,8 @@ struct B2Run {
     faults_per_kop: f64,
     /// View flushes committed in the window, and the records they wrote.
     flushes: (u64, u64),
-    /// Of those, the flushes written as sorted runs, and those that rewrote the records'
-    /// table whole.
+    /// Of those, the flushes that wrote a sorted run, and those that folded a slice of the
+    /// key space into the records' table.
     kinds: (u64, u64),
     /// Time to count the node's batches and records right after the window (ms).
     counts_ms: f64,
@@ -1268,8 +1268,8 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
 pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
     let (mut rates, mut readable, mut cpus, mut bursts) = (vec![], vec![], vec![], vec![]);
     let (mut flushes, mut flushed_per_op, mut counts_ms) = (vec![], vec![], vec![]);
-    let (mut as_runs, mut rewrites, mut gets_us) = (vec![], vec![], vec![]);
-    let mut runs_held = vec![];
+    let (mut as_runs, mut folds, mut gets_us) = (vec![], vec![], vec![]);
+    let (mut runs_held, mut p99s, mut maxes) = (vec![], vec![], vec![]);
     let calls = ops.div_ceil(W_BATCH_OPS).max(1);
     let ops = calls * W_BATCH_OPS;
     for run in 0..runs {
@@ -1287,11 +1287,14 @@ pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
         cpus.push(long.cpu_us);
         flushes.push(long.flushes.0 as f64);
         as_runs.push(long.kinds.0 as f64);
-        rewrites.push(long.kinds.1 as f64);
+        folds.push(long.kinds.1 as f64);
         flushed_per_op.push(long.flushes.1 as f64 / ops as f64);
         counts_ms.push(long.counts_ms);
         gets_us.push(long.gets_us);
         runs_held.push(long.runs_held);
+        let lat = &long.lat;
+        p99s.push(lat[(lat.len() * 99 / 100).min(lat.len() - 1)]);
+        maxes.push(lat[lat.len() - 1]);
     }
     let (rate, burst) = (median(rates), median(bursts));
     let space = match keys {
@@ -1317,6 +1320,12 @@ pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
             "us/op",
         ),
         row(
+            "a writer's call until durable, p99 (writers wait while the view file takes a flush)".into(),
+            median(p99s),
+            "ms",
+        ),
+        row("same, the longest call".into(), median(maxes), "ms"),
+        row(
             "view flushes committed in the window".into(),
             median(flushes),
             "flushes",
@@ -1327,8 +1336,8 @@ pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
             "flushes",
         ),
         row(
-            "of those, rewriting the records' table whole (the runs folded in)".into(),
-            median(rewrites),
+            "of those, folding a slice of the key space into the records' table (the runs' records there, and the delta's)".into(),
+            median(folds),
             "flushes",
         ),
         row(

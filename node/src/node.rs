@@ -551,12 +551,13 @@ impl NodeHandle {
         self.shared.store.view_flushes()
     }
 
-    /// View flushes since the node started that wrote their delta as a sorted run beside the
-    /// records' table, and those that rewrote the table whole (folding the runs in): the
-    /// rest spliced their delta into the table ([`Store::flush_frozen`]).
+    /// View flushes since the node started that wrote (part of) their delta as a sorted run
+    /// beside the records' table, and those that folded a slice of the key space into the
+    /// table (the runs' records there, and the delta's); the rest spliced their delta into
+    /// the table ([`Store::flush_frozen`]).
     pub fn view_flush_kinds(&self) -> (u64, u64) {
         let store = &self.shared.store;
-        (store.view_runs_written(), store.view_rewrites())
+        (store.view_runs_written(), store.view_folds())
     }
 
     /// Sorted runs held beside the view's records' table now (a read looks in each whose

@@ -24,7 +24,9 @@ use std::sync::{Arc, RwLock};
 
 use crate::delta_map::{prefetch, DeltaMap, Updated};
 use crate::run_filter::RunFilter;
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+};
 
 use blazedb_protocol::batch::{BatchHeader, Envelope};
 use blazedb_protocol::capability::TokenId;
@@ -98,11 +100,6 @@ pub const CHAINS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("chai
 /// `ns_len:u8 ns coll_len:u8 coll key` → `RecordState` in the compact layout of
 /// [`blazedb_protocol::record_codec`].
 pub const RECORDS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("records-v2");
-/// View table: the records rewritten whole by a flush ([`Store::flush_frozen`]), renamed to
-/// [`RECORDS`] in the same transaction (so it never outlives one).
-const RECORDS_REWRITE: TableDefinition<'_, &[u8], &[u8]> =
-    TableDefinition::new("records-v2-rewrite");
-
 /// A flush rewrites the records' table whole, in one ordered pass, when the delta's keys
 /// that fall among the file's (not past its last key) number at least this fraction (1/n) of
 /// the file's records. redb has no replace-in-place for a cursor: a record the file holds is
@@ -225,8 +222,8 @@ pub struct Store {
     /// A frozen delta being written into the view file ([`Store::flush_frozen`]); readers
     /// still consult it until that commit is done.
     flushing: RwLock<Option<Arc<Delta>>>,
-    /// View flushes that rewrote the records' table whole (see [`REWRITE_DELTA_FRACTION`]).
-    rewrites: std::sync::atomic::AtomicU64,
+    /// View flushes that folded a slice of the runs into the records' table ([`Fold`]).
+    folds: std::sync::atomic::AtomicU64,
     /// View flushes that wrote their delta as a run beside the records' table ([`RUNS`]).
     runs_written: std::sync::atomic::AtomicU64,
     /// View flushes committed, and the records they wrote ([`Store::view_flushes`]).
@@ -355,25 +352,46 @@ fn prefetch_key_ahead(keyed: &[(&[u8], &[u8])], i: usize) {
 const BLOCK_AHEAD: usize = 8;
 
 /// View table: `ns_len:u8 ns author:32` → highest seq applied to the records (in [`RECORDS`]
-/// and [`RUNS`] together). Named `-v3` since the runs: a binary that predates them finds no
-/// watermark of its own name, so it applies the whole log again into [`RECORDS`] (a join, so
-/// that is the full record) instead of reading records that miss what the runs hold.
-pub const APPLIED: TableDefinition<'_, &[u8], u64> = TableDefinition::new("applied-v3");
+/// and [`RUNS`] together). Named `-v4` since the runs are folded away by a sweep (up to
+/// [`MAX_RUNS`] of them, more than a binary before that reads): a binary that predates that
+/// finds no watermark of its own name, so it applies the whole log again into [`RECORDS`]
+/// (a join, so that is the full record), and never sees runs it could not read (their
+/// tables were renamed too).
+pub const APPLIED: TableDefinition<'_, &[u8], u64> = TableDefinition::new("applied-v4");
 /// The watermark's name before the runs; taken over (by maximum per chain) and dropped at open.
 const APPLIED_V2: TableDefinition<'_, &[u8], u64> = TableDefinition::new("applied-v2");
+/// The watermark's name while runs were merged among themselves (`-v1` run tables). A file
+/// with it and no [`APPLIED`] is upgraded at open (the four tables renamed); one with both
+/// was written by such a binary after ours, and its view is rebuilt from the log.
+const APPLIED_V3: TableDefinition<'_, &[u8], u64> = TableDefinition::new("applied-v3");
+/// The run tables' names while runs were merged among themselves: (runs, list, filters).
+const RUN_TABLES_V1: [&str; 3] = [
+    "records-runs-v1",
+    "records-run-list-v1",
+    "records-run-filter-v1",
+];
 
 /// View table: sorted runs of records that flushes wrote beside [`RECORDS`] instead of
 /// rewriting it (`run:u32be ++ record key` → stored state: the join of the ops that flush's
 /// delta held for the record). A record is the join of its states in [`RECORDS`] and in every
 /// run (a join is idempotent, so a record held in several places reads right whatever the
-/// order). Written by [`Store::flush_frozen`], folded back into [`RECORDS`] by a rewrite.
-pub const RUNS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("records-runs-v1");
-/// View table: run id → records written into that run. Ids increase; [`RUNS`] holds nothing
-/// of a run not listed here (both change in one transaction).
-pub const RUN_LIST: TableDefinition<'_, u32, u64> = TableDefinition::new("records-run-list-v1");
-/// The most runs held beside [`RECORDS`]: a read looks a record up in each, so this bounds a
-/// `get` to 1 + 8 lookups in the file. A flush that would make one more rewrites instead.
-const MAX_RUNS: usize = 8;
+/// order). Written by [`Store::flush_frozen`], and folded into [`RECORDS`] by later flushes,
+/// a key range at a time.
+pub const RUNS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("records-runs-v2");
+/// View table: run id → records the run holds (written into it, less those a fold took
+/// since). Ids increase; [`RUNS`] holds nothing of a run not listed here (both change in one
+/// transaction).
+pub const RUN_LIST: TableDefinition<'_, u32, u64> = TableDefinition::new("records-run-list-v2");
+/// The most runs held beside [`RECORDS`]: a read looks a record up in each whose filter may
+/// hold it, and a walk in key order (`list`, counts, a fold) merges them all. A flush that
+/// would make one more folds every run into the table instead ([`Fold::All`]).
+const MAX_RUNS: usize = 16;
+
+/// Flushes per sweep of the fold over the whole key space, at most ([`Fold::Slice`]): each
+/// flush folds at least this fraction (1/n) of the view file's records (the table's and
+/// the runs'), so a run is folded away within this many flushes after it was written, and
+/// the runs number about one more (below [`MAX_RUNS`], which then stays a backstop).
+const FOLD_SWEEP_FLUSHES: u64 = 12;
 
 /// A delta with fewer keys among the table's than this, and fewer than a tenth of the
 /// table's records ([`REWRITE_DELTA_FRACTION`]), is spliced into the table; more are written
@@ -383,32 +401,28 @@ const MAX_RUNS: usize = 8;
 /// splice writes are few (≤ 16 MiB), and a run would only add a level to every read.
 const RUN_MIN_RECORDS: u64 = 4_096;
 
-/// How a flush writes a delta of `delta` records, `interleaved` of them among the records'
-/// table's `file_len` (not past its last key), beside `runs` (oldest first).
+/// How a flush writes a delta with `interleaved` records among the records' table's
+/// `file_len` (not past its last key), beside `runs` (oldest first; records held).
 ///
-/// Appends and small deltas splice. Otherwise the delta becomes a run, absorbing the newest
-/// runs that are no larger than what it has absorbed so far (a binary counter: run sizes
-/// fall from oldest to newest, a record is rewritten about log2(file / delta) times, and the
-/// runs stay few); if that takes in every run and reaches the table's size, or the runs
-/// would number more than [`MAX_RUNS`], the table is rewritten with all of them instead.
-fn flush_mode(runs: &[(u32, u64)], delta: u64, interleaved: u64, file_len: u64) -> FlushMode {
+/// Appends and small deltas splice. Otherwise the flush folds a slice of the key space into
+/// the table — from where the last fold ended, the table's records there joined with every
+/// run's and the delta's — and writes the rest of the delta as a run. Runs are never merged
+/// with each other: the sweep folds them away range by range, so no flush rewrites more
+/// than about a [`FOLD_SWEEP_FLUSHES`]th of the file, however large it grows. Past [`MAX_RUNS`], everything is folded at once.
+fn flush_mode(runs: &[(u32, u64)], interleaved: u64, file_len: u64) -> FlushMode {
     if interleaved == 0
         || (interleaved < RUN_MIN_RECORDS && interleaved * REWRITE_DELTA_FRACTION < file_len)
     {
         return FlushMode::Splice;
     }
-    let (mut size, mut absorb) = (delta, 0);
-    while let Some(&(_, n)) = runs.len().checked_sub(absorb + 1).map(|i| &runs[i]) {
-        if n > size {
-            break;
-        }
-        size += n;
-        absorb += 1;
+    if runs.len() + 1 > MAX_RUNS {
+        return FlushMode::Run { fold: Fold::All };
     }
-    if (absorb == runs.len() && size >= file_len) || runs.len() - absorb + 1 > MAX_RUNS {
-        FlushMode::Rewrite
-    } else {
-        FlushMode::Run { absorb }
+    let held = file_len + runs.iter().map(|&(_, n)| n).sum::<u64>();
+    FlushMode::Run {
+        fold: Fold::Slice {
+            file_records: held.div_ceil(FOLD_SWEEP_FLUSHES).max(1),
+        },
     }
 }
 
@@ -417,11 +431,25 @@ fn flush_mode(runs: &[(u32, u64)], delta: u64, interleaved: u64, file_len: u64) 
 enum FlushMode {
     /// Into the records' table, by a cursor's sweep.
     Splice,
-    /// As a run of its own ([`RUNS`]), merged with the newest `absorb` runs (which go).
-    Run { absorb: usize },
-    /// The records' table, the runs and the delta merged into a fresh table.
-    Rewrite,
+    /// A fold of part of the key space into the records' table (the delta's records there
+    /// with it), and the rest of the delta as a run of its own ([`RUNS`]).
+    Run { fold: Fold },
 }
+
+/// What a flush folds into the records' table ([`flush_mode`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fold {
+    /// From the sweep's position ([`VIEW_SWEEP`]) up to where `file_records` of the file's
+    /// records (the table's and the runs') have been passed, or the end of the key space
+    /// (the next fold starts over from the beginning).
+    Slice { file_records: u64 },
+    /// The whole key space: every run goes.
+    All,
+}
+
+/// View table: `"from"` → the record key where the next fold starts ([`Fold::Slice`]);
+/// none, or empty, is the start of the key space.
+pub const VIEW_SWEEP: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("view-sweep-v1");
 
 /// View table: `generation` → a number every write transaction of the view file raises
 /// ([`bump_generation`]), so that something computed from one snapshot of the file (the
@@ -445,7 +473,7 @@ fn bump_generation(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
 /// the transaction that writes the run and removed with it. A run without one (or with one
 /// that does not decode) is looked in on every read.
 pub const RUN_FILTERS: TableDefinition<'_, u32, &[u8]> =
-    TableDefinition::new("records-run-filter-v1");
+    TableDefinition::new("records-run-filter-v2");
 
 /// The runs of one view snapshot: (id, records written), oldest first, and each one's filter.
 struct Runs {
@@ -852,6 +880,50 @@ impl Store {
                 );
             }
         }
+        let tables: Vec<String> = txn.list_tables()?.map(|t| t.name().to_string()).collect();
+        let has = |name: &str| tables.iter().any(|t| t == name);
+        if has(APPLIED_V3.name()) {
+            if has(APPLIED.name()) {
+                // A binary that merges runs among themselves wrote after ours: it applied the
+                // whole log again into the table and runs of its own. Rather than join three
+                // kinds of levels, the view is made again from the log (at start).
+                tracing::warn!(
+                    "the view file was written by an older binary since: its records are \
+                     rebuilt from the log"
+                );
+                let names = [RECORDS.name(), APPLIED.name(), APPLIED_V3.name()];
+                let ours = [RUNS.name(), RUN_LIST.name(), RUN_FILTERS.name()];
+                let sweep = VIEW_SWEEP.name();
+                for name in names
+                    .into_iter()
+                    .chain(ours)
+                    .chain(RUN_TABLES_V1)
+                    .chain([sweep])
+                {
+                    let def: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new(name);
+                    txn.delete_table(def).map_err(redb::Error::from)?;
+                }
+            } else {
+                // Upgraded: its runs are ours (a record is the join of the table and every
+                // run either way), under the names an older binary does not read.
+                let ours = [
+                    APPLIED.name(),
+                    RUNS.name(),
+                    RUN_LIST.name(),
+                    RUN_FILTERS.name(),
+                ];
+                let theirs = [APPLIED_V3.name()].into_iter().chain(RUN_TABLES_V1);
+                for (old, new) in theirs.zip(ours) {
+                    if has(old) {
+                        let (old, new): (TableDefinition<'_, &[u8], &[u8]>, _) = (
+                            TableDefinition::new(old),
+                            TableDefinition::<&[u8], &[u8]>::new(new),
+                        );
+                        txn.rename_table(old, new).map_err(redb::Error::from)?;
+                    }
+                }
+            }
+        }
         txn.open_table(RECORDS)?;
         {
             let mut applied = txn.open_table(APPLIED)?;
@@ -887,6 +959,7 @@ impl Store {
             }
         }
         txn.open_table(RUN_FILTERS)?;
+        txn.open_table(VIEW_SWEEP)?;
         // (Also makes the generation's table, which every count opens.)
         bump_generation(&txn)?;
         txn.commit()?;
@@ -895,7 +968,7 @@ impl Store {
             view,
             staged: RwLock::default(),
             flushing: RwLock::default(),
-            rewrites: Default::default(),
+            folds: Default::default(),
             runs_written: Default::default(),
             flushes: Default::default(),
             flushed_records: Default::default(),
@@ -1259,10 +1332,10 @@ impl Store {
         Ok(changes)
     }
 
-    /// View flushes so far that rewrote the records' table whole instead of splicing the
-    /// delta into it.
-    pub fn view_rewrites(&self) -> u64 {
-        self.rewrites.load(std::sync::atomic::Ordering::Relaxed)
+    /// View flushes so far that folded part of the runs (and of the delta) into the
+    /// records' table ([`Fold`]).
+    pub fn view_folds(&self) -> u64 {
+        self.folds.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// View flushes so far that wrote their delta as a run beside the records' table.
@@ -1331,7 +1404,7 @@ impl Store {
             txn.set_durability(redb::Durability::None)
                 .map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
         }
-        let mut new_run = None;
+        let (mut new_run, mut dropped, mut folded) = (None, Vec::new(), 0u64);
         let mode = {
             let mut records = txn.open_table(RECORDS)?;
             let mut applied = txn.open_table(APPLIED)?;
@@ -1340,17 +1413,17 @@ impl Store {
             let mut filter_table = txn.open_table(RUN_FILTERS)?;
             let runs = run_list(&run_index)?;
             let mut buf = Vec::with_capacity(512);
-            // Key order, every way. A delta large next to the file ([`REWRITE_DELTA_FRACTION`])
-            // is written as a sorted run of its own beside the records' table ([`RUNS`]: one
-            // append of its records, whatever the file's size), while the runs together hold
-            // no more records than the table and number fewer than [`MAX_RUNS`]; past that,
-            // the table is rewritten whole: the file's records, every run's and the delta's
-            // merged in one pass into a fresh table, renamed over the old one, the runs
-            // dropped. Otherwise one sweep of a cursor over the records, from the first key
-            // the delta holds: records between the delta's keys are stepped over (a leaf
-            // read each); a delta key the file holds is joined with it and put back in its
-            // place; a new one is inserted at the cursor. No record is looked up from the
-            // tree's root.
+            // Key order, every way ([`flush_mode`]). A delta dense among the table's records
+            // is written in two parts. A slice of the key space, from where the last fold
+            // ended, is folded into the table: the table's records there are removed and
+            // written again in order, each joined with every run's and the delta's records
+            // there, and the runs' records there removed (a run left empty goes). The rest of
+            // the delta becomes a run of its own beside the table ([`RUNS`]: one append of
+            // its records, whatever the file's size). A small or appending delta is spliced:
+            // one sweep of a cursor over the records, from the first key the delta holds:
+            // records between the delta's keys are stepped over (a leaf read each); a delta
+            // key the file holds is joined with it and put back in its place; a new one is
+            // inserted at the cursor. No record is looked up from the tree's root.
             let sorting = std::time::Instant::now();
             let keyed = sorted_records(&delta.records);
             tracing::debug!(
@@ -1366,76 +1439,142 @@ impl Store {
                 }
                 None => 0,
             };
-            let mode = flush_mode(&runs, keyed.len() as u64, interleaved as u64, file_len);
+            let mode = flush_mode(&runs, interleaved as u64, file_len);
             match mode {
-                FlushMode::Rewrite => {
-                    let mut fresh = txn.open_table(RECORDS_REWRITE)?;
-                    let mut cursor = fresh.lower_bound_mut(Bound::<&[u8]>::Unbounded)?;
-                    let mut levels = levels(&records, &run_table, &runs, &[], None)?;
-                    let deltas = keyed.iter().enumerate().map(|(i, &(rk, d))| {
-                        prefetch_key_ahead(&keyed, i);
-                        (rk, Some(d))
-                    });
-                    let mut tmp = Vec::with_capacity(512);
-                    walk_levels(&mut levels, deltas, |k, states| {
-                        cursor.insert_before(k, join_all(states, &mut buf, &mut tmp)?)?;
-                        Ok(true)
-                    })?;
-                    drop(levels);
-                    cursor.close()?;
-                }
-                FlushMode::Run { absorb } => {
-                    // Ids are never reused in a file (so a filter held in memory for one
-                    // never stands for another run), not even after a rewrite.
-                    let mut meta = txn.open_table(VIEW_META)?;
-                    let id = runs.last().map_or(1, |&(id, _)| id + 1).max(
-                        meta.get("next-run")?
-                            .map_or(1, |v| u32::try_from(v.value()).unwrap_or(u32::MAX)),
-                    );
-                    meta.insert("next-run", u64::from(id) + 1)?;
-                    drop(meta);
-                    let absorbed = &runs[runs.len() - absorb..];
-                    let mut filter = RunFilter::with_capacity(
-                        keyed.len() as u64 + absorbed.iter().map(|&(_, n)| n).sum::<u64>(),
-                    );
-                    let mut key = Vec::with_capacity(256);
-                    run_key(id, &[], &mut key);
-                    // Past every key of the table: the run is appended.
-                    let mut cursor = run_table.lower_bound_mut(Bound::Included(key.as_slice()))?;
-                    // The runs it absorbs (none, mostly) are read from a snapshot of the
-                    // file as this transaction found it (no other write can commit meanwhile:
-                    // redb has one writer at a time), while the new run is written.
+                FlushMode::Run { fold } => {
+                    // The fold and the runs it takes records from are read from a snapshot of
+                    // the file as this transaction found it (no other write can commit
+                    // meanwhile: redb has one writer at a time), while this one writes.
                     let snapshot = self.view.begin_read()?;
-                    let held = snapshot.open_table(RUNS)?;
-                    let mut levels = run_levels(&held, absorbed, &[], None)?;
-                    let deltas = keyed.iter().enumerate().map(|(i, &(rk, d))| {
-                        prefetch_key_ahead(&keyed, i);
-                        (rk, Some(d))
-                    });
-                    let (mut tmp, mut written) = (Vec::with_capacity(512), 0u64);
-                    walk_levels(&mut levels, deltas, |k, states| {
-                        filter.insert(k);
-                        run_key(id, k, &mut key);
-                        cursor
-                            .insert_before(key.as_slice(), join_all(states, &mut buf, &mut tmp)?)?;
-                        written += 1;
-                        Ok(true)
-                    })?;
-                    drop(levels);
-                    cursor.close()?;
-                    if let Some(&(first, _)) = absorbed.first() {
-                        let (mut lo, mut hi) = (Vec::new(), Vec::new());
-                        run_key(first, &[], &mut lo);
-                        run_key(id, &[], &mut hi);
-                        run_table.retain_in(lo.as_slice()..hi.as_slice(), |_, _| false)?;
-                        for &(old, _) in absorbed {
-                            run_index.remove(old)?;
-                            filter_table.remove(old)?;
+                    let held_table = snapshot.open_table(RECORDS)?;
+                    let held_runs = snapshot.open_table(RUNS)?;
+                    let mut sweep = txn.open_table(VIEW_SWEEP)?;
+                    let lo = match fold {
+                        Fold::All => Vec::new(),
+                        Fold::Slice { .. } => sweep
+                            .get("from")?
+                            .map(|v| v.value().to_vec())
+                            .unwrap_or_default(),
+                    };
+                    // Where the fold ends: the first key past `file_records` of the file's
+                    // records from `lo`, or the end of the key space.
+                    let hi = match fold {
+                        Fold::All => None,
+                        Fold::Slice { file_records } => {
+                            let mut levels = levels(&held_table, &held_runs, &runs, &lo, None)?;
+                            let (mut passed, mut hi) = (0u64, None);
+                            walk_levels(&mut levels, std::iter::empty(), |k, states| {
+                                if passed >= file_records {
+                                    hi = Some(k.to_vec());
+                                    return Ok(false);
+                                }
+                                passed += states.len() as u64;
+                                Ok(true)
+                            })?;
+                            hi
+                        }
+                    };
+                    let below_hi = |rk: &[u8]| hi.as_deref().is_none_or(|h| rk < h);
+                    let start = keyed.partition_point(|(rk, _)| *rk < lo.as_slice());
+                    let stop = start + keyed[start..].partition_point(|(rk, _)| below_hi(rk));
+                    // The fold: the table's records in [lo, hi) go, and the same range is
+                    // written again in key order, each record joined with what the runs and
+                    // the delta hold for it (an ordered insert into the gap costs about what
+                    // an append does; a removal and insert per record, far more).
+                    match &hi {
+                        Some(h) => records.retain_in(lo.as_slice()..h.as_slice(), |_, _| false)?,
+                        None => records.retain_in(lo.as_slice().., |_, _| false)?,
+                    }
+                    {
+                        let mut levels =
+                            levels(&held_table, &held_runs, &runs, &lo, hi.as_deref())?;
+                        let mut cursor = records.lower_bound_mut(Bound::Included(lo.as_slice()))?;
+                        let deltas = (start..stop).map(|i| {
+                            prefetch_key_ahead(&keyed, i);
+                            (keyed[i].0, Some(keyed[i].1))
+                        });
+                        let mut tmp = Vec::with_capacity(512);
+                        walk_levels(&mut levels, deltas, |k, states| {
+                            cursor.insert_before(k, join_all(states, &mut buf, &mut tmp)?)?;
+                            folded += 1;
+                            Ok(true)
+                        })?;
+                        cursor.close()?;
+                    }
+                    // The runs' records in [lo, hi) are in the table now: they go, and a run
+                    // left empty goes with its filter.
+                    for &(id, n) in &runs {
+                        let (mut from, mut to) = (Vec::new(), Vec::new());
+                        run_key(id, &lo, &mut from);
+                        let mut removed = 0u64;
+                        match (&hi, id.checked_add(1)) {
+                            (Some(h), _) => {
+                                run_key(id, h, &mut to);
+                                run_table.retain_in(from.as_slice()..to.as_slice(), |_, _| {
+                                    removed += 1;
+                                    false
+                                })?;
+                            }
+                            (None, Some(next)) => {
+                                run_key(next, &[], &mut to);
+                                run_table.retain_in(from.as_slice()..to.as_slice(), |_, _| {
+                                    removed += 1;
+                                    false
+                                })?;
+                            }
+                            (None, None) => run_table.retain_in(from.as_slice().., |_, _| {
+                                removed += 1;
+                                false
+                            })?,
+                        }
+                        let left = n.checked_sub(removed).ok_or_else(|| {
+                            StoreError::Corrupt(format!(
+                                "run {id} held {removed} records in a range, {n} listed"
+                            ))
+                        })?;
+                        if left == 0 {
+                            run_index.remove(id)?;
+                            filter_table.remove(id)?;
+                            dropped.push(id);
+                        } else if removed > 0 {
+                            run_index.insert(id, left)?;
                         }
                     }
-                    run_index.insert(id, written)?;
-                    filter_table.insert(id, filter.encode().as_slice())?;
-                    new_run = Some((id, Arc::new(filter)));
+                    match &hi {
+                        Some(h) => sweep.insert("from", h.as_slice())?,
+                        None => sweep.remove("from")?,
+                    };
+                    // The rest of the delta, before and past the fold: a run of its own.
+                    let rest = (0..start).chain(stop..keyed.len());
+                    let rest_len = (start + keyed.len() - stop) as u64;
+                    if rest_len > 0 {
+                        // Ids are never reused in a file (so a filter held in memory for one
+                        // never stands for another run).
+                        let mut meta = txn.open_table(VIEW_META)?;
+                        let id = runs.last().map_or(1, |&(id, _)| id + 1).max(
+                            meta.get("next-run")?
+                                .map_or(1, |v| u32::try_from(v.value()).unwrap_or(u32::MAX)),
+                        );
+                        meta.insert("next-run", u64::from(id) + 1)?;
+                        drop(meta);
+                        let mut filter = RunFilter::with_capacity(rest_len);
+                        let mut key = Vec::with_capacity(256);
+                        run_key(id, &[], &mut key);
+                        // Past every key of the table: the run is appended.
+                        let mut cursor =
+                            run_table.lower_bound_mut(Bound::Included(key.as_slice()))?;
+                        for i in rest {
+                            prefetch_key_ahead(&keyed, i);
+                            let (rk, d) = keyed[i];
+                            filter.insert(rk);
+                            run_key(id, rk, &mut key);
+                            cursor.insert_before(key.as_slice(), d)?;
+                        }
+                        cursor.close()?;
+                        run_index.insert(id, rest_len)?;
+                        filter_table.insert(id, filter.encode().as_slice())?;
+                        new_run = Some((id, Arc::new(filter)));
+                    }
                 }
                 FlushMode::Splice => {
                     if let Some((first, _)) = keyed.first() {
@@ -1475,17 +1614,6 @@ impl Store {
                     applied.insert(ck.as_slice(), *seq)?;
                 }
             }
-            if mode == FlushMode::Rewrite {
-                drop(records);
-                drop(run_table);
-                txn.delete_table(RECORDS)?;
-                txn.rename_table(RECORDS_REWRITE, RECORDS)?;
-                // Dropped whole (freeing its pages at once) and made again, empty.
-                txn.delete_table(RUNS)?;
-                txn.open_table(RUNS)?;
-                run_index.retain(|_, _| false)?;
-                filter_table.retain(|_, _| false)?;
-            }
             mode
         };
         bump_generation(&txn)?;
@@ -1493,25 +1621,27 @@ impl Store {
         tracing::debug!(
             records = delta.records.len(),
             ?mode,
+            folded,
+            runs_gone = dropped.len(),
             ms = started.elapsed().as_secs_f64() * 1e3,
             "view flush: committed"
         );
         {
             let mut filters = self.run_filters.lock().unwrap_or_else(|e| e.into_inner());
-            if mode == FlushMode::Rewrite {
-                filters.clear();
+            for id in &dropped {
+                filters.remove(id);
             }
-            if let Some((id, filter)) = new_run {
+            if let Some((id, filter)) = new_run.take() {
                 filters.insert(id, Some(filter));
+                self.runs_written
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
         {
             use std::sync::atomic::Ordering::Relaxed;
-            match mode {
-                FlushMode::Rewrite => self.rewrites.fetch_add(1, Relaxed),
-                FlushMode::Run { .. } => self.runs_written.fetch_add(1, Relaxed),
-                FlushMode::Splice => 0,
-            };
+            if folded > 0 {
+                self.folds.fetch_add(1, Relaxed);
+            }
             self.flushes.fetch_add(1, Relaxed);
             self.flushed_records
                 .fetch_add(delta.records.len() as u64, Relaxed);
@@ -2113,8 +2243,8 @@ impl Store {
     }
 
     /// Verifies the view file: every stored record state decodes, in the records' table and
-    /// in the runs; every run's records belong to a listed run, and no run holds more than
-    /// its list entry says was written into it; at most [`MAX_RUNS`] runs. Returns (states
+    /// in the runs; every run's records belong to a listed run, and each run holds as many
+    /// as its list entry says; at most [`MAX_RUNS`] runs. Returns (states
     /// in the table, runs, states in the runs). (Damage here is repaired by
     /// [`Store::rebuild_records`]: the view is derived from the log.)
     pub fn check_view(&self) -> Result<(u64, usize, u64), StoreError> {
@@ -2173,10 +2303,10 @@ impl Store {
             }
             held[i] += 1;
         }
-        for (&(id, written), &n) in runs.iter().zip(&held) {
-            if n > written {
+        for (&(id, listed), &n) in runs.iter().zip(&held) {
+            if n != listed {
                 return Err(StoreError::Corrupt(format!(
-                    "run {id} holds {n} records, {written} were written"
+                    "run {id} holds {n} records, {listed} listed"
                 )));
             }
         }
@@ -2392,9 +2522,9 @@ mod tests {
             x % m
         };
         for round in 0..16 {
-            // Even rounds stage a delta as large as a good part of the file (written as a
-            // run, until the runs hold as many records as the table: then the table is
-            // rewritten whole), odd rounds a small one (spliced in with the cursor).
+            // Even rounds stage a delta as large as a good part of the file (a slice of the
+            // key space folded into the table, the rest written as a run), odd rounds a small
+            // one (spliced in with the cursor).
             let (calls, per_call) = if round % 2 == 0 { (2, 500) } else { (1, 60) };
             for _ in 0..calls {
                 let ops: Vec<Op> = (0..per_call)
@@ -2454,12 +2584,12 @@ mod tests {
             "records over many pages"
         );
         assert_eq!(staged.counts().unwrap(), direct.counts().unwrap());
-        // Every way was taken (round 0 lands in an empty file, so splices): runs, up to three
-        // at a time beside the table, and a rewrite folding them in.
+        // Every way was taken (round 0 lands in an empty file, so splices): each later even
+        // round folded a slice into the table and wrote the rest of its delta as a run.
         assert_eq!(
-            (staged.view_runs_written(), staged.view_rewrites()),
-            (6, 1),
-            "runs written and rewrites"
+            (staged.view_runs_written(), staged.view_folds()),
+            (7, 7),
+            "runs written and folds"
         );
         // A delta of new keys past the file's last one (appends), as many as half the file's
         // records: spliced at the end, not rewritten, and still equal.
@@ -2475,8 +2605,8 @@ mod tests {
         assert!(staged.freeze());
         staged.flush_frozen(false).unwrap();
         assert_eq!(
-            (staged.view_runs_written(), staged.view_rewrites()),
-            (6, 1),
+            (staged.view_runs_written(), staged.view_folds()),
+            (7, 7),
             "the appends were spliced"
         );
         assert_eq!(
@@ -2488,116 +2618,106 @@ mod tests {
     }
 
     /// The flush's choice: appends and small deltas splice; a delta among the table's keys
-    /// becomes a run that absorbs the newest runs no larger than what it has taken in (a
-    /// binary counter); all of them reaching the table's size, or a ninth run, rewrite.
+    /// folds a twelfth of the file (table and runs) and makes a run of the rest; a
+    /// seventeenth run would fold everything.
     #[test]
-    fn flush_mode_splices_small_deltas_counts_runs_in_binary_and_caps_them() {
+    fn flush_mode_splices_small_deltas_and_folds_a_slice_of_the_file() {
         use FlushMode::*;
         let m = flush_mode;
+        let slice = |file_records| Run {
+            fold: Fold::Slice { file_records },
+        };
         // Appends, and a small delta among a large table's keys, splice.
-        assert_eq!(m(&[], 1_000_000, 0, 5_000_000), Splice);
-        assert_eq!(m(&[], 3_000, 3_000, 5_000_000), Splice);
-        // Dense next to a small table (a tenth of it), or many keys: a run.
-        assert_eq!(m(&[], 100, 100, 1_000), Run { absorb: 0 });
-        assert_eq!(m(&[], 5_000, 5_000, 5_000_000), Run { absorb: 0 });
-        // Runs as a binary counter: 1 + 1 = 2, then 2 and 1, then 1 + 1 + 2 = 4.
-        let f = 100_000_000;
-        assert_eq!(
-            m(&[(1, 1_000_000)], 1_000_000, 1_000_000, f),
-            Run { absorb: 1 }
-        );
-        assert_eq!(
-            m(&[(2, 2_000_000)], 1_000_000, 1_000_000, f),
-            Run { absorb: 0 }
-        );
-        assert_eq!(
-            m(&[(2, 2_000_000), (3, 1_000_000)], 1_000_000, 1_000_000, f),
-            Run { absorb: 2 }
-        );
-        // Everything merged reaching the table's size: a rewrite; short of it, a run.
-        let runs = [(1, 4_000_000), (2, 2_000_000), (3, 1_000_000)];
-        assert_eq!(m(&runs, 1_000_000, 1_000_000, 8_000_000), Rewrite);
-        assert_eq!(m(&runs, 1_000_000, 1_000_000, 8_000_001), Run { absorb: 3 });
-        // Eight runs that absorb nothing: the ninth is a rewrite.
-        let eight: Vec<(u32, u64)> = (1..=8).map(|i| (i, 100 - u64::from(i))).collect();
-        assert_eq!(m(&eight[..7], 10, 10, 50), Run { absorb: 0 });
-        assert_eq!(m(&eight, 10, 10, 50), Rewrite);
+        assert_eq!(m(&[], 0, 5_000_000), Splice);
+        assert_eq!(m(&[], 3_000, 5_000_000), Splice);
+        // Dense next to a small table (a tenth of it), or many keys: a slice and a run.
+        assert_eq!(m(&[], 100, 1_000), slice(84));
+        assert_eq!(m(&[], 5_000, 5_000_000), slice(416_667));
+        // The runs' records count with the table's.
+        let runs = [(1, 4_000_000), (2, 2_000_000)];
+        assert_eq!(m(&runs, 1_000_000, 6_000_000), slice(1_000_000));
+        // Sixteen runs: the seventeenth would be one too many, so all are folded.
+        let sixteen: Vec<(u32, u64)> = (1..=16).map(|i| (i, 10)).collect();
+        assert_eq!(m(&sixteen[..15], 10, 50), slice(17));
+        assert_eq!(m(&sixteen, 10, 50), Run { fold: Fold::All });
     }
 
-    /// Runs beside the table: written by dense deltas, nine of them (none absorbing another:
-    /// each smaller than the one before) make the ninth flush a rewrite that folds them into
-    /// the table. Every read joins them right throughout, and after reopening.
+    /// Runs beside the table, folded away by the sweep: each dense delta folds a slice of the
+    /// key space into the table (from where the last fold ended) and becomes a run for the
+    /// rest; runs shrink as the sweep passes them and go once empty, so the first is gone
+    /// within a sweep and the runs stay few. Every read joins them right throughout, across
+    /// a reopening mid-sweep, and the view checks out after every flush.
     #[test]
-    fn runs_are_capped_and_folded_into_the_table_by_a_rewrite() {
+    fn runs_are_folded_away_by_the_sweep() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a").join("store.redb").tap_mkdir();
         let mut staged = Store::open(&path).unwrap();
         let mut twin = Twin::new(&dir.path().join("b").join("store.redb"), 5);
-        // 1,000 records, keys 0, 10, 20, ...: spliced into the empty table.
+        let key = |i: i64| format!("{i:07}");
+        // 5,000 records, keys 0, 16, 32, ...: spliced into the empty table.
         twin.write(
             &staged,
-            (0..1_000)
-                .map(|i| upsert(&format!("{:05}", i * 10), i))
-                .collect(),
+            (0..5_000).map(|i| upsert(&key(i * 16), i)).collect(),
             true,
         );
-        // Nine deltas among the table's keys, each dense (≥ 100 records next to 1,000) and
-        // smaller than the one before: new keys, and a delete and a counter on keys the table
-        // holds.
-        let sizes = [400i64, 350, 300, 250, 200, 180, 160, 140, 120];
-        for (d, &size) in (1i64..).zip(&sizes) {
-            let mut ops: Vec<Op> = (0..size)
-                .map(|i| upsert(&format!("{:05}", i * 20 + d), d * 1_000 + i))
+        let listed = |staged: &Store| {
+            let txn = staged.view.begin_read().unwrap();
+            run_list(&txn.open_table(RUN_LIST).unwrap()).unwrap()
+        };
+        let sweep = |staged: &Store| {
+            let txn = staged.view.begin_read().unwrap();
+            let t = txn.open_table(VIEW_SWEEP).unwrap();
+            t.get("from").unwrap().map(|v| v.value().to_vec())
+        };
+        let (mut first_run, mut most_runs) = (None, 0);
+        for d in 1i64..=16 {
+            // Dense (as many keys as a run takes at least), spread over the table's keys:
+            // new ones, and the table's own with the sixteenth; a delete and a counter.
+            let mut ops: Vec<Op> = (0..RUN_MIN_RECORDS as i64 + 100)
+                .map(|i| upsert(&key(i * 16 + d % 16), d * 10_000 + i))
                 .collect();
             ops.push(Op::Delete {
                 collection: "c".into(),
-                key: format!("{:05}", d * 30),
+                key: key(d * 48),
                 hlc: Hlc::ZERO,
             });
             ops.push(Op::CounterAdd {
                 collection: "c".into(),
-                key: format!("{:05}", d * 20),
+                key: key(d * 32 + 1),
                 hlc: Hlc::ZERO,
                 field: "n".into(),
                 delta: d,
             });
             twin.write(&staged, ops, true);
-            // (The counters are the process's: the store is reopened after the eighth.)
-            let want = if d <= MAX_RUNS as i64 {
-                (d as u64, 0)
-            } else {
-                (0, 1)
-            };
-            assert_eq!(
-                (staged.view_runs_written(), staged.view_rewrites()),
-                want,
-                "runs written and rewrites after delta {d}"
-            );
+            let runs = listed(&staged);
+            first_run = first_run.or(runs.first().map(|&(id, _)| id));
+            most_runs = most_runs.max(runs.len());
+            let (table, held, in_runs) = staged.check_view().unwrap();
+            assert_eq!(held, runs.len());
+            assert_eq!(in_runs, runs.iter().map(|&(_, n)| n).sum::<u64>());
+            assert_eq!(staged.view_size().unwrap().0, table + in_runs);
             assert_eq!(staged.counts().unwrap(), twin.direct.counts().unwrap());
             assert_eq!(
-                staged.list("default", "c", "", 10_000).unwrap(),
-                twin.direct.list("default", "c", "", 10_000).unwrap(),
+                staged.list("default", "c", "", 100_000).unwrap(),
+                twin.direct.list("default", "c", "", 100_000).unwrap(),
                 "delta {d}"
             );
-            for key in [
-                "00000", "00020", "00030", "00041", "00181", "07981", "09990",
-            ] {
+            for i in [0, 1, 16, 33, 48, 65, 4_000, 4_097, 65_535, 79_984, 79_999] {
                 assert_eq!(
-                    staged.get("default", "c", key).unwrap(),
-                    twin.direct.get("default", "c", key).unwrap(),
-                    "{key} after delta {d}"
+                    staged.get("default", "c", &key(i)).unwrap(),
+                    twin.direct.get("default", "c", &key(i)).unwrap(),
+                    "{i} after delta {d}"
                 );
             }
-            // A small delta left staged (a new key, one the table holds, a counter the
-            // delta's run holds),
-            // counted twice: the file's part is kept between counts of one generation of the
-            // file, and the delta's keys are looked up in every level.
+            // A small delta left staged (a new key, one the table holds, a counter a run
+            // may hold), counted twice: the file's part is kept between counts of one
+            // generation of the file, and the delta's keys are looked up in every level.
             let small = vec![
-                upsert(&format!("{:05}", 9_000 + d), 1),
-                upsert("00010", d),
+                upsert(&key(90_000 + d), 1),
+                upsert(&key(16), d),
                 Op::CounterAdd {
                     collection: "c".into(),
-                    key: format!("{:05}", d * 20),
+                    key: key(d * 32 + 1),
                     hlc: Hlc::ZERO,
                     field: "n".into(),
                     delta: 1,
@@ -2611,79 +2731,61 @@ mod tests {
                     "delta {d}"
                 );
             }
-            if d == MAX_RUNS as i64 {
-                // Eight runs beside the table (each after the first also holding the three
-                // records of the small delta before it), and reopened: the same records.
-                let in_runs: i64 = sizes[..MAX_RUNS].iter().map(|n| n + 2).sum();
-                let in_runs = in_runs as u64 + 3 * (MAX_RUNS as u64 - 1);
-                assert_eq!(staged.view_size().unwrap().0, 1_000 + in_runs);
-                let (table, runs, in_run_states) = staged.check_view().unwrap();
-                assert_eq!((table + in_run_states, runs), (1_000 + in_runs, MAX_RUNS));
+            if d == 6 {
+                // Reopened mid-sweep: the same records, and the sweep goes on from where it
+                // was.
+                let at = sweep(&staged);
+                assert!(at.as_ref().is_some_and(|k| !k.is_empty()), "mid-sweep");
                 drop(staged);
                 staged = Store::open(&path).unwrap();
+                assert_eq!(sweep(&staged), at);
                 // The small delta staged before was lost with the process: applied from the
                 // log again, straight into the table, as a node does at start.
                 let behind = staged.unapplied(&staged.heads().unwrap()).unwrap();
                 assert_eq!(behind.len(), 1);
                 let changes = staged.apply(&behind, false).unwrap();
-                // A change carries the whole record, runs included: the counter on "00160"
-                // is 8 in the eighth run, and 9 with this op.
+                // A change carries the whole record, runs included.
                 let whole = |k: &str| staged.get("default", "c", k).unwrap();
                 for c in &changes {
                     assert_eq!(c.fields, whole(&c.key), "{}", c.key);
                 }
-                let counter = whole("00160").and_then(|f| f.get("n").cloned());
-                assert_eq!(counter, Some(serde_json::json!(9)));
-            }
-        }
-        // The last small delta flushed (spliced: a few keys), then all is in the table.
-        assert!(staged.freeze());
-        staged.flush_frozen(false).unwrap();
-        let table = staged.view_size().unwrap().0;
-        assert_eq!(table, twin.direct.counts().unwrap().1, "all in the table");
-        // Two deltas of 400 keys each, 200 shared: the second absorbs the first's run (as
-        // large as itself), so one run of 600 records is left beside the table, not two.
-        for (d, keys) in [(10, 0..400), (11, 200..600)] {
-            twin.write(
-                &staged,
-                keys.map(|i| upsert(&format!("{:05}", i * 10 + 5), d * 1_000 + i))
-                    .collect(),
-                true,
-            );
-            assert_eq!(staged.counts().unwrap(), twin.direct.counts().unwrap());
-            assert_eq!(
-                staged.list("default", "c", "", 10_000).unwrap(),
-                twin.direct.list("default", "c", "", 10_000).unwrap(),
-                "delta {d}"
-            );
-            for key in ["00005", "01995", "02005", "03995", "04005", "05995"] {
                 assert_eq!(
-                    staged.get("default", "c", key).unwrap(),
-                    twin.direct.get("default", "c", key).unwrap(),
-                    "{key} after delta {d}"
+                    staged.list("default", "c", "", 100_000).unwrap(),
+                    twin.direct.list("default", "c", "", 100_000).unwrap(),
+                    "reopened"
                 );
             }
         }
-        assert_eq!((staged.view_runs_written(), staged.view_rewrites()), (2, 1));
-        assert_eq!(staged.view_size().unwrap().0, table + 600, "one merged run");
-        assert_eq!(staged.check_view().unwrap(), (table, 1, 600));
+        // The sweep folded the first run away, and the runs stayed few.
+        let runs = listed(&staged);
+        let first_run = first_run.expect("a run was written");
+        assert!(runs.iter().all(|&(id, _)| id != first_run), "{runs:?}");
+        assert!(
+            most_runs <= FOLD_SWEEP_FLUSHES as usize + 2,
+            "{most_runs} runs at once"
+        );
+        assert!(staged.view_folds() >= 10, "{} folds", staged.view_folds());
+        // Ids go on past the runs folded away (a run's filter held in memory must never
+        // stand for another run).
+        assert!(runs.iter().all(|&(id, _)| id > first_run), "{runs:?}");
         // A record of a run not listed (as a damaged file could hold) fails the check, and
         // so does a listed run's record whose state does not decode.
-        let listed = {
-            let txn = staged.view.begin_read().unwrap();
-            run_list(&txn.open_table(RUN_LIST).unwrap()).unwrap()[0].0
-        };
-        // Ids go on from the eight runs before the rewrite (a run's filter held in memory
-        // must never stand for another run).
-        assert!(listed > MAX_RUNS as u32, "run id {listed} reused");
-        let mut held = Vec::new();
-        run_key(listed, &record_key("default", "c", "00005"), &mut held);
-        let (mut unlisted, stored) = (Vec::new(), {
+        let listed = runs[0].0;
+        let (held, stored) = {
             let txn = staged.view.begin_read().unwrap();
             let runs = txn.open_table(RUNS).unwrap();
-            runs.get(held.as_slice()).unwrap().unwrap().value().to_vec()
-        });
-        run_key(listed + 1, b"zz", &mut unlisted);
+            let mut from = Vec::new();
+            run_key(listed, &[], &mut from);
+            let (k, v) = runs
+                .range(from.as_slice()..)
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap();
+            (k.value().to_vec(), v.value().to_vec())
+        };
+        let mut unlisted = Vec::new();
+        run_key(runs.last().unwrap().0 + 1, b"zz", &mut unlisted);
         // Each damage made, checked, and undone (the unlisted record removed, the state put
         // back).
         let put = |key: &[u8], state: Option<&[u8]>| {
@@ -2729,10 +2831,14 @@ mod tests {
         put_filter(&kept);
         assert!(staged.check_view().is_ok());
         drop(staged);
+        // Reopened: the last small delta, staged only, is applied again from the log.
         let reopened = Store::open(&path).unwrap();
+        let behind = reopened.unapplied(&reopened.heads().unwrap()).unwrap();
+        assert_eq!(behind.len(), 1);
+        reopened.apply(&behind, false).unwrap();
         assert_eq!(
-            reopened.list("default", "c", "", 10_000).unwrap(),
-            twin.direct.list("default", "c", "", 10_000).unwrap()
+            reopened.list("default", "c", "", 100_000).unwrap(),
+            twin.direct.list("default", "c", "", 100_000).unwrap()
         );
     }
 
@@ -2892,6 +2998,84 @@ mod tests {
             txn.open_table(APPLIED_V2).is_err(),
             "the old table is dropped"
         );
+    }
+
+    /// A view file whose runs a binary of the merged runs wrote (`-v1` run tables, watermark
+    /// `applied-v3`) is taken over at open: the same records, its runs under our names. One
+    /// such a binary wrote after ours (both watermarks there) is rebuilt from the log: every
+    /// batch is applied again at start, and reads come out the same.
+    #[test]
+    fn a_view_file_of_merged_runs_is_taken_over_or_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a").join("store.redb").tap_mkdir();
+        let staged = Store::open(&path).unwrap();
+        let mut twin = Twin::new(&dir.path().join("b").join("store.redb"), 7);
+        let key = |i: i64| format!("{i:06}");
+        twin.flushed(
+            &staged,
+            (0..2_000).map(|i| upsert(&key(i * 4), i)).collect(),
+        );
+        for d in 1..=2 {
+            let ops = (0..RUN_MIN_RECORDS as i64 + 1)
+                .map(|i| upsert(&key(i * 2 + d % 2), d * 100_000 + i))
+                .collect();
+            twin.flushed(&staged, ops);
+        }
+        let want = twin.direct.list("default", "c", "", 100_000).unwrap();
+        let runs = staged.check_view().unwrap().1;
+        assert!(runs >= 1, "runs beside the table");
+        drop(staged);
+        let rename = |pairs: &[(&str, &str)]| {
+            let view = Database::create(dir.path().join("a").join("records.redb")).unwrap();
+            let txn = view.begin_write().unwrap();
+            for &(from, to) in pairs {
+                let from: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new(from);
+                let to: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new(to);
+                txn.rename_table(from, to).unwrap();
+            }
+            txn.commit().unwrap();
+        };
+        let ours = [
+            APPLIED.name(),
+            RUNS.name(),
+            RUN_LIST.name(),
+            RUN_FILTERS.name(),
+        ];
+        let theirs = [APPLIED_V3.name()].into_iter().chain(RUN_TABLES_V1);
+        let back: Vec<(&str, &str)> = ours.into_iter().zip(theirs).collect();
+        rename(&back);
+        let staged = Store::open(&path).unwrap();
+        assert!(staged
+            .unapplied(&staged.heads().unwrap())
+            .unwrap()
+            .is_empty());
+        assert_eq!(staged.list("default", "c", "", 100_000).unwrap(), want);
+        assert_eq!(staged.check_view().unwrap().1, runs, "the runs taken over");
+        {
+            let txn = staged.view.begin_read().unwrap();
+            assert!(txn.open_table(APPLIED_V3).is_err(), "the old name is gone");
+        }
+        drop(staged);
+        // An older binary wrote since: its watermark beside ours.
+        {
+            let view = Database::create(dir.path().join("a").join("records.redb")).unwrap();
+            let txn = view.begin_write().unwrap();
+            {
+                let ours = txn.open_table(APPLIED).unwrap();
+                let mut theirs = txn.open_table(APPLIED_V3).unwrap();
+                for entry in ours.iter().unwrap() {
+                    let (ck, seq) = entry.unwrap();
+                    theirs.insert(ck.value(), seq.value()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let staged = Store::open(&path).unwrap();
+        assert_eq!(staged.check_view().unwrap(), (0, 0, 0), "the view emptied");
+        let behind = staged.unapplied(&staged.heads().unwrap()).unwrap();
+        assert_eq!(behind.len(), 3, "the whole log applied again");
+        staged.apply(&behind, false).unwrap();
+        assert_eq!(staged.list("default", "c", "", 100_000).unwrap(), want);
     }
 
     /// A store staged, frozen and flushed by hand is compared with one every batch is applied
