@@ -10,7 +10,8 @@
 //! - the **view** (`records.redb`): [`RECORDS`] (`ns_len:u8 ns coll_len:u8 coll key` → CBOR
 //!   [`RecordState`], the join of every effective op in the log), up to [`MAX_RUNS`] sorted
 //!   runs beside it ([`RUNS`], listed in [`RUN_LIST`]: deltas a flush appended instead of
-//!   rewriting a large table; a record is the join of its states in all of them) and
+//!   putting them among a large table's records, folded in later a key range at a time; a
+//!   record is the join of its states in all of them) and
 //!   [`APPLIED`] (per chain, the highest seq applied), updated together by [`Store::apply`]
 //!   and [`Store::flush_frozen`]. Derived: it can lag the log (see `materializer`), and
 //!   [`Store::rebuild_records`] recomputes it from the log.
@@ -100,18 +101,16 @@ pub const CHAINS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("chai
 /// `ns_len:u8 ns coll_len:u8 coll key` → `RecordState` in the compact layout of
 /// [`blazedb_protocol::record_codec`].
 pub const RECORDS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("records-v2");
-/// A flush rewrites the records' table whole, in one ordered pass, when the delta's keys
-/// that fall among the file's (not past its last key) number at least this fraction (1/n) of
-/// the file's records. redb has no replace-in-place for a cursor: a record the file holds is
+/// A flush splices its delta into the records' table only while the delta's keys that fall
+/// among the file's (not past its last key) number less than this fraction (1/n) of the
+/// file's records (and fewer than [`RUN_MIN_RECORDS`]); more are folded and written as a run
+/// ([`flush_mode`]). redb has no replace-in-place for a cursor: a record the file holds is
 /// removed and inserted again, and each removal makes the next step seek from the tree's
-/// root; a new key inserted among the file's copies its leaf. A delta of random keys that
-/// dense touches nearly every leaf anyway (a 4 KiB leaf holds ~18 workload-W records), so
-/// writing every record once, in order, into a fresh table costs no more pages and no seeks:
-/// 632k W records into a file of 630k–870k took 1.5–2.0 s this way against 4.5–5.7 s spliced
-/// (ARCHITECTURE.md); 1.2M new random keys into a file of 6.8M took 28 s spliced, where the
-/// rewrites before it ran at ~2 µs per record written (~16 s for that file). Keys past the
-/// file's last key (appends: time series, sequential ids) are cheap to splice however many,
-/// and do not count: a delta of only those never rewrites the file.
+/// root; a new key inserted among the file's copies its leaf. 632k W records into a file of
+/// 630k–870k took 4.5–5.7 s spliced against 1.5–2.0 s written in order into a fresh table
+/// (ARCHITECTURE.md); 1.2M new random keys into a file of 6.8M took 28 s spliced. Keys past
+/// the file's last key (appends: time series, sequential ids) are cheap to splice however
+/// many, and do not count.
 const REWRITE_DELTA_FRACTION: u64 = 10;
 /// [`Store::counts`] walks the file's keys in order instead of looking each delta key up when
 /// the delta holds at least this fraction (1/n) of as many keys as the file.
@@ -525,6 +524,53 @@ fn run_list(table: &impl ReadableTable<u32, u64>) -> Result<Vec<(u32, u64)>, Sto
         out.push((id.value(), n.value()));
     }
     Ok(out)
+}
+
+/// Removes every run's records with keys in `[lo, hi)` (`hi` none: to the end), keeps the
+/// run list's counts exact, and drops each run left empty with its filter. Returns the runs
+/// dropped.
+fn remove_run_range(
+    run_table: &mut redb::Table<'_, &'static [u8], &'static [u8]>,
+    run_index: &mut redb::Table<'_, u32, u64>,
+    filter_table: &mut redb::Table<'_, u32, &'static [u8]>,
+    runs: &[(u32, u64)],
+    lo: &[u8],
+    hi: Option<&[u8]>,
+) -> Result<Vec<u32>, StoreError> {
+    let mut dropped = Vec::new();
+    for &(id, n) in runs {
+        let (mut from, mut to) = (Vec::new(), Vec::new());
+        run_key(id, lo, &mut from);
+        let mut removed = 0u64;
+        let mut count = |_: &[u8], _: &[u8]| {
+            removed += 1;
+            false
+        };
+        match (hi, id.checked_add(1)) {
+            (Some(hi), _) => {
+                run_key(id, hi, &mut to);
+                run_table.retain_in(from.as_slice()..to.as_slice(), &mut count)?;
+            }
+            (None, Some(next)) => {
+                run_key(next, &[], &mut to);
+                run_table.retain_in(from.as_slice()..to.as_slice(), &mut count)?;
+            }
+            (None, None) => run_table.retain_in(from.as_slice().., &mut count)?,
+        }
+        let left = n.checked_sub(removed).ok_or_else(|| {
+            StoreError::Corrupt(format!(
+                "run {id} held {removed} records in a range, {n} listed"
+            ))
+        })?;
+        if left == 0 {
+            run_index.remove(id)?;
+            filter_table.remove(id)?;
+            dropped.push(id);
+        } else if removed > 0 {
+            run_index.insert(id, left)?;
+        }
+    }
+    Ok(dropped)
 }
 
 type Guard<'a> = redb::AccessGuard<'a, &'static [u8]>;
@@ -1503,43 +1549,14 @@ impl Store {
                     }
                     // The runs' records in [lo, hi) are in the table now: they go, and a run
                     // left empty goes with its filter.
-                    for &(id, n) in &runs {
-                        let (mut from, mut to) = (Vec::new(), Vec::new());
-                        run_key(id, &lo, &mut from);
-                        let mut removed = 0u64;
-                        match (&hi, id.checked_add(1)) {
-                            (Some(h), _) => {
-                                run_key(id, h, &mut to);
-                                run_table.retain_in(from.as_slice()..to.as_slice(), |_, _| {
-                                    removed += 1;
-                                    false
-                                })?;
-                            }
-                            (None, Some(next)) => {
-                                run_key(next, &[], &mut to);
-                                run_table.retain_in(from.as_slice()..to.as_slice(), |_, _| {
-                                    removed += 1;
-                                    false
-                                })?;
-                            }
-                            (None, None) => run_table.retain_in(from.as_slice().., |_, _| {
-                                removed += 1;
-                                false
-                            })?,
-                        }
-                        let left = n.checked_sub(removed).ok_or_else(|| {
-                            StoreError::Corrupt(format!(
-                                "run {id} held {removed} records in a range, {n} listed"
-                            ))
-                        })?;
-                        if left == 0 {
-                            run_index.remove(id)?;
-                            filter_table.remove(id)?;
-                            dropped.push(id);
-                        } else if removed > 0 {
-                            run_index.insert(id, left)?;
-                        }
-                    }
+                    dropped = remove_run_range(
+                        &mut run_table,
+                        &mut run_index,
+                        &mut filter_table,
+                        &runs,
+                        &lo,
+                        hi.as_deref(),
+                    )?;
                     match &hi {
                         Some(h) => sweep.insert("from", h.as_slice())?,
                         None => sweep.remove("from")?,
@@ -1950,10 +1967,17 @@ impl Store {
             let end = prefix_end(&prefix);
             let mut records = txn.open_table(RECORDS)?;
             records.retain(|k, _| !k.starts_with(&prefix))?;
-            // The namespace's states in the runs go too (the counts in the run list then
-            // overstate the runs: a rewrite comes sooner, nothing else).
-            txn.open_table(RUNS)?
-                .retain(|k, _| !k.get(4..).is_some_and(|rk| rk.starts_with(&prefix)))?;
+            // The namespace's states in the runs go too (a run left empty with them).
+            let mut run_index = txn.open_table(RUN_LIST)?;
+            let runs = run_list(&run_index)?;
+            remove_run_range(
+                &mut txn.open_table(RUNS)?,
+                &mut run_index,
+                &mut txn.open_table(RUN_FILTERS)?,
+                &runs,
+                &prefix,
+                end.as_deref(),
+            )?;
             let mut applied_t = txn.open_table(APPLIED)?;
             let dicts = self.dicts()?;
             let chains = rtxn.open_table(CHAINS)?;
@@ -2836,6 +2860,19 @@ mod tests {
         let behind = reopened.unapplied(&reopened.heads().unwrap()).unwrap();
         assert_eq!(behind.len(), 1);
         reopened.apply(&behind, false).unwrap();
+        assert_eq!(
+            reopened.list("default", "c", "", 100_000).unwrap(),
+            twin.direct.list("default", "c", "", 100_000).unwrap()
+        );
+        // The namespace rebuilt from its log (as a late revocation does): its records leave
+        // the runs, the emptied runs go, and the view still checks out.
+        assert!(reopened.check_view().unwrap().1 > 0);
+        reopened
+            .rebuild_namespace("default", &BTreeMap::new())
+            .unwrap();
+        let (table, runs, in_runs) = reopened.check_view().unwrap();
+        assert_eq!((runs, in_runs), (0, 0));
+        assert_eq!(table, twin.direct.counts().unwrap().1);
         assert_eq!(
             reopened.list("default", "c", "", 100_000).unwrap(),
             twin.direct.list("default", "c", "", 100_000).unwrap()
