@@ -345,10 +345,22 @@ const SLOT_AHEAD: usize = 16;
 /// not the key order the flush walks them in).
 const FLUSH_AHEAD_RECORDS: usize = 16;
 
-/// Prefetches the key [`FLUSH_AHEAD_RECORDS`] after the `i`th of a flush's sorted records.
+/// Prefetches the record [`FLUSH_AHEAD_RECORDS`] after the `i`th of a flush's sorted
+/// records: every cache line of its block (key, then state, contiguous in the delta's
+/// arena), not only the first. A W record's block spans 2–4 lines; prefetching the first
+/// alone left the run's write loop stalled on the rest (perf: ~18% of the flusher's samples
+/// at 16M growing ops); all of them made the runs' flushes ~8% shorter (four alternating
+/// pairs, B2l over 10^9 keys at 8M ops).
 fn prefetch_key_ahead(keyed: &[(&[u8], &[u8])], i: usize) {
-    if let Some((rk, _)) = keyed.get(i + FLUSH_AHEAD_RECORDS) {
-        prefetch(rk.as_ptr());
+    if let Some((rk, state)) = keyed.get(i + FLUSH_AHEAD_RECORDS) {
+        // (At most 8 lines: a large record's tail waits, as it did.)
+        let span = (state.as_ptr() as usize + state.len())
+            .saturating_sub(rk.as_ptr() as usize)
+            .min(512);
+        let first = rk.as_ptr() as usize & 63;
+        for offset in (0..first + span).step_by(64) {
+            prefetch(rk.as_ptr().wrapping_add(offset).wrapping_sub(first));
+        }
     }
 }
 const BLOCK_AHEAD: usize = 8;
