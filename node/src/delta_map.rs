@@ -229,13 +229,7 @@ impl Arena {
     fn prefetch(&self, s: &Slot) {
         let chunk = &self.chunks[s.chunk as usize];
         let start = chunk.as_ptr().wrapping_add(s.offset as usize);
-        let lead = start as usize % CACHE_LINE;
-        let end = lead + s.key_len() + s.state_len as usize;
-        let mut off = 0;
-        while off < end {
-            prefetch(start.wrapping_add(off).wrapping_sub(lead));
-            off += CACHE_LINE;
-        }
+        prefetch_lines(start, s.key_len() + s.state_len as usize);
     }
 
     /// Writes `data` over the block of `s` (which has the room).
@@ -299,6 +293,15 @@ pub(crate) fn prefetch(p: *const u8) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
+}
+
+/// [`prefetch`]es every cache line of the `len` bytes from `start`.
+#[inline]
+pub(crate) fn prefetch_lines(start: *const u8, len: usize) {
+    let lead = start as usize % CACHE_LINE;
+    for off in (0..lead + len).step_by(CACHE_LINE) {
+        prefetch(start.wrapping_add(off).wrapping_sub(lead));
+    }
 }
 
 impl DeltaMap {

@@ -23,7 +23,7 @@ use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use crate::delta_map::{prefetch, DeltaMap, Updated};
+use crate::delta_map::{prefetch_lines, DeltaMap, Updated};
 use crate::run_filter::RunFilter;
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
@@ -357,10 +357,7 @@ fn prefetch_key_ahead(keyed: &[(&[u8], &[u8])], i: usize) {
         let span = (state.as_ptr() as usize + state.len())
             .saturating_sub(rk.as_ptr() as usize)
             .min(512);
-        let first = rk.as_ptr() as usize & 63;
-        for offset in (0..first + span).step_by(64) {
-            prefetch(rk.as_ptr().wrapping_add(offset).wrapping_sub(first));
-        }
+        prefetch_lines(rk.as_ptr(), span);
     }
 }
 const BLOCK_AHEAD: usize = 8;
