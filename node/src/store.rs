@@ -375,11 +375,13 @@ const APPLIED_V2: TableDefinition<'_, &[u8], u64> = TableDefinition::new("applie
 /// with it and no [`APPLIED`] is upgraded at open (the four tables renamed); one with both
 /// was written by such a binary after ours, and its view is rebuilt from the log.
 const APPLIED_V3: TableDefinition<'_, &[u8], u64> = TableDefinition::new("applied-v3");
-/// The run tables' names while runs were merged among themselves: (runs, list, filters).
-const RUN_TABLES_V1: [&str; 3] = [
-    "records-runs-v1",
-    "records-run-list-v1",
-    "records-run-filter-v1",
+/// The view tables an upgrade renames, (name while runs were merged among themselves, ours):
+/// the watermark, the runs, their list, their filters.
+const UPGRADE_RENAMES: [(&str, &str); 4] = [
+    ("applied-v3", "applied-v4"),
+    ("records-runs-v1", "records-runs-v2"),
+    ("records-run-list-v1", "records-run-list-v2"),
+    ("records-run-filter-v1", "records-run-filter-v2"),
 ];
 
 /// View table: sorted runs of records that flushes wrote beside [`RECORDS`] instead of
@@ -949,14 +951,10 @@ impl Store {
                     "the view file was written by an older binary since: its records are \
                      rebuilt from the log"
                 );
-                let names = [RECORDS.name(), APPLIED.name(), APPLIED_V3.name()];
-                let ours = [RUNS.name(), RUN_LIST.name(), RUN_FILTERS.name()];
-                let sweep = VIEW_SWEEP.name();
-                for name in names
+                let renamed = UPGRADE_RENAMES.iter().flat_map(|&(old, new)| [old, new]);
+                for name in [RECORDS.name(), VIEW_SWEEP.name()]
                     .into_iter()
-                    .chain(ours)
-                    .chain(RUN_TABLES_V1)
-                    .chain([sweep])
+                    .chain(renamed)
                 {
                     let def: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new(name);
                     txn.delete_table(def).map_err(redb::Error::from)?;
@@ -964,19 +962,10 @@ impl Store {
             } else {
                 // Upgraded: its runs are ours (a record is the join of the table and every
                 // run either way), under the names an older binary does not read.
-                let ours = [
-                    APPLIED.name(),
-                    RUNS.name(),
-                    RUN_LIST.name(),
-                    RUN_FILTERS.name(),
-                ];
-                let theirs = [APPLIED_V3.name()].into_iter().chain(RUN_TABLES_V1);
-                for (old, new) in theirs.zip(ours) {
+                for (old, new) in UPGRADE_RENAMES {
                     if has(old) {
-                        let (old, new): (TableDefinition<'_, &[u8], &[u8]>, _) = (
-                            TableDefinition::new(old),
-                            TableDefinition::<&[u8], &[u8]>::new(new),
-                        );
+                        let old: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new(old);
+                        let new: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new(new);
                         txn.rename_table(old, new).map_err(redb::Error::from)?;
                     }
                 }
@@ -3134,8 +3123,12 @@ mod tests {
             RUN_LIST.name(),
             RUN_FILTERS.name(),
         ];
-        let theirs = [APPLIED_V3.name()].into_iter().chain(RUN_TABLES_V1);
+        let theirs = [APPLIED_V3.name(), "records-runs-v1", "records-run-list-v1"];
+        let theirs = theirs.into_iter().chain(["records-run-filter-v1"]);
         let back: Vec<(&str, &str)> = ours.into_iter().zip(theirs).collect();
+        // (The renames name our tables as they are defined.)
+        let renames: Vec<(&str, &str)> = back.iter().map(|&(new, old)| (old, new)).collect();
+        assert_eq!(renames, UPGRADE_RENAMES);
         rename(&back);
         let staged = Store::open(&path).unwrap();
         assert!(staged
