@@ -971,6 +971,13 @@ struct B2Run {
     runs_held: f64,
 }
 
+impl B2Run {
+    /// The 99th percentile of the calls' commit latency, ms.
+    fn p99_ms(&self) -> f64 {
+        self.lat[(self.lat.len() * 99 / 100).min(self.lat.len() - 1)]
+    }
+}
+
 /// Gets timed right after each B2 window ([`B2Run::gets_us`]).
 const GETS_AFTER_WINDOW: usize = 20_000;
 
@@ -1153,7 +1160,7 @@ pub async fn b2(total_ops: usize, runs: usize) -> Result<Vec<Row>> {
         readable.push(one.readable);
         mbs.push(one.mb_s);
         p50s.push(lat[lat.len() / 2]);
-        p99s.push(lat[(lat.len() * 99 / 100).min(lat.len() - 1)]);
+        p99s.push(one.p99_ms());
         cpus.push(one.cpu_us);
         cpus_readable.push(one.cpu_us_readable);
         faults.push(one.faults_per_kop);
@@ -1292,9 +1299,8 @@ pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
         counts_ms.push(long.counts_ms);
         gets_us.push(long.gets_us);
         runs_held.push(long.runs_held);
-        let lat = &long.lat;
-        p99s.push(lat[(lat.len() * 99 / 100).min(lat.len() - 1)]);
-        maxes.push(lat[lat.len() - 1]);
+        p99s.push(long.p99_ms());
+        maxes.push(long.lat[long.lat.len() - 1]);
     }
     let (rate, burst) = (median(rates), median(bursts));
     let space = match keys {
