@@ -3035,7 +3035,7 @@ mod tests {
     }
 
     /// A view file from before the runs keeps its watermark (`applied-v2`, taken over by
-    /// `applied-v3` at open), so nothing is applied again; the old table is gone afterwards.
+    /// ours at open), so nothing is applied again; the old table is gone afterwards.
     #[test]
     fn a_view_file_from_before_the_runs_keeps_its_watermark() {
         let dir = tempfile::tempdir().unwrap();
