@@ -993,7 +993,7 @@ impl Store {
             // Written by a binary that predates the run filters since our last write (it
             // raised the generation without `filters-at`): its runs may be other ones under
             // the same ids, so every filter goes and those runs are looked in on every read
-            // until they are absorbed or folded.
+            // until the sweep folds them away.
             let meta = txn.open_table(VIEW_META)?;
             let at = |k| -> Result<Option<u64>, StoreError> { Ok(meta.get(k)?.map(|v| v.value())) };
             if at("generation")? != at("filters-at")? {
@@ -2053,7 +2053,7 @@ impl Store {
                         .and_then(|v| RunFilter::decode(v.value()))
                         .map(Arc::new);
                     if cache.len() >= 2 * MAX_RUNS {
-                        // Runs absorbed or folded since: gone from every later snapshot.
+                        // Runs folded away since: gone from every later snapshot.
                         cache.retain(|held, _| list.iter().any(|&(id, _)| id == *held));
                     }
                     cache.insert(id, f.clone());
@@ -3058,20 +3058,7 @@ mod tests {
         let want = store.list("default", "c", "", 100).unwrap();
         drop(store);
         // Made old: the watermark moved under its earlier name.
-        {
-            let view = Database::create(dir.path().join("records.redb")).unwrap();
-            let txn = view.begin_write().unwrap();
-            {
-                let new = txn.open_table(APPLIED).unwrap();
-                let mut old = txn.open_table(APPLIED_V2).unwrap();
-                for entry in new.iter().unwrap() {
-                    let (ck, seq) = entry.unwrap();
-                    old.insert(ck.value(), seq.value()).unwrap();
-                }
-            }
-            txn.delete_table(APPLIED).unwrap();
-            txn.commit().unwrap();
-        }
+        copy_watermark(&dir.path().join("records.redb"), APPLIED_V2, true);
         let store = Store::open(&path).unwrap();
         assert!(store.unapplied(&store.heads().unwrap()).unwrap().is_empty());
         assert_eq!(store.list("default", "c", "", 100).unwrap(), want);
@@ -3143,25 +3130,36 @@ mod tests {
         }
         drop(staged);
         // An older binary wrote since: its watermark beside ours.
-        {
-            let view = Database::create(dir.path().join("a").join("records.redb")).unwrap();
-            let txn = view.begin_write().unwrap();
-            {
-                let ours = txn.open_table(APPLIED).unwrap();
-                let mut theirs = txn.open_table(APPLIED_V3).unwrap();
-                for entry in ours.iter().unwrap() {
-                    let (ck, seq) = entry.unwrap();
-                    theirs.insert(ck.value(), seq.value()).unwrap();
-                }
-            }
-            txn.commit().unwrap();
-        }
+        copy_watermark(
+            &dir.path().join("a").join("records.redb"),
+            APPLIED_V3,
+            false,
+        );
         let staged = Store::open(&path).unwrap();
         assert_eq!(staged.check_view().unwrap(), (0, 0, 0), "the view emptied");
         let behind = staged.unapplied(&staged.heads().unwrap()).unwrap();
         assert_eq!(behind.len(), 3, "the whole log applied again");
         staged.apply(&behind, false).unwrap();
         assert_eq!(staged.list("default", "c", "", 100_000).unwrap(), want);
+    }
+
+    /// Copies the view file's watermark ([`APPLIED`]) under another name (`to`), as an
+    /// earlier binary would have kept it; `moved` drops ours.
+    fn copy_watermark(view: &Path, to: TableDefinition<'_, &[u8], u64>, moved: bool) {
+        let view = Database::create(view).unwrap();
+        let txn = view.begin_write().unwrap();
+        {
+            let ours = txn.open_table(APPLIED).unwrap();
+            let mut theirs = txn.open_table(to).unwrap();
+            for entry in ours.iter().unwrap() {
+                let (ck, seq) = entry.unwrap();
+                theirs.insert(ck.value(), seq.value()).unwrap();
+            }
+        }
+        if moved {
+            txn.delete_table(APPLIED).unwrap();
+        }
+        txn.commit().unwrap();
     }
 
     /// A store staged, frozen and flushed by hand is compared with one every batch is applied
