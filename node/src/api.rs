@@ -643,7 +643,7 @@ async fn events(
 }
 
 /// Appends one metric in Prometheus text format.
-fn metric(out: &mut String, kind: &str, name: &str, help: &str, v: u64) {
+fn metric(out: &mut String, kind: &str, name: &str, help: &str, v: impl std::fmt::Display) {
     out.push_str(&format!(
         "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
     ));
@@ -722,6 +722,21 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
         "blazedb_view_folds_total",
         "View flushes that folded a slice of the key space (the runs' records there, and the delta's) into the records' table.",
         folds,
+    );
+    let (paced, stopped) = node.view_paced();
+    metric(
+        &mut out,
+        "counter",
+        "blazedb_view_paced_seconds_total",
+        "Time the materializer staged no faster than the running view flush goes (writers that outpace the view file wait this).",
+        paced.as_secs_f64(),
+    );
+    metric(
+        &mut out,
+        "counter",
+        "blazedb_view_stopped_seconds_total",
+        "Time the materializer waited at its memory bound for a view flush to end (writers wait this too).",
+        stopped.as_secs_f64(),
     );
     metric(
         &mut out,

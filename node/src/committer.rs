@@ -32,6 +32,10 @@ use blazedb_protocol::{Op, VerifiedBatch};
 use tokio::sync::oneshot;
 
 use crate::materializer::Job;
+
+/// A log commit, or a hand-over to the materializer, taking longer than this is logged
+/// (debug): where writers' calls wait.
+const SLOW: std::time::Duration = std::time::Duration::from_millis(200);
 use crate::node::{NodeError, Shared, WriteReceipt};
 
 /// Most groups queued for the committer (beyond the one being committed). Kept shallow: a
@@ -190,7 +194,15 @@ fn run(
                 // waits for them to be applied. Counted after the commit, a reader could
                 // slip between the two and miss the records of batches it had just counted.
                 shared.mat.submitted(batches.len() as u64);
+                let t = std::time::Instant::now();
                 let r = shared.store.append_log(&batches).map_err(|e| e.to_string());
+                if t.elapsed() > SLOW {
+                    tracing::debug!(
+                        ms = t.elapsed().as_millis() as u64,
+                        batches = batches.len(),
+                        "log commit slow (fsync)"
+                    );
+                }
                 if let Err(e) = &r {
                     // Never applied: readers waiting for them hear why instead of timing out.
                     shared.mat.fail(format!("storing batches failed: {e}"));
@@ -233,8 +245,15 @@ fn run(
         // (backpressure on the next commits, and through them on the actor), but the writers
         // and the actor have already heard that these batches are durable.
         if let Some(batches) = to_mat {
+            let t = std::time::Instant::now();
             if mat_tx.send(Job::Apply(batches)).is_ok() {
                 shared.mat_handed_over();
+            }
+            if t.elapsed() > SLOW {
+                tracing::debug!(
+                    ms = t.elapsed().as_millis() as u64,
+                    "waited for room in the materializer queue"
+                );
             }
         }
     }

@@ -19,7 +19,14 @@
 //! - **Bounded**: the job queue holds at most [`QUEUE_CAP`] jobs; when it is full the actor
 //!   blocks on it, which backs pressure up to writers and peers. Memory: the staged delta is
 //!   frozen at [`STAGED_FLUSH_BYTES`] and, while the previous one is still being flushed,
-//!   staging stops at twice that until it is done.
+//!   staging stops at twice that (two and a half times while paced) until it is done.
+//! - **Paced**: while a full delta is being flushed, staging may grow the next one only as
+//!   far as that flush is through its expected time (the last full one's, per byte), to
+//!   twice the flush size at its expected end ([`pace`]); past that, a flush running late
+//!   lets it grow on at the same pace to [`PACED_BOUND_PCT`] of the flush size, the hard
+//!   bound then. A writer that outpaces the view file is slowed evenly over each flush
+//!   instead of stopped for the end of it: once flushes took seconds, that stop was a
+//!   writer's call of seconds.
 //! - **Crash-safe**: the view stores a per-chain watermark in the same transaction as the
 //!   records it covers; after a crash, [`crate::store::Store::unapplied`] finds what to apply
 //!   again (staged deltas are only memory: losing them loses nothing the log does not hold).
@@ -52,6 +59,53 @@ pub const STAGED_FLUSH_BYTES: usize = 256 * 1024 * 1024;
 const IDLE_FLUSH_AFTER: Duration = Duration::from_millis(250);
 /// Longest a read waits for the records to catch up.
 const READ_WAIT: Duration = Duration::from_secs(30);
+/// While staging is paced, the most it holds, in percent of the flush size (without pacing,
+/// 200). With the delta being flushed, itself at most this, up to ~5x the flush size is
+/// held; ~4x when flushes take about as long as expected.
+const PACED_BOUND_PCT: usize = 250;
+/// Longest the materializer waits at once before it looks at the pace again.
+const PACE_WAIT_MAX: Duration = Duration::from_millis(100);
+
+/// What staging may do next while a flush runs ([`pace`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pace {
+    /// Stage the next job.
+    Go,
+    /// Wait until the flush ends or this long has passed, then ask again.
+    Wait(Duration),
+    /// The hard bound: wait for the flush to end.
+    WaitForFlush,
+}
+
+/// Whether staging may go on with `staged` bytes in the delta, `elapsed` into a flush of a
+/// full delta expected to take `expected` (`None` before the first such flush has been
+/// timed, or for an idle point's flush). The allowance grows with the flush's expected
+/// progress, from nothing to twice the flush size at its expected end; so staging, and the
+/// writers behind it, go at the pace the flush takes their records, and the delta is as full
+/// when the flush ends as without pacing. A flush running late (flush times on this VM vary
+/// by 1.5x from one to the next) lets the allowance grow on at that pace up to the hard
+/// bound, [`PACED_BOUND_PCT`] of the flush size. Without an expected time the hard bound is
+/// twice the flush size, and below it staging is free.
+fn pace(flush_at: usize, staged: usize, elapsed: Duration, expected: Option<Duration>) -> Pace {
+    let full = flush_at.saturating_mul(2).max(1);
+    let expected = expected.filter(|e| !e.is_zero());
+    let hard = match expected {
+        Some(_) => flush_at.saturating_mul(PACED_BOUND_PCT) / 100,
+        None => full,
+    };
+    if staged >= hard {
+        return Pace::WaitForFlush;
+    }
+    let Some(expected) = expected else {
+        return Pace::Go;
+    };
+    // When in the flush's expected time `staged` is allowed.
+    let at = expected.mul_f64(staged as f64 / full as f64);
+    match at.checked_sub(elapsed) {
+        Some(left) if !left.is_zero() => Pace::Wait(left.min(PACE_WAIT_MAX)),
+        _ => Pace::Go,
+    }
+}
 
 /// Work for the materializer.
 pub enum Job {
@@ -80,6 +134,12 @@ pub struct MatSync {
     cv: Condvar,
     /// Jobs taken off the queue (for its depth: jobs sent minus jobs taken).
     taken: AtomicU64,
+    /// Microseconds staging waited for the view file's flush to go on at its pace.
+    paced_us: AtomicU64,
+    /// Microseconds staging waited at the hard bound for the view file's flush to end.
+    stopped_us: AtomicU64,
+    /// The most bytes the staged delta held after a job was staged.
+    staged_max: AtomicU64,
 }
 
 impl MatSync {
@@ -113,6 +173,19 @@ impl MatSync {
 
     fn took(&self) {
         self.taken.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How long staging has waited so far for the view file's flushes to go on, staging no
+    /// faster than they ([`pace`]), and how long it has waited at the hard bound for a flush
+    /// to end. A writer that outpaces the view file is slowed by the sum.
+    pub fn paced(&self) -> (Duration, Duration) {
+        let us = |a: &AtomicU64| Duration::from_micros(a.load(Ordering::Relaxed));
+        (us(&self.paced_us), us(&self.stopped_us))
+    }
+
+    /// The most bytes (by the store's estimate) the staged delta has held so far.
+    pub fn staged_bytes_max(&self) -> u64 {
+        self.staged_max.load(Ordering::Relaxed)
     }
 
     /// Batches submitted but not yet applied.
@@ -173,9 +246,19 @@ pub fn spawn(
 struct Flusher {
     /// Flush requests (`true`: fsync the commit). One at a time.
     tx: Option<mpsc::SyncSender<bool>>,
-    /// Outcome of each flush.
-    done: mpsc::Receiver<Result<(), String>>,
+    /// Outcome of each flush, with the time it took.
+    done: mpsc::Receiver<Result<Duration, String>>,
     busy: bool,
+    /// When the running flush started.
+    started: Instant,
+    /// Whether the running flush was started under load (a full delta, not an idle point).
+    loaded: bool,
+    /// The running flush's delta, in staged bytes.
+    bytes: usize,
+    /// How long the last flush started under load took, and its delta's bytes: the running
+    /// one is expected to take as long per byte. (An idle point's small flush says little
+    /// about a full one.)
+    last: Option<(Duration, usize)>,
     /// A flush without fsync committed since the last durable one.
     needs_sync: bool,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -189,9 +272,10 @@ impl Flusher {
             .name("blazedb-flusher".into())
             .spawn(move || {
                 for durable in rx {
+                    let started = Instant::now();
                     let r = store
                         .flush_frozen(durable)
-                        .map(|_| ())
+                        .map(|_| started.elapsed())
                         .map_err(|e| e.to_string());
                     if done_tx.send(r).is_err() {
                         break;
@@ -203,6 +287,10 @@ impl Flusher {
             tx: Some(tx),
             done,
             busy: false,
+            started: Instant::now(),
+            loaded: false,
+            bytes: 0,
+            last: None,
             needs_sync: false,
             thread: Some(thread),
         }
@@ -211,25 +299,100 @@ impl Flusher {
     /// Freezes what is staged and starts writing it, if the flusher is idle. Returns whether
     /// a flush started.
     fn start(&mut self, store: &Store, durable: bool) -> Result<bool, String> {
-        if !self.poll_idle()? || !store.freeze() {
+        if !self.poll_idle()? {
             return Ok(false);
         }
+        // (Only this thread stages: what is staged now is what is frozen.)
+        let bytes = store.staged_bytes();
+        if !store.freeze() {
+            return Ok(false);
+        }
+        self.bytes = bytes;
         let tx = self.tx.as_ref().ok_or("flusher stopped")?;
         tx.send(durable)
             .map_err(|_| "flusher thread ended".to_string())?;
         self.busy = true;
+        self.started = Instant::now();
+        self.loaded = !durable;
         self.needs_sync = !durable;
         Ok(true)
+    }
+
+    /// Takes a finished flush's outcome.
+    fn finished(&mut self, r: Result<Duration, String>) -> Result<(), String> {
+        self.busy = false;
+        let took = r?;
+        if self.loaded {
+            self.last = Some((took, self.bytes));
+        }
+        Ok(())
+    }
+
+    /// How long the running flush is expected to take, if it is a full delta's and one has
+    /// been timed: the last one's time per byte.
+    fn expected(&self) -> Option<Duration> {
+        let (took, bytes) = self.last.filter(|_| self.loaded)?;
+        Some(took.mul_f64(self.bytes as f64 / bytes.max(1) as f64))
+    }
+
+    /// Whether a flush of a full delta runs, with an expected time to pace staging by.
+    fn pacing(&self) -> bool {
+        self.busy && self.expected().is_some()
+    }
+
+    /// While a flush runs: waits as long as [`pace`] says, and starts the next flush if this
+    /// one ends meanwhile with a full delta staged.
+    fn pace(&mut self, store: &Store, sync: &MatSync, flush_at: usize) -> Result<(), String> {
+        let (mut paced, mut stopped) = (Duration::ZERO, Duration::ZERO);
+        while self.busy {
+            let expected = self.expected();
+            let step = pace(
+                flush_at,
+                store.staged_bytes(),
+                self.started.elapsed(),
+                expected,
+            );
+            let began = Instant::now();
+            match step {
+                Pace::Go => break,
+                Pace::Wait(d) => {
+                    match self.done.recv_timeout(d) {
+                        Ok(r) => self.finished(r)?,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Disconnected) => {
+                            return Err("flusher thread ended".into())
+                        }
+                    }
+                    paced += began.elapsed();
+                }
+                Pace::WaitForFlush => {
+                    self.wait_idle()?;
+                    stopped += began.elapsed();
+                }
+            }
+        }
+        if !(paced + stopped).is_zero() {
+            sync.paced_us
+                .fetch_add(paced.as_micros() as u64, Ordering::Relaxed);
+            sync.stopped_us
+                .fetch_add(stopped.as_micros() as u64, Ordering::Relaxed);
+            tracing::trace!(
+                paced_ms = paced.as_secs_f64() * 1e3,
+                stopped_ms = stopped.as_secs_f64() * 1e3,
+                "staging waited for the flush"
+            );
+        }
+        if !self.busy && store.staged_bytes() >= flush_at {
+            self.start(store, false)?;
+        }
+        Ok(())
     }
 
     /// Whether no flush is running (collecting the outcome of a finished one).
     fn poll_idle(&mut self) -> Result<bool, String> {
         if self.busy {
             match self.done.try_recv() {
-                Ok(r) => {
-                    self.busy = false;
-                    r?;
-                }
+                Ok(r) => self.finished(r)?,
                 Err(mpsc::TryRecvError::Empty) => return Ok(false),
                 Err(mpsc::TryRecvError::Disconnected) => return Err("flusher thread ended".into()),
             }
@@ -244,8 +407,7 @@ impl Flusher {
                 .done
                 .recv()
                 .map_err(|_| "flusher thread ended".to_string())?;
-            self.busy = false;
-            r?;
+            self.finished(r)?;
         }
         Ok(())
     }
@@ -296,9 +458,11 @@ fn run(
         };
         let res = match job {
             Job::Apply(mut batches) => {
-                // Take whatever else is queued, up to a transaction's worth.
+                // Take whatever else is queued, up to a transaction's worth; one job at a
+                // time while staging is paced, so that the queue, and the writers behind
+                // it, move on as evenly as the pace lets them.
                 let mut ops: usize = batches.iter().map(|b| b.ops.len()).sum();
-                while ops < OPS_PER_TXN {
+                while ops < OPS_PER_TXN && !flusher.pacing() {
                     match rx.try_recv() {
                         Ok(Job::Apply(more)) => {
                             sync.took();
@@ -322,15 +486,13 @@ fn run(
                         for c in ch {
                             let _ = changes.send(c);
                         }
-                        // Hand a full delta to the flusher; past the hard bound, wait for it
-                        // (backpressure: the queue fills, then the actor, then writers wait).
-                        let bytes = store.staged_bytes();
-                        if bytes >= flush_at
-                            && !flusher.start(store, false)?
-                            && bytes >= 2 * flush_at
-                        {
-                            flusher.wait_idle()?;
-                            flusher.start(store, false)?;
+                        // Hand a full delta to the flusher; while it is busy, stage no faster
+                        // than it goes, and past the hard bound wait for it (backpressure: the
+                        // queue fills, then the actor, then writers wait).
+                        let staged = store.staged_bytes();
+                        sync.staged_max.fetch_max(staged as u64, Ordering::Relaxed);
+                        if !(staged >= flush_at && flusher.start(store, false)?) {
+                            flusher.pace(store, sync, flush_at)?;
                         }
                         Ok(n)
                     })
@@ -387,5 +549,125 @@ fn next_job(
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: usize = 1 << 20;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// A writer that outpaces the view file (each flush first waits 150 ms, a slow disk) is
+    /// paced by the flushes: staging waits below the hard bound, the delta never holds more
+    /// than the paced bound (plus the one round staged before the check), and the records
+    /// read the same as where every batch was applied straight to the file.
+    #[test]
+    fn staging_is_paced_by_a_slow_view_file_and_loses_nothing() {
+        use crate::node::DEFAULT_NAMESPACE;
+        use crate::store::record_key;
+        let batches = crate::bench_materialize::sealed_batches(11, 300_000).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
+        store.flush_delay_ms.store(150, Ordering::Relaxed);
+        std::fs::create_dir(dir.path().join("direct")).unwrap();
+        let direct = Store::open(&dir.path().join("direct").join("store.redb")).unwrap();
+        direct.apply_with(&batches, false, false).unwrap();
+        let mut keys = Vec::new();
+        for b in &batches {
+            let view = b.ops.view().unwrap();
+            for op in view.ops().iter().step_by(7) {
+                keys.push((view.collection(op).to_string(), view.key(op).to_string()));
+            }
+        }
+        // A job is 5,000 W ops (~1.7 MB by the store's estimate): a few make a full delta. A
+        // round staged before the bound is looked at is up to ten jobs.
+        let flush_at = 8 << 20;
+        let round_bytes_max = 20 << 20;
+        let sync = Arc::new(MatSync::default());
+        let (changes, _) = broadcast::channel(16);
+        let (tx, thread) = spawn(store.clone(), sync.clone(), changes, flush_at);
+        for b in batches {
+            sync.submitted(1);
+            tx.send(Job::Apply(vec![b])).unwrap();
+        }
+        sync.wait_applied().unwrap();
+        drop(tx);
+        thread.join().unwrap();
+        let (paced, stopped) = sync.paced();
+        assert!(
+            paced > Duration::ZERO,
+            "staging was never paced (stopped at the bound for {stopped:?})"
+        );
+        let bound = (flush_at * PACED_BOUND_PCT / 100 + round_bytes_max) as u64;
+        assert!(
+            sync.staged_bytes_max() <= bound,
+            "the delta held {} bytes, bound {bound}",
+            sync.staged_bytes_max()
+        );
+        let (flushes, _) = store.view_flushes();
+        assert!(flushes >= 4, "{flushes} flushes");
+        for (collection, key) in &keys {
+            assert_eq!(
+                store.get(DEFAULT_NAMESPACE, collection, key).unwrap(),
+                direct.get(DEFAULT_NAMESPACE, collection, key).unwrap(),
+                "{}",
+                String::from_utf8_lossy(&record_key(DEFAULT_NAMESPACE, collection, key))
+            );
+        }
+    }
+
+    #[test]
+    fn without_an_expected_time_only_twice_the_flush_size_stops_staging() {
+        assert_eq!(pace(256 * MB, 0, ms(0), None), Pace::Go);
+        assert_eq!(pace(256 * MB, 511 * MB, ms(0), None), Pace::Go);
+        assert_eq!(pace(256 * MB, 512 * MB, ms(0), None), Pace::WaitForFlush);
+    }
+
+    #[test]
+    fn staging_follows_the_flush_expected_time() {
+        let expected = Some(ms(4000));
+        // The flush size is allowed halfway through the flush, twice it at the expected end.
+        assert_eq!(
+            pace(256 * MB, 256 * MB, ms(1000), expected),
+            Pace::Wait(PACE_WAIT_MAX)
+        );
+        assert_eq!(
+            pace(256 * MB, 256 * MB, ms(1950), expected),
+            Pace::Wait(ms(50))
+        );
+        assert_eq!(pace(256 * MB, 256 * MB, ms(2000), expected), Pace::Go);
+        assert_eq!(
+            pace(256 * MB, 512 * MB, ms(3990), expected),
+            Pace::Wait(ms(10))
+        );
+        assert_eq!(pace(256 * MB, 0, ms(0), expected), Pace::Go);
+        // A flush running late: the allowance grows on at the same pace, to the hard bound.
+        let hard = 256 * MB * PACED_BOUND_PCT / 100;
+        assert_eq!(
+            pace(256 * MB, hard - 1, ms(4000), expected),
+            Pace::Wait(PACE_WAIT_MAX)
+        );
+        assert_eq!(pace(256 * MB, hard - 1, ms(9000), expected), Pace::Go);
+        assert_eq!(pace(256 * MB, hard, ms(9000), expected), Pace::WaitForFlush);
+        // The allowance only grows with the elapsed time.
+        let mut last_allowed = 0;
+        for t in (0..=6000).step_by(250) {
+            let allowed = (0..hard / MB)
+                .map(|m| m * MB)
+                .take_while(|&s| pace(256 * MB, s, ms(t), expected) == Pace::Go)
+                .last()
+                .unwrap_or(0);
+            assert!(
+                allowed >= last_allowed,
+                "at {t} ms: {allowed} < {last_allowed}"
+            );
+            last_allowed = allowed;
+        }
+        assert_eq!(last_allowed, hard - MB);
     }
 }

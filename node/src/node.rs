@@ -130,7 +130,9 @@ pub struct NodeConfig {
     pub dicts: DictPolicy,
     /// Size (approximate bytes) at which the materializer's in-memory delta of record changes
     /// is written into the view file. Under sustained ingest up to about four times this is
-    /// held (the delta filling and the one being written, each up to twice this). Measured
+    /// held (the delta filling and the one being written, each up to twice this), five at
+    /// worst (each up to two and a half times this when flushes run later than expected,
+    /// see the materializer's pacing). Measured
     /// (B2m): larger flushes were not faster than ~200k-op ones on workload W. Default
     /// [`materializer::STAGED_FLUSH_BYTES`] (256 MiB, ~400k W ops; 64 MiB halves B3).
     pub view_delta_bytes: usize,
@@ -558,6 +560,13 @@ impl NodeHandle {
     pub fn view_flush_kinds(&self) -> (u64, u64) {
         let store = &self.shared.store;
         (store.view_runs_written(), store.view_folds())
+    }
+
+    /// How long the materializer has waited for the view file's flushes since the node
+    /// started: staging no faster than a running flush goes, and stopped at the hard bound
+    /// for one to end. Writers that outpace the view file are slowed by the sum.
+    pub fn view_paced(&self) -> (std::time::Duration, std::time::Duration) {
+        self.shared.mat.paced()
     }
 
     /// Sorted runs held beside the view's records' table now (a read looks in each whose

@@ -243,6 +243,10 @@ pub struct Store {
     /// The next flush that would fold a slice folds everything instead ([`Fold::All`]).
     #[cfg(test)]
     fold_all_next: std::sync::atomic::AtomicBool,
+    /// Every flush first waits this many milliseconds: a view file on a slow disk, for the
+    /// materializer's pacing tests.
+    #[cfg(test)]
+    pub(crate) flush_delay_ms: std::sync::atomic::AtomicU64,
 }
 
 /// A record count and what it cost ([`Store::counts_bounded`]).
@@ -1026,6 +1030,8 @@ impl Store {
             counting: Default::default(),
             #[cfg(test)]
             fold_all_next: Default::default(),
+            #[cfg(test)]
+            flush_delay_ms: Default::default(),
         })
     }
 
@@ -1265,8 +1271,10 @@ impl Store {
         batches: Vec<VerifiedBatch>,
         want_changes: bool,
     ) -> Result<Vec<Change>, StoreError> {
-        let txn = self.view.begin_read()?;
-        let applied_t = txn.open_table(APPLIED)?;
+        // The view file's watermarks are read only for a chain neither delta has seen: theirs
+        // are newer. (A read of the file waits while a flush's commit writes its pages: under
+        // sustained ingest that held staging, and the writers behind it, up to ~1.7 s.)
+        let mut applied_t = None;
         let mut changes = Vec::new();
         for vb in batches {
             let ck = chain_prefix(&vb.header.ns, &vb.header.author);
@@ -1276,8 +1284,18 @@ impl Store {
                 let flushing = read(&self.flushing)
                     .as_ref()
                     .and_then(|f| f.applied.get(&ck).copied());
-                let file = applied_t.get(ck.as_slice())?.map(|v| v.value());
-                staged.max(flushing).max(file)
+                match staged.max(flushing) {
+                    Some(d) => Some(d),
+                    None => {
+                        if applied_t.is_none() {
+                            applied_t = Some(self.view.begin_read()?.open_table(APPLIED)?);
+                        }
+                        match &applied_t {
+                            Some(t) => t.get(ck.as_slice())?.map(|v| v.value()),
+                            None => None,
+                        }
+                    }
+                }
             };
             if done.is_some_and(|d| d >= seq) {
                 continue; // already applied (replayed after a crash)
@@ -1448,12 +1466,21 @@ impl Store {
             return Ok(0);
         };
         let started = std::time::Instant::now();
+        #[cfg(test)]
+        std::thread::sleep(std::time::Duration::from_millis(
+            self.flush_delay_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        ));
         let mut txn = self.view.begin_write()?;
         if !durable {
             txn.set_durability(redb::Durability::None)
                 .map_err(|e| StoreError::Corrupt(format!("durability: {e}")))?;
         }
         let (mut new_run, mut dropped, mut folded) = (None, Vec::new(), 0u64);
+        // Where the time went, for the debug log: the sort, the fold, the run.
+        let sort_ms: f64;
+        let (mut fold_ms, mut run_ms) = (0.0, 0.0);
+        let ms_since = |t: std::time::Instant| t.elapsed().as_secs_f64() * 1e3;
         let mode = {
             let mut records = txn.open_table(RECORDS)?;
             let mut applied = txn.open_table(APPLIED)?;
@@ -1475,11 +1502,7 @@ impl Store {
             // inserted at the cursor. No record is looked up from the tree's root.
             let sorting = std::time::Instant::now();
             let keyed = sorted_records(&delta.records);
-            tracing::debug!(
-                records = keyed.len(),
-                ms = sorting.elapsed().as_secs_f64() * 1e3,
-                "view flush: delta sorted"
-            );
+            sort_ms = ms_since(sorting);
             let file_len = records.len()?;
             let interleaved = match records.last()? {
                 Some((last, _)) => {
@@ -1506,6 +1529,7 @@ impl Store {
                     // The fold and the runs it takes records from are read from a snapshot of
                     // the file as this transaction found it (no other write can commit
                     // meanwhile: redb has one writer at a time), while this one writes.
+                    let folding = std::time::Instant::now();
                     let snapshot = self.view.begin_read()?;
                     let held_table = snapshot.open_table(RECORDS)?;
                     let held_runs = snapshot.open_table(RUNS)?;
@@ -1576,6 +1600,8 @@ impl Store {
                         Some(h) => sweep.insert("from", h.as_slice())?,
                         None => sweep.remove("from")?,
                     };
+                    fold_ms = ms_since(folding);
+                    let running = std::time::Instant::now();
                     // The rest of the delta, before and past the fold: a run of its own.
                     let rest = (0..start).chain(stop..keyed.len());
                     let rest_len = (start + keyed.len() - stop) as u64;
@@ -1607,6 +1633,7 @@ impl Store {
                         filter_table.insert(id, filter.encode().as_slice())?;
                         new_run = Some((id, Arc::new(filter)));
                     }
+                    run_ms = ms_since(running);
                 }
                 FlushMode::Splice => {
                     if let Some((first, _)) = keyed.first() {
@@ -1649,13 +1676,18 @@ impl Store {
             mode
         };
         bump_generation(&txn)?;
+        let committing = std::time::Instant::now();
         txn.commit()?;
         tracing::debug!(
             records = delta.records.len(),
             ?mode,
             folded,
             runs_gone = dropped.len(),
-            ms = started.elapsed().as_secs_f64() * 1e3,
+            ms = ms_since(started),
+            sort_ms,
+            fold_ms,
+            run_ms,
+            commit_ms = ms_since(committing),
             "view flush: committed"
         );
         {

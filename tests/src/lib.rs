@@ -53,6 +53,15 @@ pub async fn start_node(dir: &Path, bootstrap: &[Multiaddr]) -> anyhow::Result<N
 
 /// A counter from a `/metrics` text (panics naming it if it is missing).
 pub fn metric(text: &str, name: &str) -> u64 {
+    metric_as(text, name)
+}
+
+/// A counter with a fractional value (seconds) from a `/metrics` text.
+pub fn metric_f64(text: &str, name: &str) -> f64 {
+    metric_as(text, name)
+}
+
+fn metric_as<T: std::str::FromStr>(text: &str, name: &str) -> T {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or_else(|| panic!("{name} missing from /metrics"))

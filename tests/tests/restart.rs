@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use blazedb_protocol::{Hlc, Op};
 use blazedb_tests::{
-    eventually, metric, obj, scrape_metrics, serve_api, snapshot, start_node, wait_peers,
+    eventually, metric, metric_f64, obj, scrape_metrics, serve_api, snapshot, start_node,
+    wait_peers,
 };
 use serde_json::json;
 
@@ -217,6 +218,13 @@ async fn records_written_among_held_ones_become_a_run_and_read_right_after_a_res
     // records past the fold's slice (about 130 of the 600 fall in the first twelfth).
     assert!(metric(&text, "blazedb_view_run_filter_bytes") >= 400 * 10 / 8);
     assert!(metric(&text, "blazedb_view_folds_total") >= 1);
+    // Nothing outpaced the view file here; the counters are there, in seconds.
+    for name in [
+        "blazedb_view_paced_seconds_total",
+        "blazedb_view_stopped_seconds_total",
+    ] {
+        assert!(metric_f64(&text, name) >= 0.0, "{name}");
+    }
     assert_eq!(metric(&text, "blazedb_stored_records"), 2_500);
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
