@@ -32,11 +32,11 @@ use blazedb_protocol::{Op, VerifiedBatch};
 use tokio::sync::oneshot;
 
 use crate::materializer::Job;
+use crate::node::{NodeError, Shared, WriteReceipt};
 
 /// A log commit, or a hand-over to the materializer, taking longer than this is logged
 /// (debug): where writers' calls wait.
 const SLOW: std::time::Duration = std::time::Duration::from_millis(200);
-use crate::node::{NodeError, Shared, WriteReceipt};
 
 /// Most groups queued for the committer (beyond the one being committed). Kept shallow: a
 /// live batch queued behind bulk catch-up groups waits for all of them (8 measured no faster).

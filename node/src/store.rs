@@ -1301,8 +1301,9 @@ impl Store {
         want_changes: bool,
     ) -> Result<Vec<Change>, StoreError> {
         // The view file's watermarks are read only for a chain neither delta has seen: theirs
-        // are newer. (A read of the file waits while a flush's commit writes its pages: under
-        // sustained ingest that held staging, and the writers behind it, up to ~1.7 s.)
+        // are newer. (Under sustained ingest, that read of the file per call could wait
+        // behind a running flush's writes: a 5k-op job took up to ~1.7 s to stage, and the
+        // writers behind it waited as long.)
         let mut applied_t = None;
         let mut changes = Vec::new();
         for vb in batches {
@@ -1316,13 +1317,11 @@ impl Store {
                 match staged.max(flushing) {
                     Some(d) => Some(d),
                     None => {
-                        if applied_t.is_none() {
-                            applied_t = Some(self.view.begin_read()?.open_table(APPLIED)?);
-                        }
-                        match &applied_t {
-                            Some(t) => t.get(ck.as_slice())?.map(|v| v.value()),
-                            None => None,
-                        }
+                        let t = match &mut applied_t {
+                            Some(t) => t,
+                            None => applied_t.insert(self.view.begin_read()?.open_table(APPLIED)?),
+                        };
+                        t.get(ck.as_slice())?.map(|v| v.value())
                     }
                 }
             };
