@@ -296,9 +296,10 @@ impl Delta {
     }
 }
 
-/// Per-record memory of the delta beyond its key's and its state's bytes (the table's 32-byte
-/// slots at a load between 1/4 and 1/2: 64–128 bytes; the unfilled tails of the blocks'
-/// chunks), in bytes. Kept high:
+/// Per-record memory of the delta beyond its key's and its state's bytes (the table's 16-byte
+/// slots at a load between 1/4 and 1/2: 32–64 bytes; the block's 8-byte header and its
+/// rounding to 16 bytes; the unfilled tails of the blocks' chunks), in bytes. Kept high
+/// (B2m at 1M W ops: the estimate 259 B per staged op, the table and chunks 180):
 /// the bound must hold on the allocator's worst day, not its average. B2m prints the
 /// estimate next to the table's own bytes per staged op ([`Store::staged_heap_bytes`]).
 const STAGED_RECORD_OVERHEAD_BYTES: usize = 160;
