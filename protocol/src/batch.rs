@@ -27,7 +27,8 @@ use crate::dict::{Dict, DictLookup, DictRef, NoDicts};
 use crate::hlc::Hlc;
 use crate::limits;
 use crate::op::{validate_namespace, Op, OpError};
-use crate::squeeze::Squeeze;
+use crate::squeeze::{Frames, Squeeze};
+use std::borrow::Cow;
 
 /// Domain separation for batch signatures.
 pub const SIGNING_CONTEXT: &[u8] = b"blazedb/batch/v1\0";
@@ -266,7 +267,13 @@ fn read_bstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 fn write_bstr(out: &mut Vec<u8>, b: &[u8]) {
-    let len = b.len() as u64;
+    bstr_head(out, b.len());
+    out.extend_from_slice(b);
+}
+
+/// The head of a CBOR byte string of `len` bytes.
+fn bstr_head(out: &mut Vec<u8>, len: usize) {
+    let len = len as u64;
     match len {
         0..=23 => out.push(0x40 | len as u8),
         24..=0xff => out.extend_from_slice(&[0x58, len as u8]),
@@ -283,7 +290,6 @@ fn write_bstr(out: &mut Vec<u8>, b: &[u8]) {
             out.extend_from_slice(&len.to_be_bytes());
         }
     }
-    out.extend_from_slice(b);
 }
 
 fn to_cbor<T: Serialize>(v: &T) -> Vec<u8> {
@@ -450,32 +456,46 @@ fn seal_payload(
         hlc_min,
         hlc_max,
     } = ops;
+    // The payload in up to two parts, written one after the other into the envelope (a
+    // frame compressed ahead by the writer is borrowed, not joined to its head first).
     let compressed = match plain.len() {
         n if n >= SPLIT_MIN_BYTES => squeeze.compress_split(&plain, split, ahead.as_ref()),
-        n if n >= COMPRESS_MIN_BYTES => squeeze.compress(&plain),
+        n if n >= COMPRESS_MIN_BYTES => squeeze.compress(&plain).map(|z| Frames {
+            head: z,
+            body: Cow::Borrowed(&[]),
+        }),
         _ => None,
     };
-    let (mut payload, mut enc) = match plain.len() >= COMPRESS_MIN_BYTES {
-        true => match compressed {
-            Some(z) if z.len() < plain.len() => (z, ENC_COMPACT_ZSTD),
-            _ => (plain.clone(), ENC_COMPACT),
-        },
-        false => (plain.clone(), ENC_COMPACT),
+    let (mut payload, mut enc) = match compressed {
+        Some(z) if z.len() < plain.len() => (z, ENC_COMPACT_ZSTD),
+        _ => (
+            Frames {
+                head: Vec::new(),
+                body: Cow::Borrowed(&plain[..]),
+            },
+            ENC_COMPACT,
+        ),
     };
     let mut used = None;
     if let Some(d) = dict.filter(|_| len < DICT_OPS_MAX) {
         if let Ok(z) = d.compress(&plain, crate::squeeze::STRONG_LEVEL) {
             if z.len() + DICT_HEADER_BYTES < payload.len() {
-                payload = z;
+                payload = Frames {
+                    head: z,
+                    body: Cow::Borrowed(&[]),
+                };
                 enc = ENC_COMPACT_ZSTD_DICT;
                 used = Some(d.clone());
             }
         }
     }
-    let payload_hash = match &used {
-        Some(d) => *blake3::keyed_hash(&d.id().0, &payload).as_bytes(),
-        None => *blake3::hash(&payload).as_bytes(),
+    let mut hasher = match &used {
+        Some(d) => blake3::Hasher::new_keyed(&d.id().0),
+        None => blake3::Hasher::new(),
     };
+    hasher.update(&payload.head);
+    hasher.update(&payload.body);
+    let payload_hash = *hasher.finalize().as_bytes();
     let header = BatchHeader {
         v: HEADER_VERSION,
         ns: ns.to_string(),
@@ -503,7 +523,9 @@ fn seal_payload(
     bytes.push(0x83);
     write_bstr(&mut bytes, &header_bytes);
     write_bstr(&mut bytes, &signature);
-    write_bstr(&mut bytes, &payload);
+    bstr_head(&mut bytes, payload.len());
+    bytes.extend_from_slice(&payload.head);
+    bytes.extend_from_slice(&payload.body);
     if bytes.len() > limits::MAX_BATCH_BYTES {
         return Err(BatchError::TooLarge(bytes.len()));
     }
