@@ -298,11 +298,12 @@ impl Delta {
 
 /// Per-record memory of the delta beyond its key's and its state's bytes (the table's 16-byte
 /// slots at a load between 1/4 and 1/2: 32–64 bytes; the block's 8-byte header and its
-/// rounding to 16 bytes; the unfilled tails of the blocks' chunks), in bytes. Kept high
-/// (B2m at 1M W ops: the estimate 259 B per staged op, the table and chunks 180):
+/// rounding to 16 bytes; the unfilled tails of the blocks' chunks), in bytes. Kept high:
 /// the bound must hold on the allocator's worst day, not its average. B2m prints the
-/// estimate next to the table's own bytes per staged op ([`Store::staged_heap_bytes`]).
-const STAGED_RECORD_OVERHEAD_BYTES: usize = 160;
+/// estimate next to the table's own bytes per staged op ([`Store::staged_heap_bytes`]):
+/// at 200k W ops ~310 against 241 measured, at 1M ~240 against 180 (160 bytes here with
+/// the 32-byte slots before 2026-12-07: ~340 against ~260 at 200k).
+const STAGED_RECORD_OVERHEAD_BYTES: usize = 128;
 
 /// The delta's records in key order. Keys live in their own heap blocks: a sort comparing
 /// them through their pointers misses the cache at nearly every comparison once the delta
