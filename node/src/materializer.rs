@@ -107,6 +107,33 @@ fn pace(flush_at: usize, staged: usize, elapsed: Duration, expected: Option<Dura
     }
 }
 
+/// A timed flush of a full delta ([`flush_estimate`]).
+#[derive(Clone, Copy, Debug)]
+struct LastFlush {
+    /// How long it took in all.
+    took: Duration,
+    /// Of that, its fold of a slice of the file into the records' table.
+    fold: Duration,
+    /// Its delta, in staged bytes.
+    bytes: usize,
+}
+
+/// Loaded flushes whose folds [`flush_estimate`] takes the longest of.
+const FOLDS_KEPT: usize = 3;
+
+/// How long a flush of a delta of `bytes` is expected to take, from the last one: a fold as
+/// long as the longest of the last [`FOLDS_KEPT`] (`fold`; the slice folded is a share of
+/// the file, whatever the delta's size, and grows with it; the slice that reaches the end of
+/// the key space is short, once per sweep, and says nothing of the next), and the rest of
+/// the last one's time in proportion to the delta. (Scaling the whole of the last time by
+/// the delta made a small delta after a large one look quick: at 32M records, with folds of
+/// 3–5 s, such flushes ran 1.3–1.5x late, or 4x after the sweep's short slice, the delta
+/// reached the hard bound and staging stopped for up to 3.3 s.)
+fn flush_estimate(last: &LastFlush, fold: Duration, bytes: usize) -> Duration {
+    let rest = last.took.saturating_sub(last.fold);
+    fold + rest.mul_f64(bytes as f64 / last.bytes.max(1) as f64)
+}
+
 /// Work for the materializer.
 pub enum Job {
     /// Apply these (already durable) batches.
@@ -246,8 +273,8 @@ pub fn spawn(
 struct Flusher {
     /// Flush requests (`true`: fsync the commit). One at a time.
     tx: Option<mpsc::SyncSender<bool>>,
-    /// Outcome of each flush, with the time it took.
-    done: mpsc::Receiver<Result<Duration, String>>,
+    /// Outcome of each flush: the time it took, and of that its fold's.
+    done: mpsc::Receiver<Result<(Duration, Duration), String>>,
     busy: bool,
     /// When the running flush started.
     started: Instant,
@@ -255,10 +282,11 @@ struct Flusher {
     loaded: bool,
     /// The running flush's delta, in staged bytes.
     bytes: usize,
-    /// How long the last flush started under load took, and its delta's bytes: the running
-    /// one is expected to take as long per byte. (An idle point's small flush says little
-    /// about a full one.)
-    last: Option<(Duration, usize)>,
+    /// The last flush started under load: the running one is expected to take about as long
+    /// ([`flush_estimate`]). (An idle point's small flush says little about a full one.)
+    last: Option<LastFlush>,
+    /// The folds of the last [`FOLDS_KEPT`] loaded flushes, newest last.
+    folds: std::collections::VecDeque<Duration>,
     /// A flush without fsync committed since the last durable one.
     needs_sync: bool,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -275,7 +303,7 @@ impl Flusher {
                     let started = Instant::now();
                     let r = store
                         .flush_frozen(durable)
-                        .map(|_| started.elapsed())
+                        .map(|_| (started.elapsed(), store.last_fold()))
                         .map_err(|e| e.to_string());
                     if done_tx.send(r).is_err() {
                         break;
@@ -291,6 +319,7 @@ impl Flusher {
             loaded: false,
             bytes: 0,
             last: None,
+            folds: Default::default(),
             needs_sync: false,
             thread: Some(thread),
         }
@@ -319,20 +348,29 @@ impl Flusher {
     }
 
     /// Takes a finished flush's outcome.
-    fn finished(&mut self, r: Result<Duration, String>) -> Result<(), String> {
+    fn finished(&mut self, r: Result<(Duration, Duration), String>) -> Result<(), String> {
         self.busy = false;
-        let took = r?;
+        let (took, fold) = r?;
         if self.loaded {
-            self.last = Some((took, self.bytes));
+            self.last = Some(LastFlush {
+                took,
+                fold,
+                bytes: self.bytes,
+            });
+            if self.folds.len() == FOLDS_KEPT {
+                self.folds.pop_front();
+            }
+            self.folds.push_back(fold);
         }
         Ok(())
     }
 
     /// How long the running flush is expected to take, if it is a full delta's and one has
-    /// been timed: the last one's time per byte.
+    /// been timed ([`flush_estimate`]).
     fn expected(&self) -> Option<Duration> {
-        let (took, bytes) = self.last.filter(|_| self.loaded)?;
-        Some(took.mul_f64(self.bytes as f64 / bytes.max(1) as f64))
+        let last = self.last.filter(|_| self.loaded)?;
+        let fold = self.folds.iter().max().copied().unwrap_or_default();
+        Some(flush_estimate(&last, fold, self.bytes))
     }
 
     /// Whether a flush of a full delta runs, with an expected time to pace staging by.
@@ -619,6 +657,39 @@ mod tests {
                 String::from_utf8_lossy(&record_key(DEFAULT_NAMESPACE, collection, key))
             );
         }
+    }
+
+    /// A flush's fold is expected to take as long as the recent ones' whatever the delta's
+    /// size; the rest scales with the delta (a fold-free flush scales whole).
+    #[test]
+    fn a_flush_is_expected_to_fold_as_long_as_the_last() {
+        let last = LastFlush {
+            took: ms(7000),
+            fold: ms(4000),
+            bytes: 400 * MB,
+        };
+        let fold = last.fold;
+        assert_eq!(flush_estimate(&last, fold, 400 * MB), ms(7000));
+        assert_eq!(flush_estimate(&last, fold, 200 * MB), ms(5500));
+        assert_eq!(flush_estimate(&last, fold, 800 * MB), ms(10000));
+        // After the sweep's short slice, the fold expected is an earlier, longer one's.
+        let short = LastFlush {
+            took: ms(3100),
+            fold: ms(100),
+            ..last
+        };
+        assert_eq!(flush_estimate(&short, fold, 200 * MB), ms(5500));
+        let no_fold = LastFlush {
+            fold: ms(0),
+            ..last
+        };
+        assert_eq!(flush_estimate(&no_fold, ms(0), 200 * MB), ms(3500));
+        // A fold timed longer than its flush (clocks read apart) leaves nothing to scale.
+        let odd = LastFlush {
+            fold: ms(9000),
+            ..last
+        };
+        assert_eq!(flush_estimate(&odd, ms(9000), 200 * MB), ms(9000));
     }
 
     #[test]

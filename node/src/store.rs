@@ -228,6 +228,9 @@ pub struct Store {
     /// View flushes committed, and the records they wrote ([`Store::view_flushes`]).
     flushes: std::sync::atomic::AtomicU64,
     flushed_records: std::sync::atomic::AtomicU64,
+    /// How long the last flush's fold took, in microseconds (0 for a flush that folded
+    /// nothing): a part of a flush's time that does not scale with its delta.
+    last_fold_us: std::sync::atomic::AtomicU64,
     /// The distinct records of the view file (table and runs) at one generation of it
     /// ([`VIEW_META`]): counting them walks every level, once per generation.
     file_records: std::sync::Mutex<Option<(u64, u64)>>,
@@ -1054,6 +1057,7 @@ impl Store {
             runs_written: Default::default(),
             flushes: Default::default(),
             flushed_records: Default::default(),
+            last_fold_us: Default::default(),
             file_records: Default::default(),
             bounded_count: Default::default(),
             run_filters: Default::default(),
@@ -1490,6 +1494,16 @@ impl Store {
     /// Writes the frozen delta into the view file in one transaction (records in key order:
     /// each read once, joined with its delta, written once; watermarks advanced), then drops
     /// it. `durable` fsyncs the commit (otherwise redb's `Durability::None`: after a crash the
+    /// How long the last committed flush spent folding a slice of the file's key space into
+    /// the records' table ([`Fold`]; zero if it folded nothing). That part grows with the
+    /// file, not with the delta: the materializer's pacing estimates a flush's time from it
+    /// and from the rest of the last one's time per byte.
+    pub fn last_fold(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(
+            self.last_fold_us.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
     /// watermark tells [`Store::unapplied`] what to apply again). Returns the records written.
     pub fn flush_frozen(&self, durable: bool) -> Result<usize, StoreError> {
         let Some(delta) = read(&self.flushing).clone() else {
@@ -1708,6 +1722,8 @@ impl Store {
         bump_generation(&txn)?;
         let committing = std::time::Instant::now();
         txn.commit()?;
+        self.last_fold_us
+            .store((fold_ms * 1e3) as u64, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(
             records = delta.records.len(),
             ?mode,
