@@ -1491,9 +1491,6 @@ impl Store {
         true
     }
 
-    /// Writes the frozen delta into the view file in one transaction (records in key order:
-    /// each read once, joined with its delta, written once; watermarks advanced), then drops
-    /// it. `durable` fsyncs the commit (otherwise redb's `Durability::None`: after a crash the
     /// How long the last committed flush spent folding a slice of the file's key space into
     /// the records' table ([`Fold`]; zero if it folded nothing). That part grows with the
     /// file, not with the delta: the materializer's pacing estimates a flush's time from it
@@ -1504,6 +1501,9 @@ impl Store {
         )
     }
 
+    /// Writes the frozen delta into the view file in one transaction (records in key order:
+    /// each read once, joined with its delta, written once; watermarks advanced), then drops
+    /// it. `durable` fsyncs the commit (otherwise redb's `Durability::None`: after a crash the
     /// watermark tells [`Store::unapplied`] what to apply again). Returns the records written.
     pub fn flush_frozen(&self, durable: bool) -> Result<usize, StoreError> {
         let Some(delta) = read(&self.flushing).clone() else {
