@@ -714,9 +714,10 @@ where
     tokio::task::spawn_blocking(move || n2.get(DEFAULT_NAMESPACE, "bench", "k0000000")).await??;
     let readable = ops / t.elapsed().as_secs_f64();
     let cpu_us_readable = (cpu_secs() - cpu0) * 1e6 / ops;
-    // What a `/metrics` scrape pays for its record count right after the window when a count
-    // is due (`Store::counts_bounded`: later scrapes return it until it is ten times its cost
-    // old), with the records' delta as full as the window left it.
+    // What a `/metrics` record count costs right after the window when one is due (taken on a
+    // thread of its own behind the scrapes, `Store::counts_for_scrape`; later scrapes return
+    // it until it is ten times its cost old), with the records' delta as full as the window
+    // left it.
     let n2 = node.clone();
     let counted = Instant::now();
     tokio::task::spawn_blocking(move || n2.counts()).await??;
@@ -1352,7 +1353,7 @@ pub async fn b2l(ops: usize, keys: u64, runs: usize) -> Result<Vec<Row>> {
             "records/op",
         ),
         row(
-            "counting batches and records right after the window (what a /metrics scrape pays when its count is due)".into(),
+            "counting batches and records right after the window (what a /metrics count costs when due, taken behind the scrapes)".into(),
             median(counts_ms),
             "ms",
         ),

@@ -865,10 +865,11 @@ impl NodeHandle {
 
     /// (batches, records) held in the store, for callers that ask often (`/metrics`): the
     /// record count is taken again only once the last one is ten times its own cost old
-    /// ([`crate::store::Store::counts_bounded`]), and does not wait for the records to catch up with the
-    /// log. [`NodeHandle::counts`] is exact.
+    /// ([`crate::store::Store::counts_bounded`]), on a thread of its own while this returns
+    /// the last one ([`crate::store::Store::counts_for_scrape`]), and does not wait for the
+    /// records to catch up with the log. [`NodeHandle::counts`] is exact.
     pub fn counts_bounded(&self) -> Result<(u64, u64), NodeError> {
-        Ok(self.shared.store.counts_bounded()?)
+        Ok(self.shared.store.counts_for_scrape()?)
     }
 
     /// Stops the node and waits until it has stopped.

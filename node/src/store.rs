@@ -243,6 +243,8 @@ pub struct Store {
     /// The last count [`Store::counts_bounded`] took, and one count at a time.
     bounded_count: std::sync::Mutex<Option<TakenCount>>,
     counting: std::sync::Mutex<()>,
+    /// A count [`Store::counts_for_scrape`] started runs on its own thread.
+    recounting: std::sync::atomic::AtomicBool,
     /// The next flush that would fold a slice folds everything instead ([`Fold::All`]).
     #[cfg(test)]
     fold_all_next: std::sync::atomic::AtomicBool,
@@ -264,6 +266,10 @@ struct TakenCount {
 /// many times what it took: counting then costs at most about a tenth of one core, however
 /// often it is asked for.
 const COUNT_COST_SHARE: u32 = 10;
+
+/// [`Store::counts_for_scrape`] takes a due count in place if the last one took less than
+/// this, and on a thread of its own behind the scrapes otherwise.
+const COUNT_IN_PLACE_MAX: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Whether a count taken `age` ago that took `took` is due again ([`COUNT_COST_SHARE`]).
 fn count_due(age: std::time::Duration, took: std::time::Duration) -> bool {
@@ -1063,6 +1069,7 @@ impl Store {
             run_filters: Default::default(),
             run_probes: Default::default(),
             counting: Default::default(),
+            recounting: Default::default(),
             #[cfg(test)]
             fold_all_next: Default::default(),
             #[cfg(test)]
@@ -2158,8 +2165,7 @@ impl Store {
 
     /// Counts: (batches, records).
     pub fn counts(&self) -> Result<(u64, u64), StoreError> {
-        // One chain entry per batch held (the log keeps each batch in pieces).
-        let batches = self.db.begin_read()?.open_table(CHAINS)?.len()?;
+        let batches = self.batches()?;
         // Records in the file, plus those only staged or being flushed so far. The file
         // snapshot and the delta keys are taken together (copied into one buffer); the file
         // is searched after the locks are released, so a metrics scrape never holds up
@@ -2271,6 +2277,50 @@ impl Store {
         Ok((batches, records))
     }
 
+    /// [`Store::counts_bounded`] for a caller that must not wait for a long record count
+    /// (`/metrics`: counting tens of millions of records takes tens of seconds, longer than a
+    /// scraper waits). A due count whose last one took [`COUNT_IN_PLACE_MAX`] or more is
+    /// taken on a thread of its own, one at a time, and this returns the last one meanwhile;
+    /// a quicker one (a small store's), and the first, are taken in place, so a small store
+    /// is exact on every scrape. The batches are counted every time (one table length).
+    pub fn counts_for_scrape(self: &Arc<Self>) -> Result<(u64, u64), StoreError> {
+        let Some(last) = self.last_count().filter(|c| c.took >= COUNT_IN_PLACE_MAX) else {
+            return self.counts_bounded();
+        };
+        if count_due(last.at.elapsed(), last.took)
+            && !self
+                .recounting
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            let store = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name("blazedb-count".into())
+                .spawn(move || {
+                    if let Err(e) = store.counts_bounded() {
+                        tracing::warn!(error = %e, "counting the records for /metrics failed");
+                    }
+                    store
+                        .recounting
+                        .store(false, std::sync::atomic::Ordering::Release);
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "no thread to count the records for /metrics");
+                self.recounting
+                    .store(false, std::sync::atomic::Ordering::Release);
+            }
+        }
+        Ok((self.batches()?, last.records))
+    }
+
+    fn last_count(&self) -> Option<TakenCount> {
+        *self.bounded_count.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Batches held: one chain entry each (the log keeps each batch in pieces).
+    fn batches(&self) -> Result<u64, StoreError> {
+        Ok(self.db.begin_read()?.open_table(CHAINS)?.len()?)
+    }
+
     /// Counts as [`Store::counts`] takes them, for callers that may ask often (`/metrics`):
     /// the batches are counted every time (one table length), the records only once the
     /// last record count is older than [`COUNT_COST_SHARE`] times what it took, and by one
@@ -2281,11 +2331,10 @@ impl Store {
     /// times its own cost old. A small store's count takes well under a millisecond, so it
     /// is exact on every scrape.
     pub fn counts_bounded(&self) -> Result<(u64, u64), StoreError> {
-        let last = || *self.bounded_count.lock().unwrap_or_else(|e| e.into_inner());
+        let last = || self.last_count();
         let fresh = |c: &TakenCount| !count_due(c.at.elapsed(), c.took);
-        let with_batches = |c: TakenCount| -> Result<(u64, u64), StoreError> {
-            Ok((self.db.begin_read()?.open_table(CHAINS)?.len()?, c.records))
-        };
+        let with_batches =
+            |c: TakenCount| -> Result<(u64, u64), StoreError> { Ok((self.batches()?, c.records)) };
         if let Some(c) = last().filter(fresh) {
             return with_batches(c);
         }
@@ -3447,6 +3496,49 @@ mod tests {
         // Due: counted again, exactly, and kept.
         assert_eq!(store.counts_bounded().unwrap(), (3, 3));
         assert_eq!(store.bounded_count.lock().unwrap().unwrap().records, 3);
+    }
+
+    /// A scrape never waits for a due record count that took long last time: it gets the last
+    /// one, and the count is taken again on a thread of its own (a scrape that counted in place
+    /// would see 3). A quick count (a small store's) is taken in place: exact.
+    #[test]
+    fn a_scrape_returns_the_last_count_and_recounts_behind_it() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
+        let kp = Keypair::generate();
+        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
+        engine.join("default");
+        let mut write = |i: i64| {
+            let (vb, _) = engine
+                .write("default", &kp, vec![upsert(&format!("k{i}"), i)], 1_000)
+                .unwrap();
+            store.write_batches(&[vb]).unwrap();
+        };
+        write(0);
+        // The first count is taken in place.
+        assert_eq!(store.counts_for_scrape().unwrap(), (1, 1));
+        write(1);
+        write(2);
+        // A quick count, due: taken again in place.
+        let taken = |records, took| TakenCount {
+            records,
+            at: std::time::Instant::now()
+                .checked_sub(Duration::from_secs(2))
+                .expect("up for two seconds"),
+            took,
+        };
+        *store.bounded_count.lock().unwrap() = Some(taken(1, Duration::ZERO));
+        assert_eq!(store.counts_for_scrape().unwrap(), (3, 3));
+        // A long one, due: the last count comes back, the batches counted anew.
+        *store.bounded_count.lock().unwrap() = Some(taken(1, COUNT_IN_PLACE_MAX));
+        assert_eq!(store.counts_for_scrape().unwrap(), (3, 1));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while store.last_count().unwrap().records != 3 {
+            assert!(std::time::Instant::now() < deadline, "never counted again");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(store.counts_for_scrape().unwrap(), (3, 3));
     }
 
     /// A crash between the durable log append and the (non-durable) record update leaves the
