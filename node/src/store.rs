@@ -3459,17 +3459,8 @@ mod tests {
         ));
         assert!(count_due(Duration::ZERO, Duration::ZERO));
 
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("store.redb")).unwrap();
-        let kp = Keypair::generate();
-        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
-        engine.join("default");
-        let mut write = |i: i64| {
-            let (vb, _) = engine
-                .write("default", &kp, vec![upsert(&format!("k{i}"), i)], 1_000)
-                .unwrap();
-            store.write_batches(&[vb]).unwrap();
-        };
+        let (_dir, store, mut put) = counted_store();
+        let mut write = |i: i64| put(&store, i);
         write(0);
         assert_eq!(store.counts_bounded().unwrap(), (1, 1));
         // The last count as if it had taken an hour: not due, so it stands, while the
@@ -3498,23 +3489,31 @@ mod tests {
         assert_eq!(store.bounded_count.lock().unwrap().unwrap().records, 3);
     }
 
+    /// A fresh store, and a writer of one-record batches (record `k{i}`) into it, for the
+    /// count tests.
+    fn counted_store() -> (tempfile::TempDir, Arc<Store>, impl FnMut(&Store, i64)) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
+        let kp = Keypair::generate();
+        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
+        engine.join("default");
+        let put = move |store: &Store, i: i64| {
+            let (vb, _) = engine
+                .write("default", &kp, vec![upsert(&format!("k{i}"), i)], 1_000)
+                .unwrap();
+            store.write_batches(&[vb]).unwrap();
+        };
+        (dir, store, put)
+    }
+
     /// A scrape never waits for a due record count that took long last time: it gets the last
     /// one, and the count is taken again on a thread of its own (a scrape that counted in place
     /// would see 3). A quick count (a small store's) is taken in place: exact.
     #[test]
     fn a_scrape_returns_the_last_count_and_recounts_behind_it() {
         use std::time::Duration;
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
-        let kp = Keypair::generate();
-        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
-        engine.join("default");
-        let mut write = |i: i64| {
-            let (vb, _) = engine
-                .write("default", &kp, vec![upsert(&format!("k{i}"), i)], 1_000)
-                .unwrap();
-            store.write_batches(&[vb]).unwrap();
-        };
+        let (_dir, store, mut put) = counted_store();
+        let mut write = |i: i64| put(&store, i);
         write(0);
         // The first count is taken in place.
         assert_eq!(store.counts_for_scrape().unwrap(), (1, 1));
