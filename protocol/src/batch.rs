@@ -460,10 +460,7 @@ fn seal_payload(
     // frame compressed ahead by the writer is borrowed, not joined to its head first).
     let compressed = match plain.len() {
         n if n >= SPLIT_MIN_BYTES => squeeze.compress_split(&plain, split, ahead.as_ref()),
-        n if n >= COMPRESS_MIN_BYTES => squeeze.compress(&plain).map(|z| Frames {
-            head: z,
-            body: Cow::Borrowed(&[]),
-        }),
+        n if n >= COMPRESS_MIN_BYTES => squeeze.compress(&plain).map(Frames::one),
         _ => None,
     };
     let (mut payload, mut enc) = match compressed {
@@ -480,10 +477,7 @@ fn seal_payload(
     if let Some(d) = dict.filter(|_| len < DICT_OPS_MAX) {
         if let Ok(z) = d.compress(&plain, crate::squeeze::STRONG_LEVEL) {
             if z.len() + DICT_HEADER_BYTES < payload.len() {
-                payload = Frames {
-                    head: z,
-                    body: Cow::Borrowed(&[]),
-                };
+                payload = Frames::one(z);
                 enc = ENC_COMPACT_ZSTD_DICT;
                 used = Some(d.clone());
             }

@@ -64,26 +64,9 @@ impl Default for Squeeze {
 }
 
 /// Whether `stronger` saved at least [`STRONG_GAIN_MIN_PCT`] percent of `weaker`'s size.
-fn worth(weaker: &impl Compressed, stronger: &impl Compressed) -> bool {
-    let (weaker, stronger) = (weaker.bytes(), stronger.bytes());
+fn worth(weaker: &Frames<'_>, stronger: &Frames<'_>) -> bool {
+    let (weaker, stronger) = (weaker.len(), stronger.len());
     weaker.saturating_sub(stronger) * 100 >= weaker * STRONG_GAIN_MIN_PCT
-}
-
-/// What a compression made, by its size.
-trait Compressed {
-    fn bytes(&self) -> usize;
-}
-
-impl Compressed for Vec<u8> {
-    fn bytes(&self) -> usize {
-        self.len()
-    }
-}
-
-impl Compressed for Frames<'_> {
-    fn bytes(&self) -> usize {
-        self.len()
-    }
 }
 
 /// A payload compressed as two zstd frames ([`Squeeze::compress_split`]): the head's, and
@@ -100,6 +83,14 @@ pub struct Frames<'a> {
 }
 
 impl Frames<'_> {
+    /// One frame: the whole payload's.
+    pub fn one(frame: Vec<u8>) -> Frames<'static> {
+        Frames {
+            head: frame,
+            body: Cow::Borrowed(&[]),
+        }
+    }
+
     /// Bytes of both frames.
     pub fn len(&self) -> usize {
         self.head.len() + self.body.len()
@@ -177,7 +168,8 @@ impl Squeeze {
     /// Compresses `plain` as this writer currently chooses; `None` if zstd failed (the
     /// caller then sends the payload uncompressed).
     pub fn compress(&mut self, plain: &[u8]) -> Option<Vec<u8>> {
-        self.choose(plain.len(), |level| compress(plain, level)).0
+        let made = self.choose(plain.len(), |level| compress(plain, level).map(Frames::one));
+        made.0.map(|f| f.head)
     }
 
     /// [`Squeeze::compress`] of a large payload as two zstd frames, one of `plain[..split]`
@@ -209,11 +201,11 @@ impl Squeeze {
 
     /// Picks the level(s) for a payload of `len` bytes, compresses with `at`, and updates
     /// the choice after a probe. Returns the result and the level it was made at.
-    fn choose<T: Compressed>(
+    fn choose<'a>(
         &mut self,
         len: usize,
-        at: impl Fn(i32) -> Option<T>,
-    ) -> (Option<T>, i32) {
+        at: impl Fn(i32) -> Option<Frames<'a>>,
+    ) -> (Option<Frames<'a>>, i32) {
         if !self.adaptive || len < FAST_MIN_BYTES {
             return (at(STRONG_LEVEL), STRONG_LEVEL);
         }
@@ -235,8 +227,8 @@ impl Squeeze {
     /// Compresses with the fastest and the fast level, and the strong one too if the fast
     /// one was worth it; sets the level for the payloads until the next probe, and returns
     /// the smallest result. (A level whose compression failed is not chosen.)
-    fn probe<T: Compressed>(&mut self, at: &impl Fn(i32) -> Option<T>) -> (Option<T>, i32) {
-        let mut made: Vec<(T, i32)> = Vec::with_capacity(3);
+    fn probe<'a>(&mut self, at: &impl Fn(i32) -> Option<Frames<'a>>) -> (Option<Frames<'a>>, i32) {
+        let mut made: Vec<(Frames<'a>, i32)> = Vec::with_capacity(3);
         let fastest = at(FASTEST_LEVEL);
         let fast = at(FAST_LEVEL);
         self.level = match (&fastest, &fast) {
@@ -255,7 +247,7 @@ impl Squeeze {
             made.extend(strong.map(|s| (s, STRONG_LEVEL)));
         }
         made.extend(fast.map(|f| (f, FAST_LEVEL)));
-        match made.into_iter().min_by_key(|(f, _)| f.bytes()) {
+        match made.into_iter().min_by_key(|(f, _)| f.len()) {
             Some((f, level)) => (Some(f), level),
             None => (None, self.level),
         }
