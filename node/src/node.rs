@@ -1256,6 +1256,9 @@ impl Actor {
         if let Some(t) = self.mat_thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
+        // A record count behind the `/metrics` scrapes shares the store: stop it too.
+        let store = Arc::clone(&self.shared.store);
+        let _ = tokio::task::spawn_blocking(move || store.stop_background_count()).await;
         drop(self);
         if let Some(reply) = stop_reply {
             let _ = reply.send(());

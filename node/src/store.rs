@@ -155,6 +155,10 @@ pub enum StoreError {
     /// The file holds data we cannot read.
     #[error("corrupt store: {0}")]
     Corrupt(String),
+    /// A background record count gave up: the store is being closed
+    /// ([`Store::stop_background_count`]).
+    #[error("the store is closing")]
+    Closing,
 }
 
 macro_rules! redb_from {
@@ -243,8 +247,12 @@ pub struct Store {
     /// The last count [`Store::counts_bounded`] took, and one count at a time.
     bounded_count: std::sync::Mutex<Option<TakenCount>>,
     counting: std::sync::Mutex<()>,
-    /// A count [`Store::counts_for_scrape`] started runs on its own thread.
-    recounting: std::sync::atomic::AtomicBool,
+    /// The thread of the last count [`Store::counts_for_scrape`] started, while it runs
+    /// (one at a time), or `None`.
+    recount: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set by [`Store::stop_background_count`]: a count on that thread gives up, and no
+    /// other starts.
+    closing: std::sync::atomic::AtomicBool,
     /// The next flush that would fold a slice folds everything instead ([`Fold::All`]).
     #[cfg(test)]
     fold_all_next: std::sync::atomic::AtomicBool,
@@ -1069,7 +1077,8 @@ impl Store {
             run_filters: Default::default(),
             run_probes: Default::default(),
             counting: Default::default(),
-            recounting: Default::default(),
+            recount: Default::default(),
+            closing: Default::default(),
             #[cfg(test)]
             fold_all_next: Default::default(),
             #[cfg(test)]
@@ -2165,6 +2174,20 @@ impl Store {
 
     /// Counts: (batches, records).
     pub fn counts(&self) -> Result<(u64, u64), StoreError> {
+        self.counts_until(None)
+    }
+
+    /// [`Store::counts`], giving up with [`StoreError::Closing`] once `stop` is set.
+    fn counts_until(
+        &self,
+        stop: Option<&std::sync::atomic::AtomicBool>,
+    ) -> Result<(u64, u64), StoreError> {
+        let stopped = || -> Result<(), StoreError> {
+            match stop {
+                Some(s) if s.load(std::sync::atomic::Ordering::Relaxed) => Err(StoreError::Closing),
+                _ => Ok(()),
+            }
+        };
         let batches = self.batches()?;
         // Records in the file, plus those only staged or being flushed so far. The file
         // snapshot and the delta keys are taken together (copied into one buffer); the file
@@ -2197,6 +2220,7 @@ impl Store {
         worded.sort_unstable_by(|x, y| x.0.cmp(&y.0).then_with(|| key(&x.1).cmp(key(&y.1))));
         spans.extend(worded.into_iter().map(|(_, span)| span));
         spans.dedup_by(|x, y| key(x) == key(y));
+        stopped()?;
         let table = txn.open_table(RECORDS)?;
         let runs = self.runs(&txn.open_table(RUN_LIST)?, &txn.open_table(RUN_FILTERS)?)?;
         if !runs.is_empty() {
@@ -2222,6 +2246,7 @@ impl Store {
                     walk_levels(&mut levels, delta, |_, states| {
                         file += u64::from(!states.is_empty());
                         all += 1;
+                        stopped()?;
                         Ok(true)
                     })?;
                     *self.file_records.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -2234,6 +2259,7 @@ impl Store {
             };
             let mut records = file_records;
             for span in &spans {
+                stopped()?;
                 let k = key(span);
                 let mut held = table.get(k)?.is_some();
                 if !held {
@@ -2257,6 +2283,7 @@ impl Store {
                 let mut held = table.range(key(first)..)?;
                 let mut next = held.next().transpose()?;
                 for span in &spans {
+                    stopped()?;
                     let k = key(span);
                     while next.as_ref().is_some_and(|(fk, _)| fk.value() < k) {
                         next = held.next().transpose()?;
@@ -2268,6 +2295,7 @@ impl Store {
             }
             _ => {
                 for span in &spans {
+                    stopped()?;
                     if table.get(key(span))?.is_none() {
                         records += 1;
                     }
@@ -2287,29 +2315,50 @@ impl Store {
         let Some(last) = self.last_count().filter(|c| c.took >= COUNT_IN_PLACE_MAX) else {
             return self.counts_bounded();
         };
-        if count_due(last.at.elapsed(), last.took)
-            && !self
-                .recounting
-                .swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
-            let store = Arc::clone(self);
-            let spawned = std::thread::Builder::new()
-                .name("blazedb-count".into())
-                .spawn(move || {
-                    if let Err(e) = store.counts_bounded() {
-                        tracing::warn!(error = %e, "counting the records for /metrics failed");
+        if count_due(last.at.elapsed(), last.took) {
+            let mut recount = self.recount.lock().unwrap_or_else(|e| e.into_inner());
+            let idle = recount.as_ref().is_none_or(|t| t.is_finished());
+            if idle && !self.closing.load(std::sync::atomic::Ordering::Acquire) {
+                // A weak share: a store its owners have dropped is not kept open for a
+                // count (its thread then only ends).
+                let store = Arc::downgrade(self);
+                let spawned = std::thread::Builder::new()
+                    .name("blazedb-count".into())
+                    .spawn(move || {
+                        let Some(store) = store.upgrade() else { return };
+                        match store.counts_bounded_until(Some(&store.closing)) {
+                            Ok(_) | Err(StoreError::Closing) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "counting the records for /metrics failed")
+                            }
+                        }
+                    });
+                match spawned {
+                    Ok(t) => *recount = Some(t),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no thread to count the records for /metrics")
                     }
-                    store
-                        .recounting
-                        .store(false, std::sync::atomic::Ordering::Release);
-                });
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "no thread to count the records for /metrics");
-                self.recounting
-                    .store(false, std::sync::atomic::Ordering::Release);
+                }
             }
         }
         Ok((self.batches()?, last.records))
+    }
+
+    /// Stops a record count [`Store::counts_for_scrape`] runs behind the scrapes, and waits
+    /// for its thread to end: that thread shares the store, so until then the store's files
+    /// stay open (at tens of millions of records a count takes tens of seconds). Later
+    /// scrapes return the last count and start none. Called when a node shuts down.
+    pub fn stop_background_count(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Release);
+        let thread = self
+            .recount
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
     }
 
     fn last_count(&self) -> Option<TakenCount> {
@@ -2331,6 +2380,14 @@ impl Store {
     /// times its own cost old. A small store's count takes well under a millisecond, so it
     /// is exact on every scrape.
     pub fn counts_bounded(&self) -> Result<(u64, u64), StoreError> {
+        self.counts_bounded_until(None)
+    }
+
+    /// [`Store::counts_bounded`], giving up with [`StoreError::Closing`] once `stop` is set.
+    fn counts_bounded_until(
+        &self,
+        stop: Option<&std::sync::atomic::AtomicBool>,
+    ) -> Result<(u64, u64), StoreError> {
         let last = || self.last_count();
         let fresh = |c: &TakenCount| !count_due(c.at.elapsed(), c.took);
         let with_batches =
@@ -2352,7 +2409,7 @@ impl Store {
             return with_batches(c);
         }
         let started = std::time::Instant::now();
-        let (batches, records) = self.counts()?;
+        let (batches, records) = self.counts_until(stop)?;
         *self.bounded_count.lock().unwrap_or_else(|e| e.into_inner()) = Some(TakenCount {
             records,
             at: std::time::Instant::now(),
@@ -3538,6 +3595,47 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         assert_eq!(store.counts_for_scrape().unwrap(), (3, 3));
+    }
+
+    /// Stopping the count behind the scrapes (a node shutting down) ends it without waiting
+    /// for it to finish, releases the store (its files can be opened again), and starts no
+    /// other. The count is held up by the staged delta's lock, so it is still running when
+    /// the stop comes; a count that ran on would record 3.
+    #[test]
+    fn stopping_the_count_behind_the_scrapes_releases_the_store() {
+        use std::time::{Duration, Instant};
+        let (_dir, store, mut put) = counted_store();
+        put(&store, 0);
+        assert_eq!(store.counts_for_scrape().unwrap(), (1, 1));
+        put(&store, 1);
+        put(&store, 2);
+        *store.bounded_count.lock().unwrap() = Some(TakenCount {
+            records: 1,
+            at: Instant::now()
+                .checked_sub(Duration::from_secs(2))
+                .expect("up for two seconds"),
+            took: COUNT_IN_PLACE_MAX,
+        });
+        let held = write(&store.staged);
+        assert_eq!(store.counts_for_scrape().unwrap(), (3, 1));
+        assert!(store.recount.lock().unwrap().is_some(), "no count started");
+        let stopping = {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || store.stop_background_count())
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !store.closing.load(std::sync::atomic::Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "never stopped");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(held);
+        stopping.join().unwrap();
+        assert!(store.recount.lock().unwrap().is_none());
+        assert_eq!(store.last_count().unwrap().records, 1, "the count ran on");
+        assert_eq!(Arc::strong_count(&store), 1, "the store is still shared");
+        // Due still, but no count starts once stopped.
+        assert_eq!(store.counts_for_scrape().unwrap(), (3, 1));
+        assert!(store.recount.lock().unwrap().is_none());
     }
 
     /// A crash between the durable log append and the (non-durable) record update leaves the
