@@ -129,7 +129,6 @@ mod tests {
     use blazedb_identity::Keypair;
     use blazedb_protocol::batch::{self, ChainPosition};
     use blazedb_protocol::{Hlc, Op};
-    use std::collections::BTreeMap;
 
     fn batch_of(n: usize, i: u64) -> VerifiedBatch {
         let ops = (0..n as u64)
@@ -137,7 +136,7 @@ mod tests {
                 collection: "players".into(),
                 key: format!("p{}", (i * 7 + k) % 50),
                 hlc: Hlc::new(1_000 + i * 1_000 + k, 0),
-                fields: BTreeMap::from([
+                fields: blazedb_protocol::OpFields::from([
                     ("x".to_string(), serde_json::json!((i * 13 + k) % 997)),
                     ("y".to_string(), serde_json::json!((i * 31 + k) % 991)),
                     (

@@ -2,8 +2,6 @@
 //! workload-W ops (5,000 per batch, uniformly random keys over 1M records, 3 fields of 8–64
 //! bytes, 10% deletes), one core. `cargo bench -p blazedb-protocol --bench codec`.
 
-use std::collections::BTreeMap;
-
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 use blazedb_protocol::{codec, squeeze, CheckedOps, FieldValue, Hlc, Op, OpsBuilder, Value};
@@ -28,7 +26,7 @@ fn workload(n: usize) -> Vec<Op> {
                     hlc,
                 };
             }
-            let fields: BTreeMap<String, Value> = ["a", "b", "c"]
+            let fields: blazedb_protocol::OpFields = ["a", "b", "c"]
                 .iter()
                 .map(|f| {
                     let len = 8 + next(57);

@@ -763,7 +763,6 @@ pub fn verify_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     /// Upserts shaped like workload W: three random-letter values of 8–64 bytes (little for
     /// zstd's match finder to find).
@@ -788,7 +787,7 @@ mod tests {
                     collection: "users".into(),
                     key: format!("k{:07}", next() % 1_000_000),
                     hlc: Hlc::new(1_000 + i, 0),
-                    fields: BTreeMap::from(fields),
+                    fields: crate::OpFields::from(fields),
                 }
             })
             .collect()
@@ -826,7 +825,10 @@ mod tests {
                 collection: "users".into(),
                 key: format!("k{i}"),
                 hlc: Hlc::new(1_000 + i, 0),
-                fields: BTreeMap::from([("name".to_string(), serde_json::json!(format!("n{i}")))]),
+                fields: crate::OpFields::from([(
+                    "name".to_string(),
+                    serde_json::json!(format!("n{i}")),
+                )]),
             })
             .collect()
     }

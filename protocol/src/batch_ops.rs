@@ -177,7 +177,6 @@ impl BatchOps {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     fn ops() -> Vec<Op> {
         vec![
@@ -185,7 +184,7 @@ mod tests {
                 collection: "c".into(),
                 key: "k".into(),
                 hlc: Hlc(10),
-                fields: BTreeMap::from([("a".into(), 1.into())]),
+                fields: crate::OpFields::from([("a".into(), 1.into())]),
             },
             Op::Revoke {
                 token: "00".repeat(32),

@@ -26,8 +26,6 @@
 //! slices of the input and field values as raw CBOR ([`ValueRef`]), in three vectors per
 //! batch. Owned [`Op`]s are built only on request ([`PayloadView::to_ops`]).
 
-use std::collections::BTreeMap;
-
 use crate::hlc::Hlc;
 use crate::limits;
 use crate::op::{Op, OpError, Value, REVOCATIONS_COLLECTION};
@@ -515,7 +513,7 @@ impl<'a> PayloadView<'a> {
                 fields: self
                     .fields(op)
                     .map(|(n, v)| (n.to_string(), v.to_value()))
-                    .collect::<BTreeMap<_, _>>(),
+                    .collect::<crate::OpFields>(),
             },
             OpView::Delete {
                 collection,
@@ -1352,7 +1350,7 @@ pub(crate) mod tests {
                     collection: c,
                     key: k,
                     hlc: Hlc(0),
-                    fields
+                    fields: fields.into()
                 }),
             (coll, key).prop_map(|(c, k)| Op::Delete {
                 collection: c,

@@ -28,6 +28,7 @@ pub mod hlc;
 pub mod limits;
 pub mod merge;
 pub mod op;
+pub mod op_fields;
 pub mod prune;
 pub mod record_codec;
 pub mod squeeze;
@@ -42,6 +43,7 @@ pub use engine::{
 pub use hlc::Hlc;
 pub use merge::{FieldMap, FieldState, RecordState, Stamp};
 pub use op::{CheckedOps, Op, OpError, Value};
+pub use op_fields::OpFields;
 
 /// Encodes a sync message as CBOR.
 pub fn encode_message(msg: &SyncMessage) -> Vec<u8> {

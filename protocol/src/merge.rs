@@ -413,7 +413,7 @@ mod tests {
                     collection: "c".into(),
                     key: "k".into(),
                     hlc,
-                    fields
+                    fields: fields.into()
                 }),
             hlc.clone().prop_map(|hlc| Op::Delete {
                 collection: "c".into(),

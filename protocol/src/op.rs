@@ -3,12 +3,11 @@
 //! Field names on the wire are one letter (`c` collection, `k` key, `h` HLC, `f` fields/field,
 //! `d` delta): an op is encoded millions of times, names are paid for every time.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 use crate::hlc::Hlc;
 use crate::limits;
+use crate::op_fields::OpFields;
 
 /// A JSON-like value held in a field.
 pub type Value = serde_json::Value;
@@ -30,7 +29,7 @@ pub enum Op {
         hlc: Hlc,
         /// Fields to set.
         #[serde(rename = "f")]
-        fields: BTreeMap<String, Value>,
+        fields: OpFields,
     },
     /// Deletes the record: hides every field written before it (a tombstone).
     #[serde(rename = "d")]
@@ -607,7 +606,7 @@ const OP_FIXED_BYTES: usize = 24;
 fn upsert_len<E>(
     collection: &str,
     key: &str,
-    fields: &BTreeMap<String, Value>,
+    fields: &OpFields,
     mut value_len: impl FnMut(&str, &Value) -> Result<usize, E>,
 ) -> Result<usize, E> {
     let mut len = collection.len() + key.len() + OP_FIXED_BYTES;

@@ -195,7 +195,7 @@ mod tests {
                             collection,
                             key,
                             hlc,
-                            fields,
+                            fields: fields.into(),
                         },
                         1 => Op::Delete {
                             collection,

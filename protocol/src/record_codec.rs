@@ -430,7 +430,6 @@ mod tests {
     use super::*;
     use crate::op::{Op, Value};
     use proptest::prelude::*;
-    use std::collections::BTreeMap;
 
     fn arb_state() -> impl Strategy<Value = RecordState> {
         let author = prop_oneof![Just([1u8; 32]), Just([2u8; 32]), Just([9u8; 32])];
@@ -453,7 +452,7 @@ mod tests {
                         collection,
                         key,
                         hlc,
-                        fields: BTreeMap::from([(field, value)]),
+                        fields: crate::OpFields::from([(field, value)]),
                     },
                     1 => Op::Delete {
                         collection,
@@ -488,7 +487,7 @@ mod tests {
             collection: "c".into(),
             key: "k".into(),
             hlc: Hlc(hlc),
-            fields: BTreeMap::from([("a".to_string(), Value::from(1))]),
+            fields: crate::OpFields::from([("a".to_string(), Value::from(1))]),
         };
         let delete = |hlc: u64| Op::Delete {
             collection: "c".into(),
@@ -530,7 +529,7 @@ mod tests {
             collection: "c".into(),
             key: "k".into(),
             hlc: Hlc(hlc),
-            fields: BTreeMap::from([("a".to_string(), Value::from(v))]),
+            fields: crate::OpFields::from([("a".to_string(), Value::from(v))]),
         };
         let delete = |hlc: u64| Op::Delete {
             collection: "c".into(),
@@ -653,7 +652,7 @@ mod tests {
             let op = if delete {
                 Op::Delete { collection, key, hlc }
             } else {
-                let mut fields: BTreeMap<String, Value> =
+                let mut fields: crate::OpFields =
                     fields.into_iter().map(|f| (f, Value::from(1))).collect();
                 // Often cover the state's fields, so the fast path is taken.
                 if h % 2 == 0 {
@@ -678,7 +677,7 @@ mod tests {
             // The case it is for: a newer upsert of every field of an upserted record.
             let newer = Hlc(100);
             let mut old = RecordState::default();
-            let fields: BTreeMap<String, Value> =
+            let fields: crate::OpFields =
                 [("a".to_string(), Value::from(1)), ("b".to_string(), Value::from("v"))].into();
             old.apply(&Op::Upsert { collection: "c".into(), key: "k".into(), hlc: Hlc(h), fields: fields.clone() }, author);
             let mut old_bytes = Vec::new();
@@ -704,7 +703,7 @@ mod tests {
     #[test]
     fn smaller_than_the_serde_form() {
         let mut s = RecordState::default();
-        let fields: BTreeMap<String, Value> = ["a", "b", "c"]
+        let fields: crate::OpFields = ["a", "b", "c"]
             .iter()
             .map(|f| {
                 (

@@ -398,7 +398,7 @@ fn upsert(key: &str, field: &str, value: impl Into<Value>) -> Op {
         collection: "c".into(),
         key: key.into(),
         hlc: Hlc::ZERO,
-        fields: BTreeMap::from([(field.to_string(), value.into())]),
+        fields: blazedb_protocol::OpFields::from([(field.to_string(), value.into())]),
     }
 }
 
@@ -1342,7 +1342,7 @@ fn small_op(i: u64) -> Op {
         collection: "c".into(),
         key: format!("k{}", i % 64),
         hlc: Hlc::ZERO,
-        fields: BTreeMap::from([
+        fields: blazedb_protocol::OpFields::from([
             (
                 "name".to_string(),
                 Value::from(format!("player-{}", i % 64)),

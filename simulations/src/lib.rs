@@ -30,7 +30,8 @@ use rand::{Rng, SeedableRng};
 use blazedb_identity::Keypair;
 use blazedb_protocol::batch::BatchId;
 use blazedb_protocol::{
-    Action, Engine, EngineConfig, GossipVerdict, Hlc, Op, RecordState, SyncMessage, VerifiedBatch,
+    Action, Engine, EngineConfig, GossipVerdict, Hlc, Op, OpFields, RecordState, SyncMessage,
+    VerifiedBatch,
 };
 
 const NS: &str = "default";
@@ -777,7 +778,7 @@ impl Sim {
                 let ops: Vec<Op> = (0..self.cfg.ops_per_write)
                     .map(|i| {
                         let k = self.rng.gen_range(0..self.cfg.keys.max(1));
-                        let mut fields: BTreeMap<String, serde_json::Value> =
+                        let mut fields: OpFields =
                             [("w".to_string(), serde_json::json!([node, n, i]))].into();
                         if self.cfg.value_bytes > 0 {
                             let v: String = (0..self.cfg.value_bytes)
