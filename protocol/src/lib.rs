@@ -27,8 +27,8 @@ pub mod engine;
 pub mod hlc;
 pub mod limits;
 pub mod merge;
+pub mod name_map;
 pub mod op;
-pub mod op_fields;
 pub mod prune;
 pub mod record_codec;
 pub mod squeeze;
@@ -42,8 +42,8 @@ pub use engine::{
 };
 pub use hlc::Hlc;
 pub use merge::{FieldMap, FieldState, RecordState, Stamp};
+pub use name_map::{NameMap, OpFields};
 pub use op::{CheckedOps, Op, OpError, Value};
-pub use op_fields::OpFields;
 
 /// Encodes a sync message as CBOR.
 pub fn encode_message(msg: &SyncMessage) -> Vec<u8> {

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{OpView, PayloadView};
 use crate::hlc::Hlc;
+use crate::name_map::NameMap;
 use crate::op::{Op, Value};
 
 /// Total order of writes: HLC first, then author key.
@@ -47,122 +48,10 @@ pub struct FieldState {
     pub adds: BTreeMap<Stamp, i64>,
 }
 
-/// A record's fields by name: a vector kept sorted by name. Records hold a few fields, so a
-/// binary search over one allocation of exactly their size beats a `BTreeMap`, whose first
-/// leaf alone is allocated for 11 entries (~1.4 KB per record here, which was most of the
-/// materializer's per-op memory and allocation time).
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct FieldMap(Vec<(String, FieldState)>);
-
-impl FieldMap {
-    fn find(&self, name: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(n, _)| n.as_str().cmp(name))
-    }
-
-    /// The state of field `name`.
-    pub fn get(&self, name: &str) -> Option<&FieldState> {
-        self.find(name).ok().map(|i| &self.0[i].1)
-    }
-
-    /// The state of field `name`, mutably.
-    pub fn get_mut(&mut self, name: &str) -> Option<&mut FieldState> {
-        self.find(name).ok().map(|i| &mut self.0[i].1)
-    }
-
-    /// The state of field `name`, created empty if missing (the name is made owned only
-    /// then).
-    pub fn entry(&mut self, name: Cow<'_, str>) -> &mut FieldState {
-        let i = match self.find(&name) {
-            Ok(i) => i,
-            Err(i) => {
-                self.0.insert(i, (name.into_owned(), FieldState::default()));
-                i
-            }
-        };
-        &mut self.0[i].1
-    }
-
-    /// Room for `n` more fields: exactly `n` on an empty map (a record usually gets all its
-    /// fields from its first upsert), amortized growth otherwise.
-    pub fn reserve(&mut self, n: usize) {
-        if self.0.is_empty() {
-            self.0.reserve_exact(n);
-        } else {
-            self.0.reserve(n);
-        }
-    }
-
-    /// Sets field `name`, returning the state it replaces.
-    pub fn insert(&mut self, name: String, state: FieldState) -> Option<FieldState> {
-        match self.find(&name) {
-            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, state)),
-            Err(i) => {
-                self.0.insert(i, (name, state));
-                None
-            }
-        }
-    }
-
-    /// Keeps the fields for which `keep` returns true.
-    pub fn retain(&mut self, mut keep: impl FnMut(&str, &mut FieldState) -> bool) {
-        self.0.retain_mut(|(n, f)| keep(n, f));
-    }
-
-    /// Fields in name order.
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = (&String, &FieldState)> {
-        self.0.iter().map(|(n, f)| (n, f))
-    }
-
-    /// Field states in name order.
-    pub fn values(&self) -> impl ExactSizeIterator<Item = &FieldState> {
-        self.0.iter().map(|(_, f)| f)
-    }
-
-    /// How many fields.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Whether there are no fields.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl<'a> IntoIterator for &'a FieldMap {
-    type Item = (&'a String, &'a FieldState);
-    type IntoIter = std::iter::Map<
-        std::slice::Iter<'a, (String, FieldState)>,
-        fn(&'a (String, FieldState)) -> (&'a String, &'a FieldState),
-    >;
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.iter().map(|(n, f)| (n, f))
-    }
-}
-
-impl FromIterator<(String, FieldState)> for FieldMap {
-    fn from_iter<I: IntoIterator<Item = (String, FieldState)>>(iter: I) -> Self {
-        let mut m = FieldMap::default();
-        for (n, f) in iter {
-            m.insert(n, f);
-        }
-        m
-    }
-}
-
-impl Serialize for FieldMap {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_map(self.iter())
-    }
-}
-
-impl<'de> Deserialize<'de> for FieldMap {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        Ok(BTreeMap::<String, FieldState>::deserialize(d)?
-            .into_iter()
-            .collect())
-    }
-}
+/// A record's fields by name ([`NameMap`]: a vector kept sorted by name). Records hold a few
+/// fields; a `BTreeMap`'s first leaf alone is allocated for 11 entries (~1.4 KB per record
+/// here, which was most of the materializer's per-op memory and allocation time).
+pub type FieldMap = NameMap<FieldState>;
 
 /// State of one record: the join of every op applied to it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

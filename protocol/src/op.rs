@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hlc::Hlc;
 use crate::limits;
-use crate::op_fields::OpFields;
+use crate::name_map::OpFields;
 
 /// A JSON-like value held in a field.
 pub type Value = serde_json::Value;

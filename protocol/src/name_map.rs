@@ -1,12 +1,15 @@
-//! An upsert's fields: a map from field name to value, held as one vector sorted by name.
+//! A small map from names to values, held as one vector sorted by name: an upsert's fields
+//! ([`OpFields`]) and a record's field states ([`crate::FieldMap`]).
 //!
-//! An op carries a few fields (workload W: three). A `BTreeMap` allocates its first leaf for
-//! eleven entries (632 bytes for `String` → `Value`), and reading an op's fields touches that
-//! leaf's key and value arrays at opposite ends: most of an owned op's memory, and the cache
-//! misses that bounded encoding a batch of owned ops. Here the entries sit side by side in a
-//! vector of exactly their number, found by binary search. Order, iteration, equality and
-//! serde's map form are a `BTreeMap`'s (property-tested against it).
+//! An op or a record holds a few fields (workload W: three). A `BTreeMap` allocates its first
+//! leaf for eleven entries (632 bytes for `String` → `Value`, ~1.4 KB for field states), and
+//! reading its entries touches that leaf's key and value arrays at opposite ends: most of an
+//! owned op's or a staged record's memory, and the cache misses that bounded encoding a batch
+//! of owned ops. Here the entries sit side by side in a vector of exactly their number, found
+//! by binary search. Order, iteration, equality, changes and serde's map form are a
+//! `BTreeMap`'s (property-tested against it).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::de::{MapAccess, Visitor};
@@ -15,27 +18,36 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::op::Value;
 
-/// Field name → value, in name order, names unique.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct OpFields(Vec<(String, Value)>);
+/// Name → value, in name order, names unique.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NameMap<V>(Vec<(String, V)>);
 
-impl OpFields {
-    /// No fields.
+/// An upsert's fields: field name → value.
+pub type OpFields = NameMap<Value>;
+
+impl<V> Default for NameMap<V> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<V> NameMap<V> {
+    /// Empty.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Room for `n` fields.
+    /// Room for `n` entries.
     pub fn with_capacity(n: usize) -> Self {
         Self(Vec::with_capacity(n))
     }
 
-    /// How many fields.
+    /// How many entries.
     pub fn len(&self) -> usize {
         self.0.len()
     }
 
-    /// No fields at all.
+    /// No entries at all.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -44,23 +56,23 @@ impl OpFields {
         self.0.binary_search_by(|(n, _)| n.as_str().cmp(name))
     }
 
-    /// The value of field `name`.
-    pub fn get(&self, name: &str) -> Option<&Value> {
+    /// The value of `name`.
+    pub fn get(&self, name: &str) -> Option<&V> {
         self.find(name).ok().map(|i| &self.0[i].1)
     }
 
-    /// The value of field `name`, to change it.
-    pub fn get_mut(&mut self, name: &str) -> Option<&mut Value> {
+    /// The value of `name`, to change it.
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut V> {
         self.find(name).ok().map(|i| &mut self.0[i].1)
     }
 
-    /// Whether field `name` is set.
+    /// Whether `name` is held.
     pub fn contains_key(&self, name: &str) -> bool {
         self.find(name).is_ok()
     }
 
-    /// Sets field `name`; returns its previous value.
-    pub fn insert(&mut self, name: String, value: Value) -> Option<Value> {
+    /// Sets `name`; returns its previous value.
+    pub fn insert(&mut self, name: String, value: V) -> Option<V> {
         match self.find(&name) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
             Err(i) => {
@@ -70,39 +82,65 @@ impl OpFields {
         }
     }
 
-    /// Removes field `name`; returns its value.
-    pub fn remove(&mut self, name: &str) -> Option<Value> {
+    /// The value of `name`, made the default first if missing (the name is made owned only
+    /// then).
+    pub fn entry(&mut self, name: Cow<'_, str>) -> &mut V
+    where
+        V: Default,
+    {
+        let i = match self.find(&name) {
+            Ok(i) => i,
+            Err(i) => {
+                self.0.insert(i, (name.into_owned(), V::default()));
+                i
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    /// Room for `n` more entries: exactly `n` on an empty map (a record usually gets all its
+    /// fields from its first upsert), amortized growth otherwise.
+    pub fn reserve(&mut self, n: usize) {
+        if self.0.is_empty() {
+            self.0.reserve_exact(n);
+        } else {
+            self.0.reserve(n);
+        }
+    }
+
+    /// Removes `name`; returns its value.
+    pub fn remove(&mut self, name: &str) -> Option<V> {
         self.find(name).ok().map(|i| self.0.remove(i).1)
     }
 
-    /// Keeps the fields `keep` says yes to.
-    pub fn retain(&mut self, mut keep: impl FnMut(&String, &mut Value) -> bool) {
+    /// Keeps the entries `keep` says yes to.
+    pub fn retain(&mut self, mut keep: impl FnMut(&String, &mut V) -> bool) {
         self.0.retain_mut(|(n, v)| keep(n, v));
     }
 
-    /// The fields in name order.
-    pub fn iter(&self) -> Iter<'_> {
+    /// The entries in name order.
+    pub fn iter(&self) -> Iter<'_, V> {
         Iter(self.0.iter())
     }
 
-    /// The field names in order.
+    /// The names in order.
     pub fn keys(&self) -> impl ExactSizeIterator<Item = &String> + DoubleEndedIterator {
         self.0.iter().map(|(n, _)| n)
     }
 
     /// The values in their names' order.
-    pub fn values(&self) -> impl ExactSizeIterator<Item = &Value> + DoubleEndedIterator {
+    pub fn values(&self) -> impl ExactSizeIterator<Item = &V> + DoubleEndedIterator {
         self.0.iter().map(|(_, v)| v)
     }
 
     /// The values, taken, in their names' order.
-    pub fn into_values(self) -> impl ExactSizeIterator<Item = Value> + DoubleEndedIterator {
+    pub fn into_values(self) -> impl ExactSizeIterator<Item = V> + DoubleEndedIterator {
         self.0.into_iter().map(|(_, v)| v)
     }
 
-    /// Appends a field whose name is greater than every name held (a decoder reading names in
-    /// increasing order); `Err` gives it back otherwise.
-    pub fn push_last(&mut self, name: String, value: Value) -> Result<(), (String, Value)> {
+    /// Appends an entry whose name is greater than every name held (a decoder reading names
+    /// in increasing order); `Err` gives it back otherwise.
+    pub fn push_last(&mut self, name: String, value: V) -> Result<(), (String, V)> {
         if self.0.last().is_some_and(|(last, _)| *last >= name) {
             return Err((name, value));
         }
@@ -110,13 +148,16 @@ impl OpFields {
         Ok(())
     }
 
-    /// The fields as a `BTreeMap`.
-    pub fn to_btree(&self) -> BTreeMap<String, Value> {
+    /// The entries as a `BTreeMap`.
+    pub fn to_btree(&self) -> BTreeMap<String, V>
+    where
+        V: Clone,
+    {
         self.0.iter().cloned().collect()
     }
 }
 
-impl std::fmt::Debug for OpFields {
+impl<V: std::fmt::Debug> std::fmt::Debug for NameMap<V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_map().entries(self.iter()).finish()
     }
@@ -124,10 +165,10 @@ impl std::fmt::Debug for OpFields {
 
 /// Iterator over `(&name, &value)`, in name order.
 #[derive(Clone)]
-pub struct Iter<'a>(std::slice::Iter<'a, (String, Value)>);
+pub struct Iter<'a, V>(std::slice::Iter<'a, (String, V)>);
 
-impl<'a> Iterator for Iter<'a> {
-    type Item = (&'a String, &'a Value);
+impl<'a, V> Iterator for Iter<'a, V> {
+    type Item = (&'a String, &'a V);
 
     #[inline]
     fn next(&mut self) -> Option<Self::Item> {
@@ -139,42 +180,42 @@ impl<'a> Iterator for Iter<'a> {
     }
 }
 
-impl DoubleEndedIterator for Iter<'_> {
+impl<V> DoubleEndedIterator for Iter<'_, V> {
     fn next_back(&mut self) -> Option<Self::Item> {
         self.0.next_back().map(|(n, v)| (n, v))
     }
 }
 
-impl ExactSizeIterator for Iter<'_> {}
+impl<V> ExactSizeIterator for Iter<'_, V> {}
 
-impl<'a> IntoIterator for &'a OpFields {
-    type Item = (&'a String, &'a Value);
-    type IntoIter = Iter<'a>;
+impl<'a, V> IntoIterator for &'a NameMap<V> {
+    type Item = (&'a String, &'a V);
+    type IntoIter = Iter<'a, V>;
 
-    fn into_iter(self) -> Iter<'a> {
+    fn into_iter(self) -> Iter<'a, V> {
         self.iter()
     }
 }
 
-impl IntoIterator for OpFields {
-    type Item = (String, Value);
-    type IntoIter = std::vec::IntoIter<(String, Value)>;
+impl<V> IntoIterator for NameMap<V> {
+    type Item = (String, V);
+    type IntoIter = std::vec::IntoIter<(String, V)>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.0.into_iter()
     }
 }
 
-impl FromIterator<(String, Value)> for OpFields {
+impl<V> FromIterator<(String, V)> for NameMap<V> {
     /// As a `BTreeMap` collects: of two entries with one name, the later one stays.
-    fn from_iter<I: IntoIterator<Item = (String, Value)>>(iter: I) -> Self {
-        let mut v: Vec<(String, Value)> = iter.into_iter().collect();
+    fn from_iter<I: IntoIterator<Item = (String, V)>>(iter: I) -> Self {
+        let mut v: Vec<(String, V)> = iter.into_iter().collect();
         if v.windows(2).all(|w| w[0].0 < w[1].0) {
             return Self(v);
         }
         // A stable sort keeps equal names in their order; the last of each run stays.
         v.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut out: Vec<(String, Value)> = Vec::with_capacity(v.len());
+        let mut out: Vec<(String, V)> = Vec::with_capacity(v.len());
         for e in v {
             match out.last_mut() {
                 Some(last) if last.0 == e.0 => *last = e,
@@ -185,48 +226,48 @@ impl FromIterator<(String, Value)> for OpFields {
     }
 }
 
-impl<'a> FromIterator<(&'a str, Value)> for OpFields {
-    fn from_iter<I: IntoIterator<Item = (&'a str, Value)>>(iter: I) -> Self {
+impl<'a, V> FromIterator<(&'a str, V)> for NameMap<V> {
+    fn from_iter<I: IntoIterator<Item = (&'a str, V)>>(iter: I) -> Self {
         iter.into_iter().map(|(n, v)| (n.to_owned(), v)).collect()
     }
 }
 
-impl Extend<(String, Value)> for OpFields {
-    fn extend<I: IntoIterator<Item = (String, Value)>>(&mut self, iter: I) {
+impl<V> Extend<(String, V)> for NameMap<V> {
+    fn extend<I: IntoIterator<Item = (String, V)>>(&mut self, iter: I) {
         for (n, v) in iter {
             self.insert(n, v);
         }
     }
 }
 
-impl From<BTreeMap<String, Value>> for OpFields {
-    fn from(m: BTreeMap<String, Value>) -> Self {
+impl<V> From<BTreeMap<String, V>> for NameMap<V> {
+    fn from(m: BTreeMap<String, V>) -> Self {
         Self(m.into_iter().collect())
     }
 }
 
-impl From<OpFields> for BTreeMap<String, Value> {
-    fn from(f: OpFields) -> Self {
+impl<V> From<NameMap<V>> for BTreeMap<String, V> {
+    fn from(f: NameMap<V>) -> Self {
         f.0.into_iter().collect()
     }
 }
 
-impl<const N: usize> From<[(String, Value); N]> for OpFields {
-    fn from(a: [(String, Value); N]) -> Self {
+impl<V, const N: usize> From<[(String, V); N]> for NameMap<V> {
+    fn from(a: [(String, V); N]) -> Self {
         a.into_iter().collect()
     }
 }
 
-impl std::ops::Index<&str> for OpFields {
-    type Output = Value;
+impl<V> std::ops::Index<&str> for NameMap<V> {
+    type Output = V;
 
-    fn index(&self, name: &str) -> &Value {
-        self.get(name).expect("no such field")
+    fn index(&self, name: &str) -> &V {
+        self.get(name).expect("no such name")
     }
 }
 
-impl Serialize for OpFields {
-    /// A map in name order: the bytes a `BTreeMap` of the same fields serializes to.
+impl<V: Serialize> Serialize for NameMap<V> {
+    /// A map in name order: the bytes a `BTreeMap` of the same entries serializes to.
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(Some(self.0.len()))?;
         for (n, v) in &self.0 {
@@ -236,27 +277,27 @@ impl Serialize for OpFields {
     }
 }
 
-impl<'de> Deserialize<'de> for OpFields {
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for NameMap<V> {
     /// Any map, as a `BTreeMap` reads one: sorted, and of a repeated name the last value.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = OpFields;
+        struct Entries<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for Entries<V> {
+            type Value = NameMap<V>;
 
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a map of field names to values")
+                f.write_str("a map of names to values")
             }
 
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<OpFields, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<NameMap<V>, A::Error> {
                 // Bounded by what the map's own encoding holds; serde's hint is capped.
                 let mut v = Vec::with_capacity(a.size_hint().unwrap_or(0).min(64));
-                while let Some(e) = a.next_entry::<String, Value>()? {
+                while let Some(e) = a.next_entry::<String, V>()? {
                     v.push(e);
                 }
                 Ok(v.into_iter().collect())
             }
         }
-        d.deserialize_map(V)
+        d.deserialize_map(Entries(std::marker::PhantomData))
     }
 }
 
