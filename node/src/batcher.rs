@@ -98,6 +98,9 @@ pub enum FlushReason {
     Immediate,
     /// The size bound is reached.
     Full,
+    /// Every pending write is one the engine seals in a batch of its own (a bulk call, or a
+    /// revocation): none can be joined, so waiting would only add latency.
+    Alone,
     /// The flush delay has run out (the latency bound).
     Deadline,
     /// No write arrived for a while: the burst is over.
@@ -111,6 +114,8 @@ struct Open {
     /// When the newest pending write was queued.
     last_us: u64,
     writes: usize,
+    /// Of those, writes other writes may share a batch with (not sealed alone).
+    joinable: usize,
     ops: usize,
     bytes: usize,
 }
@@ -144,15 +149,18 @@ impl Batcher {
         }
     }
 
-    /// A write of `ops` ops and about `bytes` bytes was queued at `at_us`.
-    pub fn arrive(&mut self, at_us: u64, ops: usize, bytes: usize) {
+    /// A write of `ops` ops and about `bytes` bytes was queued at `at_us`; `alone`: the
+    /// engine seals it in a batch of its own ([`blazedb_protocol::CheckedOps::sealed_alone`]).
+    pub fn arrive(&mut self, at_us: u64, ops: usize, bytes: usize, alone: bool) {
         self.idle_rounds = 0;
+        let joinable = usize::from(!alone);
         match &mut self.open {
             None => {
                 self.open = Some(Open {
                     since_us: at_us,
                     last_us: at_us,
                     writes: 1,
+                    joinable,
                     ops,
                     bytes,
                 })
@@ -164,6 +172,7 @@ impl Batcher {
                 o.since_us = o.since_us.min(at_us);
                 o.last_us = o.last_us.max(at_us);
                 o.writes += 1;
+                o.joinable += joinable;
                 o.ops += ops;
                 o.bytes += bytes;
             }
@@ -177,6 +186,9 @@ impl Batcher {
         };
         if o.ops >= self.max_ops || o.bytes >= self.max_bytes {
             return Decision::Flush(FlushReason::Full);
+        }
+        if o.joinable == 0 {
+            return Decision::Flush(FlushReason::Alone);
         }
         if self.linger_us == 0 {
             return Decision::Flush(FlushReason::Immediate);
@@ -207,7 +219,9 @@ impl Batcher {
         let Some(o) = self.open.take() else {
             return;
         };
-        self.linger_us = if o.writes >= 2 {
+        // Load is writes that could have shared the batch: bulk calls queued together are
+        // sealed one batch each whatever the delay, so they never lengthen it.
+        self.linger_us = if o.joinable >= 2 {
             (self.linger_us * 2)
                 .max(LINGER_STEP_US)
                 .min(self.max_delay_us)
@@ -250,7 +264,7 @@ mod tests {
     /// A burst: `n` writes 5 µs apart from `t`, then a flush. Returns the time after it.
     fn burst(b: &mut Batcher, t: u64, n: u64) -> u64 {
         for i in 0..n {
-            b.arrive(t + i * 5, 1, 100);
+            b.arrive(t + i * 5, 1, 100, false);
         }
         b.flushed();
         t + n * 5
@@ -260,14 +274,14 @@ mod tests {
     fn idle_write_is_sealed_at_once() {
         let mut b = Batcher::new(&BatchingConfig::default());
         assert_eq!(b.poll(0), Decision::Idle);
-        b.arrive(1_000, 1, 100);
+        b.arrive(1_000, 1, 100, false);
         assert_eq!(b.poll(1_000), Decision::Flush(FlushReason::Immediate));
         b.flushed();
         assert_eq!(b.linger_us(), 0);
         assert_eq!(b.poll(1_001), Decision::Idle);
         // One write at a time stays immediate, however fast they come.
         for t in 0..100 {
-            b.arrive(2_000 + t * 10, 1, 100);
+            b.arrive(2_000 + t * 10, 1, 100, false);
             assert_eq!(
                 b.poll(2_000 + t * 10),
                 Decision::Flush(FlushReason::Immediate)
@@ -289,22 +303,53 @@ mod tests {
         assert!(lingers.windows(2).all(|w| w[1] >= w[0]), "{lingers:?}");
         assert_eq!(*lingers.last().unwrap(), 2_000, "capped at max_delay");
         // Under load a new write waits for company instead of being sealed alone.
-        b.arrive(t + 1_000, 1, 100);
+        b.arrive(t + 1_000, 1, 100, false);
         assert!(matches!(b.poll(t + 1_000), Decision::WaitUntil(_)));
-        b.arrive(t + 1_005, 1, 100);
+        b.arrive(t + 1_005, 1, 100, false);
         b.flushed();
         // Single writes: the delay halves each time, down to zero.
         let mut steps = 0;
         while b.linger_us() > 0 {
             t += 10_000;
-            b.arrive(t, 1, 100);
+            b.arrive(t, 1, 100, false);
             b.flushed();
             steps += 1;
             assert!(steps < 20);
         }
         t += 10_000;
-        b.arrive(t, 1, 100);
+        b.arrive(t, 1, 100, false);
         assert_eq!(b.poll(t), Decision::Flush(FlushReason::Immediate));
+    }
+
+    /// A write the engine seals alone (a bulk call) is sealed at once even under load: no
+    /// other write can join it. Bulk calls queued together do not lengthen the delay, and a
+    /// small write beside one still waits for company.
+    #[test]
+    fn a_write_sealed_alone_never_waits() {
+        let mut b = Batcher::new(&cfg(2_000));
+        let mut t = 0;
+        for _ in 0..8 {
+            t = burst(&mut b, t + 1_000, 32);
+        }
+        assert_eq!(b.linger_us(), 2_000);
+        t += 1_000;
+        b.arrive(t, 1_000, 100_000, true);
+        assert_eq!(b.poll(t), Decision::Flush(FlushReason::Alone));
+        b.arrive(t + 1, 1_000, 100_000, true);
+        assert_eq!(b.poll(t + 1), Decision::Flush(FlushReason::Alone));
+        b.flushed();
+        assert_eq!(b.linger_us(), 1_000, "two bulk calls are not load");
+        b.arrive(t + 10, 1_000, 100_000, true);
+        b.arrive(t + 11, 1, 100, false);
+        assert!(matches!(b.poll(t + 11), Decision::WaitUntil(_)));
+        b.flushed();
+        // Bulk calls alone, back to back: the delay falls to zero as for single writes.
+        for i in 0..20 {
+            b.arrive(t + 100 + i, 1_000, 100_000, true);
+            b.arrive(t + 100 + i, 1_000, 100_000, true);
+            b.flushed();
+        }
+        assert_eq!(b.linger_us(), 0);
     }
 
     #[test]
@@ -318,7 +363,7 @@ mod tests {
         // Arrivals every 5 µs: the quiet period is QUIET_MIN_US, far below the linger.
         let start = t + 1_000;
         for i in 0..16 {
-            b.arrive(start + i * 5, 1, 100);
+            b.arrive(start + i * 5, 1, 100, false);
             assert!(matches!(b.poll(start + i * 5), Decision::WaitUntil(_)));
         }
         let last = start + 15 * 5;
@@ -339,12 +384,12 @@ mod tests {
         for _ in 0..10 {
             t = burst(&mut b, t + 1_000, 16);
         }
-        b.arrive(t + 1_000, 1, 10);
+        b.arrive(t + 1_000, 1, 10, false);
         assert!(matches!(b.poll(t + 1_000), Decision::WaitUntil(_)));
         b.yielded_idle();
         assert!(matches!(b.poll(t + 1_001), Decision::WaitUntil(_)));
         // A write in between starts the count again.
-        b.arrive(t + 1_002, 1, 10);
+        b.arrive(t + 1_002, 1, 10, false);
         b.yielded_idle();
         assert!(matches!(b.poll(t + 1_003), Decision::WaitUntil(_)));
         b.yielded_idle();
@@ -365,16 +410,16 @@ mod tests {
         }
         let t = t + 1_000;
         for i in 0..99 {
-            b.arrive(t + i, 1, 10);
+            b.arrive(t + i, 1, 10, false);
             assert!(!b.is_full());
             assert!(matches!(b.poll(t + i), Decision::WaitUntil(_)));
         }
-        b.arrive(t + 99, 1, 10);
+        b.arrive(t + 99, 1, 10, false);
         assert!(b.is_full());
         assert_eq!(b.poll(t + 99), Decision::Flush(FlushReason::Full));
         b.flushed();
         // Bytes bound too.
-        b.arrive(t + 200, 1, 10_000);
+        b.arrive(t + 200, 1, 10_000, false);
         assert_eq!(b.poll(t + 200), Decision::Flush(FlushReason::Full));
     }
 
@@ -386,7 +431,7 @@ mod tests {
             t = burst(&mut b, t + 1_000, 50);
         }
         assert_eq!(b.linger_us(), 0);
-        b.arrive(t, 1, 1);
+        b.arrive(t, 1, 1, false);
         assert_eq!(b.poll(t), Decision::Flush(FlushReason::Immediate));
     }
 
@@ -407,7 +452,7 @@ mod tests {
             let mut ops = 0usize;
             for (i, gap) in gaps.iter().enumerate() {
                 now += gap;
-                b.arrive(now, 1, 10);
+                b.arrive(now, 1, 10, false);
                 oldest.get_or_insert(now);
                 ops += 1;
                 prop_assert!(ops <= max_ops);

@@ -1345,7 +1345,8 @@ impl Actor {
     fn queue_write(&mut self, w: PendingWrite) {
         let at_us = u64::try_from(w.at.saturating_duration_since(self.epoch).as_micros())
             .unwrap_or(u64::MAX);
-        self.batcher.arrive(at_us, w.ops.len(), w.ops.bytes());
+        self.batcher
+            .arrive(at_us, w.ops.len(), w.ops.bytes(), w.ops.sealed_alone());
         self.pending.push(w);
     }
 

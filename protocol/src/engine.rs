@@ -1230,7 +1230,7 @@ impl<P: Clone + Ord + std::fmt::Debug> Engine<P> {
                     sizes.push(crate::coalesce::CallerSize {
                         ops: ops.len(),
                         bytes: ops.bytes(),
-                        alone: ops.len() > crate::coalesce::CALLER_OPS_MAX || ops.has_revokes(),
+                        alone: ops.sealed_alone(),
                     });
                     ok.push((i, ops));
                     out.results

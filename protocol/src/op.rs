@@ -543,6 +543,13 @@ impl CheckedOps {
         self.ahead.is_none() && self.ops.iter().any(|op| matches!(op, Op::Revoke { .. }))
     }
 
+    /// Whether the engine seals these ops in a batch of their own, never coalesced with
+    /// other callers' ([`crate::coalesce`]): more than [`crate::coalesce::CALLER_OPS_MAX`]
+    /// ops (their batch already amortizes the per-batch costs), or a revocation.
+    pub fn sealed_alone(&self) -> bool {
+        self.len() > crate::coalesce::CALLER_OPS_MAX || self.has_revokes()
+    }
+
     /// Their approximate encoded size ([`Op::approx_len`] summed).
     pub fn bytes(&self) -> usize {
         self.bytes
