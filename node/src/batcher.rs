@@ -270,6 +270,11 @@ mod tests {
         t + n * 5
     }
 
+    /// Load: `rounds` bursts of `n` writes, 1 ms apart, from time 0. Returns the time after.
+    fn bursts(b: &mut Batcher, rounds: usize, n: u64) -> u64 {
+        (0..rounds).fold(0, |t, _| burst(b, t + 1_000, n))
+    }
+
     #[test]
     fn idle_write_is_sealed_at_once() {
         let mut b = Batcher::new(&BatchingConfig::default());
@@ -327,10 +332,7 @@ mod tests {
     #[test]
     fn a_write_sealed_alone_never_waits() {
         let mut b = Batcher::new(&cfg(2_000));
-        let mut t = 0;
-        for _ in 0..8 {
-            t = burst(&mut b, t + 1_000, 32);
-        }
+        let mut t = bursts(&mut b, 8, 32);
         assert_eq!(b.linger_us(), 2_000);
         t += 1_000;
         b.arrive(t, 1_000, 100_000, true);
@@ -355,10 +357,7 @@ mod tests {
     #[test]
     fn a_burst_is_sealed_when_it_pauses() {
         let mut b = Batcher::new(&cfg(5_000));
-        let mut t = 0;
-        for _ in 0..10 {
-            t = burst(&mut b, t + 1_000, 16);
-        }
+        let t = bursts(&mut b, 10, 16);
         assert_eq!(b.linger_us(), 5_000);
         // Arrivals every 5 µs: the quiet period is QUIET_MIN_US, far below the linger.
         let start = t + 1_000;
@@ -380,10 +379,7 @@ mod tests {
     #[test]
     fn idle_yield_rounds_seal() {
         let mut b = Batcher::new(&cfg(5_000));
-        let mut t = 0;
-        for _ in 0..10 {
-            t = burst(&mut b, t + 1_000, 16);
-        }
+        let t = bursts(&mut b, 10, 16);
         b.arrive(t + 1_000, 1, 10, false);
         assert!(matches!(b.poll(t + 1_000), Decision::WaitUntil(_)));
         b.yielded_idle();
@@ -404,10 +400,7 @@ mod tests {
             ..cfg(2_000)
         };
         let mut b = Batcher::new(&c);
-        let mut t = 0;
-        for _ in 0..6 {
-            t = burst(&mut b, t + 1_000, 8);
-        }
+        let t = bursts(&mut b, 6, 8);
         let t = t + 1_000;
         for i in 0..99 {
             b.arrive(t + i, 1, 10, false);
@@ -426,10 +419,7 @@ mod tests {
     #[test]
     fn off_never_waits() {
         let mut b = Batcher::new(&BatchingConfig::off());
-        let mut t = 0;
-        for _ in 0..10 {
-            t = burst(&mut b, t + 1_000, 50);
-        }
+        let t = bursts(&mut b, 10, 50);
         assert_eq!(b.linger_us(), 0);
         b.arrive(t, 1, 1, false);
         assert_eq!(b.poll(t), Decision::Flush(FlushReason::Immediate));
