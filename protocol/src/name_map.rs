@@ -137,24 +137,6 @@ impl<V> NameMap<V> {
     pub fn into_values(self) -> impl ExactSizeIterator<Item = V> + DoubleEndedIterator {
         self.0.into_iter().map(|(_, v)| v)
     }
-
-    /// Appends an entry whose name is greater than every name held (a decoder reading names
-    /// in increasing order); `Err` gives it back otherwise.
-    pub fn push_last(&mut self, name: String, value: V) -> Result<(), (String, V)> {
-        if self.0.last().is_some_and(|(last, _)| *last >= name) {
-            return Err((name, value));
-        }
-        self.0.push((name, value));
-        Ok(())
-    }
-
-    /// The entries as a `BTreeMap`.
-    pub fn to_btree(&self) -> BTreeMap<String, V>
-    where
-        V: Clone,
-    {
-        self.0.iter().cloned().collect()
-    }
 }
 
 impl<V: std::fmt::Debug> std::fmt::Debug for NameMap<V> {
@@ -327,7 +309,7 @@ mod tests {
             prop_assert!(f.keys().eq(m.keys()));
             prop_assert!(f.values().rev().eq(m.values().rev()));
             prop_assert!(f.clone().into_values().eq(m.clone().into_values()));
-            prop_assert_eq!(f.to_btree(), m.clone());
+            prop_assert_eq!(BTreeMap::from(f.clone()), m.clone());
             let (mut a, mut b) = (Vec::new(), Vec::new());
             ciborium::into_writer(&f, &mut a).unwrap();
             ciborium::into_writer(&m, &mut b).unwrap();
@@ -375,15 +357,5 @@ mod tests {
             let m: BTreeMap<String, Value> = ciborium::from_reader(&enc[..]).unwrap();
             prop_assert!(f.iter().eq(m.iter()));
         }
-    }
-
-    #[test]
-    fn push_last_only_appends_in_order() {
-        let mut f = OpFields::new();
-        assert!(f.push_last("b".into(), Value::Null).is_ok());
-        assert!(f.push_last("b".into(), Value::Null).is_err());
-        assert!(f.push_last("a".into(), Value::Null).is_err());
-        assert!(f.push_last("c".into(), Value::Null).is_ok());
-        assert_eq!(f.keys().collect::<Vec<_>>(), ["b", "c"]);
     }
 }
