@@ -1594,6 +1594,7 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
         let (mut secs_v, mut first_v, mut ratio_v) = (vec![], vec![], vec![]);
         let (mut live_p50_v, mut live_max_v, mut rss_v) = (vec![], vec![], vec![]);
         let (mut rss_growth_v, mut dropped_v) = (vec![], vec![]);
+        let (mut read_p50_v, mut read_max_v) = (vec![], vec![]);
         for run in 0..runs {
             let dir = tempfile_dir()?;
             let lo: libp2p::Multiaddr = "/ip4/127.0.0.1/tcp/0".parse()?;
@@ -1674,6 +1675,24 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
                     }
                 })
             });
+            // A reader at B: one get every 20 ms, each waiting until B's records hold every
+            // batch B's log held when it began (read-your-writes), as an app's reads would.
+            let reads: Arc<Mutex<Vec<f64>>> = Arc::default();
+            let reader = {
+                let (b, reads, stop) = (b.clone(), reads.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Relaxed) {
+                        let t = Instant::now();
+                        if b.get(DEFAULT_NAMESPACE, "live", "l0").is_ok() {
+                            reads
+                                .lock()
+                                .expect("not poisoned")
+                                .push(t.elapsed().as_secs_f64());
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                })
+            };
             // Read from B's durable heads without going through B's actor (which is busy with
             // the catch-up: polling `status` measured its queue, not the write's arrival).
             let c_key = match &c {
@@ -1737,6 +1756,13 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
             stop.store(true, Relaxed);
             if let Some(w) = writer {
                 let _ = w.await;
+            }
+            let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+            let mut reads = std::mem::take(&mut *reads.lock().expect("not poisoned"));
+            reads.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
+            if !reads.is_empty() {
+                read_p50_v.push(reads[reads.len() / 2]);
+                read_max_v.push(reads[reads.len() - 1]);
             }
             secs_v.push(done_at.unwrap_or_default());
             first_v.push(first.unwrap_or_default());
@@ -1817,6 +1843,26 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
                 id: "B6",
                 what: format!("live write latency at B during catch-up, max ({tag})"),
                 value: med(live_max_v) * 1e3,
+                unit: "ms",
+                ratio: None,
+                baseline: None,
+            },
+            Row {
+                id: "B6",
+                what: format!("a read at B during catch-up, p50 ({tag})"),
+                value: med(read_p50_v) * 1e3,
+                unit: "ms",
+                ratio: None,
+                baseline: Some(
+                    "a get every 20 ms; each waits until B's records hold every batch B's \
+                     log held when it began (read-your-writes)"
+                        .into(),
+                ),
+            },
+            Row {
+                id: "B6",
+                what: format!("a read at B during catch-up, max ({tag})"),
+                value: med(read_max_v) * 1e3,
                 unit: "ms",
                 ratio: None,
                 baseline: None,
