@@ -172,9 +172,10 @@ impl Held {
     }
 
     /// Whether it may be committed ahead of works before it: light, and no revocation
-    /// (what a revocation voids is decided in log order; none is ever reordered).
+    /// (what a revocation voids is decided in log order; none is ever reordered). A work
+    /// without batches (writers only) never goes ahead: it is answered in order.
     fn may_overtake(&self, limits: Limits) -> bool {
-        self.bytes() <= limits.light_max && !self.has_revokes()
+        !self.batches.is_empty() && self.bytes() <= limits.light_max && !self.has_revokes()
     }
 }
 
@@ -555,6 +556,10 @@ mod tests {
                 vec![work(0, &a[..3]), mat(), work(1, &c[3..])],
             ),
             ("a revocation in it", vec![work(0, &a[..3]), work(1, &r)]),
+            (
+                "no batch in it (writers only)",
+                vec![work(0, &a[..3]), work(1, &[])],
+            ),
             (
                 "behind a revocation",
                 vec![
