@@ -783,6 +783,20 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
     metric(
         &mut out,
         "counter",
+        "blazedb_commits_ahead_total",
+        "Log commits of light groups (live writes) taken ahead of heavier groups queued before them (catch-up answers) that share no author with them.",
+        m.commits_ahead.load(Ordering::Relaxed),
+    );
+    metric(
+        &mut out,
+        "counter",
+        "blazedb_commits_split_total",
+        "Log commits that took only part of a group larger than one transaction holds (4 MiB of batches).",
+        m.commits_split.load(Ordering::Relaxed),
+    );
+    metric(
+        &mut out,
+        "counter",
         "blazedb_duplicate_batches_total",
         "Batches received that were already held.",
         m.duplicates.load(Ordering::Relaxed),

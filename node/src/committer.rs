@@ -242,7 +242,7 @@ impl Reports {
 /// catch-up then waits for one bounded transaction, not for every catch-up answer queued
 /// before it. Each author's batches stay in order, so every chain stays contiguous in the
 /// log at every commit.
-fn next_transaction(held: &mut VecDeque<Item>, limits: Limits) -> (Vec<VerifiedBatch>, Vec<Held>) {
+fn next_transaction(held: &mut VecDeque<Item>, limits: Limits) -> Transaction {
     let heavy_first = match held.front() {
         Some(Item::Commit(h)) => h.bytes() > limits.light_max,
         _ => false,
@@ -272,12 +272,17 @@ fn next_transaction(held: &mut VecDeque<Item>, limits: Limits) -> (Vec<VerifiedB
                 }
             }
             finished.reverse();
-            return (batches, finished);
+            return Transaction {
+                batches,
+                finished,
+                cut: Cut::Ahead,
+            };
         }
     }
     let mut batches = Vec::new();
     let mut finished = Vec::new();
     let mut bytes = 0usize;
+    let mut cut = Cut::InOrder;
     while bytes < limits.commit_max {
         let Some(Item::Commit(h)) = held.front_mut() else {
             break;
@@ -290,13 +295,38 @@ fn next_transaction(held: &mut VecDeque<Item>, limits: Limits) -> (Vec<VerifiedB
             batches.push(b);
         }
         if !h.batches.is_empty() {
+            cut = Cut::Split;
             break;
         }
         if let Some(Item::Commit(h)) = held.pop_front() {
             finished.push(h);
         }
     }
-    (batches, finished)
+    Transaction {
+        batches,
+        finished,
+        cut,
+    }
+}
+
+/// One log transaction's worth of batches ([`next_transaction`]).
+struct Transaction {
+    /// The batches, in the order they are appended.
+    batches: Vec<VerifiedBatch>,
+    /// The works it finishes (all of their batches durable once it commits).
+    finished: Vec<Held>,
+    cut: Cut,
+}
+
+/// How a transaction was cut from what is held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cut {
+    /// The oldest batches.
+    InOrder,
+    /// The oldest batches, ending inside a work too large for one transaction.
+    Split,
+    /// Light works taken ahead of a heavier one before them.
+    Ahead,
 }
 
 fn run(
@@ -350,7 +380,11 @@ fn run(
             }
             continue;
         }
-        let (batches, finishing) = next_transaction(&mut held, LIMITS);
+        let Transaction {
+            batches,
+            finished: finishing,
+            cut,
+        } = next_transaction(&mut held, LIMITS);
         let works = finishing.len();
         let result = match &failed {
             Some(e) => Err(format!("an earlier commit failed: {e}")),
@@ -388,6 +422,11 @@ fn run(
                     m.remote_batches.fetch_add(remote, Ordering::Relaxed);
                     m.commit_groups_max
                         .fetch_max(works.max(1) as u64, Ordering::Relaxed);
+                    match cut {
+                        Cut::Ahead => m.commits_ahead.fetch_add(1, Ordering::Relaxed),
+                        Cut::Split => m.commits_split.fetch_add(1, Ordering::Relaxed),
+                        Cut::InOrder => 0,
+                    };
                     shared.mark_durable(&batches);
                     to_mat = Some(batches);
                 }
@@ -509,6 +548,11 @@ mod tests {
             .collect()
     }
 
+    fn cut(held: &mut VecDeque<Item>) -> (Vec<VerifiedBatch>, Vec<Held>, Cut) {
+        let t = next_transaction(held, TEST);
+        (t.batches, t.finished, t.cut)
+    }
+
     fn ids(finished: &[Held]) -> Vec<u64> {
         finished.iter().map(|h| h.id).collect()
     }
@@ -519,15 +563,17 @@ mod tests {
         let c = chain(2, &[false], &[]);
         assert!(a.iter().map(|b| b.bytes.len()).sum::<usize>() > TEST.commit_max);
         let mut held: VecDeque<Item> = [work(0, &a), work(1, &c)].into();
-        let (first, done) = next_transaction(&mut held, TEST);
+        let (first, done, how) = cut(&mut held);
         assert_eq!(order(&first), order(&c), "the light work alone, first");
+        assert_eq!(how, Cut::Ahead);
         assert_eq!(ids(&done), [1]);
         // Then the heavy work, in order, in transactions of at most `commit_max` (the last
         // batch taken may cross it).
         let mut rest = Vec::new();
         let mut finished = Vec::new();
         while !held.is_empty() {
-            let (t, done) = next_transaction(&mut held, TEST);
+            let (t, done, how) = cut(&mut held);
+            assert_eq!(how == Cut::Split, !held.is_empty(), "split until the last");
             let sizes: Vec<usize> = t.iter().map(|b| b.bytes.len()).collect();
             assert!(
                 sizes[..sizes.len() - 1].iter().sum::<usize>() < TEST.commit_max,
@@ -574,7 +620,8 @@ mod tests {
                 Item::Mat(_) => unreachable!(),
             };
             let mut held: VecDeque<Item> = items.into();
-            let (t, _) = next_transaction(&mut held, TEST);
+            let (t, _, how) = cut(&mut held);
+            assert_ne!(how, Cut::Ahead, "{what}");
             assert_eq!(
                 order(&t)[0],
                 first[0],
@@ -585,7 +632,8 @@ mod tests {
         let s1 = chain(5, &[false, false], &[]);
         let s2 = chain(6, &[false], &[]);
         let mut held: VecDeque<Item> = [work(0, &s1), work(1, &s2)].into();
-        let (t, done) = next_transaction(&mut held, TEST);
+        let (t, done, how) = cut(&mut held);
+        assert_eq!(how, Cut::InOrder);
         assert_eq!(order(&t), [order(&s1), order(&s2)].concat());
         assert_eq!(ids(&done), [0, 1]);
     }
@@ -674,7 +722,7 @@ mod tests {
                     mats += 1;
                     continue;
                 }
-                let (t, done) = next_transaction(&mut held, TEST);
+                let (t, done, _) = cut(&mut held);
                 prop_assert!(!t.is_empty() || done.iter().all(|h| h.batches.is_empty()));
                 let sizes: Vec<usize> = t.iter().map(|b| b.bytes.len()).collect();
                 if let Some((_, but_last)) = sizes.split_last() {

@@ -336,6 +336,12 @@ pub struct Metrics {
     /// Most actor groups (local flushes, swarm-event groups) one log commit has covered (the
     /// committer takes together what queued during the previous fsync).
     pub commit_groups_max: AtomicU64,
+    /// Log commits of light groups (live writes) taken ahead of heavier ones queued before
+    /// them (catch-up answers) that share no author with them.
+    pub commits_ahead: AtomicU64,
+    /// Log commits that took only part of a group larger than a transaction holds
+    /// (`committer::COMMIT_BYTES_MAX`).
+    pub commits_split: AtomicU64,
     /// Duplicate batches received (gossip, pushes, fetch answers, replays).
     pub duplicates: AtomicU64,
     /// Out-of-order batches dropped because the engine's buffer was full (fetched again

@@ -465,6 +465,8 @@ async fn a_writer_outpacing_the_link_is_slowed_not_buffered_and_b_converges() {
         ("blazedb_commit_queue_depth_max", q.commit_queue_max),
         ("blazedb_verify_queue_depth_max", q.verify_queue_max),
         ("blazedb_commit_groups_max", 1),
+        ("blazedb_commits_ahead_total", 0),
+        ("blazedb_commits_split_total", 0),
     ] {
         let got: u64 = text
             .lines()
