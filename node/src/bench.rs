@@ -1827,65 +1827,62 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
                     med(dropped_v)
                 )),
             },
-            Row {
-                id: "B6",
-                what: format!("live write latency at B during catch-up, p50 ({tag})"),
-                value: med(live_p50_v) * 1e3,
-                unit: "ms",
-                ratio: None,
-                baseline: Some(
-                    "1-op batches from a third node, every 50 ms, until durable in B's log \
-                     (read without B's actor)"
-                        .into(),
-                ),
-            },
-            Row {
-                id: "B6",
-                what: format!("live write latency at B during catch-up, max ({tag})"),
-                value: med(live_max_v) * 1e3,
-                unit: "ms",
-                ratio: None,
-                baseline: None,
-            },
-            Row {
-                id: "B6",
-                what: format!("a read at B during catch-up, p50 ({tag})"),
-                value: med(read_p50_v) * 1e3,
-                unit: "ms",
-                ratio: None,
-                baseline: Some(
-                    "a get every 20 ms; each waits until B's records hold every batch B's \
-                     log held when it began (read-your-writes)"
-                        .into(),
-                ),
-            },
-            Row {
-                id: "B6",
-                what: format!("a read at B during catch-up, max ({tag})"),
-                value: med(read_max_v) * 1e3,
-                unit: "ms",
-                ratio: None,
-                baseline: None,
-            },
-            Row {
-                id: "B6",
-                what: format!("peak RSS during catch-up, all nodes in one process ({tag})"),
-                value: med(rss_v),
-                unit: "MB",
-                ratio: None,
-                baseline: Some(format!(
-                    "grown {:.0} MB from the start of the catch-up until B's log held every \
-                     batch (the rest is A's and C's, from writing the ops before)",
-                    med(rss_growth_v)
-                )),
-            },
         ]);
+        rows.extend(p50_and_max(
+            "live write latency at B during catch-up",
+            &tag,
+            (live_p50_v, live_max_v),
+            "1-op batches from a third node, every 50 ms, until durable in B's log (read \
+             without B's actor)",
+        ));
+        rows.extend(p50_and_max(
+            "a read at B during catch-up",
+            &tag,
+            (read_p50_v, read_max_v),
+            "a get every 20 ms; each waits until B's records hold every batch B's log held \
+             when it began (read-your-writes)",
+        ));
+        rows.extend([Row {
+            id: "B6",
+            what: format!("peak RSS during catch-up, all nodes in one process ({tag})"),
+            value: med(rss_v),
+            unit: "MB",
+            ratio: None,
+            baseline: Some(format!(
+                "grown {:.0} MB from the start of the catch-up until B's log held every \
+                     batch (the rest is A's and C's, from writing the ops before)",
+                med(rss_growth_v)
+            )),
+        }]);
         if !with_live {
             // No live writer: drop its two rows (p50, max).
             rows.drain(rows_before + 3..rows_before + 5);
         }
     }
     Ok(rows)
+}
+
+/// Two B6 rows, in milliseconds: the median over runs of each run's p50, then of its max.
+fn p50_and_max(name: &str, tag: &str, (p50s, maxes): (Vec<f64>, Vec<f64>), note: &str) -> [Row; 2] {
+    let med = |v: Vec<f64>| if v.is_empty() { f64::NAN } else { median(v) };
+    [
+        Row {
+            id: "B6",
+            what: format!("{name}, p50 ({tag})"),
+            value: med(p50s) * 1e3,
+            unit: "ms",
+            ratio: None,
+            baseline: Some(note.into()),
+        },
+        Row {
+            id: "B6",
+            what: format!("{name}, max ({tag})"),
+            value: med(maxes) * 1e3,
+            unit: "ms",
+            ratio: None,
+            baseline: None,
+        },
+    ]
 }
 
 /// Resets the process's peak RSS (Linux: `clear_refs` 5); ignored elsewhere.

@@ -50,8 +50,9 @@ use crate::node::{NodeError, Shared, WriteReceipt};
 /// (debug): where writers' calls wait.
 const SLOW: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// Most groups queued for the committer (beyond the one being committed). Kept shallow: a
-/// live batch queued behind bulk catch-up groups waits for all of them (8 measured no faster).
+/// Most groups queued for the committer (beyond the [`HELD_MAX`] its thread holds). Kept
+/// shallow: the actor waits on a full queue, which is the backpressure on writers and peers
+/// (8 measured no faster).
 pub const QUEUED_MAX: usize = 2;
 /// Most batch bytes committed in one transaction: several small works together, or part of
 /// a larger one (a catch-up's out-of-order buffer released at once is ~50 MB), so that a

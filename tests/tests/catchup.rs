@@ -26,15 +26,46 @@ async fn heads(node: &NodeHandle) -> BTreeMap<String, u64> {
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn striped_catch_up_ends_with_the_sources_state_while_live_writes_arrive() {
+/// Starts the sources: A, and C connected to it. Returns them and A's address.
+async fn sources(dir: &std::path::Path) -> (NodeHandle, NodeHandle, libp2p::Multiaddr) {
     init_logs();
-    let dir = tempfile::tempdir().unwrap();
-    let a = start_node(&dir.path().join("a"), &[]).await.unwrap();
+    let a = start_node(&dir.join("a"), &[]).await.unwrap();
     let a_addr = a.listen_addrs()[0].clone();
-    let c = start_node(&dir.path().join("c"), std::slice::from_ref(&a_addr))
+    let c = start_node(&dir.join("c"), std::slice::from_ref(&a_addr))
         .await
         .unwrap();
+    (a, c, a_addr)
+}
+
+/// Waits until `b` holds the vector `want` and, once materialized, exactly `a`'s records of
+/// each collection.
+async fn holds_what_a_holds(
+    b: &NodeHandle,
+    a: &NodeHandle,
+    want: &BTreeMap<String, u64>,
+    collections: &[&str],
+) {
+    eventually(
+        "B to hold every batch",
+        Duration::from_secs(120),
+        || async { (heads(b).await == *want).then_some(()) },
+    )
+    .await;
+    for coll in collections {
+        let expect = snapshot(a, coll);
+        eventually(
+            &format!("B's {coll} records to match A's"),
+            Duration::from_secs(60),
+            || async { (snapshot(b, coll) == expect).then_some(()) },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn striped_catch_up_ends_with_the_sources_state_while_live_writes_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, c, a_addr) = sources(dir.path()).await;
     let c_addr = c.listen_addrs()[0].clone();
     wait_peers(&a, 1).await;
 
@@ -90,23 +121,14 @@ async fn striped_catch_up_ends_with_the_sources_state_while_live_writes_arrive()
         (h == heads(&c).await && h.values().sum::<u64>() as usize == total).then_some(h)
     })
     .await;
-    eventually(
-        "B to hold every batch",
-        Duration::from_secs(120),
-        || async { (heads(&b).await == want).then_some(()) },
-    )
-    .await;
+    holds_what_a_holds(&b, &a, &want, &["docs", "live"]).await;
     assert_eq!(heads(&c).await, want, "C's vector differs");
-    // The records, once materialized, are the sources' exactly.
     for coll in ["docs", "live"] {
-        let expect = snapshot(&a, coll);
-        eventually(
-            &format!("B's {coll} records to match A's"),
-            Duration::from_secs(60),
-            || async { (snapshot(&b, coll) == expect).then_some(()) },
-        )
-        .await;
-        assert_eq!(snapshot(&c, coll), expect, "C's {coll} records differ");
+        assert_eq!(
+            snapshot(&c, coll),
+            snapshot(&a, coll),
+            "C's {coll} records differ"
+        );
     }
     assert_eq!(snapshot(&b, "docs").len(), MISSED + MISSED / 10 - 1);
     assert_eq!(snapshot(&b, "live").len(), 2 * LIVE);
@@ -130,13 +152,8 @@ async fn large_catch_up_beside_live_writes_leaves_a_whole_log() {
     use rand::{Rng, SeedableRng};
     const LARGE: usize = 40;
     const SMALL_MIN: usize = 10;
-    init_logs();
     let dir = tempfile::tempdir().unwrap();
-    let a = start_node(&dir.path().join("a"), &[]).await.unwrap();
-    let a_addr = a.listen_addrs()[0].clone();
-    let c = start_node(&dir.path().join("c"), std::slice::from_ref(&a_addr))
-        .await
-        .unwrap();
+    let (a, c, a_addr) = sources(dir.path()).await;
     wait_peers(&a, 1).await;
 
     // ~180 KB per batch once compressed: four fields of 60,000 characters of 64 kinds.
@@ -198,21 +215,7 @@ async fn large_catch_up_beside_live_writes_leaves_a_whole_log() {
         (h == heads(&c).await && h.values().sum::<u64>() as usize == LARGE + small).then_some(h)
     })
     .await;
-    eventually(
-        "B to hold every batch",
-        Duration::from_secs(120),
-        || async { (heads(&b).await == want).then_some(()) },
-    )
-    .await;
-    for coll in ["big", "live"] {
-        let expect = snapshot(&a, coll);
-        eventually(
-            &format!("B's {coll} records to match A's"),
-            Duration::from_secs(60),
-            || async { (snapshot(&b, coll) == expect).then_some(()) },
-        )
-        .await;
-    }
+    holds_what_a_holds(&b, &a, &want, &["big", "live"]).await;
     assert_eq!(snapshot(&b, "big").len(), LARGE);
     assert_eq!(snapshot(&b, "live").len(), small);
     assert_eq!(b.metrics().rejected.load(Relaxed), 0);
