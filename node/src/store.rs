@@ -1432,8 +1432,8 @@ impl Store {
                 }
                 // Handed straight to a reader waiting for it, if any. Released plainly and
                 // taken again for the next batch at once, the lock went back to this thread
-                // ahead of the readers woken for it, batch after batch: a `get` measured
-                // 26 ms waiting for it behind a catch-up's staging (B6).
+                // ahead of the readers woken for it, batch after batch: a `get` during a
+                // catch-up (B6) measured up to 133-149 ms waiting for it.
                 parking_lot::RwLockWriteGuard::unlock_fair(guard);
             }
             if !touched.is_empty() {
