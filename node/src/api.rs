@@ -741,6 +741,13 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
     metric(
         &mut out,
         "counter",
+        "blazedb_reads_joined_total",
+        "Point reads that joined batches committed to the log and not yet in the records, instead of waiting for the records.",
+        node.reads_joined(),
+    );
+    metric(
+        &mut out,
+        "counter",
         "blazedb_dials_total",
         "Outgoing dials started (bootstrap peers and their redials, mDNS finds, dial commands).",
         m.dials.load(Ordering::Relaxed),

@@ -709,9 +709,9 @@ where
     let kinds = node.view_flush_kinds();
     let kinds = (kinds.0 - kinds0.0, kinds.1 - kinds0.1);
     tracing::info!(writers, "bench window: B2 end");
-    // Until the records have caught up too (a read waits for them).
+    // Until the records have caught up too.
     let n2 = node.clone();
-    tokio::task::spawn_blocking(move || n2.get(DEFAULT_NAMESPACE, "bench", "k0000000")).await??;
+    tokio::task::spawn_blocking(move || n2.wait_records()).await??;
     let readable = ops / t.elapsed().as_secs_f64();
     let cpu_us_readable = (cpu_secs() - cpu0) * 1e6 / ops;
     // What a `/metrics` record count costs right after the window when one is due (taken on a
@@ -1675,8 +1675,9 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
                     }
                 })
             });
-            // A reader at B: one get every 20 ms, each waiting until B's records hold every
-            // batch B's log held when it began (read-your-writes), as an app's reads would.
+            // A reader at B: one get every 20 ms, each with every batch B's log held when it
+            // began (read-your-writes), as an app's reads would: it waits for the commit
+            // under way, and joins what the records do not hold yet.
             let reads: Arc<Mutex<Vec<f64>>> = Arc::default();
             let reader = {
                 let (b, reads, stop) = (b.clone(), reads.clone(), stop.clone());
@@ -1839,8 +1840,8 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
             "a read at B during catch-up",
             &tag,
             (read_p50_v, read_max_v),
-            "a get every 20 ms; each waits until B's records hold every batch B's log held \
-             when it began (read-your-writes)",
+            "a get every 20 ms, with every batch B's log held when it began (read-your-writes): \
+             waits for the log commit under way",
         ));
         rows.extend([Row {
             id: "B6",
@@ -2008,10 +2009,10 @@ async fn b3_run(total_ops: usize, seed: u64, owned: bool) -> Result<B3Run> {
     let faults_per_kop =
         minor_faults().saturating_sub(faults0) as f64 * 1e3 / (calls * W_BATCH_OPS) as f64;
     tracing::info!(owned, "bench window: B3 end");
-    // Until both nodes' records hold every op too (a read waits for what it follows).
+    // Until both nodes' records hold every op too.
     for n in [&a, &b] {
-        let (n, ns) = (n.clone(), ns.clone());
-        tokio::task::spawn_blocking(move || n.get(&ns, "bench", "k0000000")).await??;
+        let n = n.clone();
+        tokio::task::spawn_blocking(move || n.wait_records()).await??;
     }
     let readable = (calls * W_BATCH_OPS) as f64 / t.elapsed().as_secs_f64();
     let cpu_us_readable = (cpu_secs() - cpu0) * 1e6 / (calls * W_BATCH_OPS) as f64;

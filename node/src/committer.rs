@@ -395,7 +395,7 @@ fn run(
                 // these batches in the log (`counts`, a peer's answer) and then reads records
                 // waits for them to be applied. Counted after the commit, a reader could
                 // slip between the two and miss the records of batches it had just counted.
-                shared.mat.submitted(batches.len() as u64);
+                shared.mat.submitting(&batches);
                 let t = std::time::Instant::now();
                 let r = shared.store.append_log(&batches).map_err(|e| e.to_string());
                 if t.elapsed() > SLOW {
@@ -404,6 +404,10 @@ fn run(
                         batches = batches.len(),
                         "log commit slow (fsync)"
                     );
+                }
+                if r.is_ok() {
+                    // Reads of these batches wait no longer (they join them until staged).
+                    shared.mat.committed(batches.len() as u64);
                 }
                 if let Err(e) = &r {
                     // Never applied: readers waiting for them hear why instead of timing out.

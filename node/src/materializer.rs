@@ -14,8 +14,11 @@
 //!    while the next delta is being staged. Random-key B-tree updates are the bound of this
 //!    path; large, key-ordered flushes of deduplicated records are what make them cheaper.
 //!
-//! - **Read-your-writes**: a read first waits until everything submitted before it has been
-//!   staged ([`MatSync::wait_applied`]).
+//! - **Read-your-writes**: a point read sees every batch whose log commit began before it:
+//!   it waits for their commit, not for their staging, and joins those not staged yet to
+//!   the records itself ([`MatSync::unstaged_for_read`], [`Store::get_joining`]). Listings
+//!   and counts wait until everything submitted before them has been staged
+//!   ([`MatSync::wait_applied`]).
 //! - **Bounded**: the job queue holds at most [`QUEUE_CAP`] jobs; when it is full the actor
 //!   blocks on it, which backs pressure up to writers and peers. Memory: the staged delta is
 //!   frozen at [`STAGED_FLUSH_BYTES`] and, while the previous one is still being flushed,
@@ -32,7 +35,7 @@
 //!   again (staged deltas are only memory: losing them loses nothing the log does not hold).
 //!   Flushes under load commit without fsync; an idle point and shutdown fsync the view.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -40,7 +43,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 
 use blazedb_protocol::capability::TokenId;
-use blazedb_protocol::{Hlc, VerifiedBatch};
+use blazedb_protocol::{BatchOps, Hlc, VerifiedBatch};
 
 use crate::store::{Change, Store};
 
@@ -147,11 +150,68 @@ pub enum Job {
     },
 }
 
+/// A batch whose log commit has begun and that is not staged yet, as a read joins it
+/// ([`Store::get_joining`]): what the materializer will stage of it.
+#[derive(Clone)]
+pub struct Unstaged {
+    /// Its namespace.
+    pub ns: String,
+    /// Its author's key.
+    pub author: [u8; 32],
+    /// Whether its ops count ([`VerifiedBatch::effective`]).
+    pub effective: bool,
+    /// Its ops (shared with the batch: no copy).
+    pub ops: BatchOps,
+}
+
+impl Unstaged {
+    /// What a read joins of `b`.
+    pub(crate) fn of(b: &VerifiedBatch) -> Self {
+        Self {
+            ns: b.header.ns.clone(),
+            author: *b.author.as_bytes(),
+            effective: b.effective,
+            ops: b.ops.clone(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     submitted: u64,
     applied: u64,
+    /// Batches whose log commit succeeded (commits end in the order they were submitted).
+    committed: u64,
+    /// Each commit's batches from its submission until they are staged, oldest first, with
+    /// `submitted` once they were counted ([`MatSync::submitting`]).
+    unstaged: VecDeque<(u64, Arc<[Unstaged]>)>,
+    /// Revocation rebuilds queued and not yet done ([`MatSync::rebuild_queued`]).
+    rebuilds: u64,
     failed: Option<String>,
+}
+
+impl State {
+    /// For a read that began with `target` batches submitted: `Some` (what it joins) once it
+    /// may go on, `None` while it must wait.
+    fn readable(&self, target: u64) -> Result<Option<UnstagedBatches>, String> {
+        if self.applied >= target {
+            return Ok(Some(Vec::new()));
+        }
+        if let Some(e) = &self.failed {
+            return Err(format!("records cannot be updated: {e}"));
+        }
+        if self.rebuilds > 0 || self.committed < target {
+            return Ok(None);
+        }
+        let (mut batches, mut kept) = (0, Vec::new());
+        for (_, b) in self.unstaged.iter().take_while(|(end, _)| *end <= target) {
+            batches += b.len() as u64;
+            kept.push(b.clone());
+        }
+        // Every batch submitted before the read and not applied is kept (always, unless some
+        // were counted by `submitted` alone).
+        Ok((self.applied + batches == target).then_some(kept))
+    }
 }
 
 /// Progress shared between the actor (submits), the materializer (applies) and readers.
@@ -167,7 +227,13 @@ pub struct MatSync {
     stopped_us: AtomicU64,
     /// The most bytes the staged delta held after a job was staged.
     staged_max: AtomicU64,
+    /// Reads that joined committed batches not yet staged instead of waiting for them.
+    reads_joined: AtomicU64,
 }
+
+/// What a point read joins to the records: the batches committed before it and not yet
+/// staged ([`MatSync::unstaged_for_read`]).
+pub type UnstagedBatches = Vec<Arc<[Unstaged]>>;
 
 impl MatSync {
     /// Counts `n` batches handed to the materializer.
@@ -177,9 +243,51 @@ impl MatSync {
         }
     }
 
-    fn applied(&self, n: u64) {
+    /// Counts the batches of one log commit as submitted, before the commit makes them
+    /// visible (as [`MatSync::submitted`]), and keeps them for reads until they are staged:
+    /// a read waits for their commit ([`MatSync::committed`]), not for their staging.
+    pub fn submitting(&self, batches: &[VerifiedBatch]) {
+        let kept: Arc<[Unstaged]> = batches.iter().map(Unstaged::of).collect();
+        if let Ok(mut s) = self.state.lock() {
+            s.submitted += batches.len() as u64;
+            let end = s.submitted;
+            s.unstaged.push_back((end, kept));
+        }
+    }
+
+    /// Counts `n` batches submitted with [`MatSync::submitting`] as durable in the log (the
+    /// oldest commit not yet counted).
+    pub fn committed(&self, n: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            s.committed += n;
+        }
+        self.cv.notify_all();
+    }
+
+    /// A revocation's rebuild of a namespace was queued behind the batches submitted so far:
+    /// until it is done, reads wait for the records (a rebuild changes which staged ops count).
+    pub fn rebuild_queued(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.rebuilds += 1;
+        }
+    }
+
+    fn rebuilt(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.rebuilds = s.rebuilds.saturating_sub(1);
+        }
+        self.cv.notify_all();
+    }
+
+    /// Counts `n` batches applied, from `jobs` apply jobs (their kept batches are let go).
+    fn applied(&self, n: u64, jobs: usize) {
         if let Ok(mut s) = self.state.lock() {
             s.applied += n;
+            for _ in 0..jobs {
+                if s.unstaged.pop_front().is_none() {
+                    break;
+                }
+            }
         }
         self.cv.notify_all();
     }
@@ -221,6 +329,47 @@ impl MatSync {
             .lock()
             .map(|s| s.submitted - s.applied)
             .unwrap_or(0)
+    }
+
+    /// Reads that joined unstaged batches instead of waiting for them so far.
+    pub fn reads_joined(&self) -> u64 {
+        self.reads_joined.load(Ordering::Relaxed)
+    }
+
+    /// For a point read: waits until every batch submitted before this call is durable in
+    /// the log, then returns those of them not yet staged, oldest first, for the read to
+    /// join to the records (their ops are joined again where the materializer has staged
+    /// them since: a join is idempotent). Batches submitted after the call are left out,
+    /// committed or not. Waits for the records instead (and returns nothing) while a
+    /// revocation's rebuild is queued, or where batches were submitted without being kept
+    /// ([`MatSync::submitted`]).
+    ///
+    /// Read before the records (`Store::get_joining`): a batch staged and let go between
+    /// the two is then in the records, never in neither.
+    pub fn unstaged_for_read(&self) -> Result<UnstagedBatches, String> {
+        let mut s = self
+            .state
+            .lock()
+            .map_err(|_| "materializer state poisoned".to_string())?;
+        let target = s.submitted;
+        let deadline = Instant::now() + READ_WAIT;
+        loop {
+            if let Some(kept) = s.readable(target)? {
+                if !kept.is_empty() {
+                    self.reads_joined.fetch_add(1, Ordering::Relaxed);
+                }
+                return Ok(kept);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("records are still catching up with the log; retry".into());
+            }
+            s = self
+                .cv
+                .wait_timeout(s, left)
+                .map_err(|_| "poisoned".to_string())?
+                .0;
+        }
     }
 
     /// Waits until every batch submitted before this call has been applied.
@@ -496,6 +645,7 @@ fn run(
         };
         let res = match job {
             Job::Apply(mut batches) => {
+                let mut jobs = 1;
                 // Take whatever else is queued, up to a transaction's worth; one job at a
                 // time while staging is paced, so that the queue, and the writers behind
                 // it, move on as evenly as the pace lets them.
@@ -504,6 +654,7 @@ fn run(
                     match rx.try_recv() {
                         Ok(Job::Apply(more)) => {
                             sync.took();
+                            jobs += 1;
                             ops += more.iter().map(|b| b.ops.len()).sum::<usize>();
                             batches.extend(more);
                         }
@@ -515,7 +666,7 @@ fn run(
                         Err(_) => break,
                     }
                 }
-                let n = batches.len() as u64;
+                let (n, jobs) = (batches.len() as u64, jobs);
                 let listening = changes.receiver_count() > 0;
                 store
                     .stage(batches, listening)
@@ -532,7 +683,7 @@ fn run(
                         if !(staged >= flush_at && flusher.start(store, false)?) {
                             flusher.pace(store, sync, flush_at)?;
                         }
-                        Ok(n)
+                        Ok((n, jobs))
                     })
             }
             Job::Rebuild { ns, revocations } => flusher
@@ -544,11 +695,12 @@ fn run(
                 })
                 .map(|(applied, skipped)| {
                     tracing::info!(%ns, applied, ineffective = skipped, "revocation learned: records rebuilt from the log");
-                    0
+                    sync.rebuilt();
+                    (0, 0)
                 }),
         };
         match res {
-            Ok(n) => sync.applied(n),
+            Ok((n, jobs)) => sync.applied(n, jobs),
             Err(e) => return fail(e),
         }
     }
@@ -657,6 +809,65 @@ mod tests {
                 String::from_utf8_lossy(&record_key(DEFAULT_NAMESPACE, collection, key))
             );
         }
+    }
+
+    /// A point read waits for the commit of every batch submitted before it, not for their
+    /// staging: it joins those not staged, leaves out what was submitted after it began,
+    /// waits for the records while a rebuild is queued, and joins nothing once they are
+    /// staged.
+    #[test]
+    fn a_read_joins_committed_batches_until_they_are_staged() {
+        use crate::node::DEFAULT_NAMESPACE;
+        let batches = crate::bench_materialize::sealed_batches(12, 15_000).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store.redb")).unwrap());
+        std::fs::create_dir(dir.path().join("direct")).unwrap();
+        let direct = Store::open(&dir.path().join("direct").join("store.redb")).unwrap();
+        direct.apply_with(&batches[..2], false, false).unwrap();
+        let view = batches[1].ops.view().unwrap();
+        let op = &view.ops()[0];
+        let (collection, key) = (view.collection(op), view.key(op));
+        let want = direct.get(DEFAULT_NAMESPACE, collection, key).unwrap();
+        assert!(want.is_some());
+        let sync = Arc::new(MatSync::default());
+        let readable = |target| sync.state.lock().unwrap().readable(target).unwrap();
+        let joined = |kept: &UnstagedBatches| kept.iter().map(|k| k.len()).collect::<Vec<_>>();
+
+        sync.submitting(&batches[..2]);
+        assert!(readable(2).is_none(), "read before the commit ended");
+        sync.committed(2);
+        let kept = readable(2).expect("committed: nothing to wait for");
+        assert_eq!(joined(&kept), [2]);
+        assert_eq!(store.get(DEFAULT_NAMESPACE, collection, key).unwrap(), None);
+        assert_eq!(
+            store
+                .get_joining(DEFAULT_NAMESPACE, collection, key, &kept)
+                .unwrap(),
+            want
+        );
+        // A later commit under way: a read that began before it does not wait for it.
+        sync.submitting(&batches[2..]);
+        assert_eq!(joined(&readable(2).unwrap()), [2]);
+        assert!(readable(3).is_none());
+        sync.committed(1);
+        assert_eq!(joined(&readable(3).unwrap()), [2, 1]);
+        sync.rebuild_queued();
+        assert!(readable(3).is_none(), "read around a queued rebuild");
+        sync.rebuilt();
+
+        let (changes, _) = broadcast::channel(16);
+        let (tx, thread) = spawn(store.clone(), sync.clone(), changes, 64 << 20);
+        tx.send(Job::Apply(batches[..2].to_vec())).unwrap();
+        tx.send(Job::Apply(batches[2..].to_vec())).unwrap();
+        sync.wait_applied().unwrap();
+        assert_eq!(
+            joined(&sync.unstaged_for_read().unwrap()),
+            Vec::<usize>::new()
+        );
+        assert!(sync.state.lock().unwrap().unstaged.is_empty());
+        assert_eq!(store.get(DEFAULT_NAMESPACE, collection, key).unwrap(), want);
+        drop(tx);
+        thread.join().unwrap();
     }
 
     /// A flush's fold is expected to take as long as the recent ones' whatever the delta's

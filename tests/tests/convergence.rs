@@ -311,10 +311,54 @@ async fn large_batches_travel_around_gossip_over_a_line_of_nodes() {
 /// a batch short of the batches it had just counted.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_hold_every_batch_a_reader_has_counted() {
-    const WRITES: u64 = 1_500;
+    read_after_counting(|a, counted| {
+        let held = a.list("default", "items", "", 100_000).unwrap().len() as u64;
+        assert!(
+            held >= counted,
+            "{counted} batches counted, {held} records listed"
+        );
+        held
+    })
+    .await;
+}
+
+/// The same for a point read, which joins the batches committed and not yet in the records
+/// instead of waiting for them: after counting `n` batches, the `n`th write's record is
+/// there (each batch holds at least the next write, in order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_finds_every_batch_a_reader_has_counted() {
+    read_after_counting(|a, counted| {
+        if counted == 0 {
+            return 0;
+        }
+        let key = format!("k{:05}", counted - 1);
+        let found = a.get("default", "items", &key).unwrap();
+        assert!(
+            found.is_some(),
+            "{counted} batches counted, {key} not found"
+        );
+        // Done once the last write is counted and found.
+        if counted >= READ_AFTER_COUNTING_WRITES {
+            READ_AFTER_COUNTING_WRITES
+        } else {
+            0
+        }
+    })
+    .await;
+}
+
+const READ_AFTER_COUNTING_WRITES: u64 = 1_500;
+
+/// While a task writes [`READ_AFTER_COUNTING_WRITES`] puts of a new record each, a reader
+/// counts the node's batches (beyond those it started with) and calls `read` with the count,
+/// until `read` returns at least the number of writes (records it found).
+async fn read_after_counting(read: fn(&blazedb_node::NodeHandle, u64) -> u64) {
+    const WRITES: u64 = READ_AFTER_COUNTING_WRITES;
     let dir = tempfile::tempdir().unwrap();
     let a = start_node(&dir.path().join("a"), &[]).await.unwrap();
-    let (base, _) = a.counts().unwrap();
+    // The log's batches, counted without waiting for the records (`counts` would).
+    let batches = |a: &blazedb_node::NodeHandle| a.counts_bounded().unwrap().0;
+    let base = batches(&a);
     let writer = {
         let a = a.clone();
         tokio::spawn(async move {
@@ -335,16 +379,9 @@ async fn records_hold_every_batch_a_reader_has_counted() {
         tokio::task::spawn_blocking(move || {
             let mut reads = 0u64;
             loop {
-                let (batches, _) = a.counts().unwrap();
-                let held = a.list("default", "items", "", 100_000).unwrap().len() as u64;
+                let counted = batches(&a) - base;
                 reads += 1;
-                // Every batch holds one new record (or several puts grouped: more).
-                assert!(
-                    held >= batches - base,
-                    "read {reads}: {} batches counted, {held} records listed",
-                    batches - base
-                );
-                if held >= WRITES {
+                if read(&a, counted) >= WRITES {
                     return reads;
                 }
             }
