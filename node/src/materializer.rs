@@ -14,10 +14,11 @@
 //!    while the next delta is being staged. Random-key B-tree updates are the bound of this
 //!    path; large, key-ordered flushes of deduplicated records are what make them cheaper.
 //!
-//! - **Read-your-writes**: a point read sees every batch whose log commit began before it:
-//!   it waits for their commit, not for their staging, and joins those not staged yet to
-//!   the records itself ([`MatSync::unstaged_for_read`], [`Store::get_joining`]). Listings
-//!   and counts wait until everything submitted before them has been staged
+//! - **Read-your-writes**: a read sees every batch whose log commit began before it: it
+//!   waits for their commit, not for their staging, and joins those not staged yet to the
+//!   records itself ([`MatSync::unstaged_for_read`], [`Store::get_joining`],
+//!   [`Store::list_joining`]). Counts, and listings whose range those batches touch in many
+//!   records, wait until everything submitted before them has been staged
 //!   ([`MatSync::wait_applied`]).
 //! - **Bounded**: the job queue holds at most [`QUEUE_CAP`] jobs; when it is full the actor
 //!   blocks on it, which backs pressure up to writers and peers. Memory: the staged delta is
@@ -336,6 +337,11 @@ impl MatSync {
         self.reads_joined.load(Ordering::Relaxed)
     }
 
+    /// Counts a read that joined unstaged batches.
+    pub(crate) fn joined_read(&self) {
+        self.reads_joined.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// For a point read: waits until every batch submitted before this call is durable in
     /// the log, then returns those of them not yet staged, oldest first, for the read to
     /// join to the records (their ops are joined again where the materializer has staged
@@ -355,9 +361,6 @@ impl MatSync {
         let deadline = Instant::now() + READ_WAIT;
         loop {
             if let Some(kept) = s.readable(target)? {
-                if !kept.is_empty() {
-                    self.reads_joined.fetch_add(1, Ordering::Relaxed);
-                }
                 return Ok(kept);
             }
             let left = deadline.saturating_duration_since(Instant::now());

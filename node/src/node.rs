@@ -52,6 +52,9 @@ const PUBLISH_CHECK_MIN_BYTES: usize = 64 * 1024;
 const SPIN_WAIT_MAX: Duration = Duration::from_millis(1);
 /// Capacity of the change broadcast (slow subscribers see a `Lagged` gap).
 const CHANGES_CAP: usize = 4096;
+/// Most records a listing joins the batches not yet staged on (each is read whole); past it,
+/// it waits for the records instead.
+const LIST_JOIN_MAX: usize = 256;
 /// Most bytes served in answer to one fetch.
 const SERVE_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// Most unanswered sync requests to one peer. Past it, further sync messages to that peer are
@@ -762,18 +765,29 @@ impl NodeHandle {
             .map_err(|e| NodeError::Invalid(e.to_string()))?;
         // Batches committed and not yet staged are joined here rather than waited for (a
         // catch-up's backlog took a read up to ~100 ms to wait out).
-        let unstaged = self
-            .shared
-            .mat
-            .unstaged_for_read()
-            .map_err(NodeError::Unavailable)?;
+        let unstaged = self.unstaged_for_read()?;
         Ok(self
             .shared
             .store
             .get_joining(ns, collection, key, &unstaged)?)
     }
 
-    /// Lists records of a collection by key prefix.
+    /// What a read joins to the records: the batches durable before it and not yet staged
+    /// (it waits for the log commit under way, if any).
+    fn unstaged_for_read(&self) -> Result<crate::materializer::UnstagedBatches, NodeError> {
+        let unstaged = self
+            .shared
+            .mat
+            .unstaged_for_read()
+            .map_err(NodeError::Unavailable)?;
+        if !unstaged.is_empty() {
+            self.shared.mat.joined_read();
+        }
+        Ok(unstaged)
+    }
+
+    /// Lists records of a collection by key prefix (existing records in key order, at most
+    /// `limit`), with every batch durable in the log before the call, as [`NodeHandle::get`].
     pub fn list(
         &self,
         ns: &str,
@@ -789,8 +803,17 @@ impl NodeHandle {
                 "prefix longer than the longest key".into(),
             ));
         }
+        // As `get`, where the batches not yet staged touch few records in range; otherwise
+        // reading each of them whole may cost more than waiting for the records.
+        let unstaged = self.unstaged_for_read()?;
+        let store = &self.shared.store;
+        if let Some(listed) =
+            store.list_joining(ns, collection, prefix, limit, &unstaged, LIST_JOIN_MAX)?
+        {
+            return Ok(listed);
+        }
         self.wait_applied()?;
-        Ok(self.shared.store.list(ns, collection, prefix, limit)?)
+        Ok(store.list(ns, collection, prefix, limit)?)
     }
 
     /// Creates a namespace owned by a fresh key kept in the data directory; this node gets an
@@ -853,8 +876,8 @@ impl NodeHandle {
         rx.await.map_err(|_| NodeError::Stopped)?
     }
 
-    /// Waits until the records hold every batch durable before this call: what a listing
-    /// and a count wait for. A [`NodeHandle::get`] never needs it (it joins the batches the
+    /// Waits until the records hold every batch durable before this call: what a count
+    /// waits for. Reads need not ([`NodeHandle::get`] and most listings join the batches the
     /// records do not hold yet); benchmarks use it to time the records catching up.
     pub fn wait_records(&self) -> Result<(), NodeError> {
         self.wait_applied()

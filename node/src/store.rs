@@ -32,7 +32,7 @@ use redb::{
 
 use blazedb_protocol::batch::{BatchHeader, Envelope};
 use blazedb_protocol::capability::TokenId;
-use blazedb_protocol::codec::PayloadView;
+use blazedb_protocol::codec::{OpView, PayloadView};
 use blazedb_protocol::{
     record_codec, BatchId, Dict, DictRef, DictSet, Hlc, RecordState, VerifiedBatch,
 };
@@ -804,6 +804,35 @@ fn ops_view(vb: &VerifiedBatch) -> Result<&PayloadView<'_>, StoreError> {
     vb.ops
         .view()
         .map_err(|e| StoreError::Corrupt(format!("batch {}: ops: {e}", vb.id)))
+}
+
+/// An op of a batch not yet staged, with its batch's view and author.
+type KeptOp<'a> = (&'a PayloadView<'a>, &'a OpView<'a>, [u8; 32]);
+
+/// The ops of `unstaged` that count, on records of `collection` in `ns` whose key passes
+/// `keep`, oldest first.
+fn kept_ops<'a>(
+    unstaged: &'a [Arc<[Unstaged]>],
+    ns: &str,
+    collection: &str,
+    mut keep: impl FnMut(&str) -> bool,
+) -> Result<Vec<KeptOp<'a>>, StoreError> {
+    let mut out = Vec::new();
+    for b in unstaged.iter().flat_map(|kept| kept.iter()) {
+        if !b.effective || b.ns != ns {
+            continue;
+        }
+        let view = b
+            .ops
+            .view()
+            .map_err(|e| StoreError::Corrupt(format!("a logged batch's ops: {e}")))?;
+        for op in view.ops() {
+            if keep(view.key(op)) && view.collection(op) == collection {
+                out.push((view, op, b.author));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The stored form of the join of two stored states, into `out`. Where the delta's state
@@ -1847,25 +1876,66 @@ impl Store {
         key: &str,
         unstaged: &[Arc<[Unstaged]>],
     ) -> Result<Option<Fields>, StoreError> {
-        let rk = record_key(ns, collection, key);
-        let mut state = self.record_state(&rk)?;
-        for b in unstaged.iter().flat_map(|kept| kept.iter()) {
-            if !b.effective || b.ns != ns {
-                continue;
-            }
-            let view = b
-                .ops
-                .view()
-                .map_err(|e| StoreError::Corrupt(format!("a logged batch's ops: {e}")))?;
-            for op in view.ops() {
-                if view.key(op) == key && view.collection(op) == collection {
-                    state
-                        .get_or_insert_with(RecordState::default)
-                        .apply_view(view, op, b.author);
-                }
+        let ops = kept_ops(unstaged, ns, collection, |k| k == key)?;
+        Ok(self
+            .state_joining(ns, collection, key, &ops)?
+            .and_then(|s| s.visible()))
+    }
+
+    /// [`Store::list`] with the ops of `unstaged` on records in its range joined to them, as
+    /// [`Store::get_joining`] does; `None` (nothing read) where they touch more than
+    /// `kept_max` records (each is read whole: waiting for the materializer may then be
+    /// cheaper). Each record is at least as new as `unstaged`.
+    pub fn list_joining(
+        &self,
+        ns: &str,
+        collection: &str,
+        prefix: &str,
+        limit: usize,
+        unstaged: &[Arc<[Unstaged]>],
+        kept_max: usize,
+    ) -> Result<Option<Vec<(String, Fields)>>, StoreError> {
+        let mut by_key: BTreeMap<&str, Vec<KeptOp<'_>>> = BTreeMap::new();
+        for (view, op, author) in kept_ops(unstaged, ns, collection, |k| k.starts_with(prefix))? {
+            by_key
+                .entry(view.key(op))
+                .or_default()
+                .push((view, op, author));
+            if by_key.len() > kept_max {
+                return Ok(None);
             }
         }
-        Ok(state.and_then(|s| s.visible()))
+        // The records the kept ops touch, whole; then the listing, long enough that those
+        // taken out of it leave `limit` (it holds every other record in range up to there).
+        let mut joined = BTreeMap::new();
+        for (key, ops) in &by_key {
+            let state = self.state_joining(ns, collection, key, ops)?;
+            joined.insert(key.to_string(), state.and_then(|s| s.visible()));
+        }
+        let listed = self.list(ns, collection, prefix, limit.saturating_add(joined.len()))?;
+        let mut out: BTreeMap<String, Fields> = listed
+            .into_iter()
+            .filter(|(k, _)| !joined.contains_key(k))
+            .collect();
+        out.extend(joined.into_iter().filter_map(|(k, f)| Some((k, f?))));
+        Ok(Some(out.into_iter().take(limit).collect()))
+    }
+
+    /// A record's whole state with `ops` (its kept ops, oldest first) joined to it.
+    fn state_joining(
+        &self,
+        ns: &str,
+        collection: &str,
+        key: &str,
+        ops: &[KeptOp<'_>],
+    ) -> Result<Option<RecordState>, StoreError> {
+        let mut state = self.record_state(&record_key(ns, collection, key))?;
+        for &(view, op, author) in ops {
+            state
+                .get_or_insert_with(RecordState::default)
+                .apply_view(view, op, author);
+        }
+        Ok(state)
     }
 
     /// A record's whole state: staged delta, then the one being flushed, then the view file,
@@ -2797,12 +2867,13 @@ mod tests {
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
-        /// A point read that joins the logged batches not yet staged (some of them staged
-        /// meanwhile: joined twice) reads exactly like applying every logged batch straight
-        /// to the view file, whatever was staged, frozen or flushed; without the join it
-        /// would miss every batch still queued.
+        /// A point read or a listing that joins the logged batches not yet staged (some of
+        /// them staged meanwhile: joined twice) reads exactly like applying every logged
+        /// batch straight to the view file, whatever was staged, frozen or flushed; without
+        /// the join it would miss every batch still queued. A listing whose batches touch
+        /// more records than allowed reads nothing.
         #[test]
-        fn reads_joining_unstaged_batches_equal_direct_application(steps in arb_join_steps()) {
+        fn reads_and_listings_joining_unstaged_batches_equal_direct_application(steps in arb_join_steps()) {
             use crate::materializer::Unstaged;
             let dir = tempfile::tempdir().unwrap();
             let staged = Store::open(&dir.path().join("a").join("store.redb").tap_mkdir()).unwrap();
@@ -2850,6 +2921,32 @@ mod tests {
                     proptest::prop_assert_eq!(
                         staged.get_joining("default", "c", &key, &unstaged).unwrap(),
                         direct.get("default", "c", &key).unwrap()
+                    );
+                }
+                for (prefix, limit) in [("", 100), ("", 3), ("k0", 100), ("k1", 1), ("", 0)] {
+                    proptest::prop_assert_eq!(
+                        staged
+                            .list_joining("default", "c", prefix, limit, &unstaged, 12)
+                            .unwrap(),
+                        Some(direct.list("default", "c", prefix, limit).unwrap())
+                    );
+                }
+                // Past `kept_max` records touched, nothing is read.
+                let touched = unstaged
+                    .iter()
+                    .flat_map(|kept| kept.iter())
+                    .flat_map(|b| {
+                        let view = b.ops.view().unwrap();
+                        view.ops().iter().map(|op| view.key(op)).collect::<Vec<_>>()
+                    })
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len();
+                if touched > 0 {
+                    proptest::prop_assert_eq!(
+                        staged
+                            .list_joining("default", "c", "", 100, &unstaged, touched - 1)
+                            .unwrap(),
+                        None
                     );
                 }
             }
