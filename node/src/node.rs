@@ -772,14 +772,14 @@ impl NodeHandle {
             .get_joining(ns, collection, key, &unstaged)?)
     }
 
-    /// What a read joins to the records: the batches durable before it and not yet staged
-    /// (it waits for the log commit under way, if any).
+    /// What a read joins to the records: the batches in the log and not yet staged.
     fn unstaged_for_read(&self) -> Result<crate::materializer::UnstagedBatches, NodeError> {
         let unstaged = self
             .shared
             .mat
             .unstaged_for_read()
-            .map_err(NodeError::Unavailable)?;
+            .map_err(NodeError::Unavailable)?
+            .resolve(|b| self.shared.store.logged(b))?;
         if !unstaged.is_empty() {
             self.shared.mat.joined_read();
         }

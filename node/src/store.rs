@@ -1865,6 +1865,15 @@ impl Store {
         Ok(self.record_state(&rk)?.and_then(|s| s.visible()))
     }
 
+    /// Whether the log holds `b` (a commit is visible only once it is durable).
+    pub fn logged(&self, b: &Unstaged) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        let chains = txn.open_table(CHAINS)?;
+        Ok(chains
+            .get(chain_key(&b.ns, &b.author, b.seq).as_slice())?
+            .is_some())
+    }
+
     /// [`Store::get`] with the ops on this record of `unstaged` (batches logged and not yet
     /// staged, oldest first: [`crate::materializer::MatSync::unstaged_for_read`], taken
     /// before this call) joined to it, as staging them will. An op joined again where it was
