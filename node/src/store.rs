@@ -835,6 +835,16 @@ fn kept_ops<'a>(
     Ok(out)
 }
 
+/// A record's state with `ops` (its kept ops, oldest first) joined to it.
+fn join_kept(mut state: Option<RecordState>, ops: &[KeptOp<'_>]) -> Option<RecordState> {
+    for &(view, op, author) in ops {
+        state
+            .get_or_insert_with(RecordState::default)
+            .apply_view(view, op, author);
+    }
+    state
+}
+
 /// The stored form of the join of two stored states, into `out`. Where the delta's state
 /// absorbs the file's (a newer overwrite or delete: [`record_codec::absorbs`]), it is the
 /// join, and neither is decoded.
@@ -1886,9 +1896,8 @@ impl Store {
         unstaged: &[Arc<[Unstaged]>],
     ) -> Result<Option<Fields>, StoreError> {
         let ops = kept_ops(unstaged, ns, collection, |k| k == key)?;
-        Ok(self
-            .state_joining(ns, collection, key, &ops)?
-            .and_then(|s| s.visible()))
+        let state = self.record_state(&record_key(ns, collection, key))?;
+        Ok(join_kept(state, &ops).and_then(|s| s.visible()))
     }
 
     /// [`Store::list`] with the ops of `unstaged` on records in its range joined to them, as
@@ -1916,11 +1925,20 @@ impl Store {
         }
         // The records the kept ops touch, whole; then the listing, long enough that those
         // taken out of it leave `limit` (it holds every other record in range up to there).
+        let rks: Vec<Vec<u8>> = by_key
+            .keys()
+            .map(|key| record_key(ns, collection, key))
+            .collect();
         let mut joined = BTreeMap::new();
-        for (key, ops) in &by_key {
-            let state = self.state_joining(ns, collection, key, ops)?;
+        let mut kept = by_key.into_iter();
+        self.record_states(rks.iter().map(Vec::as_slice), |state| {
+            let Some((key, ops)) = kept.next() else {
+                return Ok(());
+            };
+            let state = join_kept(state, &ops);
             joined.insert(key.to_string(), state.and_then(|s| s.visible()));
-        }
+            Ok(())
+        })?;
         let listed = self.list(ns, collection, prefix, limit.saturating_add(joined.len()))?;
         let mut out: BTreeMap<String, Fields> = listed
             .into_iter()
@@ -1930,56 +1948,68 @@ impl Store {
         Ok(Some(out.into_iter().take(limit).collect()))
     }
 
-    /// A record's whole state with `ops` (its kept ops, oldest first) joined to it.
-    fn state_joining(
-        &self,
-        ns: &str,
-        collection: &str,
-        key: &str,
-        ops: &[KeptOp<'_>],
-    ) -> Result<Option<RecordState>, StoreError> {
-        let mut state = self.record_state(&record_key(ns, collection, key))?;
-        for &(view, op, author) in ops {
-            state
-                .get_or_insert_with(RecordState::default)
-                .apply_view(view, op, author);
-        }
-        Ok(state)
-    }
-
     /// A record's whole state: staged delta, then the one being flushed, then the view file,
     /// joined. This order is what makes it exact while the materializer freezes and flushes
     /// concurrently: a delta moves staged → flushing → file, so looking in that order cannot
     /// miss it, at worst sees it twice (a join is idempotent).
     fn record_state(&self, rk: &[u8]) -> Result<Option<RecordState>, StoreError> {
-        let mut state: Option<RecordState> = None;
-        let mut join = |d: RecordState| match &mut state {
-            Some(s) => s.merge(&d),
-            None => state = Some(d),
-        };
-        if let Some(d) = self.staged.read().state(rk)? {
-            join(d);
-        }
-        if let Some(f) = read(&self.flushing).as_ref() {
-            if let Some(d) = f.state(rk)? {
-                join(d);
-            }
-        }
+        let mut state = None;
+        self.record_states([rk], |s| {
+            state = s;
+            Ok(())
+        })?;
+        Ok(state)
+    }
+
+    /// [`Store::record_state`] of each of `rks`, in order, handed to `each`: the locks taken
+    /// once for all of them (during a catch-up, taking the staged delta's lock can wait
+    /// milliseconds each time), the staged delta's held throughout (so nothing moves from it
+    /// to the one being flushed meanwhile), the one being flushed read before the file.
+    fn record_states<'k>(
+        &self,
+        rks: impl IntoIterator<Item = &'k [u8]>,
+        mut each: impl FnMut(Option<RecordState>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let staged = self.staged.read();
+        let flushing = read(&self.flushing);
         let txn = self.view.begin_read()?;
         let records = txn.open_table(RECORDS)?;
-        if let Some(v) = records.get(rk)? {
-            join(decode_state(v.value())?);
-        }
         let runs = self.runs(&txn.open_table(RUN_LIST)?, &txn.open_table(RUN_FILTERS)?)?;
-        if !runs.is_empty() {
-            let probes = run_states(&txn.open_table(RUNS)?, &runs, rk, |held| {
-                join(decode_state(held)?);
-                Ok(())
-            })?;
-            self.run_probes
-                .fetch_add(probes, std::sync::atomic::Ordering::Relaxed);
+        let run_table = match runs.is_empty() {
+            true => None,
+            false => Some(txn.open_table(RUNS)?),
+        };
+        for rk in rks {
+            let mut state: Option<RecordState> = None;
+            let mut join = |d: RecordState| match &mut state {
+                Some(s) => s.merge(&d),
+                None => state = Some(d),
+            };
+            if let Some(d) = staged.state(rk)? {
+                join(d);
+            }
+            if let Some(d) = flushing
+                .as_ref()
+                .map(|f| f.state(rk))
+                .transpose()?
+                .flatten()
+            {
+                join(d);
+            }
+            if let Some(v) = records.get(rk)? {
+                join(decode_state(v.value())?);
+            }
+            if let Some(run_table) = &run_table {
+                let probes = run_states(run_table, &runs, rk, |held| {
+                    join(decode_state(held)?);
+                    Ok(())
+                })?;
+                self.run_probes
+                    .fetch_add(probes, std::sync::atomic::Ordering::Relaxed);
+            }
+            each(state)?;
         }
-        Ok(state)
+        Ok(())
     }
 
     /// Existing records of a collection whose key starts with `prefix`, in key order, at most
