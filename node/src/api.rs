@@ -742,7 +742,7 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
         &mut out,
         "counter",
         "blazedb_reads_joined_total",
-        "Point reads that joined batches committed to the log and not yet in the records, instead of waiting for the records.",
+        "Reads (gets and listings) that joined batches in the log and not yet in the records, instead of waiting for the records.",
         node.reads_joined(),
     );
     metric(

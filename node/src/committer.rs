@@ -391,10 +391,11 @@ fn run(
             Some(e) => Err(format!("an earlier commit failed: {e}")),
             None if batches.is_empty() => Ok(()),
             None => {
-                // Counted as submitted before the commit makes them visible: a read that sees
-                // these batches in the log (`counts`, a peer's answer) and then reads records
-                // waits for them to be applied. Counted after the commit, a reader could
-                // slip between the two and miss the records of batches it had just counted.
+                // Counted as submitted, and kept for reads until staged, before the commit
+                // makes them visible: a read that sees these batches in the log (`counts`, a
+                // peer's answer) and then reads records finds them. Counted after the commit,
+                // a reader could slip between the two and miss the records of batches it had
+                // just counted.
                 shared.mat.submitting(&batches);
                 let t = std::time::Instant::now();
                 let r = shared.store.append_log(&batches).map_err(|e| e.to_string());
@@ -406,7 +407,7 @@ fn run(
                     );
                 }
                 if r.is_ok() {
-                    // Reads of these batches wait no longer (they join them until staged).
+                    // Reads join these batches without looking them up in the log.
                     shared.mat.committed(batches.len() as u64);
                 }
                 if let Err(e) = &r {

@@ -14,10 +14,10 @@
 //!    while the next delta is being staged. Random-key B-tree updates are the bound of this
 //!    path; large, key-ordered flushes of deduplicated records are what make them cheaper.
 //!
-//! - **Read-your-writes**: a read sees every batch whose log commit began before it: it
-//!   waits for their commit, not for their staging, and joins those not staged yet to the
-//!   records itself ([`MatSync::unstaged_for_read`], [`Store::get_joining`],
-//!   [`Store::list_joining`]). Counts, and listings whose range those batches touch in many
+//! - **Read-your-writes**: a read sees every batch the log holds when it looks (every batch
+//!   durable before it began among them) without waiting for their staging: it joins those
+//!   not staged yet to the records itself ([`MatSync::unstaged_for_read`],
+//!   [`Store::get_joining`], [`Store::list_joining`]). Counts, and listings whose range those batches touch in many
 //!   records, wait until everything submitted before them has been staged
 //!   ([`MatSync::wait_applied`]).
 //! - **Bounded**: the job queue holds at most [`QUEUE_CAP`] jobs; when it is full the actor
@@ -273,12 +273,12 @@ pub struct MatSync {
     stopped_us: AtomicU64,
     /// The most bytes the staged delta held after a job was staged.
     staged_max: AtomicU64,
-    /// Reads that joined committed batches not yet staged instead of waiting for them.
+    /// Reads that joined logged batches not yet staged instead of waiting for them.
     reads_joined: AtomicU64,
 }
 
-/// What a point read joins to the records: the batches committed before it and not yet
-/// staged ([`MatSync::unstaged_for_read`]).
+/// What a read joins to the records: kept batches not yet staged, each commit's together
+/// ([`MatSync::unstaged_for_read`]).
 pub type UnstagedBatches = Vec<Arc<[Unstaged]>>;
 
 impl MatSync {

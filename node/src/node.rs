@@ -578,8 +578,8 @@ impl NodeHandle {
         self.shared.mat.paced()
     }
 
-    /// Point reads so far that joined batches committed and not yet in the records, instead
-    /// of waiting for the records to catch up.
+    /// Reads so far (gets and listings) that joined batches in the log and not yet in the
+    /// records, instead of waiting for the records to catch up.
     pub fn reads_joined(&self) -> u64 {
         self.shared.mat.reads_joined()
     }
