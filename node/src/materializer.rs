@@ -397,6 +397,28 @@ impl MatSync {
     /// Taken before the records are read (`Store::get_joining`): a batch staged and let go
     /// between the two is then in the records, never in neither.
     pub fn unstaged_for_read(&self) -> Result<ForRead, String> {
+        self.wait_for(State::readable)
+    }
+
+    /// Waits until every batch submitted before this call has been applied.
+    pub fn wait_applied(&self) -> Result<(), String> {
+        self.wait_for(|s, target| {
+            if s.applied >= target {
+                return Ok(Some(()));
+            }
+            match &s.failed {
+                Some(e) => Err(format!("records cannot be updated: {e}")),
+                None => Ok(None),
+            }
+        })
+    }
+
+    /// Waits (at most [`READ_WAIT`]) until `ready`, asked with the batches submitted before
+    /// this call, gives an answer.
+    fn wait_for<T>(
+        &self,
+        mut ready: impl FnMut(&State, u64) -> Result<Option<T>, String>,
+    ) -> Result<T, String> {
         let mut s = self
             .state
             .lock()
@@ -404,8 +426,8 @@ impl MatSync {
         let target = s.submitted;
         let deadline = Instant::now() + READ_WAIT;
         loop {
-            if let Some(read) = s.readable(target)? {
-                return Ok(read);
+            if let Some(answer) = ready(&s, target)? {
+                return Ok(answer);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -417,31 +439,6 @@ impl MatSync {
                 .map_err(|_| "poisoned".to_string())?
                 .0;
         }
-    }
-
-    /// Waits until every batch submitted before this call has been applied.
-    pub fn wait_applied(&self) -> Result<(), String> {
-        let mut s = self
-            .state
-            .lock()
-            .map_err(|_| "materializer state poisoned".to_string())?;
-        let target = s.submitted;
-        let deadline = Instant::now() + READ_WAIT;
-        while s.applied < target {
-            if let Some(e) = &s.failed {
-                return Err(format!("records cannot be updated: {e}"));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err("records are still catching up with the log; retry".into());
-            }
-            s = self
-                .cv
-                .wait_timeout(s, left)
-                .map_err(|_| "poisoned".to_string())?
-                .0;
-        }
-        Ok(())
     }
 }
 

@@ -2780,6 +2780,16 @@ mod tests {
         Flush,
     }
 
+    /// Two fresh stores under `dir` (one to stage into, one to apply directly to) and an
+    /// engine writing to "default" with its key.
+    fn staged_and_direct(dir: &Path) -> (Store, Store, Keypair, Engine<u32>) {
+        let staged = Store::open(&dir.join("a").join("store.redb").tap_mkdir()).unwrap();
+        let direct = Store::open(&dir.join("b").join("store.redb").tap_mkdir()).unwrap();
+        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
+        engine.join("default");
+        (staged, direct, Keypair::from_seed([7; 32]), engine)
+    }
+
     fn arb_steps() -> impl proptest::strategy::Strategy<Value = Vec<Step>> {
         use proptest::prelude::*;
         let op = (0u8..12, 0u8..3, -3i64..3);
@@ -2822,11 +2832,7 @@ mod tests {
         #[test]
         fn staged_frozen_and_flushed_reads_equal_direct_application(steps in arb_steps()) {
             let dir = tempfile::tempdir().unwrap();
-            let staged = Store::open(&dir.path().join("a").join("store.redb").tap_mkdir()).unwrap();
-            let direct = Store::open(&dir.path().join("b").join("store.redb").tap_mkdir()).unwrap();
-            let kp = Keypair::from_seed([7; 32]);
-            let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
-            engine.join("default");
+            let (staged, direct, kp, mut engine) = staged_and_direct(dir.path());
             let mut frozen = false;
             for step in steps {
                 match step {
@@ -2915,11 +2921,7 @@ mod tests {
         fn reads_and_listings_joining_unstaged_batches_equal_direct_application(steps in arb_join_steps()) {
             use crate::materializer::Unstaged;
             let dir = tempfile::tempdir().unwrap();
-            let staged = Store::open(&dir.path().join("a").join("store.redb").tap_mkdir()).unwrap();
-            let direct = Store::open(&dir.path().join("b").join("store.redb").tap_mkdir()).unwrap();
-            let kp = Keypair::from_seed([7; 32]);
-            let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
-            engine.join("default");
+            let (staged, direct, kp, mut engine) = staged_and_direct(dir.path());
             // Logged batches reads join, oldest first, and how many of them are staged.
             let mut joined: std::collections::VecDeque<VerifiedBatch> = Default::default();
             let mut staged_of_joined = 0;
