@@ -856,9 +856,9 @@ mod tests {
     }
 
     /// A read joins every batch submitted before it that the log holds, whether or not the
-    /// committer has marked its commit ended, and leaves out one not in the log yet and
-    /// what was submitted after it began; it waits for the records while a rebuild is
-    /// queued, and joins nothing once they are staged.
+    /// committer has marked its commit ended, and leaves out one not in the log yet, what
+    /// was submitted after it began, and what staging would not apply; it waits for the
+    /// records while a rebuild is queued, and joins nothing once they are staged.
     #[test]
     fn a_read_joins_logged_batches_until_they_are_staged() {
         use crate::node::DEFAULT_NAMESPACE;
@@ -904,6 +904,28 @@ mod tests {
                 .unwrap(),
             want
         );
+        // What staging would not apply is not joined either: a batch whose ops do not count
+        // (a revoked writer's), or one of another namespace.
+        for (ns, effective) in [(DEFAULT_NAMESPACE, false), ("other", true)] {
+            let unlike: UnstagedBatches = kept
+                .iter()
+                .map(|k| {
+                    k.iter()
+                        .map(|b| Unstaged {
+                            ns: ns.to_string(),
+                            effective,
+                            ..b.clone()
+                        })
+                        .collect()
+                })
+                .collect();
+            assert_eq!(
+                store
+                    .get_joining(DEFAULT_NAMESPACE, collection, key, &unlike)
+                    .unwrap(),
+                None
+            );
+        }
         sync.committed(2);
         assert_eq!(parts(&readable(2)), (vec![2], vec![]));
         // A later commit under way: a read that began before it leaves it out; one that began
