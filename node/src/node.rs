@@ -812,7 +812,7 @@ impl NodeHandle {
         {
             return Ok(listed);
         }
-        self.wait_applied()?;
+        self.wait_records()?;
         Ok(store.list(ns, collection, prefix, limit)?)
     }
 
@@ -880,11 +880,6 @@ impl NodeHandle {
     /// waits for. Reads need not ([`NodeHandle::get`] and most listings join the batches the
     /// records do not hold yet); benchmarks use it to time the records catching up.
     pub fn wait_records(&self) -> Result<(), NodeError> {
-        self.wait_applied()
-    }
-
-    /// Read-your-writes: wait until every batch durable before this call is in the records.
-    fn wait_applied(&self) -> Result<(), NodeError> {
         self.shared
             .mat
             .wait_applied()
@@ -912,7 +907,7 @@ impl NodeHandle {
 
     /// (batches, records) held in the store.
     pub fn counts(&self) -> Result<(u64, u64), NodeError> {
-        self.wait_applied()?;
+        self.wait_records()?;
         Ok(self.shared.store.counts()?)
     }
 
