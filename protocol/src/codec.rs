@@ -484,16 +484,22 @@ impl<'a> PayloadView<'a> {
         }
     }
 
+    /// Where the fields of an upsert are held (empty for other ops): their entries, for a
+    /// reader that prefetches them before it reads them ([`PayloadView::fields`]).
+    pub fn field_entries(&self, op: &OpView<'a>) -> &[(u32, ValueRef<'a>)] {
+        let (s, e) = match op {
+            OpView::Upsert { fields, .. } => *fields,
+            _ => (0, 0),
+        };
+        &self.fields[s as usize..e as usize]
+    }
+
     /// The fields of an upsert (empty for other ops), in name order.
     pub fn fields(
         &self,
         op: &OpView<'a>,
     ) -> impl ExactSizeIterator<Item = (&'a str, ValueRef<'a>)> + '_ {
-        let (s, e) = match op {
-            OpView::Upsert { fields, .. } => *fields,
-            _ => (0, 0),
-        };
-        self.fields[s as usize..e as usize]
+        self.field_entries(op)
             .iter()
             .map(|(n, v)| (self.names[*n as usize], *v))
     }
