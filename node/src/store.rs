@@ -407,7 +407,7 @@ impl Delta {
 /// rounding to 16 bytes; the unfilled tails of the blocks' chunks), in bytes. Kept high:
 /// the bound must hold on the allocator's worst day, not its average. B2m prints the
 /// estimate next to the table's own bytes per staged op ([`Store::staged_heap_bytes`]):
-/// at 200k W ops ~310 against 241 measured, at 1M ~240 against 180 (160 bytes here with
+/// at 200k W ops ~310 against 249 measured, at 1M ~240 against 180 (160 bytes here with
 /// the 32-byte slots before 2026-12-07: ~340 against ~260 at 200k).
 const STAGED_RECORD_OVERHEAD_BYTES: usize = 128;
 
