@@ -480,12 +480,20 @@ fn sort_word(key: &[u8], skip: usize) -> u64 {
 }
 
 /// An op of a batch being staged: its record key's hash, where the key is in the batch's
-/// key buffer, and the op's index ([`Store::stage_ops`]).
+/// key buffer, and the op's index ([`Store::place_ops`]).
 #[derive(Clone, Copy, Default)]
 struct Placed {
     hash: u64,
     key: (u32, u32),
     op: u32,
+}
+
+/// A batch's ops placed for staging ([`Store::place_ops`]): their record keys, one after
+/// another, and the ops grouped by shard (shard `s`'s are `grouped[first[s]..first[s + 1]]`).
+struct PlacedOps {
+    keys: Vec<u8>,
+    grouped: Vec<Placed>,
+    first: [usize; SHARDS + 1],
 }
 
 /// How many ops ahead staging prefetches a record's first slot in the delta's table
@@ -1494,10 +1502,14 @@ impl Store {
             // (collection, key) of each op, for change events.
             let mut touched: Vec<(String, String, Vec<u8>)> = Vec::new();
             {
+                // Placed before the lock is taken: listings and counts wait for it.
+                let placed = vb
+                    .effective
+                    .then(|| self.place_ops(view, &vb.header.ns, want_changes, &mut touched));
                 let mut meta = self.staged.meta.write();
                 meta.applied.insert(ck, seq);
-                if vb.effective {
-                    meta.bytes += self.stage_ops(view, &vb.header, want_changes, &mut touched)?;
+                if let Some(placed) = &placed {
+                    meta.bytes += self.stage_placed(view, &vb.header.author, placed)?;
                 }
                 // Handed straight to a reader waiting for it, if any (a listing or a count).
                 parking_lot::RwLockWriteGuard::unlock_fair(meta);
@@ -1520,25 +1532,18 @@ impl Store {
         Ok(changes)
     }
 
-    /// Stages the ops of one effective batch into the shards' tables (the caller holds the
-    /// delta's `meta` for writing). Returns the bytes the delta grew by.
-    ///
-    /// Every op's record key and its hash first (one pass over the payload), then the ops
-    /// are taken shard by shard, in batch order within each (ops on one record stay in
-    /// order), each shard's lock held only for its own ops. Within a shard each update
-    /// prefetches the table's slot `SLOT_AHEAD` ops ahead and the record's block
-    /// `BLOCK_AHEAD` ops ahead, so that the cache misses of many records are in flight
-    /// together instead of being waited for one at a time. The key's `ns collection`
-    /// prefix is written again only when the collection changes.
-    fn stage_ops(
+    /// Places the ops of one effective batch for [`Store::stage_placed`], under no lock:
+    /// every op's record key (the key's `ns collection` prefix written again only when the
+    /// collection changes) and its hash, in one pass over the payload, then grouped by
+    /// shard, in batch order within each (ops on one record stay in order). Adds each op's
+    /// (collection, key, record key) to `touched` if `want_changes`.
+    fn place_ops(
         &self,
         view: &PayloadView<'_>,
-        header: &BatchHeader,
+        ns: &str,
         want_changes: bool,
         touched: &mut Vec<(String, String, Vec<u8>)>,
-    ) -> Result<usize, StoreError> {
-        let buf = &mut Vec::with_capacity(256);
-        let author = &header.author;
+    ) -> PlacedOps {
         let ops = view.ops();
         let (mut keys, mut at) = (Vec::with_capacity(ops.len() * 32), Vec::new());
         at.reserve(ops.len());
@@ -1548,7 +1553,7 @@ impl Store {
             let collection = view.collection(op);
             if prefix_of != Some(collection) {
                 prefix.clear();
-                write_record_key(&mut prefix, &header.ns, collection, "");
+                write_record_key(&mut prefix, ns, collection, "");
                 prefix_of = Some(collection);
             }
             let start = keys.len();
@@ -1582,6 +1587,28 @@ impl Store {
             grouped[next[s]] = *p;
             next[s] += 1;
         }
+        PlacedOps {
+            keys,
+            grouped,
+            first,
+        }
+    }
+
+    /// Stages a batch's placed ops ([`Store::place_ops`]) into the shards' tables (the
+    /// caller holds the delta's `meta` for writing), taking each shard's lock only for its
+    /// own ops. Within a shard each update prefetches the table's slot `SLOT_AHEAD` ops
+    /// ahead and the record's block `BLOCK_AHEAD` ops ahead, so that the cache misses of
+    /// many records are in flight together instead of being waited for one at a time.
+    /// Returns the bytes the delta grew by.
+    fn stage_placed(
+        &self,
+        view: &PayloadView<'_>,
+        author: &[u8; 32],
+        placed: &PlacedOps,
+    ) -> Result<usize, StoreError> {
+        let buf = &mut Vec::with_capacity(256);
+        let (ops, keys) = (view.ops(), &placed.keys);
+        let (grouped, first) = (&placed.grouped, &placed.first);
         let mut grew = 0;
         for s in 0..SHARDS {
             let group = &grouped[first[s]..first[s + 1]];
