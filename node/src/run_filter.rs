@@ -1,7 +1,9 @@
 //! Bloom filters for the view's sorted runs ([`crate::store::RUNS`]): a read looks a record
 //! up in a run only if the run's filter may hold its key, so a key held by none of the runs
 //! (the commonest case: most records are in the records' table, or nowhere) costs one
-//! lookup instead of one per run.
+//! lookup instead of one per run. The same filter, held in memory only, rules a key out of
+//! a logged batch that a read joins while the materializer is behind
+//! ([`crate::materializer::Unstaged::filtered`]).
 //!
 //! A *split block* filter: each key sets 8 bits in one 32-byte block, one bit in each of the
 //! block's eight 32-bit words, chosen by multiplying the key's hash by eight odd constants

@@ -161,6 +161,12 @@ impl BatchOps {
             .ok_or(CodecError::Malformed("decoded view not kept"))
     }
 
+    /// The ops' view where it is at hand already (kept from verification, or made by an
+    /// earlier [`BatchOps::view`]); `None` where only a decode would make it. Never decodes.
+    pub fn view_if_decoded(&self) -> Option<&PayloadView<'_>> {
+        self.decoded.get().map(Yoke::get)
+    }
+
     /// Decodes the payload again without keeping the result (structure checked, op rules
     /// not), returning the op count: what the first [`BatchOps::view`] of a batch sealed here
     /// costs. For benchmarks; readers use `view`.
