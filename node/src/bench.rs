@@ -1595,6 +1595,7 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
         let (mut live_p50_v, mut live_max_v, mut rss_v) = (vec![], vec![], vec![]);
         let (mut rss_growth_v, mut dropped_v) = (vec![], vec![]);
         let (mut read_p50_v, mut read_max_v) = (vec![], vec![]);
+        let (mut list_p50_v, mut list_max_v) = (vec![], vec![]);
         for run in 0..runs {
             let dir = tempfile_dir()?;
             let lo: libp2p::Multiaddr = "/ip4/127.0.0.1/tcp/0".parse()?;
@@ -1694,6 +1695,24 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
                     }
                 })
             };
+            // A second reader at B: the first page of W's collection (a listing of 100
+            // records) every 50 ms, as an app showing that page would, with read-your-writes.
+            let lists: Arc<Mutex<Vec<f64>>> = Arc::default();
+            let lister = {
+                let (b, lists, stop) = (b.clone(), lists.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Relaxed) {
+                        let t = Instant::now();
+                        if b.list(DEFAULT_NAMESPACE, "bench", "", 100).is_ok() {
+                            lists
+                                .lock()
+                                .expect("not poisoned")
+                                .push(t.elapsed().as_secs_f64());
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                })
+            };
             // Read from B's durable heads without going through B's actor (which is busy with
             // the catch-up: polling `status` measured its queue, not the write's arrival).
             let c_key = match &c {
@@ -1759,11 +1778,17 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
                 let _ = w.await;
             }
             let _ = tokio::task::spawn_blocking(move || reader.join()).await;
-            let mut reads = std::mem::take(&mut *reads.lock().expect("not poisoned"));
-            reads.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
-            if !reads.is_empty() {
-                read_p50_v.push(reads[reads.len() / 2]);
-                read_max_v.push(reads[reads.len() - 1]);
+            let _ = tokio::task::spawn_blocking(move || lister.join()).await;
+            for (timings, p50s, maxes) in [
+                (&reads, &mut read_p50_v, &mut read_max_v),
+                (&lists, &mut list_p50_v, &mut list_max_v),
+            ] {
+                let mut v = std::mem::take(&mut *timings.lock().expect("not poisoned"));
+                v.sort_by(|x, y| x.partial_cmp(y).unwrap_or(std::cmp::Ordering::Equal));
+                if !v.is_empty() {
+                    p50s.push(v[v.len() / 2]);
+                    maxes.push(v[v.len() - 1]);
+                }
             }
             secs_v.push(done_at.unwrap_or_default());
             first_v.push(first.unwrap_or_default());
@@ -1842,6 +1867,13 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
             (read_p50_v, read_max_v),
             "a get every 20 ms, with every batch B's log held when it began (read-your-writes), \
              joined where B's records do not hold it yet",
+        ));
+        rows.extend(p50_and_max(
+            "a listing at B during catch-up",
+            &tag,
+            (list_p50_v, list_max_v),
+            "the first 100 records of W's collection every 50 ms, read-your-writes as the get \
+             above",
         ));
         rows.extend([Row {
             id: "B6",
