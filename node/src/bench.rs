@@ -1595,7 +1595,7 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
         let (mut live_p50_v, mut live_max_v, mut rss_v) = (vec![], vec![], vec![]);
         let (mut rss_growth_v, mut dropped_v) = (vec![], vec![]);
         let (mut read_p50_v, mut read_max_v) = (vec![], vec![]);
-        let (mut list_p50_v, mut list_max_v) = (vec![], vec![]);
+        let (mut list_p50_v, mut list_max_v, mut list_n_v) = (vec![], vec![], vec![]);
         for run in 0..runs {
             let dir = tempfile_dir()?;
             let lo: libp2p::Multiaddr = "/ip4/127.0.0.1/tcp/0".parse()?;
@@ -1779,6 +1779,8 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
             }
             let _ = tokio::task::spawn_blocking(move || reader.join()).await;
             let _ = tokio::task::spawn_blocking(move || lister.join()).await;
+            // How many listings ran: one that waits long leaves room for few.
+            list_n_v.push(lists.lock().expect("not poisoned").len() as f64);
             for (timings, p50s, maxes) in [
                 (&reads, &mut read_p50_v, &mut read_max_v),
                 (&lists, &mut list_p50_v, &mut list_max_v),
@@ -1872,8 +1874,11 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
             "a listing at B during catch-up",
             &tag,
             (list_p50_v, list_max_v),
-            "the first 100 records of W's collection every 50 ms, read-your-writes as the get \
-             above",
+            &format!(
+                "the first 100 records of W's collection every 50 ms, read-your-writes as the \
+                 get above; {:.0} listings per catch-up",
+                med(list_n_v)
+            ),
         ));
         rows.extend([Row {
             id: "B6",
