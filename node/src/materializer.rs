@@ -17,9 +17,10 @@
 //! - **Read-your-writes**: a read sees every batch the log holds when it looks (every batch
 //!   durable before it began among them) without waiting for their staging: it joins those
 //!   not staged yet to the records itself ([`MatSync::unstaged_for_read`],
-//!   [`Store::get_joining`], [`Store::list_joining`]). Counts, and listings whose range those batches touch in many
-//!   records, wait until everything submitted before them has been staged
-//!   ([`MatSync::wait_applied`]).
+//!   [`Store::get_joining`], [`Store::list_joining`]; a listing joins them on the smallest
+//!   keys they touch in its range). Counts, and the rare listing whose first records those
+//!   keys do not cover (many of them deleted), wait until everything submitted before them
+//!   has been staged ([`MatSync::wait_applied`]).
 //! - **Bounded**: the job queue holds at most [`QUEUE_CAP`] jobs; when it is full the actor
 //!   blocks on it, which backs pressure up to writers and peers. Memory: the staged delta is
 //!   frozen at [`STAGED_FLUSH_BYTES`] and, while the previous one is still being flushed,

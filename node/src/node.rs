@@ -52,9 +52,14 @@ const PUBLISH_CHECK_MIN_BYTES: usize = 64 * 1024;
 const SPIN_WAIT_MAX: Duration = Duration::from_millis(1);
 /// Capacity of the change broadcast (slow subscribers see a `Lagged` gap).
 const CHANGES_CAP: usize = 4096;
-/// Most records a listing joins the batches not yet staged on (each is read whole); past it,
-/// it waits for the records instead.
-const LIST_JOIN_MAX: usize = 256;
+/// Fewest records a listing joins the batches not yet staged on (the smallest keys those
+/// batches touch in its range; each is read whole). A listing of `limit` records joins up to
+/// half again as many, at most [`LIST_JOIN_CAP`]; where the records below the next key
+/// touched are fewer than `limit`, it waits for the materializer instead.
+const LIST_JOIN_MIN: usize = 256;
+/// Most records a listing joins the batches not yet staged on (the shards read hold off
+/// staging while they are read).
+const LIST_JOIN_CAP: usize = 4096;
 /// Most bytes served in answer to one fetch.
 const SERVE_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// Most unanswered sync requests to one peer. Past it, further sync messages to that peer are
@@ -803,12 +808,16 @@ impl NodeHandle {
                 "prefix longer than the longest key".into(),
             ));
         }
-        // As `get`, where the batches not yet staged touch few records in range; otherwise
-        // reading each of them whole may cost more than waiting for the records.
+        // As `get`, for the first records in range: the batches not yet staged joined to
+        // the smallest keys they touch. Where those leave fewer than `limit` records exact,
+        // the listing waits for the records instead.
         let unstaged = self.unstaged_for_read()?;
         let store = &self.shared.store;
+        let kept_max = LIST_JOIN_MIN
+            .max(limit.saturating_add(limit / 2))
+            .min(LIST_JOIN_CAP);
         if let Some(listed) =
-            store.list_joining(ns, collection, prefix, limit, &unstaged, LIST_JOIN_MAX)?
+            store.list_joining(ns, collection, prefix, limit, &unstaged, kept_max)?
         {
             return Ok(listed);
         }

@@ -411,6 +411,10 @@ impl Delta {
 /// the 32-byte slots before 2026-12-07: ~340 against ~260 at 200k).
 const STAGED_RECORD_OVERHEAD_BYTES: usize = 128;
 
+/// Deltas' keys a listing walks beyond twice its `limit` before it stops at the cut
+/// ([`Store::list_taking`]).
+const LIST_DELTA_SLACK: usize = 64;
+
 /// The delta's records in key order. Keys live in their own heap blocks: a sort comparing
 /// them through their pointers misses the cache at nearly every comparison once the delta
 /// outgrows it (~20 comparisons per record for 10^6 records). So each record is sorted by the
@@ -829,6 +833,35 @@ fn run_levels<'t>(
     Ok(out)
 }
 
+/// The `take` smallest of `keys` (unordered; a key met twice may be there twice) and,
+/// where some were left out, the smallest of those (the cut: every key below it is taken).
+/// One pass, holding at most `take` keys.
+fn smallest<'k>(
+    keys: impl Iterator<Item = &'k [u8]>,
+    take: usize,
+) -> (Vec<&'k [u8]>, Option<&'k [u8]>) {
+    let mut heap: std::collections::BinaryHeap<&[u8]> = std::collections::BinaryHeap::new();
+    let mut cut: Option<&[u8]> = None;
+    let left_out = |k: &'k [u8], cut: &mut Option<&'k [u8]>| {
+        if cut.is_none_or(|c| k < c) {
+            *cut = Some(k);
+        }
+    };
+    for k in keys {
+        if heap.len() < take {
+            heap.push(k);
+        } else if heap.peek().is_some_and(|&max| k < max) {
+            if let Some(max) = heap.pop() {
+                left_out(max, &mut cut);
+            }
+            heap.push(k);
+        } else {
+            left_out(k, &mut cut);
+        }
+    }
+    (heap.into_vec(), cut)
+}
+
 /// Walks `levels` and the sorted, distinct keys of `extra` together in key order, calling `f`
 /// once per distinct key with the states held for it (the levels' in their order, then
 /// `extra`'s if it has one). Stops early when `f` returns false.
@@ -934,6 +967,18 @@ fn kept_ops<'a>(
     keys: KeptKeys<'_>,
 ) -> Result<Vec<KeptOp<'a>>, StoreError> {
     let mut out = Vec::new();
+    each_kept_op(unstaged, ns, collection, keys, |op| out.push(op))?;
+    Ok(out)
+}
+
+/// [`kept_ops`], each handed to `each` in turn instead of collected.
+fn each_kept_op<'a>(
+    unstaged: &'a [Arc<[Unstaged]>],
+    ns: &str,
+    collection: &str,
+    keys: KeptKeys<'_>,
+    mut each: impl FnMut(KeptOp<'a>),
+) -> Result<(), StoreError> {
     for b in unstaged.iter().flat_map(|kept| kept.iter()) {
         if !b.effective || b.ns != ns {
             continue;
@@ -954,11 +999,11 @@ fn kept_ops<'a>(
                 KeptKeys::Prefixed(prefix) => k.starts_with(prefix),
             };
             if kept && view.collection(op) == collection {
-                out.push((view, op, b.author));
+                each((view, op, b.author));
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A record's state with `ops` (its kept ops, oldest first) joined to it.
@@ -2111,9 +2156,11 @@ impl Store {
     }
 
     /// [`Store::list`] with the ops of `unstaged` on records in its range joined to them, as
-    /// [`Store::get_joining`] does; `None` (nothing read) where they touch more than
-    /// `kept_max` records (each is read whole: waiting for the materializer may then be
-    /// cheaper). Each record is at least as new as `unstaged`.
+    /// [`Store::get_joining`] does. Only the `kept_max` smallest keys those ops touch are
+    /// joined (each record is read whole); the listing is then exact below the next key they
+    /// touch (the cut), and `None` (nothing more read) where fewer than `limit` records lie
+    /// below it: the caller waits for the materializer instead. Each record is at least as
+    /// new as `unstaged`.
     pub fn list_joining(
         &self,
         ns: &str,
@@ -2123,16 +2170,26 @@ impl Store {
         unstaged: &[Arc<[Unstaged]>],
         kept_max: usize,
     ) -> Result<Option<Vec<(String, Fields)>>, StoreError> {
+        // The kept ops of the smallest keys touched; `cut`: the smallest key touched and left
+        // out. It only falls, so every touched key below it is in `by_key`, with all its ops.
         let mut by_key: BTreeMap<&str, Vec<KeptOp<'_>>> = BTreeMap::new();
-        for (view, op, author) in kept_ops(unstaged, ns, collection, KeptKeys::Prefixed(prefix))? {
-            by_key
-                .entry(view.key(op))
-                .or_default()
-                .push((view, op, author));
-            if by_key.len() > kept_max {
-                return Ok(None);
-            }
-        }
+        let mut cut: Option<&str> = None;
+        each_kept_op(
+            unstaged,
+            ns,
+            collection,
+            KeptKeys::Prefixed(prefix),
+            |(view, op, author)| {
+                let key = view.key(op);
+                if cut.is_some_and(|c| key >= c) {
+                    return;
+                }
+                by_key.entry(key).or_default().push((view, op, author));
+                if by_key.len() > kept_max {
+                    cut = by_key.pop_last().map(|(k, _)| k);
+                }
+            },
+        )?;
         // The records the kept ops touch, whole; then the listing, long enough that those
         // taken out of it leave `limit` (it holds every other record in range up to there).
         let rks: Vec<Vec<u8>> = by_key
@@ -2155,7 +2212,12 @@ impl Store {
             .filter(|(k, _)| !joined.contains_key(k))
             .collect();
         out.extend(joined.into_iter().filter_map(|(k, f)| Some((k, f?))));
-        Ok(Some(out.into_iter().take(limit).collect()))
+        let below: Vec<(String, Fields)> = out
+            .into_iter()
+            .take_while(|(k, _)| cut.is_none_or(|c| k.as_str() < c))
+            .take(limit)
+            .collect();
+        Ok((cut.is_none() || below.len() == limit).then_some(below))
     }
 
     /// A record's whole state: staged delta, then the one being flushed, then the view file,
@@ -2243,6 +2305,30 @@ impl Store {
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<(String, Fields)>, StoreError> {
+        let take = limit.saturating_mul(2).saturating_add(LIST_DELTA_SLACK);
+        match self.list_taking(ns, collection, prefix, limit, Some(take))? {
+            Some(out) => Ok(out),
+            None => Ok(self
+                .list_taking(ns, collection, prefix, limit, None)?
+                .unwrap_or_default()),
+        }
+    }
+
+    /// [`Store::list`] with at most `take` of the deltas' keys in range walked (the smallest;
+    /// `None`: all of them). The deltas are hash tables: their keys in range are found by a
+    /// pass over every key they hold, and sorting all of them (hundreds of thousands during
+    /// a catch-up) took most of a listing (~100-160 ms of ~150-200 at ~400k keys), where a
+    /// page of 100 needs the smallest few. The listing is exact below the smallest key in
+    /// range left out (the cut); `None` where it stops there with fewer than `limit` records
+    /// (many of the keys taken are deleted): the caller takes all of them.
+    fn list_taking(
+        &self,
+        ns: &str,
+        collection: &str,
+        prefix: &str,
+        limit: usize,
+        take: Option<usize>,
+    ) -> Result<Option<Vec<(String, Fields)>>, StoreError> {
         // Same order as `record_state`: staged, flushing, file (guards held for the listing;
         // `meta` too, so that each batch is seen whole or not at all).
         let _meta = self.staged.meta.read();
@@ -2259,21 +2345,22 @@ impl Store {
         let end = prefix_end(&start);
         let mut out = Vec::new();
         if limit == 0 {
-            return Ok(out);
+            return Ok(Some(out));
         }
-        // Keys of the two deltas in the range, in order (a bounded set: deltas are bounded).
+        // Keys of the two deltas in the range (a bounded set: deltas are bounded), the
+        // smallest `take` of them if that many, and the cut.
         let in_range =
             |k: &&[u8]| *k >= start.as_slice() && end.as_ref().is_none_or(|e| *k < e.as_slice());
-        let mut delta_keys: Vec<&[u8]> = staged
-            .keys()
-            .filter(in_range)
-            .chain(
-                flushing
-                    .iter()
-                    .flat_map(|f| f.shards().keys())
-                    .filter(in_range),
-            )
-            .collect();
+        let keys = staged.keys().filter(in_range).chain(
+            flushing
+                .iter()
+                .flat_map(|f| f.shards().keys())
+                .filter(in_range),
+        );
+        let (mut delta_keys, cut) = match take {
+            Some(take) => smallest(keys, take),
+            None => (keys.collect(), None),
+        };
         delta_keys.sort_unstable();
         delta_keys.dedup();
         // The file's levels (records, then runs) and the delta keys merged in key order; each
@@ -2283,6 +2370,9 @@ impl Store {
             &mut levels,
             delta_keys.into_iter().map(|k| (k, None)),
             |k, states| {
+                if cut.is_some_and(|c| k >= c) {
+                    return Ok(false);
+                }
                 let mut state: Option<RecordState> = None;
                 let deltas = [Some(staged), flushing.as_deref().map(Delta::shards)];
                 let held = states.iter().map(|s| decode_state(s)).chain(
@@ -2307,7 +2397,8 @@ impl Store {
                 Ok(out.len() < limit)
             },
         )?;
-        Ok(out)
+        // Short of `limit` with keys left out: those at the cut or past it may be records.
+        Ok((cut.is_none() || out.len() == limit).then_some(out))
     }
 
     /// Envelope bytes of `author`'s batches from `from_seq`, at most `limit` and about
@@ -3063,6 +3154,27 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// `smallest` keeps the `take` smallest keys (duplicates too) and the smallest key it
+        /// left out: every key below that cut is kept.
+        #[test]
+        fn smallest_keeps_every_key_below_its_cut(
+            keys in proptest::collection::vec(proptest::collection::vec(0u8..4, 0..3), 0..40),
+            take in 0usize..12,
+        ) {
+            let (kept, cut) = smallest(keys.iter().map(Vec::as_slice), take);
+            proptest::prop_assert_eq!(kept.len(), keys.len().min(take));
+            proptest::prop_assert_eq!(cut.is_some(), keys.len() > take);
+            let mut sorted: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+            sorted.sort_unstable();
+            let mut kept_sorted = kept.clone();
+            kept_sorted.sort_unstable();
+            // The smallest `take`, duplicates and all; the cut is the next one.
+            proptest::prop_assert_eq!(&kept_sorted[..], &sorted[..kept.len()]);
+            proptest::prop_assert_eq!(cut, sorted.get(take).copied());
+        }
+    }
+
     fn arb_steps() -> impl proptest::strategy::Strategy<Value = Vec<Step>> {
         use proptest::prelude::*;
         let op = (0u8..12, 0u8..3, -3i64..3);
@@ -3131,10 +3243,20 @@ mod tests {
                     );
                 }
                 for (prefix, limit) in [("", 100), ("", 3), ("k0", 100), ("k1", 1)] {
+                    let want = direct.list("default", "c", prefix, limit).unwrap();
                     proptest::prop_assert_eq!(
-                        staged.list("default", "c", prefix, limit).unwrap(),
-                        direct.list("default", "c", prefix, limit).unwrap()
+                        &staged.list("default", "c", prefix, limit).unwrap(),
+                        &want
                     );
+                    // Walking only the deltas' smallest keys: exact, or nothing where it stops
+                    // at the cut short of `limit` (a wrong cut would drop or misplace records).
+                    for take in [0, 1, 2, 5] {
+                        if let Some(got) =
+                            staged.list_taking("default", "c", prefix, limit, Some(take)).unwrap()
+                        {
+                            proptest::prop_assert_eq!(&got, &want);
+                        }
+                    }
                 }
                 proptest::prop_assert_eq!(staged.counts().unwrap(), direct.counts().unwrap());
             }
@@ -3189,8 +3311,9 @@ mod tests {
         /// them staged meanwhile: joined twice) reads exactly like applying every logged
         /// batch straight to the view file, whatever was staged, frozen or flushed; without
         /// the join it would miss every batch still queued (and with a key filter that
-        /// missed a key, that key's ops). A listing whose batches touch more records than
-        /// allowed reads nothing.
+        /// missed a key, that key's ops). A listing joined to only the smallest keys the
+        /// batches touch is exact below the next one, and reads nothing where fewer records
+        /// than its limit lie below it.
         #[test]
         fn reads_and_listings_joining_unstaged_batches_equal_direct_application(steps in arb_join_steps()) {
             use crate::materializer::Unstaged;
@@ -3258,8 +3381,10 @@ mod tests {
                         Some(direct.list("default", "c", prefix, limit).unwrap())
                     );
                 }
-                // Past `kept_max` records touched, nothing is read.
-                let touched = unstaged
+                // Joined to only the `kept_max` smallest keys touched in range: exact below
+                // the next key touched (the cut), and nothing read where fewer than `limit`
+                // records lie below it.
+                let touched: Vec<&str> = unstaged
                     .iter()
                     .flat_map(|kept| kept.iter())
                     .flat_map(|b| {
@@ -3267,14 +3392,27 @@ mod tests {
                         view.ops().iter().map(|op| view.key(op)).collect::<Vec<_>>()
                     })
                     .collect::<std::collections::BTreeSet<_>>()
-                    .len();
-                if touched > 0 {
-                    proptest::prop_assert_eq!(
-                        staged
-                            .list_joining("default", "c", "", 100, &unstaged, touched - 1)
-                            .unwrap(),
-                        None
-                    );
+                    .into_iter()
+                    .collect();
+                for kept_max in [0, 1, 3] {
+                    for (prefix, limit) in [("", 100), ("", 1), ("", 2), ("k0", 3), ("k1", 1)] {
+                        let in_range: Vec<&str> =
+                            touched.iter().copied().filter(|k| k.starts_with(prefix)).collect();
+                        let cut = in_range.get(kept_max).copied();
+                        let all = direct.list("default", "c", prefix, 10_000).unwrap();
+                        let below = all.iter().filter(|(k, _)| cut.is_none_or(|c| k.as_str() < c));
+                        let want = match cut.is_none() || below.count() >= limit {
+                            true => Some(all.into_iter().take(limit).collect::<Vec<_>>()),
+                            false => None,
+                        };
+                        proptest::prop_assert_eq!(
+                            staged
+                                .list_joining("default", "c", prefix, limit, &unstaged, kept_max)
+                                .unwrap(),
+                            want,
+                            "kept_max {}, prefix {:?}, limit {}", kept_max, prefix, limit
+                        );
+                    }
                 }
             }
         }
