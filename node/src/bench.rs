@@ -1679,38 +1679,18 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
             // A reader at B: one get every 20 ms, each with every batch B's log held when it
             // began (read-your-writes), as an app's reads would: it joins what the records do
             // not hold yet.
-            let reads: Arc<Mutex<Vec<f64>>> = Arc::default();
-            let reader = {
-                let (b, reads, stop) = (b.clone(), reads.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Relaxed) {
-                        let t = Instant::now();
-                        if b.get(DEFAULT_NAMESPACE, "live", "l0").is_ok() {
-                            reads
-                                .lock()
-                                .expect("not poisoned")
-                                .push(t.elapsed().as_secs_f64());
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
+            let (reads, reader) = {
+                let b = b.clone();
+                timed_reads(stop.clone(), Duration::from_millis(20), move || {
+                    b.get(DEFAULT_NAMESPACE, "live", "l0").is_ok()
                 })
             };
             // A second reader at B: the first page of W's collection (a listing of 100
             // records) every 50 ms, as an app showing that page would, with read-your-writes.
-            let lists: Arc<Mutex<Vec<f64>>> = Arc::default();
-            let lister = {
-                let (b, lists, stop) = (b.clone(), lists.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Relaxed) {
-                        let t = Instant::now();
-                        if b.list(DEFAULT_NAMESPACE, "bench", "", 100).is_ok() {
-                            lists
-                                .lock()
-                                .expect("not poisoned")
-                                .push(t.elapsed().as_secs_f64());
-                        }
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
+            let (lists, lister) = {
+                let b = b.clone();
+                timed_reads(stop.clone(), Duration::from_millis(50), move || {
+                    b.list(DEFAULT_NAMESPACE, "bench", "", 100).is_ok()
                 })
             };
             // Read from B's durable heads without going through B's actor (which is busy with
@@ -1898,6 +1878,32 @@ pub async fn b6(missed_ops: usize, runs: usize) -> Result<Vec<Row>> {
         }
     }
     Ok(rows)
+}
+
+/// Seconds each read took, shared with the thread that times them.
+type Timings = std::sync::Arc<std::sync::Mutex<Vec<f64>>>;
+
+/// A thread that calls `read` every `every` until `stop` is set, keeping the seconds each
+/// call that succeeded took.
+fn timed_reads(
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    every: Duration,
+    read: impl Fn() -> bool + Send + 'static,
+) -> (Timings, std::thread::JoinHandle<()>) {
+    let times = Timings::default();
+    let kept = times.clone();
+    let thread = std::thread::spawn(move || {
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let t = Instant::now();
+            if read() {
+                kept.lock()
+                    .expect("not poisoned")
+                    .push(t.elapsed().as_secs_f64());
+            }
+            std::thread::sleep(every);
+        }
+    });
+    (times, thread)
 }
 
 /// Two B6 rows, in milliseconds: the median over runs of each run's p50, then of its max.
