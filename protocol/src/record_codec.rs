@@ -148,9 +148,12 @@ pub fn encode_op_state(
 /// empty record, so that [`encode_op_state`] can replace the state without decoding it. True
 /// only when every stamp in the state is older than the op (an earlier timestamp, whatever
 /// the author) and the op replaces all of it: a delete; or an upsert writing every field
-/// the state holds, into a state with no tombstone and no counter adds. A damaged state is
-/// never dominated (the caller's decode then reports it). Property-tested against
-/// `RecordState::apply`.
+/// the state holds, into a state with no tombstone and no counter adds. A state whose
+/// layout cannot be walked (lengths, counts, flags, stamps) is never dominated: the caller's
+/// decode then reports it. What the walk steps over is not checked (a value's bytes, a
+/// name's UTF-8, an author index), so a state damaged only there, and older than the op
+/// throughout, is replaced as a sound one would be: its damage is overwritten, never read.
+/// Property-tested against `RecordState::apply`; fuzzed (`fuzz/`, target `payload`).
 pub fn dominated_by(state: &[u8], view: &PayloadView<'_>, op: &OpView<'_>) -> bool {
     let (hlc, upsert) = match op {
         OpView::Upsert { hlc, .. } => (hlc.0, true),
@@ -189,8 +192,12 @@ pub fn dominated_by(state: &[u8], view: &PayloadView<'_>, op: &OpView<'_>) -> bo
 /// stamp of the same kind in `delta` (its tombstone, its last write, each field's last
 /// write), or than `delta`'s tombstone, and `file` has no counter adds. Sustained ingest of
 /// overwrites (workload W: all of a record's fields written together, or a delete) is this
-/// case nearly always. A damaged state is never absorbed (the caller's decode then reports
-/// it). Property-tested against decode, merge and encode.
+/// case nearly always. A state whose layout cannot be walked is never absorbed (the
+/// caller's decode then reports it); as in [`dominated_by`], what the walk steps over (a
+/// value's bytes, a name's UTF-8, an author index) is not checked, so a `file` state damaged
+/// only there, and older than `delta` throughout, is replaced by `delta` unread. Where both
+/// decode, property-tested against decode, merge and encode; fuzzed (`fuzz/`, target
+/// `record_state`).
 pub fn absorbs(delta: &[u8], file: &[u8]) -> bool {
     let read_delta = || -> Result<_, StateError> {
         let mut r = R { b: delta, pos: 0 };

@@ -1,0 +1,158 @@
+//! Writes seed inputs for the fuzz targets in `fuzz/` (valid payloads, record states,
+//! batches and sync messages, as the protocol makes them), so that `cargo fuzz` starts from
+//! inputs that reach deep into each decoder instead of finding the formats byte by byte:
+//!
+//! ```sh
+//! cargo run -p blazedb-protocol --example fuzz_seeds -- fuzz/corpus
+//! ```
+
+use std::path::Path;
+
+use blazedb_identity::Keypair;
+use blazedb_protocol::batch::{self, ChainPosition};
+use blazedb_protocol::codec::encode_ops;
+use blazedb_protocol::engine::HaveEntry;
+use blazedb_protocol::record_codec::encode_state;
+use blazedb_protocol::{encode_message, Hlc, Op, OpFields, RecordState, SyncMessage, Value};
+
+fn upsert(key: &str, hlc: u64, fields: &[(&str, Value)]) -> Op {
+    Op::Upsert {
+        collection: "users".into(),
+        key: key.into(),
+        hlc: Hlc(hlc),
+        fields: fields
+            .iter()
+            .map(|(n, v)| (*n, v.clone()))
+            .collect::<OpFields>(),
+    }
+}
+
+/// A few op lists covering every op kind and value type.
+fn op_lists() -> Vec<Vec<Op>> {
+    let nested = serde_json::json!({"a": [1, -2, 3.5, true, null], "b": {"c": "d"}});
+    vec![
+        vec![upsert("ada", 1, &[("name", "Ada".into())])],
+        vec![
+            upsert("ada", 10, &[("langs", nested), ("name", "Ada".into())]),
+            Op::Delete {
+                collection: "users".into(),
+                key: "bob".into(),
+                hlc: Hlc(11),
+            },
+            Op::CounterAdd {
+                collection: "stats".into(),
+                key: "hits".into(),
+                hlc: Hlc(12),
+                field: "n".into(),
+                delta: -3,
+            },
+            upsert("ada", 13, &[("name", "Ada L".into()), ("x", 1.into())]),
+        ],
+        vec![Op::Revoke {
+            token: "ab".repeat(32),
+            hlc: Hlc(5),
+        }],
+        (0..40u64)
+            .map(|i| {
+                upsert(
+                    &format!("k{}", i % 7),
+                    100 + i,
+                    &[
+                        ("a", "qwertyuiopasdfgh".into()),
+                        ("b", (i * 1_000_003).into()),
+                        ("c", "zxcvbnm".repeat(3).into()),
+                    ],
+                )
+            })
+            .collect(),
+    ]
+}
+
+fn write(dir: &Path, target: &str, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let d = dir.join(target);
+    std::fs::create_dir_all(&d)?;
+    std::fs::write(d.join(name), bytes)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = std::env::args()
+        .nth(1)
+        .ok_or("usage: fuzz_seeds DIR (e.g. fuzz/corpus)")?;
+    let dir = Path::new(&dir);
+    let kp = Keypair::from_seed([3; 32]);
+    let author = *kp.public().as_bytes();
+    let mut prev = None;
+    for (i, ops) in op_lists().into_iter().enumerate() {
+        let mut payload = Vec::new();
+        encode_ops(&ops, &mut payload);
+        write(dir, "payload", &format!("ops{i}"), &payload)?;
+        // The batch target reads a mode byte, then the payload: plain (0) and compressed (1).
+        for mode in [0u8, 1] {
+            let mut input = vec![mode];
+            input.extend_from_slice(&payload);
+            write(dir, "batch", &format!("ops{i}-mode{mode}"), &input)?;
+        }
+        // Record states: each op's own, and the join of them all; two of them side by side
+        // for the shortcut that keeps a state absorbing another.
+        let mut joined = RecordState::default();
+        let mut states = Vec::new();
+        for op in &ops {
+            let s = RecordState::from_op(op, author);
+            joined.merge(&s);
+            let mut out = Vec::new();
+            encode_state(&s, &mut out);
+            states.push(out);
+        }
+        let mut out = Vec::new();
+        encode_state(&joined, &mut out);
+        write(dir, "record_state", &format!("joined{i}"), &out)?;
+        if let [.., older, newer] = &states[..] {
+            let mut pair = vec![newer.len().min(255) as u8];
+            pair.extend_from_slice(newer);
+            pair.extend_from_slice(older);
+            write(dir, "record_state", &format!("pair{i}"), &pair)?;
+        }
+        // A sealed batch, whole (the batch target's raw path), and in sync messages.
+        let seq = i as u64 + 1;
+        let vb = batch::seal(&kp, "default", ChainPosition { seq, prev }, ops, None)?;
+        prev = Some(vb.id);
+        write(dir, "batch", &format!("sealed{i}"), &vb.bytes)?;
+        let msg = SyncMessage::Batches {
+            ns: "default".into(),
+            author,
+            batches: vec![serde_bytes::ByteBuf::from(vb.bytes.to_vec())],
+        };
+        write(
+            dir,
+            "sync_message",
+            &format!("batches{i}"),
+            &encode_message(&msg),
+        )?;
+    }
+    let messages = [
+        SyncMessage::Have {
+            ns: "default".into(),
+            heads: vec![HaveEntry { author, seq: 4 }],
+        },
+        SyncMessage::Fetch {
+            ns: "default".into(),
+            author,
+            from_seq: 2,
+            limit: 64,
+            max_bytes: Some(1 << 20),
+        },
+        SyncMessage::Present {
+            ns: "default".into(),
+            chain: serde_bytes::ByteBuf::from(vec![0x80]),
+        },
+    ];
+    for (i, msg) in messages.iter().enumerate() {
+        write(
+            dir,
+            "sync_message",
+            &format!("msg{i}"),
+            &encode_message(msg),
+        )?;
+    }
+    Ok(())
+}
