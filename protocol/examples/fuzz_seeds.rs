@@ -10,6 +10,7 @@ use std::path::Path;
 
 use blazedb_identity::Keypair;
 use blazedb_protocol::batch::{self, ChainPosition};
+use blazedb_protocol::capability::{namespace_id, Chain, Rights};
 use blazedb_protocol::codec::encode_ops;
 use blazedb_protocol::engine::HaveEntry;
 use blazedb_protocol::record_codec::encode_state;
@@ -86,12 +87,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut payload = Vec::new();
         encode_ops(&ops, &mut payload);
         write(dir, "payload", &format!("ops{i}"), &payload)?;
-        // The batch target reads a mode byte, then the payload: plain (0) and compressed (1).
+        // The batch target reads a mode byte, then the payload: plain (0) and compressed (1);
+        // with a dictionary (4: its length in 64-byte units, the dictionary, the payload).
         for mode in [0u8, 1] {
             let mut input = vec![mode];
             input.extend_from_slice(&payload);
             write(dir, "batch", &format!("ops{i}-mode{mode}"), &input)?;
         }
+        let mut input = vec![4u8, 2];
+        input.extend(payload.iter().cycle().take(128));
+        input.extend_from_slice(&payload);
+        write(dir, "batch", &format!("ops{i}-dict"), &input)?;
         // Record states: each op's own, and the join of them all; two of them side by side
         // for the shortcut that keeps a state absorbing another.
         let mut joined = RecordState::default();
@@ -152,6 +158,70 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "sync_message",
             &format!("msg{i}"),
             &encode_message(msg),
+        )?;
+    }
+    // The engine target's steps: kind, peer, 16-bit length, bytes (see its header).
+    let step = |out: &mut Vec<u8>, kind: u8, peer: u8, bytes: &[u8]| {
+        out.extend_from_slice(&[kind, peer]);
+        out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+        out.extend_from_slice(bytes);
+    };
+    let mut steps = Vec::new();
+    step(&mut steps, 2, 1, &[]); // peer 1 up
+    for salt in 0..3 {
+        step(&mut steps, 5, 1, &[0, 0, salt]); // the next batch of chain 0, from peer 1
+    }
+    step(&mut steps, 5, 2, &[1, 0x83, 9]); // chain 1 at seq 3, its prev made up
+    for (i, msg) in messages.iter().enumerate() {
+        step(&mut steps, 0x30, 2 + i as u8, &encode_message(msg));
+    }
+    let first = batch::seal(
+        &kp,
+        "default",
+        ChainPosition { seq: 1, prev: None },
+        op_lists().remove(0),
+        None,
+    )?;
+    step(&mut steps, 0x31, 3, &first.bytes); // gossip
+    step(&mut steps, 5, 1, &[0, 0x40, 7]); // chain 0's next, verified ahead
+    let answer = SyncMessage::Batches {
+        ns: "default".into(),
+        author,
+        batches: vec![serde_bytes::ByteBuf::from(first.bytes.to_vec())],
+    };
+    step(&mut steps, 0x42, 2, &encode_message(&answer)); // a fetch answer, verified ahead
+    step(&mut steps, 0xf4, 0, &[]); // time passes
+    step(&mut steps, 3, 1, &[]); // peer 1 down
+    write(dir, "engine", "steps", &steps)?;
+    // Capability chains: a root, and one delegated from it, as bytes and as text.
+    let owner = Keypair::from_seed([5; 32]);
+    let ns = namespace_id(&owner.public());
+    let admin = Keypair::from_seed([6; 32]);
+    let root = Chain::issue_root(
+        &owner,
+        &ns,
+        &admin.public(),
+        Rights::Admin,
+        None,
+        0,
+        None,
+        1,
+    )?;
+    let leaf = root.delegate_within(
+        &admin,
+        &kp.public(),
+        Rights::Write,
+        Some("docs/".into()),
+        None,
+        2,
+    )?;
+    for (i, chain) in [root, leaf].iter().enumerate() {
+        write(dir, "capability", &format!("chain{i}"), &chain.encode())?;
+        write(
+            dir,
+            "capability",
+            &format!("text{i}"),
+            chain.to_text().as_bytes(),
         )?;
     }
     Ok(())
