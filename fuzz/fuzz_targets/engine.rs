@@ -3,23 +3,79 @@
 //! actions or rejects the peer; it never panics. Steps are read from the input one after
 //! another: a kind byte, a peer byte, a 16-bit length and that many bytes. Besides raw
 //! messages (CBOR, as the node's codec reads them), a step can send a batch sealed by one of
-//! two keys at a chosen position of its chain, so that chains, gaps, forks and duplicates
-//! reach the engine's bookkeeping with valid signatures. Batches arrive either as messages
-//! or, as the node's fetch answers do, verified ahead (`preverify`).
+//! two keys at a chosen position of its chain, in the public namespace or in an owned one
+//! (with the writer's capability chain: one key may write, the other is an admin; a batch
+//! may revoke the first key's token), so that chains, gaps, forks, duplicates, capability
+//! checks and revocations reach the engine's bookkeeping with valid signatures. Batches
+//! arrive either as messages or, as the node's fetch answers do, verified ahead
+//! (`preverify`). Peers come up with or without their key; each peer's key holds a
+//! different capability (none, read, write, admin), which seeds present (`World` is the
+//! same in `protocol/examples/fuzz_seeds.rs`).
 #![no_main]
+
+use std::sync::OnceLock;
 
 use blazedb_identity::Keypair;
 use blazedb_protocol::batch::{self, BatchId, ChainPosition};
+use blazedb_protocol::capability::{namespace_id, Chain, Rights};
 use blazedb_protocol::{preverify, Action, Engine, EngineConfig, Hlc, Op, SyncMessage};
 use libfuzzer_sys::fuzz_target;
 
-fn sealed(kp: &Keypair, seq: u64, prev: Option<BatchId>, salt: u8) -> Option<(BatchId, Vec<u8>)> {
-    let op = Op::Delete {
-        collection: "c".into(),
-        key: format!("k{salt}"),
-        hlc: Hlc(1_000 + seq * 10 + u64::from(salt % 10)),
+/// The keys and capabilities every run shares (signing them once per process).
+struct World {
+    /// The two batch authors.
+    writers: [Keypair; 2],
+    /// The owned namespace (owned by a key of its own, the engine's node's).
+    owned: String,
+    /// The writers' chains in the owned namespace: write, admin.
+    caps: [Chain; 2],
+    /// The four peers' keys: their chains hold no right, read, write, admin.
+    peers: [Keypair; 4],
+}
+
+fn world() -> &'static World {
+    static WORLD: OnceLock<World> = OnceLock::new();
+    WORLD.get_or_init(|| {
+        let owner = Keypair::from_seed([9; 32]);
+        let owned = namespace_id(&owner.public());
+        let root = |to: &Keypair, rights, nonce| {
+            Chain::issue_root(&owner, &owned, &to.public(), rights, None, 0, None, nonce)
+                .expect("a root chain")
+        };
+        let writers = [Keypair::from_seed([1; 32]), Keypair::from_seed([2; 32])];
+        let caps = [
+            root(&writers[0], Rights::Write, 1),
+            root(&writers[1], Rights::Admin, 2),
+        ];
+        let peers = [11u8, 12, 13, 14].map(|s| Keypair::from_seed([s; 32]));
+        World {
+            writers,
+            owned,
+            caps,
+            peers,
+        }
+    })
+}
+
+/// A one-op batch of `kp` in `ns` at `seq`: a delete, or a revocation of `revoke`.
+fn sealed(
+    kp: &Keypair,
+    ns: &str,
+    cap: Option<&Chain>,
+    pos: ChainPosition,
+    revoke: Option<String>,
+    salt: u8,
+) -> Option<(BatchId, Vec<u8>)> {
+    let hlc = Hlc(1_000 + pos.seq * 10 + u64::from(salt % 10));
+    let op = match revoke {
+        Some(token) => Op::Revoke { token, hlc },
+        None => Op::Delete {
+            collection: "c".into(),
+            key: format!("k{salt}"),
+            hlc,
+        },
     };
-    let vb = batch::seal(kp, "default", ChainPosition { seq, prev }, vec![op], None).ok()?;
+    let vb = batch::seal(kp, ns, pos, vec![op], cap).ok()?;
     Some((vb.id, vb.bytes.to_vec()))
 }
 
@@ -47,12 +103,18 @@ fn deliver(
 }
 
 fuzz_target!(|data: &[u8]| {
-    let keys = [Keypair::from_seed([1; 32]), Keypair::from_seed([2; 32])];
+    let w = world();
     let mut engine: Engine<u8> = Engine::new(EngineConfig::default());
     engine.join("default");
+    // The node holds the owner key: no chain of its own.
+    engine.join_owned(&w.owned, None);
     // FUZZ_ENGINE_TRACE=1 prints each step's actions (to check what seeds reach).
     let trace = std::env::var_os("FUZZ_ENGINE_TRACE").is_some();
-    let mut chains: [Vec<BatchId>; 2] = [Vec::new(), Vec::new()];
+    // Each writer's chain so far, per namespace (public, owned).
+    let mut chains: [[Vec<BatchId>; 2]; 2] = Default::default();
+    // Which peers came up with their key, and which presented a chain granting their key
+    // read access: an over-approximation of who may receive the owned namespace.
+    let (mut keyed, mut presented) = ([false; 4], [false; 4]);
     let mut now = 1_000u64;
     let mut rest = data;
     while rest.len() >= 4 {
@@ -63,33 +125,58 @@ fuzz_target!(|data: &[u8]| {
         now += u64::from(kind >> 4) * 97;
         let actions = match kind % 6 {
             0 => match cbor4ii::serde::from_slice::<SyncMessage>(bytes) {
-                Ok(msg) => deliver(&mut engine, peer, msg, kind & 0x40 != 0, now),
+                Ok(msg) => {
+                    if let SyncMessage::Present { ns, chain } = &msg {
+                        let key = w.peers[usize::from(peer)].public();
+                        presented[usize::from(peer)] |= *ns == w.owned
+                            && Chain::decode(chain).is_ok_and(|c| {
+                                c.authorizes(&w.owned, key.as_bytes(), Rights::Read, now)
+                                    .is_ok()
+                            });
+                    }
+                    deliver(&mut engine, peer, msg, kind & 0x40 != 0, now)
+                }
                 Err(_) => Vec::new(),
             },
             1 => engine.handle_gossip(peer, "default", bytes.to_vec(), now).1,
+            // Up with its key (as the node's links authenticate it) or without.
+            2 if kind & 0x40 != 0 => {
+                keyed[usize::from(peer)] = true;
+                let key = *w.peers[usize::from(peer)].public().as_bytes();
+                engine.peer_up_with_key(peer, Some(key), now)
+            }
             2 => engine.peer_up(peer, now),
             3 => engine.peer_down(&peer, now),
             4 => engine.tick(now),
             _ => {
                 // A validly signed batch: the next of one of two chains, or (high bit) one at
-                // a chosen seq whose `prev` is made up (a gap or a fork).
+                // a chosen seq whose `prev` is made up (a gap or a fork); in the owned
+                // namespace with bit 0x20, revoking the first writer's token with bit 0x10.
                 let k = usize::from(bytes.first().copied().unwrap_or(0) & 1);
-                let (kp, pick) = (&keys[k], bytes.get(1).copied().unwrap_or(0));
+                let (kp, pick) = (&w.writers[k], bytes.get(1).copied().unwrap_or(0));
                 let salt = bytes.get(2).copied().unwrap_or(0);
+                let n = usize::from(pick & 0x20 != 0);
+                let (ns, cap) = match n {
+                    0 => ("default", None),
+                    _ => (w.owned.as_str(), Some(&w.caps[k])),
+                };
+                let revoke = (pick & 0x10 != 0).then(|| w.caps[0].leaf().id.to_hex());
                 let made = if pick & 0x80 == 0 {
-                    let seq = chains[k].len() as u64 + 1;
-                    let made = sealed(kp, seq, chains[k].last().copied(), salt);
+                    let seq = chains[n][k].len() as u64 + 1;
+                    let prev = chains[n][k].last().copied();
+                    let made = sealed(kp, ns, cap, ChainPosition { seq, prev }, revoke, salt);
                     if let Some((id, _)) = &made {
-                        chains[k].push(*id);
+                        chains[n][k].push(*id);
                     }
                     made
                 } else {
                     let seq = u64::from(pick & 0x0f).max(1);
-                    sealed(kp, seq, (seq > 1).then_some(BatchId([salt; 32])), salt)
+                    let prev = (seq > 1).then_some(BatchId([salt; 32]));
+                    sealed(kp, ns, cap, ChainPosition { seq, prev }, revoke, salt)
                 };
                 let Some((_, b)) = made else { continue };
                 let msg = SyncMessage::Batches {
-                    ns: "default".into(),
+                    ns: ns.to_string(),
                     author: *kp.public().as_bytes(),
                     batches: vec![serde_bytes::ByteBuf::from(b)],
                 };
@@ -99,12 +186,33 @@ fuzz_target!(|data: &[u8]| {
         if trace {
             let names: Vec<String> = actions
                 .iter()
-                .map(|a| format!("{a:?}").chars().take(40).collect())
+                .map(|a| format!("{a:?}").chars().take(160).collect())
                 .collect();
             eprintln!("step kind {} peer {peer}: {names:?}", kind % 6);
         }
-        // What the engine asks to send must be sendable.
         for a in actions {
+            // The owned namespace's batches and heads go only to peers that came up with
+            // their key and presented a chain that lets that key read.
+            let to_owned = match &a {
+                Action::Send {
+                    peer,
+                    msg: SyncMessage::Batches { ns, batches, .. },
+                } if !batches.is_empty() => Some((peer, ns)),
+                Action::Send {
+                    peer,
+                    msg: SyncMessage::Have { ns, .. } | SyncMessage::Announce { ns, .. },
+                }
+                | Action::Serve { peer, ns, .. } => Some((peer, ns)),
+                _ => None,
+            };
+            if let Some((&to, ns)) = to_owned.filter(|(_, ns)| **ns == w.owned) {
+                let p = usize::from(to);
+                assert!(
+                    keyed[p] && presented[p],
+                    "owned {ns} sent to peer {to}: {a:?}"
+                );
+            }
+            // What the engine asks to send must be sendable.
             if let Action::Send { msg, .. } = a {
                 cbor4ii::serde::to_vec(Vec::new(), &msg).expect("an engine message encodes");
             }

@@ -193,6 +193,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     step(&mut steps, 0xf4, 0, &[]); // time passes
     step(&mut steps, 3, 1, &[]); // peer 1 down
     write(dir, "engine", "steps", &steps)?;
+    // The owned namespace of the engine target's world: the owner's key is [9; 32], the
+    // peers' keys [11..=14; 32] (their chains: none, read, write, admin).
+    let owner = Keypair::from_seed([9; 32]);
+    let owned = namespace_id(&owner.public());
+    let mut steps = Vec::new();
+    for (peer, rights) in [(1u8, Rights::Read), (2, Rights::Write), (3, Rights::Admin)] {
+        let key = Keypair::from_seed([10 + peer + 1; 32]);
+        let chain = Chain::issue_root(&owner, &owned, &key.public(), rights, None, 0, None, 7)?;
+        step(&mut steps, 0x44, peer, &[]); // up, with its key
+        let present = SyncMessage::Present {
+            ns: owned.clone(),
+            chain: serde_bytes::ByteBuf::from(chain.encode()),
+        };
+        step(&mut steps, 0x30, peer, &encode_message(&present));
+    }
+    step(&mut steps, 5, 2, &[0, 0x20, 1]); // writer 0's first owned batch
+    step(&mut steps, 5, 2, &[1, 0x20, 2]); // the admin's
+    step(&mut steps, 5, 3, &[1, 0x30, 3]); // the admin revokes writer 0's token
+    step(&mut steps, 5, 2, &[0, 0x20, 4]); // writer 0 writes again
+    let fetch = SyncMessage::Fetch {
+        ns: owned,
+        author: *Keypair::from_seed([1; 32]).public().as_bytes(),
+        from_seq: 1,
+        limit: 8,
+        max_bytes: None,
+    };
+    step(&mut steps, 0x30, 1, &encode_message(&fetch)); // the reader fetches
+    step(&mut steps, 0xf4, 0, &[]);
+    write(dir, "engine", "owned", &steps)?;
     // Capability chains: a root, and one delegated from it, as bytes and as text.
     let owner = Keypair::from_seed([5; 32]);
     let ns = namespace_id(&owner.public());
