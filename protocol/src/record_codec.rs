@@ -528,6 +528,48 @@ mod tests {
         }
     }
 
+    /// What the shortcuts check of a damaged state, as their docs say: a state whose layout
+    /// cannot be walked is never dominated nor absorbed; one damaged only inside a value (a
+    /// text that is not UTF-8), and older throughout, is replaced unread (found by fuzzing:
+    /// the docs had promised that no damaged state is ever replaced).
+    #[test]
+    fn damage_the_walk_steps_over_is_replaced_unread() {
+        let upsert = |hlc: u64, v: &str| Op::Upsert {
+            collection: "c".into(),
+            key: "k".into(),
+            hlc: Hlc(hlc),
+            fields: crate::OpFields::from([("a".to_string(), Value::from(v))]),
+        };
+        let state = |op: &Op| {
+            let mut out = Vec::new();
+            encode_state(&RecordState::from_op(op, [9; 32]), &mut out);
+            out
+        };
+        let older = state(&upsert(10, "abc"));
+        let newer = state(&upsert(11, "xyz"));
+        let mut plain = Vec::new();
+        codec::encode_ops(&[upsert(11, "xyz")], &mut plain);
+        let view = codec::decode(&plain).unwrap();
+        let op = &view.ops()[0];
+
+        // The value's last byte made invalid UTF-8: the layout still walks.
+        let mut in_value = older.clone();
+        *in_value.last_mut().unwrap() = 0xff;
+        assert!(decode_state(&in_value).is_err());
+        assert!(dominated_by(&in_value, &view, op));
+        assert!(absorbs(&newer, &in_value));
+
+        // Cut short, or with unknown flags: the layout does not walk.
+        let cut = &older[..older.len() - 2];
+        let mut flags = older.clone();
+        flags[1] |= 0x80;
+        for damaged in [cut, &flags[..]] {
+            assert!(decode_state(damaged).is_err());
+            assert!(!dominated_by(damaged, &view, op));
+            assert!(!absorbs(&newer, damaged));
+        }
+    }
+
     /// Stamps of the same time by different authors are not absorbed either way: which one
     /// wins is the author's order, which `absorbs` does not look at.
     #[test]
