@@ -42,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
         states.push(out);
     }
     // The shortcut that replaces a held state without decoding it must agree with applying
-    // the op (each op against the states of the ops before it, at most a few dozen pairs).
+    // the op (each of the first 8 ops against the states the first 8 make: 64 pairs at most).
     for (j, op) in view.ops().iter().enumerate().take(8) {
         if !matches!(op, OpView::Upsert { .. } | OpView::Delete { .. }) {
             continue;
