@@ -31,6 +31,8 @@ struct World {
     caps: [Chain; 2],
     /// The four peers' keys: their chains hold no right, read, write, admin.
     peers: [Keypair; 4],
+    /// The chains of peers 1-3 (read, write, admin), as the seeds present them.
+    reader_caps: [Chain; 3],
 }
 
 fn world() -> &'static World {
@@ -48,11 +50,17 @@ fn world() -> &'static World {
             root(&writers[1], Rights::Admin, 2),
         ];
         let peers = [11u8, 12, 13, 14].map(|s| Keypair::from_seed([s; 32]));
+        let reader_caps = [
+            root(&peers[1], Rights::Read, 7),
+            root(&peers[2], Rights::Write, 7),
+            root(&peers[3], Rights::Admin, 7),
+        ];
         World {
             writers,
             owned,
             caps,
             peers,
+            reader_caps,
         }
     })
 }
@@ -115,6 +123,8 @@ fuzz_target!(|data: &[u8]| {
     // Which peers came up with their key, and which presented a chain granting their key
     // read access: an over-approximation of who may receive the owned namespace.
     let (mut keyed, mut presented) = ([false; 4], [false; 4]);
+    // When each peer's token was revoked, by a batch the engine stored (the earliest).
+    let mut revoked: [Option<Hlc>; 4] = [None; 4];
     let mut now = 1_000u64;
     let mut rest = data;
     while rest.len() >= 4 {
@@ -151,7 +161,8 @@ fuzz_target!(|data: &[u8]| {
             _ => {
                 // A validly signed batch: the next of one of two chains, or (high bit) one at
                 // a chosen seq whose `prev` is made up (a gap or a fork); in the owned
-                // namespace with bit 0x20, revoking the first writer's token with bit 0x10.
+                // namespace with bit 0x20, revoking with bit 0x10 the first writer's token or
+                // (low bits) peer 1, 2 or 3's.
                 let k = usize::from(bytes.first().copied().unwrap_or(0) & 1);
                 let (kp, pick) = (&w.writers[k], bytes.get(1).copied().unwrap_or(0));
                 let salt = bytes.get(2).copied().unwrap_or(0);
@@ -160,7 +171,13 @@ fuzz_target!(|data: &[u8]| {
                     0 => ("default", None),
                     _ => (w.owned.as_str(), Some(&w.caps[k])),
                 };
-                let revoke = (pick & 0x10 != 0).then(|| w.caps[0].leaf().id.to_hex());
+                let revoke = (pick & 0x10 != 0).then(|| {
+                    let chain = match pick & 0x03 {
+                        0 => &w.caps[0],
+                        i => &w.reader_caps[usize::from(i) - 1],
+                    };
+                    chain.leaf().id.to_hex()
+                });
                 let made = if pick & 0x80 == 0 {
                     let seq = chains[n][k].len() as u64 + 1;
                     let prev = chains[n][k].last().copied();
@@ -190,6 +207,7 @@ fuzz_target!(|data: &[u8]| {
                 .collect();
             eprintln!("step kind {} peer {peer}: {names:?}", kind % 6);
         }
+        let mut later_revoked = revoked;
         for a in actions {
             // The owned namespace's batches and heads go only to peers that came up with
             // their key and presented a chain that lets that key read.
@@ -212,10 +230,48 @@ fuzz_target!(|data: &[u8]| {
                     "owned {ns} sent to peer {to}: {a:?}"
                 );
             }
+            // A revoked reader gets nothing written at or after its revocation.
+            match &a {
+                Action::Send {
+                    peer,
+                    msg: SyncMessage::Batches { ns, batches, .. },
+                } if *ns == w.owned => {
+                    if let Some(t) = revoked[usize::from(*peer)] {
+                        for b in batches {
+                            let (h, _) = batch::verify_header(b).expect("a batch we send");
+                            assert!(h.hlc_max < t, "revoked at {t:?}, sent {h:?}");
+                        }
+                    }
+                }
+                Action::Serve {
+                    peer, ns, until, ..
+                } if *ns == w.owned => {
+                    if let Some(t) = revoked[usize::from(*peer)] {
+                        assert!(until.is_some_and(|u| u <= t), "revoked at {t:?}: {a:?}");
+                    }
+                }
+                _ => {}
+            }
             // What the engine asks to send must be sendable.
-            if let Action::Send { msg, .. } = a {
-                cbor4ii::serde::to_vec(Vec::new(), &msg).expect("an engine message encodes");
+            if let Action::Send { msg, .. } = &a {
+                cbor4ii::serde::to_vec(Vec::new(), msg).expect("an engine message encodes");
+            }
+            // Revocations of peers' tokens by the admin, once stored: checked from the next
+            // step on (a push of the revoking batch itself may go out with it).
+            if let Action::Store(vb) = &a {
+                let by_admin = vb.author.as_bytes() == w.writers[1].public().as_bytes();
+                if vb.header.ns == w.owned && vb.effective && by_admin {
+                    for (token, at) in vb.ops.revocations() {
+                        for (i, chain) in w.reader_caps.iter().enumerate() {
+                            if chain.leaf().id.to_hex() == *token {
+                                let r = &mut later_revoked[i + 1];
+                                *r = Some(r.map_or(*at, |t| t.min(*at)));
+                            }
+                        }
+                    }
+                }
             }
         }
+        revoked = later_revoked;
     }
 });

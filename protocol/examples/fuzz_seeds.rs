@@ -212,6 +212,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     step(&mut steps, 5, 2, &[1, 0x20, 2]); // the admin's
     step(&mut steps, 5, 3, &[1, 0x30, 3]); // the admin revokes writer 0's token
     step(&mut steps, 5, 2, &[0, 0x20, 4]); // writer 0 writes again
+    step(&mut steps, 5, 3, &[1, 0x31, 5]); // the admin revokes peer 1's (the reader's) token
+    step(&mut steps, 5, 3, &[1, 0x20, 6]); // and writes again
     let fetch = SyncMessage::Fetch {
         ns: owned,
         author: *Keypair::from_seed([1; 32]).public().as_bytes(),
