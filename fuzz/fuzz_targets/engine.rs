@@ -23,12 +23,13 @@ use libfuzzer_sys::fuzz_target;
 
 /// The keys and capabilities every run shares (signing them once per process).
 struct World {
-    /// The two batch authors.
-    writers: [Keypair; 2],
+    /// The batch authors.
+    writers: [Keypair; 4],
     /// The owned namespace (owned by a key of its own, the engine's node's).
     owned: String,
-    /// The writers' chains in the owned namespace: write, admin.
-    caps: [Chain; 2],
+    /// The writers' chains in the owned namespace: write, admin, read (may not write); the
+    /// fourth writer has none.
+    caps: [Chain; 3],
     /// The four peers' keys: their chains hold no right, read, write, admin.
     peers: [Keypair; 4],
     /// The chains of peers 1-3 (read, write, admin), as the seeds present them.
@@ -44,10 +45,11 @@ fn world() -> &'static World {
             Chain::issue_root(&owner, &owned, &to.public(), rights, None, 0, None, nonce)
                 .expect("a root chain")
         };
-        let writers = [Keypair::from_seed([1; 32]), Keypair::from_seed([2; 32])];
+        let writers = [1u8, 2, 3, 4].map(|s| Keypair::from_seed([s; 32]));
         let caps = [
             root(&writers[0], Rights::Write, 1),
             root(&writers[1], Rights::Admin, 2),
+            root(&writers[2], Rights::Read, 3),
         ];
         let peers = [11u8, 12, 13, 14].map(|s| Keypair::from_seed([s; 32]));
         let reader_caps = [
@@ -119,12 +121,14 @@ fuzz_target!(|data: &[u8]| {
     // FUZZ_ENGINE_TRACE=1 prints each step's actions (to check what seeds reach).
     let trace = std::env::var_os("FUZZ_ENGINE_TRACE").is_some();
     // Each writer's chain so far, per namespace (public, owned).
-    let mut chains: [[Vec<BatchId>; 2]; 2] = Default::default();
+    let mut chains: [[Vec<BatchId>; 4]; 2] = Default::default();
     // Which peers came up with their key, and which presented a chain granting their key
     // read access: an over-approximation of who may receive the owned namespace.
     let (mut keyed, mut presented) = ([false; 4], [false; 4]);
     // When each peer's token was revoked, by a batch the engine stored (the earliest).
     let mut revoked: [Option<Hlc>; 4] = [None; 4];
+    // When the first writer's token was revoked, likewise.
+    let mut writer_revoked: Option<Hlc> = None;
     let mut now = 1_000u64;
     let mut rest = data;
     while rest.len() >= 4 {
@@ -159,17 +163,17 @@ fuzz_target!(|data: &[u8]| {
             3 => engine.peer_down(&peer, now),
             4 => engine.tick(now),
             _ => {
-                // A validly signed batch: the next of one of two chains, or (high bit) one at
+                // A validly signed batch: the next of one of four chains, or (high bit) one at
                 // a chosen seq whose `prev` is made up (a gap or a fork); in the owned
                 // namespace with bit 0x20, revoking with bit 0x10 the first writer's token or
                 // (low bits) peer 1, 2 or 3's.
-                let k = usize::from(bytes.first().copied().unwrap_or(0) & 1);
+                let k = usize::from(bytes.first().copied().unwrap_or(0) & 3);
                 let (kp, pick) = (&w.writers[k], bytes.get(1).copied().unwrap_or(0));
                 let salt = bytes.get(2).copied().unwrap_or(0);
                 let n = usize::from(pick & 0x20 != 0);
                 let (ns, cap) = match n {
                     0 => ("default", None),
-                    _ => (w.owned.as_str(), Some(&w.caps[k])),
+                    _ => (w.owned.as_str(), w.caps.get(k)),
                 };
                 let revoke = (pick & 0x10 != 0).then(|| {
                     let chain = match pick & 0x03 {
@@ -207,7 +211,7 @@ fuzz_target!(|data: &[u8]| {
                 .collect();
             eprintln!("step kind {} peer {peer}: {names:?}", kind % 6);
         }
-        let mut later_revoked = revoked;
+        let (mut later_revoked, mut later_writer_revoked) = (revoked, writer_revoked);
         for a in actions {
             // The owned namespace's batches and heads go only to peers that came up with
             // their key and presented a chain that lets that key read.
@@ -259,9 +263,22 @@ fuzz_target!(|data: &[u8]| {
             // Revocations of peers' tokens by the admin, once stored: checked from the next
             // step on (a push of the revoking batch itself may go out with it).
             if let Action::Store(vb) = &a {
-                let by_admin = vb.author.as_bytes() == w.writers[1].public().as_bytes();
+                // In the owned namespace, a batch counts only if its author may write, and
+                // its token was not revoked at or before its last timestamp.
+                let by = |i: usize| vb.author.as_bytes() == w.writers[i].public().as_bytes();
+                if vb.header.ns == w.owned && vb.effective {
+                    assert!(!by(2) && !by(3), "counted without write rights: {vb:?}");
+                    if let Some(t) = writer_revoked.filter(|_| by(0)) {
+                        assert!(vb.header.hlc_max < t, "counted after revocation at {t:?}");
+                    }
+                }
+                let by_admin = by(1);
                 if vb.header.ns == w.owned && vb.effective && by_admin {
                     for (token, at) in vb.ops.revocations() {
+                        if w.caps[0].leaf().id.to_hex() == *token {
+                            let r = &mut later_writer_revoked;
+                            *r = Some(r.map_or(*at, |t| t.min(*at)));
+                        }
                         for (i, chain) in w.reader_caps.iter().enumerate() {
                             if chain.leaf().id.to_hex() == *token {
                                 let r = &mut later_revoked[i + 1];
@@ -273,5 +290,6 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         revoked = later_revoked;
+        writer_revoked = later_writer_revoked;
     }
 });

@@ -194,7 +194,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     step(&mut steps, 3, 1, &[]); // peer 1 down
     write(dir, "engine", "steps", &steps)?;
     // The owned namespace of the engine target's world: the owner's key is [9; 32], the
-    // peers' keys [11..=14; 32] (their chains: none, read, write, admin).
+    // writers' [1..=4; 32] (their chains: write, admin, read, none), the peers' keys
+    // [11..=14; 32] (their chains: none, read, write, admin).
     let owner = Keypair::from_seed([9; 32]);
     let owned = namespace_id(&owner.public());
     let mut steps = Vec::new();
@@ -214,6 +215,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     step(&mut steps, 5, 2, &[0, 0x20, 4]); // writer 0 writes again
     step(&mut steps, 5, 3, &[1, 0x31, 5]); // the admin revokes peer 1's (the reader's) token
     step(&mut steps, 5, 3, &[1, 0x20, 6]); // and writes again
+    step(&mut steps, 5, 2, &[2, 0x20, 7]); // a writer whose chain only reads
+    step(&mut steps, 5, 2, &[3, 0x20, 8]); // a writer with no chain
     let fetch = SyncMessage::Fetch {
         ns: owned,
         author: *Keypair::from_seed([1; 32]).public().as_bytes(),
