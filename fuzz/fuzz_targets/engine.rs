@@ -215,7 +215,7 @@ fuzz_target!(|data: &[u8]| {
         for a in actions {
             // The owned namespace's batches and heads go only to peers that came up with
             // their key and presented a chain that lets that key read.
-            let to_owned = match &a {
+            let owned_to = match &a {
                 Action::Send {
                     peer,
                     msg: SyncMessage::Batches { ns, batches, .. },
@@ -227,7 +227,7 @@ fuzz_target!(|data: &[u8]| {
                 | Action::Serve { peer, ns, .. } => Some((peer, ns)),
                 _ => None,
             };
-            if let Some((&to, ns)) = to_owned.filter(|(_, ns)| **ns == w.owned) {
+            if let Some((&to, ns)) = owned_to.filter(|(_, ns)| **ns == w.owned) {
                 let p = usize::from(to);
                 assert!(
                     keyed[p] && presented[p],
