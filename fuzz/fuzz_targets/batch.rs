@@ -25,7 +25,8 @@ fn envelope(kp: &Keypair, header: &BatchHeader, payload: &[u8]) -> Vec<u8> {
     signed.extend_from_slice(&h);
     let sig = kp.sign(&signed);
     let mut out = vec![0x83];
-    // Shortest heads, as sealing writes them (the envelope parser takes any definite head).
+    // Parts under 24 bytes with a one-byte head, the others with a 4-byte length (sealing
+    // writes the shortest head; the envelope parser takes any definite one).
     for part in [&h[..], &sig[..], payload] {
         if part.len() < 24 {
             out.push(0x40 | part.len() as u8);
