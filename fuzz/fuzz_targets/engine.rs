@@ -89,6 +89,11 @@ fn sealed(
     Some((vb.id, vb.bytes.to_vec()))
 }
 
+/// Keeps the earlier of `at` and what `t` holds.
+fn earliest(t: &mut Option<Hlc>, at: Hlc) {
+    *t = Some(t.map_or(at, |t| t.min(at)));
+}
+
 /// Hands `msg` from `peer` to the engine: batches either as the node's actor does with
 /// messages (`handle_message`) or as it does with fetch answers verified on its verifier
 /// thread first (`preverify`, then `handle_batches_preverified`).
@@ -260,29 +265,24 @@ fuzz_target!(|data: &[u8]| {
             if let Action::Send { msg, .. } = &a {
                 cbor4ii::serde::to_vec(Vec::new(), msg).expect("an engine message encodes");
             }
-            // Revocations of peers' tokens by the admin, once stored: checked from the next
-            // step on (a push of the revoking batch itself may go out with it).
             if let Action::Store(vb) = &a {
-                // In the owned namespace, a batch counts only if its author may write, and
-                // its token was not revoked at or before its last timestamp.
                 let by = |i: usize| vb.author.as_bytes() == w.writers[i].public().as_bytes();
                 if vb.header.ns == w.owned && vb.effective {
+                    // A batch counts only if its author may write, and its token was not
+                    // revoked at or before its last timestamp.
                     assert!(!by(2) && !by(3), "counted without write rights: {vb:?}");
                     if let Some(t) = writer_revoked.filter(|_| by(0)) {
                         assert!(vb.header.hlc_max < t, "counted after revocation at {t:?}");
                     }
-                }
-                let by_admin = by(1);
-                if vb.header.ns == w.owned && vb.effective && by_admin {
-                    for (token, at) in vb.ops.revocations() {
+                    // The admin's revocations, once stored: checked from the next step on
+                    // (a push of the revoking batch itself may go out with it).
+                    for (token, at) in vb.ops.revocations().iter().filter(|_| by(1)) {
                         if w.caps[0].leaf().id.to_hex() == *token {
-                            let r = &mut later_writer_revoked;
-                            *r = Some(r.map_or(*at, |t| t.min(*at)));
+                            earliest(&mut later_writer_revoked, *at);
                         }
                         for (i, chain) in w.reader_caps.iter().enumerate() {
                             if chain.leaf().id.to_hex() == *token {
-                                let r = &mut later_revoked[i + 1];
-                                *r = Some(r.map_or(*at, |t| t.min(*at)));
+                                earliest(&mut later_revoked[i + 1], *at);
                             }
                         }
                     }
