@@ -878,6 +878,13 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
     metric(
         &mut out,
         "counter",
+        "blazedb_log_damaged_total",
+        "Fetch answers cut short before a batch of this node's log found damaged.",
+        m.log_damaged.load(Ordering::Relaxed),
+    );
+    metric(
+        &mut out,
+        "counter",
         "blazedb_sync_dropped_total",
         "Sync messages dropped because the peer had the maximum unanswered (sent again later).",
         m.sync_dropped.load(Ordering::Relaxed),

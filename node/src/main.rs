@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use serde_json::Value;
 
-use blazedb_node::{api, bench, node, store::Store, Node, NodeConfig, DEFAULT_NAMESPACE};
+use blazedb_node::store::{Store, StoreError, VIEW_FILE};
+use blazedb_node::{api, bench, node, Node, NodeConfig, DEFAULT_NAMESPACE};
 
 /// mimalloc instead of glibc's malloc: ops are allocated on the actor's threads and freed on
 /// the materializer's, a pattern glibc serves poorly (its free-list consolidation was ~15% of
@@ -391,34 +392,118 @@ async fn run(cli: Cli) -> Result<()> {
         },
         Cmd::Bench(args) => bench::run(args).await,
         Cmd::Sim(args) => tokio::task::block_in_place(|| blazedb_node::sim::main(args)),
-        Cmd::Check { data } => {
-            let store = open_existing(&data)?;
-            let n = store.check()?;
-            println!("ok: {n} batches verified, chains contiguous");
-            let (table, runs, in_runs) = store.check_view().context(
-                "the view (records derived from the log) is damaged: `blazedb repair` rebuilds it",
-            )?;
-            println!("ok: view: {table} records in the table, {in_runs} in {runs} runs beside it, all decode");
-            Ok(())
-        }
-        Cmd::Repair { data } => {
-            let store = open_existing(&data)?;
-            let n = store
-                .check()
-                .context("the log itself is damaged; repair cannot fix that")?;
-            let records = store.rebuild_records()?;
-            println!("rebuilt {records} records from {n} batches");
-            Ok(())
-        }
+        Cmd::Check { data } => check(&data),
+        Cmd::Repair { data } => repair(&data),
     }
 }
 
-fn open_existing(data: &std::path::Path) -> Result<Store> {
+/// `blazedb check`: the log, then the view. Damage gets an error naming the file and what
+/// to do, never a panic (redb panics on some damaged pages: caught and reported).
+fn check(data: &std::path::Path) -> Result<()> {
+    let path = existing_store(data)?;
+    let view = path.with_file_name(VIEW_FILE);
+    let scratch = std::env::temp_dir().join(format!("blazedb-check-{}.redb", std::process::id()));
+    let (store, view_damage) = match Store::open(&path) {
+        Ok(store) => (store, None),
+        Err(e @ StoreError::ViewDamaged { .. }) => {
+            // The log is verified all the same, beside a scratch view.
+            let store = Store::open_at(&path, &scratch).context("opening the log")?;
+            (store, Some(e))
+        }
+        Err(e) => return Err(e).context(LOG_DAMAGED),
+    };
+    let result = (|| {
+        let n = caught(&path, || store.check().map_err(Into::into)).context(LOG_DAMAGED)?;
+        println!("ok: {n} batches verified, chains contiguous");
+        if let Some(e) = view_damage {
+            return Err(e.into());
+        }
+        let heads = store.heads()?;
+        if let Some(chain) = store.view_ahead_of_log(&heads)? {
+            return Err(StoreError::ViewAheadOfLog(chain).into());
+        }
+        let (table, runs, in_runs) = caught(&view, || store.check_view().map_err(Into::into))
+            .context(
+                "the view (records derived from the log) is damaged: `blazedb repair` rebuilds it",
+            )?;
+        println!("ok: view: {table} records in the table, {in_runs} in {runs} runs beside it, all decode");
+        Ok(())
+    })();
+    drop(store);
+    let _ = std::fs::remove_file(&scratch);
+    result
+}
+
+const LOG_DAMAGED: &str = "the log (store.redb, the truth) is damaged: `blazedb repair` cannot \
+     fix that; restore it from a copy";
+
+/// `blazedb repair`: the records made again from the log, in a fresh view file (the old one
+/// is set aside first, so damage in it cannot stop the rebuild, and put back if the log
+/// itself turns out damaged).
+fn repair(data: &std::path::Path) -> Result<()> {
+    let path = existing_store(data)?;
+    let view = path.with_file_name(VIEW_FILE);
+    let aside = path.with_file_name(format!("{VIEW_FILE}.old"));
+    let had_view = view.exists();
+    if had_view {
+        std::fs::rename(&view, &aside)
+            .with_context(|| format!("moving {} aside", view.display()))?;
+    }
+    let put_back = || {
+        if had_view {
+            let _ = std::fs::rename(&aside, &view);
+        }
+    };
+    let store = match Store::open(&path) {
+        Ok(store) => store,
+        Err(e) => {
+            put_back();
+            return Err(e).context(LOG_DAMAGED);
+        }
+    };
+    let n = match caught(&path, || store.check().map_err(Into::into)) {
+        Ok(n) => n,
+        Err(e) => {
+            drop(store);
+            put_back();
+            return Err(e).context(LOG_DAMAGED);
+        }
+    };
+    let records = store.rebuild_records()?;
+    drop(store);
+    if had_view {
+        std::fs::remove_file(&aside).with_context(|| format!("removing {}", aside.display()))?;
+    }
+    println!("rebuilt {records} records from {n} batches");
+    Ok(())
+}
+
+/// Runs `f`, turning a panic inside it (redb panics on some damaged pages) into an error
+/// naming `file`, without the panic's message on stderr.
+fn caught<T>(file: &std::path::Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    r.unwrap_or_else(|p| {
+        let why = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        bail!(
+            "{}: redb cannot read a damaged page ({why})",
+            file.display()
+        )
+    })
+}
+
+fn existing_store(data: &std::path::Path) -> Result<PathBuf> {
     let path = node::store_path(data);
     if !path.exists() {
         bail!("no store at {} (is --data right?)", path.display());
     }
-    Store::open(&path).with_context(|| format!("opening {}", path.display()))
+    Ok(path)
 }
 
 async fn run_node(cfg: NodeConfig, api_addr: SocketAddr) -> Result<()> {

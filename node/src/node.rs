@@ -23,7 +23,7 @@ use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, identify, mdns, request_response, Multiaddr, PeerId, Swarm};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use blazedb_crypto::{KxPolicy, LinkRegistry};
 use blazedb_identity::{Keypair, PublicKey};
@@ -38,7 +38,7 @@ use crate::committer::{Committer, Done, Reply, Work, WriteAnswer};
 use crate::dicts::{DictPolicy, DictTrainer};
 use crate::materializer::{self, Job, MatSync};
 use crate::net::{self, Ack, Behaviour, BehaviourEvent, Class};
-use crate::store::{Change, Fields, NamespaceRecord, Store, StoreError};
+use crate::store::{ChainRange, Change, Fields, NamespaceRecord, Store, StoreError};
 use crate::verifier::{self, Verified, Verifier};
 
 /// Capacity of the command channel into the actor.
@@ -86,6 +86,8 @@ const BULK_INFLIGHT_MAX: usize = 4;
 /// Most fetches waiting in one peer's bulk queue; past that they are dropped (the peer's
 /// fetch times out and goes elsewhere).
 const BULK_QUEUE_MAX: usize = 256;
+/// Damaged log batches reported in the error log (each once); more are only counted.
+const DAMAGE_REPORTS_MAX: usize = 256;
 /// The public namespace every node joins unless told not to.
 pub const DEFAULT_NAMESPACE: &str = "default";
 /// How often bootstrap peers that are not connected are dialed again.
@@ -367,6 +369,9 @@ pub struct Metrics {
     pub serves_queued: AtomicU64,
     /// Fetches from peers dropped because their bulk queue was full.
     pub serves_dropped: AtomicU64,
+    /// Fetches answered short because a batch read back from the log was damaged (the
+    /// answer ends before it; the error log names the batch once).
+    pub log_damaged: AtomicU64,
     /// Sync messages dropped because their peer already had [`SYNC_INFLIGHT_MAX`] unanswered
     /// (pushes, fetch answers, Have, Fetch; all are sent again later).
     pub sync_dropped: AtomicU64,
@@ -960,8 +965,11 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
     let keypair = Keypair::load_or_create(&key_path(&cfg.data_dir))?;
-    let store = Store::open(&store_path(&cfg.data_dir))
-        .with_context(|| format!("opening store in {}", cfg.data_dir.display()))?;
+    // A damaged view is moved aside and made again from the log (below: every batch then
+    // counts as unapplied); a damaged log stops the start here.
+    let log_existed = store_path(&cfg.data_dir).exists();
+    let (store, _moved) = Store::open_moving_damaged_view(&store_path(&cfg.data_dir))
+        .with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?;
 
     let mut engine: Engine<PeerId> = Engine::new(cfg.engine.clone());
     let mut namespaces = BTreeSet::new();
@@ -991,6 +999,17 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         namespaces.insert(ns);
     }
     let heads = store.heads()?;
+    if let Some(chain) = store.view_ahead_of_log(&heads)? {
+        // Its watermark would skip the chain's next batches: acknowledged writes would never
+        // show. The records it holds may be the last copy: the user decides, and finds the
+        // directory as it was (a log opened here for the first time is removed again).
+        drop(store);
+        if !log_existed {
+            let _ = std::fs::remove_file(store_path(&cfg.data_dir));
+        }
+        return Err(StoreError::ViewAheadOfLog(chain))
+            .with_context(|| format!("opening the store in {}", cfg.data_dir.display()));
+    }
     let mut durable: HashMap<String, HashMap<[u8; 32], u64>> = HashMap::new();
     for h in &heads {
         durable
@@ -1114,6 +1133,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         verified_rx,
         inflight: HashMap::new(),
         lagging: HashSet::new(),
+        damage_reported: HashSet::new(),
         gossip_dropped_since_tick: false,
         bulk_queue: HashMap::new(),
         mat_thread: Some(mat_thread),
@@ -1157,6 +1177,8 @@ struct Actor {
     /// Peers that missed pushed (live) batches because they had too many unanswered: sent
     /// our vectors once they drain (see `request_done`).
     lagging: HashSet<PeerId>,
+    /// Damaged log batches already reported (at most [`DAMAGE_REPORTS_MAX`] kept).
+    damage_reported: HashSet<String>,
     /// A publish failed because every subscriber's gossip queue was full (since the last
     /// tick): the next tick sends our vectors to every peer.
     gossip_dropped_since_tick: bool,
@@ -1891,8 +1913,32 @@ impl Actor {
         } = req;
         let store = &self.shared.store;
         let max_bytes = max_bytes.map_or(SERVE_MAX_BYTES, |b| SERVE_MAX_BYTES.min(b as usize));
-        match store.chain_range(&ns, &author, from_seq, limit, max_bytes, until) {
-            Ok(batches) => {
+        let range = ChainRange {
+            ns: &ns,
+            author: &author,
+            from_seq,
+            limit,
+            max_bytes,
+            until,
+        };
+        match store.serve_range(range) {
+            Ok((batches, damage)) => {
+                if let Some(damage) = damage {
+                    // The peer gets what precedes it: sending the batch would only get this
+                    // node dropped as a forger (peers that hold the batch still serve it).
+                    self.shared
+                        .metrics
+                        .log_damaged
+                        .fetch_add(1, Ordering::Relaxed);
+                    if self.damage_reported.len() < DAMAGE_REPORTS_MAX
+                        && self.damage_reported.insert(damage.clone())
+                    {
+                        error!(
+                            "the log is damaged at {damage}: fetches stop before it \
+                             (`blazedb check` lists the damage)"
+                        );
+                    }
+                }
                 let n: usize = batches.iter().map(Vec::len).sum();
                 self.shared
                     .metrics

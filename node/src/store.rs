@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 use std::ops::Bound;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use crate::delta_map::{prefetch, prefetch_lines, DeltaMap, Updated};
@@ -75,6 +75,44 @@ fn put_batch(
         table.insert(chunk_key(id, i).as_slice(), piece)?;
     }
     Ok(())
+}
+
+/// The ids of the held dictionaries whose id starts with `r` (the table's keys are ids).
+fn dict_ids(txn: &redb::ReadTransaction, r: DictRef) -> Vec<blazedb_protocol::DictId> {
+    let Ok(table) = txn.open_table(DICTS) else {
+        return Vec::new();
+    };
+    let Ok(range) = table.range(&r.0[..]..) else {
+        return Vec::new();
+    };
+    range
+        .map_while(|e| e.ok())
+        .map_while(|(k, _)| {
+            let k = k.value();
+            (k.starts_with(&r.0)).then(|| <[u8; 32]>::try_from(k).ok())
+        })
+        .flatten()
+        .map(blazedb_protocol::DictId)
+        .collect()
+}
+
+/// Which batches [`Store::chain_range`] and [`Store::serve_range`] read: `author`'s in
+/// namespace `ns` from `from_seq`, at most `limit` and about `max_bytes` (always at least
+/// one if there is one), ending before the first whose `hlc_max` reaches `until`.
+#[derive(Clone, Copy, Debug)]
+pub struct ChainRange<'a> {
+    /// Namespace.
+    pub ns: &'a str,
+    /// Author key.
+    pub author: &'a [u8; 32],
+    /// First seq.
+    pub from_seq: u64,
+    /// At most this many batches.
+    pub limit: u32,
+    /// About this many bytes.
+    pub max_bytes: usize,
+    /// Before the first batch whose `hlc_max` reaches it.
+    pub until: Option<Hlc>,
 }
 
 /// Batch `id`'s envelope bytes, its pieces joined (`None` if the log does not hold it).
@@ -143,6 +181,9 @@ pub struct NamespaceRecord {
     pub chain: Option<serde_bytes::ByteBuf>,
 }
 
+/// The view's file name, beside the log's.
+pub const VIEW_FILE: &str = "records.redb";
+
 /// Store format version written in [`META`]. 3: the log's batches in pieces ([`BATCHES`]);
 /// a store of version 2 is moved to it when opened.
 pub const SCHEMA_VERSION: &[u8] = b"3";
@@ -161,6 +202,48 @@ pub enum StoreError {
     /// ([`Store::stop_background_count`]).
     #[error("the store is closing")]
     Closing,
+    /// A file of the store could not be opened (the error names which).
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: Box<StoreError>,
+    },
+    /// The view file cannot be read: redb finds it damaged. It holds only what the log
+    /// derives ([`Store::open_moving_damaged_view`] and `blazedb repair` make it again).
+    #[error(
+        "the view file {} is damaged ({reason}); it holds only records derived from the log, \
+         which `blazedb repair` (or starting the node) makes again",
+        path.display()
+    )]
+    ViewDamaged {
+        /// The view file.
+        path: PathBuf,
+        /// redb's words.
+        reason: String,
+    },
+    /// The view holds changes the log does not: the log was lost or replaced by an older
+    /// copy ([`Store::view_ahead_of_log`]).
+    #[error(
+        "the view file holds changes that the log does not ({0}): the log (store.redb) was \
+         lost or replaced by an older copy. Restore it, or run `blazedb repair` to make the \
+         records again from the log as it is (what only the view holds is then dropped; \
+         other authors' batches come back from peers that hold them)"
+    )]
+    ViewAheadOfLog(String),
+}
+
+impl StoreError {
+    /// Whether redb found the file damaged (rather than, say, failing to read it).
+    pub fn is_damage(&self) -> bool {
+        match self {
+            StoreError::Redb(redb::Error::Corrupted(_)) | StoreError::Corrupt(_) => true,
+            StoreError::File { source, .. } => source.is_damage(),
+            _ => false,
+        }
+    }
 }
 
 macro_rules! redb_from {
@@ -1169,8 +1252,85 @@ pub fn stored_header(bytes: &[u8]) -> Result<BatchHeader, StoreError> {
 }
 
 impl Store {
-    /// Opens (or creates) the store file.
+    /// Opens (or creates) the store: the log at `path`, the view beside it
+    /// ([`VIEW_FILE`]). Errors name the file; a view redb finds damaged is
+    /// [`StoreError::ViewDamaged`].
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_at(path, &path.with_file_name(VIEW_FILE))
+    }
+
+    /// [`Store::open`] with the view file at `view_path` (`blazedb check` verifies a log
+    /// whose view is damaged beside a scratch view).
+    pub fn open_at(path: &Path, view_path: &Path) -> Result<Self, StoreError> {
+        let in_file = |path: &Path| {
+            let path = path.to_path_buf();
+            move |e| StoreError::File {
+                path,
+                source: Box::new(e),
+            }
+        };
+        let db = Self::open_log(path).map_err(in_file(path))?;
+        let view = Self::open_view(view_path).map_err(|e| {
+            if e.is_damage() {
+                StoreError::ViewDamaged {
+                    path: view_path.to_path_buf(),
+                    reason: e.to_string(),
+                }
+            } else {
+                in_file(view_path)(e)
+            }
+        })?;
+        Ok(Self {
+            db,
+            view,
+            staged: Staged::default(),
+            flushing: RwLock::default(),
+            folds: Default::default(),
+            runs_written: Default::default(),
+            flushes: Default::default(),
+            flushed_records: Default::default(),
+            last_fold_us: Default::default(),
+            file_records: Default::default(),
+            bounded_count: Default::default(),
+            run_filters: Default::default(),
+            run_probes: Default::default(),
+            counting: Default::default(),
+            recount: Default::default(),
+            closing: Default::default(),
+            #[cfg(test)]
+            fold_all_next: Default::default(),
+            #[cfg(test)]
+            flush_delay_ms: Default::default(),
+        })
+    }
+
+    /// [`Store::open`], but a view file redb finds damaged is moved aside (to
+    /// `records.redb.damaged`, replacing an older one) and an empty view made in its place:
+    /// every logged batch then counts as unapplied ([`Store::unapplied`]) and is applied
+    /// again, or [`Store::rebuild_records`] makes the records at once. The view holds
+    /// nothing the log does not, so nothing is lost. Returns where the damaged file went.
+    pub fn open_moving_damaged_view(path: &Path) -> Result<(Self, Option<PathBuf>), StoreError> {
+        match Self::open(path) {
+            Err(StoreError::ViewDamaged { path: view, reason }) => {
+                let aside = view.with_file_name(format!("{VIEW_FILE}.damaged"));
+                tracing::error!(
+                    view = %view.display(),
+                    moved_to = %aside.display(),
+                    "the view file is damaged ({reason}): moved aside; the records are made \
+                     again from the log"
+                );
+                std::fs::rename(&view, &aside).map_err(|e| StoreError::File {
+                    path: view.clone(),
+                    source: Box::new(StoreError::Redb(e.into())),
+                })?;
+                Ok((Self::open(path)?, Some(aside)))
+            }
+            other => other.map(|s| (s, None)),
+        }
+    }
+
+    /// Opens (or creates) the log file and moves an older layout to this one.
+    fn open_log(path: &Path) -> Result<Database, StoreError> {
         let db = Database::builder()
             .set_cache_size(LOG_CACHE_BYTES)
             .create(path)?;
@@ -1218,9 +1378,14 @@ impl Store {
             txn.open_table(DICTS)?;
         }
         txn.commit()?;
+        Ok(db)
+    }
+
+    /// Opens (or creates) the view file and moves an older layout to this one.
+    fn open_view(path: &Path) -> Result<Database, StoreError> {
         let view = Database::builder()
             .set_cache_size(VIEW_CACHE_BYTES)
-            .create(path.with_file_name("records.redb"))?;
+            .create(path)?;
         let txn = view.begin_write()?;
         for old in OLD_VIEW_TABLES {
             let def: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new(old);
@@ -1302,28 +1467,7 @@ impl Store {
         // (Also makes the generation's table, which every count opens.)
         bump_generation(&txn)?;
         txn.commit()?;
-        Ok(Self {
-            db,
-            view,
-            staged: Staged::default(),
-            flushing: RwLock::default(),
-            folds: Default::default(),
-            runs_written: Default::default(),
-            flushes: Default::default(),
-            flushed_records: Default::default(),
-            last_fold_us: Default::default(),
-            file_records: Default::default(),
-            bounded_count: Default::default(),
-            run_filters: Default::default(),
-            run_probes: Default::default(),
-            counting: Default::default(),
-            recount: Default::default(),
-            closing: Default::default(),
-            #[cfg(test)]
-            fold_all_next: Default::default(),
-            #[cfg(test)]
-            flush_delay_ms: Default::default(),
-        })
+        Ok(view)
     }
 
     /// The head of every author chain in every namespace.
@@ -2131,6 +2275,41 @@ impl Store {
         Ok(out)
     }
 
+    /// Whether the view holds changes the log does not: a chain the view applied further
+    /// than the log holds it (`heads`: the log's, [`Store::heads`]), which happens only when
+    /// the log was lost or replaced by an older copy. Such a view must not be trusted: its
+    /// watermark would skip the chain's next batches, so writes acknowledged from then on
+    /// would never show in the records. `Some` names the first such chain. The node refuses
+    /// to start on it ([`StoreError::ViewAheadOfLog`]); `blazedb repair` makes the view again
+    /// from the log.
+    pub fn view_ahead_of_log(&self, heads: &[StoredHead]) -> Result<Option<String>, StoreError> {
+        let logged: std::collections::HashMap<Vec<u8>, u64> = heads
+            .iter()
+            .map(|h| (chain_prefix(&h.ns, &h.author), h.seq))
+            .collect();
+        let txn = self.view.begin_read()?;
+        for entry in txn.open_table(APPLIED)?.iter()? {
+            let (k, applied) = entry?;
+            let (k, applied) = (k.value(), applied.value());
+            let held = logged.get(k).copied().unwrap_or(0);
+            if applied > held {
+                let chain = match k.split_first() {
+                    Some((&n, rest)) if rest.len() == n as usize + 32 => {
+                        let ns = String::from_utf8_lossy(&rest[..n as usize]);
+                        let author = blazedb_identity::PublicKey::from_bytes(&rest[n as usize..])
+                            .map_or_else(|_| hex::encode(&rest[n as usize..]), |a| a.to_did());
+                        format!("namespace {ns}, author {author}")
+                    }
+                    _ => format!("chain {}", hex::encode(k)),
+                };
+                return Ok(Some(format!(
+                    "{chain}: applied through seq {applied}, the log holds {held}"
+                )));
+            }
+        }
+        Ok(None)
+    }
+
     /// Stored record states in the view file (the records' table and the runs: a record held
     /// in several counts once for each) and their bytes.
     pub fn view_size(&self) -> Result<(u64, u64), StoreError> {
@@ -2451,6 +2630,42 @@ impl Store {
         max_bytes: usize,
         until: Option<Hlc>,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let range = ChainRange {
+            ns,
+            author,
+            from_seq,
+            limit,
+            max_bytes,
+            until,
+        };
+        Ok(self.chain_range_with(range, false)?.0)
+    }
+
+    /// [`Store::chain_range`] for sending to a peer: each batch is first checked to be intact
+    /// ([`blazedb_protocol::batch::check_stored`]: hash, signature, payload hash; no
+    /// inflating or decoding). The range ends before the first damaged batch, which is
+    /// named in the second part of the answer (the log's damage is reported here, not by
+    /// the peer, which would take the batch for a forgery and close the link).
+    pub fn serve_range(
+        &self,
+        range: ChainRange<'_>,
+    ) -> Result<(Vec<Vec<u8>>, Option<String>), StoreError> {
+        self.chain_range_with(range, true)
+    }
+
+    fn chain_range_with(
+        &self,
+        range: ChainRange<'_>,
+        check: bool,
+    ) -> Result<(Vec<Vec<u8>>, Option<String>), StoreError> {
+        let ChainRange {
+            ns,
+            author,
+            from_seq,
+            limit,
+            max_bytes,
+            until,
+        } = range;
         let txn = self.db.begin_read()?;
         let chains = txn.open_table(CHAINS)?;
         let batches = txn.open_table(BATCHES)?;
@@ -2462,9 +2677,29 @@ impl Store {
             if out.len() as u32 >= limit {
                 break;
             }
-            let (_, id) = entry?;
+            let (k, id) = entry?;
             let b = batch_bytes(&batches, id.value())?
                 .ok_or_else(|| StoreError::Corrupt("chain names a missing batch".into()))?;
+            if check {
+                let damage = match <[u8; 32]>::try_from(id.value()) {
+                    Ok(id) => blazedb_protocol::batch::check_stored(&b, &BatchId(id), |r| {
+                        dict_ids(&txn, r)
+                    })
+                    .err()
+                    .map(|e| e.to_string()),
+                    Err(_) => Some("the chain's entry is not a batch id".into()),
+                };
+                if let Some(damage) = damage {
+                    let seq = parse_chain_key(k.value()).map_or(0, |(_, _, seq)| seq);
+                    let author = blazedb_identity::PublicKey::from_bytes(author)
+                        .map_or_else(|_| hex::encode(author), |a| a.to_did());
+                    let at = format!(
+                        "namespace {ns}, author {author}, seq {seq}, batch {}: {damage}",
+                        hex::encode(id.value())
+                    );
+                    return Ok((out, Some(at)));
+                }
+            }
             if let Some(until) = until {
                 // Chains are in time order: the first batch at or after `until` ends it.
                 if stored_header(&b)?.hlc_max >= until {
@@ -2477,7 +2712,7 @@ impl Store {
             bytes += b.len();
             out.push(b);
         }
-        Ok(out)
+        Ok((out, None))
     }
 
     /// Joined namespaces.
@@ -2934,8 +3169,11 @@ impl Store {
                 .ok_or_else(|| StoreError::Corrupt("chain key".into()))?;
             let bytes = batch_bytes(&batches, v.value())?
                 .ok_or_else(|| StoreError::Corrupt(format!("{ns}: missing batch at seq {seq}")))?;
-            let vb = blazedb_protocol::batch::verify_with(bytes, &dicts)
-                .map_err(|e| StoreError::Corrupt(format!("{ns} seq {seq}: {e}")))?;
+            let vb = blazedb_protocol::batch::verify_with(bytes, &dicts).map_err(|e| {
+                let author = blazedb_identity::PublicKey::from_bytes(&author)
+                    .map_or_else(|_| hex::encode(author), |a| a.to_did());
+                StoreError::Corrupt(format!("namespace {ns}, author {author}, seq {seq}: {e}"))
+            })?;
             if vb.id.0 != v.value() || vb.header.ns != ns || vb.header.author != author {
                 return Err(StoreError::Corrupt(format!(
                     "{ns} seq {seq}: batch/chain mismatch"
@@ -4407,6 +4645,190 @@ mod tests {
         // Applying again is a no-op (watermark), not a double apply.
         store.apply(&behind, true).unwrap();
         assert_eq!(store.counts().unwrap(), (4, 4));
+    }
+
+    /// Four one-op batches of one author (keys k0–k3), the first `logged` of them written
+    /// to the store at `path` (log and view), the store then closed.
+    fn four_batches(path: &Path, logged: usize) -> (Vec<VerifiedBatch>, Keypair) {
+        let kp = Keypair::generate();
+        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
+        engine.join("default");
+        let batches: Vec<VerifiedBatch> = (0..4)
+            .map(|i| {
+                engine
+                    .write("default", &kp, vec![upsert(&format!("k{i}"), i)], 1_000)
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        Store::open(path)
+            .unwrap()
+            .write_batches(&batches[..logged])
+            .unwrap();
+        (batches, kp)
+    }
+
+    /// A view file redb cannot open is reported as the view's damage, naming it; opening
+    /// with `open_moving_damaged_view` sets it aside and every logged batch counts as
+    /// unapplied, so the records come back whole from the log.
+    #[test]
+    fn a_damaged_view_is_set_aside_and_made_again_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let view = dir.path().join(VIEW_FILE);
+        four_batches(&path, 4);
+        let len = std::fs::metadata(&view).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&view)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        match Store::open(&path) {
+            Err(StoreError::ViewDamaged { path, .. }) => assert_eq!(path, view),
+            Err(e) => panic!("not the view's damage: {e}"),
+            Ok(_) => panic!("a truncated view opened"),
+        }
+        let (store, aside) = Store::open_moving_damaged_view(&path).unwrap();
+        let aside = aside.expect("moved aside");
+        assert_eq!(std::fs::metadata(&aside).unwrap().len(), len / 2);
+        assert!(store.get("default", "c", "k2").unwrap().is_none());
+        let behind = store.unapplied(&store.heads().unwrap()).unwrap();
+        assert_eq!(behind.len(), 4);
+        store.apply(&behind, true).unwrap();
+        for i in 0..4 {
+            let got = store
+                .get("default", "c", &format!("k{i}"))
+                .unwrap()
+                .unwrap();
+            assert_eq!(got["v"], i);
+        }
+        assert_eq!(store.check_view().unwrap().0, 4);
+        // A log redb cannot open is not moved anywhere: it is the truth.
+        drop(store);
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        match Store::open_moving_damaged_view(&path) {
+            Err(e @ StoreError::File { .. }) => {
+                assert!(e.is_damage());
+                assert!(e.to_string().starts_with(&path.display().to_string()));
+            }
+            Err(e) => panic!("not the log's damage: {e}"),
+            Ok(_) => panic!("a truncated log opened"),
+        }
+    }
+
+    /// A view that applied a chain further than the log holds it (the log lost or replaced
+    /// by an older copy) is found, naming the chain; a view beside its own log is not, nor
+    /// one that lags the log (the usual state after a crash).
+    #[test]
+    fn a_view_ahead_of_its_log_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let (batches, kp) = four_batches(&path, 3);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.view_ahead_of_log(&store.heads().unwrap()).unwrap(),
+            None
+        );
+        store.append_log(&batches[3..]).unwrap();
+        assert_eq!(
+            store.view_ahead_of_log(&store.heads().unwrap()).unwrap(),
+            None
+        );
+        drop(store);
+        // The log replaced by a copy taken after two batches.
+        let older = dir.path().join("older").join("store.redb").tap_mkdir();
+        Store::open(&older)
+            .unwrap()
+            .append_log(&batches[..2])
+            .unwrap();
+        let store = Store::open_at(&older, &dir.path().join(VIEW_FILE)).unwrap();
+        let ahead = store
+            .view_ahead_of_log(&store.heads().unwrap())
+            .unwrap()
+            .expect("ahead");
+        assert!(ahead.contains(&kp.public().to_did()), "{ahead}");
+        assert!(
+            ahead.contains("applied through seq 3, the log holds 2"),
+            "{ahead}"
+        );
+        drop(store);
+        // Or lost: an empty log.
+        let empty = dir.path().join("empty").join("store.redb").tap_mkdir();
+        let store = Store::open_at(&empty, &dir.path().join(VIEW_FILE)).unwrap();
+        let ahead = store.view_ahead_of_log(&[]).unwrap().expect("ahead");
+        assert!(ahead.contains("the log holds 0"), "{ahead}");
+    }
+
+    /// Serving checks each batch read back from the log: a damaged one ends the range (the
+    /// batches before it are served) and is named; the unchecked read returns it as stored.
+    #[test]
+    fn serving_stops_before_a_damaged_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let (batches, kp) = four_batches(&path, 4);
+        let author = *kp.public().as_bytes();
+        let range = ChainRange {
+            ns: "default",
+            author: &author,
+            from_seq: 1,
+            limit: 10,
+            max_bytes: 1 << 20,
+            until: None,
+        };
+        {
+            let store = Store::open(&path).unwrap();
+            let (all, damage) = store.serve_range(range).unwrap();
+            assert_eq!(damage, None);
+            assert_eq!(all.len(), 4);
+        }
+        // One byte of the third batch's payload (its last byte) flipped on disk.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(BATCHES).unwrap();
+                let mut bytes = batch_bytes(&t, &batches[2].id.0).unwrap().unwrap();
+                *bytes.last_mut().unwrap() ^= 0x20;
+                put_batch(&mut t, &batches[2].id.0, &bytes).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let (served, damage) = store.serve_range(range).unwrap();
+        assert_eq!(
+            served,
+            vec![batches[0].bytes.to_vec(), batches[1].bytes.to_vec()]
+        );
+        let damage = damage.expect("damage named");
+        assert!(damage.contains("seq 3"), "{damage}");
+        assert!(damage.contains(&hex::encode(batches[2].id.0)), "{damage}");
+        // From the damaged batch on: nothing served, the damage named again.
+        let (served, damage) = store
+            .serve_range(ChainRange {
+                from_seq: 3,
+                ..range
+            })
+            .unwrap();
+        assert!(served.is_empty() && damage.is_some());
+        assert_eq!(
+            store
+                .chain_range("default", &author, 1, 10, 1 << 20, None)
+                .unwrap()
+                .len(),
+            4
+        );
+        let e = store.check().unwrap_err().to_string();
+        assert!(
+            e.contains("seq 3") && e.contains(&kp.public().to_did()),
+            "{e}"
+        );
     }
 
     /// A node that stops without flushing its in-memory delta (a crash) loses nothing: the
