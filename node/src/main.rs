@@ -403,11 +403,11 @@ fn check(data: &std::path::Path) -> Result<()> {
     let path = existing_store(data)?;
     let view = path.with_file_name(VIEW_FILE);
     let scratch = std::env::temp_dir().join(format!("blazedb-check-{}.redb", std::process::id()));
-    let (store, view_damage) = match Store::open(&path) {
+    let (store, view_damage) = match quietly(|| Store::open(&path)) {
         Ok(store) => (store, None),
         Err(e @ StoreError::ViewDamaged { .. }) => {
             // The log is verified all the same, beside a scratch view.
-            let store = Store::open_at(&path, &scratch).context("opening the log")?;
+            let store = quietly(|| Store::open_at(&path, &scratch)).context(LOG_DAMAGED)?;
             (store, Some(e))
         }
         Err(e) => return Err(e).context(LOG_DAMAGED),
@@ -454,7 +454,7 @@ fn repair(data: &std::path::Path) -> Result<()> {
             let _ = std::fs::rename(&aside, &view);
         }
     };
-    let store = match Store::open(&path) {
+    let store = match quietly(|| Store::open(&path)) {
         Ok(store) => store,
         Err(e) => {
             put_back();
@@ -478,14 +478,20 @@ fn repair(data: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs `f`, turning a panic inside it (redb panics on some damaged pages) into an error
-/// naming `file`, without the panic's message on stderr.
-fn caught<T>(file: &std::path::Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+/// Runs `f` with panic messages silenced: redb panics on some damaged pages, and where
+/// that is caught (here, or in [`Store::open`]) the error says so instead.
+fn quietly<T>(f: impl FnOnce() -> T) -> T {
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
     std::panic::set_hook(hook);
-    r.unwrap_or_else(|p| {
+    r.unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// Runs `f`, turning a panic inside it (redb panics on some damaged pages) into an error
+/// naming `file`, without the panic's message on stderr.
+fn caught<T>(file: &std::path::Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    quietly(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))).unwrap_or_else(|p| {
         let why = p
             .downcast_ref::<&str>()
             .map(|s| s.to_string())

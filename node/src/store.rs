@@ -77,6 +77,22 @@ fn put_batch(
     Ok(())
 }
 
+/// Runs `f`, taking a panic inside it for damage: redb panics on some damaged pages (its
+/// allocator state, a B-tree page) rather than returning an error. (The panic's message
+/// still goes to the panic hook: `blazedb check` silences it.)
+fn unpanicked<T>(f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let why = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(StoreError::Redb(redb::Error::Corrupted(format!(
+            "redb cannot read a damaged page: {why}"
+        ))))
+    })
+}
+
 /// The ids of the held dictionaries whose id starts with `r` (the table's keys are ids).
 fn dict_ids(txn: &redb::ReadTransaction, r: DictRef) -> Vec<blazedb_protocol::DictId> {
     let Ok(table) = txn.open_table(DICTS) else {
@@ -1269,8 +1285,8 @@ impl Store {
                 source: Box::new(e),
             }
         };
-        let db = Self::open_log(path).map_err(in_file(path))?;
-        let view = Self::open_view(view_path).map_err(|e| {
+        let db = unpanicked(|| Self::open_log(path)).map_err(in_file(path))?;
+        let view = unpanicked(|| Self::open_view(view_path)).map_err(|e| {
             if e.is_damage() {
                 StoreError::ViewDamaged {
                     path: view_path.to_path_buf(),

@@ -328,3 +328,154 @@ fn acknowledged_writes_survive_sigkill() {
     sigterm_and_wait(node);
     check_store(&data, "after SIGKILL");
 }
+
+/// Runs `blazedb ARGS` to its end (killed after 60 s: a node that should have refused to
+/// start and did not fails the test); returns whether it succeeded and its stderr.
+fn run_to_end(args: &[&str], data: &std::path::Path) -> (bool, String) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .arg("--data")
+        .arg(data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("blazedb {args:?} did not end");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = reader.join().unwrap();
+    assert!(
+        !stderr.contains("panicked"),
+        "blazedb {args:?} panicked: {stderr}"
+    );
+    (status.success(), stderr)
+}
+
+const NODE: &[&str] = &[
+    "node",
+    "--no-mdns",
+    "--listen",
+    "/ip4/127.0.0.1/tcp/0",
+    "--api",
+    "127.0.0.1:0",
+];
+
+/// Damage to a stopped node's files, as a failing disk or an operator might cause it:
+/// `blazedb check` names the damaged file and what to do, never panics; a damaged view is
+/// set aside at start and the records come back whole from the log; a view ahead of its log
+/// (the log replaced by an older copy, or lost) stops the start, with no log made in the
+/// directory, until `blazedb repair` makes the records again from the log as it is.
+#[test]
+fn damaged_stores_get_clear_errors_and_lose_nothing_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let (log, view) = (data.join("store.redb"), data.join("records.redb"));
+    let put = |node: &Proc, key: &str| {
+        let out = cli(&node.api, &["put", "docs", key, r#"{"v":1}"#]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let node = start(&data, None);
+    for k in ["k0", "k1", "k2"] {
+        put(&node, k);
+    }
+    sigterm_and_wait(node);
+    let older_log = dir.path().join("older-store.redb");
+    std::fs::copy(&log, &older_log).unwrap();
+    let node = start(&data, None);
+    for k in ["k3", "k4"] {
+        put(&node, k);
+    }
+    sigterm_and_wait(node);
+
+    // The view cut in half.
+    let len = std::fs::metadata(&view).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&view)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let (ok, err) = run_to_end(&["check"], &data);
+    assert!(!ok);
+    assert!(
+        err.contains("records.redb is damaged") && err.contains("blazedb repair"),
+        "{err}"
+    );
+    let node = start(&data, None);
+    for k in ["k0", "k1", "k2", "k3", "k4"] {
+        let out = cli(&node.api, &["get", "docs", k]);
+        assert!(out.status.success(), "{k} lost with the view");
+    }
+    sigterm_and_wait(node);
+    assert!(data.join("records.redb.damaged").exists());
+    check_store(&data, "after the view was made again");
+
+    // The log replaced by the copy taken after three writes: the view is ahead of it.
+    std::fs::copy(&older_log, &log).unwrap();
+    for args in [&["check"][..], NODE] {
+        let (ok, err) = run_to_end(args, &data);
+        assert!(!ok, "{args:?} accepted a view ahead of its log");
+        assert!(
+            err.contains("holds changes that the log does not")
+                && err.contains("applied through seq 5, the log holds 3")
+                && err.contains("blazedb repair"),
+            "{args:?}: {err}"
+        );
+    }
+    // The log lost: the node makes none in its place before refusing.
+    std::fs::remove_file(&log).unwrap();
+    let (ok, err) = run_to_end(NODE, &data);
+    assert!(!ok && err.contains("the log holds 0"), "{err}");
+    assert!(!log.exists(), "a refused start left a new log behind");
+    // The operator's choice: the older log, and the records made again from it.
+    std::fs::copy(&older_log, &log).unwrap();
+    let (ok, err) = run_to_end(&["repair"], &data);
+    assert!(ok, "{err}");
+    let node = start(&data, None);
+    for (k, held) in [("k0", true), ("k2", true), ("k3", false), ("k4", false)] {
+        let out = cli(&node.api, &["get", "docs", k]);
+        assert_eq!(out.status.success(), held, "{k}");
+    }
+    put(&node, "k5");
+    let out = cli(&node.api, &["get", "docs", "k5"]);
+    assert!(
+        out.status.success(),
+        "a write after the repair is not read back"
+    );
+    sigterm_and_wait(node);
+    check_store(&data, "after the repair");
+
+    // Every page of the view but its header overwritten: redb panics reading it (caught:
+    // check reports it, the node sets the file aside and makes the records again).
+    let mut bytes = std::fs::read(&view).unwrap();
+    bytes[4096..].fill(0xff);
+    std::fs::write(&view, bytes).unwrap();
+    let (ok, err) = run_to_end(&["check"], &data);
+    assert!(!ok && err.contains("records.redb is damaged"), "{err}");
+    let node = start(&data, None);
+    for k in ["k0", "k1", "k2", "k5"] {
+        let out = cli(&node.api, &["get", "docs", k]);
+        assert!(out.status.success(), "{k} lost with the view's pages");
+    }
+    sigterm_and_wait(node);
+    check_store(&data, "after the view's pages were made again");
+}
