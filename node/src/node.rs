@@ -28,6 +28,7 @@ use tracing::{debug, error, info, warn};
 use blazedb_crypto::{KxPolicy, LinkRegistry};
 use blazedb_identity::{Keypair, PublicKey};
 use blazedb_protocol::capability::{self, Chain, Rights, TokenId};
+use blazedb_protocol::engine::HaveEntry;
 use blazedb_protocol::{
     limits, squeeze, Action, BatchError, CheckedOps, Engine, EngineConfig, GossipVerdict, Op,
     OpsBuilder, PreVerified, SyncMessage, VerifiedBatch,
@@ -88,6 +89,26 @@ const BULK_INFLIGHT_MAX: usize = 4;
 const BULK_QUEUE_MAX: usize = 256;
 /// Damaged log batches reported in the error log (each once); more are only counted.
 const DAMAGE_REPORTS_MAX: usize = 256;
+/// How long writes wait on a peer's claim that it holds more of this node's own chain
+/// while none of it arrives ([`OwnBehind`]).
+const OWN_CHAIN_WAIT: Duration = Duration::from_secs(30);
+
+/// A peer's claim that it holds this node's own chain in a namespace further than the log
+/// does. Only the node's key can have signed those batches, so the claim is believed only
+/// while they keep arriving: if the head does not move for [`OWN_CHAIN_WAIT`], the claim
+/// lapses (a peer cannot stop this node's writes by claiming seqs it cannot send) and that
+/// peer's later claims are not believed. A claim whose peer goes is dropped too (its next
+/// vector, or another peer's, says again what is missing).
+#[derive(Clone, Copy, Debug)]
+struct OwnBehind {
+    /// Highest seq claimed.
+    seq: u64,
+    /// Who claimed it.
+    peer: PeerId,
+    /// The log's head when it last moved, and when.
+    head: u64,
+    since: tokio::time::Instant,
+}
 /// The public namespace every node joins unless told not to.
 pub const DEFAULT_NAMESPACE: &str = "default";
 /// How often bootstrap peers that are not connected are dialed again.
@@ -964,6 +985,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     blazedb_crypto::warm_up();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    let key_existed = key_path(&cfg.data_dir).exists();
     let keypair = Keypair::load_or_create(&key_path(&cfg.data_dir))?;
     // A damaged view is moved aside and made again from the log (below: every batch then
     // counts as unapplied); a damaged log stops the start here.
@@ -1010,6 +1032,15 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         return Err(StoreError::ViewAheadOfLog(chain))
             .with_context(|| format!("opening the store in {}", cfg.data_dir.display()));
     }
+    if key_existed && !log_existed {
+        warn!(
+            "this node's identity (node.key) was found without its log: it may have written \
+             chains its peers hold. Before its first write in a namespace, a peer must tell \
+             what it holds of them there"
+        );
+        store.mark_identity_restored()?;
+    }
+    let restored = store.identity_restored()?;
     let mut durable: HashMap<String, HashMap<[u8; 32], u64>> = HashMap::new();
     for h in &heads {
         durable
@@ -1134,6 +1165,10 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         inflight: HashMap::new(),
         lagging: HashSet::new(),
         damage_reported: HashSet::new(),
+        restored,
+        heard: HashSet::new(),
+        own_behind: HashMap::new(),
+        own_claims_ignored: HashSet::new(),
         gossip_dropped_since_tick: false,
         bulk_queue: HashMap::new(),
         mat_thread: Some(mat_thread),
@@ -1179,6 +1214,19 @@ struct Actor {
     lagging: HashSet<PeerId>,
     /// Damaged log batches already reported (at most [`DAMAGE_REPORTS_MAX`] kept).
     damage_reported: HashSet<String>,
+    /// The log was begun beside an older identity ([`Store::identity_restored`]): a
+    /// namespace where this node holds none of its own batches is written only once a
+    /// peer's vector for it arrived (`heard`). See [`Actor::own_chain_unsettled`].
+    restored: bool,
+    /// Joined namespaces for which a peer's vector (`Have`) arrived since start.
+    heard: HashSet<String>,
+    /// Joined namespaces where a peer holds more of this node's own chain than its log
+    /// says: writes there wait until the chain is fetched back that far (or the claim
+    /// lapses, [`OwnBehind`]).
+    own_behind: HashMap<String, OwnBehind>,
+    /// Peers whose claims on this node's own chain lapsed: not believed again (bounded by
+    /// [`DAMAGE_REPORTS_MAX`]).
+    own_claims_ignored: HashSet<PeerId>,
     /// A publish failed because every subscriber's gossip queue was full (since the last
     /// tick): the next tick sends our vectors to every peer.
     gossip_dropped_since_tick: bool,
@@ -1519,6 +1567,13 @@ impl Actor {
                 for w in callers {
                     let unknown = Err(NodeError::UnknownNamespace(ns.clone()));
                     let _ = w.reply.send((unknown, w.ops.into_ops()));
+                }
+                continue;
+            }
+            if let Some(why) = self.own_chain_unsettled(&ns) {
+                for w in callers {
+                    let refused = Err(NodeError::Unavailable(why.clone()));
+                    let _ = w.reply.send((refused, w.ops.into_ops()));
                 }
                 continue;
             }
@@ -1979,6 +2034,102 @@ impl Actor {
         }
     }
 
+    /// A peer's vector for `ns`: notes that one arrived, and whether the peer holds more of
+    /// this node's own chain than its log does.
+    fn heard_vector(&mut self, peer: &PeerId, ns: &str, heads: &[HaveEntry]) {
+        if !self.engine.has_namespace(ns) {
+            return;
+        }
+        if !self.heard.contains(ns) {
+            self.heard.insert(ns.to_string());
+        }
+        let own = *self.shared.keypair.public().as_bytes();
+        let Some(theirs) = heads.iter().find(|h| h.author == own).map(|h| h.seq) else {
+            return;
+        };
+        let ours = self.engine.head(ns, &own).map_or(0, |h| h.0);
+        if theirs > ours && !self.own_claims_ignored.contains(peer) {
+            let claim = OwnBehind {
+                seq: theirs,
+                peer: *peer,
+                head: ours,
+                since: tokio::time::Instant::now(),
+            };
+            let seen = self.own_behind.entry(ns.to_string()).or_insert(claim);
+            if seen.seq < theirs {
+                *seen = claim;
+            }
+            if seen.since == claim.since {
+                error!(
+                    %peer,
+                    %ns,
+                    "the peer holds this node's own chain up to seq {theirs}, its log only up \
+                     to {ours}: the log was lost or replaced by an older copy. The missing \
+                     batches are fetched back; writes in {ns} wait for them (a write now \
+                     would fork the chain)"
+                );
+            }
+        }
+    }
+
+    /// Why this node must not write in `ns` now, if it must not: its own chain there may go
+    /// further at its peers than in its log, and a batch sealed now would take a seq they
+    /// hold under another id (they would keep theirs and drop ours as a duplicate, and our
+    /// chain would break on theirs: a fork no replica repairs). Either a peer showed more
+    /// of it (until it is fetched back), or the log was begun beside an older identity and
+    /// no peer has told yet what it holds (until one does, or the log holds a batch of ours
+    /// there). A node with no peer to tell it cannot tell either; it is told how to write
+    /// alone (a new identity).
+    fn own_chain_unsettled(&mut self, ns: &str) -> Option<String> {
+        let own = *self.shared.keypair.public().as_bytes();
+        let ours = self.engine.head(ns, &own).map_or(0, |h| h.0);
+        if let Some(claim) = self.own_behind.get_mut(ns) {
+            let theirs = claim.seq;
+            let now = tokio::time::Instant::now();
+            if ours > claim.head {
+                (claim.head, claim.since) = (ours, now);
+            }
+            let stalled = now.duration_since(claim.since) > OWN_CHAIN_WAIT;
+            if ours >= theirs {
+                info!(%ns, seq = ours, "this node's own chain is fetched back: writes resume");
+                self.own_behind.remove(ns);
+            } else if !self.connected.contains_key(&claim.peer) {
+                // Gone before it sent everything: its next vector (or another peer's) says
+                // again what is missing.
+                self.own_behind.remove(ns);
+            } else if stalled {
+                let peer = claim.peer;
+                warn!(
+                    %peer,
+                    %ns,
+                    "the peer claimed this node's own chain up to seq {theirs} but did not \
+                     send it (the log holds {ours}): its claims are no longer believed, \
+                     writes resume"
+                );
+                self.own_behind.remove(ns);
+                if self.own_claims_ignored.len() < DAMAGE_REPORTS_MAX {
+                    self.own_claims_ignored.insert(peer);
+                }
+            } else {
+                return Some(format!(
+                    "a peer holds this node's own chain in {ns} up to seq {theirs}, its log \
+                     only up to {ours} (the log was lost or replaced by an older copy): the \
+                     missing batches are being fetched back, and writes resume once they are \
+                     here (a write now would fork the chain)"
+                ));
+            }
+        }
+        if self.restored && ours == 0 && !self.heard.contains(ns) {
+            return Some(format!(
+                "this node's identity (node.key) was found without its log, and no peer has \
+                 told yet what it holds of this node's own chain in {ns}: writes there wait \
+                 for a peer (a write now could fork a chain the node wrote before). A node \
+                 that must write alone can start with a new identity (move node.key away)"
+            ));
+        }
+        None
+    }
+
     fn drop_peer(&mut self, peer: PeerId, reason: &str) {
         warn!(%peer, "dropping peer: {reason}");
         let m = &self.shared.metrics;
@@ -2182,6 +2333,9 @@ impl Actor {
                         .behaviour_mut()
                         .class_mut(class)
                         .send_response(channel, Ack {});
+                    if let SyncMessage::Have { ns, heads } = &request {
+                        self.heard_vector(&peer, ns, heads);
+                    }
                     let actions = self.engine.handle_message(peer, request, now_ms());
                     self.execute(actions)
                 }

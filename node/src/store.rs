@@ -176,6 +176,9 @@ const COUNT_WALK_FRACTION: u64 = 8;
 const OLD_VIEW_TABLES: [&str; 2] = ["records-v1", "applied-v1"];
 /// Metadata: `schema` → format version.
 pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta-v1");
+/// [`META`]'s key marking a log begun beside an older identity
+/// ([`Store::mark_identity_restored`]).
+const IDENTITY_RESTORED: &str = "identity-restored";
 /// Joined namespaces: name → CBOR [`NamespaceRecord`].
 pub const NAMESPACES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("namespaces-v1");
 /// Revocations: `ns_len:u8 ns token:32` → earliest revocation HLC (`u64`).
@@ -2753,6 +2756,23 @@ impl Store {
         txn.open_table(NAMESPACES)?.insert(ns, bytes.as_slice())?;
         txn.commit()?;
         Ok(())
+    }
+
+    /// Marks the log as begun beside an identity that existed before it (`node.key` kept,
+    /// the log lost, moved or never copied with it): this node may have written chains its
+    /// peers hold and this log does not. Kept for good ([`Store::identity_restored`]).
+    pub fn mark_identity_restored(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?
+            .insert(IDENTITY_RESTORED, b"1".as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Whether [`Store::mark_identity_restored`] marked this log.
+    pub fn identity_restored(&self) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(META)?.get(IDENTITY_RESTORED)?.is_some())
     }
 
     /// Every revocation in `ns`: token → earliest revocation time.

@@ -248,3 +248,100 @@ async fn records_written_among_held_ones_become_a_run_and_read_right_after_a_res
     assert_eq!(v("000046"), None);
     a.shutdown().await;
 }
+
+/// A node started with its identity but without its log (a new disk, a restored key):
+/// peers hold chains it wrote before. It must not write until a peer has told it what it
+/// holds of its own chain, and then only after fetching that back: a batch sealed before
+/// would take a seq its peers hold under another id (a fork no replica repairs: they would
+/// drop it as a duplicate, and this node would break its chain on theirs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restored_without_its_log_fetches_its_chain_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let a_dir = dir.path().join("a");
+    let a = start_node(&a_dir, &[]).await.unwrap();
+    let b = start_node(&dir.path().join("b"), &a.listen_addrs())
+        .await
+        .unwrap();
+    wait_peers(&b, 1).await;
+    for i in 0..3 {
+        a.put("default", "docs", &format!("k{i}"), obj(json!({ "v": i })))
+            .await
+            .unwrap();
+    }
+    let author = blazedb_identity::PublicKey::from_did(&a.did()).unwrap();
+    eventually("B to hold A's chain", Duration::from_secs(30), || async {
+        (b.durable_head("default", &author) == Some(3)).then_some(())
+    })
+    .await;
+    a.shutdown().await;
+    drop(a);
+    for f in ["store.redb", "records.redb"] {
+        std::fs::remove_file(a_dir.join(f)).unwrap();
+    }
+
+    // Alone: no peer can tell it what it wrote before.
+    let a = start_node(&a_dir, &[]).await.unwrap();
+    assert_eq!(a.did(), author.to_did());
+    let refused = a
+        .put("default", "docs", "new", obj(json!({ "v": "new" })))
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("found without its log"),
+        "{refused}"
+    );
+    // Still refused after a restart without peers (the mark is kept in the log).
+    a.shutdown().await;
+    drop(a);
+    let a = start_node(&a_dir, &[]).await.unwrap();
+    assert!(a
+        .put("default", "docs", "new", obj(json!({ "v": "new" })))
+        .await
+        .is_err());
+
+    // With B: the write goes in only once A's chain is back, after it. Tried without
+    // pause, so a write in the moment between B's vector and A's chain arriving is seen.
+    a.dial(b.listen_addrs()[0].clone()).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let receipt = loop {
+        match a
+            .put("default", "docs", "new", obj(json!({ "v": "new" })))
+            .await
+        {
+            Ok(r) => break r,
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "A's write never taken: {e}"
+            ),
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(receipt.seq, 4, "the write did not follow A's earlier chain");
+    for i in 0..3 {
+        assert!(a
+            .get("default", "docs", &format!("k{i}"))
+            .unwrap()
+            .is_some());
+    }
+    eventually(
+        "B to hold A's new write",
+        Duration::from_secs(30),
+        || async { b.get("default", "docs", "new").ok()?.map(|_| ()) },
+    )
+    .await;
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    for (name, n) in [("A", &a), ("B", &b)] {
+        assert_eq!(
+            n.metrics().peers_dropped.load(relaxed),
+            0,
+            "{name} dropped a peer"
+        );
+        assert_eq!(
+            n.metrics().rejected.load(relaxed),
+            0,
+            "{name} rejected a batch"
+        );
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
