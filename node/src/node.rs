@@ -89,13 +89,13 @@ const BULK_INFLIGHT_MAX: usize = 4;
 const BULK_QUEUE_MAX: usize = 256;
 /// Damaged log batches reported in the error log (each once); more are only counted.
 const DAMAGE_REPORTS_MAX: usize = 256;
-/// How long writes wait on a peer's claim that it holds more of this node's own chain
-/// while none of it arrives ([`OwnBehind`]).
+/// [`NodeConfig::own_chain_wait`]'s default: how long writes wait on a peer's claim that it
+/// holds more of this node's own chain while none of it arrives ([`OwnBehind`]).
 const OWN_CHAIN_WAIT: Duration = Duration::from_secs(30);
 
 /// A peer's claim that it holds this node's own chain in a namespace further than the log
 /// does. Only the node's key can have signed those batches, so the claim is believed only
-/// while they keep arriving: if the head does not move for [`OWN_CHAIN_WAIT`], the claim
+/// while they keep arriving: if the head does not move for [`NodeConfig::own_chain_wait`], the claim
 /// lapses (a peer cannot stop this node's writes by claiming seqs it cannot send) and that
 /// peer's later claims are not believed. A claim whose peer goes is dropped too (its next
 /// vector, or another peer's, says again what is missing).
@@ -167,6 +167,10 @@ pub struct NodeConfig {
     /// (B2m): larger flushes were not faster than ~200k-op ones on workload W. Default
     /// [`materializer::STAGED_FLUSH_BYTES`] (256 MiB, ~400k W ops; 64 MiB halves B3).
     pub view_delta_bytes: usize,
+    /// How long writes wait on a peer's claim that it holds more of this node's own chain
+    /// than its log, while none of it arrives (then the claim lapses and that peer is not
+    /// believed again). Default 30 s.
+    pub own_chain_wait: Duration,
 }
 
 impl Default for NodeConfig {
@@ -182,6 +186,7 @@ impl Default for NodeConfig {
             batching: BatchingConfig::default(),
             dicts: DictPolicy::default(),
             view_delta_bytes: materializer::STAGED_FLUSH_BYTES,
+            own_chain_wait: OWN_CHAIN_WAIT,
         }
     }
 }
@@ -246,6 +251,13 @@ impl NodeBuilder {
         self.cfg.view_delta_bytes = bytes.max(1 << 20);
         self
     }
+    /// How long writes wait on an unsupported claim on this node's own chain
+    /// ([`NodeConfig::own_chain_wait`]).
+    pub fn own_chain_wait(mut self, wait: Duration) -> Self {
+        self.cfg.own_chain_wait = wait;
+        self
+    }
+
     /// Link key-exchange policy.
     pub fn pq_policy(mut self, policy: KxPolicy) -> Self {
         self.cfg.pq_policy = policy;
@@ -1169,6 +1181,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         heard: HashSet::new(),
         own_behind: HashMap::new(),
         own_claims_ignored: HashSet::new(),
+        own_chain_wait: cfg.own_chain_wait,
         gossip_dropped_since_tick: false,
         bulk_queue: HashMap::new(),
         mat_thread: Some(mat_thread),
@@ -1227,6 +1240,8 @@ struct Actor {
     /// Peers whose claims on this node's own chain lapsed: not believed again (bounded by
     /// [`DAMAGE_REPORTS_MAX`]).
     own_claims_ignored: HashSet<PeerId>,
+    /// [`NodeConfig::own_chain_wait`].
+    own_chain_wait: Duration,
     /// A publish failed because every subscriber's gossip queue was full (since the last
     /// tick): the next tick sends our vectors to every peer.
     gossip_dropped_since_tick: bool,
@@ -2089,7 +2104,7 @@ impl Actor {
             if ours > claim.head {
                 (claim.head, claim.since) = (ours, now);
             }
-            let stalled = now.duration_since(claim.since) > OWN_CHAIN_WAIT;
+            let stalled = now.duration_since(claim.since) > self.own_chain_wait;
             if ours >= theirs {
                 info!(%ns, seq = ours, "this node's own chain is fetched back: writes resume");
                 self.own_behind.remove(ns);

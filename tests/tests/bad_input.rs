@@ -610,3 +610,89 @@ async fn invalid_batches_from_a_peer_are_rejected_and_counted() {
     assert!(node.get("default", "c", "ok").unwrap().is_some());
     node.shutdown().await;
 }
+
+/// A peer that claims more of a node's own chain than the node's log holds makes the
+/// node's writes wait (it could be telling the truth: the node may have lost its log); when
+/// none of it arrives, the claim lapses, writes resume, and the peer's later claims (sent
+/// again every 200 ms here) are not believed: a peer cannot stop a node's writes by claiming
+/// batches only the node's key could have signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_on_the_own_chain_that_sends_nothing_lapses() {
+    blazedb_tests::init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let node = blazedb_node::Node::builder()
+        .data_dir(dir.path())
+        .listen(vec![blazedb_tests::loopback()])
+        .mdns(false)
+        .engine(blazedb_tests::fast_engine())
+        .own_chain_wait(Duration::from_secs(2))
+        .spawn()
+        .await
+        .unwrap();
+    node.put("default", "c", "before", obj(json!({"v": 1})))
+        .await
+        .unwrap();
+    let own = blazedb_identity::PublicKey::from_did(&node.did()).unwrap();
+    let claim = SyncMessage::Have {
+        ns: "default".into(),
+        heads: vec![blazedb_protocol::engine::HaveEntry {
+            author: *own.as_bytes(),
+            seq: 100,
+        }],
+    };
+    let mut evil = raw_peer(&Keypair::generate());
+    evil.dial(node.listen_addrs()[0].clone()).unwrap();
+    let node_peer = node.peer_id();
+    let driver = tokio::spawn(async move {
+        let mut connected = false;
+        let mut every = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                ev = evil.select_next_some() => {
+                    if let SwarmEvent::ConnectionEstablished { peer_id, .. } = ev {
+                        connected |= peer_id == node_peer;
+                    }
+                }
+                _ = every.tick(), if connected => {
+                    evil.behaviour_mut().sync.send_request(&node_peer, claim.clone());
+                }
+            }
+        }
+    });
+    let write = |key: &'static str| node.put("default", "c", key, obj(json!({"v": 2})));
+    let refused = eventually(
+        "the claim to hold writes",
+        Duration::from_secs(20),
+        || async {
+            match write("held").await {
+                Err(e) if e.to_string().contains("up to seq 100") => Some(e),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert!(refused.to_string().contains("fetched back"), "{refused}");
+    let held = node.durable_head("default", &own).unwrap();
+    let started = std::time::Instant::now();
+    let taken = eventually("the claim to lapse", Duration::from_secs(30), || async {
+        write("after").await.ok()
+    })
+    .await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the claim lapsed at once"
+    );
+    assert_eq!(
+        taken.seq,
+        held + 1,
+        "a write was taken while the claim held"
+    );
+    // The peer keeps claiming; it is no longer believed.
+    for i in 0..4 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let r = write("later").await;
+        assert!(r.is_ok(), "write {i} after the lapse: {:?}", r.err());
+    }
+    driver.abort();
+    node.shutdown().await;
+}
