@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use libp2p::Multiaddr;
 use serde_json::Value;
 
-use blazedb_node::store::{Store, StoreError, VIEW_FILE};
+use blazedb_node::store::{panic_message, Store, StoreError, VIEW_FILE};
 use blazedb_node::{api, bench, node, Node, NodeConfig, DEFAULT_NAMESPACE};
 
 /// mimalloc instead of glibc's malloc: ops are allocated on the actor's threads and freed on
@@ -407,10 +407,11 @@ fn check(data: &std::path::Path) -> Result<()> {
         Ok(store) => (store, None),
         Err(e @ StoreError::ViewDamaged { .. }) => {
             // The log is verified all the same, beside a scratch view.
-            let store = quietly(|| Store::open_at(&path, &scratch)).context(LOG_DAMAGED)?;
+            let store =
+                quietly(|| Store::open_at(&path, &scratch)).map_err(|e| opening(e, &path))?;
             (store, Some(e))
         }
-        Err(e) => return Err(e).context(LOG_DAMAGED),
+        Err(e) => return Err(opening(e, &path)),
     };
     let result = (|| {
         let n = caught(&path, || store.check().map_err(Into::into)).context(LOG_DAMAGED)?;
@@ -432,6 +433,15 @@ fn check(data: &std::path::Path) -> Result<()> {
     drop(store);
     let _ = std::fs::remove_file(&scratch);
     result
+}
+
+/// An error opening the store at `log`: damage to the log says what that means.
+fn opening(e: StoreError, log: &std::path::Path) -> anyhow::Error {
+    let log_damaged = matches!(&e, StoreError::File { path, .. } if path == log) && e.is_damage();
+    match log_damaged {
+        true => anyhow::Error::from(e).context(LOG_DAMAGED),
+        false => e.into(),
+    }
 }
 
 const LOG_DAMAGED: &str = "the log (store.redb, the truth) is damaged: `blazedb repair` cannot \
@@ -458,7 +468,7 @@ fn repair(data: &std::path::Path) -> Result<()> {
         Ok(store) => store,
         Err(e) => {
             put_back();
-            return Err(e).context(LOG_DAMAGED);
+            return Err(opening(e, &path));
         }
     };
     let n = match caught(&path, || store.check().map_err(Into::into)) {
@@ -492,14 +502,10 @@ fn quietly<T>(f: impl FnOnce() -> T) -> T {
 /// naming `file`, without the panic's message on stderr.
 fn caught<T>(file: &std::path::Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
     quietly(|| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))).unwrap_or_else(|p| {
-        let why = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
         bail!(
-            "{}: redb cannot read a damaged page ({why})",
-            file.display()
+            "{}: redb cannot read a damaged page ({})",
+            file.display(),
+            panic_message(p.as_ref())
         )
     })
 }

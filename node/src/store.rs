@@ -82,15 +82,19 @@ fn put_batch(
 /// still goes to the panic hook: `blazedb check` silences it.)
 fn unpanicked<T>(f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
-        let why = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
         Err(StoreError::Redb(redb::Error::Corrupted(format!(
-            "redb cannot read a damaged page: {why}"
+            "redb cannot read a damaged page: {}",
+            panic_message(p.as_ref())
         ))))
     })
+}
+
+/// A caught panic's message (empty if it carried none).
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 /// The ids of the held dictionaries whose id starts with `r` (the table's keys are ids).
