@@ -419,6 +419,13 @@ fn check(data: &std::path::Path) -> Result<()> {
         if let Some(e) = view_damage {
             return Err(e.into());
         }
+        if let Some(why) = store.view_failed()? {
+            bail!(
+                "updating the view file {} failed while the node ran ({why}): the next start \
+                 (or `blazedb repair`) makes it again from the log",
+                view.display()
+            );
+        }
         let heads = store.heads()?;
         if let Some(chain) = store.view_ahead_of_log(&heads)? {
             return Err(StoreError::ViewAheadOfLog(chain).into());
@@ -480,6 +487,7 @@ fn repair(data: &std::path::Path) -> Result<()> {
         }
     };
     let records = store.rebuild_records()?;
+    store.clear_view_failed()?;
     drop(store);
     if had_view {
         std::fs::remove_file(&aside).with_context(|| format!("removing {}", aside.display()))?;

@@ -513,7 +513,17 @@ pub fn spawn(
         .name("blazedb-materializer".into())
         .spawn(move || {
             let flusher = Flusher::spawn(store.clone());
-            run(&store, &sync, &changes, rx, flusher, flush_bytes)
+            // redb panics on some damaged pages: that fails the records like any error.
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(&store, &sync, &changes, rx, flusher, flush_bytes)
+            }));
+            if let Err(p) = ran {
+                let e = format!(
+                    "the materializer panicked (redb cannot read a damaged page?): {}",
+                    crate::store::panic_message(p.as_ref())
+                );
+                failed(&store, &sync, e);
+            }
         })
         .expect("spawning the materializer thread");
     (tx, handle)
@@ -552,10 +562,18 @@ impl Flusher {
             .spawn(move || {
                 for durable in rx {
                     let started = Instant::now();
-                    let r = store
-                        .flush_frozen(durable)
-                        .map(|_| (started.elapsed(), store.last_fold()))
-                        .map_err(|e| e.to_string());
+                    let flushed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        store.flush_frozen(durable)
+                    }));
+                    let r = match flushed {
+                        Ok(r) => r
+                            .map(|_| (started.elapsed(), store.last_fold()))
+                            .map_err(|e| e.to_string()),
+                        Err(p) => Err(format!(
+                            "a view flush panicked (redb cannot read a damaged page?): {}",
+                            crate::store::panic_message(p.as_ref())
+                        )),
+                    };
                     if done_tx.send(r).is_err() {
                         break;
                     }
@@ -723,6 +741,22 @@ impl Drop for Flusher {
     }
 }
 
+/// The records can no longer be updated: readers waiting for newer batches get `e`, and
+/// the log is marked so that the next start sets the view file aside and makes it again
+/// from the log ([`Store::mark_view_failed`]; writes stay durable in the log meanwhile).
+fn failed(store: &Store, sync: &MatSync, e: String) {
+    tracing::error!(
+        "updating the records failed: {e}. Writes are still logged; the next start makes \
+         the view file again from the log"
+    );
+    if let Err(mark) = store.mark_view_failed(&e) {
+        tracing::error!("marking the view to be made again failed too: {mark}");
+    }
+    sync.fail(format!(
+        "{e} (the node keeps logging writes; restart it to make the view again from the log)"
+    ));
+}
+
 fn run(
     store: &Store,
     sync: &MatSync,
@@ -732,10 +766,7 @@ fn run(
     flush_at: usize,
 ) {
     let mut carry: Option<Job> = None;
-    let fail = |e: String| {
-        tracing::error!("updating the records failed: {e}");
-        sync.fail(e);
-    };
+    let fail = |e: String| failed(store, sync, e);
     loop {
         let job = match carry.take() {
             Some(j) => j,

@@ -180,6 +180,8 @@ const COUNT_WALK_FRACTION: u64 = 8;
 const OLD_VIEW_TABLES: [&str; 2] = ["records-v1", "applied-v1"];
 /// Metadata: `schema` → format version.
 pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta-v1");
+/// [`META`]'s key marking the view to be made again ([`Store::mark_view_failed`]).
+const VIEW_FAILED: &str = "view-failed";
 /// [`META`]'s key marking a log begun beside an older identity
 /// ([`Store::mark_identity_restored`]).
 const IDENTITY_RESTORED: &str = "identity-restored";
@@ -1333,7 +1335,21 @@ impl Store {
     /// again, or [`Store::rebuild_records`] makes the records at once. The view holds
     /// nothing the log does not, so nothing is lost. Returns where the damaged file went.
     pub fn open_moving_damaged_view(path: &Path) -> Result<(Self, Option<PathBuf>), StoreError> {
-        match Self::open(path) {
+        let opened = Self::open(path).and_then(|store| {
+            // Updating the view failed last time (`mark_view_failed`): damaged too.
+            match store.view_failed()? {
+                None => Ok(store),
+                Some(why) => {
+                    let view = path.with_file_name(VIEW_FILE);
+                    drop(store);
+                    Err(StoreError::ViewDamaged {
+                        path: view,
+                        reason: format!("updating it failed: {why}"),
+                    })
+                }
+            }
+        });
+        let moved = match opened {
             Err(StoreError::ViewDamaged { path: view, reason }) => {
                 let aside = view.with_file_name(format!("{VIEW_FILE}.damaged"));
                 tracing::error!(
@@ -1346,10 +1362,15 @@ impl Store {
                     path: view.clone(),
                     source: Box::new(StoreError::Redb(e.into())),
                 })?;
-                Ok((Self::open(path)?, Some(aside)))
+                Some(aside)
             }
-            other => other.map(|s| (s, None)),
-        }
+            other => return other.map(|s| (s, None)),
+        };
+        let store = Self::open(path)?;
+        // The fresh view's watermark is empty: everything is applied again, even if this
+        // start stops half way, so the mark can go now.
+        store.clear_view_failed()?;
+        Ok((store, moved))
     }
 
     /// Opens (or creates) the log file and moves an older layout to this one.
@@ -2769,6 +2790,31 @@ impl Store {
         let txn = self.db.begin_write()?;
         txn.open_table(META)?
             .insert(IDENTITY_RESTORED, b"1".as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Marks the view file to be set aside and made again from the log at the next open
+    /// ([`Store::open_moving_damaged_view`]): updating it failed (`why`), perhaps on a
+    /// damaged page that opening it did not reach.
+    pub fn mark_view_failed(&self, why: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?.insert(VIEW_FAILED, why.as_bytes())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Why [`Store::mark_view_failed`] marked the view, if it did.
+    pub fn view_failed(&self) -> Result<Option<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let why = txn.open_table(META)?.get(VIEW_FAILED)?;
+        Ok(why.map(|v| String::from_utf8_lossy(v.value()).into_owned()))
+    }
+
+    /// Takes [`Store::mark_view_failed`]'s mark away: the view was made again.
+    pub fn clear_view_failed(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?.remove(VIEW_FAILED)?;
         txn.commit()?;
         Ok(())
     }
@@ -4744,6 +4790,18 @@ mod tests {
             assert_eq!(got["v"], i);
         }
         assert_eq!(store.check_view().unwrap().0, 4);
+        // A view that failed while the node ran (a damaged page opening did not reach) is
+        // marked in the log: the next open sets it aside too, once.
+        store.mark_view_failed("a flush failed").unwrap();
+        drop(store);
+        std::fs::remove_file(&aside).unwrap();
+        let (store, again) = Store::open_moving_damaged_view(&path).unwrap();
+        assert_eq!(again.as_deref(), Some(aside.as_path()));
+        assert_eq!(store.view_failed().unwrap(), None);
+        assert_eq!(store.unapplied(&store.heads().unwrap()).unwrap().len(), 4);
+        drop(store);
+        let (store, none) = Store::open_moving_damaged_view(&path).unwrap();
+        assert_eq!(none, None);
         // A log redb cannot open is not moved anywhere: it is the truth.
         drop(store);
         let len = std::fs::metadata(&path).unwrap().len();
