@@ -173,6 +173,10 @@ enum Cmd {
     Repair {
         #[arg(long, default_value = "blazedb-data")]
         data: PathBuf,
+        /// Remove each damaged batch from the log with the rest of its chain (peers that
+        /// hold them send them again; what no peer holds is lost).
+        #[arg(long)]
+        cut_damaged: bool,
     },
 }
 
@@ -393,7 +397,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(args) => bench::run(args).await,
         Cmd::Sim(args) => tokio::task::block_in_place(|| blazedb_node::sim::main(args)),
         Cmd::Check { data } => check(&data),
-        Cmd::Repair { data } => repair(&data),
+        Cmd::Repair { data, cut_damaged } => repair(&data, cut_damaged),
     }
 }
 
@@ -457,7 +461,7 @@ const LOG_DAMAGED: &str = "the log (store.redb, the truth) is damaged: `blazedb 
 /// `blazedb repair`: the records made again from the log, in a fresh view file (the old one
 /// is set aside first, so damage in it cannot stop the rebuild, and put back if the log
 /// itself turns out damaged).
-fn repair(data: &std::path::Path) -> Result<()> {
+fn repair(data: &std::path::Path, cut_damaged: bool) -> Result<()> {
     let path = existing_store(data)?;
     let view = path.with_file_name(VIEW_FILE);
     let aside = path.with_file_name(format!("{VIEW_FILE}.old"));
@@ -478,14 +482,37 @@ fn repair(data: &std::path::Path) -> Result<()> {
             return Err(opening(e, &path));
         }
     };
-    let n = match caught(&path, || store.check().map_err(Into::into)) {
-        Ok(n) => n,
+    let damaged = match caught(&path, || store.damaged_batches().map_err(Into::into)) {
+        Ok(d) => d,
         Err(e) => {
             drop(store);
             put_back();
             return Err(e).context(LOG_DAMAGED);
         }
     };
+    if !damaged.is_empty() && !cut_damaged {
+        drop(store);
+        put_back();
+        let list: Vec<String> = damaged.iter().map(|d| format!("  {d}")).collect();
+        bail!(
+            "the log has damaged batches (the first of each chain):\n{}\n`blazedb repair \
+             --cut-damaged` removes each with the rest of its chain: peers that hold them send \
+             them again, and what no peer holds is lost",
+            list.join("\n")
+        );
+    }
+    let own = blazedb_identity::Keypair::load(&node::key_path(data))
+        .ok()
+        .map(|k| *k.public().as_bytes());
+    for d in &damaged {
+        let removed = store.cut_chain(&d.ns, &d.author, d.seq)?;
+        if Some(d.author) == own {
+            // Its next write there must follow what its peers hold.
+            store.mark_own_chain_cut(&d.ns)?;
+        }
+        println!("cut {removed} batches from {d}");
+    }
+    let n = caught(&path, || store.check().map_err(Into::into)).context(LOG_DAMAGED)?;
     let records = store.rebuild_records()?;
     store.clear_view_failed()?;
     drop(store);

@@ -1053,6 +1053,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         store.mark_identity_restored()?;
     }
     let restored = store.identity_restored()?;
+    let cut: HashSet<String> = store.own_chain_cuts()?.into_iter().collect();
     let mut durable: HashMap<String, HashMap<[u8; 32], u64>> = HashMap::new();
     for h in &heads {
         durable
@@ -1178,6 +1179,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         lagging: HashSet::new(),
         damage_reported: HashSet::new(),
         restored,
+        cut,
         heard: HashSet::new(),
         own_behind: HashMap::new(),
         own_claims_ignored: HashSet::new(),
@@ -1231,6 +1233,10 @@ struct Actor {
     /// namespace where this node holds none of its own batches is written only once a
     /// peer's vector for it arrived (`heard`). See [`Actor::own_chain_unsettled`].
     restored: bool,
+    /// Namespaces where `blazedb repair --cut-damaged` cut this node's own chain
+    /// ([`Store::own_chain_cuts`]): written only once a peer's vector arrived, like a
+    /// restored identity's.
+    cut: HashSet<String>,
     /// Joined namespaces for which a peer's vector (`Have`) arrived since start.
     heard: HashSet<String>,
     /// Joined namespaces where a peer holds more of this node's own chain than its log
@@ -2133,6 +2139,20 @@ impl Actor {
                      here (a write now would fork the chain)"
                 ));
             }
+        }
+        if self.cut.contains(ns) {
+            if !self.heard.contains(ns) {
+                return Some(format!(
+                    "this node's own chain in {ns} was cut at a damaged batch (`blazedb repair \
+                     --cut-damaged`), and no peer has told yet what it holds of it: writes \
+                     there wait for a peer (a write now could fork the chain)"
+                ));
+            }
+            // A peer told, and nothing more of the chain is missing: settled for good.
+            if let Err(e) = self.shared.store.clear_own_chain_cut(ns) {
+                warn!(%ns, "clearing the mark of a cut chain: {e}");
+            }
+            self.cut.remove(ns);
         }
         if self.restored && ours == 0 && !self.heard.contains(ns) {
             return Some(format!(

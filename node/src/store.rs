@@ -116,6 +116,31 @@ fn dict_ids(txn: &redb::ReadTransaction, r: DictRef) -> Vec<blazedb_protocol::Di
         .collect()
 }
 
+/// A damaged batch in the log ([`Store::damaged_batches`]): the first of its chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogDamage {
+    /// Namespace.
+    pub ns: String,
+    /// Author key.
+    pub author: [u8; 32],
+    /// Its position in the chain.
+    pub seq: u64,
+    /// What is wrong with it.
+    pub why: String,
+}
+
+impl std::fmt::Display for LogDamage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let author = blazedb_identity::PublicKey::from_bytes(&self.author)
+            .map_or_else(|_| hex::encode(self.author), |a| a.to_did());
+        write!(
+            f,
+            "namespace {}, author {author}, seq {}: {}",
+            self.ns, self.seq, self.why
+        )
+    }
+}
+
 /// Which batches [`Store::chain_range`] and [`Store::serve_range`] read: `author`'s in
 /// namespace `ns` from `from_seq`, at most `limit` and about `max_bytes` (always at least
 /// one if there is one), ending before the first whose `hlc_max` reaches `until`.
@@ -180,6 +205,9 @@ const COUNT_WALK_FRACTION: u64 = 8;
 const OLD_VIEW_TABLES: [&str; 2] = ["records-v1", "applied-v1"];
 /// Metadata: `schema` → format version.
 pub const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta-v1");
+/// [`META`]'s key prefix marking a namespace where this node's own chain was cut
+/// ([`Store::mark_own_chain_cut`]).
+const OWN_CHAIN_CUT: &str = "own-chain-cut/";
 /// [`META`]'s key marking the view to be made again ([`Store::mark_view_failed`]).
 const VIEW_FAILED: &str = "view-failed";
 /// [`META`]'s key marking a log begun beside an older identity
@@ -2804,6 +2832,41 @@ impl Store {
         Ok(())
     }
 
+    /// Marks `ns` as a namespace whose chain of this node's own was cut at a damaged batch
+    /// ([`Store::cut_chain`]): the node writes there again only once a peer has told it
+    /// what it holds of that chain. Kept until [`Store::clear_own_chain_cut`].
+    pub fn mark_own_chain_cut(&self, ns: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?
+            .insert(format!("{OWN_CHAIN_CUT}{ns}").as_str(), b"1".as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The namespaces [`Store::mark_own_chain_cut`] marked.
+    pub fn own_chain_cuts(&self) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let mut out = Vec::new();
+        for entry in meta.range(OWN_CHAIN_CUT..)? {
+            let (k, _) = entry?;
+            match k.value().strip_prefix(OWN_CHAIN_CUT) {
+                Some(ns) => out.push(ns.to_string()),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes [`Store::mark_own_chain_cut`]'s mark on `ns` away.
+    pub fn clear_own_chain_cut(&self, ns: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?
+            .remove(format!("{OWN_CHAIN_CUT}{ns}").as_str())?;
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Why [`Store::mark_view_failed`] marked the view, if it did.
     pub fn view_failed(&self) -> Result<Option<String>, StoreError> {
         let txn = self.db.begin_read()?;
@@ -3241,53 +3304,111 @@ impl Store {
     }
 
     /// Verifies the whole log: every batch re-verified (hash, signature, ops), every chain
-    /// contiguous from 1 with matching `prev` links. Returns the number of batches checked.
+    /// contiguous from 1 with matching `prev` links. Returns the number of batches checked;
+    /// the first damage found is the error.
     pub fn check(&self) -> Result<u64, StoreError> {
+        let (n, damage) = self.walk_log(true)?;
+        match damage.into_iter().next() {
+            Some(d) => Err(StoreError::Corrupt(d.to_string())),
+            None => Ok(n),
+        }
+    }
+
+    /// The first damaged batch of each chain in the log ([`Store::check`]'s tests, all
+    /// chains walked), in chain order. [`Store::cut_chain`] removes it and what follows.
+    pub fn damaged_batches(&self) -> Result<Vec<LogDamage>, StoreError> {
+        Ok(self.walk_log(false)?.1)
+    }
+
+    fn walk_log(&self, first_only: bool) -> Result<(u64, Vec<LogDamage>), StoreError> {
         let txn = self.db.begin_read()?;
         let chains = txn.open_table(CHAINS)?;
         let batches = txn.open_table(BATCHES)?;
         let dicts = self.dicts()?;
         let mut prev: Option<(String, [u8; 32], u64, BatchId)> = None;
         let mut n = 0u64;
+        let mut found: Vec<LogDamage> = Vec::new();
         for entry in chains.iter()? {
             let (k, v) = entry?;
             let (ns, author, seq) = parse_chain_key(k.value())
                 .ok_or_else(|| StoreError::Corrupt("chain key".into()))?;
-            let bytes = batch_bytes(&batches, v.value())?
-                .ok_or_else(|| StoreError::Corrupt(format!("{ns}: missing batch at seq {seq}")))?;
-            let vb = blazedb_protocol::batch::verify_with(bytes, &dicts).map_err(|e| {
-                let author = blazedb_identity::PublicKey::from_bytes(&author)
-                    .map_or_else(|_| hex::encode(author), |a| a.to_did());
-                StoreError::Corrupt(format!("namespace {ns}, author {author}, seq {seq}: {e}"))
-            })?;
-            if vb.id.0 != v.value() || vb.header.ns != ns || vb.header.author != author {
-                return Err(StoreError::Corrupt(format!(
-                    "{ns} seq {seq}: batch/chain mismatch"
-                )));
+            if found
+                .last()
+                .is_some_and(|d| d.ns == ns && d.author == author)
+            {
+                continue; // the rest of a damaged chain
             }
-            let expected_prev = match &prev {
-                Some((pns, pa, pseq, pid)) if *pns == ns && *pa == author => {
-                    if *pseq + 1 != seq {
-                        return Err(StoreError::Corrupt(format!("{ns}: gap before seq {seq}")));
-                    }
-                    Some(*pid)
-                }
-                _ => {
-                    if seq != 1 {
-                        return Err(StoreError::Corrupt(format!("{ns}: chain starts at {seq}")));
-                    }
-                    None
-                }
+            let chained = match &prev {
+                Some((pns, pa, pseq, pid)) if *pns == ns && *pa == author => Some((*pseq, *pid)),
+                _ => None,
             };
-            if vb.header.prev != expected_prev || vb.header.seq != seq {
-                return Err(StoreError::Corrupt(format!(
-                    "{ns} seq {seq}: broken prev link"
-                )));
+            let verdict = (|| {
+                let bytes = batch_bytes(&batches, v.value())
+                    .map_err(|e| e.to_string())?
+                    .ok_or("the batch is missing")?;
+                let vb = blazedb_protocol::batch::verify_with(bytes, &dicts)
+                    .map_err(|e| e.to_string())?;
+                if vb.id.0 != v.value() || vb.header.ns != ns || vb.header.author != author {
+                    return Err("batch/chain mismatch".to_string());
+                }
+                let expected_prev = match chained {
+                    Some((pseq, _)) if pseq + 1 != seq => return Err("a gap before it".into()),
+                    Some((_, pid)) => Some(pid),
+                    None if seq != 1 => return Err("the chain starts there".into()),
+                    None => None,
+                };
+                if vb.header.prev != expected_prev || vb.header.seq != seq {
+                    return Err("broken prev link".into());
+                }
+                Ok(vb.id)
+            })();
+            match verdict {
+                Ok(id) => {
+                    prev = Some((ns, author, seq, id));
+                    n += 1;
+                }
+                Err(why) => {
+                    found.push(LogDamage {
+                        ns,
+                        author,
+                        seq,
+                        why,
+                    });
+                    if first_only {
+                        break;
+                    }
+                }
             }
-            prev = Some((ns, author, seq, vb.id));
-            n += 1;
         }
-        Ok(n)
+        Ok((n, found))
+    }
+
+    /// Removes `author`'s batches in `ns` from `from_seq` on (chain entries and their bytes),
+    /// in one transaction: what `blazedb repair --cut-damaged` does to a damaged chain, so
+    /// that catch-up fetches it again from peers. Returns the batches removed.
+    pub fn cut_chain(&self, ns: &str, author: &[u8; 32], from_seq: u64) -> Result<u64, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut removed = 0u64;
+        {
+            let mut chains = txn.open_table(CHAINS)?;
+            let mut batches = txn.open_table(BATCHES)?;
+            let (start, end) = (
+                chain_key(ns, author, from_seq),
+                chain_key(ns, author, u64::MAX),
+            );
+            let ids: Vec<Vec<u8>> = chains
+                .range(start.as_slice()..=end.as_slice())?
+                .map(|e| e.map(|(_, id)| id.value().to_vec()))
+                .collect::<Result<_, _>>()?;
+            for id in &ids {
+                let (first, last) = (chunk_key(id, 0), chunk_key(id, u16::MAX));
+                batches.retain_in(first.as_slice()..=last.as_slice(), |_, _| false)?;
+            }
+            chains.retain_in(start.as_slice()..=end.as_slice(), |_, _| false)?;
+            removed += ids.len() as u64;
+        }
+        txn.commit()?;
+        Ok(removed)
     }
 
     /// Verifies the view file: every stored record state decodes, in the records' table and
@@ -4927,6 +5048,30 @@ mod tests {
             e.contains("seq 3") && e.contains(&kp.public().to_did()),
             "{e}"
         );
+        // The whole walk names the same batch; cutting the chain there leaves a log that
+        // checks clean and serves what precedes it.
+        let damaged = store.damaged_batches().unwrap();
+        assert_eq!(damaged.len(), 1);
+        assert_eq!((damaged[0].seq, damaged[0].author), (3, author));
+        assert_eq!(store.cut_chain("default", &author, 3).unwrap(), 2);
+        assert_eq!(store.check().unwrap(), 2);
+        assert!(store.damaged_batches().unwrap().is_empty());
+        assert_eq!(store.heads().unwrap()[0].seq, 2);
+        {
+            let txn = store.db.begin_read().unwrap();
+            let t = txn.open_table(BATCHES).unwrap();
+            for b in &batches[2..] {
+                assert_eq!(batch_bytes(&t, &b.id.0).unwrap(), None);
+            }
+        }
+        let (served, damage) = store.serve_range(range).unwrap();
+        assert_eq!((served.len(), damage), (2, None));
+        // Marks of a cut own chain, kept per namespace until cleared.
+        store.mark_own_chain_cut("default").unwrap();
+        store.mark_own_chain_cut("other").unwrap();
+        assert_eq!(store.own_chain_cuts().unwrap(), ["default", "other"]);
+        store.clear_own_chain_cut("default").unwrap();
+        assert_eq!(store.own_chain_cuts().unwrap(), ["other"]);
     }
 
     /// A node that stops without flushing its in-memory delta (a crash) loses nothing: the

@@ -479,3 +479,103 @@ fn damaged_stores_get_clear_errors_and_lose_nothing_logged() {
     sigterm_and_wait(node);
     check_store(&data, "after the view's pages were made again");
 }
+
+/// Flips one bit in the last byte of the first piece of the batch at chain position `nth`
+/// (0-based, the log's chain order) of a stopped node's log.
+fn damage_logged_batch(log: &std::path::Path, nth: usize) {
+    use blazedb_node::store::{BATCHES, CHAINS};
+    use redb::{ReadableDatabase, ReadableTable};
+    let db = redb::Database::create(log).unwrap();
+    let id: Vec<u8> = {
+        let txn = db.begin_read().unwrap();
+        let chains = txn.open_table(CHAINS).unwrap();
+        let entry = chains.iter().unwrap().nth(nth).unwrap().unwrap();
+        entry.1.value().to_vec()
+    };
+    let txn = db.begin_write().unwrap();
+    {
+        let mut batches = txn.open_table(BATCHES).unwrap();
+        let key = [id.as_slice(), &0u16.to_be_bytes()].concat();
+        let mut piece = batches
+            .get(key.as_slice())
+            .unwrap()
+            .unwrap()
+            .value()
+            .to_vec();
+        *piece.last_mut().unwrap() ^= 0x04;
+        batches.insert(key.as_slice(), piece.as_slice()).unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+/// Retries `put` until the node takes it (it may answer 503 while it settles its own
+/// chain); returns the receipt's seq.
+fn put_when_taken(node: &Proc, key: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = cli(&node.api, &["put", "docs", key, r#"{"v":1}"#]);
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            return v["seq"].as_u64().unwrap();
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("503"), "{err}");
+        assert!(Instant::now() < deadline, "never taken: {err}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A batch of a node's own chain damaged in its log: `blazedb repair` names it and, with
+/// `--cut-damaged`, removes it and the rest of the chain; restarted beside a peer, the node
+/// takes the chain back from it before it writes again, so its next write follows it.
+#[test]
+fn a_damaged_own_batch_is_cut_and_fetched_back_before_the_next_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_data, b_data) = (dir.path().join("a"), dir.path().join("b"));
+    let a = start(&a_data, None);
+    let b = start(&b_data, Some(&a.p2p));
+    for i in 0..6 {
+        let out = cli(&a.api, &["put", "docs", &format!("k{i}"), r#"{"v":1}"#]);
+        assert!(out.status.success());
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cli(&b.api, &["get", "docs", "k5"]).status.success() {
+        assert!(Instant::now() < deadline, "B never held A's writes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sigterm_and_wait(a);
+    damage_logged_batch(&a_data.join("store.redb"), 3);
+
+    let (ok, err) = run_to_end(&["repair"], &a_data);
+    assert!(
+        !ok && err.contains("seq 4") && err.contains("--cut-damaged"),
+        "{err}"
+    );
+    let (ok, err) = run_to_end(&["repair", "--cut-damaged"], &a_data);
+    assert!(ok, "{err}");
+    check_store(&a_data, "after the cut");
+
+    let a = start(&a_data, Some(&b.p2p));
+    assert_eq!(
+        put_when_taken(&a, "after"),
+        7,
+        "A's write did not follow its chain"
+    );
+    for k in ["k3", "k4", "k5"] {
+        assert!(
+            cli(&a.api, &["get", "docs", k]).status.success(),
+            "{k} not back at A"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cli(&b.api, &["get", "docs", "after"]).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "B never held A's write after the cut"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sigterm_and_wait(a);
+    sigterm_and_wait(b);
+    check_store(&a_data, "after the chain came back");
+}
