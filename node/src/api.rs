@@ -289,9 +289,7 @@ async fn get_record(
     let (n, c, k) = (node.clone(), collection.clone(), key.clone());
     let found = tokio::task::spawn_blocking(move || n.get(&ns, &c, &k))
         .await
-        .map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })??;
+        .map_err(|e| read_failed(&node, e))??;
     match found {
         Some(fields) => Ok(Json(
             json!({ "collection": collection, "key": key, "fields": fields }),
@@ -336,9 +334,7 @@ async fn list(
     let n = node.clone();
     let records = tokio::task::spawn_blocking(move || n.list(&ns, &collection, &q.prefix, limit))
         .await
-        .map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })??;
+        .map_err(|e| read_failed(&node, e))??;
     let records: Vec<Value> = records
         .into_iter()
         .map(|(key, fields)| json!({ "key": key, "fields": fields }))
@@ -647,6 +643,24 @@ fn metric(out: &mut String, kind: &str, name: &str, help: &str, v: impl std::fmt
     out.push_str(&format!(
         "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
     ));
+}
+
+/// A read on the blocking pool that did not return: redb panics on some damaged pages of
+/// the view file. The answer says where to look rather than only the panic's words.
+/// The view is marked to be made again at the next start, as when the materializer fails.
+fn read_failed(node: &NodeHandle, e: tokio::task::JoinError) -> ApiError {
+    let why = match e.try_into_panic() {
+        Ok(p) => {
+            let why = crate::store::panic_message(p.as_ref());
+            node.view_failed(&format!("a read panicked: {why}"));
+            format!(
+                "reading the store panicked (a damaged page of the view file?): {why}; the \
+                 next start makes the view again from the log (`blazedb check` tells more)"
+            )
+        }
+        Err(e) => format!("the read did not finish: {e}"),
+    };
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", why)
 }
 
 async fn metrics(State(node): State<NodeHandle>) -> Response {

@@ -937,6 +937,15 @@ impl NodeHandle {
         self.tx.send(cmd).await.map_err(|_| NodeError::Stopped)
     }
 
+    /// Marks the view file to be made again from the log at the next start: reading it
+    /// failed in a way only damage explains (a redb panic). Logged, never fails the caller.
+    pub(crate) fn view_failed(&self, why: &str) {
+        error!("{why}: the next start makes the view file again from the log");
+        if let Err(e) = self.shared.store.mark_view_failed(why) {
+            error!("marking the view to be made again failed too: {e}");
+        }
+    }
+
     /// A live stream of record changes (all namespaces).
     pub fn subscribe(&self) -> broadcast::Receiver<Change> {
         self.shared.changes.subscribe()
