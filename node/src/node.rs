@@ -809,10 +809,18 @@ impl NodeHandle {
         // Batches committed and not yet staged are joined here rather than waited for (a
         // catch-up's backlog took a read up to ~100 ms to wait out).
         let unstaged = self.unstaged_for_read()?;
-        Ok(self
+        let got = self
             .shared
             .store
-            .get_joining(ns, collection, key, &unstaged)?)
+            .get_joining(ns, collection, key, &unstaged);
+        Ok(got.inspect_err(|e| self.on_read_error(e))?)
+    }
+
+    /// A read that found the view damaged marks it to be made again ([`Self::view_failed`]).
+    fn on_read_error(&self, e: &StoreError) {
+        if let StoreError::DamagedState(_) = e {
+            self.view_failed(&format!("a read found {e}"));
+        }
     }
 
     /// What a read joins to the records: the batches in the log and not yet staged.
@@ -854,13 +862,13 @@ impl NodeHandle {
         let kept_max = LIST_JOIN_MIN
             .max(limit.saturating_add(limit / 2))
             .min(LIST_JOIN_CAP);
-        if let Some(listed) =
-            store.list_joining(ns, collection, prefix, limit, &unstaged, kept_max)?
-        {
+        let joined = store.list_joining(ns, collection, prefix, limit, &unstaged, kept_max);
+        if let Some(listed) = joined.inspect_err(|e| self.on_read_error(e))? {
             return Ok(listed);
         }
         self.wait_records()?;
-        Ok(store.list(ns, collection, prefix, limit)?)
+        let listed = store.list(ns, collection, prefix, limit);
+        Ok(listed.inspect_err(|e| self.on_read_error(e))?)
     }
 
     /// Creates a namespace owned by a fresh key kept in the data directory; this node gets an

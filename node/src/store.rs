@@ -255,6 +255,9 @@ pub enum StoreError {
     /// ([`Store::stop_background_count`]).
     #[error("the store is closing")]
     Closing,
+    /// A record state read back does not decode: the view file is damaged.
+    #[error("a record state in the view does not decode ({0})")]
+    DamagedState(String),
     /// A file of the store could not be opened (the error names which).
     #[error("{}: {source}", path.display())]
     File {
@@ -292,7 +295,9 @@ impl StoreError {
     /// Whether redb found the file damaged (rather than, say, failing to read it).
     pub fn is_damage(&self) -> bool {
         match self {
-            StoreError::Redb(redb::Error::Corrupted(_)) | StoreError::Corrupt(_) => true,
+            StoreError::Redb(redb::Error::Corrupted(_))
+            | StoreError::Corrupt(_)
+            | StoreError::DamagedState(_) => true,
             StoreError::File { source, .. } => source.is_damage(),
             _ => false,
         }
@@ -1289,7 +1294,7 @@ const LOG_CACHE_BYTES: usize = 64 * 1024 * 1024;
 const VIEW_CACHE_BYTES: usize = 256 * 1024 * 1024;
 
 fn decode_state(bytes: &[u8]) -> Result<RecordState, StoreError> {
-    record_codec::decode_state(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))
+    record_codec::decode_state(bytes).map_err(|e| StoreError::DamagedState(e.to_string()))
 }
 
 fn encode_state(state: &RecordState) -> Vec<u8> {

@@ -94,3 +94,47 @@ async fn a_damaged_log_batch_is_not_served_and_the_links_stay() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A record state in the view that no longer decodes (a damaged page the view's opening
+/// did not reach): the read that meets it fails saying so and marks the view, and the next
+/// start sets the file aside and makes the records again from the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_state_is_made_again_at_the_next_start() {
+    use blazedb_node::store::{record_key, RECORDS};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let node = start_node(&data, &[]).await.unwrap();
+    for k in ["a", "b"] {
+        node.put("default", "docs", k, obj(json!({ "v": k })))
+            .await
+            .unwrap();
+    }
+    node.wait_records().unwrap();
+    node.shutdown().await;
+    drop(node);
+    {
+        let db = redb::Database::create(data.join("records.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(RECORDS).unwrap();
+            let k = record_key("default", "docs", "a");
+            assert!(
+                t.get(k.as_slice()).unwrap().is_some(),
+                "the record is in the table"
+            );
+            t.insert(k.as_slice(), [0xffu8, 0xff, 0xff].as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let node = start_node(&data, &[]).await.unwrap();
+    let e = node.get("default", "docs", "a").unwrap_err();
+    assert!(e.to_string().contains("does not decode"), "{e}");
+    assert_eq!(node.get("default", "docs", "b").unwrap().unwrap()["v"], "b");
+    node.shutdown().await;
+    drop(node);
+    let node = start_node(&data, &[]).await.unwrap();
+    assert_eq!(node.get("default", "docs", "a").unwrap().unwrap()["v"], "a");
+    assert!(data.join("records.redb.damaged").exists());
+    node.shutdown().await;
+}
