@@ -696,3 +696,221 @@ async fn a_claim_on_the_own_chain_that_sends_nothing_lapses() {
     driver.abort();
     node.shutdown().await;
 }
+
+/// Random JSON values shaped like the API's bodies, most of them wrong somewhere: names
+/// and keys empty, too long, with control characters or odd Unicode; numbers beyond i64;
+/// values deep or wide; ops of unknown kinds or missing fields.
+struct BodyGen(rand::rngs::StdRng);
+
+impl BodyGen {
+    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+        use rand::Rng;
+        &xs[self.0.gen_range(0..xs.len())]
+    }
+
+    fn text(&mut self) -> String {
+        use rand::Rng;
+        match self.0.gen_range(0..24) {
+            0 => String::new(),
+            1 => "x".repeat(self.0.gen_range(60..300)),
+            2 => "a\u{0}b".into(),
+            3 => "\n".into(),
+            4 => "é𝄞\u{202e}".into(),
+            5 => "../..".into(),
+            6 => " ".into(),
+            _ => self
+                .pick(&["users", "k1", "name", "docs", "a.b-c_d"])
+                .to_string(),
+        }
+    }
+
+    fn value(&mut self, depth: u32) -> Value {
+        use rand::Rng;
+        match self.0.gen_range(0..if depth > 2 { 6 } else { 12 }) {
+            0 => Value::Null,
+            1 => json!(self.0.gen::<bool>()),
+            2 => json!(self.0.gen::<i64>()),
+            3 => {
+                let n = *self.pick(&["18446744073709551615", "-1e400", "1e308", "0.1"]);
+                serde_json::from_str(n).unwrap_or(Value::Null)
+            }
+            4 => json!(self.text()),
+            5 if self.0.gen_range(0..4) == 0 => json!("y".repeat(self.0.gen_range(1_000..80_000))),
+            5 => json!(self.text()),
+            6 => Value::Array(
+                (0..self.0.gen_range(0..4))
+                    .map(|_| self.value(depth + 1))
+                    .collect(),
+            ),
+            7 if self.0.gen_range(0..3) == 0 => {
+                // deep nesting
+                let mut v = json!(1);
+                for _ in 0..self.0.gen_range(1..60) {
+                    v = json!([v]);
+                }
+                v
+            }
+            _ => Value::Object(
+                (0..self.0.gen_range(0..4))
+                    .map(|_| (self.text(), self.value(depth + 1)))
+                    .collect(),
+            ),
+        }
+    }
+
+    fn fields(&mut self) -> Value {
+        use rand::Rng;
+        match self.0.gen_range(0..12) {
+            0 => self.value(0),
+            1 => Value::Object(
+                (0..self.0.gen_range(250..300))
+                    .map(|i| (format!("f{i}"), json!(i)))
+                    .collect(),
+            ),
+            _ => Value::Object(
+                (0..self.0.gen_range(0..5))
+                    .map(|_| (self.text(), self.value(1)))
+                    .collect(),
+            ),
+        }
+    }
+
+    fn op(&mut self) -> Value {
+        use rand::Rng;
+        let mut op = serde_json::Map::new();
+        let kinds = [
+            "upsert", "upsert", "delete", "add", "add", "revoke", "", "UPSERT",
+        ];
+        let kind = self.pick(&kinds).to_string();
+        if self.0.gen_range(0..20) > 0 {
+            op.insert("op".into(), json!(kind));
+        }
+        let wanted: &[(&str, u32)] = match kind.as_str() {
+            "upsert" => &[
+                ("collection", 19),
+                ("key", 19),
+                ("fields", 19),
+                ("field", 1),
+            ],
+            "delete" => &[("collection", 19), ("key", 19), ("fields", 1)],
+            "add" => &[
+                ("collection", 19),
+                ("key", 19),
+                ("field", 19),
+                ("delta", 19),
+            ],
+            _ => &[
+                ("collection", 10),
+                ("key", 10),
+                ("fields", 10),
+                ("field", 5),
+                ("delta", 5),
+            ],
+        };
+        for &(name, p) in wanted {
+            if self.0.gen_range(0..20) < p {
+                let v = match name {
+                    "fields" => self.fields(),
+                    "delta" => match self.0.gen_range(0..5) {
+                        0..=2 => json!(self.0.gen::<i64>() >> self.0.gen_range(0..64)),
+                        3 => json!(1.5),
+                        _ => self.value(0),
+                    },
+                    _ if self.0.gen_range(0..12) == 0 => self.value(0),
+                    _ => json!(self.text()),
+                };
+                op.insert(name.into(), v);
+            }
+        }
+        Value::Object(op)
+    }
+
+    fn ops_body(&mut self) -> Value {
+        use rand::Rng;
+        match self.0.gen_range(0..16) {
+            0 => self.value(0),
+            1 => json!({ "ops": self.value(0) }),
+            _ => {
+                json!({ "ops": (0..self.0.gen_range(0..4)).map(|_| self.op()).collect::<Vec<_>>() })
+            }
+        }
+    }
+}
+
+/// Seeded random bodies and paths against the real HTTP API: every answer is a success or
+/// a JSON error with a 4xx status and a code (never a 5xx, never a dropped connection),
+/// and a refused call changes nothing stored. A failing case prints its seed and body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_http_bodies_get_4xx_or_success_and_refusals_change_nothing() {
+    use rand::SeedableRng;
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_node(dir.path(), &[]).await.unwrap();
+    let base = serve_api(&node).await;
+    let http = reqwest::Client::new();
+    let seed: u64 = std::env::var("BLAZEDB_HTTP_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20261207);
+    let mut g = BodyGen(rand::rngs::StdRng::seed_from_u64(seed));
+    let (mut taken, mut refused) = (0, 0);
+    for case in 0..300 {
+        let before = node.counts().unwrap();
+        let (what, resp) = if case % 3 == 0 {
+            let (c, k) = (g.text(), g.text());
+            let body = g.fields();
+            let url = format!("{base}/v1/ns/default/{}/{}", urlencode(&c), urlencode(&k));
+            let what = format!("PUT {url} {body}");
+            (what, http.put(&url).json(&body).send().await)
+        } else {
+            let body = g.ops_body();
+            let what = format!("POST ops {body}");
+            let url = format!("{base}/v1/ns/default/ops");
+            (what, http.post(&url).json(&body).send().await)
+        };
+        let what: String = what.chars().take(600).collect();
+        let resp = resp.unwrap_or_else(|e| panic!("seed {seed} case {case}: {e}: {what}"));
+        let status = resp.status().as_u16();
+        if status == 200 {
+            taken += 1;
+            continue;
+        }
+        refused += 1;
+        assert!(
+            (400..500).contains(&status),
+            "seed {seed} case {case}: status {status}: {what}"
+        );
+        let v: Value = resp.json().await.unwrap_or_else(|e| {
+            panic!("seed {seed} case {case}: error body not JSON ({e}): {what}")
+        });
+        assert!(
+            v["error"]["code"].is_string(),
+            "seed {seed} case {case}: {v}: {what}"
+        );
+        assert_eq!(
+            node.counts().unwrap(),
+            before,
+            "seed {seed} case {case}: a refused call stored something: {what}"
+        );
+    }
+    // The generator is not all refusals, nor all successes.
+    assert!(
+        taken >= 30 && refused >= 100,
+        "taken {taken}, refused {refused}"
+    );
+    eprintln!("random HTTP bodies: {taken} taken, {refused} refused (seed {seed})");
+    node.put("default", "c", "still", obj(json!({"ok": true})))
+        .await
+        .unwrap();
+    node.shutdown().await;
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
