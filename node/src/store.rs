@@ -4827,23 +4827,12 @@ mod tests {
     fn records_behind_the_log_are_found_after_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
-        let kp = Keypair::generate();
-        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
-        engine.join("default");
-        let batches: Vec<VerifiedBatch> = (0..4)
-            .map(|i| {
-                engine
-                    .write("default", &kp, vec![upsert(&format!("k{i}"), i)], 1_000)
-                    .unwrap()
-                    .0
-            })
-            .collect();
-        {
-            let store = Store::open(&path).unwrap();
-            store.write_batches(&batches[..1]).unwrap();
-            // "Crash": the next three reach the log only.
-            store.append_log(&batches[1..]).unwrap();
-        }
+        let (batches, _) = four_batches(&path, 1);
+        // "Crash": the next three reach the log only.
+        Store::open(&path)
+            .unwrap()
+            .append_log(&batches[1..])
+            .unwrap();
         let store = Store::open(&path).unwrap();
         assert!(store.get("default", "c", "k2").unwrap().is_none());
         let behind = store.unapplied(&store.heads().unwrap()).unwrap();

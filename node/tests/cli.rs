@@ -22,23 +22,26 @@ impl Drop for Proc {
     }
 }
 
+/// `blazedb node` on ephemeral loopback ports, mDNS off (`--data` follows).
+const NODE: &[&str] = &[
+    "node",
+    "--no-mdns",
+    "--listen",
+    "/ip4/127.0.0.1/tcp/0",
+    "--api",
+    "127.0.0.1:0",
+];
+
 /// Starts `blazedb node` on ephemeral ports and reads the bound addresses from its log.
 fn start(data: &std::path::Path, bootstrap: Option<&str>) -> Proc {
     let mut cmd = Command::new(BIN);
-    cmd.args([
-        "node",
-        "--no-mdns",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--api",
-        "127.0.0.1:0",
-    ])
-    .arg("--data")
-    .arg(data)
-    .env("RUST_LOG", "info")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    cmd.args(NODE)
+        .arg("--data")
+        .arg(data)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     if let Some(b) = bootstrap {
         cmd.args(["--bootstrap", b]);
     }
@@ -365,15 +368,6 @@ fn run_to_end(args: &[&str], data: &std::path::Path) -> (bool, String) {
     );
     (status.success(), stderr)
 }
-
-const NODE: &[&str] = &[
-    "node",
-    "--no-mdns",
-    "--listen",
-    "/ip4/127.0.0.1/tcp/0",
-    "--api",
-    "127.0.0.1:0",
-];
 
 /// Damage to a stopped node's files, as a failing disk or an operator might cause it:
 /// `blazedb check` names the damaged file and what to do, never panics; a damaged view is
