@@ -1138,15 +1138,15 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let (changes, _) = broadcast::channel(CHANGES_CAP);
     // Records behind the log (a crash, or a stop with work queued): apply them first.
     let store = Arc::new(store);
-    let behind = store.unapplied(&heads)?;
-    if !behind.is_empty() {
+    // Streamed a window at a time: a view made again from a large log never holds the
+    // whole log in memory.
+    let applied =
+        store.for_each_unapplied(&heads, 256, |chunk| store.apply(&chunk, true).map(drop))?;
+    if applied > 0 {
         info!(
-            batches = behind.len(),
-            "applying logged batches to the records"
+            batches = applied,
+            "applied logged batches the records lacked"
         );
-        for chunk in behind.chunks(256) {
-            store.apply(chunk, true)?;
-        }
     }
     let mat = Arc::new(MatSync::default());
     let (mat_tx, mat_thread) = materializer::spawn(

@@ -141,6 +141,9 @@ impl std::fmt::Display for LogDamage {
     }
 }
 
+/// About how many bytes of logged batches [`Store::for_each_unapplied`] reads at a time.
+pub const UNAPPLIED_WINDOW_BYTES: usize = 64 << 20;
+
 /// Which batches [`Store::chain_range`] and [`Store::serve_range`] read: `author`'s in
 /// namespace `ns` from `from_seq`, at most `limit` and about `max_bytes` (always at least
 /// one if there is one), ending before the first whose `hlc_max` reaches `until`.
@@ -1303,10 +1306,11 @@ fn encode_state(state: &RecordState) -> Vec<u8> {
     out
 }
 
-/// Decodes the header of stored envelope bytes (already verified when stored).
+/// Decodes the header of stored envelope bytes (already verified when stored): the whole
+/// envelope, or any front of it that holds the header (its first piece in the log).
 pub fn stored_header(bytes: &[u8]) -> Result<BatchHeader, StoreError> {
-    let env = Envelope::parse(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    ciborium::from_reader(env.header).map_err(|e| StoreError::Corrupt(format!("header: {e}")))
+    let header = Envelope::header_of(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    ciborium::from_reader(header).map_err(|e| StoreError::Corrupt(format!("header: {e}")))
 }
 
 impl Store {
@@ -2329,27 +2333,70 @@ impl Store {
     /// Logged batches not yet applied to the records (after a crash or restart), verified,
     /// in chain order, with their effectiveness under the namespace's revocations.
     /// `heads` are the log's chain heads ([`Store::heads`]; start-up already has them).
+    /// All at once: start-up streams them with [`Store::for_each_unapplied`].
     pub fn unapplied(&self, heads: &[StoredHead]) -> Result<Vec<VerifiedBatch>, StoreError> {
         let mut out = Vec::new();
-        let vtxn = self.view.begin_read()?;
-        let applied = vtxn.open_table(APPLIED)?;
+        self.for_each_unapplied(heads, u32::MAX, |batches| {
+            out.extend(batches);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// [`Store::unapplied`], handed to `f` at most `window` batches (and about
+    /// [`UNAPPLIED_WINDOW_BYTES`]) at a time, so that a start after a crash, or with a view
+    /// made again from a large log, never holds the whole backlog in memory. Returns how
+    /// many batches `f` was given.
+    pub fn for_each_unapplied(
+        &self,
+        heads: &[StoredHead],
+        window: u32,
+        mut f: impl FnMut(Vec<VerifiedBatch>) -> Result<(), StoreError>,
+    ) -> Result<u64, StoreError> {
+        let done: Vec<u64> = {
+            let vtxn = self.view.begin_read()?;
+            let applied = vtxn.open_table(APPLIED)?;
+            let mut done = Vec::with_capacity(heads.len());
+            for h in heads {
+                let at = applied.get(chain_prefix(&h.ns, &h.author).as_slice())?;
+                done.push(at.map_or(0, |v| v.value()));
+            }
+            done
+        };
         let dicts = self.dicts()?;
-        for h in heads {
-            let done = applied
-                .get(chain_prefix(&h.ns, &h.author).as_slice())?
-                .map_or(0, |v| v.value());
+        let mut given = 0u64;
+        for (h, done) in heads.iter().zip(done) {
             if done >= h.seq {
                 continue;
             }
             let revocations = self.revocations(&h.ns)?;
-            for bytes in self.chain_range(&h.ns, &h.author, done + 1, u32::MAX, usize::MAX, None)? {
-                let mut vb = blazedb_protocol::batch::verify_with(bytes, &dicts)
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                vb.effective = blazedb_protocol::engine::batch_effective(&vb, &revocations);
-                out.push(vb);
+            let mut next = done + 1;
+            while next <= h.seq {
+                let range = ChainRange {
+                    ns: &h.ns,
+                    author: &h.author,
+                    from_seq: next,
+                    limit: window.max(1),
+                    max_bytes: UNAPPLIED_WINDOW_BYTES,
+                    until: None,
+                };
+                let read = self.chain_range_with(range, false)?.0;
+                if read.is_empty() {
+                    break;
+                }
+                next += read.len() as u64;
+                let mut batches = Vec::with_capacity(read.len());
+                for bytes in read {
+                    let mut vb = blazedb_protocol::batch::verify_with(bytes, &dicts)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    vb.effective = blazedb_protocol::engine::batch_effective(&vb, &revocations);
+                    batches.push(vb);
+                }
+                given += batches.len() as u64;
+                f(batches)?;
             }
         }
-        Ok(out)
+        Ok(given)
     }
 
     /// Whether the view holds changes the log does not: a chain the view applied further
@@ -4840,6 +4887,15 @@ mod tests {
             behind.iter().map(|b| b.header.seq).collect::<Vec<_>>(),
             vec![2, 3, 4]
         );
+        // Streamed, two at a time: the same batches, in the same order.
+        let mut streamed = Vec::new();
+        let given = store
+            .for_each_unapplied(&store.heads().unwrap(), 2, |b| {
+                streamed.push(b.iter().map(|b| b.header.seq).collect::<Vec<_>>());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!((given, streamed), (3, vec![vec![2, 3], vec![4]]));
         store.apply(&behind, true).unwrap();
         assert_eq!(store.get("default", "c", "k2").unwrap().unwrap()["v"], 2);
         assert!(store.unapplied(&store.heads().unwrap()).unwrap().is_empty());
@@ -5184,6 +5240,17 @@ mod tests {
         assert_eq!(store.heads().unwrap()[0].id, stored[1].id);
         store.rebuild_records().unwrap();
         assert_eq!(store.list("default", "c", "", 10_000).unwrap().len(), 2_001);
+        drop(store);
+        // A large batch at a chain's head: its header is read from its first piece alone
+        // (every start reads the heads; a whole-envelope parse of that piece failed).
+        let other = dir.path().join("big-head").join("db.redb").tap_mkdir();
+        let store = Store::open(&other).unwrap();
+        store.write_batches(&stored[..1]).unwrap();
+        drop(store);
+        let store = Store::open(&other).unwrap();
+        let heads = store.heads().unwrap();
+        assert_eq!((heads[0].seq, heads[0].id), (1, big.id));
+        assert_eq!(heads[0].hlc_max, big.header.hlc_max);
     }
 
     #[test]

@@ -230,6 +230,19 @@ impl<'a> Envelope<'a> {
         })
     }
 
+    /// The header bytes of envelope bytes, read from their front only: `bytes` may end
+    /// anywhere after the header (the first piece of a batch a store keeps in pieces).
+    pub fn header_of(bytes: &'a [u8]) -> Result<&'a [u8], BatchError> {
+        let malformed = |m: &str| BatchError::Malformed(m.to_string());
+        match bytes.split_first() {
+            Some((0x83, rest)) => read_bstr(rest)
+                .map(|(header, _)| header)
+                .ok_or_else(|| malformed("expected byte string")),
+            Some(_) => Err(malformed("envelope is not a 3-element CBOR array")),
+            None => Err(malformed("empty")),
+        }
+    }
+
     /// The batch id (blake3 of the header bytes).
     pub fn id(&self) -> BatchId {
         BatchId(*blake3::hash(self.header).as_bytes())
@@ -1273,6 +1286,25 @@ mod tests {
             check_stored(&b.bytes, &b.id, |_| vec![DictId([7; 32])]),
             Err(BatchError::PayloadMismatch)
         ));
+    }
+
+    /// `Envelope::header_of` reads the header from any front of the envelope that holds
+    /// it, and refuses (never panics on) every shorter one.
+    #[test]
+    fn header_of_reads_the_front_only() {
+        let kp = Keypair::from_seed([4; 32]);
+        let b = seal(&kp, "default", first(), letter_ops(300, 9), None).unwrap();
+        let env = Envelope::parse(&b.bytes).unwrap();
+        let header_end =
+            env.header.as_ptr() as usize - b.bytes.as_ptr() as usize + env.header.len();
+        for cut in 0..=b.bytes.len() {
+            let got = Envelope::header_of(&b.bytes[..cut]);
+            if cut >= header_end {
+                assert_eq!(got.unwrap(), env.header, "cut {cut}");
+            } else {
+                assert!(got.is_err(), "cut {cut}");
+            }
+        }
     }
 
     /// What `headers_without_a_dict_are_unchanged` expects (3 ops, key seed [1; 32]).

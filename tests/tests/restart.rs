@@ -345,3 +345,34 @@ async fn a_node_restored_without_its_log_fetches_its_chain_before_writing() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A node whose last write was one large batch (kept in the log in several pieces) starts
+/// again: every start reads each chain's head header from the batch's first piece.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarts_after_a_large_batch() {
+    use blazedb_node::{FieldValue, OpsBuilder};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let node = start_node(&data, &[]).await.unwrap();
+    let mut ops = OpsBuilder::new();
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..4_000 {
+        // Random letters: zstd cannot shrink them below the log's 32 KB pieces.
+        let v: String = (0..48)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (b'a' + (s % 26) as u8) as char
+            })
+            .collect();
+        ops.upsert("docs", &format!("k{i}"), &[("v", FieldValue::from(&v))])
+            .unwrap();
+    }
+    node.write_built("default", ops).await.unwrap();
+    node.shutdown().await;
+    drop(node);
+    let node = start_node(&data, &[]).await.unwrap();
+    assert!(node.get("default", "docs", "k3999").unwrap().is_some());
+    node.shutdown().await;
+}
