@@ -1138,10 +1138,11 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let (changes, _) = broadcast::channel(CHANGES_CAP);
     // Records behind the log (a crash, or a stop with work queued): apply them first.
     let store = Arc::new(store);
-    // Streamed a window at a time: a view made again from a large log never holds the
-    // whole log in memory.
+    // Streamed a window at a time (at most 4,096 batches, about `UNAPPLIED_WINDOW_BYTES`,
+    // one durable view transaction each): a view made again from a large log never holds
+    // the whole log in memory.
     let applied =
-        store.for_each_unapplied(&heads, 256, |chunk| store.apply(&chunk, true).map(drop))?;
+        store.for_each_unapplied(&heads, 4096, |chunk| store.apply(&chunk, true).map(drop))?;
     if applied > 0 {
         info!(
             batches = applied,
