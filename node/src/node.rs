@@ -97,8 +97,8 @@ const OWN_CHAIN_WAIT: Duration = Duration::from_secs(30);
 /// does. Only the node's key can have signed those batches, so the claim is believed only
 /// while they keep arriving: if the head does not move for [`NodeConfig::own_chain_wait`], the claim
 /// lapses (a peer cannot stop this node's writes by claiming seqs it cannot send) and that
-/// peer's later claims are not believed. A claim whose peer goes is dropped too (its next
-/// vector, or another peer's, says again what is missing).
+/// peer's later claims are not believed. A claim whose peer goes stays until then: writing
+/// before the chain is back would fork it, whoever has to send it.
 #[derive(Clone, Copy, Debug)]
 struct OwnBehind {
     /// Highest seq claimed.
@@ -2131,10 +2131,6 @@ impl Actor {
             let stalled = now.duration_since(claim.since) > self.own_chain_wait;
             if ours >= theirs {
                 info!(%ns, seq = ours, "this node's own chain is fetched back: writes resume");
-                self.own_behind.remove(ns);
-            } else if !self.connected.contains_key(&claim.peer) {
-                // Gone before it sent everything: its next vector (or another peer's) says
-                // again what is missing.
                 self.own_behind.remove(ns);
             } else if stalled {
                 let peer = claim.peer;

@@ -252,14 +252,7 @@ fn node_refuses_a_bad_key_file() {
         .unwrap();
     }
     let out = Command::new(BIN)
-        .args([
-            "node",
-            "--no-mdns",
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--api",
-            "127.0.0.1:0",
-        ])
+        .args(NODE)
         .arg("--data")
         .arg(dir.path())
         .stdin(Stdio::null())
