@@ -2491,6 +2491,8 @@ impl Actor {
         )
         .map_err(|e| NodeError::Invalid(e.to_string()))?;
         self.add_namespace(&ns, &chain)?;
+        // New here: no chain of this node's own can be in it, whatever the log lost.
+        self.heard.insert(ns.clone());
         info!(%ns, "namespace created");
         Ok(ns)
     }

@@ -290,6 +290,11 @@ async fn a_node_restored_without_its_log_fetches_its_chain_before_writing() {
         refused.to_string().contains("found without its log"),
         "{refused}"
     );
+    // A namespace it creates now cannot hold an earlier chain of its own: written at once.
+    let fresh = a.create_namespace().await.unwrap();
+    a.put(&fresh, "docs", "mine", obj(json!({ "v": 1 })))
+        .await
+        .unwrap();
     // Still refused after a restart without peers (the mark is kept in the log).
     a.shutdown().await;
     drop(a);
