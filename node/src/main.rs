@@ -513,12 +513,7 @@ fn repair(data: &std::path::Path, cut_damaged: bool) -> Result<()> {
         println!("cut {removed} batches from {d}");
     }
     let n = caught(&path, || store.check().map_err(Into::into)).context(LOG_DAMAGED)?;
-    // The view is fresh (the old one set aside): every logged batch is unapplied, and is
-    // applied a window at a time, as a start does, so memory stays bounded whatever the
-    // log's size.
-    let heads = store.heads()?;
-    store.for_each_unapplied(&heads, 4096, |chunk| store.apply(&chunk, true).map(drop))?;
-    let records = store.counts()?.1;
+    let records = store.rebuild_records()?;
     store.clear_view_failed()?;
     drop(store);
     if had_view {

@@ -33,7 +33,7 @@
 //!   instead of stopped for the end of it: once flushes took seconds, that stop was a
 //!   writer's call of seconds.
 //! - **Crash-safe**: the view stores a per-chain watermark in the same transaction as the
-//!   records it covers; after a crash, [`crate::store::Store::unapplied`] finds what to apply
+//!   records it covers; after a crash, [`crate::store::Store::apply_unapplied`] finds what to apply
 //!   again (staged deltas are only memory: losing them loses nothing the log does not hold).
 //!   Flushes under load commit without fsync; an idle point and shutdown fsync the view.
 

@@ -1138,11 +1138,8 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let (changes, _) = broadcast::channel(CHANGES_CAP);
     // Records behind the log (a crash, or a stop with work queued): apply them first.
     let store = Arc::new(store);
-    // Streamed a window at a time (at most 4,096 batches, about `UNAPPLIED_WINDOW_BYTES`,
-    // one durable view transaction each): a view made again from a large log never holds
-    // the whole log in memory.
-    let applied =
-        store.for_each_unapplied(&heads, 4096, |chunk| store.apply(&chunk, true).map(drop))?;
+    // A window at a time: a view made again from a large log never holds it all.
+    let applied = store.apply_unapplied(&heads)?;
     if applied > 0 {
         info!(
             batches = applied,

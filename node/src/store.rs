@@ -141,7 +141,9 @@ impl std::fmt::Display for LogDamage {
     }
 }
 
-/// About how many bytes of logged batches [`Store::for_each_unapplied`] reads at a time.
+/// At most how many logged batches [`Store::apply_unapplied`] applies at a time.
+pub const UNAPPLIED_WINDOW_BATCHES: u32 = 4096;
+/// About how many bytes of logged batches [`Store::apply_unapplied`] reads at a time.
 /// A start that makes the view again from a log of 1M W ops (200 batches of 5k, 36 MB)
 /// peaked at 478 MB with 2 MiB windows, 720 MB with 8 MiB, 1.31 GB holding the whole
 /// backlog (as before), in about the same time (5.4–8 s, noisy).
@@ -1371,8 +1373,8 @@ impl Store {
 
     /// [`Store::open`], but a view file redb finds damaged is moved aside (to
     /// `records.redb.damaged`, replacing an older one) and an empty view made in its place:
-    /// every logged batch then counts as unapplied ([`Store::unapplied`]) and is applied
-    /// again, or [`Store::rebuild_records`] makes the records at once. The view holds
+    /// every logged batch then counts as unapplied and is applied
+    /// again ([`Store::apply_unapplied`]). The view holds
     /// nothing the log does not, so nothing is lost. Returns where the damaged file went.
     pub fn open_moving_damaged_view(path: &Path) -> Result<(Self, Option<PathBuf>), StoreError> {
         let opened = Self::open(path).and_then(|store| {
@@ -1676,7 +1678,7 @@ impl Store {
 
     /// Applies logged batches to the records (effective ones only) and advances the applied
     /// watermark, in one view transaction. `durable: false` skips the fsync: the view is
-    /// derived, and after a crash [`Store::unapplied`] finds what to apply again. Ops are
+    /// derived, and after a crash [`Store::apply_unapplied`] finds what to apply again. Ops are
     /// applied record by record in key order (B-tree locality); per record, in batch order.
     pub fn apply(
         &self,
@@ -2077,7 +2079,7 @@ impl Store {
     /// Writes the frozen delta into the view file in one transaction (records in key order:
     /// each read once, joined with its delta, written once; watermarks advanced), then drops
     /// it. `durable` fsyncs the commit (otherwise redb's `Durability::None`: after a crash the
-    /// watermark tells [`Store::unapplied`] what to apply again). Returns the records written.
+    /// watermark tells [`Store::apply_unapplied`] what to apply again). Returns the records written.
     pub fn flush_frozen(&self, durable: bool) -> Result<usize, StoreError> {
         let Some(delta) = read(&self.flushing).clone() else {
             return Ok(0);
@@ -2333,10 +2335,21 @@ impl Store {
         Ok(delta.shards().len())
     }
 
-    /// Logged batches not yet applied to the records (after a crash or restart), verified,
-    /// in chain order, with their effectiveness under the namespace's revocations.
-    /// `heads` are the log's chain heads ([`Store::heads`]; start-up already has them).
-    /// All at once: start-up streams them with [`Store::for_each_unapplied`].
+    /// Applies every logged batch the records lack (after a crash, a stop with work queued,
+    /// or into a view made again), a window at a time (at most
+    /// [`UNAPPLIED_WINDOW_BATCHES`], about [`UNAPPLIED_WINDOW_BYTES`], one durable view
+    /// transaction each). `heads` are the log's chain heads ([`Store::heads`]).
+    /// Returns the batches applied.
+    pub fn apply_unapplied(&self, heads: &[StoredHead]) -> Result<u64, StoreError> {
+        self.for_each_unapplied(heads, UNAPPLIED_WINDOW_BATCHES, |chunk| {
+            self.apply(&chunk, true).map(drop)
+        })
+    }
+
+    /// Logged batches not yet applied to the records, verified, in chain order, with their
+    /// effectiveness under the namespace's revocations, all at once (tests compare them;
+    /// the node streams them with [`Store::apply_unapplied`]).
+    #[cfg(test)]
     pub fn unapplied(&self, heads: &[StoredHead]) -> Result<Vec<VerifiedBatch>, StoreError> {
         let mut out = Vec::new();
         self.for_each_unapplied(heads, u32::MAX, |batches| {
@@ -2346,11 +2359,11 @@ impl Store {
         Ok(out)
     }
 
-    /// [`Store::unapplied`], handed to `f` at most `window` batches (and about
+    /// [`Store::apply_unapplied`], handed to `f` at most `window` batches (and about
     /// [`UNAPPLIED_WINDOW_BYTES`]) at a time, so that a start after a crash, or with a view
     /// made again from a large log, never holds the whole backlog in memory. Returns how
     /// many batches `f` was given.
-    pub fn for_each_unapplied(
+    fn for_each_unapplied(
         &self,
         heads: &[StoredHead],
         window: u32,
@@ -3537,22 +3550,11 @@ impl Store {
         Ok((table, runs.len(), held.iter().sum()))
     }
 
-    /// Recomputes every record from the log (the log is the truth), namespace by namespace,
-    /// honouring revocations. Returns the number of records afterwards.
+    /// Recomputes every record from the log (the log is the truth), honouring revocations:
+    /// the view emptied, then every logged batch applied a window at a time
+    /// ([`Store::apply_unapplied`]), so memory stays bounded whatever the log's size.
+    /// Returns the number of records afterwards.
     pub fn rebuild_records(&self) -> Result<u64, StoreError> {
-        let mut names: Vec<String> = Vec::new();
-        {
-            let txn = self.db.begin_read()?;
-            let chains = txn.open_table(CHAINS)?;
-            for entry in chains.iter()? {
-                let (k, _) = entry?;
-                let (ns, _, _) = parse_chain_key(k.value())
-                    .ok_or_else(|| StoreError::Corrupt("chain key".into()))?;
-                if names.last() != Some(&ns) {
-                    names.push(ns);
-                }
-            }
-        }
         {
             // Records of namespaces without any batch left are stale too.
             let txn = self.view.begin_write()?;
@@ -3564,10 +3566,7 @@ impl Store {
             bump_generation(&txn)?;
             txn.commit()?;
         }
-        for ns in names {
-            let revocations = self.revocations(&ns)?;
-            self.rebuild_namespace(&ns, &revocations)?;
-        }
+        self.apply_unapplied(&self.heads()?)?;
         Ok(self.counts()?.1)
     }
 }
