@@ -123,6 +123,7 @@ pub fn router(node: NodeHandle) -> Router {
             "/v1/ns/{ns}/{collection}/{key}",
             get(get_record).put(put_record).delete(delete_record),
         )
+        .route("/v1/backup", get(backup))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::new(
@@ -661,6 +662,43 @@ fn read_failed(node: &NodeHandle, e: tokio::task::JoinError) -> ApiError {
         Err(e) => format!("the read did not finish: {e}"),
     };
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", why)
+}
+
+/// Bytes read from the backup file per chunk of the answer.
+const BACKUP_CHUNK: usize = 1 << 20;
+
+/// `GET /v1/backup`: a copy of the log, consistent at one point, as a redb file
+/// ([`NodeHandle::backup_file`]). Made whole before the answer starts (its length is
+/// known, and a failure is a clear error, not a cut stream); the file is already unlinked,
+/// so its space is freed when the answer ends, however it ends.
+async fn backup(State(node): State<NodeHandle>) -> ApiResult<Response> {
+    let (file, info) = node.backup_file().await?;
+    let file = tokio::fs::File::from_std(file);
+    let body = futures::stream::try_unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; BACKUP_CHUNK];
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            return Ok::<_, std::io::Error>(None);
+        }
+        buf.truncate(n);
+        Ok(Some((Bytes::from(buf), file)))
+    });
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/octet-stream".to_string(),
+            ),
+            (axum::http::header::CONTENT_LENGTH, info.bytes.to_string()),
+            (
+                axum::http::HeaderName::from_static("x-blazedb-batches"),
+                info.batches.to_string(),
+            ),
+        ],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
 }
 
 async fn metrics(State(node): State<NodeHandle>) -> Response {

@@ -178,6 +178,31 @@ enum Cmd {
         #[arg(long)]
         cut_damaged: bool,
     },
+    /// Copy the log (the truth: every batch, namespaces, capabilities, revocations) into a
+    /// new file, consistent at one point: a running node's through its API while it runs
+    /// on, or a stopped node's with `--data`. The copy is verified before it gets its name.
+    Backup {
+        /// The file to write (it must not exist).
+        file: PathBuf,
+        /// Back up the stopped node in this data directory instead of asking a running one.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Make a data directory from a backup: the log verified, the records made from it.
+    Restore {
+        /// The backup file (`blazedb backup`).
+        file: PathBuf,
+        /// The data directory to make (it must not hold a store).
+        #[arg(long, default_value = "blazedb-data")]
+        data: PathBuf,
+        /// No peer can hold more of this node's chains than the backup: its writes need not
+        /// wait for a peer to tell (without it, each namespace waits for one, so that a
+        /// chain that went on after the backup is not forked).
+        #[arg(long)]
+        alone: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -398,6 +423,8 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Sim(args) => tokio::task::block_in_place(|| blazedb_node::sim::main(args)),
         Cmd::Check { data } => check(&data),
         Cmd::Repair { data, cut_damaged } => repair(&data, cut_damaged),
+        Cmd::Backup { file, data, api } => backup(&file, data.as_deref(), &api).await,
+        Cmd::Restore { file, data, alone } => restore(&file, &data, alone),
     }
 }
 
@@ -448,6 +475,12 @@ fn check(data: &std::path::Path) -> Result<()> {
 
 /// An error opening the store at `log`: damage to the log says what that means.
 fn opening(e: StoreError, log: &std::path::Path) -> anyhow::Error {
+    if e.is_locked() {
+        return anyhow::anyhow!(
+            "{}: a node is running on this data directory: stop it first",
+            log.display()
+        );
+    }
     let log_damaged = matches!(&e, StoreError::File { path, .. } if path == log) && e.is_damage();
     match log_damaged {
         true => anyhow::Error::from(e).context(LOG_DAMAGED),
@@ -521,6 +554,212 @@ fn repair(data: &std::path::Path, cut_damaged: bool) -> Result<()> {
     }
     println!("rebuilt {records} records from {n} batches");
     Ok(())
+}
+
+/// `blazedb backup`: the copy is written beside `file` (`FILE.part`), verified as `blazedb
+/// check` verifies a log, fsynced, and only then renamed to `file`.
+async fn backup(
+    file: &std::path::Path,
+    data: Option<&std::path::Path>,
+    api: &ApiArgs,
+) -> Result<()> {
+    if file.exists() {
+        bail!(
+            "{} exists: name a new file (a backup never replaces one)",
+            file.display()
+        );
+    }
+    let mut part = file.as_os_str().to_owned();
+    part.push(".part");
+    let part = PathBuf::from(part);
+    if part.exists() {
+        bail!(
+            "{} exists (a backup that stopped half way?): remove it first",
+            part.display()
+        );
+    }
+    let made = match data {
+        Some(dir) => {
+            let path = existing_store(dir)?;
+            let store = quietly(|| Store::open(&path)).map_err(|e| match e.is_locked() {
+                true => anyhow::anyhow!(
+                    "a node is running on {}: back it up through its API (leave out --data)",
+                    dir.display()
+                ),
+                false => opening(e, &path),
+            })?;
+            caught(&path, || store.backup_log(&part, true).map_err(Into::into)).map(|_| ())
+        }
+        None => download_backup(api, &part).await,
+    };
+    let verified = made.and_then(|()| {
+        let scratch =
+            std::env::temp_dir().join(format!("blazedb-backup-{}.redb", std::process::id()));
+        let checked = quietly(|| Store::open_at(&part, &scratch))
+            .map_err(anyhow::Error::from)
+            .and_then(|store| caught(&part, || store.check().map_err(Into::into)));
+        let _ = std::fs::remove_file(&scratch);
+        checked.context("the copy does not verify: no backup was made")
+    });
+    let batches = match verified {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_file(&part);
+            return Err(e);
+        }
+    };
+    std::fs::File::open(&part)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", part.display()))?;
+    std::fs::rename(&part, file).with_context(|| format!("naming {}", file.display()))?;
+    sync_dir(file);
+    let bytes = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "backup: {} ({batches} batches, {bytes} bytes), verified",
+        file.display()
+    );
+    Ok(())
+}
+
+/// `GET /v1/backup` into `part` (a new file).
+async fn download_backup(api: &ApiArgs, part: &std::path::Path) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let url = format!("{}/v1/backup", base_url(api));
+    // No overall timeout: a large log takes as long as it takes; a dead link still ends.
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(600))
+        .build()?;
+    let resp = client.get(&url).send().await.with_context(|| {
+        format!(
+            "cannot reach a node at {} (is `blazedb node` running?)",
+            api.api
+        )
+    })?;
+    let status = resp.status();
+    if !status.is_success() {
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        let msg = v["error"]["message"].as_str().unwrap_or("unknown error");
+        bail!("{status}: {msg}");
+    }
+    let mut out = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(part)
+        .await
+        .with_context(|| format!("creating {}", part.display()))?;
+    let mut resp = resp;
+    let written = async {
+        while let Some(chunk) = resp.chunk().await.context("the node's answer broke off")? {
+            out.write_all(&chunk)
+                .await
+                .with_context(|| format!("writing {}", part.display()))?;
+        }
+        out.flush().await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if written.is_err() {
+        let _ = std::fs::remove_file(part);
+    }
+    written
+}
+
+/// `blazedb restore`: the backup copied into the data directory under a passing name,
+/// verified, its records made in a fresh view, then both files named as a node expects;
+/// anything wrong leaves the directory as it was.
+fn restore(file: &std::path::Path, data: &std::path::Path, alone: bool) -> Result<()> {
+    let log = node::store_path(data);
+    let view = log.with_file_name(VIEW_FILE);
+    if log.exists() {
+        bail!(
+            "{} already holds a store: restore into an empty data directory (nothing was \
+             changed)",
+            data.display()
+        );
+    }
+    if view.exists() {
+        bail!(
+            "{} holds a view file without its log: remove {} first (nothing was changed)",
+            data.display(),
+            view.display()
+        );
+    }
+    if !file.is_file() {
+        bail!("no backup file at {}", file.display());
+    }
+    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    let log_part = data.join("store.redb.restoring");
+    let view_part = data.join(format!("{VIEW_FILE}.restoring"));
+    let remove_parts = || {
+        let _ = std::fs::remove_file(&log_part);
+        let _ = std::fs::remove_file(&view_part);
+    };
+    remove_parts();
+    let restored = (|| {
+        std::fs::copy(file, &log_part)
+            .with_context(|| format!("copying {} into {}", file.display(), data.display()))?;
+        let store = quietly(|| Store::open_at(&log_part, &view_part))
+            .map_err(anyhow::Error::from)
+            .context("the backup is not a log BlazeDB can open: nothing was restored")?;
+        let batches = caught(&log_part, || store.check().map_err(Into::into))
+            .context("the backup is damaged: nothing was restored")?;
+        let records = store.rebuild_records()?;
+        if alone {
+            store.clear_own_chain_doubts()?;
+        }
+        drop(store);
+        for f in [&log_part, &view_part] {
+            std::fs::File::open(f)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("syncing {}", f.display()))?;
+        }
+        // The log first: a view without its log would stop the node from starting.
+        std::fs::rename(&log_part, &log)?;
+        std::fs::rename(&view_part, &view)?;
+        sync_dir(&log);
+        anyhow::Ok((batches, records))
+    })();
+    let (batches, records) = match restored {
+        Ok(r) => r,
+        Err(e) => {
+            remove_parts();
+            return Err(e);
+        }
+    };
+    println!(
+        "restored {batches} batches ({records} records) into {}",
+        data.display()
+    );
+    if !node::key_path(data).exists() {
+        println!(
+            "put the node's node.key into {} to keep its identity (capabilities name it); \
+             without it the node starts with a new one",
+            data.display()
+        );
+    }
+    if !alone {
+        println!(
+            "with its own identity, the node writes in a namespace once a peer has told it what \
+             it holds of the node's own chain there (it may have gone on after the backup); \
+             restore with --alone if no peer can hold more"
+        );
+    }
+    Ok(())
+}
+
+/// fsyncs the directory holding `file`, so that a rename into it lasts.
+fn sync_dir(file: &std::path::Path) {
+    if let Some(dir) = file.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            dir
+        };
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
 }
 
 /// Runs `f` with panic messages silenced: redb panics on some damaged pages, and where

@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -39,7 +39,7 @@ use crate::committer::{Committer, Done, Reply, Work, WriteAnswer};
 use crate::dicts::{DictPolicy, DictTrainer};
 use crate::materializer::{self, Job, MatSync};
 use crate::net::{self, Ack, Behaviour, BehaviourEvent, Class};
-use crate::store::{ChainRange, Change, Fields, NamespaceRecord, Store, StoreError};
+use crate::store::{BackupInfo, ChainRange, Change, Fields, NamespaceRecord, Store, StoreError};
 use crate::verifier::{self, Verified, Verifier};
 
 /// Capacity of the command channel into the actor.
@@ -89,6 +89,16 @@ const BULK_INFLIGHT_MAX: usize = 4;
 const BULK_QUEUE_MAX: usize = 256;
 /// Damaged log batches reported in the error log (each once); more are only counted.
 const DAMAGE_REPORTS_MAX: usize = 256;
+/// Why this node's own chain in a namespace may go further at its peers than in its log
+/// ([`Actor::own_chain_unsettled`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Doubt {
+    /// `blazedb repair --cut-damaged` cut it at a damaged batch.
+    Cut,
+    /// The log was restored from a backup.
+    Backup,
+}
+
 /// [`NodeConfig::own_chain_wait`]'s default: how long writes wait on a peer's claim that it
 /// holds more of this node's own chain while none of it arrives ([`OwnBehind`]).
 const OWN_CHAIN_WAIT: Duration = Duration::from_secs(30);
@@ -527,6 +537,8 @@ pub(crate) struct Shared {
     /// Per namespace, the zstd level the actor last chose for large batches: what writers
     /// compress a call's ops ahead at (a stale level only means the actor compresses them).
     levels: RwLock<HashMap<String, i32>>,
+    /// A backup of the log is being made ([`NodeHandle::backup`]): one at a time.
+    backing_up: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -691,6 +703,70 @@ impl NodeHandle {
     pub fn durable_head(&self, ns: &str, author: &PublicKey) -> Option<u64> {
         let d = self.shared.durable.read().ok()?;
         d.get(ns)?.get(author.as_bytes()).copied()
+    }
+
+    /// Writes a copy of this node's log, consistent at one point, into a new file at `to`
+    /// and fsyncs it, while the node runs on ([`Store::backup_log`]: a log a node starts
+    /// from, or `blazedb restore` makes a data directory of). One backup at a time: another
+    /// asked for meanwhile gets [`NodeError::Unavailable`].
+    pub async fn backup(&self, to: &Path) -> Result<BackupInfo, NodeError> {
+        let to = to.to_path_buf();
+        self.backing_up(move |store| store.backup_log(&to, true))
+            .await
+    }
+
+    /// [`NodeHandle::backup`] into a file of the data directory that is unlinked as soon as
+    /// it is made: the open file is returned to be read (the HTTP API streams it), and its
+    /// space is freed once it is closed, whatever happens to the reader.
+    pub async fn backup_file(&self) -> Result<(std::fs::File, BackupInfo), NodeError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let name = format!(
+            "{BACKUP_TEMP_PREFIX}{}-{}.redb",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = self.shared.data_dir.join(name);
+        self.backing_up(move |store| {
+            let made = store.backup_log(&path, false);
+            let opened = made.and_then(|info| {
+                let file = std::fs::File::open(&path).map_err(|e| StoreError::File {
+                    path: path.clone(),
+                    source: Box::new(StoreError::Redb(e.into())),
+                })?;
+                Ok((file, info))
+            });
+            let _ = std::fs::remove_file(&path);
+            opened
+        })
+        .await
+    }
+
+    /// Runs `backup` on a blocking thread unless a backup is under way already.
+    async fn backing_up<T: Send + 'static>(
+        &self,
+        backup: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, NodeError> {
+        struct Busy(Arc<AtomicBool>);
+        impl Drop for Busy {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        if self.shared.backing_up.swap(true, Ordering::AcqRel) {
+            return Err(NodeError::Unavailable(
+                "a backup is being made: try again once it is done".into(),
+            ));
+        }
+        // Released when the copy ends, even if the caller stopped waiting for it.
+        let busy = Busy(self.shared.backing_up.clone());
+        let store = self.shared.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let _busy = busy;
+            backup(&store)
+        })
+        .await
+        .map_err(|_| NodeError::Unavailable("making the backup failed (panicked)".into()))?
+        .map_err(Into::into)
     }
 
     /// Whether `ns` is joined.
@@ -998,6 +1074,10 @@ impl NodeHandle {
     }
 }
 
+/// Names of the unlinked backup files [`NodeHandle::backup_file`] makes in the data
+/// directory begin so (one left by a crash is removed at the next start).
+const BACKUP_TEMP_PREFIX: &str = ".backup-";
+
 /// Where the node keeps its files.
 pub fn key_path(data_dir: &Path) -> PathBuf {
     data_dir.join("node.key")
@@ -1008,6 +1088,22 @@ pub fn store_path(data_dir: &Path) -> PathBuf {
     data_dir.join("store.redb")
 }
 
+/// Removes backup files a crash left in `data_dir` ([`BACKUP_TEMP_PREFIX`]).
+fn remove_backup_leftovers(data_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(BACKUP_TEMP_PREFIX))
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     use anyhow::Context;
     // The links' random generator seeds itself while the store opens (once per process).
@@ -1015,6 +1111,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
     let key_existed = key_path(&cfg.data_dir).exists();
+    remove_backup_leftovers(&cfg.data_dir);
     let keypair = Keypair::load_or_create(&key_path(&cfg.data_dir))?;
     // A damaged view is moved aside and made again from the log (below: every batch then
     // counts as unapplied); a damaged log stops the start here.
@@ -1069,8 +1166,18 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         );
         store.mark_identity_restored()?;
     }
+    if !key_existed && log_existed {
+        // A new identity has written nothing anywhere: no chain of its own to fork.
+        store.clear_own_chain_doubts()?;
+    }
     let restored = store.identity_restored()?;
-    let cut: HashSet<String> = store.own_chain_cuts()?.into_iter().collect();
+    let mut doubted: HashMap<String, Doubt> = HashMap::new();
+    for ns in store.backup_marks()? {
+        doubted.insert(ns, Doubt::Backup);
+    }
+    for ns in store.own_chain_cuts()? {
+        doubted.insert(ns, Doubt::Cut);
+    }
     let mut durable: HashMap<String, HashMap<[u8; 32], u64>> = HashMap::new();
     for h in &heads {
         durable
@@ -1161,6 +1268,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         namespaces: RwLock::new(namespaces),
         durable: RwLock::new(durable),
         levels: RwLock::default(),
+        backing_up: Arc::default(),
         data_dir: cfg.data_dir.clone(),
         changes,
         metrics: Metrics {
@@ -1194,7 +1302,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         lagging: HashSet::new(),
         damage_reported: HashSet::new(),
         restored,
-        cut,
+        doubted,
         heard: HashSet::new(),
         own_behind: HashMap::new(),
         own_claims_ignored: HashSet::new(),
@@ -1248,10 +1356,11 @@ struct Actor {
     /// namespace where this node holds none of its own batches is written only once a
     /// peer's vector for it arrived (`heard`). See [`Actor::own_chain_unsettled`].
     restored: bool,
-    /// Namespaces where `blazedb repair --cut-damaged` cut this node's own chain
-    /// ([`Store::own_chain_cuts`]): written only once a peer's vector arrived, like a
-    /// restored identity's.
-    cut: HashSet<String>,
+    /// Namespaces where this node's own chain may go further at its peers than in its log
+    /// (`blazedb repair --cut-damaged` cut it, [`Store::own_chain_cuts`]; or the log was
+    /// restored from a backup, [`Store::backup_marks`]): written only once a peer's vector
+    /// arrived, like a restored identity's.
+    doubted: HashMap<String, Doubt>,
     /// Joined namespaces for which a peer's vector (`Have`) arrived since start.
     heard: HashSet<String>,
     /// Joined namespaces where a peer holds more of this node's own chain than its log
@@ -2151,26 +2260,41 @@ impl Actor {
                 ));
             }
         }
-        if self.cut.contains(ns) {
+        if let Some(doubt) = self.doubted.get(ns) {
             if !self.heard.contains(ns) {
-                return Some(format!(
-                    "this node's own chain in {ns} was cut at a damaged batch (`blazedb repair \
-                     --cut-damaged`), and no peer has told yet what it holds of it: writes \
-                     there wait for a peer (a write now could fork the chain)"
-                ));
+                return Some(match doubt {
+                    Doubt::Cut => format!(
+                        "this node's own chain in {ns} was cut at a damaged batch (`blazedb \
+                         repair --cut-damaged`), and no peer has told yet what it holds of it: \
+                         writes there wait for a peer (a write now could fork the chain)"
+                    ),
+                    Doubt::Backup => format!(
+                        "this node's log was restored from a backup, and no peer has told yet \
+                         what it holds of this node's own chain in {ns} (it may have gone on \
+                         after the backup): writes there wait for a peer (a write now could \
+                         fork the chain). A node that writes alone is restored with `blazedb \
+                         restore --alone`"
+                    ),
+                });
             }
             // A peer told, and nothing more of the chain is missing: settled for good.
-            if let Err(e) = self.shared.store.clear_own_chain_cut(ns) {
-                warn!(%ns, "clearing the mark of a cut chain: {e}");
+            let cleared = match doubt {
+                Doubt::Cut => self.shared.store.clear_own_chain_cut(ns),
+                Doubt::Backup => self.shared.store.clear_backup_mark(ns),
+            };
+            if let Err(e) = cleared {
+                warn!(%ns, "clearing a mark on this node's own chain: {e}");
             }
-            self.cut.remove(ns);
+            self.doubted.remove(ns);
         }
         if self.restored && ours == 0 && !self.heard.contains(ns) {
             return Some(format!(
-                "this node's identity (node.key) was found without its log, and no peer has \
-                 told yet what it holds of this node's own chain in {ns}: writes there wait \
-                 for a peer (a write now could fork a chain the node wrote before). A node \
-                 that must write alone can start with a new identity (move node.key away)"
+                "this node's log may lack batches its identity (node.key) wrote (the log was \
+                 begun beside an existing node.key, or restored from a backup), and no peer \
+                 has told yet what it holds of this node's own chain in {ns}: writes there \
+                 wait for a peer (a write now could fork a chain the node wrote before). A \
+                 node that must write alone can start with a new identity (move node.key \
+                 away), or be restored with `blazedb restore --alone`"
             ));
         }
         None

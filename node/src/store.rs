@@ -221,6 +221,60 @@ const VIEW_FAILED: &str = "view-failed";
 /// [`META`]'s key marking a log begun beside an older identity
 /// ([`Store::mark_identity_restored`]).
 const IDENTITY_RESTORED: &str = "identity-restored";
+/// [`META`]'s key prefix marking a namespace a backup held ([`Store::backup_log`]): this
+/// node's own chain there may have gone on after the backup.
+const FROM_BACKUP: &str = "from-backup/";
+/// Entries copied per write transaction by [`Store::backup_log`] (batches are stored in
+/// pieces of at most 32,000 bytes: ~16 MiB a transaction).
+const BACKUP_TXN_ENTRIES: usize = 512;
+
+/// What [`Store::backup_log`] copied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackupInfo {
+    /// Batches in the copy.
+    pub batches: u64,
+    /// Namespaces with a batch or joined.
+    pub namespaces: usize,
+    /// The copy's size in bytes.
+    pub bytes: u64,
+}
+
+/// Copies the entries of `def` for which `keep` holds from `src` into the same table of
+/// `dst`, [`BACKUP_TXN_ENTRIES`] to a transaction (not fsynced: the caller's last commit is).
+fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    src: &redb::ReadTransaction,
+    dst: &Database,
+    def: TableDefinition<'_, K, V>,
+    keep: impl Fn(&K::SelfType<'_>) -> bool,
+) -> Result<(), StoreError> {
+    let table = src.open_table(def)?;
+    let mut entries = table.iter()?;
+    loop {
+        let mut txn = dst.begin_write()?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut n = 0;
+        {
+            let mut out = txn.open_table(def)?;
+            for entry in entries.by_ref() {
+                let (k, v) = entry?;
+                let key = k.value();
+                if keep(&key) {
+                    out.insert(key, v.value())?;
+                    n += 1;
+                    if n == BACKUP_TXN_ENTRIES {
+                        break;
+                    }
+                }
+            }
+        }
+        txn.commit()?;
+        if n < BACKUP_TXN_ENTRIES {
+            return Ok(());
+        }
+    }
+}
+
 /// Joined namespaces: name → CBOR [`NamespaceRecord`].
 pub const NAMESPACES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("namespaces-v1");
 /// Revocations: `ns_len:u8 ns token:32` → earliest revocation HLC (`u64`).
@@ -300,6 +354,16 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the file is held by another process (a node running on it): redb takes an
+    /// exclusive lock on each file it opens.
+    pub fn is_locked(&self) -> bool {
+        match self {
+            StoreError::Redb(redb::Error::DatabaseAlreadyOpen) => true,
+            StoreError::File { source, .. } => source.is_locked(),
+            _ => false,
+        }
+    }
+
     /// Whether redb found the file damaged (rather than, say, failing to read it).
     pub fn is_damage(&self) -> bool {
         match self {
@@ -2913,17 +2977,7 @@ impl Store {
 
     /// The namespaces [`Store::mark_own_chain_cut`] marked.
     pub fn own_chain_cuts(&self) -> Result<Vec<String>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let meta = txn.open_table(META)?;
-        let mut out = Vec::new();
-        for entry in meta.range(OWN_CHAIN_CUT..)? {
-            let (k, _) = entry?;
-            match k.value().strip_prefix(OWN_CHAIN_CUT) {
-                Some(ns) => out.push(ns.to_string()),
-                None => break,
-            }
-        }
-        Ok(out)
+        self.marked(OWN_CHAIN_CUT)
     }
 
     /// Takes [`Store::mark_own_chain_cut`]'s mark on `ns` away.
@@ -2954,6 +3008,118 @@ impl Store {
     pub fn identity_restored(&self) -> Result<bool, StoreError> {
         let txn = self.db.begin_read()?;
         Ok(txn.open_table(META)?.get(IDENTITY_RESTORED)?.is_some())
+    }
+
+    /// Takes [`Store::mark_identity_restored`]'s mark and every [`Store::backup_marks`] and
+    /// [`Store::own_chain_cuts`] mark away: the node writing on this log has a new identity
+    /// (nothing of its own can be anywhere else), or its operator said no peer holds more of
+    /// its chains than its log (`blazedb restore --alone`).
+    pub fn clear_own_chain_doubts(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.remove(IDENTITY_RESTORED)?;
+            meta.retain_in(FROM_BACKUP.., |k, _| !k.starts_with(FROM_BACKUP))?;
+            meta.retain_in(OWN_CHAIN_CUT.., |k, _| !k.starts_with(OWN_CHAIN_CUT))?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The namespaces a log restored from a backup ([`Store::backup_log`]) holds and the
+    /// node has not yet heard a peer on: its own chain there may have gone on after the
+    /// backup was made.
+    pub fn backup_marks(&self) -> Result<Vec<String>, StoreError> {
+        self.marked(FROM_BACKUP)
+    }
+
+    /// Takes [`Store::backup_marks`]'s mark on `ns` away: a peer told what it holds there.
+    pub fn clear_backup_mark(&self, ns: &str) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(META)?
+            .remove(format!("{FROM_BACKUP}{ns}").as_str())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The namespaces marked under `prefix` in [`META`].
+    fn marked(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let mut out = Vec::new();
+        for entry in meta.range(prefix..)? {
+            let (k, _) = entry?;
+            match k.value().strip_prefix(prefix) {
+                Some(ns) => out.push(ns.to_string()),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes a copy of the log as one read transaction sees it (a consistent point: every
+    /// chain contiguous, nothing half committed) into a new redb file at `to`, which must
+    /// not exist. The copy is a log a node starts from (its view is made from it at the
+    /// first start, or by `blazedb restore`); the node may run on meanwhile. Its metadata
+    /// says it came from a backup: a node that writes on it with this node's identity
+    /// waits, in each namespace, until a peer has told it what it holds of its own chain
+    /// there (its chain may have gone on after the backup), as after a lost log. `durable`
+    /// fsyncs the copy at the end. Memory is bounded: the copy is committed every
+    /// [`BACKUP_TXN_ENTRIES`] entries.
+    pub fn backup_log(&self, to: &Path, durable: bool) -> Result<BackupInfo, StoreError> {
+        let file_error = |e: std::io::Error| StoreError::File {
+            path: to.to_path_buf(),
+            source: Box::new(StoreError::Redb(e.into())),
+        };
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(to)
+            .map_err(file_error)?;
+        let src = self.db.begin_read()?;
+        let dst = Database::builder().create(to)?;
+        let mut info = BackupInfo::default();
+        let mut namespaces = std::collections::BTreeSet::new();
+        for entry in src.open_table(NAMESPACES)?.iter()? {
+            namespaces.insert(entry?.0.value().to_string());
+        }
+        {
+            let chains = src.open_table(CHAINS)?;
+            for entry in chains.iter()? {
+                let (k, _) = entry?;
+                let (ns, _, _) = parse_chain_key(k.value())
+                    .ok_or_else(|| StoreError::Corrupt("chain key".into()))?;
+                info.batches += 1;
+                if !namespaces.contains(&ns) {
+                    namespaces.insert(ns);
+                }
+            }
+        }
+        info.namespaces = namespaces.len();
+        copy_table(&src, &dst, BATCHES, |_| true)?;
+        copy_table(&src, &dst, CHAINS, |_| true)?;
+        copy_table(&src, &dst, NAMESPACES, |_| true)?;
+        copy_table(&src, &dst, REVOCATIONS, |_| true)?;
+        copy_table(&src, &dst, REVOKED_BY, |_| true)?;
+        copy_table(&src, &dst, DICTS, |_| true)?;
+        // The view's failure mark concerns this node's view file, which is not copied.
+        copy_table(&src, &dst, META, |k| *k != VIEW_FAILED)?;
+        let mut txn = dst.begin_write()?;
+        if !durable {
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        }
+        {
+            let mut meta = txn.open_table(META)?;
+            meta.insert(IDENTITY_RESTORED, b"1".as_slice())?;
+            for ns in &namespaces {
+                meta.insert(format!("{FROM_BACKUP}{ns}").as_str(), b"1".as_slice())?;
+            }
+        }
+        txn.commit()?;
+        drop(dst);
+        info.bytes = std::fs::metadata(to).map_err(file_error)?.len();
+        Ok(info)
     }
 
     /// Every revocation in `ns`: token → earliest revocation time.
@@ -4731,6 +4897,78 @@ mod tests {
             .unwrap();
         assert_eq!(range.len(), 4);
         assert_eq!(range[0], stored[1].bytes);
+    }
+
+    /// A backup holds every entry of the log's tables (here more than one copying
+    /// transaction's worth), two namespaces' marks and the restored-identity mark, and not
+    /// the view's failure mark; the copy opens as a store whose records rebuild to the
+    /// original's; marks go when cleared; an existing file is never written over.
+    #[test]
+    fn a_backup_copies_the_log_and_marks_its_namespaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let kp = Keypair::generate();
+        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
+        let mut batches = Vec::new();
+        for ns in ["default", "other"] {
+            engine.join(ns);
+            for i in 0..(BACKUP_TXN_ENTRIES as i64 / 2 + 10) {
+                let ops = vec![upsert(&format!("k{}", i % 50), i)];
+                batches.push(engine.write(ns, &kp, ops, 1_000).unwrap().0);
+            }
+        }
+        let store = Store::open(&path).unwrap();
+        store.write_batches(&batches).unwrap();
+        store.mark_view_failed("a test").unwrap();
+        let to = dir.path().join("backup.redb");
+        let info = store.backup_log(&to, true).unwrap();
+        assert_eq!(info.batches, batches.len() as u64);
+        assert_eq!(info.namespaces, 2);
+        assert_eq!(info.bytes, std::fs::metadata(&to).unwrap().len());
+        assert!(matches!(
+            store.backup_log(&to, true),
+            Err(StoreError::File { .. })
+        ));
+        assert_eq!(std::fs::metadata(&to).unwrap().len(), info.bytes);
+
+        let all = |db: &Database| -> Vec<(Vec<u8>, Vec<u8>)> {
+            let txn = db.begin_read().unwrap();
+            let mut out = Vec::new();
+            for def in [BATCHES, CHAINS, DICTS, REVOKED_BY] {
+                for e in txn.open_table(def).unwrap().iter().unwrap() {
+                    let (k, v) = e.unwrap();
+                    out.push((k.value().to_vec(), v.value().to_vec()));
+                }
+            }
+            out
+        };
+        let copy = Store::open_at(&to, &dir.path().join("copy-view.redb")).unwrap();
+        let entries = all(&copy.db);
+        assert!(entries.len() > BACKUP_TXN_ENTRIES, "{}", entries.len());
+        assert_eq!(entries, all(&store.db));
+        assert_eq!(copy.view_failed().unwrap(), None);
+        assert!(copy.identity_restored().unwrap());
+        assert_eq!(copy.backup_marks().unwrap(), vec!["default", "other"]);
+        assert_eq!(copy.check().unwrap(), batches.len() as u64);
+        copy.rebuild_records().unwrap();
+        store.rebuild_records().unwrap();
+        for ns in ["default", "other"] {
+            assert_eq!(
+                copy.list(ns, "c", "", 100).unwrap(),
+                store.list(ns, "c", "", 100).unwrap()
+            );
+        }
+        copy.clear_backup_mark("default").unwrap();
+        assert_eq!(copy.backup_marks().unwrap(), vec!["other"]);
+        copy.mark_own_chain_cut("default").unwrap();
+        copy.clear_own_chain_doubts().unwrap();
+        assert!(copy.backup_marks().unwrap().is_empty());
+        assert!(!copy.identity_restored().unwrap());
+        assert!(copy.own_chain_cuts().unwrap().is_empty());
+        assert_eq!(copy.view_failed().unwrap(), None);
+        copy.mark_view_failed("kept").unwrap();
+        copy.clear_own_chain_doubts().unwrap();
+        assert_eq!(copy.view_failed().unwrap().as_deref(), Some("kept"));
     }
 
     /// `/metrics`' count: the batches always counted, the records again only once the last

@@ -566,3 +566,239 @@ fn a_damaged_own_batch_is_cut_and_fetched_back_before_the_next_write() {
     sigterm_and_wait(b);
     check_store(&a_data, "after the chain came back");
 }
+
+/// `POST /v1/ns/default/ops` with `body`; the answer must be a success.
+fn post_ops(api: &str, body: &serde_json::Value) {
+    use std::io::{Read, Write};
+    let body = serde_json::to_vec(body).unwrap();
+    let mut conn = std::net::TcpStream::connect(api).unwrap();
+    write!(
+        conn,
+        "POST /v1/ns/default/ops HTTP/1.1\r\nHost: {api}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    conn.write_all(&body).unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// Runs `blazedb ARGS` (no `--api`): whether it succeeded, its stdout and its stderr.
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "blazedb {args:?} panicked: {stderr}"
+    );
+    (out.status.success(), stdout, stderr)
+}
+
+/// A backup taken through the API while a writer goes on is one point of the log: restored
+/// into a new directory it holds every write acknowledged before the backup began, a prefix
+/// of the writer's chain and nothing after it; the restored node (a new identity) writes at
+/// once. A stopped node is backed up from its directory; a running one's directory is not
+/// touched; an existing file is never replaced; a damaged backup restores nothing.
+#[test]
+fn a_backup_taken_while_writing_restores_one_point_of_the_log() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let s = |name: &str| p(name).to_str().unwrap().to_string();
+    let a = start(&p("a"), None);
+    for i in 0..5 {
+        assert!(
+            cli(&a.api, &["put", "docs", &format!("k{i}"), r#"{"v":1}"#])
+                .status
+                .success()
+        );
+    }
+    // A log of some size, so that the writer below goes on while the copy is made.
+    for call in 0..20 {
+        let ops: Vec<serde_json::Value> = (0..5000)
+            .map(|i| {
+                serde_json::json!({"op": "upsert", "collection": "bulk",
+                    "key": format!("b{call}-{i}"), "fields": {"v": "x".repeat(40)}})
+            })
+            .collect();
+        post_ops(&a.api, &serde_json::json!({ "ops": ops }));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (api, stop, acked) = (a.api.clone(), stop.clone(), acked.clone());
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(Ordering::Acquire) {
+                let out = cli(&api, &["put", "docs", &format!("w{i:05}"), r#"{"v":2}"#]);
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                i += 1;
+                acked.store(i, Ordering::Release);
+            }
+            i
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.load(Ordering::Acquire) < 3 {
+        assert!(Instant::now() < deadline, "the writer made no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let before = acked.load(Ordering::Acquire);
+    let (ok, out, err) = run(&["backup", &s("b1.redb"), "--api", &a.api]);
+    assert!(ok && out.contains("verified"), "{out}{err}");
+    let after = acked.load(Ordering::Acquire);
+    // Writes acknowledged after the backup returned cannot be in it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.load(Ordering::Acquire) < after + 2 {
+        assert!(Instant::now() < deadline, "the writer stopped");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    stop.store(true, Ordering::Release);
+    let written = writer.join().unwrap();
+
+    let (ok, _, err) = run(&["backup", &s("b1.redb"), "--api", &a.api]);
+    assert!(!ok && err.contains("exists"), "{err}");
+    let (ok, _, err) = run(&["backup", &s("b2.redb"), "--data", &s("a")]);
+    assert!(!ok && err.contains("a node is running"), "{err}");
+    assert!(!p("b2.redb").exists() && !p("b2.redb.part").exists());
+
+    let (ok, out, err) = run(&["restore", &s("b1.redb"), "--data", &s("r")]);
+    assert!(ok, "{out}{err}");
+    check_store(&p("r"), "after the restore");
+    let (ok, _, err) = run(&["restore", &s("b1.redb"), "--data", &s("r")]);
+    assert!(!ok && err.contains("already holds a store"), "{err}");
+
+    let r = start(&p("r"), None);
+    for i in 0..5 {
+        assert!(cli(&r.api, &["get", "docs", &format!("k{i}")])
+            .status
+            .success());
+    }
+    let held: Vec<bool> = (0..written)
+        .map(|i| {
+            cli(&r.api, &["get", "docs", &format!("w{i:05}")])
+                .status
+                .success()
+        })
+        .collect();
+    let n = held.iter().take_while(|h| **h).count();
+    assert!(
+        held[n..].iter().all(|h| !h),
+        "the backup holds a gap in the writer's chain: {held:?}"
+    );
+    assert!(
+        n >= before,
+        "a write acknowledged before the backup is missing ({n} < {before})"
+    );
+    assert!(
+        n <= after,
+        "the backup holds a write acknowledged after it ({n} > {after})"
+    );
+    // A new identity: nothing of its own anywhere, so it writes at once.
+    let out = cli(&r.api, &["put", "docs", "new", r#"{"v":3}"#]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sigterm_and_wait(r);
+
+    sigterm_and_wait(a);
+    let (ok, out, err) = run(&["backup", &s("b2.redb"), "--data", &s("a")]);
+    assert!(ok && out.contains("verified"), "{out}{err}");
+    // A damaged backup: refused, and nothing is left in the directory.
+    damage_logged_batch(&p("b2.redb"), 2);
+    let (ok, _, err) = run(&["restore", &s("b2.redb"), "--data", &s("d")]);
+    assert!(!ok && err.contains("the backup is damaged"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(p("d")).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A node restored from a backup with its own identity: its chain went on after the backup,
+/// so alone it refuses writes (503, saying why) instead of forking it; beside a peer that
+/// holds the rest, it takes it back and its next write follows it. Restored `--alone`, it
+/// writes at once.
+#[test]
+fn a_node_restored_with_its_identity_waits_for_a_peer_and_follows_its_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let s = |name: &str| p(name).to_str().unwrap().to_string();
+    let a = start(&p("a"), None);
+    let b = start(&p("b"), Some(&a.p2p));
+    for i in 0..5 {
+        assert!(
+            cli(&a.api, &["put", "docs", &format!("k{i}"), r#"{"v":1}"#])
+                .status
+                .success()
+        );
+    }
+    let (ok, out, err) = run(&["backup", &s("a.bak"), "--api", &a.api]);
+    assert!(ok, "{out}{err}");
+    for i in 5..8 {
+        assert!(
+            cli(&a.api, &["put", "docs", &format!("k{i}"), r#"{"v":1}"#])
+                .status
+                .success()
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cli(&b.api, &["get", "docs", "k7"]).status.success() {
+        assert!(Instant::now() < deadline, "B never held A's writes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sigterm_and_wait(a);
+
+    for (dir, extra) in [("r", None), ("alone", Some("--alone"))] {
+        let mut args = vec!["restore".to_string(), s("a.bak"), "--data".into(), s(dir)];
+        args.extend(extra.map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, out, err) = run(&args);
+        assert!(ok, "{out}{err}");
+        std::fs::copy(p("a").join("node.key"), p(dir).join("node.key")).unwrap();
+    }
+    let r = start(&p("r"), None);
+    let out = cli(&r.api, &["put", "docs", "early", r#"{"v":2}"#]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("503") && err.contains("backup"),
+        "a restored node wrote before a peer told it what it holds: {err}"
+    );
+    sigterm_and_wait(r);
+    let r = start(&p("r"), Some(&b.p2p));
+    assert_eq!(
+        put_when_taken(&r, "after"),
+        9,
+        "the write did not follow A's chain"
+    );
+    for i in 5..8 {
+        assert!(cli(&r.api, &["get", "docs", &format!("k{i}")])
+            .status
+            .success());
+    }
+    sigterm_and_wait(r);
+    sigterm_and_wait(b);
+    check_store(&p("r"), "after the chain came back");
+
+    let alone = start(&p("alone"), None);
+    let out = cli(&alone.api, &["put", "docs", "solo", r#"{"v":3}"#]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sigterm_and_wait(alone);
+}
