@@ -489,7 +489,8 @@ fn opening(e: StoreError, log: &std::path::Path) -> anyhow::Error {
 }
 
 const LOG_DAMAGED: &str = "the log (store.redb, the truth) is damaged: `blazedb repair` cannot \
-     fix that; restore it from a copy";
+     fix that; restore it from a backup (`blazedb restore FILE --data NEW_DIR`, then move this \
+     directory's node.key there)";
 
 /// `blazedb repair`: the records made again from the log, in a fresh view file (the old one
 /// is set aside first, so damage in it cannot stop the rebuild, and put back if the log

@@ -228,6 +228,10 @@ const FROM_BACKUP: &str = "from-backup/";
 /// pieces of at most 32,000 bytes: ~16 MiB a transaction).
 const BACKUP_TXN_ENTRIES: usize = 512;
 
+/// Page cache of the copy [`Store::backup_log`] writes (the source is read through the
+/// log's own cache, [`LOG_CACHE_BYTES`]).
+const BACKUP_CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 /// What [`Store::backup_log`] copied.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackupInfo {
@@ -3077,7 +3081,11 @@ impl Store {
             .open(to)
             .map_err(file_error)?;
         let src = self.db.begin_read()?;
-        let dst = Database::builder().create(to)?;
+        // redb's default cache (1 GiB) would hold the copy's pages while it is made; it is
+        // only written.
+        let dst = Database::builder()
+            .set_cache_size(BACKUP_CACHE_BYTES)
+            .create(to)?;
         let mut info = BackupInfo::default();
         let mut namespaces = std::collections::BTreeSet::new();
         for entry in src.open_table(NAMESPACES)?.iter()? {
