@@ -148,6 +148,11 @@ pub const UNAPPLIED_WINDOW_BATCHES: u32 = 4096;
 /// peaked at 478 MB with 2 MiB windows, 720 MB with 8 MiB, 1.31 GB holding the whole
 /// backlog (as before), in about the same time (5.4–8 s, noisy).
 pub const UNAPPLIED_WINDOW_BYTES: usize = 2 << 20;
+/// The staged delta's size (the store's estimate) at which [`Store::apply_unapplied`]
+/// writes it into the view file: half the node's default flush size, so that a replay's
+/// peak stays below what the windows applied straight to the file reached (1M W ops: 450
+/// MB at 128 MiB, 502 MB at 256 MiB, 1.51 against 1.69 s).
+const REPLAY_FLUSH_BYTES: usize = 128 << 20;
 
 /// Which batches [`Store::chain_range`] and [`Store::serve_range`] read: `author`'s in
 /// namespace `ns` from `from_seq`, at most `limit` and about `max_bytes` (always at least
@@ -2404,14 +2409,41 @@ impl Store {
     }
 
     /// Applies every logged batch the records lack (after a crash, a stop with work queued,
-    /// or into a view made again), a window at a time (at most
-    /// [`UNAPPLIED_WINDOW_BATCHES`], about [`UNAPPLIED_WINDOW_BYTES`], one durable view
-    /// transaction each). `heads` are the log's chain heads ([`Store::heads`]).
-    /// Returns the batches applied.
+    /// or into a view made again), read a window at a time (at most
+    /// [`UNAPPLIED_WINDOW_BATCHES`], about [`UNAPPLIED_WINDOW_BYTES`]) and staged into the
+    /// in-memory delta as the materializer stages; the delta is written into the view file
+    /// as the flusher writes it (records in key order, each once) whenever it reaches
+    /// [`REPLAY_FLUSH_BYTES`], and at the end durably. Applying each window straight to the
+    /// file instead (a random-key B-tree update per op) took 12 s for a view made again from
+    /// 1M W ops; this, 1.7 s, at a lower peak (450 against 476 MB). `heads` are the log's
+    /// chain heads ([`Store::heads`]). Returns the batches applied.
     pub fn apply_unapplied(&self, heads: &[StoredHead]) -> Result<u64, StoreError> {
-        self.for_each_unapplied(heads, UNAPPLIED_WINDOW_BATCHES, |chunk| {
-            self.apply(&chunk, true).map(drop)
-        })
+        self.apply_unapplied_in(heads, UNAPPLIED_WINDOW_BATCHES, REPLAY_FLUSH_BYTES)
+    }
+
+    /// [`Store::apply_unapplied`], `window` batches at most at a time, writing the staged
+    /// delta into the view file whenever it reaches `flush_bytes`.
+    fn apply_unapplied_in(
+        &self,
+        heads: &[StoredHead],
+        window: u32,
+        flush_bytes: usize,
+    ) -> Result<u64, StoreError> {
+        // Nothing may be staged beside it (no materializer runs yet): the delta it fills is
+        // flushed whole, and its watermark must be the log's.
+        debug_assert!(!self.view_pending(), "replaying beside a staged delta");
+        let given = self.for_each_unapplied(heads, window, |chunk| {
+            self.stage(chunk, false)?;
+            if self.staged_bytes() >= flush_bytes {
+                self.freeze();
+                self.flush_frozen(false)?;
+            }
+            Ok(())
+        })?;
+        // The last flush is durable: it makes every earlier one durable too.
+        self.freeze();
+        self.flush_frozen(true)?;
+        Ok(given)
     }
 
     /// Logged batches not yet applied to the records, verified, in chain order, with their
@@ -5150,6 +5182,58 @@ mod tests {
         // Applying again is a no-op (watermark), not a double apply.
         store.apply(&behind, true).unwrap();
         assert_eq!(store.counts().unwrap(), (4, 4));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Replaying the log into the view (staged a window at a time, flushed whenever the
+        /// delta reaches a bound, here as small as one byte: several flushes, splices, folds
+        /// and runs) gives the records applying every batch straight to the file gives,
+        /// upserts, deletes and counter adds of two authors alike, whatever part of the log
+        /// the view already held (a crash: the watermark).
+        #[test]
+        fn a_replayed_log_gives_the_records_direct_application_gives(
+            batches in proptest::collection::vec(
+                proptest::collection::vec((0u8..12, 0u8..3, -3i64..3), 1..6), 1..24),
+            held in 0usize..24,
+            window in 1u32..4,
+            tiny in proptest::bool::ANY,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
+            engine.join("default");
+            let authors = [Keypair::from_seed([1; 32]), Keypair::from_seed([2; 32])];
+            let logged: Vec<VerifiedBatch> = batches
+                .iter()
+                .enumerate()
+                .map(|(i, spec)| {
+                    let kp = &authors[i % 2];
+                    engine.write("default", kp, ops_of(spec), 1_000 + i as u64).unwrap().0
+                })
+                .collect();
+            let direct = Store::open(&dir.path().join("direct").join("store.redb").tap_mkdir())
+                .unwrap();
+            direct.write_batches(&logged).unwrap();
+            let replayed =
+                Store::open(&dir.path().join("replayed").join("store.redb").tap_mkdir()).unwrap();
+            let held = held.min(logged.len());
+            replayed.write_batches(&logged[..held]).unwrap();
+            replayed.append_log(&logged[held..]).unwrap();
+            let flush_bytes = if tiny { 1 } else { usize::MAX };
+            let given = replayed
+                .apply_unapplied_in(&replayed.heads().unwrap(), window, flush_bytes)
+                .unwrap();
+            proptest::prop_assert_eq!(given, (logged.len() - held) as u64);
+            proptest::prop_assert!(!replayed.view_pending());
+            proptest::prop_assert_eq!(
+                replayed.list("default", "c", "", 1000).unwrap(),
+                direct.list("default", "c", "", 1000).unwrap()
+            );
+            proptest::prop_assert_eq!(replayed.counts().unwrap(), direct.counts().unwrap());
+            // Nothing is left to apply, and nothing is applied twice on the next start.
+            proptest::prop_assert_eq!(replayed.apply_unapplied(&replayed.heads().unwrap()).unwrap(), 0);
+            proptest::prop_assert!(replayed.check_view().is_ok());
+        }
     }
 
     /// Four one-op batches of one author (keys k0–k3), the first `logged` of them written
