@@ -434,12 +434,13 @@ fn check(data: &std::path::Path) -> Result<()> {
     let path = existing_store(data)?;
     let view = path.with_file_name(VIEW_FILE);
     let scratch = std::env::temp_dir().join(format!("blazedb-check-{}.redb", std::process::id()));
-    let (store, view_damage) = match quietly(|| Store::open(&path)) {
+    let (store, view_damage) = match open_for_reading(&path, &view) {
         Ok(store) => (store, None),
         Err(e @ StoreError::ViewDamaged { .. }) => {
-            // The log is verified all the same, beside a scratch view.
-            let store =
-                quietly(|| Store::open_at(&path, &scratch)).map_err(|e| opening(e, &path))?;
+            // The log is verified all the same, beside an empty scratch view.
+            let store = quietly(|| Store::create_view_file(&scratch))
+                .and_then(|()| open_for_reading(&path, &scratch))
+                .map_err(|e| opening(e, &path))?;
             (store, Some(e))
         }
         Err(e) => return Err(opening(e, &path)),
@@ -471,6 +472,19 @@ fn check(data: &std::path::Path) -> Result<()> {
     drop(store);
     let _ = std::fs::remove_file(&scratch);
     result
+}
+
+/// Opens the store at `log` with its view at `view` for reading only, so that checking or
+/// copying it changes neither file; where only opening it for writing can read it (redb's
+/// recovery after a crash, an older layout), opens it so and says why on stderr.
+fn open_for_reading(log: &std::path::Path, view: &std::path::Path) -> Result<Store, StoreError> {
+    match quietly(|| Store::open_read_only(log, view)) {
+        Err(StoreError::NotReadOnly(why)) => {
+            eprintln!("note: {why}; opened for writing");
+            quietly(|| Store::open_at(log, view))
+        }
+        other => other,
+    }
 }
 
 /// An error opening the store at `log`: damage to the log says what that means.
@@ -582,7 +596,14 @@ async fn backup(
     let made = match data {
         Some(dir) => {
             let path = existing_store(dir)?;
-            let store = quietly(|| Store::open(&path)).map_err(|e| match e.is_locked() {
+            // Only the log is copied: it is opened beside an empty scratch view (the
+            // node's own may be damaged, and is not needed).
+            let scratch = std::env::temp_dir()
+                .join(format!("blazedb-backup-source-{}.redb", std::process::id()));
+            let opened = quietly(|| Store::create_view_file(&scratch))
+                .and_then(|()| open_for_reading(&path, &scratch));
+            let _ = std::fs::remove_file(&scratch);
+            let store = opened.map_err(|e| match e.is_locked() {
                 true => anyhow::anyhow!(
                     "a node is running on {}: back it up through its API (leave out --data)",
                     dir.display()
@@ -596,7 +617,8 @@ async fn backup(
     let verified = made.and_then(|()| {
         let scratch =
             std::env::temp_dir().join(format!("blazedb-backup-{}.redb", std::process::id()));
-        let checked = quietly(|| Store::open_at(&part, &scratch))
+        let checked = quietly(|| Store::create_view_file(&scratch))
+            .and_then(|()| open_for_reading(&part, &scratch))
             .map_err(anyhow::Error::from)
             .and_then(|store| caught(&part, || store.check().map_err(Into::into)));
         let _ = std::fs::remove_file(&scratch);

@@ -326,6 +326,13 @@ pub enum StoreError {
     /// ([`Store::stop_background_count`]).
     #[error("the store is closing")]
     Closing,
+    /// A write on a store opened read-only ([`Store::open_read_only`]).
+    #[error("the store is open for reading only")]
+    ReadOnly,
+    /// The files can be read only once opened for writing ([`Store::open_read_only`] says
+    /// why).
+    #[error("{0}")]
+    NotReadOnly(String),
     /// A record state read back does not decode: the view file is damaged.
     #[error("a record state in the view does not decode ({0})")]
     DamagedState(String),
@@ -403,6 +410,34 @@ redb_from!(
     redb::CursorError
 );
 
+/// One of the store's redb files, opened for writing (a node, `repair`) or only for reading
+/// (`blazedb check`, `blazedb backup --data`: the files are not changed, and a read-only
+/// copy can be checked).
+pub(crate) enum Db {
+    /// Opened for writing.
+    Rw(Database),
+    /// Opened read-only: writing is refused ([`StoreError::ReadOnly`]).
+    Ro(redb::ReadOnlyDatabase),
+}
+
+impl Db {
+    /// A read transaction.
+    pub(crate) fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+        match self {
+            Db::Rw(db) => db.begin_read(),
+            Db::Ro(db) => db.begin_read(),
+        }
+    }
+
+    /// A write transaction; refused on a file opened read-only.
+    pub(crate) fn begin_write(&self) -> Result<redb::WriteTransaction, StoreError> {
+        match self {
+            Db::Rw(db) => Ok(db.begin_write()?),
+            Db::Ro(_) => Err(StoreError::ReadOnly),
+        }
+    }
+}
+
 /// A record's visible fields.
 pub type Fields = serde_json::Map<String, serde_json::Value>;
 
@@ -441,9 +476,9 @@ pub struct StoredHead {
 /// The node's durable state.
 pub struct Store {
     /// The log (durable truth): batches, chains, revocations, namespaces, metadata.
-    db: Database,
+    db: Db,
     /// The view (derived): records and the per-chain watermark of what has been applied.
-    view: Database,
+    view: Db,
     /// Ops applied since the last flush, not yet in the view file ([`Store::stage`]).
     staged: Staged,
     /// A frozen delta being written into the view file ([`Store::flush_frozen`]); readers
@@ -1420,7 +1455,12 @@ impl Store {
                 in_file(view_path)(e)
             }
         })?;
-        Ok(Self {
+        Ok(Self::with(Db::Rw(db), Db::Rw(view)))
+    }
+
+    /// A store over `db` (the log) and `view`, nothing staged.
+    fn with(db: Db, view: Db) -> Self {
+        Self {
             db,
             view,
             staged: Staged::default(),
@@ -1441,7 +1481,108 @@ impl Store {
             fold_all_next: Default::default(),
             #[cfg(test)]
             flush_delay_ms: Default::default(),
-        })
+        }
+    }
+
+    /// Opens the log at `path` and the view at `view_path` for reading only: nothing in
+    /// either file changes (no transaction is committed, as [`Store::open`] commits one to
+    /// bring an older layout up to date), so a copy on read-only storage can be checked.
+    /// Refused with [`StoreError::NotReadOnly`] where only opening for writing can read the
+    /// files: one that needs redb's recovery (the process writing it stopped without closing
+    /// it), a layout of another version, a missing view file. Everything that writes is
+    /// refused on it ([`StoreError::ReadOnly`]).
+    pub fn open_read_only(path: &Path, view_path: &Path) -> Result<Self, StoreError> {
+        let open = |path: &Path, cache: usize| {
+            let path_buf = path.to_path_buf();
+            unpanicked(|| {
+                redb::Builder::new()
+                    .set_cache_size(cache)
+                    .open_read_only(path)
+                    .map_err(StoreError::from)
+            })
+            .map_err(|e| match e {
+                StoreError::Redb(redb::Error::RepairAborted) => StoreError::NotReadOnly(format!(
+                    "{} was not closed cleanly (its process stopped without closing it): redb \
+                     recovers it when it is opened for writing",
+                    path_buf.display()
+                )),
+                StoreError::Redb(redb::Error::Io(io))
+                    if io.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    StoreError::NotReadOnly(format!("{} does not exist", path_buf.display()))
+                }
+                e => StoreError::File {
+                    path: path_buf.clone(),
+                    source: Box::new(e),
+                },
+            })
+        };
+        let db = open(path, LOG_CACHE_BYTES)?;
+        let view = open(view_path, VIEW_CACHE_BYTES).map_err(|e| match e {
+            StoreError::File { source, .. } if source.is_damage() => StoreError::ViewDamaged {
+                path: view_path.to_path_buf(),
+                reason: source.to_string(),
+            },
+            e => e,
+        })?;
+        let older_file = |file: &Path, what: &str| {
+            StoreError::NotReadOnly(format!(
+                "{} {what}: opening it for writing brings it up to date",
+                file.display()
+            ))
+        };
+        {
+            let txn = db.begin_read()?;
+            let schema = match txn.open_table(META) {
+                Ok(meta) => meta.get("schema")?.map(|v| v.value().to_vec()),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            if schema.as_deref() != Some(SCHEMA_VERSION) {
+                return Err(older_file(path, "holds a log of another version"));
+            }
+            let tables: Vec<String> = txn.list_tables()?.map(|t| t.name().to_string()).collect();
+            let log_tables = [
+                BATCHES.name(),
+                CHAINS.name(),
+                NAMESPACES.name(),
+                REVOCATIONS.name(),
+                REVOKED_BY.name(),
+                DICTS.name(),
+            ];
+            if !log_tables.iter().all(|t| tables.iter().any(|h| h == t)) {
+                return Err(older_file(path, "lacks a table of this version"));
+            }
+        }
+        {
+            // What `open_view` would change: older tables, missing ones, stale run filters.
+            let txn = view.begin_read()?;
+            let tables: Vec<String> = txn.list_tables()?.map(|t| t.name().to_string()).collect();
+            let has = |name: &str| tables.iter().any(|t| t == name);
+            let current = [
+                RECORDS.name(),
+                APPLIED.name(),
+                RUNS.name(),
+                RUN_LIST.name(),
+                RUN_FILTERS.name(),
+                VIEW_SWEEP.name(),
+                VIEW_META.name(),
+            ];
+            let older = OLD_VIEW_TABLES.iter().any(|t| has(t))
+                || has(APPLIED_V2.name())
+                || has(APPLIED_V3.name())
+                || !current.iter().all(|t| has(t));
+            let stale_filters = !older && {
+                let meta = txn.open_table(VIEW_META)?;
+                let at =
+                    |k| -> Result<Option<u64>, StoreError> { Ok(meta.get(k)?.map(|v| v.value())) };
+                at("generation")? != at("filters-at")?
+            };
+            if older || stale_filters {
+                return Err(older_file(view_path, "is a view of another version"));
+            }
+        }
+        Ok(Self::with(Db::Ro(db), Db::Ro(view)))
     }
 
     /// [`Store::open`], but a view file redb finds damaged is moved aside (to
@@ -1538,6 +1679,12 @@ impl Store {
         }
         txn.commit()?;
         Ok(db)
+    }
+
+    /// Makes an empty view file at `path` (or brings an existing one up to date), for
+    /// [`Store::open_read_only`] beside a log whose own view cannot be read.
+    pub fn create_view_file(path: &Path) -> Result<(), StoreError> {
+        unpanicked(|| Self::open_view(path)).map(drop)
     }
 
     /// Opens (or creates) the view file and moves an older layout to this one.
@@ -4971,7 +5118,7 @@ mod tests {
         ));
         assert_eq!(std::fs::metadata(&to).unwrap().len(), info.bytes);
 
-        let all = |db: &Database| -> Vec<(Vec<u8>, Vec<u8>)> {
+        let all = |db: &Db| -> Vec<(Vec<u8>, Vec<u8>)> {
             let txn = db.begin_read().unwrap();
             let mut out = Vec::new();
             for def in [BATCHES, CHAINS, DICTS, REVOKED_BY] {
@@ -5234,6 +5381,56 @@ mod tests {
             proptest::prop_assert_eq!(replayed.apply_unapplied(&replayed.heads().unwrap()).unwrap(), 0);
             proptest::prop_assert!(replayed.check_view().is_ok());
         }
+    }
+
+    /// A store opened read-only reads as opened for writing, refuses every write, and is
+    /// refused where only a writable open can read it (no view file, a log of another
+    /// version); a running node's store (locked) is refused as locked.
+    #[test]
+    fn a_store_opened_read_only_reads_and_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let view = path.with_file_name(VIEW_FILE);
+        let (batches, _) = four_batches(&path, 3);
+        {
+            let store = Store::open_read_only(&path, &view).unwrap();
+            assert_eq!(store.check().unwrap(), 3);
+            assert_eq!(store.check_view().unwrap().0, 3);
+            assert_eq!(store.get("default", "c", "k2").unwrap().unwrap()["v"], 2);
+            assert!(matches!(
+                store.append_log(&batches[3..]),
+                Err(StoreError::ReadOnly)
+            ));
+            assert!(matches!(
+                store.mark_view_failed("no"),
+                Err(StoreError::ReadOnly)
+            ));
+            // Readers do not exclude each other.
+            let other = Store::open_read_only(&path, &view).unwrap();
+            assert_eq!(other.heads().unwrap()[0].seq, 3);
+        }
+        {
+            let writer = Store::open(&path).unwrap();
+            let refused = Store::open_read_only(&path, &view).err().unwrap();
+            assert!(refused.is_locked(), "{refused}");
+            drop(writer);
+        }
+        let missing = Store::open_read_only(&path, &dir.path().join("none.redb"));
+        assert!(matches!(missing, Err(StoreError::NotReadOnly(_))));
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema", &b"2"[..])
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let older = Store::open_read_only(&path, &view).err().unwrap();
+        assert!(
+            matches!(&older, StoreError::NotReadOnly(why) if why.contains("another version")),
+            "{older}"
+        );
     }
 
     /// Four one-op batches of one author (keys k0–k3), the first `logged` of them written

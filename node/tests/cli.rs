@@ -802,3 +802,45 @@ fn a_node_restored_with_its_identity_waits_for_a_peer_and_follows_its_chain() {
     );
     sigterm_and_wait(alone);
 }
+
+/// `blazedb check` and `blazedb backup --data` read a store without changing a byte of it;
+/// a store its node left without closing it (SIGKILL) is recovered first, opened for
+/// writing, and the check says so.
+#[test]
+fn check_and_an_offline_backup_change_nothing_in_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let mut node = start(&data, None);
+    for i in 0..5 {
+        assert!(
+            cli(&node.api, &["put", "docs", &format!("k{i}"), r#"{"v":1}"#])
+                .status
+                .success()
+        );
+    }
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+    drop(node);
+    let d = data.to_str().unwrap();
+    let (ok, out, err) = run(&["check", "--data", d]);
+    assert!(ok, "{out}{err}");
+    assert!(err.contains("not closed cleanly"), "{err}");
+
+    let files = || -> Vec<Vec<u8>> {
+        ["store.redb", "records.redb"]
+            .iter()
+            .map(|f| std::fs::read(data.join(f)).unwrap())
+            .collect()
+    };
+    let before = files();
+    let (ok, out, err) = run(&["check", "--data", d]);
+    assert!(ok && out.contains("5 batches verified"), "{out}{err}");
+    assert!(!err.contains("note"), "{err}");
+    let bak = dir.path().join("n.bak");
+    let (ok, out, err) = run(&["backup", bak.to_str().unwrap(), "--data", d]);
+    assert!(ok && out.contains("5 batches"), "{out}{err}");
+    assert!(
+        files() == before,
+        "check or backup changed the store's files"
+    );
+}
