@@ -937,6 +937,27 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
     metric(
         &mut out,
         "counter",
+        "blazedb_scrub_batches_total",
+        "Stored batches the log's background scrub re-verified sound.",
+        m.scrub_batches.load(Ordering::Relaxed),
+    );
+    metric(
+        &mut out,
+        "counter",
+        "blazedb_scrub_damaged_total",
+        "Damaged batches the log's background scrub found (the first of each chain, per pass).",
+        m.scrub_damaged.load(Ordering::Relaxed),
+    );
+    metric(
+        &mut out,
+        "counter",
+        "blazedb_scrub_passes_total",
+        "Passes of the log's background scrub finished.",
+        m.scrub_passes.load(Ordering::Relaxed),
+    );
+    metric(
+        &mut out,
+        "counter",
         "blazedb_sync_dropped_total",
         "Sync messages dropped because the peer had the maximum unanswered (sent again later).",
         m.sync_dropped.load(Ordering::Relaxed),

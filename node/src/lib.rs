@@ -28,6 +28,7 @@ pub mod materializer;
 pub mod net;
 pub mod node;
 mod run_filter;
+pub mod scrub;
 pub mod sim;
 pub mod store;
 mod verifier;
@@ -39,4 +40,5 @@ pub use node::{
     Node, NodeBuilder, NodeConfig, NodeError, NodeHandle, QueueDepths, Status, WriteReceipt,
     DEFAULT_NAMESPACE,
 };
+pub use scrub::ScrubConfig;
 pub use store::{Change, Fields};

@@ -111,6 +111,17 @@ enum Cmd {
         #[arg(long, default_value_t = (blazedb_node::materializer::STAGED_FLUSH_BYTES >> 20) as u64,
               value_parser = clap::value_parser!(u64).range(1..=65536))]
         view_delta_mb: u64,
+        /// The log's background check: MiB of stored batches re-verified per second at
+        /// most (0: none). A damaged batch is logged and counted
+        /// (`blazedb_scrub_damaged_total`).
+        #[arg(long, default_value_t = 8)]
+        scrub_mb_per_s: u64,
+        /// Seconds after the start before the scrub's first pass.
+        #[arg(long, default_value_t = 600)]
+        scrub_after_s: u64,
+        /// Least seconds from one scrub pass's start to the next one's.
+        #[arg(long, default_value_t = 86_400)]
+        scrub_every_s: u64,
     },
     /// Show a running node's identity, peers and namespaces.
     Status {
@@ -308,6 +319,9 @@ async fn run(cli: Cli) -> Result<()> {
             batch_max_delay_ms,
             no_coalesce,
             view_delta_mb,
+            scrub_mb_per_s,
+            scrub_after_s,
+            scrub_every_s,
         } => {
             let batching = blazedb_node::BatchingConfig {
                 coalesce: !no_coalesce,
@@ -326,6 +340,11 @@ async fn run(cli: Cli) -> Result<()> {
             };
             cfg.engine.fetch_stripes = fetch_stripes.max(1);
             cfg.view_delta_bytes = (view_delta_mb as usize) << 20;
+            cfg.scrub = blazedb_node::ScrubConfig {
+                bytes_per_sec: scrub_mb_per_s.saturating_mul(1 << 20),
+                first_after: Duration::from_secs(scrub_after_s),
+                every: Duration::from_secs(scrub_every_s),
+            };
             run_node(cfg, api).await
         }
         Cmd::Status { api } => print(client_get(&api, "/v1/status").await?),

@@ -39,6 +39,7 @@ use crate::committer::{Committer, Done, Reply, Work, WriteAnswer};
 use crate::dicts::{DictPolicy, DictTrainer};
 use crate::materializer::{self, Job, MatSync};
 use crate::net::{self, Ack, Behaviour, BehaviourEvent, Class};
+use crate::scrub::{Scrub, ScrubConfig};
 use crate::store::{BackupInfo, ChainRange, Change, Fields, NamespaceRecord, Store, StoreError};
 use crate::verifier::{self, Verified, Verifier};
 
@@ -181,6 +182,9 @@ pub struct NodeConfig {
     /// than its log, while none of it arrives (then the claim lapses and that peer is not
     /// believed again). Default 30 s.
     pub own_chain_wait: Duration,
+    /// The log's background check ([`ScrubConfig`]: 8 MiB/s, first pass 10 minutes after
+    /// the start, one a day).
+    pub scrub: ScrubConfig,
 }
 
 impl Default for NodeConfig {
@@ -197,6 +201,7 @@ impl Default for NodeConfig {
             dicts: DictPolicy::default(),
             view_delta_bytes: materializer::STAGED_FLUSH_BYTES,
             own_chain_wait: OWN_CHAIN_WAIT,
+            scrub: ScrubConfig::default(),
         }
     }
 }
@@ -265,6 +270,12 @@ impl NodeBuilder {
     /// ([`NodeConfig::own_chain_wait`]).
     pub fn own_chain_wait(mut self, wait: Duration) -> Self {
         self.cfg.own_chain_wait = wait;
+        self
+    }
+
+    /// How the log is scrubbed in the background ([`NodeConfig::scrub`]).
+    pub fn scrub(mut self, cfg: ScrubConfig) -> Self {
+        self.cfg.scrub = cfg;
         self
     }
 
@@ -415,6 +426,12 @@ pub struct Metrics {
     /// Fetches answered short because a batch read back from the log was damaged (the
     /// answer ends before it; the error log names the batch once).
     pub log_damaged: AtomicU64,
+    /// Batches the log's scrub checked sound ([`crate::scrub`]).
+    pub scrub_batches: AtomicU64,
+    /// Damaged batches the log's scrub found (the first of each chain, every pass).
+    pub scrub_damaged: AtomicU64,
+    /// Passes of the log's scrub finished.
+    pub scrub_passes: AtomicU64,
     /// Sync messages dropped because their peer already had [`SYNC_INFLIGHT_MAX`] unanswered
     /// (pushes, fetch answers, Have, Fetch; all are sent again later).
     pub sync_dropped: AtomicU64,
@@ -1310,6 +1327,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         gossip_dropped_since_tick: false,
         bulk_queue: HashMap::new(),
         mat_thread: Some(mat_thread),
+        scrub: Some(Scrub::spawn(shared.clone(), cfg.scrub)),
         batcher: Batcher::new(&cfg.batching),
         coalesce: cfg.batching.coalesce,
         pending: Vec::new(),
@@ -1379,6 +1397,8 @@ struct Actor {
     /// `BULK_INFLIGHT_MAX` (bounded by `BULK_QUEUE_MAX`).
     bulk_queue: HashMap<PeerId, VecDeque<ServeRequest>>,
     mat_thread: Option<std::thread::JoinHandle<()>>,
+    /// The log's background check (stopped before the store is let go).
+    scrub: Option<Scrub>,
     /// The adaptive batching policy, fed the pending writes.
     batcher: Batcher,
     /// Seal several callers' writes into one batch.
@@ -1527,6 +1547,10 @@ impl Actor {
         }
         if let Some(t) = self.mat_thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        if let Some(scrub) = self.scrub.take() {
+            // Its step under way ends first (dropping it waits for the thread).
+            let _ = tokio::task::spawn_blocking(move || drop(scrub)).await;
         }
         // A record count behind the `/metrics` scrapes shares the store: stop it too.
         let store = Arc::clone(&self.shared.store);

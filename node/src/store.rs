@@ -141,6 +141,60 @@ impl std::fmt::Display for LogDamage {
     }
 }
 
+/// Where a scrub of the log ([`Store::scrub_step`]) goes on from. A new one starts a pass at
+/// the log's beginning.
+#[derive(Clone, Debug, Default)]
+pub struct ScrubCursor {
+    /// The chain key of the last entry passed.
+    after: Option<Vec<u8>>,
+    /// The last batch checked sound: (namespace, author, seq, id), to link the next to.
+    prev: Option<(String, [u8; 32], u64, BatchId)>,
+}
+
+/// What one [`Store::scrub_step`] found.
+#[derive(Clone, Debug, Default)]
+pub struct ScrubStep {
+    /// Batches checked sound.
+    pub batches: u64,
+    /// Bytes of stored batches read.
+    pub bytes: usize,
+    /// Damaged batches found (the first of each chain).
+    pub damaged: Vec<LogDamage>,
+    /// The pass reached the log's end.
+    pub done: bool,
+}
+
+/// Checks the logged batch `id` at chain position `at` (namespace, author, seq), as read
+/// from `batches`: whole, verified (signature and all), and linked to `chained` (the seq and
+/// id of the batch before it in its chain, if the walk met it). Says what is wrong.
+fn verify_logged(
+    batches: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    dicts: &DictSet,
+    (ns, author, seq): (&str, &[u8; 32], u64),
+    id: &[u8],
+    chained: Option<(u64, BatchId)>,
+    read: &mut usize,
+) -> Result<BatchId, String> {
+    let bytes = batch_bytes(batches, id)
+        .map_err(|e| e.to_string())?
+        .ok_or("the batch is missing")?;
+    *read += bytes.len();
+    let vb = blazedb_protocol::batch::verify_with(bytes, dicts).map_err(|e| e.to_string())?;
+    if vb.id.0 != id || vb.header.ns != ns || vb.header.author != *author {
+        return Err("batch/chain mismatch".to_string());
+    }
+    let expected_prev = match chained {
+        Some((pseq, _)) if pseq + 1 != seq => return Err("a gap before it".into()),
+        Some((_, pid)) => Some(pid),
+        None if seq != 1 => return Err("the chain starts there".into()),
+        None => None,
+    };
+    if vb.header.prev != expected_prev || vb.header.seq != seq {
+        return Err("broken prev link".into());
+    }
+    Ok(vb.id)
+}
+
 /// At most how many logged batches [`Store::apply_unapplied`] applies at a time.
 pub const UNAPPLIED_WINDOW_BATCHES: u32 = 4096;
 /// About how many bytes of logged batches [`Store::apply_unapplied`] reads at a time.
@@ -3763,26 +3817,14 @@ impl Store {
                 Some((pns, pa, pseq, pid)) if *pns == ns && *pa == author => Some((*pseq, *pid)),
                 _ => None,
             };
-            let verdict = (|| {
-                let bytes = batch_bytes(&batches, v.value())
-                    .map_err(|e| e.to_string())?
-                    .ok_or("the batch is missing")?;
-                let vb = blazedb_protocol::batch::verify_with(bytes, &dicts)
-                    .map_err(|e| e.to_string())?;
-                if vb.id.0 != v.value() || vb.header.ns != ns || vb.header.author != author {
-                    return Err("batch/chain mismatch".to_string());
-                }
-                let expected_prev = match chained {
-                    Some((pseq, _)) if pseq + 1 != seq => return Err("a gap before it".into()),
-                    Some((_, pid)) => Some(pid),
-                    None if seq != 1 => return Err("the chain starts there".into()),
-                    None => None,
-                };
-                if vb.header.prev != expected_prev || vb.header.seq != seq {
-                    return Err("broken prev link".into());
-                }
-                Ok(vb.id)
-            })();
+            let verdict = verify_logged(
+                &batches,
+                &dicts,
+                (&ns, &author, seq),
+                v.value(),
+                chained,
+                &mut 0,
+            );
             match verdict {
                 Ok(id) => {
                     prev = Some((ns, author, seq, id));
@@ -3802,6 +3844,71 @@ impl Store {
             }
         }
         Ok((n, found))
+    }
+
+    /// Checks the log's batches from `cursor` on, in chain order, as [`Store::check`] does
+    /// (each re-verified, signature and all, and linked to the one before it), until about
+    /// `max_bytes` of them were read (one at least), in a read transaction of its own (a
+    /// scrub that holds one for its whole pass would keep the log from reusing the pages
+    /// the committer frees meanwhile). Moves `cursor` past them; the first damaged batch of
+    /// a chain is reported and the rest of that chain passed over. Batches written behind
+    /// the cursor are met later in the same pass (the log only grows at chain heads).
+    pub fn scrub_step(
+        &self,
+        cursor: &mut ScrubCursor,
+        max_bytes: usize,
+    ) -> Result<ScrubStep, StoreError> {
+        let txn = self.db.begin_read()?;
+        let chains = txn.open_table(CHAINS)?;
+        let batches = txn.open_table(BATCHES)?;
+        let dicts = self.dicts()?;
+        let mut step = ScrubStep::default();
+        let range = match &cursor.after {
+            Some(k) => chains.range::<&[u8]>((
+                std::ops::Bound::Excluded(k.as_slice()),
+                std::ops::Bound::Unbounded,
+            ))?,
+            None => chains.range::<&[u8]>(..)?,
+        };
+        for entry in range {
+            if step.bytes >= max_bytes {
+                return Ok(step);
+            }
+            let (k, v) = entry?;
+            let key = k.value();
+            if cursor.after.as_deref().is_some_and(|after| key <= after) {
+                continue; // the rest of a damaged chain
+            }
+            let (ns, author, seq) =
+                parse_chain_key(key).ok_or_else(|| StoreError::Corrupt("chain key".into()))?;
+            let chained = match &cursor.prev {
+                Some((pns, pa, pseq, pid)) if *pns == ns && *pa == author => Some((*pseq, *pid)),
+                _ => None,
+            };
+            // (A batch that cannot be read counts a byte: every step moves on.)
+            step.bytes += 1;
+            let (at, id) = ((&ns[..], &author, seq), v.value());
+            match verify_logged(&batches, &dicts, at, id, chained, &mut step.bytes) {
+                Ok(id) => {
+                    step.batches += 1;
+                    cursor.after = Some(key.to_vec());
+                    cursor.prev = Some((ns, author, seq, id));
+                }
+                Err(why) => {
+                    // Nothing after it in the chain can be linked: on to the next chain.
+                    cursor.after = Some(chain_key(&ns, &author, u64::MAX));
+                    cursor.prev = None;
+                    step.damaged.push(LogDamage {
+                        ns,
+                        author,
+                        seq,
+                        why,
+                    });
+                }
+            }
+        }
+        step.done = true;
+        Ok(step)
     }
 
     /// Removes `author`'s batches in `ns` from `from_seq` on (chain entries and their bytes),
@@ -5431,6 +5538,77 @@ mod tests {
             matches!(&older, StoreError::NotReadOnly(why) if why.contains("another version")),
             "{older}"
         );
+    }
+
+    /// The scrub walks the log a step at a time in chain order: it finds the first damaged
+    /// batch of a chain (and passes over the rest of that chain), checks every other batch,
+    /// meets batches written behind its cursor in the same pass, and ends; a new pass finds
+    /// the same.
+    #[test]
+    fn the_scrub_finds_a_damaged_batch_a_step_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let (damaged_chain, kp) = four_batches(&path, 4);
+        let other = Keypair::from_seed([9; 32]);
+        let mut engine: Engine<u32> = Engine::new(EngineConfig::default());
+        engine.join("default");
+        let mut more = |n: i64| {
+            (0..n)
+                .map(|i| {
+                    let ops = vec![upsert(&format!("o{i}"), i)];
+                    engine.write("default", &other, ops, 2_000).unwrap().0
+                })
+                .collect::<Vec<_>>()
+        };
+        let others = more(6);
+        {
+            let store = Store::open(&path).unwrap();
+            store.write_batches(&others[..3]).unwrap();
+            let db = &store.db;
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(BATCHES).unwrap();
+                let id = &damaged_chain[1].id.0;
+                let mut bytes = batch_bytes(&t, id).unwrap().unwrap();
+                *bytes.last_mut().unwrap() ^= 0x20;
+                put_batch(&mut t, id, &bytes).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let pass = |appending: &[VerifiedBatch]| {
+            let mut cursor = ScrubCursor::default();
+            let (mut sound, mut damaged, mut steps) = (0, Vec::new(), 0);
+            loop {
+                let step = store.scrub_step(&mut cursor, 1).unwrap();
+                steps += 1;
+                if steps == 1 {
+                    store.write_batches(appending).unwrap();
+                }
+                sound += step.batches;
+                damaged.extend(step.damaged);
+                if step.done {
+                    return (sound, damaged, steps);
+                }
+            }
+        };
+        let first = pass(&others[3..]);
+        let second = pass(&[]);
+        for (sound, damaged, steps) in [first, second] {
+            // Seq 1 of the damaged chain and all six of the other, one batch a step.
+            assert_eq!(sound, 7);
+            assert_eq!(damaged.len(), 1, "{damaged:?}");
+            assert_eq!(
+                (damaged[0].author, damaged[0].seq),
+                (*kp.public().as_bytes(), 2)
+            );
+            assert!(steps >= 8, "{steps}");
+        }
+        // One step with room for everything: the same, done at once.
+        let step = store
+            .scrub_step(&mut ScrubCursor::default(), usize::MAX)
+            .unwrap();
+        assert!(step.done && step.batches == 7 && step.damaged.len() == 1);
     }
 
     /// Four one-op batches of one author (keys k0–k3), the first `logged` of them written
