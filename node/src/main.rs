@@ -775,8 +775,9 @@ fn restore(file: &std::path::Path, data: &std::path::Path, alone: bool) -> Resul
     );
     if !node::key_path(data).exists() {
         println!(
-            "put the node's node.key into {} to keep its identity (capabilities name it); \
-             without it the node starts with a new one",
+            "put the node's node.key into {} to keep its identity (capabilities name it; \
+             without it the node starts with a new one), and its namespaces/*.key (the owner \
+             keys of namespaces it created): secrets, not in the backup",
             data.display()
         );
     }
