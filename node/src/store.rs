@@ -3219,11 +3219,7 @@ impl Store {
 
     /// Takes [`Store::mark_own_chain_cut`]'s mark on `ns` away.
     pub fn clear_own_chain_cut(&self, ns: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(META)?
-            .remove(format!("{OWN_CHAIN_CUT}{ns}").as_str())?;
-        txn.commit()?;
-        Ok(())
+        self.unmark(OWN_CHAIN_CUT, ns)
     }
 
     /// Why [`Store::mark_view_failed`] marked the view, if it did.
@@ -3272,9 +3268,14 @@ impl Store {
 
     /// Takes [`Store::backup_marks`]'s mark on `ns` away: a peer told what it holds there.
     pub fn clear_backup_mark(&self, ns: &str) -> Result<(), StoreError> {
+        self.unmark(FROM_BACKUP, ns)
+    }
+
+    /// Takes the mark under `prefix` on `ns` away from [`META`].
+    fn unmark(&self, prefix: &str, ns: &str) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         txn.open_table(META)?
-            .remove(format!("{FROM_BACKUP}{ns}").as_str())?;
+            .remove(format!("{prefix}{ns}").as_str())?;
         txn.commit()?;
         Ok(())
     }

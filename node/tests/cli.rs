@@ -591,6 +591,18 @@ fn post_ops(api: &str, body: &serde_json::Value) {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
+/// `put docs k{i} {"v":1}` for each `i` of `keys`; each must be taken.
+fn put_docs(api: &str, keys: std::ops::Range<usize>) {
+    for i in keys {
+        let out = cli(api, &["put", "docs", &format!("k{i}"), r#"{"v":1}"#]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// Runs `blazedb ARGS` (no `--api`): whether it succeeded, its stdout and its stderr.
 fn run(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(BIN)
@@ -622,13 +634,7 @@ fn a_backup_taken_while_writing_restores_one_point_of_the_log() {
     let p = |name: &str| dir.path().join(name);
     let s = |name: &str| p(name).to_str().unwrap().to_string();
     let a = start(&p("a"), None);
-    for i in 0..5 {
-        assert!(
-            cli(&a.api, &["put", "docs", &format!("k{i}"), r#"{"v":1}"#])
-                .status
-                .success()
-        );
-    }
+    put_docs(&a.api, 0..5);
     // A log of some size, so that the writer below goes on while the copy is made.
     for call in 0..20 {
         let ops: Vec<serde_json::Value> = (0..5000)
@@ -745,22 +751,10 @@ fn a_node_restored_with_its_identity_waits_for_a_peer_and_follows_its_chain() {
     let s = |name: &str| p(name).to_str().unwrap().to_string();
     let a = start(&p("a"), None);
     let b = start(&p("b"), Some(&a.p2p));
-    for i in 0..5 {
-        assert!(
-            cli(&a.api, &["put", "docs", &format!("k{i}"), r#"{"v":1}"#])
-                .status
-                .success()
-        );
-    }
+    put_docs(&a.api, 0..5);
     let (ok, out, err) = run(&["backup", &s("a.bak"), "--api", &a.api]);
     assert!(ok, "{out}{err}");
-    for i in 5..8 {
-        assert!(
-            cli(&a.api, &["put", "docs", &format!("k{i}"), r#"{"v":1}"#])
-                .status
-                .success()
-        );
-    }
+    put_docs(&a.api, 5..8);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !cli(&b.api, &["get", "docs", "k7"]).status.success() {
         assert!(Instant::now() < deadline, "B never held A's writes");
@@ -817,13 +811,7 @@ fn check_and_an_offline_backup_change_nothing_in_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("n");
     let mut node = start(&data, None);
-    for i in 0..5 {
-        assert!(
-            cli(&node.api, &["put", "docs", &format!("k{i}"), r#"{"v":1}"#])
-                .status
-                .success()
-        );
-    }
+    put_docs(&node.api, 0..5);
     node.child.kill().unwrap();
     node.child.wait().unwrap();
     drop(node);
@@ -894,13 +882,7 @@ fn the_scrub_finds_a_damaged_batch_nobody_asked_for() {
         "64",
     ];
     let node = start_with(&data, None, &scrub);
-    for i in 0..6 {
-        assert!(
-            cli(&node.api, &["put", "docs", &format!("k{i}"), r#"{"v":1}"#])
-                .status
-                .success()
-        );
-    }
+    put_docs(&node.api, 0..6);
     // A pass that began after the writes counts all six, and nothing damaged.
     let deadline = Instant::now() + Duration::from_secs(60);
     let passes = counter(&node.api, "blazedb_scrub_passes_total");
