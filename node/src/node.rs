@@ -103,6 +103,30 @@ enum Doubt {
 /// [`NodeConfig::own_chain_wait`]'s default: how long writes wait on a peer's claim that it
 /// holds more of this node's own chain while none of it arrives ([`OwnBehind`]).
 const OWN_CHAIN_WAIT: Duration = Duration::from_secs(30);
+/// Where this node's own chain is in doubt (a restored identity, a backup, a cut), how long
+/// after the first peer's vector for a namespace writes there wait for the other connected
+/// peers' ([`Actor::told`]): the first to answer may lack the latest batches another holds.
+const TOLD_BY_ALL_WAIT: Duration = Duration::from_secs(5);
+
+/// The peers whose vector (`Have`) for a namespace arrived since the start.
+struct Heard {
+    /// Who told.
+    from: HashSet<PeerId>,
+    /// When the first did.
+    first: tokio::time::Instant,
+    /// Nothing is in doubt here (a namespace this node created).
+    settled: bool,
+}
+
+/// What this node's peers have told of a namespace ([`Actor::told`]).
+enum Told {
+    /// No peer has.
+    Nobody,
+    /// Some of the connected peers have, `of` connected; the rest are waited for a while.
+    Some { told: usize, of: usize },
+    /// Every connected peer has, or the wait for the rest is over.
+    Enough,
+}
 
 /// A peer's claim that it holds this node's own chain in a namespace further than the log
 /// does. Only the node's key can have signed those batches, so the claim is believed only
@@ -1320,7 +1344,7 @@ async fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         damage_reported: HashSet::new(),
         restored,
         doubted,
-        heard: HashSet::new(),
+        heard: HashMap::new(),
         own_behind: HashMap::new(),
         own_claims_ignored: HashSet::new(),
         own_chain_wait: cfg.own_chain_wait,
@@ -1379,8 +1403,8 @@ struct Actor {
     /// restored from a backup, [`Store::backup_marks`]): written only once a peer's vector
     /// arrived, like a restored identity's.
     doubted: HashMap<String, Doubt>,
-    /// Joined namespaces for which a peer's vector (`Have`) arrived since start.
-    heard: HashSet<String>,
+    /// Joined namespaces for which a peer's vector (`Have`) arrived since start, and whose.
+    heard: HashMap<String, Heard>,
     /// Joined namespaces where a peer holds more of this node's own chain than its log
     /// says: writes there wait until the chain is fetched back that far (or the claim
     /// lapses, [`OwnBehind`]).
@@ -2209,9 +2233,15 @@ impl Actor {
         if !self.engine.has_namespace(ns) {
             return;
         }
-        if !self.heard.contains(ns) {
-            self.heard.insert(ns.to_string());
-        }
+        self.heard
+            .entry(ns.to_string())
+            .or_insert_with(|| Heard {
+                from: HashSet::new(),
+                first: tokio::time::Instant::now(),
+                settled: false,
+            })
+            .from
+            .insert(*peer);
         let own = *self.shared.keypair.public().as_bytes();
         let Some(theirs) = heads.iter().find(|h| h.author == own).map(|h| h.seq) else {
             return;
@@ -2284,8 +2314,21 @@ impl Actor {
                 ));
             }
         }
+        let told = self.told(ns);
+        if let Told::Some { told, of } = told {
+            if self.doubted.contains_key(ns) || (self.restored && ours == 0) {
+                return Some(format!(
+                    "{told} of this node's {of} connected peers have told what they hold of \
+                     its own chain in {ns}, which may go further than its log (a restored \
+                     identity, a backup, or a cut): writes there wait for the others, at most \
+                     {}s (one that has not told may hold more of it)",
+                    TOLD_BY_ALL_WAIT.as_secs()
+                ));
+            }
+        }
+        let told = matches!(told, Told::Enough);
         if let Some(doubt) = self.doubted.get(ns) {
-            if !self.heard.contains(ns) {
+            if !told {
                 return Some(match doubt {
                     Doubt::Cut => format!(
                         "this node's own chain in {ns} was cut at a damaged batch (`blazedb \
@@ -2311,7 +2354,7 @@ impl Actor {
             }
             self.doubted.remove(ns);
         }
-        if self.restored && ours == 0 && !self.heard.contains(ns) {
+        if self.restored && ours == 0 && !told {
             return Some(format!(
                 "this node's log may lack batches its identity (node.key) wrote (the log was \
                  begun beside an existing node.key, or restored from a backup), and no peer \
@@ -2322,6 +2365,26 @@ impl Actor {
             ));
         }
         None
+    }
+
+    /// What the connected peers have told of `ns`: enough once every connected peer's
+    /// vector for it has arrived, or [`TOLD_BY_ALL_WAIT`] after the first one's (a connected
+    /// peer outside the namespace never tells).
+    fn told(&self, ns: &str) -> Told {
+        let Some(heard) = self.heard.get(ns) else {
+            return Told::Nobody;
+        };
+        let of = self.connected.len();
+        let told = self
+            .connected
+            .keys()
+            .filter(|p| heard.from.contains(p))
+            .count();
+        if heard.settled || told == of || heard.first.elapsed() >= TOLD_BY_ALL_WAIT {
+            Told::Enough
+        } else {
+            Told::Some { told, of }
+        }
     }
 
     fn drop_peer(&mut self, peer: PeerId, reason: &str) {
@@ -2637,7 +2700,14 @@ impl Actor {
         .map_err(|e| NodeError::Invalid(e.to_string()))?;
         self.add_namespace(&ns, &chain)?;
         // New here: no chain of this node's own can be in it, whatever the log lost.
-        self.heard.insert(ns.clone());
+        self.heard.insert(
+            ns.clone(),
+            Heard {
+                from: HashSet::new(),
+                first: tokio::time::Instant::now(),
+                settled: true,
+            },
+        );
         info!(%ns, "namespace created");
         Ok(ns)
     }

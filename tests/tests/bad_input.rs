@@ -697,6 +697,84 @@ async fn a_claim_on_the_own_chain_that_sends_nothing_lapses() {
     node.shutdown().await;
 }
 
+/// A node whose identity outlived its log waits, before its first write in a namespace, for
+/// the vector of every connected peer there, not only the first: the first to tell may lack
+/// the latest of the node's chain that another holds (written on, the node would fork it).
+/// Two raw peers here: once one has told, a write is still refused, naming how many have;
+/// once both have, it is taken, as seq 1 (neither holds any of the chain).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_identity_waits_for_every_connected_peer_to_tell() {
+    use libp2p::request_response::{Event, Message};
+    blazedb_tests::init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    Keypair::generate()
+        .save_new(&blazedb_node::node::key_path(dir.path()))
+        .unwrap();
+    let node = blazedb_node::Node::builder()
+        .data_dir(dir.path())
+        .listen(vec![blazedb_tests::loopback()])
+        .mdns(false)
+        .engine(blazedb_tests::fast_engine())
+        .spawn()
+        .await
+        .unwrap();
+    let node_peer = node.peer_id();
+    let told = SyncMessage::Have {
+        ns: "default".into(),
+        heads: Vec::new(),
+    };
+    // Each raw peer tells the node its (empty) vector when asked, and reports the answer.
+    let mut peers = Vec::new();
+    for _ in 0..2 {
+        let mut raw = raw_peer(&Keypair::generate());
+        raw.dial(node.listen_addrs()[0].clone()).unwrap();
+        let (ask, mut asked) = tokio::sync::mpsc::channel::<()>(1);
+        let (answered, answers) = tokio::sync::mpsc::channel::<()>(1);
+        let told = told.clone();
+        let driver = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    ev = raw.select_next_some() => {
+                        if let SwarmEvent::Behaviour(net::BehaviourEvent::Sync(Event::Message {
+                            message: Message::Response { .. },
+                            ..
+                        })) = ev
+                        {
+                            let _ = answered.send(()).await;
+                        }
+                    }
+                    Some(()) = asked.recv() => {
+                        raw.behaviour_mut().sync.send_request(&node_peer, told.clone());
+                    }
+                }
+            }
+        });
+        peers.push((ask, answers, driver));
+    }
+    wait_peers(&node, 2).await;
+    let write = |key: &'static str| node.put("default", "c", key, obj(json!({"v": 1})));
+    let mut tell = async |i: usize| {
+        let (ask, answers, _) = &mut peers[i];
+        ask.send(()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), answers.recv())
+            .await
+            .expect("the node answered the vector")
+            .unwrap();
+    };
+    let alone = write("nobody told").await.unwrap_err().to_string();
+    assert!(alone.contains("no peer has told"), "{alone}");
+    tell(0).await;
+    let one = write("one told").await.unwrap_err().to_string();
+    assert!(one.contains("1 of this node's 2 connected peers"), "{one}");
+    tell(1).await;
+    let taken = write("both told").await.unwrap();
+    assert_eq!(taken.seq, 1);
+    for (_, _, driver) in peers {
+        driver.abort();
+    }
+    node.shutdown().await;
+}
+
 /// Random JSON values shaped like the API's bodies, most of them wrong somewhere: names
 /// and keys empty, too long, with control characters or odd Unicode; numbers beyond i64;
 /// values deep or wide; ops of unknown kinds or missing fields.
