@@ -303,16 +303,21 @@ pub struct BackupInfo {
 }
 
 /// Copies the entries of `def` for which `keep` holds from `src` into the same table of
-/// `dst`, [`BACKUP_TXN_ENTRIES`] to a transaction (not fsynced: the caller's last commit is).
+/// `dst`, [`BACKUP_TXN_ENTRIES`] to a transaction (not fsynced: the caller's last commit is);
+/// gives up ([`StoreError::Closing`]) between transactions once `stop` is set.
 fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
     src: &redb::ReadTransaction,
     dst: &Database,
     def: TableDefinition<'_, K, V>,
     keep: impl Fn(&K::SelfType<'_>) -> bool,
+    stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), StoreError> {
     let table = src.open_table(def)?;
     let mut entries = table.iter()?;
     loop {
+        if stop.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::Closing);
+        }
         let mut txn = dst.begin_write()?;
         txn.set_durability(redb::Durability::None)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -3309,11 +3314,23 @@ impl Store {
             path: to.to_path_buf(),
             source: Box::new(StoreError::Redb(e.into())),
         };
+        if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::Closing);
+        }
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(to)
             .map_err(file_error)?;
+        // Nothing half made is left behind: a failed copy (or one the store's closing
+        // stopped) is removed.
+        self.backup_into(to, durable).inspect_err(|_| {
+            let _ = std::fs::remove_file(to);
+        })
+    }
+
+    /// [`Store::backup_log`] into the new, empty file `to`.
+    fn backup_into(&self, to: &Path, durable: bool) -> Result<BackupInfo, StoreError> {
         let src = self.db.begin_read()?;
         // redb's default cache (1 GiB) would hold the copy's pages while it is made; it is
         // only written.
@@ -3338,14 +3355,15 @@ impl Store {
             }
         }
         info.namespaces = namespaces.len();
-        copy_table(&src, &dst, BATCHES, |_| true)?;
-        copy_table(&src, &dst, CHAINS, |_| true)?;
-        copy_table(&src, &dst, NAMESPACES, |_| true)?;
-        copy_table(&src, &dst, REVOCATIONS, |_| true)?;
-        copy_table(&src, &dst, REVOKED_BY, |_| true)?;
-        copy_table(&src, &dst, DICTS, |_| true)?;
+        let stop = &self.closing;
+        copy_table(&src, &dst, BATCHES, |_| true, stop)?;
+        copy_table(&src, &dst, CHAINS, |_| true, stop)?;
+        copy_table(&src, &dst, NAMESPACES, |_| true, stop)?;
+        copy_table(&src, &dst, REVOCATIONS, |_| true, stop)?;
+        copy_table(&src, &dst, REVOKED_BY, |_| true, stop)?;
+        copy_table(&src, &dst, DICTS, |_| true, stop)?;
         // The view's failure mark concerns this node's view file, which is not copied.
-        copy_table(&src, &dst, META, |k| *k != VIEW_FAILED)?;
+        copy_table(&src, &dst, META, |k| *k != VIEW_FAILED, stop)?;
         let mut txn = dst.begin_write()?;
         if !durable {
             txn.set_durability(redb::Durability::None)
@@ -3360,7 +3378,12 @@ impl Store {
         }
         txn.commit()?;
         drop(dst);
-        info.bytes = std::fs::metadata(to).map_err(file_error)?.len();
+        info.bytes = std::fs::metadata(to)
+            .map_err(|e| StoreError::File {
+                path: to.to_path_buf(),
+                source: Box::new(StoreError::Redb(e.into())),
+            })?
+            .len();
         Ok(info)
     }
 
@@ -3708,7 +3731,8 @@ impl Store {
     /// Stops a record count [`Store::counts_for_scrape`] runs behind the scrapes, and waits
     /// for its thread to end: that thread shares the store, so until then the store's files
     /// stay open (at tens of millions of records a count takes tens of seconds). Later
-    /// scrapes return the last count and start none. Called when a node shuts down.
+    /// scrapes return the last count and start none; a backup being made gives up (its file
+    /// removed) and none starts. Called when a node shuts down.
     pub fn stop_background_count(&self) {
         self.closing
             .store(true, std::sync::atomic::Ordering::Release);
@@ -5225,6 +5249,17 @@ mod tests {
             Err(StoreError::File { .. })
         ));
         assert_eq!(std::fs::metadata(&to).unwrap().len(), info.bytes);
+        // A store being closed makes none (and leaves no file).
+        let closing =
+            Store::open(&dir.path().join("closing").join("store.redb").tap_mkdir()).unwrap();
+        closing.write_batches(&batches[..3]).unwrap();
+        closing.stop_background_count();
+        let never = dir.path().join("never.redb");
+        assert!(matches!(
+            closing.backup_log(&never, true),
+            Err(StoreError::Closing)
+        ));
+        assert!(!never.exists());
 
         let all = |db: &Db| -> Vec<(Vec<u8>, Vec<u8>)> {
             let txn = db.begin_read().unwrap();
