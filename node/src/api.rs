@@ -670,11 +670,13 @@ const BACKUP_CHUNK: usize = 1 << 20;
 /// `GET /v1/backup`: a copy of the log, consistent at one point, as a redb file
 /// ([`NodeHandle::backup_file`]). Made whole before the answer starts (its length is
 /// known, and a failure is a clear error, not a cut stream); the file is already unlinked,
-/// so its space is freed when the answer ends, however it ends.
+/// so its space is freed when the answer ends, however it ends, and no other backup is made
+/// before.
 async fn backup(State(node): State<NodeHandle>) -> ApiResult<Response> {
-    let (file, info) = node.backup_file().await?;
-    let file = tokio::fs::File::from_std(file);
-    let body = futures::stream::try_unfold(file, |mut file| async move {
+    let (file, info, busy) = node.backup_file().await?.into_parts();
+    // The stream keeps `busy`: no other backup is made until this answer ends.
+    let state = (tokio::fs::File::from_std(file), busy);
+    let body = futures::stream::try_unfold(state, |(mut file, busy)| async move {
         use tokio::io::AsyncReadExt;
         let mut buf = vec![0u8; BACKUP_CHUNK];
         let n = file.read(&mut buf).await?;
@@ -682,7 +684,7 @@ async fn backup(State(node): State<NodeHandle>) -> ApiResult<Response> {
             return Ok::<_, std::io::Error>(None);
         }
         buf.truncate(n);
-        Ok(Some((Bytes::from(buf), file)))
+        Ok(Some((Bytes::from(buf), (file, busy))))
     });
     Ok((
         [

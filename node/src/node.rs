@@ -752,14 +752,16 @@ impl NodeHandle {
     /// asked for meanwhile gets [`NodeError::Unavailable`].
     pub async fn backup(&self, to: &Path) -> Result<BackupInfo, NodeError> {
         let to = to.to_path_buf();
-        self.backing_up(move |store| store.backup_log(&to, true))
+        self.backing_up(move |store, _busy| store.backup_log(&to, true))
             .await
     }
 
     /// [`NodeHandle::backup`] into a file of the data directory that is unlinked as soon as
     /// it is made: the open file is returned to be read (the HTTP API streams it), and its
-    /// space is freed once it is closed, whatever happens to the reader.
-    pub async fn backup_file(&self) -> Result<(std::fs::File, BackupInfo), NodeError> {
+    /// space is freed once it is closed, whatever happens to the reader. No other backup is
+    /// made until the [`BackupFile`] is dropped: a reader that is slow (or stalls) holds one
+    /// copy's disk space, never more.
+    pub async fn backup_file(&self) -> Result<BackupFile, NodeError> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let name = format!(
             "{BACKUP_TEMP_PREFIX}{}-{}.redb",
@@ -767,14 +769,14 @@ impl NodeHandle {
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         let path = self.shared.data_dir.join(name);
-        self.backing_up(move |store| {
+        self.backing_up(move |store, busy| {
             let made = store.backup_log(&path, false);
             let opened = made.and_then(|info| {
                 let file = std::fs::File::open(&path).map_err(|e| StoreError::File {
                     path: path.clone(),
                     source: Box::new(StoreError::Redb(e.into())),
                 })?;
-                Ok((file, info))
+                Ok(BackupFile { file, info, busy })
             });
             let _ = std::fs::remove_file(&path);
             opened
@@ -782,32 +784,24 @@ impl NodeHandle {
         .await
     }
 
-    /// Runs `backup` on a blocking thread unless a backup is under way already.
+    /// Runs `backup` on a blocking thread unless a backup is under way already; the next may
+    /// start once the [`Busy`] it is given is dropped (when the copy ends, unless `backup`
+    /// keeps it; even if the caller stopped waiting).
     async fn backing_up<T: Send + 'static>(
         &self,
-        backup: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+        backup: impl FnOnce(&Store, Busy) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, NodeError> {
-        struct Busy(Arc<AtomicBool>);
-        impl Drop for Busy {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::Release);
-            }
-        }
         if self.shared.backing_up.swap(true, Ordering::AcqRel) {
             return Err(NodeError::Unavailable(
                 "a backup is being made: try again once it is done".into(),
             ));
         }
-        // Released when the copy ends, even if the caller stopped waiting for it.
         let busy = Busy(self.shared.backing_up.clone());
         let store = self.shared.store.clone();
-        tokio::task::spawn_blocking(move || {
-            let _busy = busy;
-            backup(&store)
-        })
-        .await
-        .map_err(|_| NodeError::Unavailable("making the backup failed (panicked)".into()))?
-        .map_err(Into::into)
+        tokio::task::spawn_blocking(move || backup(&store, busy))
+            .await
+            .map_err(|_| NodeError::Unavailable("making the backup failed (panicked)".into()))?
+            .map_err(Into::into)
     }
 
     /// Whether `ns` is joined.
@@ -1112,6 +1106,33 @@ impl NodeHandle {
     /// Waits until the actor has exited (after shutdown).
     pub async fn closed(&self) {
         self.tx.closed().await
+    }
+}
+
+/// Marks a backup under way ([`NodeHandle::backup`]): the next may start once it is dropped.
+pub struct Busy(Arc<AtomicBool>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// A copy of the log made by [`NodeHandle::backup_file`], already unlinked: read `file`;
+/// no other backup is made while this is held.
+pub struct BackupFile {
+    /// The copy, open for reading from its start.
+    pub file: std::fs::File,
+    /// What it holds.
+    pub info: BackupInfo,
+    busy: Busy,
+}
+
+impl BackupFile {
+    /// The file, what it holds, and the mark that keeps other backups waiting (drop it
+    /// once the file is read).
+    pub fn into_parts(self) -> (std::fs::File, BackupInfo, Busy) {
+        (self.file, self.info, self.busy)
     }
 }
 
