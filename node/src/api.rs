@@ -7,6 +7,7 @@ use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -666,25 +667,31 @@ fn read_failed(node: &NodeHandle, e: tokio::task::JoinError) -> ApiError {
 
 /// Bytes read from the backup file per chunk of the answer.
 const BACKUP_CHUNK: usize = 1 << 20;
+/// A backup's download that takes no chunk for this long is ended: its copy's disk space
+/// and the backup turn it holds are let go.
+const BACKUP_STALL: Duration = Duration::from_secs(300);
 
 /// `GET /v1/backup`: a copy of the log, consistent at one point, as a redb file
 /// ([`NodeHandle::backup_file`]). Made whole before the answer starts (its length is
 /// known, and a failure is a clear error, not a cut stream); the file is already unlinked,
 /// so its space is freed when the answer ends, however it ends, and no other backup is made
-/// before.
+/// before. A reader that stops reading for [`BACKUP_STALL`] loses the answer.
 async fn backup(State(node): State<NodeHandle>) -> ApiResult<Response> {
     let (file, info, busy) = node.backup_file().await?.into_parts();
-    // The stream keeps `busy`: no other backup is made until this answer ends.
-    let state = (tokio::fs::File::from_std(file), busy);
-    let body = futures::stream::try_unfold(state, |(mut file, busy)| async move {
+    // The answer holds `busy` (no other backup is made until it ends) and the file.
+    let held = Stalling::new((tokio::fs::File::from_std(file), busy), BACKUP_STALL);
+    let body = futures::stream::try_unfold(held, |held| async move {
         use tokio::io::AsyncReadExt;
         let mut buf = vec![0u8; BACKUP_CHUNK];
-        let n = file.read(&mut buf).await?;
+        let n = {
+            let mut guard = held.lock().await?;
+            guard.0.read(&mut buf).await?
+        };
         if n == 0 {
             return Ok::<_, std::io::Error>(None);
         }
         buf.truncate(n);
-        Ok(Some((Bytes::from(buf), (file, busy))))
+        Ok(Some((Bytes::from(buf), held)))
     });
     Ok((
         [
@@ -701,6 +708,51 @@ async fn backup(State(node): State<NodeHandle>) -> ApiResult<Response> {
         axum::body::Body::from_stream(body),
     )
         .into_response())
+}
+
+/// Something an answer's stream holds (a file, a turn) that is let go if the stream is not
+/// polled for `stall`: a client that stops reading cannot keep it. A watchdog task looks
+/// every fifth of `stall` whether the stream took anything since; it ends with the stream.
+struct Stalling<T> {
+    held: Arc<tokio::sync::Mutex<Option<T>>>,
+    polled: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<T: Send + 'static> Stalling<T> {
+    fn new(value: T, stall: Duration) -> Self {
+        let held = Arc::new(tokio::sync::Mutex::new(Some(value)));
+        let polled = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (weak, seen) = (Arc::downgrade(&held), polled.clone());
+        tokio::spawn(async move {
+            let (mut last, mut since) = (0, tokio::time::Instant::now());
+            loop {
+                tokio::time::sleep(stall / 5).await;
+                let Some(held) = weak.upgrade() else {
+                    return; // the answer ended
+                };
+                let now = seen.load(Ordering::Relaxed);
+                if now != last {
+                    (last, since) = (now, tokio::time::Instant::now());
+                } else if since.elapsed() >= stall {
+                    held.lock().await.take();
+                    return;
+                }
+            }
+        });
+        Self { held, polled }
+    }
+
+    /// The held value, unless the stream stalled and it was let go.
+    async fn lock(&self) -> std::io::Result<tokio::sync::MappedMutexGuard<'_, T>> {
+        self.polled.fetch_add(1, Ordering::Relaxed);
+        let guard = self.held.lock().await;
+        tokio::sync::MutexGuard::try_map(guard, |v| v.as_mut()).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the reader took nothing for too long",
+            )
+        })
+    }
 }
 
 async fn metrics(State(node): State<NodeHandle>) -> Response {
@@ -1072,4 +1124,38 @@ async fn metrics(State(node): State<NodeHandle>) -> Response {
         out,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    /// Sets its flag when dropped.
+    struct Dropped(Arc<AtomicBool>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// A stream polled in time keeps what it holds, however long it runs; left alone past
+    /// the stall, what it holds is dropped and the next poll is an error. (Virtual time:
+    /// the clock only moves when every task waits.)
+    #[tokio::test(start_paused = true)]
+    async fn what_a_stalled_answer_holds_is_let_go() {
+        let dropped = Arc::new(AtomicBool::new(false));
+        let stall = Duration::from_secs(300);
+        let held = Stalling::new(Dropped(dropped.clone()), stall);
+        for _ in 0..20 {
+            tokio::time::sleep(stall / 2).await;
+            assert!(held.lock().await.is_ok());
+        }
+        assert!(!dropped.load(Ordering::Relaxed));
+        tokio::time::sleep(stall * 2).await;
+        assert!(dropped.load(Ordering::Relaxed));
+        let late = held.lock().await.err().expect("let go");
+        assert_eq!(late.kind(), std::io::ErrorKind::TimedOut);
+    }
 }
