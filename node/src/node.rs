@@ -2335,17 +2335,19 @@ impl Actor {
                 ));
             }
         }
+        let in_doubt = self.doubted.contains_key(ns) || (self.restored && ours == 0);
+        if !in_doubt {
+            return None; // nothing in doubt: the usual case, every write
+        }
         let told = self.told(ns);
         if let Told::Some { told, of } = told {
-            if self.doubted.contains_key(ns) || (self.restored && ours == 0) {
-                return Some(format!(
-                    "{told} of this node's {of} connected peers have told what they hold of \
-                     its own chain in {ns}, which may go further than its log (a restored \
-                     identity, a backup, or a cut): writes there wait for the others, at most \
-                     {}s (one that has not told may hold more of it)",
-                    TOLD_BY_ALL_WAIT.as_secs()
-                ));
-            }
+            return Some(format!(
+                "{told} of this node's {of} connected peers have told what they hold of its own \
+                 chain in {ns}, which may go further than its log (a restored identity, a \
+                 backup, or a cut): writes there wait for the others, at most {}s (one that has \
+                 not told may hold more of it)",
+                TOLD_BY_ALL_WAIT.as_secs()
+            ));
         }
         let told = matches!(told, Told::Enough);
         if let Some(doubt) = self.doubted.get(ns) {
