@@ -452,14 +452,11 @@ async fn run(cli: Cli) -> Result<()> {
 fn check(data: &std::path::Path) -> Result<()> {
     let path = existing_store(data)?;
     let view = path.with_file_name(VIEW_FILE);
-    let scratch = std::env::temp_dir().join(format!("blazedb-check-{}.redb", std::process::id()));
     let (store, view_damage) = match open_for_reading(&path, &view) {
         Ok(store) => (store, None),
         Err(e @ StoreError::ViewDamaged { .. }) => {
-            // The log is verified all the same, beside an empty scratch view.
-            let store = quietly(|| Store::create_view_file(&scratch))
-                .and_then(|()| open_for_reading(&path, &scratch))
-                .map_err(|e| opening(e, &path))?;
+            // The log is verified all the same.
+            let store = open_log_alone(&path).map_err(|e| opening(e, &path))?;
             (store, Some(e))
         }
         Err(e) => return Err(opening(e, &path)),
@@ -489,7 +486,6 @@ fn check(data: &std::path::Path) -> Result<()> {
         Ok(())
     })();
     drop(store);
-    let _ = std::fs::remove_file(&scratch);
     result
 }
 
@@ -504,6 +500,22 @@ fn open_for_reading(log: &std::path::Path, view: &std::path::Path) -> Result<Sto
         }
         other => other,
     }
+}
+
+/// [`open_for_reading`] the log at `log` beside an empty scratch view of its own (in the
+/// temporary directory, unlinked at once: gone when the store is), for what reads the log
+/// alone: verifying it beside a damaged view, copying it, checking a copy.
+fn open_log_alone(log: &std::path::Path) -> Result<Store, StoreError> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let scratch = std::env::temp_dir().join(format!(
+        "blazedb-scratch-view-{}-{}.redb",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let opened = quietly(|| Store::create_view_file(&scratch))
+        .and_then(|()| open_for_reading(log, &scratch));
+    let _ = std::fs::remove_file(&scratch);
+    opened
 }
 
 /// An error opening the store at `log`: damage to the log says what that means.
@@ -615,14 +627,8 @@ async fn backup(
     let made = match data {
         Some(dir) => {
             let path = existing_store(dir)?;
-            // Only the log is copied: it is opened beside an empty scratch view (the
-            // node's own may be damaged, and is not needed).
-            let scratch = std::env::temp_dir()
-                .join(format!("blazedb-backup-source-{}.redb", std::process::id()));
-            let opened = quietly(|| Store::create_view_file(&scratch))
-                .and_then(|()| open_for_reading(&path, &scratch));
-            let _ = std::fs::remove_file(&scratch);
-            let store = opened.map_err(|e| match e.is_locked() {
+            // Only the log is copied (the node's view may be damaged, and is not needed).
+            let store = open_log_alone(&path).map_err(|e| match e.is_locked() {
                 true => anyhow::anyhow!(
                     "a node is running on {}: back it up through its API (leave out --data)",
                     dir.display()
@@ -634,14 +640,10 @@ async fn backup(
         None => download_backup(api, &part).await,
     };
     let verified = made.and_then(|()| {
-        let scratch =
-            std::env::temp_dir().join(format!("blazedb-backup-{}.redb", std::process::id()));
-        let checked = quietly(|| Store::create_view_file(&scratch))
-            .and_then(|()| open_for_reading(&part, &scratch))
+        open_log_alone(&part)
             .map_err(anyhow::Error::from)
-            .and_then(|store| caught(&part, || store.check().map_err(Into::into)));
-        let _ = std::fs::remove_file(&scratch);
-        checked.context("the copy does not verify: no backup was made")
+            .and_then(|store| caught(&part, || store.check().map_err(Into::into)))
+            .context("the copy does not verify: no backup was made")
     });
     let batches = match verified {
         Ok(n) => n,
