@@ -466,7 +466,8 @@ redb_from!(
     redb::TableError,
     redb::StorageError,
     redb::CommitError,
-    redb::CursorError
+    redb::CursorError,
+    redb::CompactionError
 );
 
 /// One of the store's redb files, opened for writing (a node, `repair`) or only for reading
@@ -3334,7 +3335,7 @@ impl Store {
         let src = self.db.begin_read()?;
         // redb's default cache (1 GiB) would hold the copy's pages while it is made; it is
         // only written.
-        let dst = Database::builder()
+        let mut dst = Database::builder()
             .set_cache_size(BACKUP_CACHE_BYTES)
             .create(to)?;
         let mut info = BackupInfo::default();
@@ -3377,6 +3378,9 @@ impl Store {
             }
         }
         txn.commit()?;
+        // The copy's file holds free pages its growth left (a third of it for a 1M-op log:
+        // 142 MB, 93 MB compacted, in 80 ms): let them go before it is handed out.
+        dst.compact()?;
         drop(dst);
         info.bytes = std::fs::metadata(to)
             .map_err(|e| StoreError::File {
