@@ -201,6 +201,11 @@ enum Cmd {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Shrink a stopped node's files: the free pages of the log and the view let go.
+    Compact {
+        #[arg(long, default_value = "blazedb-data")]
+        data: PathBuf,
+    },
     /// Make a data directory from a backup: the log verified, the records made from it.
     Restore {
         /// The backup file (`blazedb backup`).
@@ -444,6 +449,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Repair { data, cut_damaged } => repair(&data, cut_damaged),
         Cmd::Backup { file, data, api } => backup(&file, data.as_deref(), &api).await,
         Cmd::Restore { file, data, alone } => restore(&file, &data, alone),
+        Cmd::Compact { data } => compact(&data),
     }
 }
 
@@ -790,6 +796,24 @@ fn restore(file: &std::path::Path, data: &std::path::Path, alone: bool) -> Resul
              restore with --alone if no peer can hold more"
         );
     }
+    Ok(())
+}
+
+/// `blazedb compact`: both files of a stopped node compacted; sizes before and after.
+fn compact(data: &std::path::Path) -> Result<()> {
+    let path = existing_store(data)?;
+    let view = path.with_file_name(VIEW_FILE);
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let before = (size(&path), size(&view));
+    let mut store = quietly(|| Store::open(&path)).map_err(|e| opening(e, &path))?;
+    caught(&path, || store.compact().map_err(Into::into))
+        .context("compacting the store (its files are as a commit left them: nothing is lost)")?;
+    drop(store);
+    let after = (size(&path), size(&view));
+    println!(
+        "compacted: log {} -> {} bytes, view {} -> {} bytes",
+        before.0, after.0, before.1, after.1
+    );
     Ok(())
 }
 

@@ -1741,6 +1741,21 @@ impl Store {
         Ok(db)
     }
 
+    /// Lets the free pages of both files go (redb's `compact`: the files shrink; a log of 1M
+    /// W ops by a third). Needs the store to itself: nothing staged, no transaction open,
+    /// opened for writing (`blazedb compact`, on a stopped node).
+    pub fn compact(&mut self) -> Result<(), StoreError> {
+        for db in [&mut self.db, &mut self.view] {
+            match db {
+                Db::Rw(db) => {
+                    db.compact()?;
+                }
+                Db::Ro(_) => return Err(StoreError::ReadOnly),
+            }
+        }
+        Ok(())
+    }
+
     /// Makes an empty view file at `path` (or brings an existing one up to date), for
     /// [`Store::open_read_only`] beside a log whose own view cannot be read.
     pub fn create_view_file(path: &Path) -> Result<(), StoreError> {
